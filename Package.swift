@@ -1,0 +1,51 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+    name: "swiftlet",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "swiftlet", targets: ["swiftlet"]),
+        .library(name: "Swiftlet", targets: ["VMM"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+    ],
+    targets: [
+        .target(name: "CLinux"),
+        .target(
+            name: "SwiftletSystem",
+            dependencies: ["CLinux", .product(name: "SystemPackage", package: "swift-system")],
+            swiftSettings: strict),
+        .target(name: "KVM", dependencies: ["CLinux", "SwiftletSystem"], swiftSettings: strict),
+        .target(name: "GuestMemory", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
+        .target(
+            name: "VMM",
+            dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "SwiftletSystem", "CLinux"],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "swiftlet",
+            dependencies: ["VMM", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "swiftlet-bench",
+            dependencies: ["SwiftletSystem", "CLinux"],
+            path: "bench/Sources/swiftlet-bench",
+            swiftSettings: strict),
+
+        .target(name: "TestSupport", dependencies: ["GuestMemory", "SwiftletSystem"], path: "Tests/TestSupport", swiftSettings: strict),
+        .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
+        .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport"], swiftSettings: strict),
+        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport"], swiftSettings: strict),
+    ]
+)

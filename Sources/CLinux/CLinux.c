@@ -1,0 +1,93 @@
+#define _GNU_SOURCE
+#include "CLinux.h"
+#include <fcntl.h>
+#include <time.h>
+#include <unistd.h>
+#include <cpuid.h>
+
+const unsigned long SWIFTLET_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
+const unsigned long SWIFTLET_KVM_CREATE_VM = KVM_CREATE_VM;
+const unsigned long SWIFTLET_KVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
+const unsigned long SWIFTLET_KVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
+const unsigned long SWIFTLET_KVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+const unsigned long SWIFTLET_KVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
+const unsigned long SWIFTLET_KVM_CREATE_VCPU = KVM_CREATE_VCPU;
+const unsigned long SWIFTLET_KVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
+const unsigned long SWIFTLET_KVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
+const unsigned long SWIFTLET_KVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
+const unsigned long SWIFTLET_KVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
+const unsigned long SWIFTLET_KVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+const unsigned long SWIFTLET_KVM_IRQ_LINE = KVM_IRQ_LINE;
+const unsigned long SWIFTLET_KVM_IRQFD = KVM_IRQFD;
+const unsigned long SWIFTLET_KVM_IOEVENTFD = KVM_IOEVENTFD;
+const unsigned long SWIFTLET_KVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
+const unsigned long SWIFTLET_KVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+const unsigned long SWIFTLET_KVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+const unsigned long SWIFTLET_KVM_GET_PIT2 = KVM_GET_PIT2;
+const unsigned long SWIFTLET_KVM_SET_PIT2 = KVM_SET_PIT2;
+const unsigned long SWIFTLET_KVM_GET_CLOCK = KVM_GET_CLOCK;
+const unsigned long SWIFTLET_KVM_SET_CLOCK = KVM_SET_CLOCK;
+const unsigned long SWIFTLET_KVM_ENABLE_CAP = KVM_ENABLE_CAP;
+const unsigned long SWIFTLET_KVM_RUN = KVM_RUN;
+const unsigned long SWIFTLET_KVM_GET_REGS = KVM_GET_REGS;
+const unsigned long SWIFTLET_KVM_SET_REGS = KVM_SET_REGS;
+const unsigned long SWIFTLET_KVM_GET_SREGS = KVM_GET_SREGS;
+const unsigned long SWIFTLET_KVM_SET_SREGS = KVM_SET_SREGS;
+const unsigned long SWIFTLET_KVM_GET_FPU = KVM_GET_FPU;
+const unsigned long SWIFTLET_KVM_SET_FPU = KVM_SET_FPU;
+const unsigned long SWIFTLET_KVM_GET_MSRS = KVM_GET_MSRS;
+const unsigned long SWIFTLET_KVM_SET_MSRS = KVM_SET_MSRS;
+const unsigned long SWIFTLET_KVM_SET_CPUID2 = KVM_SET_CPUID2;
+const unsigned long SWIFTLET_KVM_GET_CPUID2 = KVM_GET_CPUID2;
+const unsigned long SWIFTLET_KVM_GET_LAPIC = KVM_GET_LAPIC;
+const unsigned long SWIFTLET_KVM_SET_LAPIC = KVM_SET_LAPIC;
+const unsigned long SWIFTLET_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
+const unsigned long SWIFTLET_KVM_SET_MP_STATE = KVM_SET_MP_STATE;
+const unsigned long SWIFTLET_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+const unsigned long SWIFTLET_KVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+const unsigned long SWIFTLET_KVM_GET_XSAVE = KVM_GET_XSAVE;
+const unsigned long SWIFTLET_KVM_SET_XSAVE = KVM_SET_XSAVE;
+const unsigned long SWIFTLET_KVM_GET_XCRS = KVM_GET_XCRS;
+const unsigned long SWIFTLET_KVM_SET_XCRS = KVM_SET_XCRS;
+const unsigned long SWIFTLET_KVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+const unsigned long SWIFTLET_KVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+const unsigned long SWIFTLET_KVM_TRANSLATE = KVM_TRANSLATE;
+const unsigned long SWIFTLET_KVM_KVMCLOCK_CTRL = KVM_KVMCLOCK_CTRL;
+const unsigned long SWIFTLET_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+const unsigned long SWIFTLET_TIOCGWINSZ = TIOCGWINSZ;
+
+int swiftlet_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+int swiftlet_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
+int swiftlet_open(const char *path, int flags, unsigned int mode) { return open(path, flags | O_CLOEXEC, mode); }
+void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]) {
+    __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
+}
+int swiftlet_sigrtmin(void) { return SIGRTMIN; }
+void swiftlet_set_thread_name(const char *name) { pthread_setname_np(pthread_self(), name); }
+int swiftlet_gettid(void) { return (int)syscall(SYS_gettid); }
+
+static uint64_t monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t process_start_ns;
+
+// Runs before Swift's main: the earliest point at which the process's own code observes the clock.
+__attribute__((constructor(101))) static void swiftlet_record_process_start(void) {
+    process_start_ns = monotonic_ns();
+}
+
+uint64_t swiftlet_process_start_ns(void) { return process_start_ns; }
+uint64_t swiftlet_monotonic_ns(void) { return monotonic_ns(); }
+
+static void swiftlet_wakeup_handler(int signo) { (void)signo; }
+
+int swiftlet_install_wakeup_signal(int signo) {
+    struct sigaction action = {0};
+    action.sa_handler = swiftlet_wakeup_handler;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0; // no SA_RESTART: KVM_RUN must return EINTR
+    return sigaction(signo, &action, NULL);
+}

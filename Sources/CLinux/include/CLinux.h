@@ -1,0 +1,118 @@
+// CLinux: the Linux kernel headers Swiftlet needs, and small shims for what Swift cannot import
+// (ioctl request macros, variadic ioctl, unions inside struct kvm_run).
+#ifndef SWIFTLET_CLINUX_H
+#define SWIFTLET_CLINUX_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <linux/kvm.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/eventfd.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <pthread.h>
+#include <signal.h>
+#include <termios.h>
+
+// MARK: ioctl request numbers (the _IO* macros do not import into Swift)
+extern const unsigned long SWIFTLET_KVM_GET_API_VERSION;
+extern const unsigned long SWIFTLET_KVM_CREATE_VM;
+extern const unsigned long SWIFTLET_KVM_CHECK_EXTENSION;
+extern const unsigned long SWIFTLET_KVM_GET_VCPU_MMAP_SIZE;
+extern const unsigned long SWIFTLET_KVM_GET_SUPPORTED_CPUID;
+extern const unsigned long SWIFTLET_KVM_GET_MSR_INDEX_LIST;
+extern const unsigned long SWIFTLET_KVM_CREATE_VCPU;
+extern const unsigned long SWIFTLET_KVM_SET_USER_MEMORY_REGION;
+extern const unsigned long SWIFTLET_KVM_SET_TSS_ADDR;
+extern const unsigned long SWIFTLET_KVM_SET_IDENTITY_MAP_ADDR;
+extern const unsigned long SWIFTLET_KVM_CREATE_IRQCHIP;
+extern const unsigned long SWIFTLET_KVM_CREATE_PIT2;
+extern const unsigned long SWIFTLET_KVM_IRQ_LINE;
+extern const unsigned long SWIFTLET_KVM_IRQFD;
+extern const unsigned long SWIFTLET_KVM_IOEVENTFD;
+extern const unsigned long SWIFTLET_KVM_GET_DIRTY_LOG;
+extern const unsigned long SWIFTLET_KVM_GET_IRQCHIP;
+extern const unsigned long SWIFTLET_KVM_SET_IRQCHIP;
+extern const unsigned long SWIFTLET_KVM_GET_PIT2;
+extern const unsigned long SWIFTLET_KVM_SET_PIT2;
+extern const unsigned long SWIFTLET_KVM_GET_CLOCK;
+extern const unsigned long SWIFTLET_KVM_SET_CLOCK;
+extern const unsigned long SWIFTLET_KVM_ENABLE_CAP;
+extern const unsigned long SWIFTLET_KVM_RUN;
+extern const unsigned long SWIFTLET_KVM_GET_REGS;
+extern const unsigned long SWIFTLET_KVM_SET_REGS;
+extern const unsigned long SWIFTLET_KVM_GET_SREGS;
+extern const unsigned long SWIFTLET_KVM_SET_SREGS;
+extern const unsigned long SWIFTLET_KVM_GET_FPU;
+extern const unsigned long SWIFTLET_KVM_SET_FPU;
+extern const unsigned long SWIFTLET_KVM_GET_MSRS;
+extern const unsigned long SWIFTLET_KVM_SET_MSRS;
+extern const unsigned long SWIFTLET_KVM_SET_CPUID2;
+extern const unsigned long SWIFTLET_KVM_GET_CPUID2;
+extern const unsigned long SWIFTLET_KVM_GET_LAPIC;
+extern const unsigned long SWIFTLET_KVM_SET_LAPIC;
+extern const unsigned long SWIFTLET_KVM_GET_MP_STATE;
+extern const unsigned long SWIFTLET_KVM_SET_MP_STATE;
+extern const unsigned long SWIFTLET_KVM_GET_VCPU_EVENTS;
+extern const unsigned long SWIFTLET_KVM_SET_VCPU_EVENTS;
+extern const unsigned long SWIFTLET_KVM_GET_XSAVE;
+extern const unsigned long SWIFTLET_KVM_SET_XSAVE;
+extern const unsigned long SWIFTLET_KVM_GET_XCRS;
+extern const unsigned long SWIFTLET_KVM_SET_XCRS;
+extern const unsigned long SWIFTLET_KVM_GET_DEBUGREGS;
+extern const unsigned long SWIFTLET_KVM_SET_DEBUGREGS;
+extern const unsigned long SWIFTLET_KVM_TRANSLATE;
+extern const unsigned long SWIFTLET_KVM_KVMCLOCK_CTRL;
+extern const unsigned long SWIFTLET_KVM_GET_TSC_KHZ;
+extern const unsigned long SWIFTLET_TIOCGWINSZ;
+
+// MARK: calls Swift cannot make directly
+
+/// ioctl(2) with a pointer argument (glibc's ioctl is variadic, which Swift cannot call).
+int swiftlet_ioctl_ptr(int fd, unsigned long request, void *arg);
+/// ioctl(2) with an integer argument.
+int swiftlet_ioctl_int(int fd, unsigned long request, unsigned long arg);
+/// open(2) with O_CLOEXEC and the given flags and mode (open is variadic too).
+int swiftlet_open(const char *path, int flags, unsigned int mode);
+/// Executes CPUID on the host CPU.
+void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+/// SIGRTMIN (a function-like macro in glibc).
+int swiftlet_sigrtmin(void);
+/// Names the calling thread (pthread_setname_np needs _GNU_SOURCE).
+void swiftlet_set_thread_name(const char *name);
+/// The calling thread's kernel thread id.
+int swiftlet_gettid(void);
+
+/// CLOCK_MONOTONIC in nanoseconds, taken by a constructor as the process's code starts running.
+uint64_t swiftlet_process_start_ns(void);
+/// CLOCK_MONOTONIC now, in nanoseconds.
+uint64_t swiftlet_monotonic_ns(void);
+
+/// Installs a do-nothing handler (without SA_RESTART) for `signo`, so that sending it to a thread
+/// interrupts a blocking system call such as KVM_RUN with EINTR.
+int swiftlet_install_wakeup_signal(int signo);
+
+// MARK: struct kvm_run union accessors
+static inline struct kvm_run *swiftlet_run(void *p) { return (struct kvm_run *)p; }
+static inline __u8 swiftlet_run_io_direction(const struct kvm_run *r) { return r->io.direction; }
+static inline __u8 swiftlet_run_io_size(const struct kvm_run *r) { return r->io.size; }
+static inline __u16 swiftlet_run_io_port(const struct kvm_run *r) { return r->io.port; }
+static inline __u32 swiftlet_run_io_count(const struct kvm_run *r) { return r->io.count; }
+static inline __u64 swiftlet_run_io_data_offset(const struct kvm_run *r) { return r->io.data_offset; }
+static inline __u64 swiftlet_run_mmio_phys_addr(const struct kvm_run *r) { return r->mmio.phys_addr; }
+static inline __u8 *swiftlet_run_mmio_data(struct kvm_run *r) { return r->mmio.data; }
+static inline __u32 swiftlet_run_mmio_len(const struct kvm_run *r) { return r->mmio.len; }
+static inline __u8 swiftlet_run_mmio_is_write(const struct kvm_run *r) { return r->mmio.is_write; }
+static inline __u32 swiftlet_run_internal_suberror(const struct kvm_run *r) { return r->internal.suberror; }
+static inline __u32 swiftlet_run_internal_ndata(const struct kvm_run *r) { return r->internal.ndata; }
+static inline __u64 swiftlet_run_internal_data(const struct kvm_run *r, __u32 i) { return i < 16 ? r->internal.data[i] : 0; }
+static inline __u64 swiftlet_run_emulation_flags(const struct kvm_run *r) { return r->emulation_failure.flags; }
+static inline __u8 swiftlet_run_emulation_insn_size(const struct kvm_run *r) { return r->emulation_failure.insn_size; }
+static inline const __u8 *swiftlet_run_emulation_insn_bytes(const struct kvm_run *r) { return r->emulation_failure.insn_bytes; }
+static inline __u32 swiftlet_run_system_event_type(const struct kvm_run *r) { return r->system_event.type; }
+static inline __u64 swiftlet_run_fail_entry_reason(const struct kvm_run *r) { return r->fail_entry.hardware_entry_failure_reason; }
+static inline __u32 swiftlet_run_exception(const struct kvm_run *r) { return r->ex.exception; }
+
+#endif

@@ -1,0 +1,35 @@
+/// A serial port's guest-visible state, as a plain value (for snapshots).
+public struct SerialState: Codable, Sendable, Equatable {
+    public var divisorLow: UInt8
+    public var divisorHigh: UInt8
+    public var interruptEnable: UInt8
+    public var fifoControl: UInt8
+    public var lineControl: UInt8
+    public var modemControl: UInt8
+    public var scratch: UInt8
+    public var transmitEmptyPending: Bool
+    public var pendingInput: [UInt8]
+    public var lineAsserted: Bool
+}
+
+extension Serial8250 {
+    /// The current state.
+    public var state: SerialState {
+        registers.withLock { r in
+            SerialState(divisorLow: r.divisorLow, divisorHigh: r.divisorHigh, interruptEnable: r.interruptEnable,
+                        fifoControl: r.fifoControl, lineControl: r.lineControl, modemControl: r.modemControl,
+                        scratch: r.scratch, transmitEmptyPending: r.transmitEmptyPending,
+                        pendingInput: Array(r.receive[r.receiveHead...]), lineAsserted: r.lineAsserted)
+        }
+    }
+
+    /// Puts back a saved state (the interrupt controller's own state carries the line level).
+    public func restore(_ s: SerialState) {
+        registers.withLock { r in
+            r = Registers(divisorLow: s.divisorLow, divisorHigh: s.divisorHigh, interruptEnable: s.interruptEnable,
+                          fifoControl: s.fifoControl, lineControl: s.lineControl, modemControl: s.modemControl,
+                          scratch: s.scratch, transmitEmptyPending: s.transmitEmptyPending, receive: s.pendingInput,
+                          receiveHead: 0, lineAsserted: s.lineAsserted)
+        }
+    }
+}

@@ -1,0 +1,143 @@
+import SwiftletSystem
+
+/// A guest's physical memory: a few non-overlapping regions with bounds-checked, little-endian access.
+///
+/// The regions never move for the life of the object, so vCPU threads and devices may access guest
+/// memory concurrently, exactly as the guest's own CPUs do; ordering is the guest's business.
+public final class GuestMemory: @unchecked Sendable {
+    // SAFETY (Sendable): the region list and mappings are immutable after init; the bytes are shared memory.
+    public let regions: [Region]
+    private let owners: [MappingOwner]
+
+    /// Where a region lives, for callers that register memory with a hypervisor.
+    public struct Region: Sendable, Equatable {
+        public let start: GuestAddress
+        public let size: UInt64
+        // SAFETY (Sendable): the pointer stays valid while the GuestMemory that made this value lives.
+        public nonisolated(unsafe) let hostAddress: UnsafeMutableRawPointer
+        public var end: UInt64 { start.rawValue + size }
+    }
+
+    /// How to back one region of guest memory.
+    public struct RegionSpec: Sendable {
+        public enum Backing: Sendable {
+            /// Zero-filled anonymous memory.
+            case anonymous
+            /// A file's bytes from `offset`; `shared: false` is a lazy copy-on-write view.
+            case file(descriptor: Int32, offset: UInt64, shared: Bool)
+        }
+        public var start: GuestAddress
+        public var size: UInt64
+        public var backing: Backing
+
+        public init(start: GuestAddress, size: UInt64, backing: Backing = .anonymous) {
+            self.start = start
+            self.size = size
+            self.backing = backing
+        }
+    }
+
+    private final class MappingOwner: Sendable {
+        let mapping: MemoryMapping
+        init(_ mapping: consuming MemoryMapping) { self.mapping = mapping }
+    }
+
+    /// Maps every region of `specs`, which must not overlap and must be page-aligned.
+    public init(_ specs: [RegionSpec]) throws(SwiftletError) {
+        let sorted = specs.sorted { $0.start < $1.start }
+        for spec in sorted where spec.size == 0 || spec.size % 4096 != 0 || spec.start.rawValue % 4096 != 0 {
+            throw SwiftletError(.invalidArgument, "guest memory region at \(spec.start) of \(spec.size) bytes is not page-aligned")
+        }
+        for (a, b) in zip(sorted, sorted.dropFirst()) where a.start.rawValue + a.size > b.start.rawValue {
+            throw SwiftletError(.invalidArgument, "guest memory regions overlap at \(b.start)")
+        }
+        var owners: [MappingOwner] = []
+        var regions: [Region] = []
+        for spec in sorted {
+            let mapping: MemoryMapping
+            switch spec.backing {
+            case .anonymous:
+                mapping = try MemoryMapping.anonymous(size: Int(spec.size))
+            case .file(let fd, let offset, let shared):
+                mapping = try MemoryMapping.file(fd: fd, size: Int(spec.size), offset: offset, writable: true, shared: shared)
+            }
+            regions.append(Region(start: spec.start, size: spec.size, hostAddress: mapping.base))
+            owners.append(MappingOwner(mapping))
+        }
+        self.regions = regions
+        self.owners = owners
+    }
+
+    /// Anonymous memory laid out as `ranges` (start, size).
+    public convenience init(anonymous ranges: [(GuestAddress, UInt64)]) throws(SwiftletError) {
+        try self.init(ranges.map { RegionSpec(start: $0.0, size: $0.1) })
+    }
+
+    /// Total bytes of guest memory.
+    public var totalSize: UInt64 { regions.reduce(0) { $0 + $1.size } }
+
+    /// Bytes of guest memory currently resident on the host (touched by guest or VMM).
+    public var residentBytes: Int {
+        owners.reduce(0) { $0 + $1.mapping.residentBytes() }
+    }
+
+    /// The host pointer for `length` bytes at `address`, which must lie inside one region.
+    public func hostPointer(_ address: GuestAddress, length: UInt64) throws(SwiftletError) -> UnsafeMutableRawPointer {
+        for region in regions where address.rawValue >= region.start.rawValue && address.rawValue < region.end {
+            let offset = address.rawValue - region.start.rawValue
+            guard length <= region.size - offset else { break }
+            // SAFETY: [offset, offset + length) was just checked to lie inside the region's mapping.
+            return region.hostAddress + Int(offset)
+        }
+        throw SwiftletError(.outOfBounds, "guest memory access of \(length) bytes at \(address) is outside guest RAM")
+    }
+
+    /// Whether `length` bytes at `address` lie inside one region.
+    public func contains(_ address: GuestAddress, length: UInt64) -> Bool {
+        regions.contains { address.rawValue >= $0.start.rawValue && address.rawValue < $0.end && length <= $0.end - address.rawValue }
+    }
+
+    // MARK: bytes
+
+    public func write(_ bytes: some Collection<UInt8>, at address: GuestAddress) throws(SwiftletError) {
+        let p = try hostPointer(address, length: UInt64(bytes.count))
+        // SAFETY: hostPointer checked that bytes.count bytes fit.
+        UnsafeMutableRawBufferPointer(start: p, count: bytes.count).copyBytes(from: bytes)
+    }
+
+    public func read(count: Int, at address: GuestAddress) throws(SwiftletError) -> [UInt8] {
+        let p = try hostPointer(address, length: UInt64(count))
+        // SAFETY: hostPointer checked that count bytes fit.
+        return Array(UnsafeRawBufferPointer(start: p, count: count))
+    }
+
+    /// Zeroes `count` bytes at `address`.
+    public func fill(zero count: UInt64, at address: GuestAddress) throws(SwiftletError) {
+        guard count > 0 else { return }
+        let p = try hostPointer(address, length: count)
+        // SAFETY: hostPointer checked the range.
+        p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
+    }
+
+    /// A writable view of `count` bytes at `address`, for loaders that fill memory from files.
+    public func withBuffer<R, E: Error>(at address: GuestAddress, count: Int, _ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(SwiftletError) -> Result<R, E> {
+        let p = try hostPointer(address, length: UInt64(count))
+        // SAFETY: hostPointer checked the range.
+        let buffer = UnsafeMutableRawBufferPointer(start: p, count: count)
+        do throws(E) { return .success(try body(buffer)) } catch { return .failure(error) }
+    }
+
+    // MARK: little-endian integers
+
+    public func write<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(SwiftletError) {
+        let p = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        // SAFETY: the range was checked; storeBytes tolerates unaligned addresses.
+        p.storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    public func read<T: FixedWidthInteger>(_ type: T.Type = T.self, at address: GuestAddress) throws(SwiftletError) -> T {
+        let p = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        // SAFETY: the range was checked; loadUnaligned tolerates any alignment.
+        return T(littleEndian: p.loadUnaligned(as: T.self))
+    }
+}

@@ -1,0 +1,75 @@
+import CLinux
+import SwiftletSystem
+
+/// Everything KVM holds about one vCPU, as plain values: what a snapshot stores and a restore sets.
+public struct VCPUState: Codable, Sendable, Equatable {
+    public var id: UInt32
+    public var registers: Registers
+    public var specialRegisters: SpecialRegisters
+    public var fpu: FPUState
+    /// `struct kvm_xsave` (the full XSAVE area: x87, SSE, AVX, ...), when the host supports XSAVE.
+    public var xsave: [UInt8]?
+    /// `struct kvm_xcrs` (XCR0), when the host supports it.
+    public var xcrs: [UInt8]?
+    public var msrs: [MSREntry]
+    public var localAPIC: [UInt8]
+    public var mpState: MPState
+    /// `struct kvm_vcpu_events`: pending exceptions, interrupts, NMIs, SMM state.
+    public var events: [UInt8]
+    /// `struct kvm_debugregs`.
+    public var debugRegisters: [UInt8]
+}
+
+extension VCPU {
+    private func getBlob<T>(_ initial: T, _ name: String, _ request: UInt) throws(SwiftletError) -> [UInt8] {
+        var value = initial
+        try ioctl(name, request, &value)
+        return withUnsafeBytes(of: value) { Array($0) }
+    }
+
+    private func setBlob<T>(_ initial: T, _ bytes: [UInt8], _ name: String, _ request: UInt) throws(SwiftletError) {
+        var value = initial
+        guard bytes.count == MemoryLayout<T>.size else {
+            throw SwiftletError(.invalidFormat, "\(name): saved state is \(bytes.count) bytes, this host's KVM wants \(MemoryLayout<T>.size)")
+        }
+        withUnsafeMutableBytes(of: &value) { $0.copyBytes(from: bytes) }
+        try ioctl(name, request, &value)
+    }
+
+    /// Captures the vCPU's whole state. The vCPU must not be running (its thread is parked).
+    /// `msrIndices` is usually `KVMSystem.msrIndexList()`.
+    public func saveState(msrIndices: [UInt32], hasXSave: Bool) throws(SwiftletError) -> VCPUState {
+        // The order matters: MP state and events before registers, as KVM may adjust them.
+        let mp = try mpState()
+        let events = try getBlob(kvm_vcpu_events(), "KVM_GET_VCPU_EVENTS", SWIFTLET_KVM_GET_VCPU_EVENTS)
+        return VCPUState(
+            id: id,
+            registers: try registers(),
+            specialRegisters: try specialRegisters(),
+            fpu: try fpu(),
+            xsave: hasXSave ? try getBlob(kvm_xsave(), "KVM_GET_XSAVE", SWIFTLET_KVM_GET_XSAVE) : nil,
+            xcrs: hasXSave ? try getBlob(kvm_xcrs(), "KVM_GET_XCRS", SWIFTLET_KVM_GET_XCRS) : nil,
+            msrs: try msrs(msrIndices),
+            localAPIC: try localAPIC(),
+            mpState: mp,
+            events: events,
+            debugRegisters: try getBlob(kvm_debugregs(), "KVM_GET_DEBUGREGS", SWIFTLET_KVM_GET_DEBUGREGS))
+    }
+
+    /// Puts back a state saved by `saveState`. CPUID must already be set (KVM checks XSAVE and MSRs against it).
+    public func restoreState(_ state: VCPUState) throws(SwiftletError) {
+        try setSpecialRegisters(state.specialRegisters)
+        try setRegisters(state.registers)
+        if let xcrs = state.xcrs { try setBlob(kvm_xcrs(), xcrs, "KVM_SET_XCRS", SWIFTLET_KVM_SET_XCRS) }
+        if let xsave = state.xsave {
+            try setBlob(kvm_xsave(), xsave, "KVM_SET_XSAVE", SWIFTLET_KVM_SET_XSAVE)
+        } else {
+            try setFPU(state.fpu)
+        }
+        try setMSRs(state.msrs)
+        try setLocalAPIC(state.localAPIC)
+        try setBlob(kvm_debugregs(), state.debugRegisters, "KVM_SET_DEBUGREGS", SWIFTLET_KVM_SET_DEBUGREGS)
+        try setMPState(state.mpState)
+        try setBlob(kvm_vcpu_events(), state.events, "KVM_SET_VCPU_EVENTS", SWIFTLET_KVM_SET_VCPU_EVENTS)
+    }
+}

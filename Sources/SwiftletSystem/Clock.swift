@@ -1,0 +1,15 @@
+import CLinux
+
+/// Monotonic time in nanoseconds, and the moment the process's own code started.
+public enum MonotonicClock {
+    /// CLOCK_MONOTONIC now.
+    @inlinable public static var now: UInt64 { swiftlet_monotonic_ns() }
+
+    /// CLOCK_MONOTONIC when the process's first constructor ran, before Swift's runtime and main.
+    public static var processStart: UInt64 { swiftlet_process_start_ns() }
+
+    /// Milliseconds between two readings, as a Double.
+    public static func milliseconds(from start: UInt64, to end: UInt64) -> Double {
+        Double(end &- start) / 1_000_000
+    }
+}

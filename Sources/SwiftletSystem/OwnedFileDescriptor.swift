@@ -1,0 +1,135 @@
+import CLinux
+import Glibc
+import SystemPackage
+
+/// Sole owner of an open file descriptor; closes it when the owner goes away.
+public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
+    // SAFETY (Sendable): a file descriptor number is an integer; the kernel serialises operations on it.
+    public let rawValue: Int32
+
+    public init(taking rawValue: Int32) {
+        precondition(rawValue >= 0, "invalid file descriptor")
+        self.rawValue = rawValue
+    }
+
+    /// Opens `path` with `O_CLOEXEC` added to `flags`.
+    public static func open(_ path: String, flags: Int32, mode: UInt32 = 0o644) throws(SwiftletError) -> OwnedFileDescriptor {
+        let fd = try systemCall("cannot open \(path)") { swiftlet_open(path, flags, mode) }
+        return OwnedFileDescriptor(taking: fd)
+    }
+
+    /// Opens an input file the user named, with an error that says which file, why, and `hint`.
+    public static func openInput(_ path: String, role: String, hint: String? = nil) throws(SwiftletError) -> OwnedFileDescriptor {
+        let fd = swiftlet_open(path, O_RDONLY, 0)
+        guard fd >= 0 else {
+            let error = SwiftletError.system("cannot open \(role) \(path)", errno: currentErrno)
+            var message = "cannot open \(role) \(path): \(error.cause!.description)"
+            if let hint { message += "; \(hint)" }
+            throw SwiftletError(error.code, message, cause: error.cause)
+        }
+        let owned = OwnedFileDescriptor(taking: fd)
+        guard try owned.isRegularFile() else { throw SwiftletError(.invalidFormat, "\(role) \(path) is not a regular file") }
+        return owned
+    }
+
+    deinit { Glibc.close(rawValue) }
+
+    /// Gives up ownership without closing.
+    public consuming func release() -> Int32 {
+        let fd = rawValue
+        discard self
+        return fd
+    }
+
+    /// Reads exactly `count` bytes at `offset` (pread), failing on a short file.
+    public func read(count: Int, at offset: UInt64, what: String) throws(SwiftletError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let fd = rawValue
+        var done = 0
+        while done < count {
+            let result = bytes.withUnsafeMutableBytes { buffer in
+                // SAFETY: the destination range [done, count) lies inside `buffer`.
+                retryingOnInterrupt { pread(fd, buffer.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }
+            }
+            let n: Int
+            switch result {
+            case .success(let value): n = value
+            case .failure(let errno): throw SwiftletError.system("cannot read \(what)", errno: errno)
+            }
+            if n == 0 { throw SwiftletError(.invalidFormat, "\(what) is truncated: expected \(count) bytes at offset \(offset)") }
+            done += n
+        }
+        return bytes
+    }
+
+    /// Reads the whole of `count` bytes from `offset` straight into `destination` (pread), failing on a short file.
+    public func read(into destination: UnsafeMutableRawBufferPointer, at offset: UInt64, what: String) throws(SwiftletError) {
+        var done = 0
+        let fd = rawValue
+        while done < destination.count {
+            // SAFETY: the range [done, destination.count) lies inside `destination`.
+            let n = try systemCall("cannot read \(what)") {
+                pread(fd, destination.baseAddress! + done, destination.count - done, off_t(offset) + off_t(done))
+            }
+            if n == 0 { throw SwiftletError(.invalidFormat, "\(what) is truncated: expected \(destination.count) bytes at offset \(offset)") }
+            done += n
+        }
+    }
+
+    /// Writes all of `bytes`, retrying short writes and EINTR.
+    public func writeAll(_ bytes: UnsafeRawBufferPointer) throws(SwiftletError) {
+        try Self.writeAll(fd: rawValue, bytes)
+    }
+
+    /// Writes all of `bytes` to a descriptor this value does not own (stdout, say).
+    public static func writeAll(fd: Int32, _ bytes: UnsafeRawBufferPointer) throws(SwiftletError) {
+        var done = 0
+        while done < bytes.count {
+            // SAFETY: the range [done, bytes.count) lies inside `bytes`.
+            let n = try systemCall("cannot write") { Glibc.write(fd, bytes.baseAddress! + done, bytes.count - done) }
+            done += n
+        }
+    }
+
+    /// The file's size in bytes (fstat).
+    public func size() throws(SwiftletError) -> UInt64 {
+        var info = stat()
+        let fd = rawValue
+        try systemCall("cannot stat file") { fstat(fd, &info) }
+        return UInt64(info.st_size)
+    }
+
+    /// Whether the descriptor refers to a regular file.
+    public func isRegularFile() throws(SwiftletError) -> Bool {
+        var info = stat()
+        let fd = rawValue
+        try systemCall("cannot stat file") { fstat(fd, &info) }
+        return (info.st_mode & S_IFMT) == S_IFREG
+    }
+}
+
+extension OwnedFileDescriptor {
+    /// Reads up to `limit` bytes of a small file (sysfs, procfs, configuration) whole.
+    public static func readSmallFile(_ path: String, limit: Int = 1 << 20) throws(SwiftletError) -> [UInt8] {
+        let fd = try OwnedFileDescriptor.open(path, flags: O_RDONLY)
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 16384)
+        while bytes.count < limit {
+            let raw = fd.rawValue
+            let result = chunk.withUnsafeMutableBytes { buffer in
+                retryingOnInterrupt { Glibc.read(raw, buffer.baseAddress, buffer.count) }
+            }
+            switch result {
+            case .success(0): return bytes
+            case .success(let n): bytes += chunk[0..<n]
+            case .failure(let errno): throw SwiftletError.system("cannot read \(path)", errno: errno)
+            }
+        }
+        return bytes
+    }
+
+    /// `readSmallFile` as UTF-8 text.
+    public static func readSmallTextFile(_ path: String, limit: Int = 1 << 20) throws(SwiftletError) -> String {
+        String(decoding: try readSmallFile(path, limit: limit), as: UTF8.self)
+    }
+}

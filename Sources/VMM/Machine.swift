@@ -1,0 +1,189 @@
+import CLinux
+import Devices
+import Glibc
+import GuestMemory
+import KVM
+import LinuxBoot
+import Synchronization
+import SwiftletSystem
+
+/// What happened during a run, for `--boot-timing`, benchmarks and callers of the library.
+public struct MachineRunReport: Sendable {
+    public var exit: MachineExit
+    /// CLOCK_MONOTONIC readings (ns): process start, first KVM_RUN, boot marker, and the end.
+    public var processStart: UInt64
+    public var firstRun: UInt64
+    public var bootMarker: UInt64?
+    public var end: UInt64
+    /// Returns from KVM_RUN to Swiftlet, over all vCPUs.
+    public var exitsToUserspace: UInt64
+    /// Guest memory resident on the host at the end (touched by guest or VMM).
+    public var guestMemoryResidentBytes: Int
+    /// Peak resident set of the whole process (VmHWM).
+    public var peakResidentBytes: Int
+    /// I/O port accesses by port, when tracing was asked for (SWIFTLET_TRACE_IO=1).
+    public var portTrace: [UInt16: Int]
+
+    /// Peak RSS minus guest memory: what the VMM itself costs.
+    public var vmmOverheadBytes: Int { max(0, peakResidentBytes - guestMemoryResidentBytes) }
+}
+
+/// A virtual machine that boots a Linux kernel on KVM and runs until the guest powers off,
+/// reboots or crashes.
+///
+/// ```swift
+/// let machine = Machine(config: MachineConfig(kernelPath: "vmlinux", initrdPath: "initrd.cpio"))
+/// let report = try await machine.run()
+/// print(report.exit)
+/// ```
+public final class Machine: Sendable {
+    public let config: MachineConfig
+
+    /// Ports of the VMM's own devices.
+    public enum Ports {
+        public static let serial: UInt16 = 0x3F8
+        public static let i8042: UInt16 = 0x60
+        public static let bootMarker: UInt16 = BootMarker.port
+        public static let pvpanic: UInt16 = 0x505
+        public static let sleepControl: UInt16 = 0x600
+    }
+    /// COM1's interrupt.
+    static let serialIRQ: UInt32 = 4
+
+    public init(config: MachineConfig) {
+        self.config = config
+    }
+
+    /// Boots the machine and waits for it to stop, on a dedicated thread (never blocking Swift's
+    /// cooperative pool). `onBootMarker` is called (on a vCPU thread) when the guest writes the marker.
+    public func run(onBootMarker: (@Sendable (UInt64) -> Void)? = nil) async throws(SwiftletError) -> MachineRunReport {
+        let result: Result<MachineRunReport, SwiftletError> = await withCheckedContinuation { continuation in
+            do throws(SwiftletError) {
+                _ = try OSThread.start(name: "swiftlet-main") { [self] in
+                    continuation.resume(returning: Result { () throws(SwiftletError) in try self.runBlocking(onBootMarker: onBootMarker) })
+                }
+            } catch {
+                continuation.resume(returning: .failure(error))
+            }
+        }
+        return try result.get()
+    }
+
+    /// Boots the machine and blocks the calling thread until it stops.
+    public func runBlocking(onBootMarker: (@Sendable (UInt64) -> Void)? = nil) throws(SwiftletError) -> MachineRunReport {
+        try config.validate()
+        let kvm = try KVMSystem(path: config.kvmPath)
+        try kvm.require([
+            (KVM_CAP_IRQCHIP, "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)"),
+            (KVM_CAP_USER_MEMORY, "user memory regions (KVM_CAP_USER_MEMORY)"),
+            (KVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID"),
+            (KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"),
+        ])
+        let hostMemory = UInt64(sysconf(Int32(_SC_PHYS_PAGES))) * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        try config.validate(maxVCPUs: min(kvm.maxVCPUs, MachineConfig.maximumCPUs), hostMemoryBytes: hostMemory)
+
+        let vm = try kvm.createVirtualMachine()
+        try vm.setTSSAddress(X86Layout.vmxTSS)
+        try? vm.setIdentityMapAddress(X86Layout.vmxIdentityMap) // Intel only; harmless to skip elsewhere
+        try vm.createInterruptController()
+
+        let memory = try GuestMemory(anonymous: X86Layout.ramRanges(bytes: UInt64(config.memoryMiB) << 20))
+        for (slot, region) in memory.regions.enumerated() {
+            try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.start.rawValue, size: region.size, host: region.hostAddress)
+        }
+
+        let acpi = ACPIConfiguration(cpuCount: config.cpuCount, sleepControlPort: Ports.sleepControl, pvpanicPort: Ports.pvpanic)
+        let plan = try LinuxBootLoader.prepare(
+            LinuxBootConfiguration(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
+                                   commandLine: config.commandLine, acpi: acpi),
+            memory: memory)
+        if KVMBackend.detect() == .pvm && plan.kernel.isLinux && !config.allowPVM {
+            throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: config.kvmPath))
+        }
+
+        let controller = try MachineController()
+        let console = ConsoleOutput(fd: config.consoleOutput)
+        let bus = Self.makeBus(vm: vm, console: console, controller: controller, onBootMarker: onBootMarker)
+
+        let supported = try kvm.supportedCPUID()
+        let msrs = Set(try kvm.msrIndexList())
+        let tscDeadline = kvm.capability(KVM_CAP_TSC_DEADLINE_TIMER) > 0
+        var vcpus: [VCPU] = []
+        for id in 0..<UInt32(config.cpuCount) {
+            let vcpu = try vm.createVCPU(id: id)
+            let cpuid = CPUIDSetup.entries(from: supported, cpu: id, count: config.cpuCount, tscDeadline: tscDeadline)
+            try VCPUBootSetup.configure(vcpu, cpuid: cpuid, supportedMSRs: msrs, boot: id == 0 ? plan.cpu : nil)
+            vcpus.append(vcpu)
+            controller.attach(vcpu, thread: nil)
+        }
+
+        let tracePorts = getenv("SWIFTLET_TRACE_IO") != nil
+        let traces = Mutex<[UInt16: Int]>([:])
+        let firstRun = MonotonicClock.now
+        var threads: [OSThread] = []
+        for vcpu in vcpus {
+            let thread = try OSThread.start(name: "vcpu\(vcpu.id)") {
+                let trace = VCPURunner(vcpu: vcpu, bus: bus, memory: memory, controller: controller, tracePorts: tracePorts).run()
+                if tracePorts { traces.withLock { t in t.merge(trace) { $0 + $1 } } }
+            }
+            controller.setThread(thread, for: vcpu)
+            threads.append(thread)
+        }
+        // A stop requested before a thread was registered must still reach it.
+        if controller.isStopping { for (vcpu, thread) in zip(vcpus, threads) { vcpu.requestExit(); thread.interrupt() } }
+
+        ConsoleIOLoop(console: console, input: config.consoleInput, serial: bus.serial, controller: controller).run()
+        for thread in threads { thread.join() }
+        console.flush()
+
+        return MachineRunReport(
+            exit: controller.exit ?? .vmmError("the machine stopped without a reason"),
+            processStart: MonotonicClock.processStart, firstRun: firstRun, bootMarker: controller.markerTime,
+            end: MonotonicClock.now, exitsToUserspace: vcpus.reduce(0) { $0 + $1.exitCount },
+            guestMemoryResidentBytes: memory.residentBytes, peakResidentBytes: Self.peakResidentBytes(),
+            portTrace: traces.withLock { $0 })
+    }
+
+    static func pvmMessage(kvmPath: String) -> String {
+        "\(kvmPath) on this host is backed by PVM (software virtualization, module kvm_pvm), which cannot boot an unmodified Linux kernel: it would run instruction-emulated for many seconds and then fail. Use a host with hardware KVM (Intel VT-x or AMD-V), boot a PVM-enabled guest kernel with --allow-pvm, or run Swiftlet inside the nested test host (scripts/nested-run)."
+    }
+
+    /// The VMM's devices on their ports.
+    struct Bus: Sendable {
+        var ports: PortIOBus
+        let serial: Serial8250
+    }
+
+    static func makeBus(vm: VirtualMachine, console: ConsoleOutput, controller: MachineController,
+                        onBootMarker: (@Sendable (UInt64) -> Void)?) -> Bus {
+        var ports = PortIOBus()
+        let serialLine = KVMInterruptLine { level in
+            do { try vm.setInterruptLine(serialIRQ, level: level) } catch {
+                controller.stop(.vmmError("cannot raise the serial interrupt: \(error)"))
+            }
+        }
+        let serial = Serial8250(output: console, interrupt: serialLine)
+        ports.register(serial, base: Ports.serial, length: 8)
+        ports.register(I8042 { controller.stop(.reset) }, base: Ports.i8042, length: 5)
+        ports.register(BootMarker { time in
+            controller.recordMarker(time)
+            onBootMarker?(time)
+        }, base: Ports.bootMarker, length: 1)
+        ports.register(PVPanic { events in
+            if events & PVPanic.panicked != 0 { controller.stop(.guestPanic) }
+        }, base: Ports.pvpanic, length: 1)
+        ports.register(ACPISleepControl(softOffType: ACPIConfiguration.softOffSleepType) { controller.stop(.powerOff) },
+                       base: Ports.sleepControl, length: 1)
+        return Bus(ports: ports, serial: serial)
+    }
+
+    /// VmHWM from /proc/self/status.
+    static func peakResidentBytes() -> Int {
+        guard let text = try? OwnedFileDescriptor.readSmallTextFile("/proc/self/status") else { return 0 }
+        for line in text.split(separator: "\n") where line.hasPrefix("VmHWM:") {
+            let kib = line.split(separator: " ").compactMap { Int($0) }.first ?? 0
+            return kib * 1024
+        }
+        return 0
+    }
+}

@@ -1,0 +1,64 @@
+import LinuxBoot
+import SwiftletSystem
+
+/// Everything needed to boot a machine. Plain values: a config can be stored, compared and sent.
+public struct MachineConfig: Sendable, Equatable {
+    /// ELF vmlinux or bzImage.
+    public var kernelPath: String
+    public var initrdPath: String?
+    public var commandLine: String
+    public var cpuCount: Int
+    public var memoryMiB: Int
+    /// The KVM device (tests point this elsewhere).
+    public var kvmPath: String
+    /// Boot a Linux kernel even though /dev/kvm is PVM-backed (only PVM-enabled kernels run there).
+    public var allowPVM: Bool
+    /// Where the guest's serial console goes (a file descriptor the caller keeps open), or nil to drop it.
+    public var consoleOutput: Int32?
+    /// Where console input comes from, or nil for none.
+    public var consoleInput: Int32?
+
+    /// The default kernel command line: console on the first UART, reboot through the i8042,
+    /// reboot at once on panic (after pvpanic has told the VMM), and a quiet boot.
+    public static let defaultCommandLine = "console=ttyS0 reboot=k panic=-1 quiet"
+
+    /// Smallest memory a Linux guest can boot in with Swiftlet's kernel.
+    public static let minimumMemoryMiB = 32
+    /// xAPIC IDs in the MADT are 8-bit and 0xFF is broadcast.
+    public static let maximumCPUs = 254
+
+    public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = MachineConfig.defaultCommandLine,
+                cpuCount: Int = 1, memoryMiB: Int = 256, kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
+                consoleOutput: Int32? = 1, consoleInput: Int32? = nil) {
+        self.kernelPath = kernelPath; self.initrdPath = initrdPath; self.commandLine = commandLine
+        self.cpuCount = cpuCount; self.memoryMiB = memoryMiB; self.kvmPath = kvmPath; self.allowPVM = allowPVM
+        self.consoleOutput = consoleOutput; self.consoleInput = consoleInput
+    }
+
+    /// Checks the values that do not depend on the host.
+    public func validate() throws(SwiftletError) {
+        guard cpuCount >= 1 else {
+            throw SwiftletError(.invalidArgument, "--cpus must be at least 1 (got \(cpuCount))")
+        }
+        guard cpuCount <= Self.maximumCPUs else {
+            throw SwiftletError(.invalidArgument, "--cpus \(cpuCount) is more than Swiftlet supports (\(Self.maximumCPUs))")
+        }
+        guard memoryMiB >= Self.minimumMemoryMiB else {
+            throw SwiftletError(.invalidArgument, "--memory must be at least \(Self.minimumMemoryMiB) MiB (got \(memoryMiB))")
+        }
+        guard memoryMiB <= 1 << 20 else {
+            throw SwiftletError(.invalidArgument, "--memory \(memoryMiB) MiB is more than 1 TiB")
+        }
+    }
+
+    /// Checks the values against what this host can give.
+    public func validate(maxVCPUs: Int, hostMemoryBytes: UInt64?) throws(SwiftletError) {
+        try validate()
+        guard cpuCount <= maxVCPUs else {
+            throw SwiftletError(.invalidArgument, "--cpus \(cpuCount) is more than this host's KVM allows per VM (\(maxVCPUs))")
+        }
+        if let host = hostMemoryBytes, UInt64(memoryMiB) << 20 > host {
+            throw SwiftletError(.invalidArgument, "--memory \(memoryMiB) MiB is more than this host's \(host >> 20) MiB of RAM")
+        }
+    }
+}

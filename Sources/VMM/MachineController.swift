@@ -1,0 +1,58 @@
+import KVM
+import Synchronization
+import SwiftletSystem
+
+/// Decides when the machine stops, and why: the first reason reported wins; every vCPU is then
+/// knocked out of KVM_RUN.
+final class MachineController: Sendable {
+    private struct State {
+        var exit: MachineExit?
+        var vcpus: [(VCPU, OSThread?)] = []
+        var markerTime: UInt64?
+    }
+    private let state = Mutex(State())
+    private let stopped = Atomic<Bool>(false)
+    private let done = Mutex<Bool>(false)
+    private let wake: EventFD
+
+    init() throws(SwiftletError) {
+        wake = try EventFD(nonBlocking: false)
+    }
+
+    var isStopping: Bool { stopped.load(ordering: .acquiring) }
+
+    /// The exit descriptor: readable once the machine has stopped.
+    var stopEventDescriptor: Int32 { wake.rawValue }
+
+    func attach(_ vcpu: VCPU, thread: OSThread?) {
+        state.withLock { $0.vcpus.append((vcpu, thread)) }
+    }
+
+    func setThread(_ thread: OSThread, for vcpu: VCPU) {
+        state.withLock { s in
+            if let i = s.vcpus.firstIndex(where: { $0.0 === vcpu }) { s.vcpus[i].1 = thread }
+        }
+    }
+
+    /// Records the reason (if none yet) and stops every vCPU.
+    func stop(_ reason: MachineExit) {
+        let targets = state.withLock { s -> [(VCPU, OSThread?)] in
+            if s.exit == nil { s.exit = reason }
+            return s.vcpus
+        }
+        guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        for (vcpu, thread) in targets {
+            vcpu.requestExit()
+            thread?.interrupt()
+        }
+        wake.signal()
+    }
+
+    var exit: MachineExit? { state.withLock { $0.exit } }
+
+    func recordMarker(_ time: UInt64) {
+        state.withLock { if $0.markerTime == nil { $0.markerTime = time } }
+    }
+
+    var markerTime: UInt64? { state.withLock { $0.markerTime } }
+}

@@ -1,0 +1,75 @@
+import GuestMemory
+import KVM
+import SwiftletSystem
+
+/// The loop on a vCPU's thread: run the guest, serve its I/O exits, stop when the machine stops.
+struct VCPURunner {
+    let vcpu: VCPU
+    let bus: Machine.Bus
+    let memory: GuestMemory
+    let controller: MachineController
+    let tracePorts: Bool
+
+    /// Runs until the machine stops; returns the port trace when tracing.
+    func run() -> [UInt16: Int] {
+        var trace: [UInt16: Int] = [:]
+        while !controller.isStopping {
+            let exit: VCPUExit
+            do {
+                exit = try vcpu.run()
+            } catch {
+                controller.stop(.vmmError(error.description))
+                break
+            }
+            switch exit {
+            case .io(let io):
+                if tracePorts { trace[io.port, default: 0] += 1 }
+                if io.count == 1 {
+                    bus.ports.dispatch(port: io.port, isWrite: io.isWrite, data: io.data)
+                } else {
+                    // String I/O: one access per item.
+                    for i in 0..<io.count {
+                        let item = UnsafeMutableRawBufferPointer(rebasing: io.data[(i * io.size)..<((i + 1) * io.size)])
+                        bus.ports.dispatch(port: io.port, isWrite: io.isWrite, data: item)
+                    }
+                }
+            case .mmio(let access):
+                // No MMIO devices yet: reads see all-ones, writes are dropped, as on a real bus.
+                if !access.isWrite { for i in access.data.indices { access.data[i] = 0xFF } }
+            case .interrupted:
+                continue // the loop condition decides
+            case .halt:
+                controller.stop(.vmmError("vCPU \(vcpu.id) halted with no in-kernel local APIC"))
+            case .shutdown:
+                controller.stop(.tripleFault(cpu: vcpu.id, rip: (try? vcpu.registers().rip) ?? 0))
+            case .systemEvent(let type):
+                switch type {
+                case 1: controller.stop(.powerOff)   // KVM_SYSTEM_EVENT_SHUTDOWN
+                case 2: controller.stop(.reset)      // KVM_SYSTEM_EVENT_RESET
+                default: controller.stop(.guestPanic) // KVM_SYSTEM_EVENT_CRASH and later kinds
+                }
+            case .internalError(let error):
+                controller.stop(internalErrorExit(error))
+            case .failedEntry(let reason):
+                controller.stop(.failedEntry(cpu: vcpu.id, reason: reason))
+            case .other(let reason):
+                controller.stop(.vmmError("vCPU \(vcpu.id) stopped with unhandled KVM exit reason \(reason)"))
+            }
+        }
+        return trace
+    }
+
+    /// Describes an internal error with the faulting RIP and instruction bytes (from KVM, or read
+    /// from guest memory through the vCPU's page tables when KVM does not supply them).
+    func internalErrorExit(_ error: InternalError) -> MachineExit {
+        let rip = (try? vcpu.registers().rip) ?? 0
+        var bytes = error.instructionBytes
+        if bytes == nil || bytes?.isEmpty == true {
+            let cs = try? vcpu.specialRegisters().cs.base
+            if let physical = try? vcpu.translate(rip &+ (cs ?? 0)) {
+                bytes = (0..<15).compactMap { try? memory.read(UInt8.self, at: GuestAddress(physical &+ UInt64($0))) }
+            }
+        }
+        return .internalError(cpu: vcpu.id, rip: rip, detail: error.description, instructionBytes: bytes)
+    }
+}

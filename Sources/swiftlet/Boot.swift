@@ -1,0 +1,127 @@
+import ArgumentParser
+import Glibc
+import SwiftletSystem
+import VMM
+
+struct Boot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Boot a Linux kernel and stream its serial console.",
+        discussion: """
+            Boots an ELF vmlinux or a bzImage (default: the kernel `make kernel` built) with the demo \
+            initramfs, and exits 0 when the guest powers off or reboots. Arguments after `--` are \
+            passed to the guest's init, which runs them as a command:
+
+              swiftlet boot -- uname -a
+            """)
+
+    @Option(help: "Kernel image (ELF vmlinux or bzImage).")
+    var kernel: String?
+
+    @Option(help: "Initial ramdisk (cpio archive).")
+    var initrd: String?
+
+    @Flag(help: "Boot without an initial ramdisk.")
+    var noInitrd = false
+
+    @Option(help: "Kernel command line (replaces the default).")
+    var cmdline: String = MachineConfig.defaultCommandLine
+
+    @Option(help: "Number of vCPUs.")
+    var cpus: Int = 1
+
+    @Option(help: "Guest memory in MiB.")
+    var memory: Int = 256
+
+    @Flag(help: "Print the time from process start to the guest's boot marker, and the VMM's costs.")
+    var bootTiming = false
+
+    @Flag(help: "Boot even though /dev/kvm is PVM-backed (only a PVM-enabled guest kernel can run there).")
+    var allowPVM = false
+
+    @Option(help: ArgumentHelp("Write a JSON report of the run to this file.", visibility: .hidden))
+    var report: String?
+
+    @Argument(parsing: .postTerminator, help: "Command for the guest's init to run.")
+    var command: [String] = []
+
+    func validate() throws {
+        if noInitrd && initrd != nil { throw ValidationError("--initrd and --no-initrd contradict each other") }
+    }
+
+    func run() throws {
+        var commandLine = cmdline
+        if !command.isEmpty {
+            commandLine += " -- " + command.joined(separator: " ")
+        }
+        let initrdPath: String? = noInitrd ? nil : (initrd ?? defaultInitrd())
+        var config = MachineConfig(
+            kernelPath: kernel ?? GuestAssets.defaultKernel(), initrdPath: initrdPath, commandLine: commandLine,
+            cpuCount: cpus, memoryMiB: memory, allowPVM: allowPVM, consoleOutput: 1, consoleInput: 0)
+        if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
+
+        let machine = Machine(config: config)
+        let showTiming = bootTiming
+        let outcome: MachineRunReport
+        do {
+            outcome = try machine.runBlocking { time in
+                if showTiming {
+                    let ms = MonotonicClock.milliseconds(from: MonotonicClock.processStart, to: time)
+                    printError("boot marker after \(format(ms)) ms (process start to marker)")
+                }
+            }
+        } catch {
+            printError(error.description)
+            throw ExitCode(Status.setupFailed)
+        }
+        if showTiming { printTiming(outcome) }
+        if let report { writeReport(outcome, to: report) }
+        guard outcome.exit.isClean else {
+            printError(outcome.exit.description)
+            throw ExitCode(Status.guestCrashed)
+        }
+    }
+
+    /// The demo initramfs, when it has been built; otherwise boot without one.
+    func defaultInitrd() -> String? {
+        let path = GuestAssets.defaultInitrd
+        return access(path, R_OK) == 0 ? path : nil
+    }
+
+    func printTiming(_ r: MachineRunReport) {
+        let total = MonotonicClock.milliseconds(from: r.processStart, to: r.end)
+        let setup = MonotonicClock.milliseconds(from: r.processStart, to: r.firstRun)
+        printError("\(r.exit) after \(format(total)) ms (VMM set-up \(format(setup)) ms); \(r.exitsToUserspace) exits to userspace")
+        printError("memory: peak RSS \(r.peakResidentBytes >> 10) KiB, guest memory touched \(r.guestMemoryResidentBytes >> 10) KiB, VMM overhead \(r.vmmOverheadBytes >> 10) KiB")
+        if !r.portTrace.isEmpty {
+            let top = r.portTrace.sorted { $0.value > $1.value }.prefix(12)
+            printError("port I/O: " + top.map { "0x\(String($0.key, radix: 16))×\($0.value)" }.joined(separator: " "))
+        }
+    }
+
+    func writeReport(_ r: MachineRunReport, to path: String) {
+        func ms(_ t: UInt64?) -> String { t.map { format(MonotonicClock.milliseconds(from: r.processStart, to: $0), digits: 3) } ?? "null" }
+        let json = """
+            {"exit":"\(r.exit.isClean ? "clean" : "crash")","marker_ms":\(ms(r.bootMarker)),"first_run_ms":\(ms(r.firstRun)),\
+            "end_ms":\(ms(r.end)),"exits":\(r.exitsToUserspace),"peak_rss_kib":\(r.peakResidentBytes >> 10),\
+            "guest_touched_kib":\(r.guestMemoryResidentBytes >> 10),"vmm_overhead_kib":\(r.vmmOverheadBytes >> 10)}
+
+            """
+        guard let fd = try? OwnedFileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_TRUNC) else {
+            printError("cannot write report \(path)")
+            return
+        }
+        var text = json
+        text.withUTF8 { try? fd.writeAll(UnsafeRawBufferPointer($0)) }
+    }
+}
+
+/// Fixed-point formatting without Foundation.
+func format(_ value: Double, digits: Int = 1) -> String {
+    var scale = 1.0
+    for _ in 0..<digits { scale *= 10 }
+    let scaled = Int((value * scale).rounded())
+    let whole = scaled / Int(scale), fraction = abs(scaled % Int(scale))
+    guard digits > 0 else { return String(whole) }
+    let f = String(fraction)
+    return "\(whole).\(String(repeating: "0", count: digits - f.count))\(f)"
+}

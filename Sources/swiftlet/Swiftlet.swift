@@ -1,0 +1,25 @@
+import ArgumentParser
+import SwiftletSystem
+
+@main
+struct Swiftlet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "swiftlet",
+        abstract: "Run Linux in microVMs on KVM.",
+        version: "0.1.0",
+        subcommands: [Boot.self, Kernel.self])
+}
+
+/// Prints `swiftlet: message` to stderr.
+func printError(_ message: String) {
+    var line = "swiftlet: " + message + "\n"
+    line.withUTF8 { try? OwnedFileDescriptor.writeAll(fd: 2, UnsafeRawBufferPointer($0)) }
+}
+
+/// Exit statuses, documented in the README.
+enum Status {
+    /// Bad input, missing kernel, no KVM: Swiftlet could not start the guest.
+    static let setupFailed: Int32 = 1
+    /// The guest crashed: kernel panic, triple fault, emulation failure.
+    static let guestCrashed: Int32 = 2
+}
