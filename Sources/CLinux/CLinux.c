@@ -62,6 +62,12 @@ int swiftlet_open(const char *path, int flags, unsigned int mode) { return open(
 void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]) {
     __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
 }
+int swiftlet_unblock_signal(int signo) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
 int swiftlet_sigrtmin(void) { return SIGRTMIN; }
 void swiftlet_set_thread_name(const char *name) { pthread_setname_np(pthread_self(), name); }
 int swiftlet_gettid(void) { return (int)syscall(SYS_gettid); }

@@ -16,6 +16,12 @@ public final class GuestMemory: @unchecked Sendable {
         // SAFETY (Sendable): the pointer stays valid while the GuestMemory that made this value lives.
         public nonisolated(unsafe) let hostAddress: UnsafeMutableRawPointer
         public var end: UInt64 { start.rawValue + size }
+
+        public init(start: GuestAddress, size: UInt64, hostAddress: UnsafeMutableRawPointer) {
+            self.start = start
+            self.size = size
+            self.hostAddress = hostAddress
+        }
     }
 
     /// How to back one region of guest memory.

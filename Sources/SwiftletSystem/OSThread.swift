@@ -36,6 +36,7 @@ public final class OSThread: @unchecked Sendable {
             let thread = Unmanaged<OSThread>.fromOpaque(raw!).takeRetainedValue()
             let shortName = String(thread.name.utf8.prefix(15))!
             swiftlet_set_thread_name(shortName)
+            _ = swiftlet_unblock_signal(OSThread.wakeupSignal)
             thread.body()
             return nil
         }, context)

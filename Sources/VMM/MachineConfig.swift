@@ -19,8 +19,8 @@ public struct MachineConfig: Sendable, Equatable {
     public var consoleInput: Int32?
 
     /// The default kernel command line: console on the first UART, reboot through the i8042,
-    /// reboot at once on panic (after pvpanic has told the VMM), and a quiet boot.
-    public static let defaultCommandLine = "console=ttyS0 reboot=k panic=-1 quiet"
+    /// reboot at once on panic (after pvpanic has told the VMM), no PCI bus scan, and a quiet boot.
+    public static let defaultCommandLine = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
 
     /// Smallest memory a Linux guest can boot in with Swiftlet's kernel.
     public static let minimumMemoryMiB = 32

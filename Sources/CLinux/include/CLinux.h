@@ -78,6 +78,9 @@ int swiftlet_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int swiftlet_open(const char *path, int flags, unsigned int mode);
 /// Executes CPUID on the host CPU.
 void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+/// Unblocks `signo` for the calling thread (threads inherit their creator's mask, and Swift
+/// concurrency's worker threads block most signals).
+int swiftlet_unblock_signal(int signo);
 /// SIGRTMIN (a function-like macro in glibc).
 int swiftlet_sigrtmin(void);
 /// Names the calling thread (pthread_setname_np needs _GNU_SOURCE).

@@ -9,9 +9,13 @@ public struct ACPIConfiguration: Equatable, Sendable {
     public var sleepControlPort: UInt16
     /// I/O port of the pvpanic device (ACPI id QEMU0001).
     public var pvpanicPort: UInt16
+    /// The 16550 UART (PNP0501): its 8 ports and its ISA IRQ (= GSI).
+    public var serialPort: UInt16
+    public var serialIRQ: UInt8
 
-    public init(cpuCount: Int, sleepControlPort: UInt16, pvpanicPort: UInt16) {
+    public init(cpuCount: Int, sleepControlPort: UInt16, pvpanicPort: UInt16, serialPort: UInt16 = 0x3F8, serialIRQ: UInt8 = 4) {
         self.cpuCount = cpuCount; self.sleepControlPort = sleepControlPort; self.pvpanicPort = pvpanicPort
+        self.serialPort = serialPort; self.serialIRQ = serialIRQ
     }
 
     /// The S5 (soft off) sleep type value the DSDT advertises and the VMM expects.
@@ -108,15 +112,23 @@ public enum ACPITables {
         return table(signature: "APIC", revision: 5, body: body)
     }
 
-    /// DSDT: `\_S5` for power-off, and the pvpanic device on its I/O port.
+    /// DSDT: `\_S5` for power-off, the UART (so Linux routes its IRQ), and the pvpanic device.
     static func makeDSDT(_ config: ACPIConfiguration) -> [UInt8] {
         let aml: [AML] = [
             .name("\\_S5", .package([.integer(UInt64(ACPIConfiguration.softOffSleepType)), .integer(0)])),
             .scope("\\_SB", [
+                .device("COM1", [
+                    .name("_HID", AML.eisaID("PNP0501")),
+                    .name("_UID", .integer(0)),
+                    .name("_CRS", AML.resources([
+                        AML.ioPortDescriptor(base: config.serialPort, length: 8),
+                        AML.irqDescriptor(config.serialIRQ),
+                    ])),
+                ]),
                 .device("PEVT", [
                     .name("_HID", .string("QEMU0001")),
                     .name("_STA", .integer(0xF)),
-                    .name("_CRS", AML.ioPortResource(base: config.pvpanicPort, length: 1)),
+                    .name("_CRS", AML.resources([AML.ioPortDescriptor(base: config.pvpanicPort, length: 1)])),
                 ]),
             ]),
         ]

@@ -75,11 +75,32 @@ public indirect enum AML: Equatable, Sendable {
         }
     }
 
-    /// A resource template (for `_CRS`) holding one 16-bit-decoded I/O port range.
-    public static func ioPortResource(base: UInt16, length: UInt8) -> AML {
-        // IO descriptor (small item 0x47), then End Tag (0x79) with a zero checksum ("no checksum").
-        let io: [UInt8] = [0x47, 0x01, UInt8(base & 0xFF), UInt8(base >> 8), UInt8(base & 0xFF), UInt8(base >> 8), 0x01, length]
-        return .buffer(io + [0x79, 0x00])
+    /// A resource template (the buffer `_CRS` returns): the descriptors, then an End Tag with a
+    /// zero checksum ("no checksum").
+    public static func resources(_ descriptors: [[UInt8]]) -> AML {
+        .buffer(descriptors.flatMap { $0 } + [0x79, 0x00])
+    }
+
+    /// I/O port descriptor (small item 0x47): 16-bit decode, fixed base, `length` ports.
+    public static func ioPortDescriptor(base: UInt16, length: UInt8) -> [UInt8] {
+        [0x47, 0x01, UInt8(base & 0xFF), UInt8(base >> 8), UInt8(base & 0xFF), UInt8(base >> 8), 0x01, length]
+    }
+
+    /// IRQ descriptor without flags (small item 0x22): an edge-triggered, active-high ISA IRQ.
+    public static func irqDescriptor(_ irq: UInt8) -> [UInt8] {
+        let mask = UInt16(1) << UInt16(irq)
+        return [0x22, UInt8(mask & 0xFF), UInt8(mask >> 8)]
+    }
+
+    /// A compressed EISA id, as ASL's EisaId("PNP0501") produces: three letters in 5 bits each and
+    /// four hex digits, stored big-endian in a 32-bit integer.
+    public static func eisaID(_ id: String) -> AML {
+        let c = Array(id.utf8)
+        precondition(c.count == 7, "EISA ids are 3 letters and 4 hex digits")
+        func hex(_ b: UInt8) -> UInt32 { UInt32(b <= 0x39 ? b - 0x30 : (b | 0x20) - 0x61 + 10) }
+        let value = (UInt32(c[0] - 0x40) << 26) | (UInt32(c[1] - 0x40) << 21) | (UInt32(c[2] - 0x40) << 16)
+            | (hex(c[3]) << 12) | (hex(c[4]) << 8) | (hex(c[5]) << 4) | hex(c[6])
+        return .integer(UInt64(value.byteSwapped))
     }
 }
 

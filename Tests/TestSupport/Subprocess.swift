@@ -1,0 +1,71 @@
+import Glibc
+
+/// Runs a program and collects its exit status, stdout and stderr (for CLI and integration tests).
+public struct Subprocess: Sendable {
+    public var status: Int32
+    public var stdout: String
+    public var stderr: String
+
+    /// Runs `arguments` (argv[0] is a path) with `environment` added to the current one.
+    public static func run(_ arguments: [String], environment: [String: String] = [:], stdin: String? = nil) -> Subprocess {
+        var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0], inPipe: [Int32] = [0, 0]
+        pipe(&outPipe); pipe(&errPipe); pipe(&inPipe)
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        posix_spawn_file_actions_adddup2(&actions, inPipe[0], 0)
+        posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
+        posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+        for fd in inPipe + outPipe + errPipe { posix_spawn_file_actions_addclose(&actions, fd) }
+
+        var env = [String: String]()
+        var e = environ
+        while let entry = e.pointee {
+            let s = String(cString: entry)
+            if let eq = s.firstIndex(of: "=") { env[String(s[..<eq])] = String(s[s.index(after: eq)...]) }
+            e += 1
+        }
+        env.merge(environment) { $1 }
+        let envStrings = env.map { "\($0.key)=\($0.value)" }
+
+        var pid = pid_t()
+        let cArgs = arguments.map { strdup($0) } + [nil]
+        let cEnv = envStrings.map { strdup($0) } + [nil]
+        let spawned = posix_spawn(&pid, arguments[0], &actions, nil, cArgs, cEnv)
+        cArgs.forEach { free($0) }
+        cEnv.forEach { free($0) }
+        posix_spawn_file_actions_destroy(&actions)
+        close(inPipe[0]); close(outPipe[1]); close(errPipe[1])
+        guard spawned == 0 else {
+            close(inPipe[1]); close(outPipe[0]); close(errPipe[0])
+            return Subprocess(status: 127, stdout: "", stderr: "cannot spawn \(arguments[0]): errno \(spawned)")
+        }
+        if let stdin {
+            var s = stdin
+            s.withUTF8 { b in _ = Glibc.write(inPipe[1], b.baseAddress, b.count) }
+        }
+        close(inPipe[1])
+
+        // Read both pipes without deadlocking on a full one.
+        var out: [UInt8] = [], err: [UInt8] = []
+        var fds = [pollfd(fd: outPipe[0], events: Int16(POLLIN), revents: 0), pollfd(fd: errPipe[0], events: Int16(POLLIN), revents: 0)]
+        var open = 2
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while open > 0 {
+            _ = poll(&fds, 2, -1)
+            for i in 0..<2 where fds[i].fd >= 0 && fds[i].revents != 0 {
+                let n = buffer.withUnsafeMutableBytes { read(fds[i].fd, $0.baseAddress, $0.count) }
+                if n > 0 {
+                    if i == 0 { out += buffer[0..<n] } else { err += buffer[0..<n] }
+                } else {
+                    close(fds[i].fd)
+                    fds[i].fd = -1
+                    open -= 1
+                }
+            }
+        }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let code: Int32 = (status & 0x7F) == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
+        return Subprocess(status: code, stdout: String(decoding: out, as: UTF8.self), stderr: String(decoding: err, as: UTF8.self))
+    }
+}
