@@ -46,13 +46,21 @@ struct Boot: ParsableCommand {
 
     func validate() throws {
         if noInitrd && initrd != nil { throw ValidationError("--initrd and --no-initrd contradict each other") }
+        for argument in command where argument.contains(where: { $0 == "\"" || $0.isNewline }) {
+            throw ValidationError("guest command arguments cannot contain double quotes or newlines (the kernel command line cannot carry them): \(argument)")
+        }
+    }
+
+    /// The kernel command line: the base line, then ` -- ` and the init arguments, each
+    /// double-quoted when it holds spaces (the kernel's parser strips the quotes).
+    static func kernelCommandLine(base: String, command: [String]) -> String {
+        guard !command.isEmpty else { return base }
+        let quoted = command.map { $0.isEmpty || $0.contains(where: \.isWhitespace) ? "\"\($0)\"" : $0 }
+        return base + " -- " + quoted.joined(separator: " ")
     }
 
     func run() throws {
-        var commandLine = cmdline
-        if !command.isEmpty {
-            commandLine += " -- " + command.joined(separator: " ")
-        }
+        let commandLine = Self.kernelCommandLine(base: cmdline, command: command)
         let initrdPath: String? = noInitrd ? nil : (initrd ?? defaultInitrd())
         var config = MachineConfig(
             kernelPath: kernel ?? GuestAssets.defaultKernel(), initrdPath: initrdPath, commandLine: commandLine,

@@ -76,6 +76,7 @@ extension PortIODevice {
 
     @Test func receivedBytesRaiseDataReady() {
         let uart = self.uart
+        uart.out(4, 0x0B)                     // DTR | RTS | OUT2: the port is open
         uart.out(1, 0x01)                     // ERBFI
         uart.receive(Array("ab".utf8))
         #expect(line.asserted)
@@ -87,9 +88,29 @@ extension PortIODevice {
         #expect(!line.asserted)
     }
 
+    @Test func inputWaitsUntilTheGuestListens() {
+        let uart = self.uart
+        uart.receive(Array("early".utf8))
+        // Boot-time console set-up and probing (as Linux does them): DTR, the IER scratch test,
+        // the loopback test, FIFO resets, RBR reads.
+        uart.out(4, 0x01)
+        uart.out(1, 0x0F); uart.out(1, 0x00)
+        uart.out(4, 0x1A); uart.out(4, 0x01)
+        uart.out(2, 0x07)
+        #expect(uart.inb(5) & 0x01 == 0)
+        _ = uart.inb(0)
+        // The port is opened: OUT2 on (interrupt output), then receive interrupts on.
+        uart.out(4, 0x09)
+        #expect(!line.asserted)
+        uart.out(1, 0x05)
+        #expect(line.asserted)
+        #expect((0..<5).map { _ in uart.inb(0) } == Array("early".utf8))
+    }
+
     @Test func loopbackDivertsTransmitToReceive() {
         let uart = self.uart
         uart.out(4, 0x10)
+        uart.out(1, 0x01)
         uart.out(0, 0x55)
         #expect(sink.text.isEmpty)
         #expect(uart.inb(0) == 0x55)
@@ -97,7 +118,7 @@ extension PortIODevice {
 
     @Test func stateRoundTrips() {
         let uart = self.uart
-        uart.out(3, 0x80); uart.out(0, 0x03); uart.out(3, 0x1B); uart.out(7, 0x42); uart.out(1, 0x01)
+        uart.out(3, 0x80); uart.out(0, 0x03); uart.out(3, 0x1B); uart.out(7, 0x42); uart.out(4, 0x0B); uart.out(1, 0x01)
         uart.receive([1, 2, 3])
         _ = uart.inb(0)
         let saved = uart.state

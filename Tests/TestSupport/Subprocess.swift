@@ -6,8 +6,10 @@ public struct Subprocess: Sendable {
     public var stdout: String
     public var stderr: String
 
-    /// Runs `arguments` (argv[0] is a path) with `environment` added to the current one.
-    public static func run(_ arguments: [String], environment: [String: String] = [:], stdin: String? = nil) -> Subprocess {
+    /// Runs `arguments` (argv[0] is a path) with `environment` added to the current one. After
+    /// `timeout` seconds the process is killed (status 137, and stderr says so).
+    public static func run(_ arguments: [String], environment: [String: String] = [:], stdin: String? = nil,
+                           timeout: Double? = nil) -> Subprocess {
         var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0], inPipe: [Int32] = [0, 0]
         pipe(&outPipe); pipe(&errPipe); pipe(&inPipe)
         var actions = posix_spawn_file_actions_t()
@@ -50,8 +52,20 @@ public struct Subprocess: Sendable {
         var fds = [pollfd(fd: outPipe[0], events: Int16(POLLIN), revents: 0), pollfd(fd: errPipe[0], events: Int16(POLLIN), revents: 0)]
         var open = 2
         var buffer = [UInt8](repeating: 0, count: 65536)
+        var timedOut = false
+        let deadline = timeout.map { now() + $0 }
         while open > 0 {
-            _ = poll(&fds, 2, -1)
+            var wait: Int32 = -1
+            if let deadline {
+                let left = deadline - now()
+                if left <= 0 {
+                    if !timedOut { kill(pid, SIGKILL); timedOut = true }
+                    wait = 1000
+                } else {
+                    wait = Int32(left * 1000) + 1
+                }
+            }
+            _ = poll(&fds, 2, wait)
             for i in 0..<2 where fds[i].fd >= 0 && fds[i].revents != 0 {
                 let n = buffer.withUnsafeMutableBytes { read(fds[i].fd, $0.baseAddress, $0.count) }
                 if n > 0 {
@@ -66,6 +80,13 @@ public struct Subprocess: Sendable {
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         let code: Int32 = (status & 0x7F) == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
+        if timedOut { err += Array("\n[killed after \(timeout!) s]\n".utf8) }
         return Subprocess(status: code, stdout: String(decoding: out, as: UTF8.self), stderr: String(decoding: err, as: UTF8.self))
+    }
+
+    static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 }

@@ -19,7 +19,7 @@ extension Serial8250 {
             SerialState(divisorLow: r.divisorLow, divisorHigh: r.divisorHigh, interruptEnable: r.interruptEnable,
                         fifoControl: r.fifoControl, lineControl: r.lineControl, modemControl: r.modemControl,
                         scratch: r.scratch, transmitEmptyPending: r.transmitEmptyPending,
-                        pendingInput: Array(r.receive[r.receiveHead...]), lineAsserted: r.lineAsserted)
+                        pendingInput: Array(r.receive[r.receiveHead...]) + r.backlog, lineAsserted: r.lineAsserted)
         }
     }
 
@@ -28,8 +28,9 @@ extension Serial8250 {
         registers.withLock { r in
             r = Registers(divisorLow: s.divisorLow, divisorHigh: s.divisorHigh, interruptEnable: s.interruptEnable,
                           fifoControl: s.fifoControl, lineControl: s.lineControl, modemControl: s.modemControl,
-                          scratch: s.scratch, transmitEmptyPending: s.transmitEmptyPending, receive: s.pendingInput,
-                          receiveHead: 0, lineAsserted: s.lineAsserted)
+                          scratch: s.scratch, transmitEmptyPending: s.transmitEmptyPending, receive: [],
+                          receiveHead: 0, lineAsserted: s.lineAsserted, backlog: s.pendingInput)
+            r.admitBacklog()
         }
     }
 }

@@ -4,8 +4,11 @@ import Synchronization
 /// scratch register, modem-control loopback, receive and transmit-empty interrupts.
 ///
 /// Transmission is instantaneous: a byte written to THR goes straight to `output`, so the
-/// transmitter is always empty. Received bytes wait in an unbounded host-side queue that the
-/// guest reads through RBR.
+/// transmitter is always empty. Input from the host waits in a backlog until the guest can take
+/// it: the port's interrupt output enabled (MCR OUT2, which a PC's UART needs to reach the
+/// interrupt controller and which Linux sets only when it opens the port) and the receive
+/// interrupt on. So the driver's probing and start-up (IER scratch test, FIFO resets, RBR reads)
+/// cannot eat early input. Then it moves to the receive queue the guest reads through RBR.
 public final class Serial8250: PortIODevice {
     // Register offsets.
     static let data = 0, interruptEnable = 1, interruptIdentification = 2, lineControl = 3
@@ -21,6 +24,7 @@ public final class Serial8250: PortIODevice {
     static let iirFIFOEnabled: UInt8 = 0xC0
     // LCR, MCR, LSR, MSR bits.
     static let lcrDivisorLatch: UInt8 = 0x80
+    static let mcrInterruptOutput: UInt8 = 0x08 // OUT2
     static let mcrLoopback: UInt8 = 0x10
     static let lsrDataReady: UInt8 = 0x01
     static let lsrTransmitEmpty: UInt8 = 0x20 | 0x40 // THRE | TEMT
@@ -38,8 +42,18 @@ public final class Serial8250: PortIODevice {
         var receive: [UInt8] = []
         var receiveHead = 0
         var lineAsserted = false
+        /// Host input the guest is not listening for yet.
+        var backlog: [UInt8] = []
 
         var hasReceivedData: Bool { receiveHead < receive.count }
+
+        /// Hands the backlog to the guest once it listens: OUT2 up, receive interrupt on, no loopback.
+        mutating func admitBacklog() {
+            guard !backlog.isEmpty, interruptEnable & Serial8250.ierReceivedData != 0,
+                  modemControl & Serial8250.mcrInterruptOutput != 0, modemControl & Serial8250.mcrLoopback == 0 else { return }
+            receive.append(contentsOf: backlog)
+            backlog.removeAll()
+        }
     }
 
     let registers = Mutex(Registers())
@@ -54,7 +68,8 @@ public final class Serial8250: PortIODevice {
     /// Queues bytes typed by the user for the guest to read.
     public func receive(_ bytes: some Sequence<UInt8>) {
         let level = registers.withLock { r -> Bool? in
-            r.receive.append(contentsOf: bytes)
+            r.backlog.append(contentsOf: bytes)
+            r.admitBacklog()
             return Self.updateLine(&r)
         }
         if let level { interrupt.setLevel(level) }
@@ -159,6 +174,7 @@ public final class Serial8250: PortIODevice {
             let enablingTransmit = value & ierTransmitEmpty != 0 && r.interruptEnable & ierTransmitEmpty == 0
             r.interruptEnable = value & 0x0F
             if enablingTransmit { r.transmitEmptyPending = true }
+            r.admitBacklog()
         case interruptIdentification:
             r.fifoControl = value
             if value & 0x02 != 0 { // clear receive FIFO
@@ -169,6 +185,7 @@ public final class Serial8250: PortIODevice {
             r.lineControl = value
         case modemControl:
             r.modemControl = value & 0x1F
+            r.admitBacklog()
         case scratch:
             r.scratch = value
         default:

@@ -1,1 +1,144 @@
-print("todo")
+import CLinux
+import Glibc
+
+// swiftlet-bench boot: boots the same kernel and initramfs with `swiftlet boot` and with
+// `qemu-system-x86_64 -M microvm` alternately, and prints JSON with p50/p90 of process start to
+// boot marker and to exit, the ratio, VMM CPU time, exits to userspace and memory overhead.
+//
+// Usage: swiftlet-bench boot --swiftlet PATH --kernel VMLINUX --initrd CPIO [--runs N] [--memory MiB] [--qemu PATH]
+
+struct Options {
+    var swiftlet = "/usr/local/bin/swiftlet"
+    var qemu = "/usr/bin/qemu-system-x86_64"
+    var kernel = ""
+    var initrd = ""
+    var runs = 30
+    var costRuns = 5
+    var memoryMiB = 256
+}
+
+func parse() -> Options {
+    var o = Options()
+    var args = CommandLine.arguments.dropFirst()
+    guard args.first == "boot" else { fatal("usage: swiftlet-bench boot --kernel VMLINUX --initrd CPIO [--runs N] [--swiftlet PATH] [--qemu PATH] [--memory MiB]") }
+    args = args.dropFirst()
+    while let flag = args.popFirst() {
+        guard let value = args.popFirst() else { fatal("\(flag) needs a value") }
+        switch flag {
+        case "--swiftlet": o.swiftlet = value
+        case "--qemu": o.qemu = value
+        case "--kernel": o.kernel = value
+        case "--initrd": o.initrd = value
+        case "--runs": o.runs = Int(value) ?? 30
+        case "--cost-runs": o.costRuns = Int(value) ?? 5
+        case "--memory": o.memoryMiB = Int(value) ?? 256
+        default: fatal("unknown flag \(flag)")
+        }
+    }
+    guard !o.kernel.isEmpty, !o.initrd.isEmpty else { fatal("--kernel and --initrd are required") }
+    return o
+}
+
+let options = parse()
+let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
+
+/// The two contenders. Both boot the same vmlinux (QEMU through its PVH entry) and initramfs with
+/// the same command line; the guest's init writes the marker and reboots, which ends both.
+struct VMM {
+    let name: String
+    let arguments: [String]
+    let marker: [UInt8]
+}
+
+let swiftlet = VMM(name: "swiftlet", arguments: [
+    options.swiftlet, "boot", "--kernel", options.kernel, "--initrd", options.initrd, "--memory", String(options.memoryMiB),
+    "--cpus", "1", "--cmdline", cmdline, "--boot-timing",
+], marker: Array("boot marker after".utf8))
+
+// QEMU's microvm tuned for a fast boot: no option ROMs, RTC, ACPI or default devices; the same
+// 16550 console; isa-debugcon on port 0x3f0 turns the guest's marker write into a byte on stderr.
+let qemu = VMM(name: "qemu-microvm", arguments: [
+    options.qemu, "-M", "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on", "-enable-kvm", "-cpu", "host",
+    "-m", String(options.memoryMiB), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+    "-serial", "stdio", "-chardev", "file,id=marker,path=/dev/stderr", "-device", "isa-debugcon,iobase=0x3f0,chardev=marker",
+    "-kernel", options.kernel, "-initrd", options.initrd, "-append", cmdline,
+], marker: [123])
+
+var samples: [String: [Observation]] = [:]
+for i in 0..<options.runs {
+    for vmm in (i % 2 == 0 ? [swiftlet, qemu] : [qemu, swiftlet]) {
+        let o = observe(vmm.arguments, marker: vmm.marker, guestMemoryBytes: options.memoryMiB << 20)
+        guard o.status == 0, o.markerMs != nil else {
+            fatal("\(vmm.name) run \(i) failed (status \(o.status), marker \(o.markerMs != nil)):\n\(o.stdout)\n\(o.stderr)")
+        }
+        samples[vmm.name, default: []].append(o)
+    }
+}
+
+var exits: [String: [Int]] = [:]
+if let trace = ExitTrace() {
+    for _ in 0..<options.costRuns {
+        for vmm in [swiftlet, qemu] {
+            let n = trace.count { _ = observe(vmm.arguments, marker: vmm.marker, guestMemoryBytes: options.memoryMiB << 20) }
+            exits[vmm.name, default: []].append(n)
+        }
+    }
+}
+
+func percentile(_ values: [Double], _ p: Double) -> Double {
+    let sorted = values.sorted()
+    guard !sorted.isEmpty else { return 0 }
+    let rank = p / 100 * Double(sorted.count - 1)
+    let low = Int(rank), high = min(low + 1, sorted.count - 1)
+    return sorted[low] + (sorted[high] - sorted[low]) * (rank - Double(low))
+}
+
+func num(_ v: Double) -> String {
+    let scaled = (v * 100).rounded() / 100
+    return String(scaled)
+}
+
+func stats(_ values: [Double]) -> String {
+    "{\"p50\": \(num(percentile(values, 50))), \"p90\": \(num(percentile(values, 90))), \"min\": \(num(values.min() ?? 0)), \"max\": \(num(values.max() ?? 0))}"
+}
+
+@MainActor func summary(_ name: String) -> String {
+    let o = samples[name]!
+    let overhead = o.compactMap { s -> Double? in
+        guard let total = s.rssAtMarkerKiB, let guest = s.guestRSSAtMarkerKiB else { return nil }
+        return Double(total - guest) / 1024
+    }
+    let exitCounts = exits[name].map { $0.map(Double.init) } ?? []
+    return """
+        {
+            "runs": \(o.count),
+            "marker_ms": \(stats(o.map { $0.markerMs! })),
+            "exit_ms": \(stats(o.map(\.exitMs))),
+            "vmm_cpu_ms": \(stats(o.map(\.vmmCPUMs))),
+            "peak_rss_mib": \(stats(o.map { Double($0.peakRSSKiB) / 1024 })),
+            "vmm_overhead_mib_at_marker": \(stats(overhead)),
+            "exits_to_userspace": \(exitCounts.isEmpty ? "null" : stats(exitCounts))
+          }
+        """
+}
+
+let s50 = percentile(samples["swiftlet"]!.map { $0.markerMs! }, 50)
+let q50 = percentile(samples["qemu-microvm"]!.map { $0.markerMs! }, 50)
+let se50 = percentile(samples["swiftlet"]!.map(\.exitMs), 50)
+let qe50 = percentile(samples["qemu-microvm"]!.map(\.exitMs), 50)
+var uts = utsname()
+uname(&uts)
+let release = withUnsafeBytes(of: uts.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+print("""
+    {
+      "benchmark": "boot",
+      "host_kernel": "\(release)",
+      "guest_memory_mib": \(options.memoryMiB),
+      "cmdline": "\(cmdline)",
+      "qemu_arguments": "\(qemu.arguments.dropFirst().joined(separator: " "))",
+      "swiftlet": \(summary("swiftlet")),
+      "qemu": \(summary("qemu-microvm")),
+      "ratio_marker_p50": \(String((s50 / q50 * 1000).rounded() / 1000)),
+      "ratio_exit_p50": \(String((se50 / qe50 * 1000).rounded() / 1000))
+    }
+    """)

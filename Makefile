@@ -1,0 +1,52 @@
+# Swiftlet: `make demo` boots a VM, `make test` runs every test, `make bench` measures.
+# Caches (guest kernel, initramfs, nested test host) live in $(SWIFTLET_CACHE), outside the clone.
+SHELL := /bin/bash
+SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
+DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
+
+.PHONY: all setup kernel initramfs build build-tests demo test unit-test test-nested bench bench-boot clean
+
+all: build
+
+setup:
+	@scripts/setup
+
+kernel: setup
+	@scripts/build-kernel >/dev/null
+
+initramfs: setup
+	@scripts/build-initramfs >/dev/null
+
+# The CLI, as one static executable: .build/release/swiftlet
+build: setup
+	swift build $(SWIFTPM_STATIC) --product swiftlet
+
+build-tests: setup
+	swift build --build-tests
+
+# Boots the demo guest and runs DEMO_COMMAND in it (inside the nested test host when /dev/kvm is PVM).
+demo: kernel initramfs build
+	@if [ -e /sys/module/kvm_pvm ]; then \
+	  echo "==> /dev/kvm here is PVM: booting inside the nested test host (scripts/nested-run)"; \
+	  scripts/nested-run -- swiftlet boot --boot-timing -- $(DEMO_COMMAND); \
+	else \
+	  .build/release/swiftlet boot --boot-timing -- $(DEMO_COMMAND); \
+	fi
+
+# Every test: unit tests on this host, then the Linux-guest integration suite.
+test: unit-test test-nested
+
+unit-test: kernel initramfs build-tests
+	swift test --skip-build
+
+test-nested: kernel initramfs build build-tests
+	@scripts/test-nested
+
+bench: bench-boot
+
+bench-boot: kernel initramfs build
+	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
+	@scripts/bench-boot
+
+clean:
+	rm -rf .build .build-*

@@ -1,0 +1,104 @@
+import Glibc
+import Testing
+import TestSupport
+
+/// The `swiftlet` executable's behaviour on bad input: one line on stderr, a non-zero status.
+@Suite struct CLITests {
+    let swiftlet = TestHost.swiftletBinary
+    let tiny = TemporaryDirectory()
+
+    func run(_ arguments: [String], environment: [String: String] = [:]) -> Subprocess {
+        Subprocess.run([swiftlet] + arguments, environment: environment)
+    }
+
+    /// A freestanding guest (not Linux) that prints, signals the marker and resets.
+    var tinyKernel: String { tiny.write("tiny.elf", TinyGuest.elf(code: TinyGuest.hello("tiny guest\n", ending: TinyGuest.i8042Reset))) }
+
+    func expectOneLineError(_ r: Subprocess, contains text: String, status: Int32 = 1, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(r.status == status, "status \(r.status): \(r.stderr)", sourceLocation: sourceLocation)
+        #expect(r.stderr.contains(text), "stderr: \(r.stderr)", sourceLocation: sourceLocation)
+        let lines = r.stderr.split(separator: "\n").filter { !$0.isEmpty && !$0.hasPrefix("Usage:") && !$0.hasPrefix("  See") }
+        #expect(lines.count == 1, "expected one line, got: \(r.stderr)", sourceLocation: sourceLocation)
+    }
+
+    @Test func zeroAndExcessiveValuesAreRejected() {
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--cpus", "0"]), contains: "--cpus must be at least 1")
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--memory", "0"]), contains: "--memory must be at least 32 MiB")
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--cpus", "100000"]), contains: "--cpus 100000 is more than")
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--memory", "99999999"]), contains: "--memory 99999999 MiB is more than")
+    }
+
+    @Test func badKernelFiles() {
+        expectOneLineError(run(["boot", "--kernel", tiny.path + "/nope"]), contains: "cannot open kernel")
+        let junk = tiny.write("junk", Array(repeating: 0x5A, count: 8192))
+        expectOneLineError(run(["boot", "--kernel", junk]), contains: "neither an ELF vmlinux nor a bzImage")
+        let truncated = tiny.write("truncated.elf", Array(TinyGuest.elf(code: Array(repeating: 0x90, count: 512)).prefix(300)))
+        expectOneLineError(run(["boot", "--kernel", truncated]), contains: "truncated")
+    }
+
+    @Test func initrdThatDoesNotFit() {
+        let initrd = tiny.sparse("big.cpio", size: 64 << 20)
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--initrd", initrd, "--memory", "48"]), contains: "does not fit in guest memory")
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--initrd", tiny.path + "/missing.cpio"]), contains: "cannot open initrd")
+    }
+
+    @Test func contradictoryFlagsAreUsageErrors() {
+        let r = run(["boot", "--kernel", tinyKernel, "--initrd", "x", "--no-initrd"])
+        #expect(r.status == 64)
+        #expect(r.stderr.contains("contradict"))
+        let quoted = run(["boot", "--kernel", tinyKernel, "--", "echo", "a\"b"])
+        #expect(quoted.status == 64)
+        #expect(quoted.stderr.contains("double quotes"))
+        #expect(run(["boot", "--cpus", "two"]).status == 64)
+    }
+
+    @Test func missingKVMDevice() {
+        expectOneLineError(run(["boot", "--kernel", tinyKernel], environment: ["SWIFTLET_KVM_DEVICE": "/nonexistent/kvm"]),
+                           contains: "/nonexistent/kvm does not exist")
+    }
+
+    @Test(.enabled(if: TestHost.isRoot && access("/usr/bin/setpriv", X_OK) == 0 && TestHost.hasKVM, "needs root, setpriv and /dev/kvm"))
+    func unreadableKVMDeviceSuggestsTheKVMGroup() {
+        // As an unprivileged user (nobody), /dev/kvm (mode 0600 root, or 0660 root:kvm) is not accessible.
+        let r = Subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", swiftlet, "boot", "--kernel", "/dev/null"])
+        expectOneLineError(r, contains: "add your user to the kvm group")
+    }
+
+    @Test(.enabled(if: TestHost.hasKVM, "needs /dev/kvm"))
+    func tinyGuestBootsThroughTheCLI() {
+        let r = run(["boot", "--kernel", tinyKernel, "--no-initrd", "--boot-timing"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout == "tiny guest\n")
+        #expect(r.stderr.contains("boot marker after"))
+        #expect(r.stderr.contains("exits to userspace"))
+        #expect(r.stderr.contains("VMM overhead"))
+    }
+
+    @Test(.enabled(if: TestHost.hasKVM && TestHost.isPVM, "only PVM-backed /dev/kvm refuses Linux kernels"))
+    func linuxKernelOnPVMExitsAtOnceNamingPVM() {
+        let linux = tiny.write("linux.elf", TinyGuest.elf(code: TinyGuest.spin, linuxNote: true))
+        let start = MonotonicNow()
+        let r = run(["boot", "--kernel", linux, "--no-initrd"])
+        expectOneLineError(r, contains: "PVM")
+        #expect(r.stderr.contains("hardware KVM") && r.stderr.contains("PVM-enabled guest kernel"))
+        #expect(MonotonicNow() - start < 5, "must not hang")
+    }
+
+    @Test func kernelPathPointsAtTheCache() {
+        let dir = TemporaryDirectory()
+        let r = run(["kernel", "path"], environment: ["SWIFTLET_CACHE": dir.path])
+        expectOneLineError(r, contains: "make kernel")
+        _ = Subprocess.run(["/bin/mkdir", "-p", dir.path + "/kernel/abc"])
+        dir.write("kernel/abc/vmlinux", [0x7F])
+        _ = Subprocess.run(["/bin/ln", "-s", "abc", dir.path + "/kernel/default"])
+        let found = run(["kernel", "path"], environment: ["SWIFTLET_CACHE": dir.path])
+        #expect(found.status == 0)
+        #expect(found.stdout == dir.path + "/kernel/abc/vmlinux\n")
+    }
+}
+
+func MonotonicNow() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
