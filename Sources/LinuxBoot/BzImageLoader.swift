@@ -60,10 +60,8 @@ public enum BzImageLoader {
         guard memory.contains(load, length: end - load.rawValue) else {
             throw SwiftletError(.outOfBounds, "bzImage \(path) needs \((end + (1 << 20) - 1) >> 20) MiB of low guest memory to decompress: raise --memory")
         }
-        let result = try memory.withBuffer(at: load, count: Int(payloadSize)) { buffer throws(SwiftletError) in
-            try file.read(into: buffer, at: UInt64(header.payloadOffset), what: "kernel \(path)")
-        }
-        try result.get()
+        try FileLoader.place(file: file, offset: UInt64(header.payloadOffset), length: payloadSize, at: load,
+                             memory: memory, what: "kernel \(path)")
         return LoadedKernel(format: .bzImage, entry: load + 0x200, start: load.rawValue, end: end, setupHeader: header.bytes,
                             isLinux: true, commandLineLimit: UInt64(max(header.commandLineSize, 255)) + 1,
                             initrdAddressMax: UInt64(header.initrdAddressMax))

@@ -106,10 +106,8 @@ public enum ELFLoader {
             guard memory.contains(start, length: segment.memorySize) else {
                 throw SwiftletError(.outOfBounds, "kernel segment at \(start) (\(segment.memorySize >> 10) KiB) does not fit in guest memory: raise --memory")
             }
-            let result = try memory.withBuffer(at: start, count: Int(segment.fileSize)) { buffer throws(SwiftletError) in
-                try file.read(into: buffer, at: segment.fileOffset, what: "kernel \(path)")
-            }
-            try result.get()
+            try FileLoader.place(file: file, offset: segment.fileOffset, length: segment.fileSize, at: start,
+                                 memory: memory, what: "kernel \(path)")
             try memory.fill(zero: segment.memorySize - segment.fileSize, at: start + segment.fileSize)
         }
         let start = image.segments.map(\.physicalAddress).min()!

@@ -118,10 +118,7 @@ public enum LinuxBootLoader {
             throw SwiftletError(.outOfBounds, "initrd \(path) (\((size + (1 << 20) - 1) >> 20) MiB) does not fit in guest memory above the kernel: use --memory \(max(needMiB + 16, 64)) or more")
         }
         let address = GuestAddress((ceiling - size) & ~0xFFF)
-        let result = try memory.withBuffer(at: address, count: Int(size)) { buffer throws(SwiftletError) in
-            try file.read(into: buffer, at: 0, what: "initrd \(path)")
-        }
-        try result.get()
+        try FileLoader.place(file: file, offset: 0, length: size, at: address, memory: memory, what: "initrd \(path)")
         return (address, size)
     }
 }

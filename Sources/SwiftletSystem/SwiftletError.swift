@@ -34,7 +34,7 @@ public struct SwiftletError: Error, CustomStringConvertible, Sendable, Equatable
     }
 
     public var description: String {
-        guard let cause else { return message }
+        guard let cause, !message.contains(cause.description) else { return message }
         return "\(message) (\(cause.description))"
     }
 

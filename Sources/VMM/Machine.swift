@@ -23,6 +23,8 @@ public struct MachineRunReport: Sendable {
     public var peakResidentBytes: Int
     /// I/O port accesses by port, when tracing was asked for (SWIFTLET_TRACE_IO=1).
     public var portTrace: [UInt16: Int]
+    /// When each set-up phase ended (CLOCK_MONOTONIC ns), in order: where the set-up time goes.
+    public var phases: [(name: String, end: UInt64)]
 
     /// Peak RSS minus guest memory: what the VMM itself costs.
     public var vmmOverheadBytes: Int { max(0, peakResidentBytes - guestMemoryResidentBytes) }
@@ -72,6 +74,7 @@ public final class Machine: Sendable {
     /// Boots the machine and blocks the calling thread until it stops.
     public func runBlocking(onBootMarker: (@Sendable (UInt64) -> Void)? = nil) throws(SwiftletError) -> MachineRunReport {
         try config.validate()
+        var phases: [(name: String, end: UInt64)] = [("start", MonotonicClock.now)]
         let kvm = try KVMSystem(path: config.kvmPath)
         try kvm.require([
             (KVM_CAP_IRQCHIP, "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)"),
@@ -82,16 +85,19 @@ public final class Machine: Sendable {
         let hostMemory = UInt64(sysconf(Int32(_SC_PHYS_PAGES))) * UInt64(sysconf(Int32(_SC_PAGESIZE)))
         try config.validate(maxVCPUs: min(kvm.maxVCPUs, MachineConfig.maximumCPUs), hostMemoryBytes: hostMemory)
 
+        phases.append(("kvm", MonotonicClock.now))
         let vm = try kvm.createVirtualMachine()
         try vm.setTSSAddress(X86Layout.vmxTSS)
         try? vm.setIdentityMapAddress(X86Layout.vmxIdentityMap) // Intel only; harmless to skip elsewhere
         try vm.createInterruptController()
 
+        phases.append(("vm", MonotonicClock.now))
         let memory = try GuestMemory(anonymous: X86Layout.ramRanges(bytes: UInt64(config.memoryMiB) << 20))
         for (slot, region) in memory.regions.enumerated() {
             try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.start.rawValue, size: region.size, host: region.hostAddress)
         }
 
+        phases.append(("memory", MonotonicClock.now))
         let acpi = ACPIConfiguration(cpuCount: config.cpuCount, sleepControlPort: Ports.sleepControl, pvpanicPort: Ports.pvpanic)
         let plan = try LinuxBootLoader.prepare(
             LinuxBootConfiguration(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
@@ -101,6 +107,7 @@ public final class Machine: Sendable {
             throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: config.kvmPath))
         }
 
+        phases.append(("load", MonotonicClock.now))
         let controller = try MachineController()
         let console = ConsoleOutput(fd: config.consoleOutput)
         let bus = Self.makeBus(vm: vm, console: console, controller: controller, onBootMarker: onBootMarker)
@@ -117,6 +124,7 @@ public final class Machine: Sendable {
             controller.attach(vcpu, thread: nil)
         }
 
+        phases.append(("vcpus", MonotonicClock.now))
         let tracePorts = getenv("SWIFTLET_TRACE_IO") != nil
         let traces = Mutex<[UInt16: Int]>([:])
         let firstRun = MonotonicClock.now
@@ -141,7 +149,7 @@ public final class Machine: Sendable {
             processStart: MonotonicClock.processStart, firstRun: firstRun, bootMarker: controller.markerTime,
             end: MonotonicClock.now, exitsToUserspace: vcpus.reduce(0) { $0 + $1.exitCount },
             guestMemoryResidentBytes: memory.residentBytes, peakResidentBytes: Self.peakResidentBytes(),
-            portTrace: traces.withLock { $0 })
+            portTrace: traces.withLock { $0 }, phases: phases)
     }
 
     static func pvmMessage(kvmPath: String) -> String {

@@ -99,6 +99,12 @@ struct Boot: ParsableCommand {
         let total = MonotonicClock.milliseconds(from: r.processStart, to: r.end)
         let setup = MonotonicClock.milliseconds(from: r.processStart, to: r.firstRun)
         printError("\(r.exit) after \(format(total)) ms (VMM set-up \(format(setup)) ms); \(r.exitsToUserspace) exits to userspace")
+        var previous = r.processStart
+        let steps = r.phases.map { phase -> String in
+            defer { previous = phase.end }
+            return "\(phase.name == "start" ? "runtime" : phase.name) \(format(MonotonicClock.milliseconds(from: previous, to: phase.end), digits: 2))"
+        }
+        printError("set-up (ms): " + steps.joined(separator: ", ") + ", threads \(format(MonotonicClock.milliseconds(from: previous, to: r.firstRun), digits: 2))")
         printError("memory: peak RSS \(r.peakResidentBytes >> 10) KiB, guest memory touched \(r.guestMemoryResidentBytes >> 10) KiB, VMM overhead \(r.vmmOverheadBytes >> 10) KiB")
         if !r.portTrace.isEmpty {
             let top = r.portTrace.sorted { $0.value > $1.value }.prefix(12)

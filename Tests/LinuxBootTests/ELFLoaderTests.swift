@@ -61,6 +61,28 @@ import TestSupport
         #expect(try memory.read(count: 24, at: GuestAddress(0x100000)) == [1, 2, 3, 4] + Array(repeating: 0, count: 16) + [0xAA, 0xAA, 0xAA, 0xAA])
     }
 
+    @Test func pageAlignedSegmentsAreMappedAndStayPrivate() throws {
+        // Code at file offset 0x1000 for physical 0x200000: the interior pages are mapped, the
+        // partial last page copied, the bss zeroed.
+        let code = (0..<(2 * 4096 + 300)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
+        var elf = TinyGuest.elf(code: [], address: 0x200000, bssSize: 0)
+        let phoff = 64
+        elf.replaceSubrange((phoff + 8)..<(phoff + 16), with: TinyGuest.le(0x1000, 8))           // p_offset
+        elf.replaceSubrange((phoff + 32)..<(phoff + 40), with: TinyGuest.le(UInt64(code.count), 8)) // p_filesz
+        elf.replaceSubrange((phoff + 40)..<(phoff + 48), with: TinyGuest.le(UInt64(code.count) + 5000, 8)) // p_memsz
+        elf += Array(repeating: 0, count: 0x1000 - elf.count) + code + Array(repeating: 0xCC, count: 4096)
+        let dir = TemporaryDirectory()
+        let path = dir.write("aligned.elf", elf)
+        let memory = try GuestMemory(anonymous: [(GuestAddress(0), 8 << 20)])
+        let kernel = try KernelLoader.load(path: path, into: memory)
+        #expect(kernel.end == 0x200000 + UInt64(code.count) + 5000)
+        #expect(try memory.read(count: code.count, at: GuestAddress(0x200000)) == code)
+        #expect(try memory.read(count: 5000, at: GuestAddress(0x200000 + UInt64(code.count))).allSatisfy { $0 == 0 },
+                "bytes after the segment's file part (0xCC in the file) must read as bss zeros")
+        try memory.write(UInt32(0xFFFF_FFFF), at: GuestAddress(0x200000))
+        #expect(Subprocess.run(["/usr/bin/cmp", path, dir.write("copy.elf", elf)]).status == 0, "the file must not change")
+    }
+
     @Test func segmentOutsideMemoryIsAClearError() throws {
         let dir = TemporaryDirectory()
         let path = dir.write("guest.elf", TinyGuest.elf(code: [0xF4], address: 0x4000000))
