@@ -64,7 +64,8 @@ public final class GuestMemory: @unchecked Sendable {
             let mapping: MemoryMapping
             switch spec.backing {
             case .anonymous:
-                mapping = try MemoryMapping.anonymous(size: Int(spec.size))
+                // 2 MiB-aligned and THP-advised, so guest-physical 2 MiB pages line up with host ones.
+                mapping = try MemoryMapping.anonymous(size: Int(spec.size), alignment: Self.hugePageSize, transparentHugePages: true)
             case .file(let fd, let offset, let shared):
                 mapping = try MemoryMapping.file(fd: fd, size: Int(spec.size), offset: offset, writable: true, shared: shared)
             }
@@ -118,47 +119,17 @@ public final class GuestMemory: @unchecked Sendable {
         return Array(UnsafeRawBufferPointer(start: p, count: count))
     }
 
-    /// Zeroes `count` bytes at `address`. Whole pages are replaced by fresh anonymous memory
-    /// rather than written, so zeroing a large range touches (and costs) nothing.
+    /// Zeroes `count` bytes at `address`.
     public func fill(zero count: UInt64, at address: GuestAddress) throws(SwiftletError) {
         guard count > 0 else { return }
         let p = try hostPointer(address, length: count)
-        let start = address.rawValue, end = start + count
-        let firstPage = (start + Self.pageMask) & ~Self.pageMask, lastPage = end & ~Self.pageMask
-        guard firstPage < lastPage else {
-            // SAFETY: hostPointer checked the range.
-            p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
-            return
-        }
-        // SAFETY: the head and tail lie inside the checked range; the middle is whole pages of it.
-        p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(firstPage - start))
-        (p + Int(lastPage - start)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(end - lastPage))
-        let middle = p + Int(firstPage - start)
-        let fresh = mmap(middle, Int(lastPage - firstPage), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
-        if fresh == MAP_FAILED {
-            middle.initializeMemory(as: UInt8.self, repeating: 0, count: Int(lastPage - firstPage))
-        }
+        // SAFETY: hostPointer checked the range.
+        p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
     }
 
+    static let hugePageSize = 2 << 20
     static let pageSize: UInt64 = 4096
     static let pageMask: UInt64 = pageSize - 1
-
-    /// Places `length` bytes of file `descriptor` from `offset` at `address` as a private,
-    /// copy-on-write mapping: no bytes are copied now; the guest reads pages straight from the
-    /// page cache on first touch, and its writes never reach the file. `address` and `offset` must
-    /// be page-aligned; a partial last page reads as zeros past the end of the file.
-    /// Returns false (and changes nothing) when the file cannot be mapped, so callers can copy instead.
-    public func mapFile(descriptor: Int32, offset: UInt64, length: UInt64, at address: GuestAddress) throws(SwiftletError) -> Bool {
-        guard address.rawValue & Self.pageMask == 0, offset & Self.pageMask == 0, length > 0 else {
-            throw SwiftletError(.invalidArgument, "file mappings into guest memory must be page-aligned (\(address), offset \(offset))")
-        }
-        let rounded = (length + Self.pageMask) & ~Self.pageMask
-        let p = try hostPointer(address, length: rounded)
-        // SAFETY: [address, address + rounded) lies inside one region of our own mapping, so
-        // MAP_FIXED replaces only guest memory.
-        let mapped = mmap(p, Int(rounded), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, descriptor, off_t(offset))
-        return mapped != MAP_FAILED
-    }
 
     /// A writable view of `count` bytes at `address`, for loaders that fill memory from files.
     public func withBuffer<R, E: Error>(at address: GuestAddress, count: Int, _ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(SwiftletError) -> Result<R, E> {

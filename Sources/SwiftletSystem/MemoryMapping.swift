@@ -8,16 +8,28 @@ public struct MemoryMapping: ~Copyable, @unchecked Sendable {
     public let base: UnsafeMutableRawPointer
     public let size: Int
 
-    /// Maps `size` bytes of anonymous, private, zero-filled memory. `MAP_NORESERVE` keeps untouched
-    /// guest memory from counting against the host's commit limit.
-    public static func anonymous(size: Int, hugePages: Bool = false) throws(SwiftletError) -> MemoryMapping {
-        precondition(size > 0)
-        var flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
-        if hugePages { flags |= MAP_HUGETLB }
-        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, flags, -1, 0), p != MAP_FAILED else {
+    /// Maps `size` bytes of anonymous, private, zero-filled memory at an address aligned to
+    /// `alignment` (a power of two). `MAP_NORESERVE` keeps untouched guest memory from counting
+    /// against the host's commit limit. With `transparentHugePages`, the range is advised for
+    /// transparent huge pages: with 2 MiB alignment, KVM can then map guest memory with 2 MiB
+    /// pages (one fault and one TLB entry per 2 MiB instead of 512).
+    public static func anonymous(size: Int, alignment: Int = 4096, transparentHugePages: Bool = false) throws(SwiftletError) -> MemoryMapping {
+        precondition(size > 0 && alignment > 0 && alignment & (alignment - 1) == 0)
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+        let padded = size + (alignment > 4096 ? alignment : 0)
+        guard let raw = mmap(nil, padded, PROT_READ | PROT_WRITE, flags, -1, 0), raw != MAP_FAILED else {
             throw SwiftletError.system("cannot map \(size >> 20) MiB of memory", errno: currentErrno)
         }
-        return MemoryMapping(base: p, size: size)
+        // Trim the padding so the mapping starts on an `alignment` boundary.
+        let address = UInt(bitPattern: raw)
+        let aligned = (address + UInt(alignment) - 1) & ~(UInt(alignment) - 1)
+        let head = Int(aligned - address)
+        // SAFETY: [raw, raw + padded) is ours; head and tail are the unused ends of it.
+        if head > 0 { munmap(raw, head) }
+        if padded - head - size > 0 { munmap(raw + head + size, padded - head - size) }
+        let base = raw + head
+        if transparentHugePages { _ = madvise(base, size, MADV_HUGEPAGE) }
+        return MemoryMapping(base: base, size: size)
     }
 
     /// Maps `size` bytes of the file `fd` from `offset`. `shared: false` gives a copy-on-write

@@ -49,28 +49,4 @@ import Testing
         _ = pread(fd, &back, 4, 4096)
         #expect(back == [9, 8, 7, 6], "a private mapping must never write through to the file")
     }
-
-    @Test func mappedFilePagesAreCopyOnWriteAndZeroingReplacesThem() throws {
-        var template = Array("/tmp/swiftlet-map.XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        defer { close(fd); template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) } }
-        var content = (0..<(3 * 4096 + 100)).map { UInt8(truncatingIfNeeded: $0 * 7 + 1) }
-        _ = pwrite(fd, &content, content.count, 0)
-        let memory = try GuestMemory(anonymous: [(GuestAddress(0), 1 << 20)])
-        #expect(try memory.mapFile(descriptor: fd, offset: 0, length: UInt64(content.count), at: GuestAddress(0x10000)))
-        #expect(try memory.read(count: content.count, at: GuestAddress(0x10000)) == content)
-        // Past the end of the file, the last page reads as zeros.
-        #expect(try memory.read(count: 10, at: GuestAddress(0x10000 + UInt64(content.count))) == Array(repeating: 0, count: 10))
-        try memory.write(UInt8(0xEE), at: GuestAddress(0x10001))
-        var back: [UInt8] = [0]
-        _ = pread(fd, &back, 1, 1)
-        #expect(back == [content[1]])
-        // Zeroing whole mapped pages yields zeros, not the file's bytes.
-        try memory.fill(zero: 2 * 4096 + 10, at: GuestAddress(0x10000 + 4090))
-        #expect(try memory.read(count: 2 * 4096 + 10, at: GuestAddress(0x10000 + 4090)).allSatisfy { $0 == 0 })
-        #expect(try memory.read(UInt8.self, at: GuestAddress(0x10000 + 4089)) == content[4089])
-        #expect(try memory.read(UInt8.self, at: GuestAddress(0x10000 + 3 * 4096 + 4)) == content[3 * 4096 + 4])
-        #expect(throws: SwiftletError.self) { try memory.mapFile(descriptor: fd, offset: 1, length: 10, at: GuestAddress(0)) }
-        #expect(throws: SwiftletError.self) { try memory.mapFile(descriptor: fd, offset: 0, length: 4096, at: GuestAddress(1 << 20)) }
-    }
 }

@@ -65,7 +65,7 @@ struct BootIntegrationTests {
     }
 
     @Test func kernelPanicIsAFailure() {
-        let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off quiet rdinit=/bin/false"
+        let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off loglevel=3 rdinit=/bin/false"
         let r = boot(["--cmdline", cmdline])
         #expect(r.status == 2)
         #expect(r.stdout.contains("Kernel panic"))

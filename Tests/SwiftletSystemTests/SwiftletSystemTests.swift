@@ -44,6 +44,14 @@ import Testing
         #expect(mapping.residentBytes() >= 4096)
     }
 
+    @Test func alignedMappingsStartOnTheBoundary() throws {
+        for _ in 0..<4 {
+            let mapping = try MemoryMapping.anonymous(size: 6 << 20, alignment: 2 << 20, transparentHugePages: true)
+            #expect(UInt(bitPattern: mapping.base) % (2 << 20) == 0)
+            mapping.buffer[(6 << 20) - 1] = 1
+        }
+    }
+
     @Test func eventFDCountsSignals() throws {
         let event = try EventFD()
         #expect(event.drain() == 0)

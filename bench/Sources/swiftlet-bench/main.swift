@@ -40,7 +40,7 @@ func parse() -> Options {
 }
 
 let options = parse()
-let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
+let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off loglevel=3"
 
 /// The two contenders. Both boot the same vmlinux (QEMU through its PVH entry) and initramfs with
 /// the same command line; the guest's init writes the marker and reboots, which ends both.
@@ -55,12 +55,13 @@ let swiftlet = VMM(name: "swiftlet", arguments: [
     "--cpus", "1", "--cmdline", cmdline, "--boot-timing",
 ], marker: Array("boot marker after".utf8))
 
-// QEMU's microvm tuned for a fast boot: no option ROMs, RTC, ACPI or default devices; the same
-// 16550 console; isa-debugcon on port 0x3f0 turns the guest's marker write into a byte on stderr.
+// QEMU's microvm tuned for a fast boot: no option ROMs, RTC, ACPI, PIT, PIC or default devices;
+// the same 16550 console; an i8042 for `reboot=k` (as Swiftlet has), which `-no-reboot` turns into
+// an exit; isa-debugcon on port 0x3f0 turns the guest's marker write into a byte on stderr.
 let qemu = VMM(name: "qemu-microvm", arguments: [
-    options.qemu, "-M", "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on", "-enable-kvm", "-cpu", "host",
+    options.qemu, "-M", "microvm,x-option-roms=off,rtc=off,acpi=off,pit=off,pic=off,isa-serial=on", "-enable-kvm", "-cpu", "host",
     "-m", String(options.memoryMiB), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-    "-serial", "stdio", "-chardev", "file,id=marker,path=/dev/stderr", "-device", "isa-debugcon,iobase=0x3f0,chardev=marker",
+    "-serial", "stdio", "-device", "i8042", "-chardev", "file,id=marker,path=/proc/self/fd/2", "-device", "isa-debugcon,iobase=0x3f0,chardev=marker",
     "-kernel", options.kernel, "-initrd", options.initrd, "-append", cmdline,
 ], marker: [123])
 
