@@ -23,10 +23,11 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CLinux", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "GuestMemory", dependencies: ["SwiftletSystem"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
-        .target(name: "Devices", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
+        .target(name: "Virtio", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(
             name: "VMM",
-            dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "SwiftletSystem", "CLinux"],
+            dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Virtio", "Devices", "SwiftletSystem", "CLinux"],
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet",
@@ -38,11 +39,12 @@ let package = Package(
             path: "bench/Sources/swiftlet-bench",
             swiftSettings: strict),
 
-        .target(name: "TestSupport", dependencies: ["GuestMemory", "SwiftletSystem"], path: "Tests/TestSupport", swiftSettings: strict),
+        .target(name: "TestSupport", dependencies: ["GuestMemory", "Virtio", "SwiftletSystem"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem"], swiftSettings: strict),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Virtio", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"], swiftSettings: strict),

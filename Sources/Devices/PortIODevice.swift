@@ -7,18 +7,6 @@ public protocol PortIODevice: AnyObject, Sendable {
     func write(offset: UInt16, data: UnsafeRawBufferPointer)
 }
 
-/// A device on the memory-mapped I/O bus.
-public protocol MMIODevice: AnyObject, Sendable {
-    func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer)
-    func write(offset: UInt64, data: UnsafeRawBufferPointer)
-}
-
-/// An interrupt input of the guest's interrupt controller, as a device sees it.
-public protocol InterruptLine: Sendable {
-    /// Drives the line high (asserted) or low.
-    func setLevel(_ asserted: Bool)
-}
-
 /// Where a device sends bytes meant for the user (a serial port's transmitter, say).
 public protocol ByteSink: Sendable {
     func write(_ byte: UInt8)

@@ -12,9 +12,9 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         self.rawValue = rawValue
     }
 
-    /// Opens `path` with `O_CLOEXEC` added to `flags`.
-    public static func open(_ path: String, flags: Int32, mode: UInt32 = 0o644) throws(SwiftletError) -> OwnedFileDescriptor {
-        let fd = try systemCall("cannot open \(path)") { swiftlet_open(path, flags, mode) }
+    /// Opens `path` with `O_CLOEXEC` added to `flags`; `what` names the file in errors ("disk").
+    public static func open(_ path: String, flags: Int32, mode: UInt32 = 0o644, what: String? = nil) throws(SwiftletError) -> OwnedFileDescriptor {
+        let fd = try systemCall("cannot open \(what.map { $0 + " " } ?? "")\(path)") { swiftlet_open(path, flags, mode) }
         return OwnedFileDescriptor(taking: fd)
     }
 
@@ -72,6 +72,20 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
                 pread(fd, destination.baseAddress! + done, destination.count - done, off_t(offset) + off_t(done))
             }
             if n == 0 { throw SwiftletError(.invalidFormat, "\(what) is truncated: expected \(destination.count) bytes at offset \(offset)") }
+            done += n
+        }
+    }
+
+    /// Writes the whole of `source` at `offset` (pwrite), retrying short writes and EINTR.
+    public func write(from source: UnsafeRawBufferPointer, at offset: UInt64, what: String) throws(SwiftletError) {
+        var done = 0
+        let fd = rawValue
+        while done < source.count {
+            // SAFETY: the range [done, source.count) lies inside `source`.
+            let n = try systemCall("cannot write \(what)") {
+                pwrite(fd, source.baseAddress! + done, source.count - done, off_t(offset) + off_t(done))
+            }
+            if n == 0 { throw SwiftletError(.systemCall, "cannot write \(what): no progress at offset \(offset + UInt64(done))") }
             done += n
         }
     }

@@ -1,3 +1,4 @@
+import Virtio
 import Devices
 import Glibc
 import Synchronization

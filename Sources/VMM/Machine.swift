@@ -1,3 +1,4 @@
+import Virtio
 import CLinux
 import Devices
 import Glibc
@@ -25,6 +26,8 @@ public struct MachineRunReport: Sendable {
     public var portTrace: [UInt16: Int]
     /// When each set-up phase ended (CLOCK_MONOTONIC ns), in order: where the set-up time goes.
     public var phases: [(name: String, end: UInt64)]
+    /// Device complaints during the run (a malformed request, a failed disk write), oldest first.
+    public var warnings: [String]
 
     /// Peak RSS minus guest memory: what the VMM itself costs.
     public var vmmOverheadBytes: Int { max(0, peakResidentBytes - guestMemoryResidentBytes) }
@@ -51,6 +54,8 @@ public final class Machine: Sendable {
     }
     /// COM1's interrupt.
     static let serialIRQ: UInt32 = 4
+    /// The first GSI for virtio devices; each takes the next one.
+    static let firstVirtioGSI: UInt32 = 5
 
     public init(config: MachineConfig) {
         self.config = config
@@ -98,7 +103,10 @@ public final class Machine: Sendable {
         }
 
         phases.append(("memory", MonotonicClock.now))
-        let acpi = ACPIConfiguration(cpuCount: config.cpuCount, sleepControlPort: Ports.sleepControl, pvpanicPort: Ports.pvpanic)
+        let controller = try MachineController()
+        let disks = try Self.makeDisks(config.disks, controller: controller)
+        var acpi = ACPIConfiguration(cpuCount: config.cpuCount, sleepControlPort: Ports.sleepControl, pvpanicPort: Ports.pvpanic)
+        acpi.virtioDevices = disks.indices.map { Self.virtioSlot($0) }
         let plan = try LinuxBootLoader.prepare(
             LinuxBootConfiguration(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
                                    commandLine: config.commandLine, acpi: acpi),
@@ -108,9 +116,16 @@ public final class Machine: Sendable {
         }
 
         phases.append(("load", MonotonicClock.now))
-        let controller = try MachineController()
         let console = ConsoleOutput(fd: config.consoleOutput)
-        let bus = Self.makeBus(vm: vm, console: console, controller: controller, onBootMarker: onBootMarker)
+        var devices = Self.makeBus(vm: vm, console: console, controller: controller, onBootMarker: onBootMarker)
+        for (index, disk) in disks.enumerated() {
+            let slot = Self.virtioSlot(index)
+            let line = Self.interruptLine(vm: vm, gsi: slot.gsi, controller: controller)
+            let transport = VirtioMMIOTransport(device: disk, memory: memory, interrupt: VirtioInterrupt(line: line),
+                                                onError: { controller.warn($0.description) })
+            devices.mmio.register(transport, base: slot.base, length: slot.size)
+        }
+        let bus = devices
 
         let supported = try kvm.supportedCPUID()
         let msrs = Set(try kvm.msrIndexList())
@@ -149,28 +164,50 @@ public final class Machine: Sendable {
             processStart: MonotonicClock.processStart, firstRun: firstRun, bootMarker: controller.markerTime,
             end: MonotonicClock.now, exitsToUserspace: vcpus.reduce(0) { $0 + $1.exitCount },
             guestMemoryResidentBytes: memory.residentBytes, peakResidentBytes: Self.peakResidentBytes(),
-            portTrace: traces.withLock { $0 }, phases: phases)
+            portTrace: traces.withLock { $0 }, phases: phases, warnings: controller.warnings)
     }
 
     static func pvmMessage(kvmPath: String) -> String {
         "\(kvmPath) on this host is backed by PVM (software virtualization, module kvm_pvm), which cannot boot an unmodified Linux kernel: it would run instruction-emulated for many seconds and then fail. Use a host with hardware KVM (Intel VT-x or AMD-V), boot a PVM-enabled guest kernel with --allow-pvm, or run Swiftlet inside the nested test host (scripts/nested-run)."
     }
 
-    /// The VMM's devices on their ports.
+    /// The VMM's devices on their ports and addresses.
     struct Bus: Sendable {
         var ports: PortIOBus
+        var mmio = MMIOBus()
         let serial: Serial8250
+    }
+
+    /// Where virtio device `index` lives: its register window and its GSI.
+    static func virtioSlot(_ index: Int) -> VirtioMMIODescription {
+        VirtioMMIODescription(base: X86Layout.virtioMMIOBase + UInt64(index) * VirtioMMIOTransport.windowSize,
+                              size: VirtioMMIOTransport.windowSize, gsi: firstVirtioGSI + UInt32(index))
+    }
+
+    /// Opens the disk images; a missing or unreadable one fails before the guest is loaded.
+    static func makeDisks(_ disks: [DiskConfig], controller: MachineController) throws(SwiftletError) -> [VirtioBlock] {
+        var devices: [VirtioBlock] = []
+        for (index, disk) in disks.enumerated() {
+            let backend = try FileBlockBackend(path: disk.path, readOnly: disk.readOnly)
+            devices.append(VirtioBlock(backend: backend, readOnly: disk.readOnly, identifier: "swiftlet-disk\(index)",
+                                       onError: { controller.warn($0.description) }))
+        }
+        return devices
+    }
+
+    /// A guest interrupt line driven through KVM_IRQ_LINE on the in-kernel IOAPIC.
+    static func interruptLine(vm: VirtualMachine, gsi: UInt32, controller: MachineController) -> KVMInterruptLine {
+        KVMInterruptLine { level in
+            do { try vm.setInterruptLine(gsi, level: level) } catch {
+                controller.stop(.vmmError("cannot drive interrupt line \(gsi): \(error)"))
+            }
+        }
     }
 
     static func makeBus(vm: VirtualMachine, console: ConsoleOutput, controller: MachineController,
                         onBootMarker: (@Sendable (UInt64) -> Void)?) -> Bus {
         var ports = PortIOBus()
-        let serialLine = KVMInterruptLine { level in
-            do { try vm.setInterruptLine(serialIRQ, level: level) } catch {
-                controller.stop(.vmmError("cannot raise the serial interrupt: \(error)"))
-            }
-        }
-        let serial = Serial8250(output: console, interrupt: serialLine)
+        let serial = Serial8250(output: console, interrupt: interruptLine(vm: vm, gsi: serialIRQ, controller: controller))
         ports.register(serial, base: Ports.serial, length: 8)
         ports.register(I8042 { controller.stop(.reset) }, base: Ports.i8042, length: 5)
         ports.register(BootMarker { time in

@@ -17,22 +17,28 @@ public struct MachineConfig: Sendable, Equatable {
     public var consoleOutput: Int32?
     /// Where console input comes from, or nil for none.
     public var consoleInput: Int32?
+    /// Block devices, in order: the guest sees them as /dev/vda, /dev/vdb, ...
+    public var disks: [DiskConfig]
 
     /// The default kernel command line: console on the first UART, reboot through the i8042,
-    /// reboot at once on panic (after pvpanic has told the VMM), no PCI bus scan, and a quiet boot.
-    public static let defaultCommandLine = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
+    /// reboot at once on panic (after pvpanic has told the VMM), no PCI bus scan, and only critical
+    /// kernel messages (each console line is costly; `loglevel=3` also hides the harmless
+    /// "PCI: Fatal: No config space access function" that `pci=off` provokes).
+    public static let defaultCommandLine = "console=ttyS0 reboot=k panic=-1 pci=off loglevel=3"
 
     /// Smallest memory a Linux guest can boot in with Swiftlet's kernel.
     public static let minimumMemoryMiB = 32
     /// xAPIC IDs in the MADT are 8-bit and 0xFF is broadcast.
     public static let maximumCPUs = 254
+    /// virtio devices take IOAPIC pins 5 and up (of 24).
+    public static let maximumDisks = 16
 
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = MachineConfig.defaultCommandLine,
                 cpuCount: Int = 1, memoryMiB: Int = 256, kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
-                consoleOutput: Int32? = 1, consoleInput: Int32? = nil) {
+                consoleOutput: Int32? = 1, consoleInput: Int32? = nil, disks: [DiskConfig] = []) {
         self.kernelPath = kernelPath; self.initrdPath = initrdPath; self.commandLine = commandLine
         self.cpuCount = cpuCount; self.memoryMiB = memoryMiB; self.kvmPath = kvmPath; self.allowPVM = allowPVM
-        self.consoleOutput = consoleOutput; self.consoleInput = consoleInput
+        self.consoleOutput = consoleOutput; self.consoleInput = consoleInput; self.disks = disks
     }
 
     /// Checks the values that do not depend on the host.
@@ -49,6 +55,9 @@ public struct MachineConfig: Sendable, Equatable {
         guard memoryMiB <= 1 << 20 else {
             throw SwiftletError(.invalidArgument, "--memory \(memoryMiB) MiB is more than 1 TiB")
         }
+        guard disks.count <= Self.maximumDisks else {
+            throw SwiftletError(.invalidArgument, "\(disks.count) disks are more than Swiftlet supports (\(Self.maximumDisks))")
+        }
     }
 
     /// Checks the values against what this host can give.
@@ -60,5 +69,17 @@ public struct MachineConfig: Sendable, Equatable {
         if let host = hostMemoryBytes, UInt64(memoryMiB) << 20 > host {
             throw SwiftletError(.invalidArgument, "--memory \(memoryMiB) MiB is more than this host's \(host >> 20) MiB of RAM")
         }
+    }
+}
+
+/// A disk image the guest sees as a virtio block device.
+public struct DiskConfig: Sendable, Equatable {
+    /// A raw image file or a block device.
+    public var path: String
+    /// The guest can read but not write it (and the file is opened read-only).
+    public var readOnly: Bool
+
+    public init(path: String, readOnly: Bool = false) {
+        self.path = path; self.readOnly = readOnly
     }
 }

@@ -9,6 +9,7 @@ final class MachineController: Sendable {
         var exit: MachineExit?
         var vcpus: [(VCPU, OSThread?)] = []
         var markerTime: UInt64?
+        var warnings: [String] = []
     }
     private let state = Mutex(State())
     private let stopped = Atomic<Bool>(false)
@@ -55,4 +56,11 @@ final class MachineController: Sendable {
     }
 
     var markerTime: UInt64? { state.withLock { $0.markerTime } }
+
+    /// Keeps a device's complaint for the run report (the first 100; a broken guest could repeat one forever).
+    func warn(_ message: String) {
+        state.withLock { if $0.warnings.count < 100 { $0.warnings.append(message) } }
+    }
+
+    var warnings: [String] { state.withLock { $0.warnings } }
 }

@@ -34,8 +34,8 @@ struct VCPURunner {
                     }
                 }
             case .mmio(let access):
-                // No MMIO devices yet: reads see all-ones, writes are dropped, as on a real bus.
-                if !access.isWrite { for i in access.data.indices { access.data[i] = 0xFF } }
+                // Unclaimed addresses read as all-ones and drop writes, as on a real bus.
+                bus.mmio.dispatch(address: access.address, isWrite: access.isWrite, data: access.data)
             case .interrupted:
                 continue // the loop condition decides
             case .halt:

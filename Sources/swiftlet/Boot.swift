@@ -32,6 +32,11 @@ struct Boot: ParsableCommand {
     @Option(help: "Guest memory in MiB.")
     var memory: Int = 256
 
+    @Option(name: .customLong("disk"), help: ArgumentHelp(
+        "A raw disk image for the guest (/dev/vda, /dev/vdb, ... in order); append ,ro for read-only. Repeatable.",
+        valueName: "path[,ro]"))
+    var disks: [String] = []
+
     @Flag(help: "Print the time from process start to the guest's boot marker, and the VMM's costs.")
     var bootTiming = false
 
@@ -44,7 +49,24 @@ struct Boot: ParsableCommand {
     @Argument(parsing: .postTerminator, help: "Command for the guest's init to run.")
     var command: [String] = []
 
+    /// Parses `--disk path[,ro]`.
+    static func diskConfig(_ argument: String) throws(ValidationError) -> DiskConfig {
+        var path = Substring(argument)
+        var readOnly = false
+        if let comma = argument.lastIndex(of: ",") {
+            let option = argument[argument.index(after: comma)...]
+            guard option == "ro" || option == "rw" else {
+                throw ValidationError("--disk \(argument): unknown option '\(option)' (use path,ro or path,rw)")
+            }
+            readOnly = option == "ro"
+            path = argument[..<comma]
+        }
+        guard !path.isEmpty else { throw ValidationError("--disk needs a path") }
+        return DiskConfig(path: String(path), readOnly: readOnly)
+    }
+
     func validate() throws {
+        for disk in disks { _ = try Self.diskConfig(disk) }
         if noInitrd && initrd != nil { throw ValidationError("--initrd and --no-initrd contradict each other") }
         for argument in command where argument.contains(where: { $0 == "\"" || $0.isNewline }) {
             throw ValidationError("guest command arguments cannot contain double quotes or newlines (the kernel command line cannot carry them): \(argument)")
@@ -64,7 +86,8 @@ struct Boot: ParsableCommand {
         let initrdPath: String? = noInitrd ? nil : (initrd ?? defaultInitrd())
         var config = MachineConfig(
             kernelPath: kernel ?? GuestAssets.defaultKernel(), initrdPath: initrdPath, commandLine: commandLine,
-            cpuCount: cpus, memoryMiB: memory, allowPVM: allowPVM, consoleOutput: 1, consoleInput: 0)
+            cpuCount: cpus, memoryMiB: memory, allowPVM: allowPVM, consoleOutput: 1, consoleInput: 0,
+            disks: try disks.map { disk throws(ValidationError) in try Self.diskConfig(disk) })
         if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
 
         let machine = Machine(config: config)
@@ -81,6 +104,7 @@ struct Boot: ParsableCommand {
             printError(error.description)
             throw ExitCode(Status.setupFailed)
         }
+        for warning in outcome.warnings { printError("warning: \(warning)") }
         if showTiming { printTiming(outcome) }
         if let report { writeReport(outcome, to: report) }
         guard outcome.exit.isClean else {

@@ -52,6 +52,23 @@ import TestSupport
         #expect(run(["boot", "--cpus", "two"]).status == 64)
     }
 
+    @Test func badDisks() {
+        let r = run(["boot", "--kernel", tinyKernel, "--disk", "image.raw,fast"])
+        #expect(r.status == 64)
+        #expect(r.stderr.contains("unknown option 'fast'"))
+        #expect(run(["boot", "--kernel", tinyKernel, "--disk", ",ro"]).status == 64)
+    }
+
+    @Test(.enabled(if: TestHost.hasKVM, "needs /dev/kvm"))
+    func missingOrUnusableDiskFiles() {
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--disk", tiny.path + "/missing.img"]),
+                           contains: "cannot open disk \(tiny.path)/missing.img")
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--disk", tiny.path + ",ro"]), contains: "is not a regular file or a block device")
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--disk", tiny.path]), contains: "Is a directory")
+        let empty = tiny.write("empty.img", [])
+        expectOneLineError(run(["boot", "--kernel", tinyKernel, "--disk", empty + ",ro"]), contains: "at least one 512-byte sector")
+    }
+
     @Test func missingKVMDevice() {
         expectOneLineError(run(["boot", "--kernel", tinyKernel], environment: ["SWIFTLET_KVM_DEVICE": "/nonexistent/kvm"]),
                            contains: "/nonexistent/kvm does not exist")

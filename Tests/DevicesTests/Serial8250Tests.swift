@@ -1,3 +1,4 @@
+import Virtio
 import Synchronization
 import Testing
 @testable import Devices

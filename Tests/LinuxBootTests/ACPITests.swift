@@ -127,6 +127,9 @@ import TestSupport
     /// Disassembles the DSDT with ACPICA's own iasl, when installed (CI installs acpica-tools).
     @Test(.enabled(if: access("/usr/bin/iasl", X_OK) == 0, "iasl (acpica-tools) is not installed"))
     func dsdtDisassemblesWithACPICA() throws {
+        var config = config
+        config.virtioDevices = [VirtioMMIODescription(base: 0xD000_0000, size: 0x1000, gsi: 5),
+                                VirtioMMIODescription(base: 0xD000_1000, size: 0x1000, gsi: 6)]
         let (blob, _) = ACPITables.build(config, base: GuestAddress(0xE0000))
         let xsdt = table(blob, at: blob.le(UInt64.self, at: 24))
         let fadt = table(blob, at: xsdt.le(UInt64.self, at: 36))
@@ -143,5 +146,11 @@ import TestSupport
         #expect(dsl.contains("Device (COM1)"))
         #expect(dsl.contains("EisaId (\"PNP0501\")"))
         #expect(dsl.contains("IRQNoFlags ()"))
+        // virtio-mmio devices as Linux's virtio_mmio driver matches them (ACPI id LNRO0005).
+        #expect(dsl.contains("Device (VR00)") && dsl.contains("Device (VR01)"))
+        #expect(dsl.contains("Name (_HID, \"LNRO0005\")"))
+        let flat = dsl.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        #expect(flat.contains("Memory32Fixed (ReadWrite, 0xD0001000, // Address Base 0x00001000, // Address Length"), "\(dsl)")
+        #expect(flat.contains("Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive, ,, ) { 0x00000006, }"), "\(dsl)")
     }
 }

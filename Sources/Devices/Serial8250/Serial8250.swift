@@ -1,3 +1,4 @@
+import Virtio
 import Synchronization
 
 /// A 16550A UART as the Linux 8250 driver expects at 0x3F8 (COM1): divisor latch, FIFO control,

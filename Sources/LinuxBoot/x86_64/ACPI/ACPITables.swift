@@ -12,6 +12,8 @@ public struct ACPIConfiguration: Equatable, Sendable {
     /// The 16550 UART (PNP0501): its 8 ports and its ISA IRQ (= GSI).
     public var serialPort: UInt16
     public var serialIRQ: UInt8
+    /// virtio-mmio devices (ACPI id LNRO0005): register window and level-triggered GSI.
+    public var virtioDevices: [VirtioMMIODescription] = []
 
     public init(cpuCount: Int, sleepControlPort: UInt16, pvpanicPort: UInt16, serialPort: UInt16 = 0x3F8, serialIRQ: UInt8 = 4) {
         self.cpuCount = cpuCount; self.sleepControlPort = sleepControlPort; self.pvpanicPort = pvpanicPort
@@ -20,6 +22,17 @@ public struct ACPIConfiguration: Equatable, Sendable {
 
     /// The S5 (soft off) sleep type value the DSDT advertises and the VMM expects.
     public static let softOffSleepType: UInt8 = 5
+}
+
+/// Where a virtio-mmio device's registers are and which interrupt it raises.
+public struct VirtioMMIODescription: Equatable, Sendable {
+    public var base: UInt64
+    public var size: UInt64
+    public var gsi: UInt32
+
+    public init(base: UInt64, size: UInt64, gsi: UInt32) {
+        self.base = base; self.size = size; self.gsi = gsi
+    }
 }
 
 /// Builds the RSDP, XSDT, FADT, MADT and DSDT of a hardware-reduced ACPI machine.
@@ -112,7 +125,8 @@ public enum ACPITables {
         return table(signature: "APIC", revision: 5, body: body)
     }
 
-    /// DSDT: `\_S5` for power-off, the UART (so Linux routes its IRQ), and the pvpanic device.
+    /// DSDT: `\_S5` for power-off, the UART (so Linux routes its IRQ), the pvpanic device and the
+    /// virtio-mmio devices.
     static func makeDSDT(_ config: ACPIConfiguration) -> [UInt8] {
         let aml: [AML] = [
             .name("\\_S5", .package([.integer(UInt64(ACPIConfiguration.softOffSleepType)), .integer(0)])),
@@ -130,7 +144,17 @@ public enum ACPITables {
                     .name("_STA", .integer(0xF)),
                     .name("_CRS", AML.resources([AML.ioPortDescriptor(base: config.pvpanicPort, length: 1)])),
                 ]),
-            ]),
+            ] + config.virtioDevices.enumerated().map { index, device in
+                .device("VR" + (index < 16 ? "0" : "") + String(index, radix: 16, uppercase: true), [
+                    .name("_HID", .string("LNRO0005")),
+                    .name("_UID", .integer(UInt64(index))),
+                    .name("_CCA", .integer(1)), // cache-coherent DMA
+                    .name("_CRS", AML.resources([
+                        AML.memory32FixedDescriptor(base: UInt32(device.base), length: UInt32(device.size)),
+                        AML.extendedInterruptDescriptor(gsi: device.gsi, levelTriggered: true),
+                    ])),
+                ])
+            }),
         ]
         return table(signature: "DSDT", revision: 2, body: aml.flatMap(\.bytes))
     }

@@ -92,6 +92,18 @@ public indirect enum AML: Equatable, Sendable {
         return [0x22, UInt8(mask & 0xFF), UInt8(mask >> 8)]
     }
 
+    /// Fixed 32-bit memory range descriptor (large item 0x86), read-write.
+    public static func memory32FixedDescriptor(base: UInt32, length: UInt32) -> [UInt8] {
+        [0x86, 0x09, 0x00, 0x01] + le(UInt64(base), 4) + le(UInt64(length), 4)
+    }
+
+    /// Extended interrupt descriptor (large item 0x89) for one GSI, consumed by the device,
+    /// exclusive, active-high; level- or edge-triggered.
+    public static func extendedInterruptDescriptor(gsi: UInt32, levelTriggered: Bool) -> [UInt8] {
+        let flags: UInt8 = 0x01 | (levelTriggered ? 0 : 0x02) // bit 0 consumer, bit 1 edge
+        return [0x89, 0x06, 0x00, flags, 0x01] + le(UInt64(gsi), 4)
+    }
+
     /// A compressed EISA id, as ASL's EisaId("PNP0501") produces: three letters in 5 bits each and
     /// four hex digits, stored big-endian in a 32-bit integer.
     public static func eisaID(_ id: String) -> AML {

@@ -1,0 +1,55 @@
+import Glibc
+import SwiftletSystem
+
+/// Where a block device's bytes live. Reads and writes are whole or throw: a short read (the file
+/// shrank under the guest) is an error, never silently zero-filled data.
+public protocol BlockBackend: Sendable {
+    /// The size in bytes when the device was created; the guest sees this many (rounded down to sectors).
+    var byteCount: UInt64 { get }
+    func read(into destination: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SwiftletError)
+    func write(from source: UnsafeRawBufferPointer, at offset: UInt64) throws(SwiftletError)
+    /// Makes every completed write durable.
+    func flush() throws(SwiftletError)
+}
+
+/// A disk image file (raw format) as a block backend.
+public final class FileBlockBackend: BlockBackend {
+    private let file: OwnedFileDescriptor
+    public let path: String
+    public let byteCount: UInt64
+
+    /// Opens `path` read-only or read-write. The file must be a regular file or a block device.
+    public init(path: String, readOnly: Bool) throws(SwiftletError) {
+        let file = try OwnedFileDescriptor.open(path, flags: readOnly ? O_RDONLY : O_RDWR, what: "disk")
+        var info = stat()
+        try systemCall("cannot inspect disk \(path)") { fstat(file.rawValue, &info) }
+        let kind = info.st_mode & S_IFMT
+        if kind == S_IFBLK {
+            var bytes: UInt64 = 0
+            try systemCall("cannot size block device \(path)") { ioctl(file.rawValue, 0x8008_1272 /* BLKGETSIZE64 */, &bytes) }
+            self.byteCount = bytes
+        } else if kind == S_IFREG {
+            self.byteCount = UInt64(info.st_size)
+        } else {
+            throw SwiftletError(.invalidArgument, "disk \(path) is not a regular file or a block device")
+        }
+        guard byteCount >= 512 else {
+            throw SwiftletError(.invalidArgument, "disk \(path) is \(byteCount) bytes: a disk needs at least one 512-byte sector")
+        }
+        self.file = file
+        self.path = path
+    }
+
+    public func read(into destination: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SwiftletError) {
+        try file.read(into: destination, at: offset, what: "disk \(path)")
+    }
+
+    public func write(from source: UnsafeRawBufferPointer, at offset: UInt64) throws(SwiftletError) {
+        try file.write(from: source, at: offset, what: "disk \(path)")
+    }
+
+    public func flush() throws(SwiftletError) {
+        let fd = file.rawValue
+        try systemCall("cannot flush disk \(path)") { fdatasync(fd) }
+    }
+}

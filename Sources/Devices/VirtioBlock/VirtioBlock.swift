@@ -1,0 +1,205 @@
+import GuestMemory
+import Synchronization
+import SwiftletSystem
+import Virtio
+
+/// A virtio block device (virtio 1.2, section 5.2) over a `BlockBackend`: one request queue,
+/// reads, writes, flush and the device id; read-only disks refuse writes with an I/O error.
+///
+/// Requests are served on the notifying vCPU's thread, synchronously: the guest's I/O waits for
+/// the host's, which keeps completions in order and needs no extra thread.
+public final class VirtioBlock: VirtioDevice {
+    public static let sectorSize: UInt64 = 512
+    public static let queueSize: UInt16 = 256
+    /// The id (`GET_ID`) is at most 20 bytes.
+    public static let identifierLength = 20
+
+    public enum Feature {
+        public static let segmentMaximum: UInt64 = 1 << 2
+        public static let readOnly: UInt64 = 1 << 5
+        public static let flush: UInt64 = 1 << 9
+    }
+    public enum RequestType {
+        public static let read: UInt32 = 0
+        public static let write: UInt32 = 1
+        public static let flush: UInt32 = 4
+        public static let getID: UInt32 = 8
+    }
+    public enum Status {
+        public static let ok: UInt8 = 0
+        public static let ioError: UInt8 = 1
+        public static let unsupported: UInt8 = 2
+    }
+    static let headerSize: UInt64 = 16
+
+    public let backend: any BlockBackend
+    public let isReadOnly: Bool
+    public let identifier: String
+    public let capacitySectors: UInt64
+
+    struct Active {
+        var queue: Virtqueue
+        let memory: GuestMemory
+        let interrupt: VirtioInterrupt
+    }
+    private let active = Mutex<Active?>(nil)
+    private let onError: @Sendable (SwiftletError) -> Void
+
+    public init(backend: any BlockBackend, readOnly: Bool, identifier: String,
+                onError: @escaping @Sendable (SwiftletError) -> Void = { _ in }) {
+        self.backend = backend
+        self.isReadOnly = readOnly
+        self.identifier = String(identifier.utf8.prefix(Self.identifierLength))!
+        self.capacitySectors = backend.byteCount / Self.sectorSize
+        self.onError = onError
+    }
+
+    public var deviceType: VirtioDeviceType { .block }
+    public var queueMaximumSizes: [UInt16] { [Self.queueSize] }
+    public var offeredFeatures: UInt64 {
+        VirtioFeature.version1 | VirtioFeature.eventIndex | VirtioFeature.indirectDescriptors
+            | Feature.segmentMaximum | Feature.flush | (isReadOnly ? Feature.readOnly : 0)
+    }
+
+    /// The configuration space: capacity (sectors) at 0, size_max at 8 (not offered), seg_max at 12.
+    var configuration: [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: 16)
+        withUnsafeBytes(of: capacitySectors.littleEndian) { bytes.replaceSubrange(0..<8, with: $0) }
+        withUnsafeBytes(of: UInt32(Self.queueSize - 2).littleEndian) { bytes.replaceSubrange(12..<16, with: $0) }
+        return bytes
+    }
+
+    public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
+        let config = configuration
+        for i in data.indices { data[i] = offset + i < config.count ? config[offset + i] : 0 }
+    }
+
+    public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
+
+    public func activate(_ activation: VirtioActivation) throws(SwiftletError) {
+        guard let queue = activation.queues.first, queue.isReady else {
+            throw SwiftletError(.invalidArgument, "virtio-blk \(identifier): the driver did not set up the request queue")
+        }
+        active.withLock { $0 = Active(queue: queue, memory: activation.memory, interrupt: activation.interrupt) }
+    }
+
+    public func reset() {
+        active.withLock { $0 = nil }
+    }
+
+    public func queueNotified(_ index: Int) {
+        guard index == 0 else { return }
+        let interrupt: VirtioInterrupt? = active.withLock { state in
+            guard var s = state else { return nil }
+            do throws(SwiftletError) {
+                var used = false
+                while let chain = try s.queue.next(memory: s.memory) {
+                    let length = serve(chain, memory: s.memory)
+                    try s.queue.addUsed(head: chain.head, length: length, memory: s.memory)
+                    used = true
+                }
+                var notify = false
+                if used { notify = try s.queue.shouldInterrupt(memory: s.memory) }
+                state = s
+                return notify ? s.interrupt : nil
+            } catch {
+                // A ring the device cannot follow is a driver bug; stop serving rather than guess.
+                onError(SwiftletError(error.code, "virtio-blk \(identifier): \(error.message)"))
+                state = nil
+                return nil
+            }
+        }
+        interrupt?.signalUsedBuffer()
+    }
+
+    /// Serves one request; returns the number of bytes written into the chain's writable buffers.
+    func serve(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32 {
+        guard chain.writableLength >= 1 else { return 0 } // nowhere to put a status: drop it
+        let dataIn = Self.segments(chain.writable, skipping: 0, keeping: chain.writableLength - 1)
+        let status = Self.segments(chain.writable, skipping: chain.writableLength - 1, keeping: 1)[0].address
+        var written: UInt64 = 0
+        let result: UInt8
+        if let header = try? Self.header(chain, memory: memory) {
+            let dataOut = Self.segments(chain.readable, skipping: Self.headerSize, keeping: chain.readableLength - Self.headerSize)
+            switch header.type {
+            case RequestType.read:
+                result = transfer(dataIn, sector: header.sector, memory: memory, isWrite: false)
+                if result == Status.ok { written = chain.writableLength - 1 }
+            case RequestType.write:
+                result = isReadOnly ? Status.ioError : transfer(dataOut, sector: header.sector, memory: memory, isWrite: true)
+            case RequestType.flush:
+                result = (try? backend.flush()) != nil ? Status.ok : Status.ioError
+            case RequestType.getID:
+                var id = Array(identifier.utf8)
+                id += [UInt8](repeating: 0, count: Self.identifierLength - id.count)
+                var offset = 0
+                for segment in dataIn where offset < id.count {
+                    let n = min(Int(segment.length), id.count - offset)
+                    try? memory.write(id[offset..<offset + n], at: segment.address)
+                    offset += n
+                }
+                written = UInt64(offset)
+                result = Status.ok
+            default:
+                result = Status.unsupported
+            }
+        } else {
+            result = Status.ioError
+        }
+        try? memory.write(result, at: status)
+        return UInt32(truncatingIfNeeded: written + 1)
+    }
+
+    /// Moves the bytes of `segments` to or from the disk from `sector` on.
+    func transfer(_ segments: [(address: GuestAddress, length: UInt64)], sector: UInt64, memory: GuestMemory, isWrite: Bool) -> UInt8 {
+        let total = segments.reduce(0) { $0 + $1.length }
+        guard total % Self.sectorSize == 0, sector <= capacitySectors, total / Self.sectorSize <= capacitySectors - sector else {
+            return Status.ioError
+        }
+        var offset = sector * Self.sectorSize
+        do throws(SwiftletError) {
+            for segment in segments {
+                let p = try memory.hostPointer(segment.address, length: segment.length)
+                // SAFETY: hostPointer checked that the segment lies in guest memory.
+                if isWrite {
+                    try backend.write(from: UnsafeRawBufferPointer(start: p, count: Int(segment.length)), at: offset)
+                } else {
+                    try backend.read(into: UnsafeMutableRawBufferPointer(start: p, count: Int(segment.length)), at: offset)
+                }
+                offset += segment.length
+            }
+            return Status.ok
+        } catch {
+            onError(SwiftletError(error.code, "virtio-blk \(identifier): \(error.message)", cause: error.cause))
+            return Status.ioError
+        }
+    }
+
+    /// The request header (type, reserved, sector), gathered from the first readable bytes.
+    static func header(_ chain: DescriptorChain, memory: GuestMemory) throws(SwiftletError) -> (type: UInt32, sector: UInt64) {
+        guard chain.readableLength >= headerSize else {
+            throw SwiftletError(.invalidFormat, "virtio-blk request without a header")
+        }
+        var bytes: [UInt8] = []
+        for segment in segments(chain.readable, skipping: 0, keeping: headerSize) {
+            bytes += try memory.read(count: Int(segment.length), at: segment.address)
+        }
+        func le(_ range: Range<Int>) -> UInt64 { range.reversed().reduce(0) { $0 << 8 | UInt64(bytes[$1]) } }
+        return (UInt32(le(0..<4)), le(8..<16))
+    }
+
+    /// The byte ranges of `descriptors` from byte `skipping` on, `keeping` bytes long.
+    static func segments(_ descriptors: [VirtqueueDescriptor], skipping: UInt64, keeping: UInt64) -> [(address: GuestAddress, length: UInt64)] {
+        var result: [(address: GuestAddress, length: UInt64)] = []
+        var skip = skipping, keep = keeping
+        for d in descriptors where keep > 0 {
+            let length = UInt64(d.length)
+            if skip >= length { skip -= length; continue }
+            let n = min(length - skip, keep)
+            result.append((d.address + skip, n))
+            keep -= n
+            skip = 0
+        }
+        return result
+    }
+}

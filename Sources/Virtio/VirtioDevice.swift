@@ -1,0 +1,35 @@
+import GuestMemory
+import SwiftletSystem
+
+/// A virtio device model behind a transport. The transport owns feature negotiation and queue
+/// configuration; when the driver sets DRIVER_OK it hands the device its queues, and from then on
+/// the device owns them.
+public protocol VirtioDevice: AnyObject, Sendable {
+    var deviceType: VirtioDeviceType { get }
+    /// Features the device offers (must include `VirtioFeature.version1`).
+    var offeredFeatures: UInt64 { get }
+    /// The maximum size of each of its queues; the count is the number of queues.
+    var queueMaximumSizes: [UInt16] { get }
+    /// Reads the device-specific configuration space.
+    func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer)
+    /// Writes the device-specific configuration space (most devices ignore it).
+    func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer)
+    /// The driver is ready: start serving `queues`.
+    func activate(_ activation: VirtioActivation) throws(SwiftletError)
+    /// The driver notified queue `index` that it has new buffers (on the notifying vCPU's thread).
+    func queueNotified(_ index: Int)
+    /// The driver reset the device: stop using the queues and forget them.
+    func reset()
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+public struct VirtioActivation: Sendable {
+    public let memory: GuestMemory
+    public let queues: [Virtqueue]
+    public let features: UInt64
+    public let interrupt: VirtioInterrupt
+
+    public init(memory: GuestMemory, queues: [Virtqueue], features: UInt64, interrupt: VirtioInterrupt) {
+        self.memory = memory; self.queues = queues; self.features = features; self.interrupt = interrupt
+    }
+}
