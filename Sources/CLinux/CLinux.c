@@ -4,6 +4,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <cpuid.h>
+#include <sys/random.h>
 
 const unsigned long SWIFTLET_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
 const unsigned long SWIFTLET_KVM_CREATE_VM = KVM_CREATE_VM;
@@ -59,6 +60,7 @@ const unsigned long SWIFTLET_TIOCGWINSZ = TIOCGWINSZ;
 int swiftlet_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 int swiftlet_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
 int swiftlet_open(const char *path, int flags, unsigned int mode) { return open(path, flags | O_CLOEXEC, mode); }
+long swiftlet_getrandom(void *buffer, unsigned long length, unsigned int flags) { return getrandom(buffer, length, flags); }
 void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]) {
     __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
 }

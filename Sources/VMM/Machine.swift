@@ -104,9 +104,10 @@ public final class Machine: Sendable {
 
         phases.append(("memory", MonotonicClock.now))
         let controller = try MachineController()
-        let disks = try Self.makeDisks(config.disks, controller: controller)
+        var virtioDevices: [any VirtioDevice] = try Self.makeDisks(config.disks, controller: controller)
+        if config.entropyDevice { virtioDevices.append(VirtioRNG(onError: { controller.warn($0.description) })) }
         var acpi = ACPIConfiguration(cpuCount: config.cpuCount, sleepControlPort: Ports.sleepControl, pvpanicPort: Ports.pvpanic)
-        acpi.virtioDevices = disks.indices.map { Self.virtioSlot($0) }
+        acpi.virtioDevices = virtioDevices.indices.map { Self.virtioSlot($0) }
         let plan = try LinuxBootLoader.prepare(
             LinuxBootConfiguration(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
                                    commandLine: config.commandLine, acpi: acpi),
@@ -118,10 +119,10 @@ public final class Machine: Sendable {
         phases.append(("load", MonotonicClock.now))
         let console = ConsoleOutput(fd: config.consoleOutput)
         var devices = Self.makeBus(vm: vm, console: console, controller: controller, onBootMarker: onBootMarker)
-        for (index, disk) in disks.enumerated() {
+        for (index, device) in virtioDevices.enumerated() {
             let slot = Self.virtioSlot(index)
             let line = Self.interruptLine(vm: vm, gsi: slot.gsi, controller: controller)
-            let transport = VirtioMMIOTransport(device: disk, memory: memory, interrupt: VirtioInterrupt(line: line),
+            let transport = VirtioMMIOTransport(device: device, memory: memory, interrupt: VirtioInterrupt(line: line),
                                                 onError: { controller.warn($0.description) })
             devices.mmio.register(transport, base: slot.base, length: slot.size)
         }

@@ -19,6 +19,8 @@ public struct MachineConfig: Sendable, Equatable {
     public var consoleInput: Int32?
     /// Block devices, in order: the guest sees them as /dev/vda, /dev/vdb, ...
     public var disks: [DiskConfig]
+    /// A virtio entropy device fed from the host's getrandom(2).
+    public var entropyDevice: Bool
 
     /// The default kernel command line: console on the first UART, reboot through the i8042,
     /// reboot at once on panic (after pvpanic has told the VMM), no PCI bus scan, and only critical
@@ -30,15 +32,17 @@ public struct MachineConfig: Sendable, Equatable {
     public static let minimumMemoryMiB = 32
     /// xAPIC IDs in the MADT are 8-bit and 0xFF is broadcast.
     public static let maximumCPUs = 254
-    /// virtio devices take IOAPIC pins 5 and up (of 24).
+    /// virtio devices take IOAPIC pins 5 and up (of 24): 16 disks and the entropy device fit.
     public static let maximumDisks = 16
 
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = MachineConfig.defaultCommandLine,
                 cpuCount: Int = 1, memoryMiB: Int = 256, kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
-                consoleOutput: Int32? = 1, consoleInput: Int32? = nil, disks: [DiskConfig] = []) {
+                consoleOutput: Int32? = 1, consoleInput: Int32? = nil, disks: [DiskConfig] = [],
+                entropyDevice: Bool = false) {
         self.kernelPath = kernelPath; self.initrdPath = initrdPath; self.commandLine = commandLine
         self.cpuCount = cpuCount; self.memoryMiB = memoryMiB; self.kvmPath = kvmPath; self.allowPVM = allowPVM
         self.consoleOutput = consoleOutput; self.consoleInput = consoleInput; self.disks = disks
+        self.entropyDevice = entropyDevice
     }
 
     /// Checks the values that do not depend on the host.

@@ -37,6 +37,9 @@ struct Boot: ParsableCommand {
         valueName: "path[,ro]"))
     var disks: [String] = []
 
+    @Flag(help: "Give the guest a virtio entropy device (/dev/hwrng) fed from the host's getrandom.")
+    var rng = false
+
     @Flag(help: "Print the time from process start to the guest's boot marker, and the VMM's costs.")
     var bootTiming = false
 
@@ -87,7 +90,7 @@ struct Boot: ParsableCommand {
         var config = MachineConfig(
             kernelPath: kernel ?? GuestAssets.defaultKernel(), initrdPath: initrdPath, commandLine: commandLine,
             cpuCount: cpus, memoryMiB: memory, allowPVM: allowPVM, consoleOutput: 1, consoleInput: 0,
-            disks: try disks.map { disk throws(ValidationError) in try Self.diskConfig(disk) })
+            disks: try disks.map { disk throws(ValidationError) in try Self.diskConfig(disk) }, entropyDevice: rng)
         if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
 
         let machine = Machine(config: config)

@@ -76,6 +76,8 @@ int swiftlet_ioctl_ptr(int fd, unsigned long request, void *arg);
 int swiftlet_ioctl_int(int fd, unsigned long request, unsigned long arg);
 /// open(2) with O_CLOEXEC and the given flags and mode (open is variadic too).
 int swiftlet_open(const char *path, int flags, unsigned int mode);
+/* getrandom(2): glibc declares it in <sys/random.h>, which Swift's Glibc module does not export. */
+long swiftlet_getrandom(void *buffer, unsigned long length, unsigned int flags);
 /// Executes CPUID on the host CPU.
 void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
 /// Unblocks `signo` for the calling thread (threads inherit their creator's mask, and Swift

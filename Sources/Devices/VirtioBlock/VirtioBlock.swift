@@ -37,12 +37,7 @@ public final class VirtioBlock: VirtioDevice {
     public let identifier: String
     public let capacitySectors: UInt64
 
-    struct Active {
-        var queue: Virtqueue
-        let memory: GuestMemory
-        let interrupt: VirtioInterrupt
-    }
-    private let active = Mutex<Active?>(nil)
+    private let queue: DeviceQueue
     private let onError: @Sendable (SwiftletError) -> Void
 
     public init(backend: any BlockBackend, readOnly: Bool, identifier: String,
@@ -52,6 +47,7 @@ public final class VirtioBlock: VirtioDevice {
         self.identifier = String(identifier.utf8.prefix(Self.identifierLength))!
         self.capacitySectors = backend.byteCount / Self.sectorSize
         self.onError = onError
+        self.queue = DeviceQueue(name: "virtio-blk \(self.identifier)", onError: onError)
     }
 
     public var deviceType: VirtioDeviceType { .block }
@@ -77,39 +73,16 @@ public final class VirtioBlock: VirtioDevice {
     public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
 
     public func activate(_ activation: VirtioActivation) throws(SwiftletError) {
-        guard let queue = activation.queues.first, queue.isReady else {
-            throw SwiftletError(.invalidArgument, "virtio-blk \(identifier): the driver did not set up the request queue")
-        }
-        active.withLock { $0 = Active(queue: queue, memory: activation.memory, interrupt: activation.interrupt) }
+        try queue.activate(activation, index: 0)
     }
 
     public func reset() {
-        active.withLock { $0 = nil }
+        queue.reset()
     }
 
     public func queueNotified(_ index: Int) {
         guard index == 0 else { return }
-        let interrupt: VirtioInterrupt? = active.withLock { state in
-            guard var s = state else { return nil }
-            do throws(SwiftletError) {
-                var used = false
-                while let chain = try s.queue.next(memory: s.memory) {
-                    let length = serve(chain, memory: s.memory)
-                    try s.queue.addUsed(head: chain.head, length: length, memory: s.memory)
-                    used = true
-                }
-                var notify = false
-                if used { notify = try s.queue.shouldInterrupt(memory: s.memory) }
-                state = s
-                return notify ? s.interrupt : nil
-            } catch {
-                // A ring the device cannot follow is a driver bug; stop serving rather than guess.
-                onError(SwiftletError(error.code, "virtio-blk \(identifier): \(error.message)"))
-                state = nil
-                return nil
-            }
-        }
-        interrupt?.signalUsedBuffer()
+        queue.serve { chain, memory in serve(chain, memory: memory) }
     }
 
     /// Serves one request; returns the number of bytes written into the chain's writable buffers.

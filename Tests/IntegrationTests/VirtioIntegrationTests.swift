@@ -2,10 +2,10 @@ import Glibc
 import Testing
 import TestSupport
 
-/// virtio-blk through a real guest kernel: an ext4 image mounted read-only, a raw scratch disk
-/// written by the guest and read back on the host.
+/// virtio devices through a real guest kernel: an ext4 image mounted read-only, a raw scratch disk
+/// written by the guest and read back on the host, many disks at once, the entropy device.
 @Suite(.serialized, .enabled(if: TestHost.integration, "Linux-guest integration tests run in the nested test host: make test-nested"))
-struct DiskIntegrationTests {
+struct VirtioIntegrationTests {
     let swiftlet = TestHost.swiftletBinary
     let dir = TemporaryDirectory()
 
@@ -77,5 +77,14 @@ struct DiskIntegrationTests {
         for (i, name) in ["a", "b", "c", "d", "e", "f", "g", "h"].enumerated() {
             #expect(r.stdout.contains("\(name)=\(i + 1)\n"), "\(r.stdout)")
         }
+    }
+
+    @Test func entropyDeviceFeedsTheGuest() {
+        let script = "cat /sys/class/misc/hw_random/rng_current; dd if=/dev/hwrng bs=32 count=2 2>/dev/null | od -A n -t x1 | tr -d ' ' | head -2"
+        let r = boot(["--rng", "--", "sh", "-c", script])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("virtio_rng.0"), "\(r.stdout)")
+        let lines = r.stdout.split(separator: "\n").map { $0.trimmingWhitespace }.filter { $0.count == 32 && $0.allSatisfy(\.isHexDigit) }
+        #expect(lines.count == 2 && lines[0] != lines[1], "\(r.stdout)")
     }
 }
