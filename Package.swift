@@ -48,6 +48,6 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"], swiftSettings: strict),
-        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport"], swiftSettings: strict),
+        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),
     ]
 )

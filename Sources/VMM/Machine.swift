@@ -106,6 +106,14 @@ public final class Machine: Sendable {
         let controller = try MachineController()
         var virtioDevices: [any VirtioDevice] = try Self.makeDisks(config.disks, controller: controller)
         if config.entropyDevice { virtioDevices.append(VirtioRNG(onError: { controller.warn($0.description) })) }
+        var vsock: VirtioVsock?
+        if let vsockConfig = config.vsock {
+            let device = try VirtioVsock(guestCID: vsockConfig.guestCID, hostPorts: UnixSocketPorts(forwards: vsockConfig.forwards),
+                                         onError: { controller.warn($0.description) })
+            virtioDevices.append(device)
+            vsock = device
+        }
+        defer { vsock?.stop() }
         var acpi = ACPIConfiguration(cpuCount: config.cpuCount, sleepControlPort: Ports.sleepControl, pvpanicPort: Ports.pvpanic)
         acpi.virtioDevices = virtioDevices.indices.map { Self.virtioSlot($0) }
         let plan = try LinuxBootLoader.prepare(

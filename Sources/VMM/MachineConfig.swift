@@ -21,6 +21,8 @@ public struct MachineConfig: Sendable, Equatable {
     public var disks: [DiskConfig]
     /// A virtio entropy device fed from the host's getrandom(2).
     public var entropyDevice: Bool
+    /// A virtio socket device, or nil for none.
+    public var vsock: VsockConfig?
 
     /// The default kernel command line: console on the first UART, reboot through the i8042,
     /// reboot at once on panic (after pvpanic has told the VMM), no PCI bus scan, and only critical
@@ -38,11 +40,12 @@ public struct MachineConfig: Sendable, Equatable {
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = MachineConfig.defaultCommandLine,
                 cpuCount: Int = 1, memoryMiB: Int = 256, kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
                 consoleOutput: Int32? = 1, consoleInput: Int32? = nil, disks: [DiskConfig] = [],
-                entropyDevice: Bool = false) {
+                entropyDevice: Bool = false, vsock: VsockConfig? = nil) {
         self.kernelPath = kernelPath; self.initrdPath = initrdPath; self.commandLine = commandLine
         self.cpuCount = cpuCount; self.memoryMiB = memoryMiB; self.kvmPath = kvmPath; self.allowPVM = allowPVM
         self.consoleOutput = consoleOutput; self.consoleInput = consoleInput; self.disks = disks
         self.entropyDevice = entropyDevice
+        self.vsock = vsock
     }
 
     /// Checks the values that do not depend on the host.
@@ -58,6 +61,9 @@ public struct MachineConfig: Sendable, Equatable {
         }
         guard memoryMiB <= 1 << 20 else {
             throw SwiftletError(.invalidArgument, "--memory \(memoryMiB) MiB is more than 1 TiB")
+        }
+        if let vsock, vsock.guestCID < 3 || vsock.guestCID >= UInt64(UInt32.max) {
+            throw SwiftletError(.invalidArgument, "vsock guest CID \(vsock.guestCID) is reserved: use 3 or more")
         }
         guard disks.count <= Self.maximumDisks else {
             throw SwiftletError(.invalidArgument, "\(disks.count) disks are more than Swiftlet supports (\(Self.maximumDisks))")

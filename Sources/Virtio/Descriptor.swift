@@ -51,6 +51,48 @@ public struct DescriptorChain: Sendable {
     public var readableLength: UInt64 { readable.reduce(0) { $0 + UInt64($1.length) } }
     public var writableLength: UInt64 { writable.reduce(0) { $0 + UInt64($1.length) } }
 
+    /// A guest-physical byte range inside a chain.
+    public struct Segment: Sendable, Equatable {
+        public var address: GuestAddress
+        public var length: UInt64
+    }
+
+    /// The byte ranges of `descriptors` from byte `skipping` on, at most `keeping` bytes in all:
+    /// how devices find a payload after a header, or a status byte at the end.
+    public static func segments(_ descriptors: [VirtqueueDescriptor], skipping: UInt64, keeping: UInt64) -> [Segment] {
+        var result: [Segment] = []
+        var skip = skipping, keep = keeping
+        for d in descriptors where keep > 0 {
+            let length = UInt64(d.length)
+            if skip >= length { skip -= length; continue }
+            let n = min(length - skip, keep)
+            result.append(Segment(address: d.address + skip, length: n))
+            keep -= n
+            skip = 0
+        }
+        return result
+    }
+
+    /// Copies the first `count` bytes of the readable buffers (fewer if the chain is shorter).
+    public func readPrefix(_ count: Int, memory: GuestMemory) throws(SwiftletError) -> [UInt8] {
+        var bytes: [UInt8] = []
+        for segment in Self.segments(readable, skipping: 0, keeping: UInt64(count)) {
+            bytes += try memory.read(count: Int(segment.length), at: segment.address)
+        }
+        return bytes
+    }
+
+    /// Writes `bytes` at the start of the writable buffers; returns how many fit.
+    @discardableResult
+    public func writePrefix(_ bytes: [UInt8], memory: GuestMemory) throws(SwiftletError) -> Int {
+        var offset = 0
+        for segment in Self.segments(writable, skipping: 0, keeping: UInt64(bytes.count)) {
+            try memory.write(bytes[offset..<offset + Int(segment.length)], at: segment.address)
+            offset += Int(segment.length)
+        }
+        return offset
+    }
+
     /// Walks the chain that starts at `head`. `queueSize` bounds the walk (a loop is an error),
     /// and `indirect` says whether the driver negotiated indirect descriptors.
     static func walk(memory: GuestMemory, table: GuestAddress, queueSize: UInt16, head: UInt16,

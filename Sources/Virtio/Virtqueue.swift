@@ -82,6 +82,15 @@ public struct Virtqueue: Sendable {
                                         indirect: indirectDescriptors)
     }
 
+    /// Gives back the chain `next` just returned, unused: the next call returns it again. For
+    /// devices that take a buffer before knowing whether they have anything to put in it.
+    public mutating func putBack(memory: GuestMemory) throws(SwiftletError) {
+        nextAvailable &-= 1
+        if eventIndex {
+            try memory.write(nextAvailable, at: usedRing + Self.ringOffset + Self.usedElementSize * UInt64(size))
+        }
+    }
+
     /// Returns chain `head` to the driver, saying the device wrote `length` bytes into it.
     public mutating func addUsed(head: UInt16, length: UInt32, memory: GuestMemory) throws(SwiftletError) {
         let slot = UInt64(nextUsed % size)

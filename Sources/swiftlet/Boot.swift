@@ -37,6 +37,11 @@ struct Boot: ParsableCommand {
         valueName: "path[,ro]"))
     var disks: [String] = []
 
+    @Option(name: .customLong("vsock-forward"), help: ArgumentHelp(
+        "Give the guest a virtio socket device (CID 3); its connections to host port PORT go to the Unix socket SOCKET. Repeatable.",
+        valueName: "port:socket"))
+    var vsockForwards: [String] = []
+
     @Flag(help: "Give the guest a virtio entropy device (/dev/hwrng) fed from the host's getrandom.")
     var rng = false
 
@@ -68,8 +73,24 @@ struct Boot: ParsableCommand {
         return DiskConfig(path: String(path), readOnly: readOnly)
     }
 
+    /// Parses `--vsock-forward port:socket` options into a vsock configuration (nil for none).
+    static func vsockConfig(_ arguments: [String]) throws(ValidationError) -> VsockConfig? {
+        guard !arguments.isEmpty else { return nil }
+        var forwards: [UInt32: String] = [:]
+        for argument in arguments {
+            guard let colon = argument.firstIndex(of: ":"), let port = UInt32(argument[..<colon]),
+                  argument.index(after: colon) < argument.endIndex else {
+                throw ValidationError("--vsock-forward \(argument): expected PORT:SOCKET, e.g. 1024:/run/agent.sock")
+            }
+            guard forwards[port] == nil else { throw ValidationError("--vsock-forward: port \(port) is given twice") }
+            forwards[port] = String(argument[argument.index(after: colon)...])
+        }
+        return VsockConfig(forwards: forwards)
+    }
+
     func validate() throws {
         for disk in disks { _ = try Self.diskConfig(disk) }
+        _ = try Self.vsockConfig(vsockForwards)
         if noInitrd && initrd != nil { throw ValidationError("--initrd and --no-initrd contradict each other") }
         for argument in command where argument.contains(where: { $0 == "\"" || $0.isNewline }) {
             throw ValidationError("guest command arguments cannot contain double quotes or newlines (the kernel command line cannot carry them): \(argument)")
@@ -90,7 +111,8 @@ struct Boot: ParsableCommand {
         var config = MachineConfig(
             kernelPath: kernel ?? GuestAssets.defaultKernel(), initrdPath: initrdPath, commandLine: commandLine,
             cpuCount: cpus, memoryMiB: memory, allowPVM: allowPVM, consoleOutput: 1, consoleInput: 0,
-            disks: try disks.map { disk throws(ValidationError) in try Self.diskConfig(disk) }, entropyDevice: rng)
+            disks: try disks.map { disk throws(ValidationError) in try Self.diskConfig(disk) }, entropyDevice: rng,
+            vsock: try Self.vsockConfig(vsockForwards))
         if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
 
         let machine = Machine(config: config)

@@ -88,12 +88,12 @@ public final class VirtioBlock: VirtioDevice {
     /// Serves one request; returns the number of bytes written into the chain's writable buffers.
     func serve(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32 {
         guard chain.writableLength >= 1 else { return 0 } // nowhere to put a status: drop it
-        let dataIn = Self.segments(chain.writable, skipping: 0, keeping: chain.writableLength - 1)
-        let status = Self.segments(chain.writable, skipping: chain.writableLength - 1, keeping: 1)[0].address
+        let dataIn = DescriptorChain.segments(chain.writable, skipping: 0, keeping: chain.writableLength - 1)
+        let status = DescriptorChain.segments(chain.writable, skipping: chain.writableLength - 1, keeping: 1)[0].address
         var written: UInt64 = 0
         let result: UInt8
         if let header = try? Self.header(chain, memory: memory) {
-            let dataOut = Self.segments(chain.readable, skipping: Self.headerSize, keeping: chain.readableLength - Self.headerSize)
+            let dataOut = DescriptorChain.segments(chain.readable, skipping: Self.headerSize, keeping: chain.readableLength - Self.headerSize)
             switch header.type {
             case RequestType.read:
                 result = transfer(dataIn, sector: header.sector, memory: memory, isWrite: false)
@@ -124,7 +124,7 @@ public final class VirtioBlock: VirtioDevice {
     }
 
     /// Moves the bytes of `segments` to or from the disk from `sector` on.
-    func transfer(_ segments: [(address: GuestAddress, length: UInt64)], sector: UInt64, memory: GuestMemory, isWrite: Bool) -> UInt8 {
+    func transfer(_ segments: [DescriptorChain.Segment], sector: UInt64, memory: GuestMemory, isWrite: Bool) -> UInt8 {
         let total = segments.reduce(0) { $0 + $1.length }
         guard total % Self.sectorSize == 0, sector <= capacitySectors, total / Self.sectorSize <= capacitySectors - sector else {
             return Status.ioError
@@ -153,26 +153,8 @@ public final class VirtioBlock: VirtioDevice {
         guard chain.readableLength >= headerSize else {
             throw SwiftletError(.invalidFormat, "virtio-blk request without a header")
         }
-        var bytes: [UInt8] = []
-        for segment in segments(chain.readable, skipping: 0, keeping: headerSize) {
-            bytes += try memory.read(count: Int(segment.length), at: segment.address)
-        }
+        let bytes = try chain.readPrefix(Int(headerSize), memory: memory)
         func le(_ range: Range<Int>) -> UInt64 { range.reversed().reduce(0) { $0 << 8 | UInt64(bytes[$1]) } }
         return (UInt32(le(0..<4)), le(8..<16))
-    }
-
-    /// The byte ranges of `descriptors` from byte `skipping` on, `keeping` bytes long.
-    static func segments(_ descriptors: [VirtqueueDescriptor], skipping: UInt64, keeping: UInt64) -> [(address: GuestAddress, length: UInt64)] {
-        var result: [(address: GuestAddress, length: UInt64)] = []
-        var skip = skipping, keep = keeping
-        for d in descriptors where keep > 0 {
-            let length = UInt64(d.length)
-            if skip >= length { skip -= length; continue }
-            let n = min(length - skip, keep)
-            result.append((d.address + skip, n))
-            keep -= n
-            skip = 0
-        }
-        return result
     }
 }

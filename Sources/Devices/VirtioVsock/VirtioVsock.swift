@@ -1,0 +1,432 @@
+import Glibc
+import GuestMemory
+import Synchronization
+import SwiftletSystem
+import Virtio
+
+/// Where connections the guest opens to the host (CID 2) go.
+public protocol VsockHostPorts: Sendable {
+    /// The guest's port `guestPort` connects to host port `port`: return the host end, a connected
+    /// stream socket the device will own, or nil to refuse (the guest's connect fails with ECONNRESET).
+    func accept(port: UInt32, from guestPort: UInt32) -> Int32?
+}
+
+/// A virtio socket device (virtio 1.2, section 5.10) implemented in the VMM, with no vhost: every
+/// guest stream connection is bridged to a host stream socket. Guest data is written to the socket;
+/// socket data becomes RW packets in the guest's receive queue, within the guest's credit.
+///
+/// Threads: the guest's notifications arrive on vCPU threads; host sockets are watched by the
+/// device's own event-loop thread. Both work under one lock on the connection table.
+public final class VirtioVsock: VirtioDevice {
+    public static let queueSize: UInt16 = 256
+    /// Bytes of guest data the device buffers per connection when the host socket is slow.
+    public static let bufferAllocation: UInt32 = 256 << 10
+    public static let maximumConnections = 1024
+    static let receiveQueue = 0, transmitQueue = 1, eventQueue = 2
+
+    public let guestCID: UInt64
+    private let hostPorts: any VsockHostPorts
+    private let onError: @Sendable (SwiftletError) -> Void
+    private let epoll: Epoll
+    private let wake: EventFD
+    private let muxer: Mutex<Muxer>
+    private let loop = Mutex<OSThread?>(nil)
+    private let stopping = Atomic<Bool>(false)
+
+    struct Muxer {
+        var receive: Virtqueue?
+        var transmit: Virtqueue?
+        var memory: GuestMemory?
+        var interrupt: VirtioInterrupt?
+        var connections: [VsockConnection.Key: VsockConnection] = [:]
+        var keysByDescriptor: [Int32: VsockConnection.Key] = [:]
+        /// Control packets waiting for receive buffers, oldest first.
+        var control: [(key: VsockConnection.Key, operation: VsockHeader.Operation, flags: UInt32)] = []
+        var nextHostPort: UInt32 = 1 << 30
+    }
+
+    public init(guestCID: UInt64 = 3, hostPorts: any VsockHostPorts,
+                onError: @escaping @Sendable (SwiftletError) -> Void = { _ in }) throws(SwiftletError) {
+        precondition(guestCID > 2 && guestCID < UInt64(UInt32.max), "guest CIDs start at 3")
+        self.guestCID = guestCID
+        self.hostPorts = hostPorts
+        self.onError = onError
+        self.epoll = try Epoll()
+        self.wake = try EventFD()
+        self.muxer = Mutex(Muxer())
+        try epoll.add(wake.rawValue, .readable)
+    }
+
+    deinit {
+        stop()
+        muxer.withLock { m in for c in m.connections.values { close(c.fd) } }
+    }
+
+    // MARK: VirtioDevice
+
+    public var deviceType: VirtioDeviceType { .vsock }
+    public var offeredFeatures: UInt64 { VirtioFeature.version1 | VirtioFeature.eventIndex }
+    public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize, Self.queueSize] }
+
+    public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
+        for i in data.indices {
+            let at = offset + i
+            data[i] = at < 8 ? UInt8(truncatingIfNeeded: guestCID >> (8 * UInt64(at))) : 0
+        }
+    }
+
+    public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
+
+    public func activate(_ activation: VirtioActivation) throws(SwiftletError) {
+        guard activation.queues.count == 3, activation.queues[Self.receiveQueue].isReady,
+              activation.queues[Self.transmitQueue].isReady else {
+            throw SwiftletError(.invalidArgument, "virtio-vsock: the driver did not set up the receive and transmit queues")
+        }
+        muxer.withLock { m in
+            m.receive = activation.queues[Self.receiveQueue]
+            m.transmit = activation.queues[Self.transmitQueue]
+            m.memory = activation.memory
+            m.interrupt = activation.interrupt
+        }
+        try startLoop()
+    }
+
+    public func reset() {
+        muxer.withLock { m in
+            for key in Array(m.connections.keys) { closeConnection(key, &m) }
+            m = Muxer()
+        }
+    }
+
+    public func queueNotified(_ index: Int) {
+        let interrupt: VirtioInterrupt? = muxer.withLock { m in
+            var notify = false
+            if index == Self.transmitQueue { notify = processTransmit(&m) }
+            notify = pumpReceive(&m) || notify
+            return notify ? m.interrupt : nil
+        }
+        interrupt?.signalUsedBuffer()
+    }
+
+    // MARK: host side
+
+    /// Opens a connection from the host to the guest's `port`; returns the host end (a connected
+    /// stream socket the caller owns). Data written to it reaches the guest once the guest accepts;
+    /// if nothing listens there, the guest resets the connection and the socket reads end of file.
+    public func connect(toGuestPort port: UInt32) throws(SwiftletError) -> OwnedFileDescriptor {
+        var pair: [Int32] = [0, 0]
+        try systemCall("cannot create a socket pair") { socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) }
+        let device = pair[0]
+        _ = fcntl(device, F_SETFL, fcntl(device, F_GETFL) | O_NONBLOCK)
+        let interrupt: VirtioInterrupt? = muxer.withLock { m in
+            guard m.connections.count < Self.maximumConnections, m.memory != nil else { close(device); return nil }
+            var hostPort = m.nextHostPort
+            while m.connections.keys.contains(where: { $0.hostPort == hostPort }) { hostPort &+= 1 }
+            m.nextHostPort = hostPort &+ 1 < 1 << 30 ? 1 << 30 : hostPort &+ 1
+            let key = VsockConnection.Key(hostPort: hostPort, guestPort: port)
+            m.connections[key] = VsockConnection(fd: device, established: false)
+            m.keysByDescriptor[device] = key
+            m.control.append((key, .request, 0))
+            return pumpReceive(&m) ? m.interrupt : nil
+        }
+        interrupt?.signalUsedBuffer()
+        return OwnedFileDescriptor(taking: pair[1])
+    }
+
+    /// Stops the event loop (the VMM calls this when the machine ends).
+    public func stop() {
+        guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        wake.signal()
+        let thread = loop.withLock { t -> OSThread? in defer { t = nil }; return t }
+        thread?.join()
+    }
+
+    private func startLoop() throws(SwiftletError) {
+        try loop.withLock { t throws(SwiftletError) in
+            guard t == nil, !stopping.load(ordering: .acquiring) else { return }
+            t = try OSThread.start(name: "vsock") { [self] in runLoop() }
+        }
+    }
+
+    /// The event loop: host sockets that became readable or writable feed the guest.
+    private func runLoop() {
+        while !stopping.load(ordering: .acquiring) {
+            let ready = epoll.wait(timeoutMilliseconds: -1)
+            wake.drain()
+            guard !ready.isEmpty, !stopping.load(ordering: .acquiring) else { continue }
+            let interrupt: VirtioInterrupt? = muxer.withLock { m in
+                for (fd, events) in ready where fd != wake.rawValue {
+                    guard let key = m.keysByDescriptor[fd], m.connections[key] != nil else { continue }
+                    if events.contains(.writable) { flushToHost(key, &m) }
+                    if !events.isDisjoint(with: [.readable, .hangUp, .error]) {
+                        m.connections[key]?.hostReadable = true
+                        refreshInterest(key, &m)
+                    }
+                }
+                return pumpReceive(&m) ? m.interrupt : nil
+            }
+            interrupt?.signalUsedBuffer()
+        }
+    }
+
+    // MARK: guest → host
+
+    /// Handles every packet the guest queued; returns whether the guest wants an interrupt.
+    private func processTransmit(_ m: inout Muxer) -> Bool {
+        guard var queue = m.transmit, let memory = m.memory else { return false }
+        var broken = false
+        defer { m.transmit = broken ? nil : queue }
+        do throws(SwiftletError) {
+            var used = false
+            while let chain = try queue.next(memory: memory) {
+                let head = try chain.readPrefix(VsockHeader.size, memory: memory)
+                if head.count == VsockHeader.size {
+                    let header = VsockHeader(bytes: head)
+                    let payload = DescriptorChain.segments(chain.readable, skipping: UInt64(VsockHeader.size),
+                                                          keeping: UInt64(header.length))
+                    handle(header, payload: payload, memory: memory, &m)
+                } else {
+                    onError(SwiftletError(.invalidFormat, "virtio-vsock: a transmitted packet is shorter than its header"))
+                }
+                try queue.addUsed(head: chain.head, length: 0, memory: memory)
+                used = true
+            }
+            return used ? try queue.shouldInterrupt(memory: memory) : false
+        } catch {
+            // A ring the device cannot follow: stop serving it until the driver resets the device.
+            onError(SwiftletError(error.code, "virtio-vsock transmit queue: \(error.message)"))
+            broken = true
+            return false
+        }
+    }
+
+    private func handle(_ header: VsockHeader, payload: [DescriptorChain.Segment], memory: GuestMemory, _ m: inout Muxer) {
+        let key = VsockConnection.Key(hostPort: header.destinationPort, guestPort: header.sourcePort)
+        guard let operation = header.op, header.type == VsockHeader.typeStream,
+              header.sourceCID == guestCID, header.destinationCID == VsockHeader.hostCID else {
+            if header.op != .reset { m.control.append((key, .reset, 0)) }
+            return
+        }
+        if operation != .request, m.connections[key] == nil {
+            if operation != .reset { m.control.append((key, .reset, 0)) }
+            return
+        }
+        m.connections[key]?.updatePeerCredit(header)
+        switch operation {
+        case .request:
+            guard m.connections[key] == nil, m.connections.count < Self.maximumConnections,
+                  let fd = hostPorts.accept(port: header.destinationPort, from: header.sourcePort) else {
+                m.control.append((key, .reset, 0))
+                return
+            }
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            var connection = VsockConnection(fd: fd, established: true)
+            connection.updatePeerCredit(header)
+            m.connections[key] = connection
+            m.keysByDescriptor[fd] = key
+            m.control.append((key, .response, 0))
+            refreshInterest(key, &m)
+        case .response:
+            guard m.connections[key]?.established == false else {
+                closeConnection(key, &m)
+                m.control.append((key, .reset, 0))
+                return
+            }
+            m.connections[key]?.established = true
+            refreshInterest(key, &m)
+        case .readWrite:
+            guard let c = m.connections[key], c.established, c.guestShutdown & VsockHeader.shutdownSend == 0 else {
+                closeConnection(key, &m)
+                m.control.append((key, .reset, 0))
+                return
+            }
+            let length = payload.reduce(0) { $0 + Int($1.length) }
+            guard c.pendingToHost.count + length <= Int(Self.bufferAllocation) else {
+                // The guest ignored our credit: that stream cannot be trusted any more.
+                onError(SwiftletError(.invalidFormat, "virtio-vsock: guest port \(key.guestPort) overran its credit"))
+                closeConnection(key, &m)
+                m.control.append((key, .reset, 0))
+                return
+            }
+            for segment in payload {
+                guard let bytes = try? memory.read(count: Int(segment.length), at: segment.address) else { continue }
+                m.connections[key]?.pendingToHost += bytes
+            }
+            flushToHost(key, &m)
+        case .shutdown:
+            m.connections[key]?.guestShutdown |= header.flags & (VsockHeader.shutdownReceive | VsockHeader.shutdownSend)
+            if m.connections[key]?.guestShutdown == VsockHeader.shutdownReceive | VsockHeader.shutdownSend {
+                // Both directions closed: the guest waits for our RST to finish closing.
+                closeConnection(key, &m)
+                m.control.append((key, .reset, 0))
+                return
+            }
+            flushToHost(key, &m)
+            refreshInterest(key, &m)
+        case .reset:
+            closeConnection(key, &m)
+        case .creditUpdate:
+            refreshInterest(key, &m)
+        case .creditRequest:
+            m.control.append((key, .creditUpdate, 0))
+        }
+    }
+
+    /// Writes what the guest sent to the host socket, as far as it takes it.
+    private func flushToHost(_ key: VsockConnection.Key, _ m: inout Muxer) {
+        guard var c = m.connections[key] else { return }
+        while !c.pendingToHost.isEmpty {
+            let n = c.pendingToHost.withUnsafeBytes { Glibc.send(c.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n > 0 {
+                c.pendingToHost.removeFirst(n)
+                c.forwardCount &+= UInt32(n)
+            } else if n < 0 && errno == EINTR {
+                continue
+            } else if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                break
+            } else {
+                // The host end is gone: reset the guest's side.
+                m.connections[key] = c
+                closeConnection(key, &m)
+                m.control.append((key, .reset, 0))
+                return
+            }
+        }
+        if c.pendingToHost.isEmpty && c.guestShutdown & VsockHeader.shutdownSend != 0 && !c.hostWriteShut {
+            shutdown(c.fd, Int32(SHUT_WR))
+            c.hostWriteShut = true
+        }
+        if c.needsCreditUpdate(bufferAllocation: Self.bufferAllocation) && !m.control.contains(where: { $0.key == key && $0.operation == .creditUpdate }) {
+            m.control.append((key, .creditUpdate, 0))
+        }
+        m.connections[key] = c
+        refreshInterest(key, &m)
+    }
+
+    // MARK: host → guest
+
+    /// Fills the guest's receive buffers: control packets first, then data from readable host
+    /// sockets within each connection's credit. Returns whether the guest wants an interrupt.
+    private func pumpReceive(_ m: inout Muxer) -> Bool {
+        guard var queue = m.receive, let memory = m.memory else { return false }
+        var broken = false
+        defer { m.receive = broken ? nil : queue }
+        var used = false
+        do throws(SwiftletError) {
+            while true {
+                if let packet = m.control.first {
+                    guard let chain = try queue.next(memory: memory) else { break }
+                    m.control.removeFirst()
+                    var header = self.header(for: packet.key, operation: packet.operation, &m)
+                    header.flags = packet.flags
+                    try chain.writePrefix(header.bytes, memory: memory)
+                    try queue.addUsed(head: chain.head, length: UInt32(VsockHeader.size), memory: memory)
+                    used = true
+                    continue
+                }
+                guard let key = m.connections.first(where: { $0.value.hostReadable && $0.value.canSendToGuest && $0.value.guestCredit > 0 })?.key,
+                      let chain = try queue.next(memory: memory) else { break }
+                guard chain.writableLength > UInt64(VsockHeader.size) else {
+                    try queue.addUsed(head: chain.head, length: 0, memory: memory) // too small to carry data
+                    used = true
+                    continue
+                }
+                let c = m.connections[key]!
+                let room = min(chain.writableLength - UInt64(VsockHeader.size), UInt64(c.guestCredit))
+                let segments = DescriptorChain.segments(chain.writable, skipping: UInt64(VsockHeader.size), keeping: room)
+                let n = try readFromHost(c.fd, into: segments, memory: memory)
+                switch n {
+                case .some(let count) where count > 0:
+                    m.connections[key]!.sentToGuest &+= UInt32(count)
+                    var header = self.header(for: key, operation: .readWrite, &m)
+                    header.length = UInt32(count)
+                    try chain.writePrefix(header.bytes, memory: memory)
+                    try queue.addUsed(head: chain.head, length: UInt32(VsockHeader.size + count), memory: memory)
+                    used = true
+                case .some:
+                    // End of file: the host will send no more.
+                    m.connections[key]!.hostEOF = true
+                    m.connections[key]!.hostReadable = false
+                    var header = self.header(for: key, operation: .shutdown, &m)
+                    header.flags = VsockHeader.shutdownSend
+                    try chain.writePrefix(header.bytes, memory: memory)
+                    try queue.addUsed(head: chain.head, length: UInt32(VsockHeader.size), memory: memory)
+                    used = true
+                    refreshInterest(key, &m)
+                case .none:
+                    // Nothing to read after all: give the buffer back and wait for the socket.
+                    try queue.putBack(memory: memory)
+                    m.connections[key]!.hostReadable = false
+                    refreshInterest(key, &m)
+                }
+            }
+            // Sockets with data but no buffer or credit stop being watched until either arrives.
+            for key in m.connections.keys where m.connections[key]!.hostReadable { refreshInterest(key, &m) }
+            return used ? try queue.shouldInterrupt(memory: memory) : false
+        } catch {
+            onError(SwiftletError(error.code, "virtio-vsock receive queue: \(error.message)"))
+            broken = true
+            return false
+        }
+    }
+
+    /// Reads from a host socket straight into guest buffers: the byte count (0 at end of file),
+    /// or nil when nothing is there. A failed socket reads as end of file.
+    private func readFromHost(_ fd: Int32, into segments: [DescriptorChain.Segment], memory: GuestMemory) throws(SwiftletError) -> Int? {
+        var vectors: [iovec] = []
+        for segment in segments {
+            let p = try memory.hostPointer(segment.address, length: segment.length)
+            vectors.append(iovec(iov_base: p, iov_len: Int(segment.length)))
+        }
+        while true {
+            // SAFETY: each vector lies inside guest memory (hostPointer checked it).
+            let n = vectors.withUnsafeBufferPointer { readv(fd, $0.baseAddress, Int32($0.count)) }
+            if n >= 0 { return n }
+            if errno == EINTR { continue }
+            return errno == EAGAIN || errno == EWOULDBLOCK ? nil : 0
+        }
+    }
+
+    /// A header from the host to the guest for `key`, carrying our current credit.
+    private func header(for key: VsockConnection.Key, operation: VsockHeader.Operation, _ m: inout Muxer) -> VsockHeader {
+        let forward = m.connections[key]?.forwardCount ?? 0
+        m.connections[key]?.advertisedForwardCount = forward
+        return VsockHeader(sourceCID: VsockHeader.hostCID, destinationCID: guestCID, sourcePort: key.hostPort,
+                           destinationPort: key.guestPort, operation: operation,
+                           bufferAllocation: Self.bufferAllocation, forwardCount: forward)
+    }
+
+    /// Watches the socket for what the connection needs now: input while the guest can take it
+    /// and none is known to be waiting, output while guest data is queued.
+    private func refreshInterest(_ key: VsockConnection.Key, _ m: inout Muxer) {
+        guard var c = m.connections[key] else { return }
+        var wanted: Epoll.Events = []
+        if c.canSendToGuest && !c.hostReadable { wanted.insert(.readable) }
+        if !c.pendingToHost.isEmpty { wanted.insert(.writable) }
+        // A socket at end of file with nothing to write would report hang-up forever: drop it.
+        let watch = !(wanted.isEmpty && c.hostEOF) && c.established
+        do throws(SwiftletError) {
+            if watch && !c.registered {
+                try epoll.add(c.fd, wanted)
+                c.registered = true
+            } else if watch && wanted.rawValue != c.interest {
+                try epoll.modify(c.fd, wanted)
+            } else if !watch && c.registered {
+                epoll.remove(c.fd)
+                c.registered = false
+            }
+            c.interest = wanted.rawValue
+        } catch {
+            onError(SwiftletError(error.code, "virtio-vsock: \(error.message)"))
+        }
+        m.connections[key] = c
+    }
+
+    private func closeConnection(_ key: VsockConnection.Key, _ m: inout Muxer) {
+        guard let c = m.connections.removeValue(forKey: key) else { return }
+        if c.registered { epoll.remove(c.fd) }
+        m.keysByDescriptor[c.fd] = nil
+        close(c.fd)
+        m.control.removeAll { $0.key == key && $0.operation != .reset }
+    }
+}

@@ -1,0 +1,252 @@
+import Glibc
+import GuestMemory
+import Synchronization
+import SwiftletSystem
+import TestSupport
+import Testing
+import Virtio
+@testable import Devices
+
+/// Host ports for tests: port 1024 accepts (the test keeps the other end), others refuse.
+final class TestPorts: VsockHostPorts {
+    let accepted = Mutex<[Int32]>([])
+    func accept(port: UInt32, from guestPort: UInt32) -> Int32? {
+        guard port == 1024 else { return nil }
+        var pair: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0 else { return nil }
+        accepted.withLock { $0.append(pair[1]) }
+        return pair[0]
+    }
+}
+
+/// The guest's side of a virtio-vsock device, laid out as Linux 6.1's driver does it: receive
+/// buffers of a 44-byte header and a 4 KiB payload, transmitted packets as header + payload.
+struct VsockGuest {
+    static let cid: UInt64 = 3
+    let memory = try! GuestMemory(anonymous: [(GuestAddress(0), 8 << 20)])
+    var rx: VirtqueueDriver
+    var tx: VirtqueueDriver
+    let device: VirtioVsock
+    let ports = TestPorts()
+    let warnings = WarningLog()
+    /// Receive buffers by chain head: (header, payload).
+    var buffers: [UInt16: (GuestAddress, GuestAddress)] = [:]
+    var consumed: UInt16 = 0
+
+    init(receiveBuffers: Int = 32) throws {
+        rx = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x10000))
+        tx = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x200000))
+        let warnings = self.warnings
+        device = try VirtioVsock(guestCID: Self.cid, hostPorts: ports, onError: { e in warnings.withLock { $0.append(e.description) } })
+        let event = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x400000))
+        try device.activate(VirtioActivation(memory: memory, queues: [rx.queue(), tx.queue(), event.queue()],
+                                             features: device.offeredFeatures, interrupt: VirtioInterrupt(line: CountingLine())))
+        for _ in 0..<receiveBuffers {
+            let header = try rx.buffer(44), payload = try rx.buffer(4096)
+            let head = try rx.chain([(header, 44, true), (payload, 4096, true)])
+            buffers[head] = (header, payload)
+            try rx.publish(head)
+        }
+    }
+
+    /// Sends a packet from guest port `from` to host port `to`.
+    mutating func send(_ operation: VsockHeader.Operation, from: UInt32 = 5000, to: UInt32 = 1024, payload: [UInt8] = [],
+                       flags: UInt32 = 0, bufferAllocation: UInt32 = 65536, forwardCount: UInt32 = 0, type: UInt16 = 1) throws {
+        let header = VsockHeader(sourceCID: Self.cid, destinationCID: 2, sourcePort: from, destinationPort: to,
+                                 length: UInt32(payload.count), type: type, operation: operation, flags: flags,
+                                 bufferAllocation: bufferAllocation, forwardCount: forwardCount)
+        var parts = [(try tx.buffer(44, bytes: header.bytes), UInt32(44), false)]
+        if !payload.isEmpty { parts.append((try tx.buffer(payload.count, bytes: payload), UInt32(payload.count), false)) }
+        try tx.publish(try tx.chain(parts))
+        device.queueNotified(1)
+    }
+
+    /// The next packet the device put in the receive queue, waiting up to 2 s for the event loop.
+    mutating func receive() throws -> (header: VsockHeader, payload: [UInt8])? {
+        for _ in 0..<200 {
+            if try rx.usedIndex != consumed {
+                let (head, length) = try rx.used(consumed)
+                consumed &+= 1
+                let (headerAddress, payloadAddress) = buffers[head]!
+                let header = VsockHeader(bytes: try memory.read(count: 44, at: headerAddress))
+                #expect(Int(length) == 44 + Int(header.length))
+                return (header, try memory.read(count: Int(header.length), at: payloadAddress))
+            }
+            usleep(10_000)
+        }
+        return nil
+    }
+
+    /// Receives RW packets until `count` payload bytes have arrived.
+    mutating func receiveData(_ count: Int) throws -> [UInt8] {
+        var data: [UInt8] = []
+        while data.count < count, let packet = try receive() {
+            #expect(packet.header.op == .readWrite)
+            data += packet.payload
+        }
+        return data
+    }
+}
+
+func readAll(_ fd: Int32, count: Int) -> [UInt8] {
+    var result: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while result.count < count {
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, min($0.count, count - result.count)) }
+        if n <= 0 { break }
+        result += buffer[0..<n]
+    }
+    return result
+}
+
+func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
+    var done = 0
+    while done < bytes.count {
+        let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
+        if n <= 0 { return }
+        done += n
+    }
+}
+
+@Suite(.serialized) struct VirtioVsockTests {
+    @Test func advertisesTheGuestCID() throws {
+        let guest = try VsockGuest(receiveBuffers: 0)
+        defer { guest.device.stop() }
+        var bytes = [UInt8](repeating: 0, count: 8)
+        bytes.withUnsafeMutableBytes { guest.device.readConfiguration(offset: 0, into: $0) }
+        #expect(bytes == [3, 0, 0, 0, 0, 0, 0, 0])
+    }
+
+    @Test func guestConnectsAndBytesFlowBothWaysUntilAnOrderlyClose() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        try guest.send(.request)
+        let response = try #require(try guest.receive())
+        #expect(response.header.op == .response)
+        #expect(response.header.sourcePort == 1024 && response.header.destinationPort == 5000)
+        #expect(response.header.destinationCID == 3 && response.header.sourceCID == 2)
+        #expect(response.header.bufferAllocation == VirtioVsock.bufferAllocation)
+        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        defer { close(host) }
+
+        try guest.send(.readWrite, payload: Array("hello host".utf8))
+        #expect(readAll(host, count: 10) == Array("hello host".utf8))
+
+        let big = (0..<10_000).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        writeAll(host, big)
+        #expect(try guest.receiveData(big.count) == big, "host data arrives whole and in order, in 4 KiB packets")
+
+        // The host closes: the guest hears SHUTDOWN(send); the guest closes: it gets RST.
+        shutdown(host, Int32(SHUT_WR))
+        let eof = try #require(try guest.receive())
+        #expect(eof.header.op == .shutdown && eof.header.flags == VsockHeader.shutdownSend)
+        try guest.send(.shutdown, flags: VsockHeader.shutdownSend | VsockHeader.shutdownReceive)
+        let reset = try #require(try guest.receive())
+        #expect(reset.header.op == .reset)
+        #expect(readAll(host, count: 1).isEmpty, "the device closed its end")
+    }
+
+    @Test func guestShutdownOfSendingEndsTheHostsInput() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        try guest.send(.request)
+        _ = try guest.receive()
+        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        defer { close(host) }
+        try guest.send(.readWrite, payload: [1, 2, 3])
+        try guest.send(.shutdown, flags: VsockHeader.shutdownSend)
+        #expect(readAll(host, count: 100) == [1, 2, 3], "data, then end of file")
+        writeAll(host, [9])
+        #expect(try guest.receiveData(1) == [9], "the other direction still works")
+    }
+
+    @Test func nothingListeningMeansReset() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        try guest.send(.request, to: 7777)
+        #expect(try guest.receive()?.header.op == .reset)
+        try guest.send(.readWrite, from: 6000, payload: [1]) // no such connection
+        #expect(try guest.receive()?.header.op == .reset)
+        try guest.send(.request, type: 2) // SEQPACKET is not offered
+        #expect(try guest.receive()?.header.op == .reset)
+    }
+
+    @Test func hostDataRespectsTheGuestsCredit() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        try guest.send(.request, bufferAllocation: 10)
+        _ = try guest.receive()
+        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        defer { close(host) }
+        writeAll(host, [UInt8](repeating: 0x42, count: 100))
+        #expect(try guest.receiveData(10).count == 10)
+        usleep(100_000)
+        #expect(try guest.rx.usedIndex == guest.consumed, "no more than the credit until the guest frees space")
+        try guest.send(.creditUpdate, bufferAllocation: 10, forwardCount: 10)
+        #expect(try guest.receiveData(10).count == 10)
+    }
+
+    @Test func creditRequestsAreAnsweredWithTheForwardCount() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        try guest.send(.request)
+        _ = try guest.receive()
+        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        defer { close(host) }
+        try guest.send(.readWrite, payload: [UInt8](repeating: 1, count: 1000))
+        _ = readAll(host, count: 1000)
+        try guest.send(.creditRequest)
+        let update = try #require(try guest.receive())
+        #expect(update.header.op == .creditUpdate && update.header.forwardCount == 1000)
+    }
+
+    @Test func aGuestThatOverrunsItsCreditIsReset() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        try guest.send(.request)
+        _ = try guest.receive()
+        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        defer { close(host) }
+        // Fill the host socket so nothing drains, then send past the 256 KiB allocation.
+        _ = fcntl(host, F_SETFL, O_NONBLOCK)
+        let chunk = [UInt8](repeating: 7, count: 4096)
+        for _ in 0..<(Int(VirtioVsock.bufferAllocation) / 4096 + 64) { try guest.send(.readWrite, payload: chunk) }
+        var sawReset = false
+        while let packet = try guest.receive() { if packet.header.op == .reset { sawReset = true; break } }
+        #expect(sawReset)
+        #expect(guest.warnings.withLock { $0 }.contains { $0.contains("overran its credit") })
+    }
+
+    @Test func hostInitiatedConnections() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        let host = try guest.device.connect(toGuestPort: 80)
+        let request = try #require(try guest.receive())
+        #expect(request.header.op == .request && request.header.destinationPort == 80)
+        let hostPort = request.header.sourcePort
+        try guest.send(.response, from: 80, to: hostPort)
+        writeAll(host.rawValue, Array("GET /".utf8))
+        #expect(try guest.receiveData(5) == Array("GET /".utf8))
+        try guest.send(.readWrite, from: 80, to: hostPort, payload: Array("200".utf8))
+        #expect(readAll(host.rawValue, count: 3) == Array("200".utf8))
+        try guest.send(.reset, from: 80, to: hostPort)
+        #expect(readAll(host.rawValue, count: 1).isEmpty, "a reset closes the host end")
+
+        // A refused connection (the guest answers RST) ends the host socket too.
+        let refused = try guest.device.connect(toGuestPort: 81)
+        let second = try #require(try guest.receive())
+        try guest.send(.reset, from: 81, to: second.header.sourcePort)
+        #expect(readAll(refused.rawValue, count: 1).isEmpty)
+    }
+
+    @Test func resetClosesEveryConnection() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        try guest.send(.request)
+        _ = try guest.receive()
+        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        defer { close(host) }
+        guest.device.reset()
+        #expect(readAll(host, count: 1).isEmpty)
+    }
+}
