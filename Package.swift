@@ -23,15 +23,22 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CLinux", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "GuestMemory", dependencies: ["SwiftletSystem"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
+        .target(name: "AgentProtocol", swiftSettings: strict),
         .target(name: "Virtio", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(
             name: "VMM",
-            dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Virtio", "Devices", "SwiftletSystem", "CLinux"],
+            dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Virtio", "Devices", "AgentProtocol", "SwiftletSystem", "CLinux"],
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet",
             dependencies: ["VMM", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict),
+        .target(name: "CGuestSupport", path: "Guest/CGuestSupport"),
+        .executableTarget(
+            name: "swiftlet-init",
+            dependencies: ["AgentProtocol", "CGuestSupport"],
+            path: "Guest/swiftlet-init",
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet-bench",
@@ -43,6 +50,8 @@ let package = Package(
         .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem"], swiftSettings: strict),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "AgentTests", dependencies: ["VMM", "AgentProtocol", "CLinux", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], swiftSettings: strict),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Virtio", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "TestSupport"], swiftSettings: strict),

@@ -5,6 +5,7 @@
 #include <unistd.h>
 #include <cpuid.h>
 #include <sys/random.h>
+#include <sys/signalfd.h>
 
 const unsigned long SWIFTLET_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
 const unsigned long SWIFTLET_KVM_CREATE_VM = KVM_CREATE_VM;
@@ -71,6 +72,17 @@ int swiftlet_unblock_signal(int signo) {
     return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
 int swiftlet_sigrtmin(void) { return SIGRTMIN; }
+int swiftlet_signalfd(const int *signals, int count) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int i = 0; i < count; i++) sigaddset(&set, signals[i]);
+    if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0) return -1;
+    return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+}
+int swiftlet_read_signal(int fd) {
+    struct signalfd_siginfo info;
+    return read(fd, &info, sizeof info) == sizeof info ? (int)info.ssi_signo : -1;
+}
 void swiftlet_set_thread_name(const char *name) { pthread_setname_np(pthread_self(), name); }
 int swiftlet_gettid(void) { return (int)syscall(SYS_gettid); }
 

@@ -37,6 +37,14 @@ public enum TestHost {
         return "/usr/local/bin/swiftlet"
     }
 
+    /// The `swiftlet-init` executable SwiftPM built beside the test bundle ($SWIFTLET_INIT_BIN wins).
+    public static var agentBinary: String {
+        if let bin = getenv("SWIFTLET_INIT_BIN") { return String(cString: bin) }
+        let swiftlet = swiftletBinary
+        guard let slash = swiftlet.lastIndex(of: "/") else { return "swiftlet-init" }
+        return String(swiftlet[..<slash]) + "/swiftlet-init"
+    }
+
     public static func environment(_ name: String) -> String? {
         getenv(name).map { String(cString: $0) }
     }

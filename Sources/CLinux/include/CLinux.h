@@ -83,6 +83,11 @@ void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
 /// Unblocks `signo` for the calling thread (threads inherit their creator's mask, and Swift
 /// concurrency's worker threads block most signals).
 int swiftlet_unblock_signal(int signo);
+/// Blocks `signals` (count of them) in the calling thread and returns a non-blocking signalfd that
+/// receives them; -1 on error.
+int swiftlet_signalfd(const int *signals, int count);
+/// Reads one signal from a signalfd: its number, or -1.
+int swiftlet_read_signal(int fd);
 /// SIGRTMIN (a function-like macro in glibc).
 int swiftlet_sigrtmin(void);
 /// Names the calling thread (pthread_setname_np needs _GNU_SOURCE).

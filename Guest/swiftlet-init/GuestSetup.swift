@@ -1,0 +1,122 @@
+import CGuestSupport
+import Glibc
+
+/// What the host put on the kernel command line for the agent.
+struct BootOptions {
+    /// The image disk to use as the read-only lower layer of the root, or nil to stay in the initramfs.
+    var root: String?
+    var rootType: String?
+    var hostPort: UInt32 = 1024
+    var hostname = "swiftlet"
+
+    init(commandLine: String) {
+        for word in commandLine.split(whereSeparator: { $0 == " " || $0 == "\n" }) {
+            guard let equals = word.firstIndex(of: "=") else { continue }
+            let key = word[..<equals], value = String(word[word.index(after: equals)...])
+            switch key {
+            case "swiftlet.root": root = value
+            case "swiftlet.rootfstype": rootType = value
+            case "swiftlet.port": hostPort = UInt32(value) ?? hostPort
+            case "swiftlet.hostname": hostname = value
+            default: break
+            }
+        }
+    }
+}
+
+enum GuestSetup {
+    static func run(_ options: BootOptions) {
+        mountOrDie("proc", "/proc", "proc")
+        mountOrDie("sysfs", "/sys", "sysfs")
+        mountOrDie("devtmpfs", "/dev", "devtmpfs")
+        if let root = options.root { switchRoot(to: root, type: options.rootType) }
+        makeDirectory("/dev/pts")
+        mountOrDie("devpts", "/dev/pts", "devpts", data: "newinstance,ptmxmode=0666,mode=0620")
+        makeDirectory("/dev/shm")
+        mountOrDie("tmpfs", "/dev/shm", "tmpfs", flags: UInt(MS_NOSUID | MS_NODEV))
+        if access("/dev/ptmx", F_OK) != 0 { symlink("pts/ptmx", "/dev/ptmx") }
+        for (link, target) in [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                               ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] where access(link, F_OK) != 0 {
+            symlink(target, link)
+        }
+        _ = options.hostname.withCString { sethostname($0, strlen($0)) }
+        // Children are reaped through a signalfd; block the signal so it queues there.
+        guest_block_signal(SIGCHLD)
+    }
+
+    /// Stacks a writable tmpfs over the read-only image disk and makes the result the root.
+    static func switchRoot(to device: String, type: String?) {
+        makeDirectory("/mnt"); makeDirectory("/mnt/image"); makeDirectory("/mnt/rw"); makeDirectory("/mnt/root")
+        var mounted = false
+        for fs in type.map({ [$0] }) ?? ["erofs", "ext4"] where !mounted {
+            mounted = mount(device, "/mnt/image", fs, UInt(MS_RDONLY), nil) == 0
+        }
+        guard mounted else { Log.fatal("cannot mount the image disk \(device): \(String(cString: strerror(errno)))") }
+        mountOrDie("tmpfs", "/mnt/rw", "tmpfs", data: "mode=0755")
+        makeDirectory("/mnt/rw/upper"); makeDirectory("/mnt/rw/work")
+        mountOrDie("overlay", "/mnt/root", "overlay", data: "lowerdir=/mnt/image,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work")
+        for dir in ["/proc", "/sys", "/dev"] {
+            makeDirectory("/mnt/root" + dir)
+            guard mount(dir, "/mnt/root" + dir, nil, UInt(MS_MOVE), nil) == 0 else { Log.fatal("cannot move \(dir) into the new root") }
+        }
+        makeDirectory("/mnt/root/tmp")
+        chmod("/mnt/root/tmp", 0o1777)
+        guard chdir("/mnt/root") == 0, mount(".", "/", nil, UInt(MS_MOVE), nil) == 0, chroot(".") == 0, chdir("/") == 0 else {
+            Log.fatal("cannot switch to the image root: \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// Connects to the host; the host listens before the guest boots, so this normally succeeds at once.
+    static func connectToHost(_ options: BootOptions) -> Int32 {
+        for _ in 0..<200 {
+            let fd = guest_vsock_connect(2, options.hostPort)
+            if fd >= 0 { return fd }
+            usleep(10_000)
+        }
+        Log.fatal("cannot connect to the host on vsock port \(options.hostPort)")
+    }
+
+    static func powerOff() -> Never {
+        sync()
+        guest_power_off()
+        exit(0)
+    }
+
+    static func mountOrDie(_ source: String, _ target: String, _ type: String, flags: UInt = 0, data: String? = nil) {
+        let result = data.map { d in d.withCString { mount(source, target, type, flags, $0) } } ?? mount(source, target, type, flags, nil)
+        if result != 0 && errno != EBUSY { Log.fatal("cannot mount \(type) on \(target): \(String(cString: strerror(errno)))") }
+    }
+
+    static func makeDirectory(_ path: String) {
+        if mkdir(path, 0o755) != 0 && errno != EEXIST { Log.fatal("cannot create \(path)") }
+    }
+}
+
+enum Log {
+    static func write(_ text: String) {
+        var line = "swiftlet-init: " + text + "\n"
+        line.withUTF8 { _ = Glibc.write(2, $0.baseAddress, $0.count) }
+    }
+
+    static func fatal(_ text: String) -> Never {
+        write(text)
+        if getpid() == 1 { GuestSetup.powerOff() }
+        exit(1)
+    }
+}
+
+func readText(_ path: String) throws -> String {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw Errno(errno) }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n <= 0 { break }
+        bytes += buffer[0..<n]
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+struct Errno: Error { let code: Int32; init(_ code: Int32) { self.code = code } }

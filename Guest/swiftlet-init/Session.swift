@@ -1,0 +1,166 @@
+import AgentProtocol
+import CGuestSupport
+import Glibc
+
+/// Serves the host's connection: runs each command it asks for, one at a time, forwarding its
+/// input, output, signals and window size, and reports how it ended. Also reaps every orphan
+/// (the agent is PID 1). Returns when the host closes the connection.
+struct Session {
+    let connection: Int32
+    var reader = AgentFrameReader()
+    var command: RunningCommand?
+    /// Host input not yet taken by the command.
+    var pendingInput: [UInt8] = []
+    var inputClosed = false
+    let signals: Int32
+
+    init(connection: Int32) {
+        self.connection = connection
+        guest_block_signal(SIGCHLD)
+        signals = guest_signalfd(SIGCHLD)
+        send(.ready(version: AgentMessage.version))
+    }
+
+    mutating func run() {
+        var buffer = [UInt8](repeating: 0, count: 32 << 10)
+        while true {
+            var fds = [pollfd(fd: connection, events: Int16(POLLIN), revents: 0), pollfd(fd: signals, events: Int16(POLLIN), revents: 0)]
+            if let c = command {
+                if let output = c.output { fds.append(pollfd(fd: output, events: Int16(POLLIN), revents: 0)) }
+                if let error = c.error { fds.append(pollfd(fd: error, events: Int16(POLLIN), revents: 0)) }
+                if let input = c.input, !pendingInput.isEmpty, !c.terminal || input != c.output {
+                    fds.append(pollfd(fd: input, events: Int16(POLLOUT), revents: 0))
+                }
+            }
+            let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), -1) }
+            if ready < 0 { if errno == EINTR { continue }; Log.fatal("poll failed: \(String(cString: strerror(errno)))") }
+            for fd in fds where fd.revents != 0 {
+                if fd.fd == connection {
+                    let n = buffer.withUnsafeMutableBytes { read(connection, $0.baseAddress, $0.count) }
+                    if n <= 0 { stopCommand(); return } // the host went away
+                    reader.append(buffer[0..<n])
+                    do {
+                        while let message = try reader.next() { handle(message) }
+                    } catch {
+                        Log.write("\(error)")
+                        stopCommand()
+                        return
+                    }
+                } else if fd.fd == signals {
+                    while guest_read_signal(signals) > 0 {}
+                    reap()
+                } else if fd.revents & Int16(POLLOUT) != 0 {
+                    flushInput()
+                } else {
+                    forwardOutput(fd.fd, buffer: &buffer)
+                }
+            }
+            finishIfDone()
+        }
+    }
+
+    mutating func handle(_ message: AgentMessage) {
+        switch message {
+        case .exec(let request):
+            guard command == nil else {
+                send(.failed(status: 126, message: "a command is already running"))
+                return
+            }
+            pendingInput = []
+            inputClosed = false
+            switch Spawn.start(request) {
+            case .success(let started):
+                command = started
+                send(.started(pid: started.pid))
+            case .failure(let failure):
+                send(.failed(status: failure.status, message: failure.message))
+            }
+        case .stdin(let bytes):
+            pendingInput += bytes
+            flushInput()
+        case .closeStdin:
+            inputClosed = true
+            flushInput()
+        case .signal(let number):
+            if let c = command, c.status == nil { kill(-c.pid, number) }
+        case .resize(let rows, let columns):
+            if let c = command, c.terminal, let output = c.output { guest_set_window_size(output, rows, columns) }
+        case .ready, .started, .stdout, .stderr, .exited, .failed:
+            Log.write("ignoring a host message meant for the host")
+        }
+    }
+
+    /// Writes pending host input to the command; closes its input once the host's has ended.
+    mutating func flushInput() {
+        guard let c = command, let input = c.input else { pendingInput = []; return }
+        while !pendingInput.isEmpty {
+            let n = pendingInput.withUnsafeBytes { write(input, $0.baseAddress, $0.count) }
+            if n > 0 { pendingInput.removeFirst(n); continue }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && errno == EAGAIN { return }
+            pendingInput = [] // the command closed its input: drop the rest, as a pipe would
+            break
+        }
+        guard inputClosed else { return }
+        if c.terminal {
+            // A terminal has no half-close: end of input is the EOF character at a line start.
+            var eof: UInt8 = 4
+            _ = write(input, &eof, 1)
+            inputClosed = false
+        } else {
+            close(input)
+            command?.input = nil
+        }
+    }
+
+    mutating func forwardOutput(_ fd: Int32, buffer: inout [UInt8]) {
+        guard let c = command else { return }
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n > 0 {
+            let bytes = Array(buffer[0..<n])
+            send(fd == c.error ? .stderr(bytes) : .stdout(bytes))
+            return
+        }
+        if n < 0 && (errno == EINTR || errno == EAGAIN) { return }
+        // End of file (or EIO from a pty whose last holder closed it).
+        close(fd)
+        if fd == c.output { command?.output = nil; if c.terminal { command?.input = nil } }
+        if fd == c.error { command?.error = nil }
+    }
+
+    /// Collects every exited child; remembers the command's status.
+    mutating func reap() {
+        while true {
+            var status: Int32 = 0
+            let pid = waitpid(-1, &status, WNOHANG)
+            if pid <= 0 { return }
+            if let c = command, pid == c.pid {
+                let signal = status & 0x7F
+                command?.status = signal == 0 ? (status >> 8) & 0xFF : 128 + signal
+            }
+        }
+    }
+
+    /// Reports the command's end once it has exited and its output is drained.
+    mutating func finishIfDone() {
+        guard let c = command, let status = c.status, c.output == nil, c.error == nil else { return }
+        if let input = c.input { close(input) }
+        command = nil
+        pendingInput = []
+        send(.exited(status: status))
+    }
+
+    /// The host is gone: end the command and everything it started.
+    mutating func stopCommand() {
+        if let c = command, c.status == nil { kill(-c.pid, SIGKILL) }
+    }
+
+    func send(_ message: AgentMessage) {
+        let frame = AgentFrame.encode(message)
+        var done = 0
+        while done < frame.count {
+            let n = frame.withUnsafeBytes { write(connection, $0.baseAddress! + done, $0.count - done) }
+            if n > 0 { done += n } else if n < 0 && errno == EINTR { continue } else { return }
+        }
+    }
+}

@@ -1,0 +1,27 @@
+import AgentProtocol
+import CGuestSupport
+import Glibc
+
+// swiftlet-init: the guest's PID 1 and agent. It mounts the guest's filesystems, makes the image
+// disk (read-only, under a writable overlay) the root, connects to the host over vsock, and runs
+// the commands the host sends, streaming their input and output and reporting how they ended.
+//
+// As an ordinary process (`swiftlet-init --unix PATH`) it skips the set-up and serves a Unix
+// socket instead, so the agent's behaviour can be tested on the host.
+
+let arguments = CommandLine.arguments
+let connection: Int32
+if arguments.count == 3 && arguments[1] == "--unix" {
+    connection = guest_unix_connect(arguments[2])
+    guard connection >= 0 else { Log.fatal("cannot connect to \(arguments[2])") }
+} else if getpid() == 1 {
+    let options = BootOptions(commandLine: (try? readText("/proc/cmdline")) ?? "")
+    GuestSetup.run(options)
+    connection = GuestSetup.connectToHost(options)
+} else {
+    Log.fatal("usage: swiftlet-init (as PID 1 in a Swiftlet guest) | swiftlet-init --unix SOCKET")
+}
+var session = Session(connection: connection)
+session.run()
+if getpid() == 1 { GuestSetup.powerOff() }
+exit(0)

@@ -1,0 +1,48 @@
+/// The messages between Swiftlet (host) and `swiftlet-init` (guest), over one vsock stream the
+/// agent opens to the host at start-up. Framing and encoding are in `AgentFrame`; the format is
+/// documented in docs/agent-protocol.md.
+public enum AgentMessage: Equatable, Sendable {
+    // guest → host
+    /// The agent is up and the root filesystem is ready.
+    case ready(version: UInt32)
+    /// The command started with this process id.
+    case started(pid: Int32)
+    case stdout([UInt8])
+    case stderr([UInt8])
+    /// The command ended: its exit status, or 128 + N for signal N (as a shell reports it).
+    case exited(status: Int32)
+    /// The agent could not do what was asked: `status` is what the command would have exited with
+    /// (127 for a command that does not exist, 126 for one that cannot run).
+    case failed(status: Int32, message: String)
+
+    // host → guest
+    case exec(ExecRequest)
+    case stdin([UInt8])
+    /// The host's standard input ended.
+    case closeStdin
+    /// Deliver this signal to the command's process group.
+    case signal(Int32)
+    /// The host terminal changed size (rows, columns).
+    case resize(rows: UInt16, columns: UInt16)
+
+    public static let version: UInt32 = 1
+}
+
+/// What to run and how.
+public struct ExecRequest: Equatable, Sendable {
+    public var arguments: [String]
+    public var environment: [String]
+    public var workingDirectory: String
+    /// A user name, uid, or uid:gid; empty for root.
+    public var user: String
+    /// Give the command a pseudo-terminal (stdout and stderr both arrive as `stdout`).
+    public var terminal: Bool
+    public var rows: UInt16
+    public var columns: UInt16
+
+    public init(arguments: [String], environment: [String] = [], workingDirectory: String = "/", user: String = "",
+                terminal: Bool = false, rows: UInt16 = 24, columns: UInt16 = 80) {
+        self.arguments = arguments; self.environment = environment; self.workingDirectory = workingDirectory
+        self.user = user; self.terminal = terminal; self.rows = rows; self.columns = columns
+    }
+}

@@ -1,0 +1,139 @@
+import AgentProtocol
+import CLinux
+import Glibc
+import SwiftletSystem
+
+/// The host's side of the connection to a guest's `swiftlet-init`: waits for it to be ready, runs a
+/// command, and relays the command's standard streams and signals until it ends.
+public final class AgentSession: @unchecked Sendable {
+    // SAFETY (Sendable): used by one thread at a time (the one running `run`); `close` only shuts
+    // the socket down, which is safe from any thread.
+    private let socket: OwnedFileDescriptor
+    private var reader = AgentFrameReader()
+    private var buffer = [UInt8](repeating: 0, count: 64 << 10)
+
+    public init(socket: consuming OwnedFileDescriptor) {
+        self.socket = socket
+    }
+
+    /// Waits for the agent's `ready`; returns false if the connection ends first.
+    public func waitUntilReady() throws(SwiftletError) -> Bool {
+        while true {
+            guard let message = try receive(blocking: true) else { return false }
+            if case .ready(let version) = message {
+                guard version == AgentMessage.version else {
+                    throw SwiftletError(.unsupported, "the guest agent speaks protocol version \(version), this Swiftlet speaks \(AgentMessage.version): rebuild the guest image")
+                }
+                return true
+            }
+        }
+    }
+
+    /// Where the command's streams go on the host.
+    public struct Streams: Sendable {
+        public var input: Int32?
+        public var output: Int32
+        public var error: Int32
+        /// Host signals (blocked in the calling thread and read from this signalfd) to forward.
+        public var signals: Int32?
+
+        public init(input: Int32?, output: Int32 = 1, error: Int32 = 2, signals: Int32? = nil) {
+            self.input = input; self.output = output; self.error = error; self.signals = signals
+        }
+    }
+
+    /// The command's outcome: its exit status (128 + N after signal N), and the agent's message
+    /// when it could not start the command (status 127 or 126).
+    public struct Outcome: Sendable, Equatable {
+        public var status: Int32
+        public var failure: String?
+    }
+
+    /// Runs `request` and relays its streams until it ends.
+    public func run(_ request: ExecRequest, streams: Streams) throws(SwiftletError) -> Outcome {
+        try send(.exec(request))
+        var input = streams.input
+        while true {
+            var fds = [pollfd(fd: socket.rawValue, events: Int16(POLLIN), revents: 0)]
+            if let input { fds.append(pollfd(fd: input, events: Int16(POLLIN), revents: 0)) }
+            if let signals = streams.signals { fds.append(pollfd(fd: signals, events: Int16(POLLIN), revents: 0)) }
+            let n = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), -1) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SwiftletError.system("poll failed", errno: currentErrno)
+            }
+            for fd in fds where fd.revents != 0 {
+                if fd.fd == socket.rawValue {
+                    guard let messages = try receiveAvailable() else {
+                        throw SwiftletError(.guestFailure, "the guest agent closed the connection before the command ended")
+                    }
+                    for message in messages {
+                        switch message {
+                        case .stdout(let bytes): write(bytes, to: streams.output)
+                        case .stderr(let bytes): write(bytes, to: streams.error)
+                        case .exited(let status): return Outcome(status: status, failure: nil)
+                        case .failed(let status, let text): return Outcome(status: status, failure: text)
+                        default: break
+                        }
+                    }
+                } else if fd.fd == input {
+                    let count = buffer.withUnsafeMutableBytes { read(fd.fd, $0.baseAddress, $0.count) }
+                    if count > 0 {
+                        try send(.stdin(Array(buffer[0..<count])))
+                    } else if count == 0 || (errno != EINTR && errno != EAGAIN) {
+                        try send(.closeStdin)
+                        input = nil
+                    }
+                } else if fd.fd == streams.signals {
+                    while case let signal = swiftlet_read_signal(fd.fd), signal > 0 { try send(.signal(signal)) }
+                }
+            }
+        }
+    }
+
+    /// Tells the agent the terminal's new size.
+    public func resize(rows: UInt16, columns: UInt16) throws(SwiftletError) {
+        try send(.resize(rows: rows, columns: columns))
+    }
+
+    public func send(_ message: AgentMessage) throws(SwiftletError) {
+        let frame = AgentFrame.encode(message)
+        let fd = socket.rawValue
+        let result = frame.withUnsafeBytes { bytes in Result { () throws(SwiftletError) in try OwnedFileDescriptor.writeAll(fd: fd, bytes) } }
+        try result.get()
+    }
+
+    /// Reads what the socket has and decodes every complete message; nil at end of stream.
+    private func receiveAvailable() throws(SwiftletError) -> [AgentMessage]? {
+        let fd = socket.rawValue
+        let n = try systemCall("cannot read from the guest agent") { buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } }
+        if n == 0 { return nil }
+        reader.append(buffer[0..<n])
+        var messages: [AgentMessage] = []
+        do {
+            while let m = try reader.next() { messages.append(m) }
+        } catch {
+            throw SwiftletError(.invalidFormat, error.description)
+        }
+        return messages
+    }
+
+    private func receive(blocking: Bool) throws(SwiftletError) -> AgentMessage? {
+        while true {
+            do {
+                if let m = try reader.next() { return m }
+            } catch {
+                throw SwiftletError(.invalidFormat, error.description)
+            }
+            let fd = socket.rawValue
+            let n = try systemCall("cannot read from the guest agent") { buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } }
+            if n == 0 { return nil }
+            reader.append(buffer[0..<n])
+        }
+    }
+
+    private func write(_ bytes: [UInt8], to fd: Int32) {
+        // A closed output (a pipe whose reader left) must not stop the relay: drop the bytes.
+        _ = bytes.withUnsafeBytes { try? OwnedFileDescriptor.writeAll(fd: fd, $0) }
+    }
+}

@@ -1,0 +1,117 @@
+import AgentProtocol
+import CLinux
+import Glibc
+import SwiftletSystem
+import Testing
+import TestSupport
+@testable import VMM
+
+/// `swiftlet-init` as an ordinary process (`--unix SOCKET`), driven by the host's `AgentSession`:
+/// everything the agent does except the guest's mounts, without booting a VM.
+@Suite(.serialized, .enabled(if: access(TestHost.agentBinary, X_OK) == 0, "swiftlet-init is not built"))
+struct AgentTests {
+    let dir = TemporaryDirectory()
+
+    /// Starts the agent, accepts its connection, waits for `ready`, runs `body`, then hangs up.
+    func withAgent(_ body: (AgentSession) throws -> Void) throws {
+        let listener = try #require(UnixSocketListener(path: dir.path + "/agent.sock"))
+        let agent = TestHost.agentBinary, path = listener.path
+        let thread = try OSThread.start(name: "agent") { _ = Subprocess.run([agent, "--unix", path], timeout: 120) }
+        defer { thread.join() }
+        let fd = try #require(listener.accept(), "the agent did not connect")
+        let session = AgentSession(socket: OwnedFileDescriptor(taking: fd))
+        #expect(try session.waitUntilReady())
+        try body(session)
+    }
+
+    /// Runs a command with stdin from `input`, collecting stdout and stderr in files.
+    func run(_ session: AgentSession, _ request: ExecRequest, input: [UInt8]? = nil, signals: Int32? = nil)
+        throws -> (outcome: AgentSession.Outcome, stdout: [UInt8], stderr: [UInt8]) {
+        let out = dir.write("out", []), err = dir.write("err", [])
+        let outFD = open(out, O_WRONLY | O_TRUNC), errFD = open(err, O_WRONLY | O_TRUNC)
+        defer { close(outFD); close(errFD) }
+        var inFD: Int32?
+        if let input { inFD = open(dir.write("in", input), O_RDONLY) }
+        defer { if let inFD { close(inFD) } }
+        let outcome = try session.run(request, streams: .init(input: inFD, output: outFD, error: errFD, signals: signals))
+        return (outcome, try OwnedFileDescriptor.readSmallFile(out, limit: 64 << 20), try OwnedFileDescriptor.readSmallFile(err))
+    }
+
+    @Test func exitStatusAndSeparateStreams() throws {
+        try withAgent { session in
+            let r = try run(session, ExecRequest(arguments: ["sh", "-c", "echo out; echo err >&2; exit 7"]))
+            #expect(r.outcome == .init(status: 7, failure: nil))
+            #expect(r.stdout == Array("out\n".utf8))
+            #expect(r.stderr == Array("err\n".utf8))
+            // A second command in the same session.
+            let again = try run(session, ExecRequest(arguments: ["true"]))
+            #expect(again.outcome.status == 0 && again.stdout.isEmpty)
+        }
+    }
+
+    @Test func missingAndUnrunnableCommands() throws {
+        let script = dir.write("not-executable", Array("echo hi\n".utf8), mode: 0o644)
+        try withAgent { session in
+            let missing = try run(session, ExecRequest(arguments: ["no-such-command-here"]))
+            #expect(missing.outcome.status == 127)
+            #expect(missing.outcome.failure?.contains("no-such-command-here: command not found") == true)
+            let refused = try run(session, ExecRequest(arguments: [script]))
+            #expect(refused.outcome.status == 126)
+            let badUser = try run(session, ExecRequest(arguments: ["true"], user: "no-such-user"))
+            #expect(badUser.outcome.status == 126)
+            #expect(badUser.outcome.failure?.contains("unable to find user no-such-user") == true)
+        }
+    }
+
+    @Test func binaryInputAndOutputPassThroughIntact() throws {
+        var bytes = [UInt8](repeating: 0, count: 8 << 20)
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15
+        for i in bytes.indices { state = state &* 6364136223846793005 &+ 1442695040888963407; bytes[i] = UInt8(truncatingIfNeeded: state >> 33) }
+        try withAgent { session in
+            let r = try run(session, ExecRequest(arguments: ["cat"]), input: bytes)
+            #expect(r.outcome.status == 0)
+            #expect(r.stdout.count == bytes.count)
+            #expect(r.stdout == bytes)
+        }
+    }
+
+    @Test func environmentWorkingDirectoryAndUser() throws {
+        try withAgent { session in
+            let r = try run(session, ExecRequest(arguments: ["sh", "-c", "pwd; echo $FOO; id -u; id -g; echo $PATH"],
+                                                 environment: ["FOO=bar baz"], workingDirectory: "/tmp", user: "65534:65533"))
+            #expect(r.outcome.status == 0, "\(String(decoding: r.stderr, as: UTF8.self))")
+            let lines = String(decoding: r.stdout, as: UTF8.self).split(separator: "\n")
+            #expect(lines.prefix(4) == ["/tmp", "bar baz", "65534", "65533"])
+            #expect(lines.last?.contains("/usr/bin") == true, "a default PATH")
+        }
+    }
+
+    @Test func signalsReachTheCommandAndDeathBySignalIs128PlusN() throws {
+        try withAgent { session in
+            let selfKilled = try run(session, ExecRequest(arguments: ["sh", "-c", "kill -TERM $$"]))
+            #expect(selfKilled.outcome.status == 143)
+
+            var wanted = [SIGUSR1]
+            let signals = swiftlet_signalfd(&wanted, 1)
+            defer { close(signals); _ = swiftlet_unblock_signal(SIGUSR1) }
+            let me = pthread_self()
+            let sender = try OSThread.start(name: "signal") { usleep(300_000); pthread_kill(me, SIGUSR1) }
+            defer { sender.join() }
+            let interrupted = try run(session, ExecRequest(arguments: ["sleep", "30"]), signals: signals)
+            #expect(interrupted.outcome.status == 128 + SIGUSR1)
+        }
+    }
+
+    @Test func aTerminalCarriesBothStreamsAndItsSize() throws {
+        try withAgent { session in
+            let r = try run(session, ExecRequest(arguments: ["sh", "-c", "tty; stty size; echo to-stderr >&2"],
+                                                 terminal: true, rows: 50, columns: 132))
+            let text = String(decoding: r.stdout, as: UTF8.self)
+            #expect(r.outcome.status == 0)
+            #expect(text.contains("/dev/pts/"), "\(text)")
+            #expect(text.contains("50 132"), "\(text)")
+            #expect(text.contains("to-stderr"), "\(text)")
+            #expect(r.stderr.isEmpty)
+        }
+    }
+}
