@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
 DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
 
-.PHONY: all setup kernel initramfs build build-tests demo test unit-test test-nested bench bench-boot clean
+.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot clean
 
 all: build
 
@@ -17,15 +17,22 @@ kernel: setup
 initramfs: setup
 	@scripts/build-initramfs >/dev/null
 
-# The CLI, as one static executable: .build/release/swiftlet
+# The CLI and the guest agent, as static executables: .build/release/swiftlet, .build/release/swiftlet-init;
+# the agent packed as the initramfs `swiftlet run` boots, and the default (busybox) image.
 build: setup
 	swift build $(SWIFTPM_STATIC) --product swiftlet
+	swift build $(SWIFTPM_STATIC) --product swiftlet-init
+	@scripts/build-agent >/dev/null
+	@scripts/build-default-image >/dev/null
+
+# Everything a guest needs: kernel, demo initramfs, agent initramfs, default image.
+guest: kernel initramfs build
 
 build-tests: setup
 	swift build --build-tests
 
 # Boots the demo guest and runs DEMO_COMMAND in it (inside the nested test host when /dev/kvm is PVM).
-demo: kernel initramfs build
+demo: guest
 	@if [ -e /sys/module/kvm_pvm ]; then \
 	  echo "==> /dev/kvm here is PVM: booting inside the nested test host (scripts/nested-run)"; \
 	  scripts/nested-run -- swiftlet boot --boot-timing -- $(DEMO_COMMAND); \
@@ -36,15 +43,15 @@ demo: kernel initramfs build
 # Every test: unit tests on this host, then the Linux-guest integration suite.
 test: unit-test test-nested
 
-unit-test: kernel initramfs build-tests
+unit-test: guest build-tests
 	swift test --skip-build
 
-test-nested: kernel initramfs build build-tests
+test-nested: guest build-tests
 	@scripts/test-nested
 
 bench: bench-boot
 
-bench-boot: kernel initramfs build
+bench-boot: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
 	@scripts/bench-boot
 

@@ -32,7 +32,7 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet",
-            dependencies: ["VMM", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["VMM", "AgentProtocol", "SwiftletSystem", "CLinux", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         .target(name: "CGuestSupport", path: "Guest/CGuestSupport"),
         .executableTarget(

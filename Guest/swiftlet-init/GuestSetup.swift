@@ -26,7 +26,7 @@ struct BootOptions {
 
 enum GuestSetup {
     static func run(_ options: BootOptions) {
-        mountOrDie("proc", "/proc", "proc")
+        if access("/proc/self", F_OK) != 0 { mountOrDie("proc", "/proc", "proc") } // /init usually did
         mountOrDie("sysfs", "/sys", "sysfs")
         mountOrDie("devtmpfs", "/dev", "devtmpfs")
         if let root = options.root { switchRoot(to: root, type: options.rootType) }

@@ -6,6 +6,7 @@ import Glibc
 // disk (read-only, under a writable overlay) the root, connects to the host over vsock, and runs
 // the commands the host sends, streaming their input and output and reporting how they ended.
 //
+// The initramfs's /init (guest/agent/init.c) mounts /proc first: the static Swift runtime needs it.
 // As an ordinary process (`swiftlet-init --unix PATH`) it skips the set-up and serves a Unix
 // socket instead, so the agent's behaviour can be tested on the host.
 

@@ -17,6 +17,12 @@ public enum GuestAssets {
     /// The busybox demo initramfs built by scripts/build-initramfs.
     public static var defaultInitrd: String { cacheDirectory + "/initramfs/default/initramfs.cpio" }
 
+    /// The guest agent's initramfs built by scripts/build-agent (`swiftlet run` boots it).
+    public static var agentInitrd: String { cacheDirectory + "/agent/default/initramfs.cpio" }
+
+    /// The default root filesystem for `swiftlet run`: busybox, built by scripts/build-default-image.
+    public static var defaultImage: String { cacheDirectory + "/images/default/rootfs.erofs" }
+
     /// Resolves symlinks, so users see the content-addressed directory.
     public static func resolve(_ path: String) -> String? {
         guard let p = realpath(path, nil) else { return nil }

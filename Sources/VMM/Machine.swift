@@ -43,6 +43,12 @@ public struct MachineRunReport: Sendable {
 /// ```
 public final class Machine: Sendable {
     public let config: MachineConfig
+    /// Where guest vsock connections go before `config.vsock`'s Unix socket forwards (an
+    /// in-process agent channel, say).
+    public let vsockPorts: (any VsockHostPorts)?
+    /// The run in progress, for `stop()`.
+    private let running = Mutex<MachineController?>(nil)
+    private let stopRequested = Atomic<Bool>(false)
 
     /// Ports of the VMM's own devices.
     public enum Ports {
@@ -57,8 +63,16 @@ public final class Machine: Sendable {
     /// The first GSI for virtio devices; each takes the next one.
     static let firstVirtioGSI: UInt32 = 5
 
-    public init(config: MachineConfig) {
+    public init(config: MachineConfig, vsockPorts: (any VsockHostPorts)? = nil) {
         self.config = config
+        self.vsockPorts = vsockPorts
+    }
+
+    /// Stops the machine at once (its vCPUs leave the guest; no guest shutdown): the run ends
+    /// with `.stopped`. Safe from any thread; a stop before the run starts ends it as soon as it does.
+    public func stop() {
+        stopRequested.store(true, ordering: .releasing)
+        running.withLock { $0?.stop(.stopped) }
     }
 
     /// Boots the machine and waits for it to stop, on a dedicated thread (never blocking Swift's
@@ -104,11 +118,15 @@ public final class Machine: Sendable {
 
         phases.append(("memory", MonotonicClock.now))
         let controller = try MachineController()
+        running.withLock { $0 = controller }
+        defer { running.withLock { $0 = nil } }
+        if stopRequested.load(ordering: .acquiring) { controller.stop(.stopped) }
         var virtioDevices: [any VirtioDevice] = try Self.makeDisks(config.disks, controller: controller)
         if config.entropyDevice { virtioDevices.append(VirtioRNG(onError: { controller.warn($0.description) })) }
         var vsock: VirtioVsock?
         if let vsockConfig = config.vsock {
-            let device = try VirtioVsock(guestCID: vsockConfig.guestCID, hostPorts: UnixSocketPorts(forwards: vsockConfig.forwards),
+            let ports = ChainedPorts(first: vsockPorts, then: UnixSocketPorts(forwards: vsockConfig.forwards))
+            let device = try VirtioVsock(guestCID: vsockConfig.guestCID, hostPorts: ports,
                                          onError: { controller.warn($0.description) })
             virtioDevices.append(device)
             vsock = device

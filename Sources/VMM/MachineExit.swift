@@ -14,11 +14,13 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
     case failedEntry(cpu: UInt32, reason: UInt64)
     /// The VMM failed while running the guest.
     case vmmError(String)
+    /// The host stopped the machine (`Machine.stop()`): its work was done.
+    case stopped
 
     /// Whether this is an orderly end (power off or reboot) rather than a crash.
     public var isClean: Bool {
         switch self {
-        case .powerOff, .reset: return true
+        case .powerOff, .reset, .stopped: return true
         default: return false
         }
     }
@@ -27,6 +29,7 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
         switch self {
         case .powerOff: return "the guest powered off"
         case .reset: return "the guest rebooted"
+        case .stopped: return "the host stopped the machine"
         case .guestPanic: return "the guest kernel panicked (see its console output above)"
         case .tripleFault(let cpu, let rip):
             return "vCPU \(cpu) triple-faulted at rip 0x\(String(rip, radix: 16)): the guest kernel crashed before it could report a panic"

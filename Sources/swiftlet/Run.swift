@@ -1,0 +1,271 @@
+import AgentProtocol
+import ArgumentParser
+import CLinux
+import Glibc
+import Synchronization
+import SwiftletSystem
+import VMM
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a command in a fresh microVM and return its output and exit status.",
+        discussion: """
+            Boots a VM whose root filesystem is the default busybox image (or --rootfs), runs the \
+            command there through the guest agent, relays its standard input (with -i), output and \
+            error separately, and exits with its status (128+N if signal N ended it; 127 if the \
+            command does not exist). The VM is destroyed when the command ends.
+
+              swiftlet run -- sh -c 'echo out; echo err >&2; exit 7'
+            """)
+
+    @Option(name: .shortAndLong, help: ArgumentHelp("Set an environment variable (KEY=VALUE, or KEY to pass the host's). Repeatable.", valueName: "key=value"))
+    var env: [String] = []
+
+    @Option(name: [.customShort("w"), .long], help: "Working directory inside the VM.")
+    var workdir = "/"
+
+    @Option(name: .shortAndLong, help: "User to run as: name, uid, or uid:gid.")
+    var user = ""
+
+    @Flag(name: .shortAndLong, help: "Pass standard input to the command.")
+    var interactive = false
+
+    @Flag(name: .shortAndLong, help: "Give the command a terminal (the host's terminal goes raw while it runs).")
+    var tty = false
+
+    @Option(help: ArgumentHelp("Stop the VM after this long (e.g. 30s, 500ms, 2m); exit status 124.", valueName: "duration"))
+    var timeout: String?
+
+    @Option(help: "Number of vCPUs.")
+    var cpus = 1
+
+    @Option(help: "Guest memory in MiB.")
+    var memory = 256
+
+    @Option(help: "Guest kernel (default: the one `make kernel` built).")
+    var kernel: String?
+
+    @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
+    var rootfs: String?
+
+    @Flag(help: "Show the guest kernel's console on standard error.")
+    var console = false
+
+    @Flag(help: "Boot even though /dev/kvm is PVM-backed (only a PVM-enabled guest kernel can run there).")
+    var allowPVM = false
+
+    @Argument(parsing: .postTerminator, help: "The command and its arguments (default: sh).")
+    var command: [String] = []
+
+    static let agentPort: UInt32 = 1024
+
+    /// Parses 30s, 500ms, 2m, 1h or a plain number of seconds into milliseconds.
+    static func milliseconds(_ text: String) -> Int? {
+        let units: [(String, Double)] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]
+        for (suffix, scale) in units where text.hasSuffix(suffix) {
+            guard let value = Double(text.dropLast(suffix.count)), value > 0 else { return nil }
+            return Int(value * scale)
+        }
+        return Double(text).flatMap { $0 > 0 ? Int($0 * 1000) : nil }
+    }
+
+    func validate() throws {
+        if let timeout, Self.milliseconds(timeout) == nil {
+            throw ValidationError("--timeout \(timeout): expected a duration such as 30s, 500ms or 2m")
+        }
+        for variable in env where variable.isEmpty || variable.hasPrefix("=") {
+            throw ValidationError("-e \(variable): expected KEY=VALUE or KEY")
+        }
+    }
+
+    /// `-e` values: KEY=VALUE as given, KEY alone from the host's environment (skipped if unset).
+    var environment: [String] {
+        env.compactMap { variable in
+            if variable.contains("=") { return variable }
+            return getenv(variable).map { variable + "=" + String(cString: $0) }
+        }
+    }
+
+    func run() throws {
+        let kernelPath = kernel ?? GuestAssets.defaultKernel()
+        let agent = GuestAssets.agentInitrd, image = rootfs ?? GuestAssets.defaultImage
+        for (path, what, fix) in [(agent, "guest agent initramfs", "`make build`"), (image, "root filesystem image", "`make build`")]
+        where access(path, R_OK) != 0 {
+            printError("no \(what) at \(path): \(rootfs != nil && path == image ? "check the --rootfs path" : "build it with " + fix)")
+            throw ExitCode(Status.setupFailed)
+        }
+
+        // Signals to forward are blocked here, before any thread starts, and read from a signalfd.
+        var forwarded = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH]
+        let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
+
+        let consoleLog = console ? nil : ConsoleLog()
+        let port = try InProcessPort(port: Self.agentPort)
+        let config = MachineConfig(
+            kernelPath: kernelPath, initrdPath: agent,
+            commandLine: MachineConfig.defaultCommandLine + " swiftlet.root=/dev/vda swiftlet.port=\(Self.agentPort)",
+            cpuCount: cpus, memoryMiB: memory, allowPVM: allowPVM, consoleOutput: console ? 2 : consoleLog?.fd,
+            consoleInput: nil, disks: [DiskConfig(path: image, readOnly: true)], entropyDevice: true,
+            vsock: VsockConfig())
+        var kvmConfig = config
+        if let device = getenv("SWIFTLET_KVM_DEVICE") { kvmConfig.kvmPath = String(cString: device) }
+        let machine = Machine(config: kvmConfig, vsockPorts: port)
+
+        let ended = try EventFD(nonBlocking: true)
+        let result = Mutex<Result<MachineRunReport, SwiftletError>?>(nil)
+        let endedFD = ended.rawValue
+        let thread = try OSThread.start(name: "machine", stackSize: 1 << 20) {
+            let r = Result { () throws(SwiftletError) in try machine.runBlocking() }
+            result.withLock { $0 = r }
+            var one: UInt64 = 1
+            _ = write(endedFD, &one, 8)
+        }
+        let watchdog = try Watchdog(milliseconds: timeout.flatMap(Self.milliseconds)) { machine.stop() }
+        var terminal: RawTerminal?
+        defer {
+            terminal?.restore()
+            watchdog.cancel()
+            machine.stop()
+            thread.join()
+        }
+
+        func machineFailure() -> Int32 {
+            thread.join()
+            switch result.withLock({ $0 }) {
+            case .failure(let error)?:
+                printError(error.description)
+                return Status.setupFailed
+            case .success(let report)?:
+                if watchdog.fired { return timedOut() }
+                consoleLog?.printTail()
+                printError(report.exit.isClean ? "the guest stopped before its agent answered (\(report.exit))" : report.exit.description)
+                return Status.guestCrashed
+            case nil:
+                return Status.setupFailed
+            }
+        }
+        func timedOut() -> Int32 {
+            printError("the command did not finish within \(timeout ?? ""); the VM was stopped")
+            return 124
+        }
+
+        guard let connection = port.next(timeoutMilliseconds: -1, cancel: endedFD) else { throw ExitCode(machineFailure()) }
+        let session = AgentSession(socket: connection)
+        let ready: Bool
+        do { ready = try session.waitUntilReady() } catch {
+            printError(error.description)
+            throw ExitCode(Status.guestCrashed)
+        }
+        guard ready else { throw ExitCode(machineFailure()) }
+
+        var rows: UInt16 = 24, columns: UInt16 = 80
+        if tty && isatty(0) == 1 {
+            terminal = RawTerminal(fd: 0)
+            (rows, columns) = RawTerminal.size(of: 0) ?? (rows, columns)
+        }
+        let request = ExecRequest(arguments: command.isEmpty ? ["sh"] : command, environment: environment,
+                                  workingDirectory: workdir, user: user, terminal: tty, rows: rows, columns: columns)
+        let outcome: AgentSession.Outcome
+        do {
+            outcome = try session.run(request, streams: .init(input: interactive || tty ? 0 : nil, output: 1, error: 2,
+                                                              signals: signals >= 0 ? signals : nil))
+        } catch {
+            if watchdog.fired { throw ExitCode(timedOut()) }
+            terminal?.restore()
+            printError(error.description)
+            throw ExitCode(machineFailure())
+        }
+        if let failure = outcome.failure { printError(failure) }
+        throw ExitCode(outcome.status)
+    }
+}
+
+/// The guest console when nobody watches it: kept in an unlinked temporary file so a failed
+/// boot can show how it ended.
+final class ConsoleLog {
+    let fd: Int32
+
+    init?() {
+        var template = Array("/tmp/swiftlet-console.XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { return nil }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        self.fd = fd
+    }
+
+    /// Prints the last lines of the console to stderr.
+    func printTail(lines: Int = 30) {
+        let size = lseek(fd, 0, SEEK_END)
+        let start = max(0, size - 16384)
+        var bytes = [UInt8](repeating: 0, count: Int(size - start))
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, start) }
+        guard n > 0 else { return }
+        let text = String(decoding: bytes[0..<n], as: UTF8.self)
+        let tail = text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
+        var out = "--- guest console (last lines) ---\n" + tail + "\n---\n"
+        out.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+    }
+
+    deinit { close(fd) }
+}
+
+/// Stops the VM when the time is up, unless cancelled first.
+final class Watchdog: Sendable {
+    private let cancelled: EventFD
+    private final class Flag: Sendable { let value = Atomic<Bool>(false) }
+    private let state = Flag()
+    private let thread: OSThread?
+
+    init(milliseconds: Int?, onTimeout: @escaping @Sendable () -> Void) throws(SwiftletError) {
+        cancelled = try EventFD(nonBlocking: true)
+        guard let milliseconds else { thread = nil; return }
+        let fd = cancelled.rawValue, state = state
+        thread = try OSThread.start(name: "timeout") {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            var remaining = milliseconds
+            let deadline = MonotonicClock.now + UInt64(milliseconds) * 1_000_000
+            while remaining > 0 {
+                let n = poll(&p, 1, Int32(min(remaining, Int(Int32.max))))
+                if n > 0 { return }
+                let now = MonotonicClock.now
+                remaining = now >= deadline ? 0 : Int((deadline - now) / 1_000_000)
+            }
+            state.value.store(true, ordering: .releasing)
+            onTimeout()
+        }
+    }
+
+    var fired: Bool { state.value.load(ordering: .acquiring) }
+
+    func cancel() {
+        cancelled.signal()
+        thread?.join()
+    }
+}
+
+/// The host terminal in raw mode while a `-t` command runs.
+struct RawTerminal {
+    let fd: Int32
+    let saved: termios
+
+    init?(fd: Int32) {
+        var t = termios()
+        guard tcgetattr(fd, &t) == 0 else { return nil }
+        saved = t
+        self.fd = fd
+        cfmakeraw(&t)
+        tcsetattr(fd, TCSANOW, &t)
+    }
+
+    func restore() {
+        var t = saved
+        tcsetattr(fd, TCSANOW, &t)
+    }
+
+    static func size(of fd: Int32) -> (UInt16, UInt16)? {
+        var size = winsize()
+        guard swiftlet_ioctl_ptr(fd, SWIFTLET_TIOCGWINSZ, &size) == 0 else { return nil }
+        return (size.ws_row, size.ws_col)
+    }
+}
