@@ -24,6 +24,7 @@ let package = Package(
         .target(name: "GuestMemory", dependencies: ["SwiftletSystem"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "AgentProtocol", swiftSettings: strict),
+        .target(name: "Images", dependencies: ["SwiftletSystem"], swiftSettings: strict),
         .target(name: "Virtio", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(
@@ -32,7 +33,7 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet",
-            dependencies: ["VMM", "AgentProtocol", "SwiftletSystem", "CLinux", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["VMM", "AgentProtocol", "Images", "SwiftletSystem", "CLinux", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         .target(name: "CGuestSupport", path: "Guest/CGuestSupport"),
         .executableTarget(
@@ -51,6 +52,7 @@ let package = Package(
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "AgentTests", dependencies: ["VMM", "AgentProtocol", "CLinux", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "ImagesTests", dependencies: ["Images", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], swiftSettings: strict),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Virtio", "TestSupport"], swiftSettings: strict),

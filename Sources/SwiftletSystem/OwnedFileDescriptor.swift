@@ -90,6 +90,17 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         }
     }
 
+    /// Writes all of `bytes` to `fd` at `offset` (pwrite), retrying short writes and EINTR.
+    public static func pwriteAll(fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(SwiftletError) {
+        var done = 0
+        while done < bytes.count {
+            // SAFETY: [done, count) lies inside `bytes`.
+            let n = try systemCall("write failed") { pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done)) }
+            if n == 0 { throw SwiftletError(.systemCall, "write made no progress") }
+            done += n
+        }
+    }
+
     /// Writes all of `bytes`, retrying short writes and EINTR.
     public func writeAll(_ bytes: UnsafeRawBufferPointer) throws(SwiftletError) {
         try Self.writeAll(fd: rawValue, bytes)

@@ -52,6 +52,8 @@ public final class AgentSession: @unchecked Sendable {
     /// Runs `request` and relays its streams until it ends.
     public func run(_ request: ExecRequest, streams: Streams) throws(SwiftletError) -> Outcome {
         try send(.exec(request))
+        // No host input: the command's input is empty, as if from /dev/null.
+        if streams.input == nil { try send(.closeStdin) }
         var input = streams.input
         while true {
             var fds = [pollfd(fd: socket.rawValue, events: Int16(POLLIN), revents: 0)]

@@ -184,6 +184,7 @@ public final class Machine: Sendable {
 
         ConsoleIOLoop(console: console, input: config.consoleInput, serial: bus.serial, controller: controller).run()
         for thread in threads { thread.join() }
+        controller.detachAll()
         console.flush()
 
         return MachineRunReport(

@@ -51,6 +51,12 @@ final class MachineController: Sendable {
 
     var exit: MachineExit? { state.withLock { $0.exit } }
 
+    /// Forgets the vCPUs and their threads once they have ended (they hold the devices, whose
+    /// callbacks hold this controller).
+    func detachAll() {
+        state.withLock { $0.vcpus.removeAll() }
+    }
+
     func recordMarker(_ time: UInt64) {
         state.withLock { if $0.markerTime == nil { $0.markerTime = time } }
     }

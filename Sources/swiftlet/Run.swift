@@ -96,7 +96,10 @@ struct Run: ParsableCommand {
         }
 
         // Signals to forward are blocked here, before any thread starts, and read from a signalfd.
+        // A shell starts background jobs with SIGINT and SIGQUIT ignored, which would discard
+        // them before the signalfd sees them: `kill -INT` must still reach the command.
         var forwarded = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH]
+        for signal in forwarded { Glibc.signal(signal, SIG_DFL) }
         let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
 
         let consoleLog = console ? nil : ConsoleLog()

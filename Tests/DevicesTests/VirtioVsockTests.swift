@@ -250,3 +250,15 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
         #expect(readAll(host, count: 1).isEmpty)
     }
 }
+
+@Suite struct VirtioVsockStopTests {
+    @Test func stoppingTheDeviceEndsEveryHostConnection() throws {
+        var guest = try VsockGuest()
+        try guest.send(.request)
+        _ = try guest.receive()
+        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        defer { close(host) }
+        guest.device.stop()
+        #expect(readAll(host, count: 1).isEmpty, "a stopped device closes its sockets")
+    }
+}

@@ -59,7 +59,6 @@ public final class VirtioVsock: VirtioDevice {
 
     deinit {
         stop()
-        muxer.withLock { m in for c in m.connections.values { close(c.fd) } }
     }
 
     // MARK: VirtioDevice
@@ -133,12 +132,17 @@ public final class VirtioVsock: VirtioDevice {
         return OwnedFileDescriptor(taking: pair[1])
     }
 
-    /// Stops the event loop (the VMM calls this when the machine ends).
+    /// Stops the event loop and closes every connection, so host peers see end of file (the VMM
+    /// calls this when the machine ends).
     public func stop() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
         wake.signal()
         let thread = loop.withLock { t -> OSThread? in defer { t = nil }; return t }
         thread?.join()
+        muxer.withLock { m in
+            for key in Array(m.connections.keys) { closeConnection(key, &m) }
+            m.control.removeAll()
+        }
     }
 
     private func startLoop() throws(SwiftletError) {

@@ -1,0 +1,241 @@
+import Glibc
+import SwiftletSystem
+
+/// Builds an uncompressed EROFS image (the on-disk format of Linux's fs/erofs) from tar entries,
+/// without root and without mounting anything: ownership, modes, device numbers, symlinks, hard
+/// links and extended attributes come from the archive, not from a host filesystem.
+///
+/// Layout: block 0 holds the superblock (at byte 1024); the metadata area (from block 1) holds
+/// every inode (64-byte extended form) with its extended attributes and, for files, directories
+/// and symlinks of up to `inlineLimit` bytes, its data right after it; larger data follows in
+/// whole blocks. OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) become overlayfs whiteouts (0/0
+/// character devices) and opaque directories (`trusted.overlay.opaque=y`), so layers stack with
+/// overlayfs in the guest.
+public final class EROFSBuilder {
+    public static let blockSize = 4096
+    static let inodeSize = 64
+    static let inlineLimit = 2048
+    static let superblockOffset = 1024
+    static let magic: UInt32 = 0xE0F5_E1E2
+
+    final class Node {
+        enum Kind { case file, directory, symlink, characterDevice, blockDevice, fifo, socket }
+        var kind: Kind
+        var mode: UInt32
+        var uid: UInt32 = 0, gid: UInt32 = 0
+        var mtime: Int64 = 0
+        var rdev: UInt32 = 0
+        var size: UInt64 = 0
+        var xattrs: [(String, [UInt8])] = []
+        var children: [String: Node] = [:]
+        /// Small data kept for the metadata area, or the block (in the spool) where large data starts.
+        var inlineData: [UInt8]?
+        var spoolBlock: UInt64?
+        var links = 1
+        // Assigned at layout time.
+        var nid: UInt64 = 0
+        var ino: UInt32 = 0
+        var plainBlock: UInt64 = 0
+        var laidOut = false
+
+        init(kind: Kind, mode: UInt32) { self.kind = kind; self.mode = mode }
+
+        var typeBits: UInt32 {
+            switch kind {
+            case .file: return UInt32(S_IFREG)
+            case .directory: return UInt32(S_IFDIR)
+            case .symlink: return UInt32(S_IFLNK)
+            case .characterDevice: return UInt32(S_IFCHR)
+            case .blockDevice: return UInt32(S_IFBLK)
+            case .fifo: return UInt32(S_IFIFO)
+            case .socket: return UInt32(S_IFSOCK)
+            }
+        }
+        var fileType: UInt8 {
+            switch kind {
+            case .file: return 1
+            case .directory: return 2
+            case .characterDevice: return 3
+            case .blockDevice: return 4
+            case .fifo: return 5
+            case .socket: return 6
+            case .symlink: return 7
+            }
+        }
+    }
+
+    let root = Node(kind: .directory, mode: 0o755)
+    private let spool: OwnedFileDescriptor
+    private var spoolBlocks: UInt64 = 0
+    public internal(set) var warnings: [String] = []
+
+    /// `scratchDirectory` holds an unlinked spool file for file data while the tree is built.
+    public init(scratchDirectory: String) throws(SwiftletError) {
+        var template = Array((scratchDirectory + "/erofs-spool.XXXXXX").utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { throw SwiftletError.system("cannot create a scratch file in \(scratchDirectory)", errno: currentErrno) }
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        spool = OwnedFileDescriptor(taking: fd)
+    }
+
+    // MARK: building the tree
+
+    /// Splits an archive path into safe components: no absolute paths, no `..`.
+    static func components(_ path: String) throws(SwiftletError) -> [String] {
+        let parts = path.split(separator: "/").map(String.init).filter { $0 != "." && !$0.isEmpty }
+        guard !parts.contains("..") else { throw SwiftletError(.invalidFormat, "layer entry \(path) escapes the root with '..'") }
+        return parts
+    }
+
+    private func directory(_ parts: ArraySlice<String>) throws(SwiftletError) -> Node {
+        var node = root
+        for part in parts {
+            if let child = node.children[part] {
+                guard child.kind == .directory else { throw SwiftletError(.invalidFormat, "layer path component \(part) is not a directory") }
+                node = child
+            } else {
+                let child = Node(kind: .directory, mode: 0o755)
+                node.children[part] = child
+                node = child
+            }
+        }
+        return node
+    }
+
+    private func lookup(_ path: String) throws(SwiftletError) -> Node? {
+        var node = root
+        for part in try Self.components(path) {
+            guard let child = node.children[part] else { return nil }
+            node = child
+        }
+        return node
+    }
+
+    /// Adds one entry; `readData` fills a buffer with the entry's data and returns how much it read.
+    public func add(_ entry: TarEntry, readData: (UnsafeMutableRawBufferPointer) throws(SwiftletError) -> Int) throws(SwiftletError) {
+        let parts = try Self.components(entry.path)
+        guard let name = parts.last else {
+            // The root itself: take its attributes.
+            root.mode = entry.mode; root.uid = entry.uid; root.gid = entry.gid; root.mtime = entry.mtime
+            return
+        }
+        let parent = try directory(parts.dropLast())
+        if name == ".wh..wh..opq" {
+            parent.xattrs.removeAll { $0.0 == "trusted.overlay.opaque" }
+            parent.xattrs.append(("trusted.overlay.opaque", Array("y".utf8)))
+            return
+        }
+        if name.hasPrefix(".wh.") {
+            let whiteout = Node(kind: .characterDevice, mode: 0)
+            whiteout.mtime = entry.mtime
+            parent.children[String(name.dropFirst(4))] = whiteout
+            return
+        }
+        let node: Node
+        switch entry.kind {
+        case .directory:
+            if let existing = parent.children[name], existing.kind == .directory {
+                node = existing // a directory listed again keeps its contents
+            } else {
+                node = Node(kind: .directory, mode: entry.mode)
+            }
+        case .file:
+            node = Node(kind: .file, mode: entry.mode)
+            node.size = entry.size
+            try storeData(node, size: entry.size, readData: readData)
+        case .symlink(let target):
+            node = Node(kind: .symlink, mode: 0o777)
+            node.inlineData = Array(target.utf8)
+            node.size = UInt64(target.utf8.count)
+            if node.size > UInt64(Self.inlineLimit) {
+                throw SwiftletError(.invalidFormat, "symlink \(entry.path) has a target of \(node.size) bytes")
+            }
+        case .hardLink(let target):
+            guard let existing = try lookup(target), existing.kind != .directory else {
+                throw SwiftletError(.invalidFormat, "hard link \(entry.path) points at \(target), which is not an earlier file in the layer")
+            }
+            existing.links += 1
+            parent.children[name] = existing
+            return
+        case .characterDevice(let major, let minor):
+            node = Node(kind: .characterDevice, mode: entry.mode); node.rdev = Self.encodeDevice(major, minor)
+        case .blockDevice(let major, let minor):
+            node = Node(kind: .blockDevice, mode: entry.mode); node.rdev = Self.encodeDevice(major, minor)
+        case .fifo:
+            node = Node(kind: .fifo, mode: entry.mode)
+        }
+        node.mode = entry.mode
+        node.uid = entry.uid; node.gid = entry.gid; node.mtime = entry.mtime
+        node.xattrs = entry.xattrs.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+        parent.children[name] = node
+    }
+
+    /// Linux's new_encode_dev.
+    static func encodeDevice(_ major: UInt32, _ minor: UInt32) -> UInt32 {
+        (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+    }
+
+    func storeData(_ node: Node, size: UInt64, readData: (UnsafeMutableRawBufferPointer) throws(SwiftletError) -> Int) throws(SwiftletError) {
+        if size <= UInt64(Self.inlineLimit) {
+            var bytes = [UInt8](repeating: 0, count: Int(size))
+            var done = 0
+            while done < bytes.count {
+                let n = try bytes.withMutableBytes { b throws(SwiftletError) in try readData(UnsafeMutableRawBufferPointer(rebasing: b[done...])) }
+                guard n > 0 else { throw SwiftletError(.invalidFormat, "layer file data ends early") }
+                done += n
+            }
+            node.inlineData = bytes
+            return
+        }
+        node.spoolBlock = spoolBlocks
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var left = size
+        var offset = spoolBlocks * UInt64(Self.blockSize)
+        while left > 0 {
+            let want = Int(min(left, UInt64(buffer.count)))
+            var got = 0
+            while got < want {
+                let n = try buffer.withMutableBytes { b throws(SwiftletError) in try readData(UnsafeMutableRawBufferPointer(rebasing: b[got..<want])) }
+                guard n > 0 else { throw SwiftletError(.invalidFormat, "layer file data ends early") }
+                got += n
+            }
+            try buffer.withBytes { b throws(SwiftletError) in try spool.write(from: UnsafeRawBufferPointer(rebasing: b[0..<want]), at: offset, what: "the EROFS spool") }
+            offset += UInt64(want)
+            left -= UInt64(want)
+        }
+        spoolBlocks += (size + UInt64(Self.blockSize) - 1) / UInt64(Self.blockSize)
+    }
+
+    var spoolBlockCount: UInt64 { spoolBlocks }
+
+    /// Moves a node's in-memory data into the spool (whole blocks).
+    func moveToSpool(_ node: Node) throws(SwiftletError) {
+        guard let data = node.inlineData else { return }
+        node.inlineData = nil
+        var at = 0
+        try storeData(node, size: UInt64(data.count)) { buffer throws(SwiftletError) in
+            let n = min(buffer.count, data.count - at)
+            buffer.copyBytes(from: data[at..<at + n])
+            at += n
+            return n
+        }
+    }
+
+    /// Copies the spooled file data into the image at `offset`.
+    func copySpool(to fd: Int32, at offset: UInt64, blocks: UInt64) throws(SwiftletError) {
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var done: UInt64 = 0
+        let total = blocks * UInt64(Self.blockSize)
+        while done < total {
+            let want = Int(min(UInt64(buffer.count), total - done))
+            // Blocks past the spool's end (the padding of its last file) read as zeros.
+            for i in 0..<want { buffer[i] = 0 }
+            let n = buffer.withUnsafeMutableBytes { pread(spool.rawValue, $0.baseAddress, want, off_t(done)) }
+            guard n >= 0 else { throw SwiftletError.system("cannot read the EROFS spool", errno: currentErrno) }
+            try buffer.withBytes { b throws(SwiftletError) in
+                try OwnedFileDescriptor.pwriteAll(fd: fd, UnsafeRawBufferPointer(rebasing: b[0..<want]), at: offset + done)
+            }
+            done += UInt64(want)
+        }
+    }
+}
