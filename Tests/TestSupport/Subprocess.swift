@@ -32,7 +32,19 @@ public struct Subprocess: Sendable {
         var pid = pid_t()
         let cArgs = arguments.map { strdup($0) } + [nil]
         let cEnv = envStrings.map { strdup($0) } + [nil]
-        let spawned = posix_spawn(&pid, arguments[0], &actions, nil, cArgs, cEnv)
+        // Children start with no blocked signals and default dispositions: a test runner's worker
+        // thread blocks most signals, and a shell that inherits a blocked SIGCHLD never returns
+        // from `wait`.
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        var empty = sigset_t(), all = sigset_t()
+        sigemptyset(&empty)
+        sigfillset(&all)
+        posix_spawnattr_setsigmask(&attributes, &empty)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        defer { posix_spawnattr_destroy(&attributes) }
+        let spawned = posix_spawn(&pid, arguments[0], &actions, &attributes, cArgs, cEnv)
         cArgs.forEach { free($0) }
         cEnv.forEach { free($0) }
         posix_spawn_file_actions_destroy(&actions)
