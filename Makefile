@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
 DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
 
-.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot clean
+.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot bench-run clean
 
 all: build
 
@@ -49,11 +49,15 @@ unit-test: guest build-tests
 test-nested: guest build-tests
 	@scripts/test-nested
 
-bench: bench-boot
+bench: bench-boot bench-run
 
 bench-boot: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
 	@scripts/bench-boot
+
+bench-run: guest
+	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
+	@scripts/bench-run
 
 clean:
 	rm -rf .build .build-*

@@ -35,10 +35,14 @@ public final class AgentSession: @unchecked Sendable {
         public var output: Int32
         public var error: Int32
         /// Host signals (blocked in the calling thread and read from this signalfd) to forward.
+        /// SIGWINCH is not forwarded: it becomes a resize to `windowSize()`, when given.
         public var signals: Int32?
+        public var windowSize: (@Sendable () -> (rows: UInt16, columns: UInt16)?)?
 
-        public init(input: Int32?, output: Int32 = 1, error: Int32 = 2, signals: Int32? = nil) {
+        public init(input: Int32?, output: Int32 = 1, error: Int32 = 2, signals: Int32? = nil,
+                    windowSize: (@Sendable () -> (rows: UInt16, columns: UInt16)?)? = nil) {
             self.input = input; self.output = output; self.error = error; self.signals = signals
+            self.windowSize = windowSize
         }
     }
 
@@ -87,7 +91,13 @@ public final class AgentSession: @unchecked Sendable {
                         input = nil
                     }
                 } else if fd.fd == streams.signals {
-                    while case let signal = swiftlet_read_signal(fd.fd), signal > 0 { try send(.signal(signal)) }
+                    while case let signal = swiftlet_read_signal(fd.fd), signal > 0 {
+                        if signal == SIGWINCH {
+                            if let size = streams.windowSize?() { try send(.resize(rows: size.rows, columns: size.columns)) }
+                        } else {
+                            try send(.signal(signal))
+                        }
+                    }
                 }
             }
         }

@@ -54,6 +54,9 @@ struct Run: ParsableCommand {
     @Flag(help: "Boot even though /dev/kvm is PVM-backed (only a PVM-enabled guest kernel can run there).")
     var allowPVM = false
 
+    @Flag(help: ArgumentHelp("Print when each phase ended (ms from process start) on stderr.", visibility: .hidden))
+    var timing = false
+
     @Argument(parsing: .postTerminator, help: "The command and its arguments (default: sh).")
     var command: [String] = []
 
@@ -87,6 +90,7 @@ struct Run: ParsableCommand {
     }
 
     func run() throws {
+        var marks: [(String, UInt64)] = []
         let kernelPath = kernel ?? GuestAssets.defaultKernel()
         let agent = GuestAssets.agentInitrd, image = rootfs ?? GuestAssets.defaultImage
         for (path, what, fix) in [(agent, "guest agent initramfs", "`make build`"), (image, "root filesystem image", "`make build`")]
@@ -94,6 +98,8 @@ struct Run: ParsableCommand {
             printError("no \(what) at \(path): \(rootfs != nil && path == image ? "check the --rootfs path" : "build it with " + fix)")
             throw ExitCode(Status.setupFailed)
         }
+
+        marks.append(("image", MonotonicClock.now))
 
         // Signals to forward are blocked here, before any thread starts, and read from a signalfd.
         // A shell starts background jobs with SIGINT and SIGQUIT ignored, which would discard
@@ -153,6 +159,7 @@ struct Run: ParsableCommand {
         }
 
         guard let connection = port.next(timeoutMilliseconds: -1, cancel: endedFD) else { throw ExitCode(machineFailure()) }
+        marks.append(("connected", MonotonicClock.now))
         let session = AgentSession(socket: connection)
         let ready: Bool
         do { ready = try session.waitUntilReady() } catch {
@@ -160,6 +167,7 @@ struct Run: ParsableCommand {
             throw ExitCode(Status.guestCrashed)
         }
         guard ready else { throw ExitCode(machineFailure()) }
+        marks.append(("ready", MonotonicClock.now))
 
         var rows: UInt16 = 24, columns: UInt16 = 80
         if tty && isatty(0) == 1 {
@@ -170,15 +178,30 @@ struct Run: ParsableCommand {
                                   workingDirectory: workdir, user: user, terminal: tty, rows: rows, columns: columns)
         let outcome: AgentSession.Outcome
         do {
+            let windowSize: (@Sendable () -> (rows: UInt16, columns: UInt16)?)?
+            if terminal != nil {
+                windowSize = { @Sendable in RawTerminal.size(of: 0).map { (rows: $0.0, columns: $0.1) } }
+            } else {
+                windowSize = nil
+            }
             outcome = try session.run(request, streams: .init(input: interactive || tty ? 0 : nil, output: 1, error: 2,
-                                                              signals: signals >= 0 ? signals : nil))
+                                                              signals: signals >= 0 ? signals : nil, windowSize: windowSize))
         } catch {
             if watchdog.fired { throw ExitCode(timedOut()) }
             terminal?.restore()
             printError(error.description)
             throw ExitCode(machineFailure())
         }
+        marks.append(("command", MonotonicClock.now))
         if let failure = outcome.failure { printError(failure) }
+        if timing {
+            machine.stop()
+            thread.join()
+            if case .success(let report)? = result.withLock({ $0 }) { marks.insert(("vm", report.firstRun), at: 1) }
+            marks.append(("teardown", MonotonicClock.now))
+            let line = marks.map { "\($0.0)=\(format(MonotonicClock.milliseconds(from: MonotonicClock.processStart, to: $0.1), digits: 2))" }
+            printError("timing " + line.joined(separator: " "))
+        }
         throw ExitCode(outcome.status)
     }
 }

@@ -20,7 +20,7 @@ struct Options {
 func parse() -> Options {
     var o = Options()
     var args = CommandLine.arguments.dropFirst()
-    guard args.first == "boot" else { fatal("usage: swiftlet-bench boot --kernel VMLINUX --initrd CPIO [--runs N] [--swiftlet PATH] [--qemu PATH] [--memory MiB]") }
+    guard args.first == "boot" else { fatal("usage: swiftlet-bench run ... | swiftlet-bench boot --kernel VMLINUX --initrd CPIO [--runs N] [--swiftlet PATH] [--qemu PATH] [--memory MiB]") }
     args = args.dropFirst()
     while let flag = args.popFirst() {
         guard let value = args.popFirst() else { fatal("\(flag) needs a value") }
@@ -39,6 +39,10 @@ func parse() -> Options {
     return o
 }
 
+if CommandLine.arguments.dropFirst().first == "run" {
+    runBenchmark()
+    exit(0)
+}
 let options = parse()
 let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off loglevel=3"
 

@@ -1,0 +1,84 @@
+import Glibc
+
+// swiftlet-bench run: `swiftlet run -- true` (whole process) against QEMU microvm booting the
+// same kernel with the same root filesystem disk to the same `true`, alternately; p50/p90 of
+// process start to exit, Swiftlet's phases, and the ratio.
+//
+// Usage: swiftlet-bench run --swiftlet PATH --kernel VMLINUX --rootfs EROFS [--runs N] [--qemu PATH]
+
+func runBenchmark() {
+    var swiftletPath = "/usr/local/bin/swiftlet", qemuPath = "/usr/bin/qemu-system-x86_64"
+    var kernel = "", rootfs = "", runs = 30, memoryMiB = 256
+    var args = CommandLine.arguments.dropFirst(2)
+    while let flag = args.popFirst() {
+        guard let value = args.popFirst() else { fatal("\(flag) needs a value") }
+        switch flag {
+        case "--swiftlet": swiftletPath = value
+        case "--qemu": qemuPath = value
+        case "--kernel": kernel = value
+        case "--rootfs": rootfs = value
+        case "--runs": runs = Int(value) ?? 30
+        case "--memory": memoryMiB = Int(value) ?? 256
+        default: fatal("unknown flag \(flag)")
+        }
+    }
+    guard !kernel.isEmpty, !rootfs.isEmpty else { fatal("--kernel and --rootfs are required") }
+
+    let swiftletRun = [swiftletPath, "run", "--timing", "--kernel", kernel, "--rootfs", rootfs, "--memory", String(memoryMiB), "--", "true"]
+    // QEMU has no agent: the kernel mounts the same EROFS disk as its root and /bin/sh runs the
+    // same `true`, then reboots, which -no-reboot turns into an exit.
+    let qemuCmdline = "console=ttyS0 reboot=k panic=-1 pci=off loglevel=3 root=/dev/vda rootfstype=erofs ro init=/bin/sh -- -c \"true; reboot -f\""
+    let qemuRun = [qemuPath, "-M", "microvm,x-option-roms=off,rtc=off,acpi=off,pit=off,pic=off,isa-serial=on", "-enable-kvm", "-cpu", "host",
+                   "-m", String(memoryMiB), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                   "-serial", "stdio", "-device", "i8042",
+                   "-drive", "id=root,file=\(rootfs),format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=root",
+                   "-kernel", kernel, "-append", qemuCmdline]
+
+    var swiftletRuns: [Observation] = [], qemuRuns: [Observation] = []
+    var phases: [String: [Double]] = [:]
+    for i in 0..<runs {
+        for which in (i % 2 == 0 ? [0, 1] : [1, 0]) {
+            let o = observe(which == 0 ? swiftletRun : qemuRun, marker: Array("timing ".utf8), guestMemoryBytes: memoryMiB << 20)
+            guard o.status == 0 else { fatal("\(which == 0 ? "swiftlet" : "qemu") run \(i) failed (status \(o.status)):\n\(o.stdout)\n\(o.stderr)") }
+            if which == 0 {
+                swiftletRuns.append(o)
+                // "timing image=1.2 vm=... connected=... ready=... command=... teardown=..."
+                guard let line = o.stderr.split(separator: "\n").first(where: { $0.contains("timing ") }) else { fatal("no timing line:\n\(o.stderr)") }
+                var previous = 0.0
+                for field in line.split(separator: " ").dropFirst(2) {
+                    let parts = field.split(separator: "=")
+                    guard parts.count == 2, let at = Double(parts[1]) else { continue }
+                    phases[String(parts[0]), default: []].append(at - previous)
+                    previous = at
+                }
+            } else {
+                qemuRuns.append(o)
+            }
+        }
+    }
+    let s50 = percentile(swiftletRuns.map(\.exitMs), 50), q50 = percentile(qemuRuns.map(\.exitMs), 50)
+    let order = ["image", "vm", "connected", "ready", "command", "teardown"]
+    let phaseJSON = order.filter { phases[$0] != nil }.map { "\"\($0)\": \(stats(phases[$0]!))" }.joined(separator: ",\n        ")
+    var uts = utsname()
+    uname(&uts)
+    let release = withUnsafeBytes(of: uts.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    print("""
+        {
+          "benchmark": "run",
+          "host_kernel": "\(release)",
+          "guest_memory_mib": \(memoryMiB),
+          "swiftlet_arguments": "\(swiftletRun.dropFirst().joined(separator: " "))",
+          "qemu_arguments": "\(qemuRun.dropFirst().joined(separator: " ").replacingQuotes())",
+          "swiftlet": {"runs": \(swiftletRuns.count), "exit_ms": \(stats(swiftletRuns.map(\.exitMs))), "vmm_cpu_ms": \(stats(swiftletRuns.map(\.vmmCPUMs))), "peak_rss_mib": \(stats(swiftletRuns.map { Double($0.peakRSSKiB) / 1024 }))},
+          "swiftlet_phases_ms": {
+            \(phaseJSON)
+          },
+          "qemu": {"runs": \(qemuRuns.count), "exit_ms": \(stats(qemuRuns.map(\.exitMs))), "vmm_cpu_ms": \(stats(qemuRuns.map(\.vmmCPUMs))), "peak_rss_mib": \(stats(qemuRuns.map { Double($0.peakRSSKiB) / 1024 }))},
+          "ratio_p50": \(String((s50 / q50 * 1000).rounded() / 1000))
+        }
+        """)
+}
+
+extension String {
+    func replacingQuotes() -> String { split(separator: "\"", omittingEmptySubsequences: false).joined(separator: "\\\"") }
+}
