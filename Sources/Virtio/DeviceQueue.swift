@@ -59,3 +59,26 @@ public final class DeviceQueue: Sendable {
         interrupt?.signalUsedBuffer()
     }
 }
+
+/// A device with a single request queue (queue 0): activation, reset and notifications are the
+/// same for all of them; the device says how to serve one chain.
+public protocol SingleQueueDevice: VirtioDevice {
+    var requestQueue: DeviceQueue { get }
+    /// Serves one chain; returns the number of bytes written into its writable buffers.
+    func serve(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32
+}
+
+extension SingleQueueDevice {
+    public func activate(_ activation: VirtioActivation) throws(SwiftletError) {
+        try requestQueue.activate(activation, index: 0)
+    }
+
+    public func reset() {
+        requestQueue.reset()
+    }
+
+    public func queueNotified(_ index: Int) {
+        guard index == 0 else { return }
+        requestQueue.serve { chain, memory in serve(chain, memory: memory) }
+    }
+}

@@ -14,9 +14,6 @@ struct Boot: ParsableCommand {
               swiftlet boot -- uname -a
             """)
 
-    @Option(help: "Kernel image (ELF vmlinux or bzImage).")
-    var kernel: String?
-
     @Option(help: "Initial ramdisk (cpio archive).")
     var initrd: String?
 
@@ -25,12 +22,6 @@ struct Boot: ParsableCommand {
 
     @Option(help: "Kernel command line (replaces the default).")
     var cmdline: String = MachineConfig.defaultCommandLine
-
-    @Option(help: "Number of vCPUs.")
-    var cpus: Int = 1
-
-    @Option(help: "Guest memory in MiB.")
-    var memory: Int = 256
 
     @Option(name: .customLong("disk"), help: ArgumentHelp(
         "A raw disk image for the guest (/dev/vda, /dev/vdb, ... in order); append ,ro for read-only. Repeatable.",
@@ -48,11 +39,10 @@ struct Boot: ParsableCommand {
     @Flag(help: "Print the time from process start to the guest's boot marker, and the VMM's costs.")
     var bootTiming = false
 
-    @Flag(help: "Boot even though /dev/kvm is PVM-backed (only a PVM-enabled guest kernel can run there).")
-    var allowPVM = false
-
     @Option(help: ArgumentHelp("Write a JSON report of the run to this file.", visibility: .hidden))
     var report: String?
+
+    @OptionGroup var machine: MachineOptions
 
     @Argument(parsing: .postTerminator, help: "Command for the guest's init to run.")
     var command: [String] = []
@@ -109,8 +99,8 @@ struct Boot: ParsableCommand {
         let commandLine = Self.kernelCommandLine(base: cmdline, command: command)
         let initrdPath: String? = noInitrd ? nil : (initrd ?? defaultInitrd())
         var config = MachineConfig(
-            kernelPath: kernel ?? GuestAssets.defaultKernel(), initrdPath: initrdPath, commandLine: commandLine,
-            cpuCount: cpus, memoryMiB: memory, allowPVM: allowPVM, consoleOutput: 1, consoleInput: 0,
+            kernelPath: machine.kernel ?? GuestAssets.defaultKernel(), initrdPath: initrdPath, commandLine: commandLine,
+            cpuCount: machine.cpus, memoryMiB: machine.memory, allowPVM: machine.allowPVM, consoleOutput: 1, consoleInput: 0,
             disks: try disks.map { disk throws(ValidationError) in try Self.diskConfig(disk) }, entropyDevice: rng,
             vsock: try Self.vsockConfig(vsockForwards))
         if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }

@@ -36,26 +36,16 @@ struct Run: ParsableCommand {
     @Option(help: ArgumentHelp("Stop the VM after this long (e.g. 30s, 500ms, 2m); exit status 124.", valueName: "duration"))
     var timeout: String?
 
-    @Option(help: "Number of vCPUs.")
-    var cpus = 1
-
-    @Option(help: "Guest memory in MiB.")
-    var memory = 256
-
-    @Option(help: "Guest kernel (default: the one `make kernel` built).")
-    var kernel: String?
-
     @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
     var rootfs: String?
 
     @Flag(help: "Show the guest kernel's console on standard error.")
     var console = false
 
-    @Flag(help: "Boot even though /dev/kvm is PVM-backed (only a PVM-enabled guest kernel can run there).")
-    var allowPVM = false
-
     @Flag(help: ArgumentHelp("Print when each phase ended (ms from process start) on stderr.", visibility: .hidden))
     var timing = false
+
+    @OptionGroup var machine: MachineOptions
 
     @Argument(parsing: .postTerminator, help: "The command and its arguments (default: sh).")
     var command: [String] = []
@@ -91,7 +81,7 @@ struct Run: ParsableCommand {
 
     func run() throws {
         var marks: [(String, UInt64)] = []
-        let kernelPath = kernel ?? GuestAssets.defaultKernel()
+        let kernelPath = machine.kernel ?? GuestAssets.defaultKernel()
         let agent = GuestAssets.agentInitrd, image = rootfs ?? GuestAssets.defaultImage
         for (path, what, fix) in [(agent, "guest agent initramfs", "`make build`"), (image, "root filesystem image", "`make build`")]
         where access(path, R_OK) != 0 {
@@ -113,7 +103,7 @@ struct Run: ParsableCommand {
         let config = MachineConfig(
             kernelPath: kernelPath, initrdPath: agent,
             commandLine: MachineConfig.defaultCommandLine + " swiftlet.root=/dev/vda swiftlet.port=\(Self.agentPort)",
-            cpuCount: cpus, memoryMiB: memory, allowPVM: allowPVM, consoleOutput: console ? 2 : consoleLog?.fd,
+            cpuCount: machine.cpus, memoryMiB: machine.memory, allowPVM: machine.allowPVM, consoleOutput: console ? 2 : consoleLog?.fd,
             consoleInput: nil, disks: [DiskConfig(path: image, readOnly: true)], entropyDevice: true,
             vsock: VsockConfig())
         var kvmConfig = config

@@ -61,6 +61,13 @@ struct VsockGuest {
         device.queueNotified(1)
     }
 
+    /// Opens a connection from guest port 5000 to host port 1024; returns the host's end.
+    mutating func connect(bufferAllocation: UInt32 = 65536) throws -> Int32 {
+        try send(.request, bufferAllocation: bufferAllocation)
+        #expect(try receive()?.header.op == .response)
+        return try #require(ports.accepted.withLock { $0.last })
+    }
+
     /// The next packet the device put in the receive queue, waiting up to 2 s for the event loop.
     mutating func receive() throws -> (header: VsockHeader, payload: [UInt8])? {
         for _ in 0..<200 {
@@ -149,9 +156,7 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
     @Test func guestShutdownOfSendingEndsTheHostsInput() throws {
         var guest = try VsockGuest()
         defer { guest.device.stop() }
-        try guest.send(.request)
-        _ = try guest.receive()
-        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        let host = try guest.connect()
         defer { close(host) }
         try guest.send(.readWrite, payload: [1, 2, 3])
         try guest.send(.shutdown, flags: VsockHeader.shutdownSend)
@@ -174,9 +179,7 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
     @Test func hostDataRespectsTheGuestsCredit() throws {
         var guest = try VsockGuest()
         defer { guest.device.stop() }
-        try guest.send(.request, bufferAllocation: 10)
-        _ = try guest.receive()
-        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        let host = try guest.connect(bufferAllocation: 10)
         defer { close(host) }
         writeAll(host, [UInt8](repeating: 0x42, count: 100))
         #expect(try guest.receiveData(10).count == 10)
@@ -189,9 +192,7 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
     @Test func creditRequestsAreAnsweredWithTheForwardCount() throws {
         var guest = try VsockGuest()
         defer { guest.device.stop() }
-        try guest.send(.request)
-        _ = try guest.receive()
-        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        let host = try guest.connect()
         defer { close(host) }
         try guest.send(.readWrite, payload: [UInt8](repeating: 1, count: 1000))
         _ = readAll(host, count: 1000)
@@ -203,9 +204,7 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
     @Test func aGuestThatOverrunsItsCreditIsReset() throws {
         var guest = try VsockGuest()
         defer { guest.device.stop() }
-        try guest.send(.request)
-        _ = try guest.receive()
-        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        let host = try guest.connect()
         defer { close(host) }
         // Fill the host socket so nothing drains, then send past the 256 KiB allocation.
         _ = fcntl(host, F_SETFL, O_NONBLOCK)
@@ -242,9 +241,7 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
     @Test func resetClosesEveryConnection() throws {
         var guest = try VsockGuest()
         defer { guest.device.stop() }
-        try guest.send(.request)
-        _ = try guest.receive()
-        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        let host = try guest.connect()
         defer { close(host) }
         guest.device.reset()
         #expect(readAll(host, count: 1).isEmpty)
@@ -254,9 +251,7 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
 @Suite struct VirtioVsockStopTests {
     @Test func stoppingTheDeviceEndsEveryHostConnection() throws {
         var guest = try VsockGuest()
-        try guest.send(.request)
-        _ = try guest.receive()
-        let host = try #require(guest.ports.accepted.withLock { $0.first })
+        let host = try guest.connect()
         defer { close(host) }
         guest.device.stop()
         #expect(readAll(host, count: 1).isEmpty, "a stopped device closes its sockets")

@@ -8,7 +8,7 @@ import Virtio
 ///
 /// Requests are served on the notifying vCPU's thread, synchronously: the guest's I/O waits for
 /// the host's, which keeps completions in order and needs no extra thread.
-public final class VirtioBlock: VirtioDevice {
+public final class VirtioBlock: SingleQueueDevice {
     public static let sectorSize: UInt64 = 512
     public static let queueSize: UInt16 = 256
     /// The id (`GET_ID`) is at most 20 bytes.
@@ -37,7 +37,7 @@ public final class VirtioBlock: VirtioDevice {
     public let identifier: String
     public let capacitySectors: UInt64
 
-    private let queue: DeviceQueue
+    public let requestQueue: DeviceQueue
     private let onError: @Sendable (SwiftletError) -> Void
 
     public init(backend: any BlockBackend, readOnly: Bool, identifier: String,
@@ -47,7 +47,7 @@ public final class VirtioBlock: VirtioDevice {
         self.identifier = String(identifier.utf8.prefix(Self.identifierLength))!
         self.capacitySectors = backend.byteCount / Self.sectorSize
         self.onError = onError
-        self.queue = DeviceQueue(name: "virtio-blk \(self.identifier)", onError: onError)
+        self.requestQueue = DeviceQueue(name: "virtio-blk \(self.identifier)", onError: onError)
     }
 
     public var deviceType: VirtioDeviceType { .block }
@@ -72,21 +72,8 @@ public final class VirtioBlock: VirtioDevice {
 
     public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
 
-    public func activate(_ activation: VirtioActivation) throws(SwiftletError) {
-        try queue.activate(activation, index: 0)
-    }
-
-    public func reset() {
-        queue.reset()
-    }
-
-    public func queueNotified(_ index: Int) {
-        guard index == 0 else { return }
-        queue.serve { chain, memory in serve(chain, memory: memory) }
-    }
-
     /// Serves one request; returns the number of bytes written into the chain's writable buffers.
-    func serve(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32 {
+    public func serve(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32 {
         guard chain.writableLength >= 1 else { return 0 } // nowhere to put a status: drop it
         let dataIn = DescriptorChain.segments(chain.writable, skipping: 0, keeping: chain.writableLength - 1)
         let status = DescriptorChain.segments(chain.writable, skipping: chain.writableLength - 1, keeping: 1)[0].address

@@ -6,10 +6,10 @@ import Virtio
 /// A virtio entropy device (virtio 1.2, section 5.4): fills every buffer the guest offers with
 /// bytes from the host's kernel CSPRNG (getrandom), so the guest's RNG is seeded from its first
 /// second instead of from timer jitter.
-public final class VirtioRNG: VirtioDevice {
+public final class VirtioRNG: SingleQueueDevice {
     public static let queueSize: UInt16 = 256
 
-    private let queue: DeviceQueue
+    public let requestQueue: DeviceQueue
     private let onError: @Sendable (SwiftletError) -> Void
     /// Where the bytes come from (tests substitute a failing source).
     private let fill: @Sendable (UnsafeMutableRawBufferPointer) throws(SwiftletError) -> Void
@@ -18,7 +18,7 @@ public final class VirtioRNG: VirtioDevice {
                 fill: @escaping @Sendable (UnsafeMutableRawBufferPointer) throws(SwiftletError) -> Void = SystemRandom.fill) {
         self.onError = onError
         self.fill = fill
-        self.queue = DeviceQueue(name: "virtio-rng", onError: onError)
+        self.requestQueue = DeviceQueue(name: "virtio-rng", onError: onError)
     }
 
     public var deviceType: VirtioDeviceType { .entropy }
@@ -27,21 +27,8 @@ public final class VirtioRNG: VirtioDevice {
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {}
     public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
 
-    public func activate(_ activation: VirtioActivation) throws(SwiftletError) {
-        try queue.activate(activation, index: 0)
-    }
-
-    public func reset() {
-        queue.reset()
-    }
-
-    public func queueNotified(_ index: Int) {
-        guard index == 0 else { return }
-        queue.serve { chain, memory in serve(chain, memory: memory) }
-    }
-
     /// Fills the chain's writable buffers; returns how many bytes were filled.
-    func serve(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32 {
+    public func serve(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32 {
         var written: UInt64 = 0
         for buffer in chain.writable {
             do throws(SwiftletError) {
