@@ -100,31 +100,30 @@ struct Run: ParsableCommand {
 
         let consoleLog = console ? nil : ConsoleLog()
         let port = try InProcessPort(port: Self.agentPort)
-        let config = MachineConfig(
+        var config = MachineConfig(
             kernelPath: kernelPath, initrdPath: agent,
             commandLine: MachineConfig.defaultCommandLine + " swiftlet.root=/dev/vda swiftlet.port=\(Self.agentPort)",
             cpuCount: machine.cpus, memoryMiB: machine.memory, allowPVM: machine.allowPVM, consoleOutput: console ? 2 : consoleLog?.fd,
             consoleInput: nil, disks: [DiskConfig(path: image, readOnly: true)], entropyDevice: true,
             vsock: VsockConfig())
-        var kvmConfig = config
-        if let device = getenv("SWIFTLET_KVM_DEVICE") { kvmConfig.kvmPath = String(cString: device) }
-        let machine = Machine(config: kvmConfig, vsockPorts: port)
+        if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
+        let vm = Machine(config: config, vsockPorts: port)
 
         let ended = try EventFD(nonBlocking: true)
         let result = Mutex<Result<MachineRunReport, SwiftletError>?>(nil)
         let endedFD = ended.rawValue
         let thread = try OSThread.start(name: "machine", stackSize: 1 << 20) {
-            let r = Result { () throws(SwiftletError) in try machine.runBlocking() }
+            let r = Result { () throws(SwiftletError) in try vm.runBlocking() }
             result.withLock { $0 = r }
             var one: UInt64 = 1
             _ = write(endedFD, &one, 8)
         }
-        let watchdog = try Watchdog(milliseconds: timeout.flatMap(Self.milliseconds)) { machine.stop() }
+        let watchdog = try Watchdog(milliseconds: timeout.flatMap(Self.milliseconds)) { vm.stop() }
         var terminal: RawTerminal?
         defer {
             terminal?.restore()
             watchdog.cancel()
-            machine.stop()
+            vm.stop()
             thread.join()
         }
 
@@ -185,7 +184,7 @@ struct Run: ParsableCommand {
         marks.append(("command", MonotonicClock.now))
         if let failure = outcome.failure { printError(failure) }
         if timing {
-            machine.stop()
+            vm.stop()
             thread.join()
             if case .success(let report)? = result.withLock({ $0 }) { marks.insert(("vm", report.firstRun), at: 1) }
             marks.append(("teardown", MonotonicClock.now))
