@@ -28,7 +28,7 @@ struct Session {
             if let c = command {
                 if let output = c.output { fds.append(pollfd(fd: output, events: Int16(POLLIN), revents: 0)) }
                 if let error = c.error { fds.append(pollfd(fd: error, events: Int16(POLLIN), revents: 0)) }
-                if let input = c.input, !pendingInput.isEmpty, !c.terminal || input != c.output {
+                if let input = c.input, !pendingInput.isEmpty {
                     fds.append(pollfd(fd: input, events: Int16(POLLOUT), revents: 0))
                 }
             }
@@ -49,8 +49,8 @@ struct Session {
                 } else if fd.fd == signals {
                     while guest_read_signal(signals) > 0 {}
                     reap()
-                } else if fd.revents & Int16(POLLOUT) != 0 {
-                    flushInput()
+                } else if fd.events == Int16(POLLOUT) {
+                    flushInput() // writable, or the command closed its input (the write then fails)
                 } else {
                     forwardOutput(fd.fd, buffer: &buffer)
                 }

@@ -10,6 +10,8 @@ import Glibc
 // As an ordinary process (`swiftlet-init --unix PATH`) it skips the set-up and serves a Unix
 // socket instead, so the agent's behaviour can be tested on the host.
 
+// A command that closes its input must not kill the agent when it writes there (EPIPE instead).
+signal(SIGPIPE, SIG_IGN)
 let arguments = CommandLine.arguments
 let connection: Int32
 if arguments.count == 3 && arguments[1] == "--unix" {

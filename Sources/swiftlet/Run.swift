@@ -96,6 +96,8 @@ struct Run: ParsableCommand {
         // them before the signalfd sees them: `kill -INT` must still reach the command.
         var forwarded = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH]
         for signal in forwarded { Glibc.signal(signal, SIG_DFL) }
+        // A reader that goes away (`swiftlet run ... | head -1`) must not kill the VMM mid-run.
+        Glibc.signal(SIGPIPE, SIG_IGN)
         let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
 
         let consoleLog = console ? nil : ConsoleLog()

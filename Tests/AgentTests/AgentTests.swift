@@ -63,6 +63,17 @@ struct AgentTests {
         }
     }
 
+    @Test func aCommandThatClosesItsInputEarlyIsNotAProblem() throws {
+        try withAgent { session in
+            let r = try run(session, ExecRequest(arguments: ["sh", "-c", "exec 0<&-; sleep 0.2; echo done"]),
+                            input: [UInt8](repeating: 7, count: 1 << 20))
+            #expect(r.outcome.status == 0)
+            #expect(r.stdout == Array("done\n".utf8))
+            // The agent is still serving.
+            #expect(try run(session, ExecRequest(arguments: ["true"])).outcome.status == 0)
+        }
+    }
+
     @Test func binaryInputAndOutputPassThroughIntact() throws {
         var bytes = [UInt8](repeating: 0, count: 8 << 20)
         var state: UInt64 = 0x9E37_79B9_7F4A_7C15
