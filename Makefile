@@ -31,13 +31,13 @@ guest: kernel initramfs build
 build-tests: setup
 	swift build --build-tests
 
-# Boots the demo guest and runs DEMO_COMMAND in it (inside the nested test host when /dev/kvm is PVM).
+# Runs DEMO_COMMAND in a fresh microVM with `swiftlet run` (inside the nested test host when /dev/kvm is PVM).
 demo: guest
 	@if [ -e /sys/module/kvm_pvm ]; then \
 	  echo "==> /dev/kvm here is PVM: booting inside the nested test host (scripts/nested-run)"; \
-	  scripts/nested-run -- swiftlet boot --boot-timing -- $(DEMO_COMMAND); \
+	  scripts/nested-run -- swiftlet run -- $(DEMO_COMMAND); \
 	else \
-	  .build/release/swiftlet boot --boot-timing -- $(DEMO_COMMAND); \
+	  .build/release/swiftlet run -- $(DEMO_COMMAND); \
 	fi
 
 # Every test: unit tests on this host, then the Linux-guest integration suite.
