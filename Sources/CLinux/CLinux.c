@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <time.h>
 #include <unistd.h>
+#include <stdlib.h>
 #include <cpuid.h>
 #include <sys/random.h>
 #include <sys/signalfd.h>
@@ -61,6 +62,7 @@ const unsigned long SWIFTLET_TIOCGWINSZ = TIOCGWINSZ;
 int swiftlet_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 int swiftlet_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
 int swiftlet_open(const char *path, int flags, unsigned int mode) { return open(path, flags | O_CLOEXEC, mode); }
+int swiftlet_mkostemp(char *template_path, int flags) { return mkostemp(template_path, flags); }
 long swiftlet_getrandom(void *buffer, unsigned long length, unsigned int flags) { return getrandom(buffer, length, flags); }
 void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]) {
     __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);

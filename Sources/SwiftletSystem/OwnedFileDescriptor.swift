@@ -18,6 +18,16 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         return OwnedFileDescriptor(taking: fd)
     }
 
+    /// Creates a file in `directory` and unlinks it at once: scratch space that disappears with
+    /// the descriptor (close-on-exec, like every descriptor Swiftlet opens).
+    public static func unlinkedTemporaryFile(in directory: String, prefix: String) throws(SwiftletError) -> OwnedFileDescriptor {
+        var template = Array((directory + "/" + prefix + ".XXXXXX").utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { swiftlet_mkostemp($0.baseAddress!, O_CLOEXEC) }
+        guard fd >= 0 else { throw SwiftletError.system("cannot create a scratch file in \(directory)", errno: currentErrno) }
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        return OwnedFileDescriptor(taking: fd)
+    }
+
     /// Opens an input file the user named, with an error that says which file, why, and `hint`.
     public static func openInput(_ path: String, role: String, hint: String? = nil) throws(SwiftletError) -> OwnedFileDescriptor {
         let fd = swiftlet_open(path, O_RDONLY, 0)
@@ -78,25 +88,18 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
 
     /// Writes the whole of `source` at `offset` (pwrite), retrying short writes and EINTR.
     public func write(from source: UnsafeRawBufferPointer, at offset: UInt64, what: String) throws(SwiftletError) {
+        try Self.write(fd: rawValue, from: source, at: offset, what: what)
+    }
+
+    /// Writes the whole of `source` at `offset` to a descriptor this value does not own.
+    public static func write(fd: Int32, from source: UnsafeRawBufferPointer, at offset: UInt64, what: String) throws(SwiftletError) {
         var done = 0
-        let fd = rawValue
         while done < source.count {
             // SAFETY: the range [done, source.count) lies inside `source`.
             let n = try systemCall("cannot write \(what)") {
                 pwrite(fd, source.baseAddress! + done, source.count - done, off_t(offset) + off_t(done))
             }
             if n == 0 { throw SwiftletError(.systemCall, "cannot write \(what): no progress at offset \(offset + UInt64(done))") }
-            done += n
-        }
-    }
-
-    /// Writes all of `bytes` to `fd` at `offset` (pwrite), retrying short writes and EINTR.
-    public static func pwriteAll(fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(SwiftletError) {
-        var done = 0
-        while done < bytes.count {
-            // SAFETY: [done, count) lies inside `bytes`.
-            let n = try systemCall("write failed") { pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done)) }
-            if n == 0 { throw SwiftletError(.systemCall, "write made no progress") }
             done += n
         }
     }

@@ -19,7 +19,7 @@ public final class AgentSession: @unchecked Sendable {
     /// Waits for the agent's `ready`; returns false if the connection ends first.
     public func waitUntilReady() throws(SwiftletError) -> Bool {
         while true {
-            guard let message = try receive(blocking: true) else { return false }
+            guard let message = try receive() else { return false }
             if case .ready(let version) = message {
                 guard version == AgentMessage.version else {
                     throw SwiftletError(.unsupported, "the guest agent speaks protocol version \(version), this Swiftlet speaks \(AgentMessage.version): rebuild the guest image")
@@ -117,30 +117,33 @@ public final class AgentSession: @unchecked Sendable {
 
     /// Reads what the socket has and decodes every complete message; nil at end of stream.
     private func receiveAvailable() throws(SwiftletError) -> [AgentMessage]? {
-        let fd = socket.rawValue
-        let n = try systemCall("cannot read from the guest agent") { buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } }
-        if n == 0 { return nil }
-        reader.append(buffer[0..<n])
+        guard try readMore() else { return nil }
         var messages: [AgentMessage] = []
-        do {
-            while let m = try reader.next() { messages.append(m) }
-        } catch {
-            throw SwiftletError(.invalidFormat, error.description)
-        }
+        while let m = try decodeNext() { messages.append(m) }
         return messages
     }
 
-    private func receive(blocking: Bool) throws(SwiftletError) -> AgentMessage? {
+    /// The next message, reading as much as it takes; nil at end of stream.
+    private func receive() throws(SwiftletError) -> AgentMessage? {
         while true {
-            do {
-                if let m = try reader.next() { return m }
-            } catch {
-                throw SwiftletError(.invalidFormat, error.description)
-            }
-            let fd = socket.rawValue
-            let n = try systemCall("cannot read from the guest agent") { buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } }
-            if n == 0 { return nil }
-            reader.append(buffer[0..<n])
+            if let m = try decodeNext() { return m }
+            guard try readMore() else { return nil }
+        }
+    }
+
+    /// Feeds one read's worth of the socket to the frame reader; false at end of stream.
+    private func readMore() throws(SwiftletError) -> Bool {
+        let fd = socket.rawValue
+        let n = try systemCall("cannot read from the guest agent") { buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } }
+        reader.append(buffer[0..<n])
+        return n > 0
+    }
+
+    private func decodeNext() throws(SwiftletError) -> AgentMessage? {
+        do {
+            return try reader.next()
+        } catch {
+            throw SwiftletError(.invalidFormat, error.description)
         }
     }
 

@@ -200,15 +200,12 @@ struct Run: ParsableCommand {
 /// The guest console when nobody watches it: kept in an unlinked temporary file so a failed
 /// boot can show how it ended.
 final class ConsoleLog {
-    let fd: Int32
+    private let file: OwnedFileDescriptor
+    var fd: Int32 { file.rawValue }
 
     init?() {
-        var template = Array("/tmp/swiftlet-console.XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { return nil }
-        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
-        self.fd = fd
+        guard let file = try? OwnedFileDescriptor.unlinkedTemporaryFile(in: "/tmp", prefix: "swiftlet-console") else { return nil }
+        self.file = file
     }
 
     /// Prints the last lines of the console to stderr.
@@ -223,8 +220,6 @@ final class ConsoleLog {
         var out = "--- guest console (last lines) ---\n" + tail + "\n---\n"
         out.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
     }
-
-    deinit { close(fd) }
 }
 
 /// Stops the VM when the time is up, unless cancelled first.

@@ -69,6 +69,32 @@ import TestSupport
         expectOneLineError(run(["boot", "--kernel", tinyKernel, "--disk", empty + ",ro"]), contains: "at least one 512-byte sector")
     }
 
+    @Test func badVsockForwardsAreUsageErrors() {
+        let malformed = run(["boot", "--kernel", tinyKernel, "--vsock-forward", "agent.sock"])
+        #expect(malformed.status == 64)
+        #expect(malformed.stderr.contains("expected PORT:SOCKET"))
+        let twice = run(["boot", "--kernel", tinyKernel, "--vsock-forward", "1024:/a", "--vsock-forward", "1024:/b"])
+        #expect(twice.status == 64)
+        #expect(twice.stderr.contains("port 1024 is given twice"))
+    }
+
+    @Test func badRunFlagsAreUsageErrors() {
+        let timeout = run(["run", "--timeout", "soon", "--", "true"])
+        #expect(timeout.status == 64)
+        #expect(timeout.stderr.contains("expected a duration"))
+        let env = run(["run", "-e", "=value", "--", "true"])
+        #expect(env.status == 64)
+        #expect(env.stderr.contains("expected KEY=VALUE"))
+        expectOneLineError(run(["run", "--rootfs", tiny.path + "/missing.erofs", "--", "true"]), contains: "no root filesystem image at")
+    }
+
+    @Test func convertingSomethingThatIsNotATarArchive() {
+        let junk = tiny.write("junk.tar", Array(repeating: 0x5A, count: 4096))
+        expectOneLineError(run(["image", "convert", junk, "-o", tiny.path + "/out.erofs"]), contains: "corrupt")
+        expectOneLineError(run(["image", "convert", tiny.path + "/none.tar", "-o", tiny.path + "/out.erofs"]), contains: "cannot open layer")
+        #expect(access(tiny.path + "/out.erofs", F_OK) != 0)
+    }
+
     @Test func missingKVMDevice() {
         expectOneLineError(run(["boot", "--kernel", tinyKernel], environment: ["SWIFTLET_KVM_DEVICE": "/nonexistent/kvm"]),
                            contains: "/nonexistent/kvm does not exist")

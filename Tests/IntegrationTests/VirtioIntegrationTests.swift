@@ -90,38 +90,13 @@ struct VirtioIntegrationTests {
         #expect(lines.count == 2 && lines[0] != lines[1], "\(r.stdout)")
     }
 
-    /// A Unix socket listening at `path`; `serve` runs on its own thread for each connection.
-    final class UnixListener: @unchecked Sendable {
-        let fd: Int32
-        var thread: OSThread?
-
-        init(path: String, connections: Int, serve: @escaping @Sendable (Int32) -> Void) throws {
-            fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, b) in path.utf8.enumerated() { raw[i] = b } }
-            let bound = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            try #require(bound == 0 && listen(fd, 8) == 0, "cannot listen on \(path)")
-            let listening = fd
-            thread = try OSThread.start(name: "listener") {
-                for _ in 0..<connections {
-                    let c = accept(listening, nil, nil)
-                    guard c >= 0 else { return }
-                    serve(c)
-                    close(c)
-                }
-            }
-        }
-
-        deinit { close(fd) }
-    }
-
     @Test func guestConnectsToTheHostOverVsock() throws {
         let path = dir.path + "/agent.sock"
         let received = Mutex<[UInt8]>([])
-        let listener = try UnixListener(path: path, connections: 1) { c in
+        let listener = try #require(UnixSocketListener(path: path))
+        let server = try OSThread.start(name: "listener") {
+            guard let c = listener.accept(timeoutMilliseconds: 180_000) else { return }
+            defer { close(c) }
             var buffer = [UInt8](repeating: 0, count: 4096)
             var got: [UInt8] = []
             while true {
@@ -135,8 +110,8 @@ struct VirtioIntegrationTests {
             _ = reply.withUnsafeBytes { write(c, $0.baseAddress, $0.count) }
         }
         defer {
-            shutdown(listener.fd, Int32(SHUT_RDWR)) // ends a pending accept if the guest never connected
-            listener.thread?.join()
+            listener.shutdown() // ends a pending accept if the guest never connected
+            server.join()
         }
         let script = "echo ping-over-vsock | vsock-cat 1024 > /tmp/out; echo status=$?; wc -c < /tmp/out; head -c 16 /tmp/out; echo; echo refused | vsock-cat 1025; echo refused-status=$?"
         let r = boot(["--vsock-forward", "1024:" + path, "--", "sh", "-c", script])

@@ -76,6 +76,8 @@ int swiftlet_ioctl_ptr(int fd, unsigned long request, void *arg);
 int swiftlet_ioctl_int(int fd, unsigned long request, unsigned long arg);
 /// open(2) with O_CLOEXEC and the given flags and mode (open is variadic too).
 int swiftlet_open(const char *path, int flags, unsigned int mode);
+/// mkostemp(3) (a GNU extension the Glibc module hides): a new file from `template`, with `flags`.
+int swiftlet_mkostemp(char *template_path, int flags);
 /* getrandom(2): glibc declares it in <sys/random.h>, which Swift's Glibc module does not export. */
 long swiftlet_getrandom(void *buffer, unsigned long length, unsigned int flags);
 /// Executes CPUID on the host CPU.

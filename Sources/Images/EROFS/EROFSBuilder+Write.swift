@@ -110,7 +110,7 @@ extension EROFSBuilder {
         first.replaceSubrange(Self.superblockOffset..<(Self.superblockOffset + 128), with: superblock(inodes: UInt64(placed.count), blocks: UInt32(totalBlocks)))
         var offset: UInt64 = 0
         func emit(_ bytes: [UInt8]) throws(SwiftletError) {
-            try bytes.withBytes { b throws(SwiftletError) in try OwnedFileDescriptor.pwriteAll(fd: fd, b, at: offset) }
+            try bytes.withBytes { b throws(SwiftletError) in try OwnedFileDescriptor.write(fd: fd, from: b, at: offset, what: "the EROFS image") }
             offset += UInt64(bytes.count)
         }
         try emit(first)

@@ -71,11 +71,7 @@ public final class EROFSBuilder {
 
     /// `scratchDirectory` holds an unlinked spool file for file data while the tree is built.
     public init(scratchDirectory: String) throws(SwiftletError) {
-        var template = Array((scratchDirectory + "/erofs-spool.XXXXXX").utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { throw SwiftletError.system("cannot create a scratch file in \(scratchDirectory)", errno: currentErrno) }
-        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
-        spool = OwnedFileDescriptor(taking: fd)
+        spool = try OwnedFileDescriptor.unlinkedTemporaryFile(in: scratchDirectory, prefix: "erofs-spool")
     }
 
     // MARK: building the tree
@@ -233,7 +229,7 @@ public final class EROFSBuilder {
             let n = buffer.withUnsafeMutableBytes { pread(spool.rawValue, $0.baseAddress, want, off_t(done)) }
             guard n >= 0 else { throw SwiftletError.system("cannot read the EROFS spool", errno: currentErrno) }
             try buffer.withBytes { b throws(SwiftletError) in
-                try OwnedFileDescriptor.pwriteAll(fd: fd, UnsafeRawBufferPointer(rebasing: b[0..<want]), at: offset + done)
+                try OwnedFileDescriptor.write(fd: fd, from: UnsafeRawBufferPointer(rebasing: b[0..<want]), at: offset + done, what: "the EROFS image")
             }
             done += UInt64(want)
         }

@@ -59,9 +59,7 @@ func runBenchmark() {
     let s50 = percentile(swiftletRuns.map(\.exitMs), 50), q50 = percentile(qemuRuns.map(\.exitMs), 50)
     let order = ["image", "vm", "connected", "ready", "command", "teardown"]
     let phaseJSON = order.filter { phases[$0] != nil }.map { "\"\($0)\": \(stats(phases[$0]!))" }.joined(separator: ",\n        ")
-    var uts = utsname()
-    uname(&uts)
-    let release = withUnsafeBytes(of: uts.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    let release = hostKernelRelease()
     print("""
         {
           "benchmark": "run",
@@ -81,4 +79,11 @@ func runBenchmark() {
 
 extension String {
     func replacingQuotes() -> String { split(separator: "\"", omittingEmptySubsequences: false).joined(separator: "\\\"") }
+}
+
+/// The running kernel's release (uname -r), for the results.
+func hostKernelRelease() -> String {
+    var uts = utsname()
+    uname(&uts)
+    return withUnsafeBytes(of: uts.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
 }

@@ -131,9 +131,7 @@ let s50 = percentile(samples["swiftlet"]!.map { $0.markerMs! }, 50)
 let q50 = percentile(samples["qemu-microvm"]!.map { $0.markerMs! }, 50)
 let se50 = percentile(samples["swiftlet"]!.map(\.exitMs), 50)
 let qe50 = percentile(samples["qemu-microvm"]!.map(\.exitMs), 50)
-var uts = utsname()
-uname(&uts)
-let release = withUnsafeBytes(of: uts.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+let release = hostKernelRelease()
 print("""
     {
       "benchmark": "boot",
