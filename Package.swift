@@ -13,6 +13,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         .target(name: "CLinux"),
@@ -24,7 +25,13 @@ let package = Package(
         .target(name: "GuestMemory", dependencies: ["SwiftletSystem"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "AgentProtocol", swiftSettings: strict),
-        .target(name: "Images", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        .target(
+            name: "CCompression",
+            linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]),
+        .target(
+            name: "Images",
+            dependencies: ["SwiftletSystem", "CCompression", .product(name: "AsyncHTTPClient", package: "async-http-client")],
+            swiftSettings: strict),
         .target(name: "Virtio", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(

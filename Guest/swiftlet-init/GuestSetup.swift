@@ -3,8 +3,9 @@ import Glibc
 
 /// What the host put on the kernel command line for the agent.
 struct BootOptions {
-    /// The image disk to use as the read-only lower layer of the root, or nil to stay in the initramfs.
-    var root: String?
+    /// The image's layer disks, bottom first (`swiftlet.root=/dev/vda,/dev/vdb`), stacked read-only
+    /// under the root's writable layer; empty to stay in the initramfs.
+    var root: [String] = []
     var rootType: String?
     var hostPort: UInt32 = 1024
     var hostname = "swiftlet"
@@ -14,7 +15,7 @@ struct BootOptions {
             guard let equals = word.firstIndex(of: "=") else { continue }
             let key = word[..<equals], value = String(word[word.index(after: equals)...])
             switch key {
-            case "swiftlet.root": root = value
+            case "swiftlet.root": root = value.split(separator: ",").map(String.init)
             case "swiftlet.rootfstype": rootType = value
             case "swiftlet.port": hostPort = UInt32(value) ?? hostPort
             case "swiftlet.hostname": hostname = value
@@ -29,7 +30,7 @@ enum GuestSetup {
         if access("/proc/self", F_OK) != 0 { mountOrDie("proc", "/proc", "proc") } // /init usually did
         mountOrDie("sysfs", "/sys", "sysfs")
         mountOrDie("devtmpfs", "/dev", "devtmpfs")
-        if let root = options.root { switchRoot(to: root, type: options.rootType) }
+        if !options.root.isEmpty { switchRoot(to: options.root, type: options.rootType) }
         makeDirectory("/dev/pts")
         mountOrDie("devpts", "/dev/pts", "devpts", data: "newinstance,ptmxmode=0666,mode=0620")
         makeDirectory("/dev/shm")
@@ -44,17 +45,25 @@ enum GuestSetup {
         guest_block_signal(SIGCHLD)
     }
 
-    /// Stacks a writable tmpfs over the read-only image disk and makes the result the root.
-    static func switchRoot(to device: String, type: String?) {
-        makeDirectory("/mnt"); makeDirectory("/mnt/image"); makeDirectory("/mnt/rw"); makeDirectory("/mnt/root")
-        var mounted = false
-        for fs in type.map({ [$0] }) ?? ["erofs", "ext4"] where !mounted {
-            mounted = mount(device, "/mnt/image", fs, UInt(MS_RDONLY), nil) == 0
+    /// Stacks a writable tmpfs over the read-only layer disks and makes the result the root.
+    static func switchRoot(to layers: [String], type: String?) {
+        makeDirectory("/mnt"); makeDirectory("/mnt/layers"); makeDirectory("/mnt/rw"); makeDirectory("/mnt/root")
+        var lowerDirectories: [String] = []
+        for (index, device) in layers.enumerated() {
+            let target = "/mnt/layers/\(index)"
+            makeDirectory(target)
+            var mounted = false
+            for fs in type.map({ [$0] }) ?? ["erofs", "ext4"] where !mounted {
+                mounted = mount(device, target, fs, UInt(MS_RDONLY), nil) == 0
+            }
+            guard mounted else { Log.fatal("cannot mount the image disk \(device): \(String(cString: strerror(errno)))") }
+            lowerDirectories.append(target)
         }
-        guard mounted else { Log.fatal("cannot mount the image disk \(device): \(String(cString: strerror(errno)))") }
         mountOrDie("tmpfs", "/mnt/rw", "tmpfs", data: "mode=0755")
         makeDirectory("/mnt/rw/upper"); makeDirectory("/mnt/rw/work")
-        mountOrDie("overlay", "/mnt/root", "overlay", data: "lowerdir=/mnt/image,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work")
+        // overlayfs lists lower layers top first.
+        let lower = lowerDirectories.reversed().joined(separator: ":")
+        mountOrDie("overlay", "/mnt/root", "overlay", data: "lowerdir=\(lower),upperdir=/mnt/rw/upper,workdir=/mnt/rw/work")
         for dir in ["/proc", "/sys", "/dev"] {
             makeDirectory("/mnt/root" + dir)
             guard mount(dir, "/mnt/root" + dir, nil, UInt(MS_MOVE), nil) == 0 else { Log.fatal("cannot move \(dir) into the new root") }

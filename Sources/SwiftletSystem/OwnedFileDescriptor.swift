@@ -21,11 +21,18 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
     /// Creates a file in `directory` and unlinks it at once: scratch space that disappears with
     /// the descriptor (close-on-exec, like every descriptor Swiftlet opens).
     public static func unlinkedTemporaryFile(in directory: String, prefix: String) throws(SwiftletError) -> OwnedFileDescriptor {
+        let file = try temporaryFile(in: directory, prefix: prefix)
+        unlink(file.path)
+        return file.take()
+    }
+
+    /// Creates a new file with a unique name (`prefix.XXXXXX`) in `directory`, for content that
+    /// is renamed into place once complete. Returns the descriptor and the path.
+    public static func temporaryFile(in directory: String, prefix: String) throws(SwiftletError) -> NamedFile {
         var template = Array((directory + "/" + prefix + ".XXXXXX").utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { swiftlet_mkostemp($0.baseAddress!, O_CLOEXEC) }
-        guard fd >= 0 else { throw SwiftletError.system("cannot create a scratch file in \(directory)", errno: currentErrno) }
-        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
-        return OwnedFileDescriptor(taking: fd)
+        guard fd >= 0 else { throw SwiftletError.system("cannot create a file in \(directory)", errno: currentErrno) }
+        return NamedFile(descriptor: OwnedFileDescriptor(taking: fd), path: template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) })
     }
 
     /// Opens an input file the user named, with an error that says which file, why, and `hint`.
@@ -134,6 +141,20 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         try systemCall("cannot stat file") { fstat(fd, &info) }
         return (info.st_mode & S_IFMT) == S_IFREG
     }
+}
+
+/// An open file and the path it was created at.
+public struct NamedFile: ~Copyable {
+    public let descriptor: OwnedFileDescriptor
+    public let path: String
+
+    public init(descriptor: consuming OwnedFileDescriptor, path: String) {
+        self.descriptor = descriptor
+        self.path = path
+    }
+
+    /// The descriptor, without the name.
+    public consuming func take() -> OwnedFileDescriptor { descriptor }
 }
 
 extension OwnedFileDescriptor {

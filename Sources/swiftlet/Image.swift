@@ -5,8 +5,122 @@ import SwiftletSystem
 
 struct Image: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Work with root filesystem images.",
-        subcommands: [Convert.self])
+        abstract: "Work with images: pull them into the store, list, inspect and remove them.",
+        discussion: """
+            The image store lives in $SWIFTLET_HOME (default ~/.local/share/swiftlet): blobs by \
+            sha256, verified on the way in, each layer stored and converted to a guest disk once.
+            """,
+        subcommands: [Pull.self, List.self, Inspect.self, Remove.self, Prune.self, Convert.self])
+
+    struct Pull: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Pull an image from a registry, or import an OCI layout directory or image archive, into the store.")
+
+        @Argument(help: "A registry reference, an OCI layout directory, an archive (docker save or OCI), or - for stdin; PATH:TAG picks one image.")
+        var source: String
+
+        @Flag(help: "Reach the registry over plain HTTP (loopback registries always are).")
+        var insecureRegistry = false
+
+        @Flag(name: .shortAndLong, help: "Print only the image's digest.")
+        var quiet = false
+
+        func run() throws {
+            do {
+                let store = try ImageStore()
+                let resolver = ImageResolver(store: store, insecure: insecureRegistry, policy: .always, quiet: quiet)
+                let resolved = try resolver.resolve(source)
+                print(quiet ? resolved.image.manifest.description : "\(resolved.image.name ?? source): \(resolved.image.manifest)")
+            } catch {
+                printError(error.description)
+                throw ExitCode(Status.setupFailed)
+            }
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List the images in the store.")
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        func run() throws {
+            do {
+                let images = try ImageStore().images()
+                if json {
+                    print(String(decoding: try ImageStore.json(images), as: UTF8.self))
+                    return
+                }
+                var rows = [["NAME", "DIGEST", "PLATFORM", "LAYERS", "SIZE"]]
+                for image in images {
+                    rows.append([image.name ?? "<none>", image.manifest.short, image.platform, String(image.layers.count), ImagePuller.formatSize(image.size)])
+                }
+                let widths = rows[0].indices.map { column in rows.map { $0[column].count }.max() ?? 0 }
+                for row in rows {
+                    print(zip(row, widths).map { $0.0.padding(to: $0.1) }.joined(separator: "  ").trimmingTrailingSpaces)
+                }
+            } catch {
+                printError(error.description)
+                throw ExitCode(Status.setupFailed)
+            }
+        }
+    }
+
+    struct Inspect: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print an image's record, manifest and config as JSON.")
+
+        @Argument(help: "Image name or digest (or a prefix of it).")
+        var image: String
+
+        func run() throws {
+            do throws(SwiftletError) {
+                let store = try ImageStore()
+                guard let stored = try store.find(image) else {
+                    throw SwiftletError(.notFound, "no image \(image.debugDescription) in the image store (see `swiftlet image ls`)")
+                }
+                print(String(decoding: try store.inspect(stored), as: UTF8.self))
+            } catch {
+                printError(error.description)
+                throw ExitCode(Status.setupFailed)
+            }
+        }
+    }
+
+    struct Remove: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "rm", abstract: "Remove images, and whatever no other image uses.")
+
+        @Argument(help: "Image names or digests.")
+        var images: [String]
+
+        func run() throws {
+            do {
+                let store = try ImageStore()
+                for image in images {
+                    let freed = try store.remove(image)
+                    print("removed \(image) (\(ImagePuller.formatSize(freed)) freed)")
+                }
+            } catch {
+                printError(error.description)
+                throw ExitCode(Status.setupFailed)
+            }
+        }
+    }
+
+    struct Prune: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete unnamed images, and blobs, disks and unfinished downloads no image uses.")
+
+        func run() throws {
+            do {
+                let store = try ImageStore()
+                let freed = try store.prune(unnamedImages: true)
+                print("\(ImagePuller.formatSize(freed)) freed")
+            } catch {
+                printError(error.description)
+                throw ExitCode(Status.setupFailed)
+            }
+        }
+    }
 
     struct Convert: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -35,4 +149,9 @@ struct Image: ParsableCommand {
             }
         }
     }
+}
+
+extension String {
+    func padding(to width: Int) -> String { count >= width ? self : self + String(repeating: " ", count: width - count) }
+    var trimmingTrailingSpaces: String { String(reversed().drop(while: { $0 == " " }).reversed()) }
 }

@@ -10,22 +10,29 @@ struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a command in a fresh microVM and return its output and exit status.",
         discussion: """
-            Boots a VM whose root filesystem is the default busybox image (or --rootfs), runs the \
-            command there through the guest agent, relays its standard input (with -i), output and \
-            error separately, and exits with its status (128+N if signal N ended it; 127 if the \
-            command does not exist). The VM is destroyed when the command ends.
+            Boots a VM whose root filesystem is the image (--image; the default busybox image \
+            without it), runs the command there through the guest agent with the image's \
+            entrypoint, environment, working directory and user, relays its standard input (with \
+            -i), output and error separately, and exits with its status (128+N if signal N ended \
+            it; 127 if the command does not exist). The VM is destroyed when the command ends.
+
+            --image takes a registry reference (pulled once into the image store, then used from \
+            there), an OCI image layout directory, a `docker save` or OCI archive, or - for an \
+            archive on standard input; DIR:TAG or ARCHIVE:TAG picks one of several images.
 
               swiftlet run -- sh -c 'echo out; echo err >&2; exit 7'
+              swiftlet run --image alpine:3.20 -- cat /etc/os-release
+              skopeo copy docker://debian:12 oci:debian:12 && swiftlet run --image debian:12 -- ls
             """)
 
     @Option(name: .shortAndLong, help: ArgumentHelp("Set an environment variable (KEY=VALUE, or KEY to pass the host's). Repeatable.", valueName: "key=value"))
     var env: [String] = []
 
-    @Option(name: [.customShort("w"), .long], help: "Working directory inside the VM.")
-    var workdir = "/"
+    @Option(name: [.customShort("w"), .long], help: "Working directory inside the VM (default: the image's, else /).")
+    var workdir: String?
 
-    @Option(name: .shortAndLong, help: "User to run as: name, uid, or uid:gid.")
-    var user = ""
+    @Option(name: .shortAndLong, help: "User to run as: name, uid, or uid:gid (default: the image's, else root).")
+    var user: String?
 
     @Flag(name: .shortAndLong, help: "Pass standard input to the command.")
     var interactive = false
@@ -35,6 +42,15 @@ struct Run: ParsableCommand {
 
     @Option(help: ArgumentHelp("Stop the VM after this long (e.g. 30s, 500ms, 2m); exit status 124.", valueName: "duration"))
     var timeout: String?
+
+    @Option(help: ArgumentHelp("The image to run: a registry reference, an OCI layout directory, an image archive, or - (stdin).", valueName: "ref"))
+    var image: String?
+
+    @Option(help: ArgumentHelp("When to pull --image from its registry: missing (not in the store), always, never.", valueName: "policy"))
+    var pull: PullPolicy = .missing
+
+    @Flag(help: "Reach the image's registry over plain HTTP (loopback registries always are).")
+    var insecureRegistry = false
 
     @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
     var rootfs: String?
@@ -66,6 +82,7 @@ struct Run: ParsableCommand {
         if let timeout, Self.milliseconds(timeout) == nil {
             throw ValidationError("--timeout \(timeout): expected a duration such as 30s, 500ms or 2m")
         }
+        if image != nil && rootfs != nil { throw ValidationError("--image and --rootfs cannot be used together") }
         for variable in env where variable.isEmpty || variable.hasPrefix("=") {
             throw ValidationError("-e \(variable): expected KEY=VALUE or KEY")
         }
@@ -82,14 +99,11 @@ struct Run: ParsableCommand {
     func run() throws {
         var marks: [(String, UInt64)] = []
         let kernelPath = machine.kernel ?? GuestAssets.defaultKernel()
-        let agent = GuestAssets.agentInitrd, image = rootfs ?? GuestAssets.defaultImage
-        for (path, what, fix) in [(agent, "guest agent initramfs", "`make build`"), (image, "root filesystem image", "`make build`")]
-        where access(path, R_OK) != 0 {
-            printError("no \(what) at \(path): \(rootfs != nil && path == image ? "check the --rootfs path" : "build it with " + fix)")
+        let agent = GuestAssets.agentInitrd
+        guard access(agent, R_OK) == 0 else {
+            printError("no guest agent initramfs at \(agent): build it with `make build`")
             throw ExitCode(Status.setupFailed)
         }
-
-        marks.append(("image", MonotonicClock.now))
 
         // Signals to forward are blocked here, before any thread starts, and read from a signalfd.
         // A shell starts background jobs with SIGINT and SIGQUIT ignored, which would discard
@@ -100,13 +114,20 @@ struct Run: ParsableCommand {
         Glibc.signal(SIGPIPE, SIG_IGN)
         let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
 
+        let root: RootFilesystem
+        do { root = try resolveRoot(signals: signals) } catch {
+            printError(error.description)
+            throw ExitCode(Status.setupFailed)
+        }
+        marks.append(("image", MonotonicClock.now))
+
         let consoleLog = console ? nil : ConsoleLog()
         let port = try InProcessPort(port: Self.agentPort)
         var config = MachineConfig(
             kernelPath: kernelPath, initrdPath: agent,
-            commandLine: MachineConfig.defaultCommandLine + " swiftlet.root=/dev/vda swiftlet.port=\(Self.agentPort)",
+            commandLine: MachineConfig.defaultCommandLine + " swiftlet.root=\(root.deviceList) swiftlet.port=\(Self.agentPort)",
             cpuCount: machine.cpus, memoryMiB: machine.memory, allowPVM: machine.allowPVM, consoleOutput: console ? 2 : consoleLog?.fd,
-            consoleInput: nil, disks: [DiskConfig(path: image, readOnly: true)], entropyDevice: true,
+            consoleInput: nil, disks: root.disks.map { DiskConfig(path: $0, readOnly: true) }, entropyDevice: true,
             vsock: VsockConfig())
         if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
         let vm = Machine(config: config, vsockPorts: port)
@@ -165,8 +186,8 @@ struct Run: ParsableCommand {
             terminal = RawTerminal(fd: 0)
             (rows, columns) = RawTerminal.size(of: 0) ?? (rows, columns)
         }
-        let request = ExecRequest(arguments: command.isEmpty ? ["sh"] : command, environment: environment,
-                                  workingDirectory: workdir, user: user, terminal: tty, rows: rows, columns: columns)
+        let request = ExecRequest(arguments: root.arguments, environment: root.environment,
+                                  workingDirectory: root.workingDirectory, user: root.user, terminal: tty, rows: rows, columns: columns)
         let outcome: AgentSession.Outcome
         do {
             let windowSize: (@Sendable () -> (rows: UInt16, columns: UInt16)?)?

@@ -10,20 +10,36 @@ public enum LayerConverter {
     public static func convert(tarPath: String, to imagePath: String) throws(SwiftletError) -> [String] {
         let input = try OwnedFileDescriptor.openInput(tarPath, role: "layer")
         let fd = input.rawValue
-        var reader = TarReader { buffer throws(SwiftletError) in
+        let directory = imagePath.lastIndex(of: "/").map { String(imagePath[..<$0]) } ?? "."
+        return try convert(scratchDirectory: directory, to: imagePath) { buffer throws(SwiftletError) in
             try systemCall("cannot read layer \(tarPath)") { read(fd, buffer.baseAddress, buffer.count) }
         }
-        let directory = imagePath.lastIndex(of: "/").map { String(imagePath[..<$0]) } ?? "."
-        let builder = try EROFSBuilder(scratchDirectory: directory)
+    }
+
+    /// Converts the tar stream `source` yields into an EROFS image at `imagePath`, with temporary
+    /// files in `scratchDirectory` (on the same file system as `imagePath`). `beforeCommit` runs
+    /// after the last entry and before the image appears: a check that throws leaves no image.
+    @discardableResult
+    public static func convert(
+        scratchDirectory: String, to imagePath: String,
+        beforeCommit: () throws(SwiftletError) -> Void = {},
+        source: @escaping TarReader.Source
+    ) throws(SwiftletError) -> [String] {
+        var reader = TarReader(source: source)
+        let builder = try EROFSBuilder(scratchDirectory: scratchDirectory)
         while let entry = try reader.next() {
             try builder.add(entry) { buffer throws(SwiftletError) in try reader.read(into: buffer) }
         }
-        let temporary = imagePath + ".partial"
-        let out = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644, what: "image")
+        try beforeCommit()
+        let name = imagePath.split(separator: "/").last.map(String.init) ?? "image"
+        let out = try OwnedFileDescriptor.temporaryFile(in: scratchDirectory, prefix: "." + name + ".partial")
+        let temporary = out.path
         do {
-            try builder.write(to: out.rawValue)
-            try systemCall("cannot flush \(temporary)") { fsync(out.rawValue) }
-            try systemCall("cannot rename \(temporary)") { rename(temporary, imagePath) }
+            let fd = out.descriptor.rawValue
+            try builder.write(to: fd)
+            try systemCall("cannot set the mode of \(temporary)") { fchmod(fd, 0o644) }
+            try systemCall("cannot flush \(temporary)") { fsync(fd) }
+            try systemCall("cannot rename \(temporary) to \(imagePath)") { rename(temporary, imagePath) }
         } catch {
             unlink(temporary)
             throw error

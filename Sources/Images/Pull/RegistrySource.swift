@@ -1,0 +1,246 @@
+import AsyncHTTPClient
+import FoundationEssentials
+import NIOCore
+import NIOHTTP1
+import SwiftletSystem
+import Synchronization
+
+/// An image in a registry, through the OCI distribution API: manifests by tag or digest (OCI and
+/// Docker v2, indexes and manifest lists), blobs streamed into the store, anonymous or bearer-token
+/// auth (with credentials for the token service when given), and redirects to blob storage
+/// followed without the registry's credentials.
+public final class RegistrySource: ImageSource, @unchecked Sendable {
+    // SAFETY (Sendable): `token` is the only mutable state, guarded by `lock`.
+    public let reference: ImageReference
+    public let scheme: String
+    private let client: HTTPClient
+    private let credentials: (user: String, password: String)?
+    private let lock = Mutex<String?>(nil)
+    private let timeout: TimeAmount
+
+    /// `insecure`: plain HTTP (also the default for loopback registries, as Docker does).
+    public init(reference: ImageReference, insecure: Bool = false, credentials: (user: String, password: String)? = nil,
+                client: HTTPClient = RegistrySource.defaultClient, timeout: TimeAmount = .seconds(300)) {
+        self.reference = reference
+        self.scheme = insecure || reference.isLoopback ? "http" : "https"
+        self.client = client
+        self.credentials = credentials
+        self.timeout = timeout
+    }
+
+    /// Swiftlet's HTTP client: redirects are followed by `get` (so credentials stay with the
+    /// registry), and a registry that refuses connections fails at once rather than after retries.
+    public static let defaultClient: HTTPClient = {
+        var configuration = HTTPClient.Configuration(redirectConfiguration: .disallow,
+                                                     timeout: .init(connect: .seconds(15), read: .seconds(60)))
+        configuration.connectionPool.retryConnectionEstablishment = false
+        return HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: configuration)
+    }()
+
+    public var displayName: String { reference.description }
+    public var imageName: String? { reference.description }
+
+    private var base: String { "\(scheme)://\(reference.apiHost)/v2/\(reference.repository)" }
+
+    static let acceptedManifests = [MediaType.ociIndex, MediaType.dockerManifestList, MediaType.ociManifest, MediaType.dockerManifest]
+
+    public func root() async throws(SwiftletError) -> (bytes: [UInt8], mediaType: String?) {
+        let (bytes, type) = try await manifest(reference.manifestReference)
+        if let digest = reference.digest, Digest.of(bytes) != digest {
+            throw SwiftletError(.invalidFormat, "\(displayName): the registry's manifest does not match the digest asked for (got \(Digest.of(bytes)))")
+        }
+        return (bytes, type)
+    }
+
+    func manifest(_ reference: String) async throws(SwiftletError) -> ([UInt8], String?) {
+        let response = try await get("\(base)/manifests/\(reference)", accept: Self.acceptedManifests, what: "the manifest of \(displayName)")
+        var body: [UInt8] = []
+        try await Self.collect(response, what: "the manifest of \(displayName)", limit: 16 << 20) { body += $0 }
+        return (body, response.headers.first(name: "content-type"))
+    }
+
+    public func fetch(_ descriptor: Descriptor, into store: ImageStore, what: String) async throws(SwiftletError) {
+        if store.hasBlob(descriptor.digest) { return }
+        let isManifest = MediaType.manifests.contains(descriptor.mediaType) || MediaType.indexes.contains(descriptor.mediaType)
+        let url = "\(base)/\(isManifest ? "manifests" : "blobs")/\(descriptor.digest)"
+        let response = try await get(url, accept: isManifest ? Self.acceptedManifests : [], what: "\(what) of \(displayName)")
+        let writer = try BlobWriter(store: store, what: "\(what) of \(displayName)")
+        try await Self.collect(response, what: "\(what) of \(displayName)", limit: descriptor.size) { chunk throws(SwiftletError) in
+            try chunk.withBytes { raw throws(SwiftletError) in try writer.write(raw) }
+        }
+        try writer.commit(expected: descriptor.digest, size: descriptor.size)
+    }
+
+    // MARK: HTTP
+
+    /// GET with the current token, answering one auth challenge and following redirects (without
+    /// the Authorization header once the host changes). Fails on any status but 200.
+    private func get(_ url: String, accept: [String], what: String) async throws(SwiftletError) -> HTTPClientResponse {
+        var url = url
+        var challenged = false
+        var redirects = 0
+        while true {
+            let sameHost = Self.host(of: url) == reference.apiHost
+            var request = HTTPClientRequest(url: url)
+            if !accept.isEmpty { request.headers.add(name: "Accept", value: accept.joined(separator: ", ")) }
+            request.headers.add(name: "User-Agent", value: "swiftlet")
+            if sameHost, let token = lock.withLock({ $0 }) { request.headers.add(name: "Authorization", value: token) }
+            let response: HTTPClientResponse
+            do {
+                response = try await client.execute(request, timeout: timeout)
+            } catch {
+                throw SwiftletError(.systemCall, "cannot reach the registry \(reference.registry) (\(scheme)) for \(what): \(Self.describe(error))\(scheme == "https" ? "; for a plain-HTTP registry pass --insecure-registry" : "")")
+            }
+            switch response.status.code {
+            case 200:
+                return response
+            case 301, 302, 303, 307, 308:
+                redirects += 1
+                guard redirects <= 5, let location = response.headers.first(name: "location") else {
+                    throw SwiftletError(.invalidFormat, "the registry \(reference.registry) redirected \(what) too often or nowhere")
+                }
+                url = Self.resolve(location, against: url)
+            case 401 where sameHost && !challenged:
+                challenged = true
+                let challenge = response.headers.first(name: "www-authenticate") ?? ""
+                try await authenticate(challenge: challenge, what: what)
+            case 401, 403:
+                let who = credentials == nil ? "anonymous access" : "the credentials given"
+                throw SwiftletError(.permissionDenied, "the registry \(reference.registry) refused \(who) to \(reference.repository) (HTTP \(response.status.code)); if the image is private, set SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD")
+            case 404:
+                throw SwiftletError(.notFound, "\(what): not found in the registry \(reference.registry) (HTTP 404): check the name and tag")
+            default:
+                var body: [UInt8] = []
+                try? await Self.collect(response, what: what, limit: 4096, truncate: true) { body += $0 }
+                throw SwiftletError(.systemCall, "the registry \(reference.registry) answered HTTP \(response.status.code) for \(what): \(String(decoding: body.prefix(300), as: UTF8.self))")
+            }
+        }
+    }
+
+    /// Answers a `WWW-Authenticate` challenge: fetches a bearer token from the realm it names, or
+    /// uses HTTP basic auth when that is what the registry asks for.
+    private func authenticate(challenge: String, what: String) async throws(SwiftletError) {
+        let (scheme, parameters) = Self.parseChallenge(challenge)
+        switch scheme.lowercased() {
+        case "basic":
+            guard let credentials else {
+                throw SwiftletError(.permissionDenied, "the registry \(reference.registry) requires a user name and password for \(what): set SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD")
+            }
+            lock.withLock { $0 = "Basic " + Self.base64("\(credentials.user):\(credentials.password)") }
+        case "bearer":
+            guard let realm = parameters["realm"], realm.hasPrefix("http") else {
+                throw SwiftletError(.invalidFormat, "the registry \(reference.registry) sent a bearer challenge without a realm: \(challenge)")
+            }
+            var query: [String] = []
+            if let service = parameters["service"] { query.append("service=" + Self.percentEncode(service)) }
+            query.append("scope=" + Self.percentEncode(parameters["scope"] ?? "repository:\(reference.repository):pull"))
+            var request = HTTPClientRequest(url: realm + (realm.contains("?") ? "&" : "?") + query.joined(separator: "&"))
+            if let credentials { request.headers.add(name: "Authorization", value: "Basic " + Self.base64("\(credentials.user):\(credentials.password)")) }
+            let response: HTTPClientResponse
+            do { response = try await client.execute(request, timeout: timeout) } catch {
+                throw SwiftletError(.systemCall, "cannot reach the token service \(realm) of \(reference.registry): \(Self.describe(error))")
+            }
+            guard response.status.code == 200 else {
+                throw SwiftletError(.permissionDenied, "the token service \(realm) of \(reference.registry) refused a token for \(reference.repository) (HTTP \(response.status.code))")
+            }
+            var body: [UInt8] = []
+            try await Self.collect(response, what: "a token from \(realm)", limit: 1 << 20) { body += $0 }
+            struct TokenReply: Decodable { var token: String?; var access_token: String? }
+            let reply = try decodeDocument(TokenReply.self, from: body, what: "the token service's reply")
+            guard let token = reply.token ?? reply.access_token, !token.isEmpty else {
+                throw SwiftletError(.invalidFormat, "the token service \(realm) of \(reference.registry) sent no token")
+            }
+            lock.withLock { $0 = "Bearer " + token }
+        default:
+            throw SwiftletError(.unsupported, "the registry \(reference.registry) asks for authentication Swiftlet does not speak: \(challenge.isEmpty ? "(no challenge)" : challenge)")
+        }
+    }
+
+    /// Streams a response body to `sink`, failing when it exceeds `limit` bytes (unless `truncate`).
+    private static func collect(_ response: HTTPClientResponse, what: String, limit: Int64, truncate: Bool = false,
+                                _ sink: ([UInt8]) throws(SwiftletError) -> Void) async throws(SwiftletError) {
+        var total: Int64 = 0
+        do {
+            for try await buffer in response.body {
+                let chunk = Array(buffer.readableBytesView)
+                total += Int64(chunk.count)
+                if total > limit {
+                    if truncate { return }
+                    throw SwiftletError(.invalidFormat, "\(what) is larger than its declared \(limit) bytes")
+                }
+                try sink(chunk)
+            }
+        } catch let error as SwiftletError {
+            throw error
+        } catch {
+            throw SwiftletError(.systemCall, "the transfer of \(what) failed: \(describe(error))")
+        }
+    }
+
+    static func describe(_ error: any Error) -> String {
+        let text = String(describing: error)
+        if text.contains("connectionRefused") || text.contains("Connection refused") { return "connection refused (is the registry running?)" }
+        if text.contains("connectTimeout") || text.contains("deadlineExceeded") { return "timed out" }
+        return text
+    }
+
+    /// `Bearer realm="https://auth",service="registry",scope="repository:x:pull"` → ("Bearer", [...]).
+    static func parseChallenge(_ header: String) -> (String, [String: String]) {
+        let trimmed = header.trimmingSpaces
+        guard let space = trimmed.firstIndex(of: " ") else { return (trimmed, [:]) }
+        let scheme = String(trimmed[..<space])
+        var parameters: [String: String] = [:]
+        var rest = Substring(trimmed[trimmed.index(after: space)...])
+        while !rest.isEmpty {
+            rest = rest.drop(while: { $0 == " " || $0 == "," })
+            guard let equals = rest.firstIndex(of: "=") else { break }
+            let key = String(rest[..<equals]).trimmingSpaces.lowercased()
+            rest = rest[rest.index(after: equals)...]
+            var value = ""
+            if rest.first == "\"" {
+                rest = rest.dropFirst()
+                while let c = rest.first, c != "\"" {
+                    if c == "\\", let next = rest.dropFirst().first { value.append(next); rest = rest.dropFirst(2); continue }
+                    value.append(c); rest = rest.dropFirst()
+                }
+                rest = rest.dropFirst()
+            } else {
+                let end = rest.firstIndex(of: ",") ?? rest.endIndex
+                value = String(rest[..<end]).trimmingSpaces
+                rest = rest[end...]
+            }
+            parameters[key] = value
+        }
+        return (scheme, parameters)
+    }
+
+    static func host(of url: String) -> String {
+        guard let start = url.firstRange(of: "://")?.upperBound else { return "" }
+        let rest = url[start...]
+        return String(rest[..<(rest.firstIndex(of: "/") ?? rest.endIndex)])
+    }
+
+    static func resolve(_ location: String, against url: String) -> String {
+        if location.contains("://") { return location }
+        guard let start = url.firstRange(of: "://")?.upperBound else { return location }
+        let hostEnd = url[start...].firstIndex(of: "/") ?? url.endIndex
+        return String(url[..<hostEnd]) + (location.hasPrefix("/") ? location : "/" + location)
+    }
+
+    static func percentEncode(_ text: String) -> String {
+        var out = ""
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                 UInt8(ascii: "-"), UInt8(ascii: "_"), UInt8(ascii: "."), UInt8(ascii: "~"):
+                out.append(Character(Unicode.Scalar(byte)))
+            default:
+                let digits = Array("0123456789ABCDEF")
+                out += "%" + String(digits[Int(byte >> 4)]) + String(digits[Int(byte & 15)])
+            }
+        }
+        return out
+    }
+
+    static func base64(_ text: String) -> String { Data(text.utf8).base64EncodedString() }
+}
