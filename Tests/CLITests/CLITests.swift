@@ -127,6 +127,25 @@ import TestSupport
         #expect(MonotonicNow() - start < 5, "must not hang")
     }
 
+    @Test func badImageInputIsAOneLineError() {
+        let home = TemporaryDirectory()
+        let env = ["SWIFTLET_HOME": home.path + "/store"]
+        expectOneLineError(run(["image", "pull", "./no/such/dir"], environment: env), contains: "no image at ./no/such/dir")
+        expectOneLineError(run(["image", "pull", "Not_A_Reference"], environment: env), contains: "invalid image reference")
+        let junk = tiny.write("junk.tar", Array(repeating: 0x41, count: 4096))
+        expectOneLineError(run(["image", "pull", junk], environment: env), contains: "is not a readable image archive")
+        let empty = Subprocess.run(["/bin/sh", "-c", "cd \"$0\" && : > f && tar cf notimage.tar f", tiny.path])
+        #expect(empty.status == 0)
+        expectOneLineError(run(["image", "pull", tiny.path + "/notimage.tar"], environment: env), contains: "neither index.json (OCI) nor manifest.json")
+        expectOneLineError(run(["image", "inspect", "nothing"], environment: env), contains: "no image \"nothing\"")
+        expectOneLineError(run(["image", "rm", "nothing"], environment: env), contains: "no image \"nothing\"")
+        expectOneLineError(run(["run", "--image", "x", "--rootfs", "y"], environment: env), contains: "cannot be used together", status: 64)
+        let policy = run(["run", "--image", "busybox", "--pull", "sometimes"], environment: env)
+        #expect(policy.status == 64 && policy.stderr.contains("'missing', 'always' or 'never'"), "\(policy.stderr)")
+        let listed = run(["image", "ls"], environment: env)
+        #expect(listed.status == 0 && listed.stdout == "NAME  DIGEST  PLATFORM  LAYERS  SIZE\n", "\(listed.stdout)")
+    }
+
     @Test func kernelPathPointsAtTheCache() {
         let dir = TemporaryDirectory()
         let r = run(["kernel", "path"], environment: ["SWIFTLET_CACHE": dir.path])

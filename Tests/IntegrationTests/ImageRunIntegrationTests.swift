@@ -1,0 +1,51 @@
+import Glibc
+import Testing
+import TestSupport
+
+/// `swiftlet run --image`: OCI images (layout, archive, stdin) as layered root filesystems, with
+/// the image config applied under the command line's options.
+@Suite(.serialized, .enabled(if: TestHost.integration && TestImages.directory != nil,
+                             "Linux-guest integration tests run in the nested test host (make test-nested), with the test images"))
+struct ImageRunIntegrationTests {
+    let swiftlet = TestHost.swiftletBinary
+    let home = TemporaryDirectory()
+
+    func run(_ arguments: [String]) -> Subprocess {
+        Subprocess.run([swiftlet, "run"] + arguments, environment: ["SWIFTLET_HOME": home.path], timeout: 300)
+    }
+
+    @Test func theImageConfigRunsWhenNoCommandIsGiven() {
+        let r = run(["--image", TestImages.path("layout")])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout == "cwd=/srv from_image=yes\nhello from the image\n")
+    }
+
+    @Test func layersStackWithWhiteoutsAndOptionsOverrideTheConfig() {
+        // The entrypoint is `sh -c`: the command after -- is its script.
+        let script = "cat /etc/motd; test -e /etc/gone || echo gone-is-gone; ls /opaque; echo $FROM_IMAGE; pwd; id -u"
+        let r = run(["--image", TestImages.path("zstd"), "-e", "FROM_IMAGE=overridden", "-w", "/tmp", "-u", "app", "--", script])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout == "layer two\ngone-is-gone\nnew\noverridden\n/tmp\n1000\n")
+    }
+
+    @Test func archivesFromFilesAndStandardInput() {
+        let saved = run(["--image", TestImages.path("docker-save.tar"), "--", "echo from-docker-save; exit 4"])
+        #expect(saved.status == 4, "\(saved.stderr)")
+        #expect(saved.stdout == "from-docker-save\n")
+        // Once imported, the image runs by name, without the archive.
+        let byName = run(["--image", "test/busybox", "--pull", "never", "--", "cat /etc/motd"])
+        #expect(byName.stdout == "layer two\n", "\(byName.stderr)")
+        let piped = Subprocess.run(["/bin/sh", "-c", "\"$0\" run --image - -- 'echo from-stdin' < \"$1\"", swiftlet, TestImages.path("oci-archive.tar")],
+                                   environment: ["SWIFTLET_HOME": home.path], timeout: 300)
+        #expect(piped.status == 0 && piped.stdout == "from-stdin\n", "\(piped.stderr)")
+    }
+
+    @Test func badImagesAreClearErrors() {
+        let wrongArch = run(["--image", TestImages.path("arm64")])
+        #expect(wrongArch.status == 1 && wrongArch.stderr.contains("no linux/amd64 image"), "\(wrongArch.stderr)")
+        let missing = run(["--image", "not-pulled-here", "--pull", "never"])
+        #expect(missing.status == 1 && missing.stderr.contains("--pull never"), "\(missing.stderr)")
+        let noCommand = run(["--image", TestImages.path("layout"), "--", "exec no-such-command"])
+        #expect(noCommand.status == 127, "\(noCommand.stderr)")
+    }
+}
