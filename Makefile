@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
 DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
 
-.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot bench-run clean
+.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot bench-run bench-pull clean
 
 all: build
 
@@ -49,7 +49,7 @@ unit-test: guest build-tests
 test-nested: guest build-tests
 	@scripts/test-nested
 
-bench: bench-boot bench-run
+bench: bench-boot bench-run bench-pull
 
 bench-boot: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
@@ -58,6 +58,10 @@ bench-boot: guest
 bench-run: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
 	@scripts/bench-run
+
+# First pull of new images from a loopback registry (no KVM needed).
+bench-pull: build
+	@scripts/bench-pull
 
 clean:
 	rm -rf .build .build-*

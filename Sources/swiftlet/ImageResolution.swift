@@ -25,7 +25,12 @@ struct ImageResolver {
 
     func resolve(_ text: String) throws(SwiftletError) -> ResolvedImage {
         let image: StoredImage
-        if let local = try localSource(text) {
+        if text.hasPrefix("sha256:") {
+            guard let stored = try store.find(text) else {
+                throw SwiftletError(.notFound, "no image \(text) in the image store (see `swiftlet image ls`)")
+            }
+            image = stored
+        } else if let local = try localSource(text) {
             image = try pull(local)
         } else {
             let reference = try ImageReference(parsing: text)

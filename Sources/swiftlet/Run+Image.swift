@@ -27,6 +27,8 @@ extension Run {
     /// The default image, --rootfs, or --image (pulled or imported into the store when needed),
     /// with the image config applied under the command line's -e, -w, -u and command.
     func resolveRoot(signals: Int32) throws(SwiftletError) -> RootFilesystem {
+        // A detached run's image was resolved by the process that started it.
+        let image = getenv(Self.resolvedImageVariable).map { String(cString: $0) } ?? self.image
         guard let image else {
             let path = rootfs ?? GuestAssets.defaultImage
             guard access(path, R_OK) == 0 else {

@@ -40,6 +40,9 @@ struct Run: ParsableCommand {
     @Flag(name: .shortAndLong, help: "Give the command a terminal (the host's terminal goes raw while it runs).")
     var tty = false
 
+    @Flag(name: .shortAndLong, help: "Run in the background: print an ID; output and exit status go to $SWIFTLET_HOME/runs/ID.")
+    var detach = false
+
     @Option(help: ArgumentHelp("Stop the VM after this long (e.g. 30s, 500ms, 2m); exit status 124.", valueName: "duration"))
     var timeout: String?
 
@@ -83,6 +86,7 @@ struct Run: ParsableCommand {
             throw ValidationError("--timeout \(timeout): expected a duration such as 30s, 500ms or 2m")
         }
         if image != nil && rootfs != nil { throw ValidationError("--image and --rootfs cannot be used together") }
+        if detach && (interactive || tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
         for variable in env where variable.isEmpty || variable.hasPrefix("=") {
             throw ValidationError("-e \(variable): expected KEY=VALUE or KEY")
         }
@@ -97,6 +101,22 @@ struct Run: ParsableCommand {
     }
 
     func run() throws {
+        if detach && !Self.isDetachedChild {
+            do { try startInBackground() } catch {
+                printError(error.description)
+                throw ExitCode(Status.setupFailed)
+            }
+            return
+        }
+        do { try runHere() } catch let exit as ExitCode {
+            Self.recordStatus(exit.rawValue)
+            throw exit
+        }
+        Self.recordStatus(0)
+    }
+
+    /// Runs the VM in this process.
+    func runHere() throws {
         var marks: [(String, UInt64)] = []
         let kernelPath = machine.kernel ?? GuestAssets.defaultKernel()
         let agent = GuestAssets.agentInitrd

@@ -140,6 +140,7 @@ import TestSupport
         expectOneLineError(run(["image", "inspect", "nothing"], environment: env), contains: "no image \"nothing\"")
         expectOneLineError(run(["image", "rm", "nothing"], environment: env), contains: "no image \"nothing\"")
         expectOneLineError(run(["run", "--image", "x", "--rootfs", "y"], environment: env), contains: "cannot be used together", status: 64)
+        expectOneLineError(run(["run", "-d", "-i", "--", "true"], environment: env), contains: "-d cannot be combined", status: 64)
         let policy = run(["run", "--image", "busybox", "--pull", "sometimes"], environment: env)
         #expect(policy.status == 64 && policy.stderr.contains("'missing', 'always' or 'never'"), "\(policy.stderr)")
         let listed = run(["image", "ls"], environment: env)

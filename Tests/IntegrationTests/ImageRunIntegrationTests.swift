@@ -1,4 +1,5 @@
 import Glibc
+import SwiftletSystem
 import Testing
 import TestSupport
 
@@ -47,5 +48,27 @@ struct ImageRunIntegrationTests {
         #expect(missing.status == 1 && missing.stderr.contains("--pull never"), "\(missing.stderr)")
         let noCommand = run(["--image", TestImages.path("layout"), "--", "exec no-such-command"])
         #expect(noCommand.status == 127, "\(noCommand.stderr)")
+    }
+
+    @Test func detachedRunsLeaveOutputAndStatusBehind() throws {
+        let r = run(["-d", "--image", TestImages.path("layout"), "--", "echo in-the-background; echo err >&2; exit 5"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let id = r.stdout.trimmingCharacters(in: "\n")
+        try #require(id.count == 12, "\(r.stdout)")
+        let directory = home.path + "/runs/" + id
+        var status: String?
+        for _ in 0..<600 where status == nil {
+            if let bytes = try? OwnedFileDescriptor.readSmallFile(directory + "/status") { status = String(decoding: bytes, as: UTF8.self) }
+            else { usleep(200_000) }
+        }
+        #expect(status == "5\n")
+        #expect((try? OwnedFileDescriptor.readSmallFile(directory + "/stdout")).map { String(decoding: $0, as: UTF8.self) } == "in-the-background\n")
+        #expect((try? OwnedFileDescriptor.readSmallFile(directory + "/stderr")).map { String(decoding: $0, as: UTF8.self) } == "err\n")
+    }
+}
+
+extension String {
+    func trimmingCharacters(in set: String) -> String {
+        String(drop(while: { set.contains($0) }).reversed().drop(while: { set.contains($0) }).reversed())
     }
 }

@@ -1,14 +1,16 @@
 import Glibc
 
-// swiftlet-bench run: `swiftlet run -- true` (whole process) against QEMU microvm booting the
-// same kernel with the same root filesystem disk to the same `true`, alternately; p50/p90 of
-// process start to exit, Swiftlet's phases, and the ratio.
+// swiftlet-bench run: `swiftlet run --image IMAGE -- true` (whole process, image already in the
+// store) against QEMU microvm booting the same kernel with the same root filesystem disk (the
+// image's one layer, as Swiftlet converted it) to the same `true`, alternately; p50/p90 of process
+// start to exit, Swiftlet's phases, and the ratio. With --rootfs instead of --image, both boot
+// that EROFS disk.
 //
-// Usage: swiftlet-bench run --swiftlet PATH --kernel VMLINUX --rootfs EROFS [--runs N] [--qemu PATH]
+// Usage: swiftlet-bench run --swiftlet PATH --kernel VMLINUX (--image OCI-LAYOUT | --rootfs EROFS) [--runs N] [--qemu PATH]
 
 func runBenchmark() {
     var swiftletPath = "/usr/local/bin/swiftlet", qemuPath = "/usr/bin/qemu-system-x86_64"
-    var kernel = "", rootfs = "", runs = 30, memoryMiB = 256
+    var kernel = "", rootfs = "", image = "", runs = 30, memoryMiB = 256
     var args = CommandLine.arguments.dropFirst(2)
     while let flag = args.popFirst() {
         guard let value = args.popFirst() else { fatal("\(flag) needs a value") }
@@ -17,14 +19,30 @@ func runBenchmark() {
         case "--qemu": qemuPath = value
         case "--kernel": kernel = value
         case "--rootfs": rootfs = value
+        case "--image": image = value
         case "--runs": runs = Int(value) ?? 30
         case "--memory": memoryMiB = Int(value) ?? 256
         default: fatal("unknown flag \(flag)")
         }
     }
-    guard !kernel.isEmpty, !rootfs.isEmpty else { fatal("--kernel and --rootfs are required") }
+    guard !kernel.isEmpty, !rootfs.isEmpty || !image.isEmpty else { fatal("--kernel and --image or --rootfs are required") }
 
-    let swiftletRun = [swiftletPath, "run", "--timing", "--kernel", kernel, "--rootfs", rootfs, "--memory", String(memoryMiB), "--", "true"]
+    var source = ["--rootfs", rootfs]
+    if !image.isEmpty {
+        // Into the store once (warm caches), then by digest; QEMU boots the disk the layer became.
+        let pulled = spawnAndCollect([swiftletPath, "image", "pull", "-q", image])
+        guard pulled.status == 0 else { fatal("swiftlet image pull \(image) failed:\n\(pulled.stderr)") }
+        let digest = pulled.stdout.filter { !$0.isWhitespace }
+        let inspect = spawnAndCollect([swiftletPath, "image", "inspect", digest]).stdout
+        guard let field = inspect.firstRange(of: "\"diffIDs\""), let hash = inspect[field.upperBound...].firstRange(of: "sha256:") else {
+            fatal("no diff IDs in swiftlet image inspect:\n\(inspect)")
+        }
+        let hex = String(inspect[hash.upperBound...].prefix(64))
+        guard let home = getenv("SWIFTLET_HOME").map({ String(cString: $0) }) else { fatal("set SWIFTLET_HOME for --image") }
+        rootfs = home + "/disks/sha256/" + hex + ".erofs"
+        source = ["--image", digest]
+    }
+    let swiftletRun = [swiftletPath, "run", "--timing", "--kernel", kernel] + source + ["--memory", String(memoryMiB), "--", "true"]
     // QEMU has no agent: the kernel mounts the same EROFS disk as its root and /bin/sh runs the
     // same `true`, then reboots, which -no-reboot turns into an exit.
     let qemuCmdline = "console=ttyS0 reboot=k panic=-1 pci=off loglevel=3 root=/dev/vda rootfstype=erofs ro init=/bin/sh -- -c \"true; reboot -f\""
@@ -86,4 +104,9 @@ func hostKernelRelease() -> String {
     var uts = utsname()
     uname(&uts)
     return withUnsafeBytes(of: uts.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+}
+
+/// Runs a helper command to completion and returns its output.
+func spawnAndCollect(_ arguments: [String]) -> Observation {
+    observe(arguments, marker: [0], guestMemoryBytes: 0)
 }
