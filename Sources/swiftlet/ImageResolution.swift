@@ -65,15 +65,18 @@ struct ImageResolver {
             path = String(text[..<colon])
             tag = String(text[text.index(after: colon)...])
         }
+        let pathLike = text.hasPrefix("/") || text.hasPrefix("./") || text.hasPrefix("../")
         guard access(path, F_OK) == 0 else {
-            if text.hasPrefix("/") || text.hasPrefix("./") || text.hasPrefix("../") {
-                throw SwiftletError(.notFound, "no image at \(text): no such file or directory")
-            }
+            if pathLike { throw SwiftletError(.notFound, "no image at \(text): no such file or directory") }
             return nil
         }
         var info = stat()
         stat(path, &info)
-        if (info.st_mode & S_IFMT) == S_IFDIR { return try OCILayoutSource(directory: path, tag: tag) }
+        if (info.st_mode & S_IFMT) == S_IFDIR {
+            // A directory that is not a layout is a registry name (`library/busybox`), unless written as a path.
+            guard pathLike || access(path + "/oci-layout", F_OK) == 0 else { return nil }
+            return try OCILayoutSource(directory: path, tag: tag)
+        }
         let file = try OwnedFileDescriptor.openInput(path, role: "image archive")
         return try ArchiveSource(reading: file.rawValue, displayName: path, tag: tag, into: store)
     }
