@@ -50,6 +50,20 @@ struct ImageRunIntegrationTests {
         #expect(noCommand.status == 127, "\(noCommand.stderr)")
     }
 
+    /// A real distribution: Debian 12 (debootstrap minbase, one 50 MB layer), pulled and converted
+    /// in the test host, with setuid binaries, hard links and dpkg's database intact.
+    @Test(.enabled(if: TestHost.environment("SWIFTLET_DEBIAN_IMAGE") != nil, "scripts/build-debian-image needs root"))
+    func aDebianImageRuns() {
+        let image = TestHost.environment("SWIFTLET_DEBIAN_IMAGE") ?? ""
+        let script = "cat /etc/debian_version; stat -c %a /usr/bin/passwd; dpkg-query -W -f='${Package}\\n' coreutils; "
+            + "[ $(stat -c %i /usr/bin/gzip) = $(stat -c %i /usr/bin/uncompress) ] && echo hardlinked; echo $0"
+        let r = run(["--image", image, "--", "bash", "-c", script])
+        #expect(r.status == 0, "\(r.stderr)")
+        let lines = r.stdout.split(separator: "\n").map(String.init)
+        #expect(lines.count == 5 && lines[0].hasPrefix("12."), "\(r.stdout)")
+        #expect(Array(lines.dropFirst()) == ["4755", "coreutils", "hardlinked", "bash"], "\(r.stdout)")
+    }
+
     @Test func detachedRunsLeaveOutputAndStatusBehind() throws {
         let r = run(["-d", "--image", TestImages.path("layout"), "--", "echo in-the-background; echo err >&2; exit 5"])
         #expect(r.status == 0, "\(r.stderr)")
