@@ -28,9 +28,10 @@ let package = Package(
         .target(
             name: "CCompression",
             linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]),
+        .target(name: "CDigest"),
         .target(
             name: "Images",
-            dependencies: ["SwiftletSystem", "CCompression", .product(name: "AsyncHTTPClient", package: "async-http-client")],
+            dependencies: ["SwiftletSystem", "CCompression", "CDigest", .product(name: "AsyncHTTPClient", package: "async-http-client")],
             swiftSettings: strict),
         .target(name: "Virtio", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletSystem"], swiftSettings: strict),

@@ -9,22 +9,37 @@ import TestSupport
 
     func sh(_ line: String) -> Subprocess { Subprocess.run(["/bin/sh", "-c", line], environment: ["D": dir.path]) }
 
-    @Test func sha256MatchesTheStandardVectors() {
-        #expect(Digest(bytes: SHA256.hash([UInt8]())).hex == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-        #expect(Digest(bytes: SHA256.hash(Array("abc".utf8))).hex == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
-        #expect(Digest(bytes: SHA256.hash(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8))).hex
+    func hash(_ bytes: [UInt8], portable: Bool) -> String {
+        var hasher = SHA256(portable: portable)
+        hasher.update(bytes)
+        return Digest(bytes: hasher.finalize()).hex
+    }
+
+    /// Both the portable rounds and (where the CPU has them) the SHA extensions.
+    @Test(arguments: [true, false])
+    func sha256MatchesTheStandardVectors(portable: Bool) {
+        #expect(hash([], portable: portable) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        #expect(hash(Array("abc".utf8), portable: portable) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        #expect(hash(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8), portable: portable)
                 == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
-        #expect(Digest(bytes: SHA256.hash([UInt8](repeating: 0x61, count: 1_000_000))).hex
+        #expect(hash([UInt8](repeating: 0x61, count: 1_000_000), portable: portable)
                 == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
     }
 
-    @Test func sha256AgreesWithSha256sumWhateverTheChunking() throws {
+    @Test func theSHAExtensionsAreUsedWhereTheCPUHasThem() {
+        let cpuHasThem = sh("grep -qw sha_ni /proc/cpuinfo").status == 0
+        #expect(SHA256().usesHardware == cpuHasThem)
+        #expect(!SHA256(portable: true).usesHardware)
+    }
+
+    @Test(arguments: [true, false])
+    func sha256AgreesWithSha256sumWhateverTheChunking(portable: Bool) throws {
         let path = dir.path + "/random"
         #expect(sh(#"head -c 3000017 /dev/urandom > "$D/random""#).status == 0)
         let expected = String(sh(#"sha256sum "$D/random""#).stdout.prefix(64))
         let bytes = try OwnedFileDescriptor.readSmallFile(path, limit: 4 << 20)
-        #expect(Digest.of(bytes).hex == expected)
-        var hasher = SHA256()
+        #expect(hash(bytes, portable: portable) == expected)
+        var hasher = SHA256(portable: portable)
         var offset = 0, step = 1
         while offset < bytes.count {
             let end = min(bytes.count, offset + step)

@@ -1,4 +1,7 @@
-/// SHA-256 (FIPS 180-4), streaming. Swiftlet's own, so the store needs no crypto library.
+import CDigest
+
+/// SHA-256 (FIPS 180-4), streaming. Swiftlet's own, so the store needs no crypto library: the
+/// CPU's SHA extensions when it has them (CDigest), this portable code otherwise.
 public struct SHA256: Sendable {
     private var state: (UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32) =
         (0x6a09_e667, 0xbb67_ae85, 0x3c6e_f372, 0xa54f_f53a, 0x510e_527f, 0x9b05_688c, 0x1f83_d9ab, 0x5be0_cd19)
@@ -6,7 +9,14 @@ public struct SHA256: Sendable {
     private var pendingCount = 0
     private var length: UInt64 = 0
 
-    public init() {}
+    /// Whether blocks go to the SHA extensions (false: the portable Swift rounds).
+    public let usesHardware: Bool
+    private static let hardwareAvailable = swiftlet_sha256_hardware_available() != 0
+
+    /// `portable` forces the Swift rounds (for tests that compare the two).
+    public init(portable: Bool = false) {
+        usesHardware = !portable && Self.hardwareAvailable
+    }
 
     /// Hashes `bytes` in one call.
     public static func hash<Bytes: Sequence>(_ bytes: Bytes) -> [UInt8] where Bytes.Element == UInt8 {
@@ -28,12 +38,13 @@ public struct SHA256: Sendable {
             pending.withUnsafeMutableBytes { $0.baseAddress!.advanced(by: pendingCount).copyMemory(from: base, byteCount: take) }
             pendingCount += take; base += take; count -= take
             guard pendingCount == 64 else { return }
-            pending.withUnsafeBytes { compress(UnsafeRawBufferPointer($0)) }
+            pending.withUnsafeBytes { compressBlocks($0.baseAddress!, count: 1) }
             pendingCount = 0
         }
-        while count >= 64 {
-            compress(UnsafeRawBufferPointer(start: base, count: 64))
-            base += 64; count -= 64
+        if count >= 64 {
+            let blocks = count / 64
+            compressBlocks(base, count: blocks)
+            base += blocks * 64; count -= blocks * 64
         }
         if count > 0 {
             pending.withUnsafeMutableBytes { $0.baseAddress!.copyMemory(from: base, byteCount: count) }
@@ -63,6 +74,19 @@ public struct SHA256: Sendable {
         0x19a4_c116, 0x1e37_6c08, 0x2748_774c, 0x34b0_bcb5, 0x391c_0cb3, 0x4ed8_aa4a, 0x5b9c_ca4f, 0x682e_6ff3,
         0x748f_82ee, 0x78a5_636f, 0x84c8_7814, 0x8cc7_0208, 0x90be_fffa, 0xa450_6ceb, 0xbef9_a3f7, 0xc671_78f2,
     ]
+
+    private mutating func compressBlocks(_ start: UnsafeRawPointer, count: Int) {
+        if usesHardware {
+            // SAFETY: the state tuple is eight contiguous UInt32s; `start` holds `count` whole blocks.
+            withUnsafeMutablePointer(to: &state) { tuple in
+                tuple.withMemoryRebound(to: UInt32.self, capacity: 8) { words in
+                    swiftlet_sha256_hardware_blocks(words, start.assumingMemoryBound(to: UInt8.self), count)
+                }
+            }
+            return
+        }
+        for block in 0..<count { compress(UnsafeRawBufferPointer(start: start + block * 64, count: 64)) }
+    }
 
     private mutating func compress(_ block: UnsafeRawBufferPointer) {
         // The 64-word message schedule lives on the stack: no allocation per block.

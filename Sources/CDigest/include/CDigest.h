@@ -1,0 +1,11 @@
+// SHA-256 with the x86 SHA extensions (SHA-NI), for Images' SHA256 when the CPU has them.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+// Whether this CPU has the SHA extensions (and the SSSE3/SSE4.1 the routine also uses).
+int swiftlet_sha256_hardware_available(void);
+
+// Runs the SHA-256 compression function over `blocks` consecutive 64-byte blocks at `data`,
+// updating `state` (a, b, ..., h). Call only when swiftlet_sha256_hardware_available().
+void swiftlet_sha256_hardware_blocks(uint32_t state[8], const uint8_t *data, size_t blocks);
