@@ -48,10 +48,8 @@ struct ImageResolver {
     /// Loads the config and makes sure every layer has its disk (converting any that is missing).
     func prepare(_ image: StoredImage) throws(SwiftletError) -> ResolvedImage {
         let config = try decodeConfiguration(try store.readBlob(image.config, what: "image config"))
-        var disks: [String] = []
-        for (layer, diffID) in zip(image.layers, image.diffIDs) {
-            disks.append(try store.layerDisk(layer: layer, diffID: diffID).path)
-        }
+        let quiet = quiet
+        let disks = try store.disks(for: image, progress: { line in if !quiet { printError(line) } })
         return ResolvedImage(image: image, configuration: config, disks: disks)
     }
 

@@ -39,11 +39,9 @@ extension Run {
                                   workingDirectory: workdir ?? "/", user: user ?? "")
         }
         let store = try ImageStore()
+        precondition(ImageStore.maximumLayerDisks <= MachineConfig.maximumDisks, "an image's disks must fit the machine")
         let resolver = ImageResolver(store: store, insecure: insecureRegistry, policy: pull, interruptions: signals >= 0 ? signals : nil)
         let resolved = try resolver.resolve(image)
-        guard resolved.disks.count <= MachineConfig.maximumDisks else {
-            throw SwiftletError(.unsupported, "\(image) has \(resolved.disks.count) layers; Swiftlet stacks at most \(MachineConfig.maximumDisks)")
-        }
         let execution = resolved.configuration.config
         let arguments = (execution?.Entrypoint ?? []) + (command.isEmpty ? (execution?.Cmd ?? []) : command)
         guard !arguments.isEmpty else {

@@ -50,6 +50,15 @@ import TestSupport
         #expect(Digest(bytes: hasher.finalize()).hex == expected)
     }
 
+    @Test func imagesWithMoreLayersThanDisksShareTheLastDisk() {
+        #expect(ImageStore.diskGroups(layerCount: 3) == [0..<1, 1..<2, 2..<3])
+        let many = ImageStore.diskGroups(layerCount: 20, maximum: 16)
+        #expect(many.count == 16 && many.last == 15..<20 && many.dropLast().allSatisfy { $0.count == 1 })
+        let a = Digest.of([1]), b = Digest.of([2])
+        #expect(ImageStore.diskKey([a][...]) == a, "one layer's disk is keyed by its diff ID")
+        #expect(ImageStore.diskKey([a, b][...]) == Digest.of(Array("\(a) \(b)".utf8)), "several: the OCI chain ID")
+    }
+
     @Test func digestsAreParsedStrictly() throws {
         let good = "sha256:" + String(repeating: "ab", count: 32)
         #expect(try Digest(parsing: good).description == good)

@@ -77,6 +77,47 @@ struct EROFSTests {
         }
     }
 
+    /// Several layers merged into one image (images with more layers than disks): later entries
+    /// win, whiteouts hide lower entries and stay whiteouts, opaque directories drop what lower
+    /// layers put in them but keep what their own layer adds.
+    @Test func mergedLayersApplyWhiteoutsAndOpaqueDirectories() throws {
+        let made = sh(#"""
+            set -e; cd "$D"
+            mkdir -p l1/a/b l1/d l1/gone-dir; echo x > l1/a/x; echo y > l1/a/b/y; echo keep > l1/d/keep
+            echo one > l1/f; ln l1/f l1/g; echo w > l1/w; echo 1 > l1/gone-dir/inside
+            (cd l1 && tar --numeric-owner --format=pax -cf ../l1.tar .)
+            mkdir -p l2/a/b l2/d; : > l2/.wh.w; : > l2/a/.wh..wh..opq; echo z > l2/a/b/z; echo new > l2/d/new
+            echo two > l2/f; : > l2/.wh.gone-dir; : > l2/.wh.below
+            (cd l2 && tar --numeric-owner --format=pax -cf ../l2.tar ./a/b/z ./.wh.w ./a/.wh..wh..opq ./d ./f ./.wh.gone-dir ./.wh.below)
+            mkdir -p l3/gone-dir; echo back > l3/gone-dir/again
+            (cd l3 && tar --numeric-owner --format=pax -cf ../l3.tar .)
+            """#)
+        try #require(made.status == 0, "\(made.stderr)")
+        let image = dir.path + "/merged.erofs"
+        let layers = ["l1.tar", "l2.tar", "l3.tar"].map { dir.path + "/" + $0 }
+        let fds = layers.map { open($0, O_RDONLY | O_CLOEXEC) }
+        defer { fds.forEach { close($0) } }
+        try LayerConverter.merge(layers: 3, scratchDirectory: dir.path, to: image, source: { index throws(SwiftletError) in
+            let fd = fds[index]
+            return { buffer throws(SwiftletError) in try systemCall("read") { read(fd, buffer.baseAddress, buffer.count) } }
+        }, afterLayer: { _ throws(SwiftletError) in })
+        let fsck = Subprocess.run(["/usr/bin/fsck.erofs", "--extract=" + dir.path + "/out", image])
+        #expect(fsck.status == 0, "\(fsck.stdout)\(fsck.stderr)")
+        let listing = sh(#"cd "$D/out" && find . | sort | tr '\n' ' '; echo; cat f g d/keep d/new a/b/z gone-dir/again"#).stdout
+        #expect(listing == ". ./a ./a/b ./a/b/z ./below ./d ./d/keep ./d/new ./f ./g ./gone-dir ./gone-dir/again ./w \ntwo\none\nkeep\nnew\nz\nback\n",
+                "\(listing)")
+        // What was hidden stays a whiteout (for disks below); rewritten directories are opaque.
+        #expect(info(dir.path + "/out/w").st_mode & S_IFMT == S_IFCHR && info(dir.path + "/out/below").st_mode & S_IFMT == S_IFCHR)
+        let g = try inode(image, "/g")
+        #expect(g.links == 1, "f was replaced, so g is alone")
+        // (dump.erofs shows the size of an inode's attributes: 32 bytes is the one opaque marker.)
+        for path in ["/a", "/gone-dir"] {
+            let dump = Subprocess.run(["/usr/bin/dump.erofs", "--path=" + path, image]).stdout
+            #expect(dump.contains("Xattr size: 32"), "\(path) is opaque: \(dump)")
+        }
+        #expect(Subprocess.run(["/usr/bin/dump.erofs", "--path=/d", image]).stdout.contains("Xattr size: 0"), "/d was only added to")
+    }
+
     /// An inode's nid (from dump.erofs), link count, and raw i_mode (from the image).
     func inode(_ image: String, _ path: String) throws -> (nid: Int, links: Int, mode: UInt16) {
         let dump = Subprocess.run(["/usr/bin/dump.erofs", "--path=" + path, image]).stdout

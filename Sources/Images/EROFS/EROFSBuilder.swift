@@ -11,6 +11,10 @@ import SwiftletSystem
 /// whole blocks. OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) become overlayfs whiteouts (0/0
 /// character devices) and opaque directories (`trusted.overlay.opaque=y`), so layers stack with
 /// overlayfs in the guest.
+///
+/// Several layers can be merged into one image (`beginLayer()` before each after the first): a
+/// later layer's entries replace earlier ones, its whiteouts hide them (and stay whiteouts, for
+/// the disks below), and its opaque directories drop what earlier layers put in them.
 public final class EROFSBuilder {
     public static let blockSize = 4096
     static let inodeSize = 64
@@ -32,6 +36,8 @@ public final class EROFSBuilder {
         var inlineData: [UInt8]?
         var spoolBlock: UInt64?
         var links = 1
+        /// The layer (counted from 0 in this image) that made the node.
+        var layer = 0
         // Assigned at layout time.
         var nid: UInt64 = 0
         var ino: UInt32 = 0
@@ -39,6 +45,9 @@ public final class EROFSBuilder {
         var laidOut = false
 
         init(kind: Kind, mode: UInt32) { self.kind = kind; self.mode = mode }
+
+        /// An overlayfs whiteout: a 0/0 character device.
+        var isWhiteout: Bool { kind == .characterDevice && rdev == 0 }
 
         var typeBits: UInt32 {
             switch kind {
@@ -68,6 +77,17 @@ public final class EROFSBuilder {
     private let spool: OwnedFileDescriptor
     private var spoolBlocks: UInt64 = 0
     public internal(set) var warnings: [String] = []
+    /// The layer entries are being added for.
+    private var currentLayer = 0
+
+    /// Starts the next layer: what it adds goes over everything added so far.
+    public func beginLayer() { currentLayer += 1 }
+
+    /// Puts `node` at `name` in `parent`, giving up the name's previous node (a hard link's count drops).
+    private func place(_ node: Node?, at name: String, in parent: Node) {
+        if let old = parent.children[name], old !== node, old.kind != .directory, old.links > 1 { old.links -= 1 }
+        parent.children[name] = node
+    }
 
     /// `scratchDirectory` holds an unlinked spool file for file data while the tree is built.
     public init(scratchDirectory: String) throws(SwiftletError) {
@@ -86,11 +106,21 @@ public final class EROFSBuilder {
     private func directory(_ parts: ArraySlice<String>) throws(SwiftletError) -> Node {
         var node = root
         for part in parts {
-            if let child = node.children[part] {
-                guard child.kind == .directory else { throw SwiftletError(.invalidFormat, "layer path component \(part) is not a directory") }
+            if let child = node.children[part], child.kind == .directory {
+                child.layer = max(child.layer, currentLayer) // this layer has it too, implicitly
+                node = child
+            } else if let child = node.children[part], !(child.isWhiteout && child.layer < currentLayer) {
+                throw SwiftletError(.invalidFormat, "layer path component \(part) is not a directory")
+            } else if node.children[part] != nil {
+                // An earlier merged layer deleted this directory; this layer makes it anew.
+                let child = Node(kind: .directory, mode: 0o755)
+                child.layer = currentLayer
+                markOpaque(child)
+                node.children[part] = child
                 node = child
             } else {
                 let child = Node(kind: .directory, mode: 0o755)
+                child.layer = currentLayer
                 node.children[part] = child
                 node = child
             }
@@ -117,14 +147,16 @@ public final class EROFSBuilder {
         }
         let parent = try directory(parts.dropLast())
         if name == ".wh..wh..opq" {
-            parent.xattrs.removeAll { $0.0 == "trusted.overlay.opaque" }
-            parent.xattrs.append(("trusted.overlay.opaque", Array("y".utf8)))
+            // Hides what lower layers have here: earlier merged layers' entries go, disks below are hidden.
+            purgeLowerLayers(parent)
+            markOpaque(parent)
             return
         }
         if name.hasPrefix(".wh.") {
             let whiteout = Node(kind: .characterDevice, mode: 0)
             whiteout.mtime = entry.mtime
-            parent.children[String(name.dropFirst(4))] = whiteout
+            whiteout.layer = currentLayer
+            place(whiteout, at: String(name.dropFirst(4)), in: parent)
             return
         }
         let node: Node
@@ -134,6 +166,8 @@ public final class EROFSBuilder {
                 node = existing // a directory listed again keeps its contents
             } else {
                 node = Node(kind: .directory, mode: entry.mode)
+                // A directory made where an earlier merged layer left a whiteout must hide the disks below.
+                if let existing = parent.children[name], existing.isWhiteout { markOpaque(node) }
             }
         case .file:
             node = Node(kind: .file, mode: entry.mode)
@@ -151,7 +185,7 @@ public final class EROFSBuilder {
                 throw SwiftletError(.invalidFormat, "hard link \(entry.path) points at \(target), which is not an earlier file in the layer")
             }
             existing.links += 1
-            parent.children[name] = existing
+            place(existing, at: name, in: parent)
             return
         case .characterDevice(let major, let minor):
             node = Node(kind: .characterDevice, mode: entry.mode); node.rdev = Self.encodeDevice(major, minor)
@@ -160,10 +194,26 @@ public final class EROFSBuilder {
         case .fifo:
             node = Node(kind: .fifo, mode: entry.mode)
         }
+        let opaque = node.xattrs.contains { $0.0 == "trusted.overlay.opaque" }
         node.mode = entry.mode
         node.uid = entry.uid; node.gid = entry.gid; node.mtime = entry.mtime
         node.xattrs = entry.xattrs.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
-        parent.children[name] = node
+        if opaque { markOpaque(node) }
+        node.layer = max(node.layer, currentLayer)
+        place(node, at: name, in: parent)
+    }
+
+    /// Drops what earlier merged layers put under `directory` (what this layer put there stays).
+    private func purgeLowerLayers(_ directory: Node) {
+        for (name, child) in directory.children {
+            if child.layer < currentLayer { place(nil, at: name, in: directory) }
+            else if child.kind == .directory { purgeLowerLayers(child) }
+        }
+    }
+
+    private func markOpaque(_ directory: Node) {
+        directory.xattrs.removeAll { $0.0 == "trusted.overlay.opaque" }
+        directory.xattrs.append(("trusted.overlay.opaque", Array("y".utf8)))
     }
 
     /// Linux's new_encode_dev.

@@ -25,12 +25,28 @@ public enum LayerConverter {
         beforeCommit: () throws(SwiftletError) -> Void = {},
         source: @escaping TarReader.Source
     ) throws(SwiftletError) -> [String] {
-        var reader = TarReader(source: source)
+        try merge(layers: 1, scratchDirectory: scratchDirectory, to: imagePath,
+                  source: { _ throws(SwiftletError) in source }, afterLayer: { _ throws(SwiftletError) in try beforeCommit() })
+    }
+
+    /// Merges `layers` tar streams, bottom first, into one EROFS image (see `EROFSBuilder`):
+    /// `source(i)` gives layer i's stream, `afterLayer(i)` runs when its last entry is in (a check
+    /// that throws leaves no image).
+    @discardableResult
+    public static func merge(
+        layers: Int, scratchDirectory: String, to imagePath: String,
+        source: (Int) throws(SwiftletError) -> TarReader.Source,
+        afterLayer: (Int) throws(SwiftletError) -> Void
+    ) throws(SwiftletError) -> [String] {
         let builder = try EROFSBuilder(scratchDirectory: scratchDirectory)
-        while let entry = try reader.next() {
-            try builder.add(entry) { buffer throws(SwiftletError) in try reader.read(into: buffer) }
+        for layer in 0..<layers {
+            if layer > 0 { builder.beginLayer() }
+            var reader = TarReader(source: try source(layer))
+            while let entry = try reader.next() {
+                try builder.add(entry) { buffer throws(SwiftletError) in try reader.read(into: buffer) }
+            }
+            try afterLayer(layer)
         }
-        try beforeCommit()
         let name = imagePath.split(separator: "/").last.map(String.init) ?? "image"
         let out = try OwnedFileDescriptor.temporaryFile(in: scratchDirectory, prefix: "." + name + ".partial")
         let temporary = out.path

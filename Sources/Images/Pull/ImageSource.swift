@@ -69,15 +69,13 @@ public struct ImagePuller: Sendable {
                 progress("fetching \(what)")
                 try await source.fetch(layer, into: store, what: "layer \(layer.digest)")
             }
-            let diffID = config.rootfs.diff_ids[number]
-            if !store.hasDisk(diffID: diffID) { progress("converting \(what)") }
-            for warning in try store.layerDisk(layer: layer.digest, diffID: diffID).warnings { progress("warning: \(warning)") }
         }
         let image = StoredImage(
             name: source.imageName, manifest: manifestDigest, config: manifest.config.digest,
             layers: manifest.layers.map(\.digest), diffIDs: config.rootfs.diff_ids, platform: config.platform.description,
             size: Int64(manifestBytes.count) + manifest.config.size + manifest.layers.reduce(0) { $0 + $1.size },
             added: Int64(time(nil)))
+        _ = try store.disks(for: image, progress: progress)
         try store.record(image)
         return image
     }

@@ -196,7 +196,9 @@ public final class ImageStore: @unchecked Sendable {
         var blobs = Set<String>(), disks = Set<String>()
         for image in images {
             for digest in [image.manifest, image.config] + image.layers { blobs.insert(digest.hex) }
-            for diffID in image.diffIDs { disks.insert(diffID.hex + ".erofs") }
+            for group in Self.diskGroups(layerCount: image.diffIDs.count) {
+                disks.insert(Self.diskKey(image.diffIDs[group]).hex + ".erofs")
+            }
         }
         var freed: Int64 = 0
         freed += try removeEntries(in: root + "/blobs/sha256") { !blobs.contains($0) }
