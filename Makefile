@@ -17,10 +17,12 @@ kernel: setup
 initramfs: setup
 	@scripts/build-initramfs >/dev/null
 
-# The CLI and the guest agent, as static executables: .build/release/swiftlet, .build/release/swiftlet-init;
+# The CLI, its registry helper and the guest agent, as static executables: .build/release/swiftlet,
+# .build/release/swiftlet-pull (registry pulls, run by swiftlet), .build/release/swiftlet-init;
 # the agent packed as the initramfs `swiftlet run` boots, and the default (busybox) image.
 build: setup
 	swift build $(SWIFTPM_STATIC) --product swiftlet
+	swift build $(SWIFTPM_STATIC) --product swiftlet-pull
 	swift build $(SWIFTPM_STATIC) --product swiftlet-init
 	@scripts/build-agent >/dev/null
 	@scripts/build-default-image >/dev/null

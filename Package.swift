@@ -8,6 +8,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "swiftlet", targets: ["swiftlet"]),
+        .executable(name: "swiftlet-pull", targets: ["swiftlet-pull"]),
         .library(name: "Swiftlet", targets: ["VMM"]),
     ],
     dependencies: [
@@ -29,10 +30,13 @@ let package = Package(
             name: "CCompression",
             linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]),
         .target(name: "CDigest"),
+        .target(name: "Images", dependencies: ["SwiftletSystem", "CCompression", "CDigest"], swiftSettings: strict),
+        // The registry client, kept out of the VMM's executable: `swiftlet` runs `swiftlet-pull`.
         .target(
-            name: "Images",
-            dependencies: ["SwiftletSystem", "CCompression", "CDigest", .product(name: "AsyncHTTPClient", package: "async-http-client")],
+            name: "ImageRegistry",
+            dependencies: ["Images", "SwiftletSystem", .product(name: "AsyncHTTPClient", package: "async-http-client")],
             swiftSettings: strict),
+        .executableTarget(name: "swiftlet-pull", dependencies: ["ImageRegistry", "Images", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "Virtio", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(
@@ -60,7 +64,7 @@ let package = Package(
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "AgentTests", dependencies: ["VMM", "AgentProtocol", "CLinux", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "ImagesTests", dependencies: ["Images", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "ImagesTests", dependencies: ["Images", "ImageRegistry", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], swiftSettings: strict),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Virtio", "TestSupport"], swiftSettings: strict),

@@ -39,7 +39,7 @@ struct ImageResolver {
             } else if policy == .never {
                 throw SwiftletError(.notFound, "no image \(reference) in the image store, and --pull never: pull it first")
             } else {
-                image = try pull(RegistrySource(reference: reference, insecure: insecure, credentials: Self.credentials()))
+                image = try RegistryPull(reference: reference, insecure: insecure, quiet: quiet, interruptions: interruptions).run(store: store)
             }
         }
         return try prepare(image)
@@ -90,11 +90,6 @@ struct ImageResolver {
         try ImageConfiguration.decode(bytes)
     }
 
-    /// Registry credentials from SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD.
-    static func credentials() -> (user: String, password: String)? {
-        guard let user = getenv("SWIFTLET_REGISTRY_USER").map({ String(cString: $0) }), !user.isEmpty else { return nil }
-        return (user, getenv("SWIFTLET_REGISTRY_PASSWORD").map { String(cString: $0) } ?? "")
-    }
 }
 
 /// Runs async work from synchronous code (the CLI's commands are synchronous: their VMs run on

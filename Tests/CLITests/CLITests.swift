@@ -147,6 +147,23 @@ import TestSupport
         #expect(listed.status == 0 && listed.stdout == "NAME  DIGEST  PLATFORM  LAYERS  SIZE\n", "\(listed.stdout)")
     }
 
+    /// Registry pulls go through `swiftlet-pull` (beside `swiftlet`): progress relayed, the digest
+    /// printed, errors as one line, Ctrl-C-free here.
+    @Test(.enabled(if: TestImages.directory != nil && access("/usr/bin/docker-registry", X_OK) == 0, "needs docker-registry and the test images"))
+    func registryPullsRunThroughTheHelper() throws {
+        let registry = try #require(LocalRegistry())
+        try #require(registry.push("oci:\(TestImages.path("layout")):latest", as: "cli/busybox:1").status == 0)
+        let home = TemporaryDirectory()
+        let env = ["SWIFTLET_HOME": home.path]
+        let pulled = run(["image", "pull", "\(registry.host)/cli/busybox:1"], environment: env)
+        #expect(pulled.status == 0, "\(pulled.stderr)")
+        #expect(pulled.stdout.hasPrefix("\(registry.host)/cli/busybox:1: sha256:"), "\(pulled.stdout)")
+        #expect(pulled.stderr.contains("fetching layer 1/2"), "\(pulled.stderr)")
+        let listed = run(["image", "ls"], environment: env)
+        #expect(listed.stdout.contains("\(registry.host)/cli/busybox:1"))
+        expectOneLineError(run(["image", "pull", "\(registry.host)/cli/missing:1"], environment: env), contains: "not found in the registry")
+    }
+
     @Test func kernelPathPointsAtTheCache() {
         let dir = TemporaryDirectory()
         let r = run(["kernel", "path"], environment: ["SWIFTLET_CACHE": dir.path])

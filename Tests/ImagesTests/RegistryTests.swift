@@ -1,4 +1,5 @@
 import Glibc
+import ImageRegistry
 import Images
 import SwiftletSystem
 import Testing

@@ -99,7 +99,7 @@ public struct ImageConfiguration: Codable, Sendable, Equatable {
 }
 
 /// Decodes a JSON document Swiftlet read from an image, with an error that names it.
-func decodeDocument<T: Decodable>(_ type: T.Type, from bytes: [UInt8], what: String) throws(SwiftletError) -> T {
+public func decodeDocument<T: Decodable>(_ type: T.Type, from bytes: [UInt8], what: String) throws(SwiftletError) -> T {
     do {
         return try JSONCoding.decode(T.self, from: bytes)
     } catch {

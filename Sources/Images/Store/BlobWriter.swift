@@ -4,16 +4,16 @@ import SwiftletSystem
 /// Streams a blob into the store: bytes go to a file in `tmp/` while being hashed, and `commit`
 /// moves the file into `blobs/` only if its digest (and size) are what was expected. Dropped
 /// without a commit, it deletes its file: nothing half-written is ever visible as content.
-final class BlobWriter {
+public final class BlobWriter {
     private let store: ImageStore
     private let file: NamedFile
     private var path: String { file.path }
     private let what: String
     private var hasher = SHA256()
-    private(set) var written: Int64 = 0
+    public private(set) var written: Int64 = 0
     private var committed = false
 
-    init(store: ImageStore, what: String) throws(SwiftletError) {
+    public init(store: ImageStore, what: String) throws(SwiftletError) {
         self.store = store
         self.what = what
         file = try store.temporaryFile("blob")
@@ -21,7 +21,7 @@ final class BlobWriter {
 
     deinit { if !committed { unlink(path) } }
 
-    func write(_ bytes: UnsafeRawBufferPointer) throws(SwiftletError) {
+    public func write(_ bytes: UnsafeRawBufferPointer) throws(SwiftletError) {
         hasher.update(bytes)
         try file.descriptor.writeAll(bytes)
         written += Int64(bytes.count)
@@ -35,7 +35,7 @@ final class BlobWriter {
 
     /// Checks the digest (and the size, when known) and moves the blob into place.
     @discardableResult
-    func commit(expected: Digest, size: Int64?) throws(SwiftletError) -> Digest {
+    public func commit(expected: Digest, size: Int64?) throws(SwiftletError) -> Digest {
         let digest = Digest(bytes: hasher.finalize())
         if let size, size != written {
             throw SwiftletError(.invalidFormat, "\(what) is \(written < size ? "truncated" : "longer than declared"): \(written) bytes, expected \(size)")

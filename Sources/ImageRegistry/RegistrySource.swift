@@ -1,5 +1,6 @@
 import AsyncHTTPClient
 import FoundationEssentials
+import Images
 import NIOCore
 import NIOHTTP1
 import SwiftletSystem
@@ -243,4 +244,10 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
     }
 
     static func base64(_ text: String) -> String { Data(text.utf8).base64EncodedString() }
+}
+
+extension String {
+    var trimmingSpaces: String {
+        String(drop(while: { $0 == " " }).reversed().drop(while: { $0 == " " }).reversed())
+    }
 }

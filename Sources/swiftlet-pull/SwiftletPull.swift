@@ -1,0 +1,55 @@
+import Glibc
+import ImageRegistry
+import Images
+import SwiftletSystem
+
+// swiftlet-pull: pulls one image from a registry into the image store ($SWIFTLET_HOME) and prints
+// its manifest digest. `swiftlet` runs it for registry references so that the network client
+// (HTTP, TLS) lives in a short-lived process of its own, not in the VMM's.
+//
+//   swiftlet-pull [--insecure-registry] REFERENCE
+//
+// Progress lines and, on failure, one error line go to stderr (the error last); exit 0 or 1.
+// Credentials: SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD.
+
+@main
+struct SwiftletPull {
+    static func fail(_ message: String) -> Never {
+        var line = "swiftlet: " + message + "\n"
+        line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+        exit(1)
+    }
+
+    static func main() async {
+        var insecure = false
+        var reference: String?
+        for argument in CommandLine.arguments.dropFirst() {
+            switch argument {
+            case "--insecure-registry": insecure = true
+            case _ where argument.hasPrefix("-"): fail("swiftlet-pull: unknown option \(argument)")
+            default: reference = argument
+            }
+        }
+        guard let reference else { fail("usage: swiftlet-pull [--insecure-registry] REFERENCE") }
+        var credentials: (user: String, password: String)?
+        if let user = getenv("SWIFTLET_REGISTRY_USER").map({ String(cString: $0) }), !user.isEmpty {
+            credentials = (user, getenv("SWIFTLET_REGISTRY_PASSWORD").map { String(cString: $0) } ?? "")
+        }
+        do {
+            print(try await pull(reference, insecure: insecure, credentials: credentials))
+        } catch {
+            fail(error.description)
+        }
+    }
+
+    static func pull(_ reference: String, insecure: Bool, credentials: (user: String, password: String)?) async throws(SwiftletError) -> Digest {
+        let parsed = try ImageReference(parsing: reference)
+        let store = try ImageStore()
+        let source = RegistrySource(reference: parsed, insecure: insecure, credentials: credentials)
+        let puller = ImagePuller(progress: { line in
+            var text = "swiftlet: " + line + "\n"
+            text.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+        })
+        return try await puller.pull(from: source, into: store).manifest
+    }
+}
