@@ -107,17 +107,13 @@ struct Boot: ParsableCommand {
 
         let machine = Machine(config: config)
         let showTiming = bootTiming
-        let outcome: MachineRunReport
-        do {
-            outcome = try machine.runBlocking { time in
+        let outcome = try exitingOnSetupFailure { () throws(SwiftletError) in
+            try machine.runBlocking { time in
                 if showTiming {
                     let ms = MonotonicClock.milliseconds(from: MonotonicClock.processStart, to: time)
                     printError("boot marker after \(format(ms)) ms (process start to marker)")
                 }
             }
-        } catch {
-            printError(error.description)
-            throw ExitCode(Status.setupFailed)
         }
         for warning in outcome.warnings { printError("warning: \(warning)") }
         if showTiming { printTiming(outcome) }

@@ -26,14 +26,11 @@ struct Image: ParsableCommand {
         var quiet = false
 
         func run() throws {
-            do {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
                 let resolver = ImageResolver(store: store, insecure: insecureRegistry, policy: .always, quiet: quiet)
                 let resolved = try resolver.resolve(source)
                 print(quiet ? resolved.image.manifest.description : "\(resolved.image.name ?? source): \(resolved.image.manifest)")
-            } catch {
-                printError(error.description)
-                throw ExitCode(Status.setupFailed)
             }
         }
     }
@@ -45,7 +42,7 @@ struct Image: ParsableCommand {
         var json = false
 
         func run() throws {
-            do {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
                 let images = try ImageStore().images()
                 if json {
                     print(String(decoding: try ImageStore.json(images), as: UTF8.self))
@@ -59,9 +56,6 @@ struct Image: ParsableCommand {
                 for row in rows {
                     print(zip(row, widths).map { $0.0.padding(to: $0.1) }.joined(separator: "  ").trimmingTrailingSpaces)
                 }
-            } catch {
-                printError(error.description)
-                throw ExitCode(Status.setupFailed)
             }
         }
     }
@@ -73,15 +67,12 @@ struct Image: ParsableCommand {
         var image: String
 
         func run() throws {
-            do throws(SwiftletError) {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
                 guard let stored = try store.find(image) else {
                     throw SwiftletError(.notFound, "no image \(image.debugDescription) in the image store (see `swiftlet image ls`)")
                 }
                 print(String(decoding: try store.inspect(stored), as: UTF8.self))
-            } catch {
-                printError(error.description)
-                throw ExitCode(Status.setupFailed)
             }
         }
     }
@@ -93,15 +84,12 @@ struct Image: ParsableCommand {
         var images: [String]
 
         func run() throws {
-            do {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
                 for image in images {
                     let freed = try store.remove(image)
                     print("removed \(image) (\(ImagePuller.formatSize(freed)) freed)")
                 }
-            } catch {
-                printError(error.description)
-                throw ExitCode(Status.setupFailed)
             }
         }
     }
@@ -111,13 +99,10 @@ struct Image: ParsableCommand {
             abstract: "Delete unnamed images, and blobs, disks and unfinished downloads no image uses.")
 
         func run() throws {
-            do {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
                 let freed = try store.prune(unnamedImages: true)
                 print("\(ImagePuller.formatSize(freed)) freed")
-            } catch {
-                printError(error.description)
-                throw ExitCode(Status.setupFailed)
             }
         }
     }
@@ -141,11 +126,8 @@ struct Image: ParsableCommand {
         var output: String
 
         func run() throws {
-            do {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
                 for warning in try LayerConverter.convert(tarPath: archive, to: output) { printError("warning: \(warning)") }
-            } catch {
-                printError(error.description)
-                throw ExitCode(Status.setupFailed)
             }
         }
     }

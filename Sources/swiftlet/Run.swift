@@ -102,10 +102,7 @@ struct Run: ParsableCommand {
 
     func run() throws {
         if detach && !Self.isDetachedChild {
-            do { try startInBackground() } catch {
-                printError(error.description)
-                throw ExitCode(Status.setupFailed)
-            }
+            try exitingOnSetupFailure { () throws(SwiftletError) in try startInBackground() }
             return
         }
         do { try runHere() } catch let exit as ExitCode {
@@ -134,11 +131,7 @@ struct Run: ParsableCommand {
         Glibc.signal(SIGPIPE, SIG_IGN)
         let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
 
-        let root: RootFilesystem
-        do { root = try resolveRoot(signals: signals) } catch {
-            printError(error.description)
-            throw ExitCode(Status.setupFailed)
-        }
+        let root = try exitingOnSetupFailure { () throws(SwiftletError) in try resolveRoot(signals: signals) }
         marks.append(("image", MonotonicClock.now))
 
         let consoleLog = console ? nil : ConsoleLog()

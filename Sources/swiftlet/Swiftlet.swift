@@ -16,6 +16,17 @@ func printError(_ message: String) {
     line.withUTF8 { try? OwnedFileDescriptor.writeAll(fd: 2, UnsafeRawBufferPointer($0)) }
 }
 
+/// Runs a command's work; a failure is printed as one `swiftlet:` line and ends the command with
+/// status 1 (Swiftlet could not do what was asked).
+func exitingOnSetupFailure<T>(_ body: () throws(SwiftletError) -> T) throws -> T {
+    do {
+        return try body()
+    } catch {
+        printError(error.description)
+        throw ExitCode(Status.setupFailed)
+    }
+}
+
 /// Exit statuses, documented in the README.
 enum Status {
     /// Bad input, missing kernel, no KVM: Swiftlet could not start the guest.
