@@ -47,7 +47,7 @@ struct ImageResolver {
 
     /// Loads the config and makes sure every layer has its disk (converting any that is missing).
     func prepare(_ image: StoredImage) throws(SwiftletError) -> ResolvedImage {
-        let config = try decodeConfiguration(try store.readBlob(image.config, what: "image config"))
+        let config = try ImageConfiguration.decode(try store.readBlob(image.config, what: "image config"))
         let quiet = quiet
         let disks = try store.disks(for: image, progress: { line in if !quiet { printError(line) } })
         return ResolvedImage(image: image, configuration: config, disks: disks)
@@ -86,10 +86,6 @@ struct ImageResolver {
         return try blockingAsync(interruptions: interruptions) { () async throws(SwiftletError) in try await puller.pull(from: source, into: store) }
     }
 
-    func decodeConfiguration(_ bytes: [UInt8]) throws(SwiftletError) -> ImageConfiguration {
-        try ImageConfiguration.decode(bytes)
-    }
-
 }
 
 /// Runs async work from synchronous code (the CLI's commands are synchronous: their VMs run on
@@ -111,12 +107,7 @@ func blockingAsync<T: Sendable>(interruptions: Int32? = nil, _ body: @escaping @
     while true {
         if poll(&waits, nfds_t(waits.count), -1) < 0 { continue }
         if waits[0].revents != 0 { break }
-        if waits.count > 1, waits[1].revents != 0 {
-            let signal = swiftlet_read_signal(interruptions!)
-            guard signal == SIGINT || signal == SIGTERM || signal == SIGHUP || signal == SIGQUIT else { continue }
-            printError("interrupted")
-            exit(128 + signal)
-        }
+        if waits.count > 1, waits[1].revents != 0 { exitIfInterrupted(waits[1].fd) }
     }
     return try box.result.withLock { $0 }!.get()
 }

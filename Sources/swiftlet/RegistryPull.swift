@@ -35,29 +35,13 @@ struct RegistryPull {
             throw SwiftletError.system("cannot create a pipe", errno: currentErrno)
         }
         for fd in outPipe + errPipe { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
-        posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var empty = sigset_t(), all = sigset_t()
-        sigemptyset(&empty)
-        sigfillset(&all)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        posix_spawnattr_setsigdefault(&attributes, &all)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         let arguments = [helper] + (insecure ? ["--insecure-registry"] : []) + [reference.description]
-        let cArguments = arguments.map { strdup($0) } + [nil]
-        defer { cArguments.forEach { free($0) } }
-        var pid = pid_t()
-        let spawned = posix_spawn(&pid, helper, &actions, &attributes, cArguments, environ)
+        let spawned = Result { () throws(SwiftletError) in
+            try spawnChild(helper, arguments: arguments, output: .descriptor(outPipe[1]), error: .descriptor(errPipe[1]), what: helper)
+        }
         close(outPipe[1]); close(errPipe[1])
         defer { close(outPipe[0]); close(errPipe[0]) }
-        guard spawned == 0 else { throw SwiftletError(.systemCall, "cannot start \(helper): \(String(cString: strerror(spawned)))") }
+        let pid = try spawned.get()
 
         var out: [UInt8] = [], err: [UInt8] = [], lastLine = ""
         var waits = [pollfd(fd: outPipe[0], events: Int16(POLLIN), revents: 0), pollfd(fd: errPipe[0], events: Int16(POLLIN), revents: 0)]
@@ -66,14 +50,7 @@ struct RegistryPull {
         var buffer = [UInt8](repeating: 0, count: 16384)
         while open > 0 {
             if poll(&waits, nfds_t(waits.count), -1) < 0 { continue }
-            if waits.count > 2, waits[2].revents != 0 {
-                let signal = swiftlet_read_signal(waits[2].fd)
-                if signal == SIGINT || signal == SIGTERM || signal == SIGHUP || signal == SIGQUIT {
-                    kill(pid, SIGTERM)
-                    printError("interrupted")
-                    exit(128 + signal)
-                }
-            }
+            if waits.count > 2, waits[2].revents != 0 { exitIfInterrupted(waits[2].fd) { kill(pid, SIGTERM) } }
             for i in 0..<2 where waits[i].fd >= 0 && waits[i].revents != 0 {
                 let n = buffer.withUnsafeMutableBytes { read(waits[i].fd, $0.baseAddress, $0.count) }
                 if n <= 0 { waits[i].fd = -1; open -= 1; continue }
