@@ -1,4 +1,3 @@
-import CLinux
 import Glibc
 import Images
 import SwiftletSystem

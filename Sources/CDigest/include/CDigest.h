@@ -3,6 +3,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// SHA-256's 64 round constants (FIPS 180-4, 4.2.2), shared with the portable Swift rounds.
+const uint32_t *swiftlet_sha256_round_constants(void);
+
 // Whether this CPU has the SHA extensions (and the SSSE3/SSE4.1 the routine also uses).
 int swiftlet_sha256_hardware_available(void);
 
