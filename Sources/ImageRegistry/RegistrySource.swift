@@ -245,9 +245,3 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
 
     static func base64(_ text: String) -> String { Data(text.utf8).base64EncodedString() }
 }
-
-extension String {
-    var trimmingSpaces: String {
-        String(drop(while: { $0 == " " }).reversed().drop(while: { $0 == " " }).reversed())
-    }
-}

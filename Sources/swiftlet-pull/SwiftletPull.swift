@@ -14,9 +14,14 @@ import SwiftletSystem
 
 @main
 struct SwiftletPull {
-    static func fail(_ message: String) -> Never {
+    /// Writes `swiftlet: message` to stderr (progress, or the error as the last line).
+    @Sendable static func report(_ message: String) {
         var line = "swiftlet: " + message + "\n"
         line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+    }
+
+    static func fail(_ message: String) -> Never {
+        report(message)
         exit(1)
     }
 
@@ -46,10 +51,7 @@ struct SwiftletPull {
         let parsed = try ImageReference(parsing: reference)
         let store = try ImageStore()
         let source = RegistrySource(reference: parsed, insecure: insecure, credentials: credentials)
-        let puller = ImagePuller(progress: { line in
-            var text = "swiftlet: " + line + "\n"
-            text.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
-        })
+        let puller = ImagePuller(progress: report)
         return try await puller.pull(from: source, into: store).manifest
     }
 }

@@ -34,7 +34,7 @@ struct ImageRunIntegrationTests {
     @Test func moreLayersThanDisks() {
         let r = run(["--image", TestImages.path("many"), "--", "sh", "-c", "ls /layers | wc -l; test -e /layers/1 || echo 1-gone; test -e /layers/17 || echo 17-gone; cat /layers/18"])
         #expect(r.status == 0, "\(r.stderr)")
-        #expect(r.stdout.split(separator: "\n").map { String($0).trimmingCharacters(in: " ") } == ["16", "1-gone", "17-gone", "18"], "\(r.stdout)")
+        #expect(r.stdout.split(separator: "\n").map { $0.trimmingWhitespace } == ["16", "1-gone", "17-gone", "18"], "\(r.stdout)")
     }
 
     @Test func archivesFromFilesAndStandardInput() {
@@ -75,7 +75,7 @@ struct ImageRunIntegrationTests {
     @Test func detachedRunsLeaveOutputAndStatusBehind() throws {
         let r = run(["-d", "--image", TestImages.path("layout"), "--", "echo in-the-background; echo err >&2; exit 5"])
         #expect(r.status == 0, "\(r.stderr)")
-        let id = r.stdout.trimmingCharacters(in: "\n")
+        let id = r.stdout.trimmingWhitespace
         try #require(id.count == 12, "\(r.stdout)")
         let directory = home.path + "/runs/" + id
         var status: String?
@@ -86,11 +86,5 @@ struct ImageRunIntegrationTests {
         #expect(status == "5\n")
         #expect((try? OwnedFileDescriptor.readSmallFile(directory + "/stdout")).map { String(decoding: $0, as: UTF8.self) } == "in-the-background\n")
         #expect((try? OwnedFileDescriptor.readSmallFile(directory + "/stderr")).map { String(decoding: $0, as: UTF8.self) } == "err\n")
-    }
-}
-
-extension String {
-    func trimmingCharacters(in set: String) -> String {
-        String(drop(while: { set.contains($0) }).reversed().drop(while: { set.contains($0) }).reversed())
     }
 }

@@ -130,7 +130,8 @@ public struct ImagePuller: Sendable {
 }
 
 extension String {
-    var trimmingSpaces: String {
+    /// The string without leading and trailing spaces.
+    public var trimmingSpaces: String {
         String(drop(while: { $0 == " " }).reversed().drop(while: { $0 == " " }).reversed())
     }
 }
