@@ -20,17 +20,18 @@ let package = Package(
         .target(name: "CLinux"),
         .target(
             name: "SwiftletSystem",
-            dependencies: ["CLinux", .product(name: "SystemPackage", package: "swift-system")],
+            dependencies: ["CLinux", "CDigest", .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: strict),
         .target(name: "KVM", dependencies: ["CLinux", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "GuestMemory", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        .target(name: "MachineState", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "AgentProtocol", swiftSettings: strict),
         .target(
             name: "CCompression",
             linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]),
         .target(name: "CDigest"),
-        .target(name: "Images", dependencies: ["SwiftletSystem", "CCompression", "CDigest"], swiftSettings: strict),
+        .target(name: "Images", dependencies: ["SwiftletSystem", "CCompression"], swiftSettings: strict),
         // The registry client, kept out of the VMM's executable: `swiftlet` runs `swiftlet-pull`.
         .target(
             name: "ImageRegistry",
@@ -41,7 +42,7 @@ let package = Package(
         .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(
             name: "VMM",
-            dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Virtio", "Devices", "AgentProtocol", "SwiftletSystem", "CLinux"],
+            dependencies: ["KVM", "GuestMemory", "MachineState", "LinuxBoot", "Virtio", "Devices", "AgentProtocol", "SwiftletSystem", "CLinux"],
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet",
@@ -61,6 +62,7 @@ let package = Package(
 
         .target(name: "TestSupport", dependencies: ["GuestMemory", "Virtio", "SwiftletSystem"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        .testTarget(name: "MachineStateTests", dependencies: ["MachineState", "GuestMemory", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "AgentTests", dependencies: ["VMM", "AgentProtocol", "CLinux", "SwiftletSystem", "TestSupport"], swiftSettings: strict),

@@ -127,6 +127,21 @@ public final class GuestMemory: @unchecked Sendable {
         p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
     }
 
+    /// Replaces `length` bytes at `address` with a private, copy-on-write view of the file `fd` from
+    /// `offset` (restoring a diff snapshot over its parent). Page-aligned; the guest must not be running.
+    public func mapFile(_ fd: Int32, offset: UInt64, over address: GuestAddress, length: UInt64) throws(SwiftletError) {
+        guard address.rawValue & Self.pageMask == 0, length & Self.pageMask == 0, offset & Self.pageMask == 0, length > 0 else {
+            throw SwiftletError(.invalidArgument, "file mappings into guest memory must be page-aligned")
+        }
+        let p = try hostPointer(address, length: length)
+        // SAFETY: [p, p + length) lies inside one of our mappings (checked above); MAP_FIXED replaces
+        // exactly those pages, and the region's owner still unmaps the whole range at the end.
+        guard let result = mmap(p, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, off_t(offset)),
+              result != MAP_FAILED else {
+            throw SwiftletError.system("cannot map \(length) bytes of a snapshot over guest memory at \(address)", errno: currentErrno)
+        }
+    }
+
     static let hugePageSize = 2 << 20
     static let pageSize: UInt64 = 4096
     static let pageMask: UInt64 = pageSize - 1

@@ -98,6 +98,14 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         try Self.write(fd: rawValue, from: source, at: offset, what: what)
     }
 
+    /// Writes all of `bytes` at `offset` (pwrite).
+    public func write(_ bytes: [UInt8], at offset: UInt64, what: String) throws(SwiftletError) {
+        let fd = rawValue
+        try bytes.withUnsafeBytes { b in
+            Result { () throws(SwiftletError) in try Self.write(fd: fd, from: b, at: offset, what: what) }
+        }.get()
+    }
+
     /// Writes the whole of `source` at `offset` to a descriptor this value does not own.
     public static func write(fd: Int32, from source: UnsafeRawBufferPointer, at offset: UInt64, what: String) throws(SwiftletError) {
         var done = 0

@@ -1,0 +1,173 @@
+import Glibc
+import GuestMemory
+import SwiftletSystem
+
+/// The snapshot memory file: a header page, then (for a diff) a bitmap of the pages it holds, then
+/// guest memory region after region, page-aligned, so that a restore can map it copy-on-write.
+/// See docs/snapshot-format.md.
+///
+/// A full file holds every page; pages that were zero are holes (the file is sparse), which read
+/// back as zero. A diff file holds only the pages its bitmap marks; the others come from its parent.
+public struct MemoryFile: Sendable, Equatable {
+    public enum Kind: UInt32, Sendable, Codable {
+        case full = 0
+        case diff = 1
+    }
+
+    public static let magic: [UInt8] = Array("SWLTMEM\0".utf8)
+    public static let version: UInt32 = 1
+    public static let pageSize: UInt64 = 4096
+    static let maximumRegions = 64
+
+    public var kind: Kind
+    /// Ties the memory file to its state file (and a diff to its parent).
+    public var id: SnapshotID
+    public var parent: SnapshotID?
+    /// Guest-physical regions, in file order.
+    public var regions: [(start: GuestAddress, size: UInt64)]
+    /// Where region data starts, and the bitmap of present pages for a diff (one bit per page over
+    /// all regions in order).
+    public var dataOffset: UInt64
+    public var bitmapOffset: UInt64
+    public var bitmapBytes: UInt64
+
+    public var dataBytes: UInt64 { regions.reduce(0) { $0 + $1.size } }
+    public var fileBytes: UInt64 { dataOffset + dataBytes }
+    public var pageCount: Int { Int(dataBytes / Self.pageSize) }
+
+    public static func == (a: MemoryFile, b: MemoryFile) -> Bool {
+        a.kind == b.kind && a.id == b.id && a.parent == b.parent && a.dataOffset == b.dataOffset
+            && a.bitmapOffset == b.bitmapOffset && a.bitmapBytes == b.bitmapBytes
+            && a.regions.map(\.start) == b.regions.map(\.start) && a.regions.map(\.size) == b.regions.map(\.size)
+    }
+
+    init(kind: Kind, id: SnapshotID, parent: SnapshotID?, regions: [(start: GuestAddress, size: UInt64)]) {
+        self.kind = kind
+        self.id = id
+        self.parent = parent
+        self.regions = regions
+        let pages = regions.reduce(0) { $0 + $1.size } / Self.pageSize
+        bitmapOffset = kind == .diff ? Self.pageSize : 0
+        bitmapBytes = kind == .diff ? (pages + 63) / 64 * 8 : 0
+        dataOffset = Self.pageSize + (bitmapBytes + Self.pageSize - 1) / Self.pageSize * Self.pageSize
+    }
+
+    var header: [UInt8] {
+        var h = Self.magic
+        h += le(UInt64(Self.version), 4) + le(UInt64(kind.rawValue), 4) + id.bytes + (parent ?? .zero).bytes
+        h += le(Self.pageSize, 4) + le(UInt64(regions.count), 4)
+        h += le(bitmapOffset, 8) + le(bitmapBytes, 8) + le(dataOffset, 8) + le(dataBytes, 8) + le(fileBytes, 8)
+        for region in regions { h += le(region.start.rawValue, 8) + le(region.size, 8) }
+        return h + [UInt8](repeating: 0, count: Int(Self.pageSize) - h.count)
+    }
+
+    /// Reads and checks the header of `path`, and that the file is as long as it says.
+    public static func read(_ path: String) throws(SwiftletError) -> MemoryFile {
+        try open(path).file
+    }
+
+    /// A memory file whose header has been checked, and its open descriptor.
+    public struct Opened: ~Copyable {
+        public let file: MemoryFile
+        public let descriptor: OwnedFileDescriptor
+    }
+
+    /// Opens `path` and checks its header, and that the file is as long as it says.
+    public static func open(_ path: String) throws(SwiftletError) -> Opened {
+        let fd = try OwnedFileDescriptor.open(path, flags: O_RDONLY, what: "snapshot memory file")
+        let size = try fd.size()
+        guard size >= pageSize else {
+            throw SwiftletError(.invalidFormat, "\(path) is not a Swiftlet snapshot memory file (\(size) bytes)")
+        }
+        let h = try fd.read(count: Int(pageSize), at: 0, what: path)
+        guard Array(h[0..<8]) == magic else {
+            throw SwiftletError(.invalidFormat, "\(path) is not a Swiftlet snapshot memory file")
+        }
+        let version = UInt32(field(h, 8, 4))
+        guard version == Self.version else {
+            throw SwiftletError(.unsupported, "\(path) is memory file format version \(version); this Swiftlet reads version \(Self.version) only")
+        }
+        guard let kind = Kind(rawValue: UInt32(field(h, 12, 4))), field(h, 48, 4) == pageSize else {
+            throw SwiftletError(.invalidFormat, "\(path) has a memory file header this Swiftlet does not understand")
+        }
+        let count = Int(field(h, 52, 4))
+        guard count > 0, count <= maximumRegions else {
+            throw SwiftletError(.invalidFormat, "\(path) declares \(count) memory regions")
+        }
+        var regions: [(start: GuestAddress, size: UInt64)] = []
+        for i in 0..<count {
+            let start = field(h, 96 + 16 * i, 8), length = field(h, 104 + 16 * i, 8)
+            guard start % pageSize == 0, length % pageSize == 0, length > 0 else {
+                throw SwiftletError(.invalidFormat, "\(path) declares a memory region that is not page-aligned")
+            }
+            regions.append((GuestAddress(start), length))
+        }
+        let parentBytes = Array(h[32..<48])
+        let file = MemoryFile(kind: kind, id: SnapshotID(bytes: Array(h[16..<32])),
+                              parent: parentBytes.allSatisfy { $0 == 0 } ? nil : SnapshotID(bytes: parentBytes), regions: regions)
+        guard file.bitmapOffset == field(h, 56, 8), file.bitmapBytes == field(h, 64, 8), file.dataOffset == field(h, 72, 8),
+              file.fileBytes == field(h, 88, 8) else {
+            throw SwiftletError(.invalidFormat, "\(path) has an inconsistent memory file header")
+        }
+        guard size == file.fileBytes else {
+            throw SwiftletError(.invalidFormat, "\(path) is \(size < file.fileBytes ? "truncated" : "longer than its header says"): \(size) bytes, expected \(file.fileBytes)")
+        }
+        return Opened(file: file, descriptor: fd)
+    }
+
+    /// The diff's bitmap of present pages.
+    public func presentPages(_ fd: borrowing OwnedFileDescriptor) throws(SwiftletError) -> [UInt64] {
+        guard kind == .diff else { return [UInt64](repeating: ~0, count: (pageCount + 63) / 64) }
+        let bytes = try fd.read(count: Int(bitmapBytes), at: bitmapOffset, what: "snapshot memory bitmap")
+        return stride(from: 0, to: bytes.count, by: 8).map { Self.field(bytes, $0, 8) }
+    }
+
+    static func field(_ bytes: [UInt8], _ offset: Int, _ count: Int) -> UInt64 {
+        (0..<count).reduce(UInt64(0)) { $0 | UInt64(bytes[offset + $1]) << (8 * UInt64($1)) }
+    }
+}
+
+func le(_ value: UInt64, _ count: Int) -> [UInt8] {
+    (0..<count).map { UInt8(truncatingIfNeeded: value >> (8 * UInt64($0))) }
+}
+
+/// 16 random bytes naming one snapshot; its memory file and state file both carry it.
+public struct SnapshotID: Sendable, Hashable, Codable, CustomStringConvertible {
+    public let bytes: [UInt8]
+
+    public init(bytes: [UInt8]) {
+        precondition(bytes.count == 16)
+        self.bytes = bytes
+    }
+
+    public static func random() throws(SwiftletError) -> SnapshotID {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 8)
+        defer { buffer.deallocate() }
+        try SystemRandom.fill(buffer)
+        return SnapshotID(bytes: Array(buffer))
+    }
+
+    static let zero = SnapshotID(bytes: [UInt8](repeating: 0, count: 16))
+
+    public var description: String { bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        var bytes: [UInt8] = []
+        var index = text.startIndex
+        while index < text.endIndex, let next = text.index(index, offsetBy: 2, limitedBy: text.endIndex),
+              let byte = UInt8(text[index..<next], radix: 16) {
+            bytes.append(byte)
+            index = next
+        }
+        guard bytes.count == 16, index == text.endIndex else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a snapshot id: \(text)"))
+        }
+        self.bytes = bytes
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(description)
+    }
+}

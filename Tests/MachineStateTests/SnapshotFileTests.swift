@@ -1,0 +1,161 @@
+import Glibc
+import GuestMemory
+import SwiftletSystem
+import Testing
+import TestSupport
+@testable import MachineState
+
+struct Sample: Codable, Equatable {
+    var name: String
+    var blob: [UInt8]
+}
+
+@Suite struct StateFileTests {
+    let sample = Sample(name: "vm", blob: Array(0..<200))
+
+    @Test func roundTrips() throws {
+        let bytes = try StateFile.encode(sample)
+        #expect(Array(bytes.prefix(8)) == Array("SWLTSNAP".utf8))
+        #expect(try StateFile.decode(Sample.self, from: bytes, path: "state") == sample)
+    }
+
+    @Test func everyFlippedPayloadByteIsCaught() throws {
+        let bytes = try StateFile.encode(sample)
+        for index in stride(from: StateFile.headerSize, to: bytes.count, by: 7) {
+            var broken = bytes
+            broken[index] ^= 0x01
+            #expect { try StateFile.decode(Sample.self, from: broken, path: "s") } throws: {
+                ($0 as! SwiftletError).message.contains("corrupt")
+            }
+        }
+        var checksum = bytes
+        checksum[30] ^= 0x80
+        #expect(throws: SwiftletError.self) { try StateFile.decode(Sample.self, from: checksum, path: "s") }
+    }
+
+    @Test func truncatedOtherVersionsAndOtherFilesAreRefused() throws {
+        let bytes = try StateFile.encode(sample)
+        #expect { try StateFile.decode(Sample.self, from: Array(bytes.dropLast(5)), path: "s") } throws: {
+            ($0 as! SwiftletError).message.contains("truncated")
+        }
+        var future = bytes
+        future[8] = 2
+        #expect { try StateFile.decode(Sample.self, from: future, path: "s") } throws: {
+            let e = $0 as! SwiftletError
+            return e.code == .unsupported && e.message.contains("version 2") && e.message.contains("reads version 1")
+        }
+        #expect { try StateFile.decode(Sample.self, from: Array("hello".utf8), path: "notes.txt") } throws: {
+            ($0 as! SwiftletError).message == "notes.txt is not a Swiftlet snapshot state file"
+        }
+    }
+}
+
+@Suite struct MemoryFileTests {
+    static let layout: [(GuestAddress, UInt64)] = [(GuestAddress(0), 64 << 10), (GuestAddress(1 << 20), 32 << 10)]
+
+    /// Memory with a recognisable pattern on a few pages and zeros elsewhere.
+    func patterned() throws -> GuestMemory {
+        let memory = try GuestMemory(anonymous: Self.layout)
+        try memory.write([UInt8](repeating: 0xAA, count: 4096), at: GuestAddress(0x1000))
+        try memory.write(Array("hello".utf8), at: GuestAddress(0x5003))
+        try memory.write([UInt8](repeating: 0x55, count: 8192), at: GuestAddress((1 << 20) + 0x2000))
+        return memory
+    }
+
+    func contents(_ memory: GuestMemory) throws -> [UInt8] {
+        try memory.regions.flatMap { try memory.read(count: Int($0.size), at: $0.start) }
+    }
+
+    @Test func fullFileSkipsZeroPagesAndMapsBackCopyOnWrite() throws {
+        let dir = TemporaryDirectory()
+        let memory = try patterned()
+        let id = try SnapshotID.random()
+        let stats = try MemoryFile.write(memory, to: dir.path + "/memory", id: id)
+        #expect(stats.pagesWritten == 4)
+        let file = try MemoryFile.read(dir.path + "/memory")
+        #expect(file.kind == .full && file.id == id && file.parent == nil)
+        #expect(file.fileBytes == 4096 + (96 << 10))
+
+        let restored = try MemoryFile.map(chain: [dir.path + "/memory"], id: id)
+        #expect(restored.regions.map(\.start) == memory.regions.map(\.start))
+        #expect(try contents(restored) == contents(memory))
+        // Writes go to the private copy, never to the file.
+        try restored.write(UInt32(0xDEAD_BEEF), at: GuestAddress(0x1000))
+        let again = try MemoryFile.map(chain: [dir.path + "/memory"], id: id)
+        #expect(try again.read(UInt32.self, at: GuestAddress(0x1000)) == 0xAAAA_AAAA)
+    }
+
+    @Test func diffHoldsOnlyDirtyPagesAndStacksOnItsParent() throws {
+        let dir = TemporaryDirectory()
+        let memory = try patterned()
+        let base = try SnapshotID.random(), next = try SnapshotID.random()
+        _ = try MemoryFile.write(memory, to: dir.path + "/full", id: base)
+        // The guest writes pages 2 and 17 (region 2's first page is page 16).
+        try memory.write(Array("second".utf8), at: GuestAddress(0x2000))
+        try memory.write([UInt8](repeating: 0, count: 8192), at: GuestAddress((1 << 20) + 0x1000)) // zeroes page 18 too
+        var dirty = [UInt64](repeating: 0, count: 1)
+        for page in [2, 17, 18] { dirty[0] |= 1 << UInt64(page) }
+        let stats = try MemoryFile.write(memory, to: dir.path + "/diff", id: next, diffFrom: base, dirty: dirty)
+        #expect(stats.pagesWritten == 3)
+
+        let restored = try MemoryFile.map(chain: [dir.path + "/full", dir.path + "/diff"], id: next)
+        #expect(try contents(restored) == contents(memory))
+
+        // A chain out of order, a diff without its parent, or the wrong snapshot: refused.
+        #expect { try MemoryFile.map(chain: [dir.path + "/diff"], id: next) } throws: {
+            ($0 as! SwiftletError).message.contains("a restore starts from a full snapshot")
+        }
+        #expect { try MemoryFile.map(chain: [dir.path + "/full"], id: next) } throws: {
+            ($0 as! SwiftletError).message.contains("do not match")
+        }
+        let other = try SnapshotID.random()
+        _ = try MemoryFile.write(memory, to: dir.path + "/other", id: other)
+        #expect { try MemoryFile.map(chain: [dir.path + "/other", dir.path + "/diff"], id: next) } throws: {
+            ($0 as! SwiftletError).message.contains("is not a diff of snapshot \(other)")
+        }
+    }
+
+    @Test func manyScatteredDirtyPagesAreCopiedRatherThanMapped() throws {
+        let dir = TemporaryDirectory()
+        let memory = try GuestMemory(anonymous: [(GuestAddress(0), 32 << 20)])
+        let base = try SnapshotID.random(), next = try SnapshotID.random()
+        _ = try MemoryFile.write(memory, to: dir.path + "/full", id: base)
+        let pages = 8192
+        var dirty = [UInt64](repeating: 0, count: pages / 64)
+        for page in stride(from: 0, to: pages, by: 2) {
+            try memory.write(UInt64(page) | 1, at: GuestAddress(UInt64(page) * 4096 + 8))
+            dirty[page / 64] |= 1 << UInt64(page % 64)
+        }
+        _ = try MemoryFile.write(memory, to: dir.path + "/diff", id: next, diffFrom: base, dirty: dirty)
+        let restored = try MemoryFile.map(chain: [dir.path + "/full", dir.path + "/diff"], id: next)
+        #expect(try contents(restored) == contents(memory))
+    }
+
+    @Test func truncatedForeignAndExistingFilesAreRefused() throws {
+        let dir = TemporaryDirectory()
+        let memory = try patterned()
+        let id = try SnapshotID.random()
+        let path = dir.path + "/memory"
+        _ = try MemoryFile.write(memory, to: path, id: id)
+        #expect { try MemoryFile.write(memory, to: path, id: id) } throws: { ($0 as! SwiftletError).code == .systemCall || ($0 as! SwiftletError).message.contains("exists") }
+
+        #expect(truncate(path, off_t(4096 + (64 << 10))) == 0)
+        #expect { try MemoryFile.map(chain: [path], id: id) } throws: {
+            let message = ($0 as! SwiftletError).message
+            return message.contains("truncated") && message.contains("expected \(4096 + (96 << 10))")
+        }
+        let foreign = dir.write("foreign", [UInt8](repeating: 7, count: 8192))
+        #expect { try MemoryFile.read(foreign) } throws: { ($0 as! SwiftletError).message.contains("not a Swiftlet snapshot memory file") }
+        var header = try OwnedFileDescriptor.readSmallFile(path)
+        header[8] = 9
+        let future = dir.write("future", header)
+        #expect { try MemoryFile.read(future) } throws: { ($0 as! SwiftletError).message.contains("version 9") }
+    }
+
+    @Test func snapshotIDsAreHexInJSON() throws {
+        let id = SnapshotID(bytes: Array(0..<16))
+        #expect(id.description == "000102030405060708090a0b0c0d0e0f")
+        let bytes = try StateFile.encode([id])
+        #expect(try StateFile.decode([SnapshotID].self, from: bytes, path: "s") == [id])
+    }
+}
