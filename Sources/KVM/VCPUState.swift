@@ -49,11 +49,24 @@ extension VCPU {
             fpu: try fpu(),
             xsave: hasXSave ? try getBlob(kvm_xsave(), "KVM_GET_XSAVE", SWIFTLET_KVM_GET_XSAVE) : nil,
             xcrs: hasXSave ? try getBlob(kvm_xcrs(), "KVM_GET_XCRS", SWIFTLET_KVM_GET_XCRS) : nil,
-            msrs: try msrs(msrIndices),
+            msrs: try readableMSRs(msrIndices),
             localAPIC: try localAPIC(),
             mpState: mp,
             events: events,
             debugRegisters: try getBlob(kvm_debugregs(), "KVM_GET_DEBUGREGS", SWIFTLET_KVM_GET_DEBUGREGS))
+    }
+
+    /// Reads every MSR of `indices` that KVM can read for this vCPU (some on the host's list are
+    /// not available to a guest with this CPUID), skipping the rest.
+    public func readableMSRs(_ indices: [UInt32]) throws(SwiftletError) -> [MSREntry] {
+        var result: [MSREntry] = []
+        var remaining = indices[...]
+        while !remaining.isEmpty {
+            let read = try msrs(Array(remaining))
+            result += read
+            remaining = remaining.dropFirst(read.count + 1) // KVM stopped at the one it could not read
+        }
+        return result
     }
 
     /// Puts back a state saved by `saveState`. CPUID must already be set (KVM checks XSAVE and MSRs against it).

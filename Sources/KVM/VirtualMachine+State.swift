@@ -13,6 +13,13 @@ public struct VMState: Codable, Sendable, Equatable {
     /// when KVM reports it (`KVM_CLOCK_REALTIME`), so a restore can account for the time in between.
     public var clock: UInt64
     public var clockRealtime: UInt64?
+
+    public init(interruptControllers: [[UInt8]], pit: [UInt8]?, clock: UInt64, clockRealtime: UInt64?) {
+        self.interruptControllers = interruptControllers
+        self.pit = pit
+        self.clock = clock
+        self.clockRealtime = clockRealtime
+    }
 }
 
 extension VirtualMachine {

@@ -5,6 +5,7 @@ import Glibc
 import GuestMemory
 import KVM
 import LinuxBoot
+import MachineState
 import Synchronization
 import SwiftletSystem
 
@@ -49,6 +50,10 @@ public final class Machine: Sendable {
     /// The run in progress, for `stop()`.
     private let running = Mutex<MachineController?>(nil)
     private let stopRequested = Atomic<Bool>(false)
+    /// The parts of a running machine that pause and snapshot work on.
+    let live = Mutex<LiveMachine?>(nil)
+    /// The snapshot this machine starts from instead of booting (`Machine.restoring(from:)`).
+    let restore: RestorePlan?
 
     /// Ports of the VMM's own devices.
     public enum Ports {
@@ -66,6 +71,13 @@ public final class Machine: Sendable {
     public init(config: MachineConfig, vsockPorts: (any VsockHostPorts)? = nil) {
         self.config = config
         self.vsockPorts = vsockPorts
+        self.restore = nil
+    }
+
+    init(config: MachineConfig, restore: RestorePlan) {
+        self.config = config
+        self.vsockPorts = nil
+        self.restore = restore
     }
 
     /// Stops the machine at once (its vCPUs leave the guest; no guest shutdown): the run ends
@@ -111,9 +123,13 @@ public final class Machine: Sendable {
         try vm.createInterruptController()
 
         phases.append(("vm", MonotonicClock.now))
-        let memory = try GuestMemory(anonymous: X86Layout.ramRanges(bytes: UInt64(config.memoryMiB) << 20))
+        let ramRanges = X86Layout.ramRanges(bytes: UInt64(config.memoryMiB) << 20)
+        let memory: GuestMemory
+        if let restore { memory = try restore.mapMemory(expecting: ramRanges) } else { memory = try GuestMemory(anonymous: ramRanges) }
+        // A restored machine logs dirty pages from the start: its next snapshot can be a diff.
         for (slot, region) in memory.regions.enumerated() {
-            try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.start.rawValue, size: region.size, host: region.hostAddress)
+            try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.start.rawValue, size: region.size, host: region.hostAddress,
+                                   logDirtyPages: restore != nil)
         }
 
         phases.append(("memory", MonotonicClock.now))
@@ -134,12 +150,16 @@ public final class Machine: Sendable {
         defer { vsock?.stop() }
         var acpi = ACPIConfiguration(cpuCount: config.cpuCount, sleepControlPort: Ports.sleepControl, pvpanicPort: Ports.pvpanic)
         acpi.virtioDevices = virtioDevices.indices.map { Self.virtioSlot($0) }
-        let plan = try LinuxBootLoader.prepare(
-            LinuxBootConfiguration(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
-                                   commandLine: config.commandLine, acpi: acpi),
-            memory: memory)
-        if KVMBackend.detect() == .pvm && plan.kernel.isLinux && !config.allowPVM {
-            throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: config.kvmPath))
+        var plan: LinuxBootPlan?
+        if restore == nil {
+            let loaded = try LinuxBootLoader.prepare(
+                LinuxBootConfiguration(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
+                                       commandLine: config.commandLine, acpi: acpi),
+                memory: memory)
+            if KVMBackend.detect() == .pvm && loaded.kernel.isLinux && !config.allowPVM {
+                throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: config.kvmPath))
+            }
+            plan = loaded
         }
 
         phases.append(("load", MonotonicClock.now))
@@ -155,16 +175,37 @@ public final class Machine: Sendable {
         let bus = devices
 
         let supported = try kvm.supportedCPUID()
-        let msrs = Set(try kvm.msrIndexList())
+        let msrList = try kvm.msrIndexList()
+        let msrs = Set(msrList)
         let tscDeadline = kvm.capability(KVM_CAP_TSC_DEADLINE_TIMER) > 0
         var vcpus: [VCPU] = []
+        var cpuids: [[CPUIDEntry]] = []
+        if let restore { try restore.checkCPU(supported: supported) }
         for id in 0..<UInt32(config.cpuCount) {
             let vcpu = try vm.createVCPU(id: id)
-            let cpuid = CPUIDSetup.entries(from: supported, cpu: id, count: config.cpuCount, tscDeadline: tscDeadline)
-            try VCPUBootSetup.configure(vcpu, cpuid: cpuid, supportedMSRs: msrs, boot: id == 0 ? plan.cpu : nil)
+            if let restore {
+                let cpuid = restore.snapshot.cpuid[Int(id)]
+                try vcpu.setCPUID(cpuid)
+                try vcpu.restoreState(restore.snapshot.vcpus[Int(id)])
+                cpuids.append(cpuid)
+            } else {
+                let cpuid = CPUIDSetup.entries(from: supported, cpu: id, count: config.cpuCount, tscDeadline: tscDeadline)
+                try VCPUBootSetup.configure(vcpu, cpuid: cpuid, supportedMSRs: msrs, boot: id == 0 ? plan?.cpu : nil)
+                cpuids.append(cpuid)
+            }
             vcpus.append(vcpu)
             controller.attach(vcpu, thread: nil)
         }
+        if let restore {
+            try vm.restoreState(restore.snapshot.vm, advanceClock: true)
+            bus.serial.restore(restore.snapshot.serial)
+        }
+        live.withLock {
+            $0 = LiveMachine(vm: vm, vcpus: vcpus, memory: memory, serial: bus.serial, controller: controller, cpuid: cpuids,
+                             msrIndices: msrList, hasXSave: kvm.capability(KVM_CAP_XSAVE) > 0, hardware: SnapshotHardware(config),
+                             dirtyLogging: restore != nil, lastSnapshot: restore.map { ($0.snapshot.id, $0.directory) })
+        }
+        defer { live.withLock { $0 = nil } }
 
         phases.append(("vcpus", MonotonicClock.now))
         let tracePorts = getenv("SWIFTLET_TRACE_IO") != nil

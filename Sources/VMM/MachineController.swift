@@ -16,6 +16,14 @@ final class MachineController: Sendable {
     private let done = Mutex<Bool>(false)
     private let wake: EventFD
 
+    /// Pausing: requested by `pause()`, acknowledged by each vCPU thread as it parks.
+    private struct PauseState {
+        var requested = false
+        var parked = 0
+        var stopping = false
+    }
+    private let pauseState = ConditionLock(PauseState())
+
     init() throws(SwiftletError) {
         wake = try EventFD(nonBlocking: false)
     }
@@ -42,11 +50,52 @@ final class MachineController: Sendable {
             return s.vcpus
         }
         guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        pauseState.withLock { $0.stopping = true } // parked vCPUs wake up and leave
         for (vcpu, thread) in targets {
             vcpu.requestExit()
             thread?.interrupt()
         }
         wake.signal()
+    }
+
+    /// Stops every vCPU outside KVM_RUN and waits until all have parked. In-flight port and MMIO
+    /// accesses are completed first (KVM finishes them on the KVM_RUN that sees the exit request),
+    /// so the saved registers are between two instructions. False if the machine stopped instead.
+    func pause(timeoutNanoseconds: UInt64 = 10_000_000_000) -> Bool {
+        let targets = state.withLock { $0.vcpus }
+        pauseState.withLock { $0.requested = true }
+        for (vcpu, thread) in targets {
+            vcpu.requestExit()
+            thread?.interrupt()
+        }
+        let count = targets.count
+        return pauseState.wait(until: { $0.parked == count || $0.stopping }, timeoutNanoseconds: timeoutNanoseconds) { !$0.stopping } ?? false
+    }
+
+    /// Lets parked vCPUs run again, telling the guest's kvmclock that they were stopped.
+    func resume() {
+        let targets = state.withLock { $0.vcpus }
+        pauseState.withLock { p in
+            for (vcpu, _) in targets {
+                vcpu.clearExitRequest()
+                vcpu.notifyClockPaused()
+            }
+            p.requested = false
+        }
+    }
+
+    var isPaused: Bool { pauseState.withLock { $0.requested } }
+
+    /// Called by a vCPU thread when KVM_RUN returned because an exit was requested: parks the
+    /// thread while the machine is paused.
+    func parkIfPaused() {
+        let mustPark = pauseState.withLock { p -> Bool in
+            guard p.requested, !p.stopping else { return false }
+            p.parked += 1
+            return true
+        }
+        guard mustPark else { return }
+        _ = pauseState.wait(until: { !$0.requested || $0.stopping }) { $0.parked -= 1 }
     }
 
     var exit: MachineExit? { state.withLock { $0.exit } }

@@ -37,7 +37,7 @@ struct VCPURunner {
                 // Unclaimed addresses read as all-ones and drop writes, as on a real bus.
                 bus.mmio.dispatch(address: access.address, isWrite: access.isWrite, data: access.data)
             case .interrupted:
-                continue // the loop condition decides
+                controller.parkIfPaused() // then the loop condition decides
             case .halt:
                 controller.stop(.vmmError("vCPU \(vcpu.id) halted with no in-kernel local APIC"))
             case .shutdown:

@@ -10,6 +10,11 @@ public struct SerialState: Codable, Sendable, Equatable {
     public var transmitEmptyPending: Bool
     public var pendingInput: [UInt8]
     public var lineAsserted: Bool
+
+    /// A port as after reset: nothing programmed, nothing pending.
+    public static let reset = SerialState(divisorLow: 0, divisorHigh: 0, interruptEnable: 0, fifoControl: 0, lineControl: 0,
+                                          modemControl: 0, scratch: 0, transmitEmptyPending: false, pendingInput: [],
+                                          lineAsserted: false)
 }
 
 extension Serial8250 {

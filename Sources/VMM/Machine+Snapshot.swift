@@ -1,0 +1,335 @@
+import Devices
+import Glibc
+import GuestMemory
+import KVM
+import LinuxBoot
+import MachineState
+import Synchronization
+import SwiftletSystem
+
+/// The hardware a snapshot was taken of; a restore builds the same.
+public struct SnapshotHardware: Codable, Sendable, Equatable {
+    public var cpuCount: Int
+    public var memoryMiB: Int
+    public var disks: Int
+    public var entropyDevice: Bool
+    public var vsock: Bool
+
+    init(_ config: MachineConfig) {
+        cpuCount = config.cpuCount
+        memoryMiB = config.memoryMiB
+        disks = config.disks.count
+        entropyDevice = config.entropyDevice
+        vsock = config.vsock != nil
+    }
+
+    var hasVirtioDevices: Bool { disks > 0 || entropyDevice || vsock }
+}
+
+/// Everything the state file of a snapshot holds (docs/snapshot-format.md).
+struct MachineSnapshot: Codable, Sendable {
+    var id: SnapshotID
+    var kind: MemoryFile.Kind
+    /// For a diff: the snapshot it is a diff of, and that snapshot's directory (absolute).
+    var parent: SnapshotID?
+    var parentDirectory: String?
+    /// Host CLOCK_REALTIME when taken (ns).
+    var createdAt: UInt64
+    var hardware: SnapshotHardware
+    /// The CPUID each vCPU saw: a restore shows the guest the same CPU.
+    var cpuid: [[CPUIDEntry]]
+    var vcpus: [VCPUState]
+    var vm: VMState
+    var serial: SerialState
+}
+
+/// A full snapshot holds all of guest memory; a diff only the pages written since the machine's
+/// previous snapshot (or its restore), and needs that snapshot to restore.
+public enum SnapshotKind: Sendable {
+    case full
+    case diff
+}
+
+/// What taking a snapshot did.
+public struct SnapshotReport: Sendable {
+    public var id: String
+    public var directory: String
+    public var kind: SnapshotKind
+    /// Guest memory pages written, and bytes written in all (state file included).
+    public var memoryPagesWritten: Int
+    public var bytesWritten: UInt64
+    /// How long the guest was paused for the snapshot (ns), pausing and resuming included.
+    public var pausedNanoseconds: UInt64
+}
+
+/// The parts of a running machine that pause and snapshot work on.
+struct LiveMachine: @unchecked Sendable {
+    // SAFETY (Sendable): VCPU handles are used by other threads only while their threads are parked
+    // (the controller's pause), which orders those uses after the vCPU thread's own.
+    let vm: VirtualMachine
+    let vcpus: [VCPU]
+    let memory: GuestMemory
+    let serial: Serial8250
+    let controller: MachineController
+    let cpuid: [[CPUIDEntry]]
+    let msrIndices: [UInt32]
+    let hasXSave: Bool
+    let hardware: SnapshotHardware
+    /// Whether the memory slots log dirty pages (from the first snapshot or the restore on).
+    var dirtyLogging: Bool
+    /// The snapshot a diff would be taken against: the last one taken or restored.
+    var lastSnapshot: (id: SnapshotID, directory: String)?
+}
+
+/// A snapshot to start a machine from, read and checked.
+struct RestorePlan: Sendable {
+    let snapshot: MachineSnapshot
+    let directory: String
+    /// The memory files, full first, then each diff on top.
+    let memoryChain: [String]
+
+    func mapMemory(expecting ranges: [(GuestAddress, UInt64)]) throws(SwiftletError) -> GuestMemory {
+        let memory = try MemoryFile.map(chain: memoryChain, id: snapshot.id)
+        guard memory.regions.map(\.start) == ranges.map(\.0), memory.regions.map(\.size) == ranges.map(\.1) else {
+            throw SwiftletError(.invalidFormat, "the memory file in \(directory) does not have the layout of a \(snapshot.hardware.memoryMiB) MiB machine")
+        }
+        return memory
+    }
+
+    /// Refuses a snapshot whose guest saw CPU features this host cannot give it.
+    func checkCPU(supported: [CPUIDEntry]) throws(SwiftletError) {
+        guard let guest = snapshot.cpuid.first else { return }
+        // Feature leaves, and the bits Swiftlet sets itself whatever the host (hypervisor, TSC
+        // deadline and HTT in leaf 1), which are not host features.
+        let leaves: [(function: UInt32, index: UInt32, ignoreECX: UInt32, ignoreEDX: UInt32)] = [
+            (0x1, 0, CPUIDSetup.leaf1HypervisorBit | CPUIDSetup.leaf1TSCDeadlineBit, CPUIDSetup.leaf1HTTBit),
+            (0x7, 0, 0, 0), (0xD, 1, 0, 0), (0x8000_0001, 0, 0, 0),
+        ]
+        for leaf in leaves {
+            guard let saved = guest.first(where: { $0.function == leaf.function && $0.index == leaf.index }) else { continue }
+            let host = supported.first { $0.function == leaf.function && ($0.index == leaf.index || leaf.index == 0) }
+            let registers: [(String, UInt32, UInt32)] = [
+                ("EAX", saved.eax, host?.eax ?? 0), ("EBX", saved.ebx, host?.ebx ?? 0),
+                ("ECX", saved.ecx & ~leaf.ignoreECX, host?.ecx ?? 0), ("EDX", saved.edx & ~leaf.ignoreEDX, host?.edx ?? 0),
+            ]
+            // Leaf 1 EAX/EBX and leaf 0xD EBX/ECX/EDX are identification and sizes, not feature bits.
+            for (name, want, have) in registers where Self.isFeatureRegister(leaf.function, name) {
+                let missing = want & ~have
+                guard missing == 0 else {
+                    let bits = (0..<32).filter { missing >> $0 & 1 != 0 }.map(String.init).joined(separator: ", ")
+                    throw SwiftletError(.unsupported, "the snapshot in \(directory) was taken on a CPU with features this host's KVM does not offer (CPUID 0x\(String(leaf.function, radix: 16)).\(leaf.index) \(name) bit \(bits)): restore it on a host with the same or a newer CPU")
+                }
+            }
+        }
+    }
+
+    static func isFeatureRegister(_ function: UInt32, _ register: String) -> Bool {
+        switch function {
+        case 0x1, 0x8000_0001: return register == "ECX" || register == "EDX"
+        case 0x7: return register != "EAX"
+        case 0xD: return register == "EAX"
+        default: return false
+        }
+    }
+
+    /// Reads the state file in `directory` and those of the snapshots it is a diff of.
+    static func load(_ directory: String) throws(SwiftletError) -> RestorePlan {
+        let snapshot = try readState(directory)
+        var chain = [directory + "/memory"]
+        var current = snapshot
+        var seen: Set<SnapshotID> = [snapshot.id]
+        while current.kind == .diff {
+            guard let parentDirectory = current.parentDirectory, let parentID = current.parent else {
+                throw SwiftletError(.invalidFormat, "\(directory)/state is a diff snapshot without a parent")
+            }
+            let parent: MachineSnapshot
+            do { parent = try readState(parentDirectory) } catch {
+                throw SwiftletError(error.code, "the snapshot in \(directory) is a diff of \(parentDirectory), which cannot be read: \(error.message)")
+            }
+            guard parent.id == parentID, seen.insert(parent.id).inserted else {
+                throw SwiftletError(.invalidFormat, "\(parentDirectory) no longer holds snapshot \(parentID), which \(directory) is a diff of")
+            }
+            chain.insert(parentDirectory + "/memory", at: 0)
+            current = parent
+        }
+        return RestorePlan(snapshot: snapshot, directory: directory, memoryChain: chain)
+    }
+
+    static func readState(_ directory: String) throws(SwiftletError) -> MachineSnapshot {
+        let path = directory + "/state"
+        guard access(path, F_OK) == 0 else {
+            throw SwiftletError(.notFound, access(directory, F_OK) == 0
+                ? "\(directory) is not a Swiftlet snapshot: it has no state file"
+                : "snapshot \(directory) does not exist")
+        }
+        let bytes = try OwnedFileDescriptor.readSmallFile(path, limit: 64 << 20)
+        let snapshot = try StateFile.decode(MachineSnapshot.self, from: bytes, path: path)
+        guard snapshot.vcpus.count == snapshot.hardware.cpuCount, snapshot.cpuid.count == snapshot.hardware.cpuCount else {
+            throw SwiftletError(.invalidFormat, "\(path) describes \(snapshot.hardware.cpuCount) vCPUs but holds the state of \(snapshot.vcpus.count)")
+        }
+        return snapshot
+    }
+}
+
+extension Machine {
+    /// A machine that starts from the snapshot in `directory` instead of booting: guest memory is
+    /// mapped copy-on-write from the snapshot's memory file (nothing is copied; pages load on first
+    /// touch), and vCPUs and devices continue where they were. The snapshot is never modified.
+    public static func restoring(from directory: String, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
+                                 kvmPath: String = "/dev/kvm") throws(SwiftletError) -> Machine {
+        let plan = try RestorePlan.load(absolutePath(directory))
+        let hardware = plan.snapshot.hardware
+        guard !hardware.hasVirtioDevices else {
+            throw SwiftletError(.unsupported, "the snapshot in \(directory) has virtio devices, which this Swiftlet cannot restore yet")
+        }
+        let config = MachineConfig(kernelPath: "", cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, kvmPath: kvmPath,
+                                   consoleOutput: consoleOutput, consoleInput: consoleInput)
+        return Machine(config: config, restore: plan)
+    }
+
+    /// Stops the guest's vCPUs (they park outside KVM_RUN; devices stay quiet as nothing drives
+    /// them) until `resume()`. The guest's clocks keep running, as on real hardware that is suspended.
+    public func pause() async throws(SwiftletError) {
+        try await offCooperativePool { () throws(SwiftletError) in try self.pauseBlocking() }
+    }
+
+    public func resume() async throws(SwiftletError) {
+        try await offCooperativePool { () throws(SwiftletError) in try self.resumeBlocking() }
+    }
+
+    public func pauseBlocking() throws(SwiftletError) {
+        let controller = try liveMachine().controller
+        guard controller.pause() else { throw SwiftletError(.invalidArgument, "the machine stopped before it could be paused") }
+    }
+
+    public func resumeBlocking() throws(SwiftletError) {
+        let controller = try liveMachine().controller
+        guard controller.isPaused else { throw SwiftletError(.invalidArgument, "the machine is not paused") }
+        controller.resume()
+    }
+
+    /// Writes a snapshot of the running machine to `directory`, which must not exist: vCPU and
+    /// interrupt-controller state, device state and guest memory. The machine is paused for the
+    /// snapshot and then continues (unless it was paused before). The directory appears complete
+    /// or not at all.
+    public func snapshot(to directory: String, kind: SnapshotKind = .full) async throws(SwiftletError) -> SnapshotReport {
+        try await offCooperativePool { () throws(SwiftletError) in try self.snapshotBlocking(to: directory, kind: kind) }
+    }
+
+    public func snapshotBlocking(to directory: String, kind: SnapshotKind = .full) throws(SwiftletError) -> SnapshotReport {
+        let target = Self.absolutePath(directory)
+        let machine = try liveMachine()
+        guard !machine.hardware.hasVirtioDevices else {
+            throw SwiftletError(.unsupported, "this machine has virtio devices (disks, vsock or entropy), whose state this Swiftlet cannot snapshot yet")
+        }
+        if kind == .diff && machine.lastSnapshot == nil {
+            throw SwiftletError(.invalidArgument, "a diff snapshot needs an earlier snapshot of this machine (or a restore) to be a diff of: take a full snapshot first")
+        }
+        if access(target, F_OK) == 0 {
+            throw SwiftletError(.invalidArgument, "\(directory) already exists: snapshots go to a new directory")
+        }
+        let start = MonotonicClock.now
+        let wasPaused = machine.controller.isPaused
+        if !wasPaused { try pauseBlocking() }
+        defer { if !wasPaused { machine.controller.resume() } }
+
+        let id = try SnapshotID.random()
+        let partial = target + ".partial-\(getpid())"
+        try systemCall("cannot create \(partial)") { Int(mkdir(partial, 0o700)) }
+        var keep = false
+        defer { if !keep { _ = unlink(partial + "/memory"); _ = unlink(partial + "/state"); _ = rmdir(partial) } }
+
+        var vcpus: [VCPUState] = []
+        for vcpu in machine.vcpus {
+            vcpus.append(try vcpu.saveState(msrIndices: machine.msrIndices, hasXSave: machine.hasXSave))
+        }
+        let vmState = try machine.vm.saveState(hasPIT: false)
+        let dirty = try collectDirtyPages(machine)
+        let memoryStats: MemoryWriteStats
+        var snapshot = MachineSnapshot(id: id, kind: .full, parent: nil, parentDirectory: nil, createdAt: Self.realtimeNow(),
+                                       hardware: machine.hardware, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
+                                       serial: machine.serial.state)
+        if kind == .diff, let last = machine.lastSnapshot, let dirty {
+            snapshot.kind = .diff
+            snapshot.parent = last.id
+            snapshot.parentDirectory = last.directory
+            memoryStats = try MemoryFile.write(machine.memory, to: partial + "/memory", id: id, diffFrom: last.id, dirty: dirty)
+        } else {
+            memoryStats = try MemoryFile.write(machine.memory, to: partial + "/memory", id: id)
+        }
+        let state = try StateFile.encode(snapshot)
+        let stateFile = try OwnedFileDescriptor.open(partial + "/state", flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: "snapshot state file")
+        try stateFile.write(state, at: 0, what: partial + "/state")
+        try systemCall("cannot sync \(partial)/state") { Int(fsync(stateFile.rawValue)) }
+        try systemCall("cannot move the snapshot into \(directory)") { Int(rename(partial, target)) }
+        keep = true
+        Self.syncDirectory(containing: target)
+        live.withLock { $0?.lastSnapshot = (id, target) }
+        return SnapshotReport(id: id.description, directory: target, kind: snapshot.kind == .diff ? .diff : .full,
+                              memoryPagesWritten: memoryStats.pagesWritten,
+                              bytesWritten: memoryStats.bytesWritten + UInt64(state.count), pausedNanoseconds: MonotonicClock.now - start)
+    }
+
+    /// The pages written since the last snapshot (nil if dirty logging was off), and dirty logging
+    /// switched on (with a clean log) for the next one. The machine is paused.
+    private func collectDirtyPages(_ machine: LiveMachine) throws(SwiftletError) -> [UInt64]? {
+        let totalPages = Int(machine.memory.totalSize / 4096)
+        var combined: [UInt64]? = machine.dirtyLogging ? [UInt64](repeating: 0, count: (totalPages + 63) / 64) : nil
+        var first = 0
+        for (slot, region) in machine.memory.regions.enumerated() {
+            let pages = Int(region.size / 4096)
+            if machine.dirtyLogging {
+                let bitmap = try machine.vm.dirtyPages(slot: UInt32(slot), pageCount: pages)
+                for page in 0..<pages where bitmap[page / 64] >> UInt64(page % 64) & 1 != 0 {
+                    combined![(first + page) / 64] |= 1 << UInt64((first + page) % 64)
+                }
+            } else {
+                try machine.vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.start.rawValue, size: region.size,
+                                               host: region.hostAddress, logDirtyPages: true)
+            }
+            first += pages
+        }
+        live.withLock { $0?.dirtyLogging = true }
+        return combined
+    }
+
+    func liveMachine() throws(SwiftletError) -> LiveMachine {
+        guard let machine = live.withLock({ $0 }) else {
+            throw SwiftletError(.invalidArgument, "the machine is not running")
+        }
+        return machine
+    }
+
+    /// Runs blocking work on a dedicated thread, never on Swift's cooperative pool.
+    func offCooperativePool<R: Sendable>(_ body: @escaping @Sendable () throws(SwiftletError) -> R) async throws(SwiftletError) -> R {
+        let result: Result<R, SwiftletError> = await withCheckedContinuation { continuation in
+            do throws(SwiftletError) {
+                _ = try OSThread.start(name: "swiftlet-ctl") {
+                    continuation.resume(returning: Result { () throws(SwiftletError) in try body() })
+                }
+            } catch {
+                continuation.resume(returning: .failure(error))
+            }
+        }
+        return try result.get()
+    }
+
+    static func absolutePath(_ path: String) -> String {
+        if path.hasPrefix("/") { return path }
+        guard let cwd = getcwd(nil, 0) else { return path }
+        defer { free(cwd) }
+        return String(cString: cwd) + "/" + path
+    }
+
+    static func realtimeNow() -> UInt64 {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+    }
+
+    static func syncDirectory(containing path: String) {
+        let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        let fd = open(parent.isEmpty ? "/" : parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if fd >= 0 { fsync(fd); close(fd) }
+    }
+}

@@ -1,0 +1,233 @@
+import Devices
+import Glibc
+import GuestMemory
+import KVM
+import Synchronization
+import MachineState
+import SwiftletSystem
+import Testing
+import TestSupport
+@testable import VMM
+
+/// A tiny guest that counts in RBX, stores the count in guest memory at 0x200000 and writes its
+/// low byte to the serial port, forever: its console output is 1, 2, 3, ... (mod 256).
+struct CountingGuest {
+    static let counterAddress: UInt64 = 0x200000
+    static let code: [UInt8] = TinyGuest.movDX(0x3F8) + [0x31, 0xDB] // xor ebx, ebx
+        + [0x48, 0xFF, 0xC3]                                          // loop: inc rbx
+        + [0x48, 0x89, 0x1C, 0x25, 0x00, 0x00, 0x20, 0x00]            // mov [0x200000], rbx
+        + [0x88, 0xD8, 0xEE]                                          // mov al, bl; out dx, al
+        + [0xEB, 0xF0]                                                // jmp loop
+
+    let dir = TemporaryDirectory()
+
+    func config(cpus: Int = 1, output: String) -> MachineConfig {
+        let kernel = dir.write("counter.elf", TinyGuest.elf(code: Self.code))
+        let fd = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        return MachineConfig(kernelPath: kernel, commandLine: "count", cpuCount: cpus, memoryMiB: 64, consoleOutput: fd)
+    }
+
+    /// Runs `machine` on its own thread; `body` gets it while it runs, then it is stopped.
+    static func whileRunning(_ machine: Machine, _ body: (Machine) throws -> Void) throws -> MachineRunReport {
+        let result = Mutex<Result<MachineRunReport, SwiftletError>?>(nil)
+        let thread = try OSThread.start(name: "test-machine") {
+            let r = Result { () throws(SwiftletError) in try machine.runBlocking() }
+            result.withLock { $0 = r }
+        }
+        defer {
+            machine.stop()
+            thread.join()
+        }
+        try waitUntil { (try? machine.liveMachine()) != nil || result.withLock({ $0 }) != nil }
+        try body(machine)
+        machine.stop()
+        thread.join()
+        return try result.withLock { $0 }!.get()
+    }
+
+    static func waitUntil(timeout: Double = 20, _ condition: () -> Bool) throws {
+        let end = MonotonicClock.now + UInt64(timeout * 1e9)
+        while !condition() {
+            guard MonotonicClock.now < end else { throw SwiftletError(.systemCall, "timed out waiting") }
+            usleep(2000)
+        }
+    }
+
+    static func fileSize(_ path: String) -> Int {
+        var st = stat()
+        return stat(path, &st) == 0 ? Int(st.st_size) : 0
+    }
+
+    /// Waits until the console file grows by `bytes`.
+    static func waitForOutput(_ path: String, bytes: Int = 200) throws {
+        let start = fileSize(path)
+        try waitUntil { fileSize(path) >= start + bytes }
+    }
+
+    static func output(_ path: String) throws -> [UInt8] {
+        try OwnedFileDescriptor.readSmallFile(path, limit: 256 << 20)
+    }
+
+    /// The count each byte shows, checked to go up by one every time.
+    static func expectConsecutive(_ bytes: [UInt8], startingAt next: UInt64? = nil, sourceLocation: SourceLocation = #_sourceLocation) {
+        guard let first = bytes.first else { Issue.record("no output", sourceLocation: sourceLocation); return }
+        if let next { #expect(first == UInt8(truncatingIfNeeded: next), "the restored guest goes on with \(next)", sourceLocation: sourceLocation) }
+        let broken = bytes.indices.dropLast().first { bytes[$0 + 1] != bytes[$0] &+ 1 }
+        #expect(broken == nil, "the count skipped or repeated at byte \(broken ?? 0) of \(bytes.count)", sourceLocation: sourceLocation)
+    }
+
+    /// The count stored in a snapshot's memory, and the count the guest prints next, from the
+    /// saved RIP and RBX: between the store and the OUT it prints RBX again, elsewhere RBX + 1.
+    static func savedCount(_ directory: String) throws -> (stored: UInt64, next: UInt64) {
+        let plan = try RestorePlan.load(directory)
+        let memory = try MemoryFile.map(chain: plan.memoryChain, id: plan.snapshot.id)
+        let stored = try memory.read(UInt64.self, at: GuestAddress(counterAddress))
+        let registers = plan.snapshot.vcpus[0].registers
+        let storeDone: Set<UInt64> = [0x100009, 0x100011, 0x100013] // at the store, at `mov al, bl`, at `out`
+        let next = storeDone.contains(registers.rip) ? registers.rbx : registers.rbx + 1
+        #expect(stored == (registers.rip == 0x100009 ? registers.rbx - 1 : registers.rbx), "memory and registers agree")
+        return (stored, next)
+    }
+}
+
+@Suite(.enabled(if: TestHost.hasKVM, "needs /dev/kvm"), .serialized) struct SnapshotTests {
+    @Test(arguments: [1, 2])
+    func restoredGuestContinuesCountingWithoutSkippingOrRepeating(cpus: Int) throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/original.out"
+        let full = guest.dir.path + "/full", diff = guest.dir.path + "/diff"
+        var fullReport: SnapshotReport?
+        var diffReport: SnapshotReport?
+        let report = try CountingGuest.whileRunning(Machine(config: guest.config(cpus: cpus, output: out))) { machine in
+            try CountingGuest.waitForOutput(out)
+            fullReport = try machine.snapshotBlocking(to: full)
+            try CountingGuest.waitForOutput(out)
+            diffReport = try machine.snapshotBlocking(to: diff, kind: .diff)
+            try CountingGuest.waitForOutput(out)
+        }
+        #expect(report.exit == .stopped)
+        CountingGuest.expectConsecutive(try CountingGuest.output(out))
+
+        let full1 = try #require(fullReport), diff1 = try #require(diffReport)
+        #expect(full1.kind == .full && diff1.kind == .diff)
+        #expect(full1.memoryPagesWritten > 2, "code, page tables and the counter")
+        #expect(diff1.memoryPagesWritten >= 1 && diff1.memoryPagesWritten < full1.memoryPagesWritten,
+                "the diff holds the pages written since the full snapshot (\(diff1.memoryPagesWritten) of \(full1.memoryPagesWritten))")
+        let fullCount = try CountingGuest.savedCount(full), diffCount = try CountingGuest.savedCount(diff)
+        #expect(fullCount.stored > 0 && diffCount.stored > fullCount.stored)
+        let memoryBefore = try SHA256.hash(CountingGuest.output(full + "/memory"))
+
+        // Each snapshot restores into a guest that goes on from its own count.
+        for (directory, count) in [(full, fullCount), (diff, diffCount)] {
+            let restoredOut = guest.dir.path + "/restored-\(count.next).out"
+            let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            defer { close(fd) }
+            let machine = try Machine.restoring(from: directory, consoleOutput: fd)
+            let restored = try CountingGuest.whileRunning(machine) { _ in try CountingGuest.waitForOutput(restoredOut) }
+            #expect(restored.exit == .stopped)
+            CountingGuest.expectConsecutive(try CountingGuest.output(restoredOut), startingAt: count.next)
+        }
+        #expect(try SHA256.hash(CountingGuest.output(full + "/memory")) == memoryBefore, "a restore never writes to the snapshot")
+    }
+
+    @Test func pauseStopsTheGuestAndResumeContinuesIt() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
+            try CountingGuest.waitForOutput(out)
+            try machine.pauseBlocking()
+            usleep(50_000)
+            let paused = CountingGuest.fileSize(out)
+            usleep(200_000)
+            #expect(CountingGuest.fileSize(out) == paused, "no output while paused")
+            #expect { try machine.resumeBlocking() ; try machine.resumeBlocking() } throws: {
+                ($0 as! SwiftletError).message == "the machine is not paused"
+            }
+            try CountingGuest.waitForOutput(out)
+        }
+        CountingGuest.expectConsecutive(try CountingGuest.output(out))
+    }
+
+    @Test func badSnapshotRequestsAndBadSnapshotsAreRefusedAndLeaveNothingBehind() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        let good = guest.dir.path + "/good"
+        let idle = Machine(config: guest.config(output: out))
+        #expect { try idle.snapshotBlocking(to: guest.dir.path + "/never") } throws: {
+            ($0 as! SwiftletError).message == "the machine is not running"
+        }
+        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
+            try CountingGuest.waitForOutput(out)
+            #expect { try machine.snapshotBlocking(to: guest.dir.path + "/d", kind: .diff) } throws: {
+                ($0 as! SwiftletError).message.contains("take a full snapshot first")
+            }
+            _ = try machine.snapshotBlocking(to: good)
+            #expect { try machine.snapshotBlocking(to: good) } throws: {
+                ($0 as! SwiftletError).message.contains("already exists")
+            }
+        }
+        let entries = Subprocess.run(["/bin/ls", "-A", guest.dir.path]).stdout
+        #expect(!entries.contains("partial"), "no half-written snapshot directory: \(entries)")
+
+        let stateBytes = try CountingGuest.output(good + "/state")
+        func restoreError(_ directory: String) -> String {
+            do { _ = try Machine.restoring(from: directory); return "restored" } catch { return error.message }
+        }
+        // A flipped byte in the state file.
+        let flipped = guest.dir.path + "/flipped"
+        _ = Subprocess.run(["/bin/cp", "-r", good, flipped])
+        var corrupt = stateBytes
+        corrupt[corrupt.count / 2] ^= 0x20
+        guest.dir.write("flipped/state", corrupt)
+        #expect(restoreError(flipped).contains("is corrupt"))
+        // Another format version.
+        let future = guest.dir.path + "/future"
+        _ = Subprocess.run(["/bin/cp", "-r", good, future])
+        var versioned = stateBytes
+        versioned[8] = 99
+        guest.dir.write("future/state", versioned)
+        #expect(restoreError(future).contains("format version 99"))
+        // A truncated memory file: refused when the machine starts, before the guest runs.
+        let truncated = guest.dir.path + "/truncated"
+        _ = Subprocess.run(["/bin/cp", "-r", good, truncated])
+        #expect(Glibc.truncate(truncated + "/memory", 8192) == 0)
+        let machine = try Machine.restoring(from: truncated, consoleOutput: nil)
+        #expect { _ = try machine.runBlocking() } throws: { ($0 as! SwiftletError).message.contains("truncated") }
+        // Memory from another snapshot.
+        let mixed = guest.dir.path + "/mixed"
+        _ = Subprocess.run(["/bin/cp", "-r", good, mixed])
+        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
+            try CountingGuest.waitForOutput(out)
+            _ = try machine.snapshotBlocking(to: guest.dir.path + "/other")
+        }
+        _ = Subprocess.run(["/bin/cp", guest.dir.path + "/other/memory", mixed + "/memory"])
+        #expect { _ = try Machine.restoring(from: mixed, consoleOutput: nil).runBlocking() } throws: {
+            ($0 as! SwiftletError).message.contains("do not match")
+        }
+        // Not a snapshot at all.
+        #expect(restoreError(guest.dir.path + "/nothing-here") == "snapshot \(guest.dir.path)/nothing-here does not exist")
+        #expect(restoreError(guest.dir.path) == "\(guest.dir.path) is not a Swiftlet snapshot: it has no state file")
+        // The good snapshot is untouched by all of this and still restores.
+        #expect(try CountingGuest.output(good + "/state") == stateBytes)
+        let restoredOut = guest.dir.path + "/restored.out"
+        let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        defer { close(fd) }
+        _ = try CountingGuest.whileRunning(Machine.restoring(from: good, consoleOutput: fd)) { _ in try CountingGuest.waitForOutput(restoredOut) }
+        CountingGuest.expectConsecutive(try CountingGuest.output(restoredOut), startingAt: try CountingGuest.savedCount(good).next)
+    }
+
+    @Test func aGuestThatSawCPUFeaturesThisHostLacksIsRefused() throws {
+        let entry = CPUIDEntry(function: 7, ebx: 1 << 5)
+        let snapshot = MachineSnapshot(
+            id: .init(bytes: Array(repeating: 1, count: 16)), kind: .full, parent: nil, parentDirectory: nil, createdAt: 0,
+            hardware: SnapshotHardware(MachineConfig(kernelPath: "", cpuCount: 1, memoryMiB: 64)), cpuid: [[entry]], vcpus: [],
+            vm: VMState(interruptControllers: [], pit: nil, clock: 0, clockRealtime: nil),
+            serial: .reset)
+        let plan = RestorePlan(snapshot: snapshot, directory: "/snap", memoryChain: [])
+        #expect { try plan.checkCPU(supported: [CPUIDEntry(function: 7, ebx: 0)]) } throws: {
+            let message = ($0 as! SwiftletError).message
+            return message.contains("CPUID 0x7.0 EBX bit 5") && message.contains("same or a newer CPU")
+        }
+        #expect(throws: Never.self) { try plan.checkCPU(supported: [CPUIDEntry(function: 7, ebx: 0xFF)]) }
+    }
+}
