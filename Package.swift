@@ -23,7 +23,7 @@ let package = Package(
             dependencies: ["CLinux", "CDigest", .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: strict),
         .target(name: "KVM", dependencies: ["CLinux", "SwiftletSystem"], swiftSettings: strict),
-        .target(name: "GuestMemory", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        .target(name: "GuestMemory", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
         .target(name: "MachineState", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "AgentProtocol", swiftSettings: strict),
@@ -73,6 +73,6 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"], swiftSettings: strict),
-        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),
+        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem", "VMM"], swiftSettings: strict),
     ]
 )

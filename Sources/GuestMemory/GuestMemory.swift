@@ -1,4 +1,6 @@
+import CLinux
 import Glibc
+import Synchronization
 import SwiftletSystem
 
 /// A guest's physical memory: a few non-overlapping regions with bounds-checked, little-endian access.
@@ -9,6 +11,12 @@ public final class GuestMemory: @unchecked Sendable {
     // SAFETY (Sendable): the region list and mappings are immutable after init; the bytes are shared memory.
     public let regions: [Region]
     private let owners: [MappingOwner]
+    /// Pages written by the VMM (devices) since the last `takeWrittenPages`, when tracking: one
+    /// bit per page over all regions in order. KVM's dirty log sees only the guest's own writes.
+    private let writeLog: UnsafeMutablePointer<UInt64>
+    private let writeLogWords: Int
+    private let firstPage: [Int]
+    private let tracking = Atomic<Bool>(false)
 
     /// Where a region lives, for callers that register memory with a hypervisor.
     public struct Region: Sendable, Equatable {
@@ -74,6 +82,38 @@ public final class GuestMemory: @unchecked Sendable {
         }
         self.regions = regions
         self.owners = owners
+        var first: [Int] = []
+        var pages = 0
+        for region in regions {
+            first.append(pages)
+            pages += Int(region.size / Self.pageSize)
+        }
+        firstPage = first
+        writeLogWords = (pages + 63) / 64
+        writeLog = .allocate(capacity: max(1, writeLogWords))
+        writeLog.initialize(repeating: 0, count: max(1, writeLogWords))
+    }
+
+    deinit { writeLog.deallocate() }
+
+    /// Starts recording which pages the VMM writes (for diff snapshots).
+    public func startTrackingWrites() {
+        tracking.store(true, ordering: .releasing)
+    }
+
+    /// The pages written through this object since tracking started or since the last call (one
+    /// bit per page over all regions in order), and clears the record.
+    public func takeWrittenPages() -> [UInt64] {
+        (0..<writeLogWords).map { swiftlet_atomic_take_u64(writeLog + $0) }
+    }
+
+    private func recordWrite(region index: Int, offset: UInt64, length: UInt64) {
+        guard length > 0, tracking.load(ordering: .relaxed) else { return }
+        let first = firstPage[index] + Int(offset / Self.pageSize)
+        let last = firstPage[index] + Int((offset + length - 1) / Self.pageSize)
+        for page in first...last {
+            swiftlet_atomic_or_u64(writeLog + page / 64, 1 << UInt64(page % 64))
+        }
     }
 
     /// Anonymous memory laid out as `ranges` (start, size).
@@ -89,11 +129,22 @@ public final class GuestMemory: @unchecked Sendable {
         owners.reduce(0) { $0 + $1.mapping.residentBytes() }
     }
 
-    /// The host pointer for `length` bytes at `address`, which must lie inside one region.
+    /// The host pointer for `length` bytes at `address`, which must lie inside one region. Use
+    /// `hostPointer(forWriting:length:)` to write through it.
     public func hostPointer(_ address: GuestAddress, length: UInt64) throws(SwiftletError) -> UnsafeMutableRawPointer {
-        for region in regions where address.rawValue >= region.start.rawValue && address.rawValue < region.end {
+        try pointer(address, length: length, writing: false)
+    }
+
+    /// `hostPointer` for a device that will write there (the pages are recorded as written).
+    public func hostPointer(forWriting address: GuestAddress, length: UInt64) throws(SwiftletError) -> UnsafeMutableRawPointer {
+        try pointer(address, length: length, writing: true)
+    }
+
+    private func pointer(_ address: GuestAddress, length: UInt64, writing: Bool) throws(SwiftletError) -> UnsafeMutableRawPointer {
+        for (index, region) in regions.enumerated() where address.rawValue >= region.start.rawValue && address.rawValue < region.end {
             let offset = address.rawValue - region.start.rawValue
             guard length <= region.size - offset else { break }
+            if writing { recordWrite(region: index, offset: offset, length: length) }
             // SAFETY: [offset, offset + length) was just checked to lie inside the region's mapping.
             return region.hostAddress + Int(offset)
         }
@@ -108,7 +159,7 @@ public final class GuestMemory: @unchecked Sendable {
     // MARK: bytes
 
     public func write(_ bytes: some Collection<UInt8>, at address: GuestAddress) throws(SwiftletError) {
-        let p = try hostPointer(address, length: UInt64(bytes.count))
+        let p = try hostPointer(forWriting: address, length: UInt64(bytes.count))
         // SAFETY: hostPointer checked that bytes.count bytes fit.
         UnsafeMutableRawBufferPointer(start: p, count: bytes.count).copyBytes(from: bytes)
     }
@@ -122,7 +173,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// Zeroes `count` bytes at `address`.
     public func fill(zero count: UInt64, at address: GuestAddress) throws(SwiftletError) {
         guard count > 0 else { return }
-        let p = try hostPointer(address, length: count)
+        let p = try hostPointer(forWriting: address, length: count)
         // SAFETY: hostPointer checked the range.
         p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
     }
@@ -148,7 +199,7 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// A writable view of `count` bytes at `address`, for loaders that fill memory from files.
     public func withBuffer<R, E: Error>(at address: GuestAddress, count: Int, _ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(SwiftletError) -> Result<R, E> {
-        let p = try hostPointer(address, length: UInt64(count))
+        let p = try hostPointer(forWriting: address, length: UInt64(count))
         // SAFETY: hostPointer checked the range.
         let buffer = UnsafeMutableRawBufferPointer(start: p, count: count)
         do throws(E) { return .success(try body(buffer)) } catch { return .failure(error) }
@@ -157,7 +208,7 @@ public final class GuestMemory: @unchecked Sendable {
     // MARK: little-endian integers
 
     public func write<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(SwiftletError) {
-        let p = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        let p = try hostPointer(forWriting: address, length: UInt64(MemoryLayout<T>.size))
         // SAFETY: the range was checked; storeBytes tolerates unaligned addresses.
         p.storeBytes(of: value.littleEndian, as: T.self)
     }

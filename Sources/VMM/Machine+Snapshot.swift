@@ -1,5 +1,6 @@
 import Devices
 import Glibc
+import Virtio
 import GuestMemory
 import KVM
 import LinuxBoot
@@ -11,19 +12,25 @@ import SwiftletSystem
 public struct SnapshotHardware: Codable, Sendable, Equatable {
     public var cpuCount: Int
     public var memoryMiB: Int
-    public var disks: Int
+    /// Read-only disks, by path (their contents are not part of the snapshot) and size.
+    public var disks: [SnapshotDisk]
     public var entropyDevice: Bool
     public var vsock: Bool
 
-    init(_ config: MachineConfig) {
+    init(_ config: MachineConfig, diskSizes: [UInt64]) {
         cpuCount = config.cpuCount
         memoryMiB = config.memoryMiB
-        disks = config.disks.count
+        disks = zip(config.disks, diskSizes).map { SnapshotDisk(path: $0.path, readOnly: $0.readOnly, size: $1) }
         entropyDevice = config.entropyDevice
         vsock = config.vsock != nil
     }
+}
 
-    var hasVirtioDevices: Bool { disks > 0 || entropyDevice || vsock }
+/// A disk of a snapshotted machine.
+public struct SnapshotDisk: Codable, Sendable, Equatable {
+    public var path: String
+    public var readOnly: Bool
+    public var size: UInt64
 }
 
 /// Everything the state file of a snapshot holds (docs/snapshot-format.md).
@@ -41,6 +48,8 @@ struct MachineSnapshot: Codable, Sendable {
     var vcpus: [VCPUState]
     var vm: VMState
     var serial: SerialState
+    /// The virtio devices' transports and queues, in device order.
+    var devices: [VirtioTransportState]
 }
 
 /// A full snapshot holds all of guest memory; a diff only the pages written since the machine's
@@ -70,6 +79,7 @@ struct LiveMachine: @unchecked Sendable {
     let vcpus: [VCPU]
     let memory: GuestMemory
     let serial: Serial8250
+    let transports: [VirtioMMIOTransport]
     let controller: MachineController
     let cpuid: [[CPUIDEntry]]
     let msrIndices: [UInt32]
@@ -179,11 +189,19 @@ extension Machine {
                                  kvmPath: String = "/dev/kvm") throws(SwiftletError) -> Machine {
         let plan = try RestorePlan.load(absolutePath(directory))
         let hardware = plan.snapshot.hardware
-        guard !hardware.hasVirtioDevices else {
-            throw SwiftletError(.unsupported, "the snapshot in \(directory) has virtio devices, which this Swiftlet cannot restore yet")
+        guard !hardware.vsock, plan.snapshot.devices.count == hardware.disks.count + (hardware.entropyDevice ? 1 : 0) else {
+            throw SwiftletError(.invalidFormat, "the snapshot in \(directory) does not hold the state of all its devices")
+        }
+        for disk in hardware.disks {
+            let size = try OwnedFileDescriptor.open(disk.path, flags: O_RDONLY, what: "disk").size()
+            guard size == disk.size else {
+                throw SwiftletError(.invalidFormat, "disk \(disk.path) is \(size) bytes, but was \(disk.size) when the snapshot in \(directory) was taken: the guest would see another disk")
+            }
         }
         let config = MachineConfig(kernelPath: "", cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, kvmPath: kvmPath,
-                                   consoleOutput: consoleOutput, consoleInput: consoleInput)
+                                   consoleOutput: consoleOutput, consoleInput: consoleInput,
+                                   disks: hardware.disks.map { DiskConfig(path: $0.path, readOnly: $0.readOnly) },
+                                   entropyDevice: hardware.entropyDevice)
         return Machine(config: config, restore: plan)
     }
 
@@ -219,8 +237,11 @@ extension Machine {
     public func snapshotBlocking(to directory: String, kind: SnapshotKind = .full) throws(SwiftletError) -> SnapshotReport {
         let target = Self.absolutePath(directory)
         let machine = try liveMachine()
-        guard !machine.hardware.hasVirtioDevices else {
-            throw SwiftletError(.unsupported, "this machine has virtio devices (disks, vsock or entropy), whose state this Swiftlet cannot snapshot yet")
+        if let writable = machine.hardware.disks.first(where: { !$0.readOnly }) {
+            throw SwiftletError(.unsupported, "this machine has a writable disk (\(writable.path)), whose contents a snapshot cannot hold yet: only machines with read-only disks can be snapshotted")
+        }
+        if machine.hardware.vsock {
+            throw SwiftletError(.unsupported, "this machine has a virtio socket device, whose connections a snapshot cannot hold yet")
         }
         if kind == .diff && machine.lastSnapshot == nil {
             throw SwiftletError(.invalidArgument, "a diff snapshot needs an earlier snapshot of this machine (or a restore) to be a diff of: take a full snapshot first")
@@ -244,11 +265,13 @@ extension Machine {
             vcpus.append(try vcpu.saveState(msrIndices: machine.msrIndices, hasXSave: machine.hasXSave))
         }
         let vmState = try machine.vm.saveState(hasPIT: false)
+        var devices: [VirtioTransportState] = []
+        for transport in machine.transports { devices.append(try transport.saveState()) }
         let dirty = try collectDirtyPages(machine)
         let memoryStats: MemoryWriteStats
         var snapshot = MachineSnapshot(id: id, kind: .full, parent: nil, parentDirectory: nil, createdAt: Self.realtimeNow(),
                                        hardware: machine.hardware, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
-                                       serial: machine.serial.state)
+                                       serial: machine.serial.state, devices: devices)
         if kind == .diff, let last = machine.lastSnapshot, let dirty {
             snapshot.kind = .diff
             snapshot.parent = last.id
@@ -289,6 +312,10 @@ extension Machine {
             }
             first += pages
         }
+        // Devices write guest memory too, which KVM's log does not see.
+        let written = machine.memory.takeWrittenPages()
+        if combined != nil { for i in written.indices { combined![i] |= written[i] } }
+        machine.memory.startTrackingWrites()
         live.withLock { $0?.dirtyLogging = true }
         return combined
     }

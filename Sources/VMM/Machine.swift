@@ -137,7 +137,8 @@ public final class Machine: Sendable {
         running.withLock { $0 = controller }
         defer { running.withLock { $0 = nil } }
         if stopRequested.load(ordering: .acquiring) { controller.stop(.stopped) }
-        var virtioDevices: [any VirtioDevice] = try Self.makeDisks(config.disks, controller: controller)
+        let (disks, diskSizes) = try Self.makeDisks(config.disks, controller: controller)
+        var virtioDevices: [any VirtioDevice] = disks
         if config.entropyDevice { virtioDevices.append(VirtioRNG(onError: { controller.warn($0.description) })) }
         var vsock: VirtioVsock?
         if let vsockConfig = config.vsock {
@@ -165,12 +166,14 @@ public final class Machine: Sendable {
         phases.append(("load", MonotonicClock.now))
         let console = ConsoleOutput(fd: config.consoleOutput)
         var devices = Self.makeBus(vm: vm, console: console, controller: controller, onBootMarker: onBootMarker)
+        var transports: [VirtioMMIOTransport] = []
         for (index, device) in virtioDevices.enumerated() {
             let slot = Self.virtioSlot(index)
             let line = Self.interruptLine(vm: vm, gsi: slot.gsi, controller: controller)
             let transport = VirtioMMIOTransport(device: device, memory: memory, interrupt: VirtioInterrupt(line: line),
                                                 onError: { controller.warn($0.description) })
             devices.mmio.register(transport, base: slot.base, length: slot.size)
+            transports.append(transport)
         }
         let bus = devices
 
@@ -199,10 +202,13 @@ public final class Machine: Sendable {
         if let restore {
             try vm.restoreState(restore.snapshot.vm, advanceClock: true)
             bus.serial.restore(restore.snapshot.serial)
+            for (transport, state) in zip(transports, restore.snapshot.devices) { try transport.restoreState(state) }
+            memory.startTrackingWrites()
         }
         live.withLock {
-            $0 = LiveMachine(vm: vm, vcpus: vcpus, memory: memory, serial: bus.serial, controller: controller, cpuid: cpuids,
-                             msrIndices: msrList, hasXSave: kvm.capability(KVM_CAP_XSAVE) > 0, hardware: SnapshotHardware(config),
+            $0 = LiveMachine(vm: vm, vcpus: vcpus, memory: memory, serial: bus.serial, transports: transports, controller: controller,
+                             cpuid: cpuids, msrIndices: msrList, hasXSave: kvm.capability(KVM_CAP_XSAVE) > 0,
+                             hardware: SnapshotHardware(config, diskSizes: diskSizes),
                              dirtyLogging: restore != nil, lastSnapshot: restore.map { ($0.snapshot.id, $0.directory) })
         }
         defer { live.withLock { $0 = nil } }
@@ -254,14 +260,17 @@ public final class Machine: Sendable {
     }
 
     /// Opens the disk images; a missing or unreadable one fails before the guest is loaded.
-    static func makeDisks(_ disks: [DiskConfig], controller: MachineController) throws(SwiftletError) -> [VirtioBlock] {
+    /// Returns the devices and the images' sizes in bytes.
+    static func makeDisks(_ disks: [DiskConfig], controller: MachineController) throws(SwiftletError) -> ([VirtioBlock], [UInt64]) {
         var devices: [VirtioBlock] = []
+        var sizes: [UInt64] = []
         for (index, disk) in disks.enumerated() {
             let backend = try FileBlockBackend(path: disk.path, readOnly: disk.readOnly)
+            sizes.append(backend.byteCount)
             devices.append(VirtioBlock(backend: backend, readOnly: disk.readOnly, identifier: "swiftlet-disk\(index)",
                                        onError: { controller.warn($0.description) }))
         }
-        return devices
+        return (devices, sizes)
     }
 
     /// A guest interrupt line driven through KVM_IRQ_LINE on the in-kernel IOAPIC.

@@ -33,6 +33,10 @@ public final class DeviceQueue: Sendable {
         live.withLock { $0 = nil }
     }
 
+    /// The queue as the device has it now (its ring positions included), or nil when it is not
+    /// being served. For snapshots, taken while nothing serves it.
+    public var current: Virtqueue? { live.withLock { $0?.queue } }
+
     /// Serves the queue. `handle` gets each chain and guest memory and returns the number of bytes
     /// it wrote into the chain. A ring the device cannot follow (a driver bug) is reported and the
     /// queue stops being served until the driver resets the device.
@@ -69,6 +73,8 @@ public protocol SingleQueueDevice: VirtioDevice {
 }
 
 extension SingleQueueDevice {
+    public var deviceQueues: [DeviceQueue] { [requestQueue] }
+
     public func activate(_ activation: VirtioActivation) throws(SwiftletError) {
         try requestQueue.activate(activation, index: 0)
     }

@@ -20,6 +20,9 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func queueNotified(_ index: Int)
     /// The driver reset the device: stop using the queues and forget them.
     func reset()
+    /// The queues the device serves once active, in queue order, for snapshots; empty when the
+    /// device keeps state a snapshot cannot hold yet (then it cannot be snapshotted).
+    var deviceQueues: [DeviceQueue] { get }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.

@@ -39,6 +39,11 @@ public final class VirtioInterrupt: Sendable {
         }
     }
 
+    /// Puts back saved status bits (the interrupt controller's own state carries the line's level).
+    public func restore(_ bits: UInt32) {
+        state.withLock { $0 = bits }
+    }
+
     func reset() {
         state.withLock { s in
             if s != 0 { line.setLevel(false) }

@@ -50,7 +50,7 @@ public final class VirtioMMIOTransport: MMIODevice {
 
     public let device: any VirtioDevice
     public let interrupt: VirtioInterrupt
-    private let memory: GuestMemory
+    let memory: GuestMemory
     private let registers: Mutex<Registers>
     /// Called when the device fails in a way the driver cannot see (for the VMM's log).
     private let onError: @Sendable (SwiftletError) -> Void
@@ -62,6 +62,16 @@ public final class VirtioMMIOTransport: MMIODevice {
         self.interrupt = interrupt
         self.onError = onError
         self.registers = Mutex(Registers(queues: device.queueMaximumSizes.map { Virtqueue(maximumSize: $0) }))
+    }
+
+    func registersSnapshot() -> Registers { registers.withLock { $0 } }
+
+    func restoreRegisters(_ s: VirtioTransportState) {
+        registers.withLock { r in
+            r = Registers(deviceFeaturesSelect: s.deviceFeaturesSelect, driverFeaturesSelect: s.driverFeaturesSelect,
+                          driverFeatures: s.driverFeatures, queueSelect: s.queueSelect, status: s.status, queues: s.queues,
+                          active: s.active)
+        }
     }
 
     /// The driver's status register (for tests and diagnostics).

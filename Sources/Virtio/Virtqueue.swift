@@ -8,7 +8,7 @@ import SwiftletSystem
 /// returns them with `addUsed`, then asks `shouldInterrupt` whether the driver wants to hear
 /// about it. Ring fields shared with the guest are read and written through `GuestMemory`, with
 /// fences where the spec orders them (the index after the entries, in both directions).
-public struct Virtqueue: Sendable {
+public struct Virtqueue: Sendable, Codable, Equatable {
     /// The largest size the device accepts (`QueueNumMax`).
     public let maximumSize: UInt16
     /// What the driver configured through the transport.

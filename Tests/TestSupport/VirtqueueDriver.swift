@@ -4,7 +4,7 @@ import Virtio
 /// The driver side of one split virtqueue, laid out in guest memory the way Linux does it, for
 /// exercising devices without a guest: publish chains, then read what the device returned.
 public struct VirtqueueDriver {
-    public let memory: GuestMemory
+    public private(set) var memory: GuestMemory
     public let size: UInt16
     public let descriptorTable: GuestAddress
     public let availableRing: GuestAddress
@@ -22,6 +22,13 @@ public struct VirtqueueDriver {
         availableRing = base + 16 * UInt64(size)
         usedRing = GuestAddress((availableRing.rawValue + 6 + 2 * UInt64(size) + 3) & ~3)
         nextBuffer = base + 0x10000
+    }
+
+    /// The same driver state over another guest memory (a copy, as after a restore).
+    public func moved(to memory: GuestMemory) -> VirtqueueDriver {
+        var copy = self
+        copy.memory = memory
+        return copy
     }
 
     /// The queue as a transport would hand it to a device.

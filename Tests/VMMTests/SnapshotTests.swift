@@ -220,9 +220,9 @@ struct CountingGuest {
         let entry = CPUIDEntry(function: 7, ebx: 1 << 5)
         let snapshot = MachineSnapshot(
             id: .init(bytes: Array(repeating: 1, count: 16)), kind: .full, parent: nil, parentDirectory: nil, createdAt: 0,
-            hardware: SnapshotHardware(MachineConfig(kernelPath: "", cpuCount: 1, memoryMiB: 64)), cpuid: [[entry]], vcpus: [],
+            hardware: SnapshotHardware(MachineConfig(kernelPath: "", cpuCount: 1, memoryMiB: 64), diskSizes: []), cpuid: [[entry]], vcpus: [],
             vm: VMState(interruptControllers: [], pit: nil, clock: 0, clockRealtime: nil),
-            serial: .reset)
+            serial: .reset, devices: [])
         let plan = RestorePlan(snapshot: snapshot, directory: "/snap", memoryChain: [])
         #expect { try plan.checkCPU(supported: [CPUIDEntry(function: 7, ebx: 0)]) } throws: {
             let message = ($0 as! SwiftletError).message

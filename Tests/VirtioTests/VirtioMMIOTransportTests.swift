@@ -22,6 +22,7 @@ final class RecordingDevice: VirtioDevice {
     }
     func queueNotified(_ index: Int) { events.withLock { $0.append("notify \(index)") } }
     func reset() { events.withLock { $0.append("reset") } }
+    var deviceQueues: [DeviceQueue] { [] }
 }
 
 final class RecordingLine: InterruptLine {

@@ -106,6 +106,10 @@ uint64_t swiftlet_monotonic_ns(void);
 /// interrupts a blocking system call such as KVM_RUN with EINTR.
 int swiftlet_install_wakeup_signal(int signo);
 
+// MARK: atomics on plain memory (bitmaps shared between threads)
+static inline void swiftlet_atomic_or_u64(uint64_t *word, uint64_t bits) { __atomic_fetch_or(word, bits, __ATOMIC_RELAXED); }
+static inline uint64_t swiftlet_atomic_take_u64(uint64_t *word) { return __atomic_exchange_n(word, 0, __ATOMIC_ACQ_REL); }
+
 // MARK: struct kvm_run union accessors
 static inline struct kvm_run *swiftlet_run(void *p) { return (struct kvm_run *)p; }
 static inline __u8 swiftlet_run_io_direction(const struct kvm_run *r) { return r->io.direction; }

@@ -119,7 +119,8 @@ public final class VirtioBlock: SingleQueueDevice {
         var offset = sector * Self.sectorSize
         do throws(SwiftletError) {
             for segment in segments {
-                let p = try memory.hostPointer(segment.address, length: segment.length)
+                let p = isWrite ? try memory.hostPointer(segment.address, length: segment.length)
+                    : try memory.hostPointer(forWriting: segment.address, length: segment.length)
                 // SAFETY: hostPointer checked that the segment lies in guest memory.
                 if isWrite {
                     try backend.write(from: UnsafeRawBufferPointer(start: p, count: Int(segment.length)), at: offset)

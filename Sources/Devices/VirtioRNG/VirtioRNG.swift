@@ -32,7 +32,7 @@ public final class VirtioRNG: SingleQueueDevice {
         var written: UInt64 = 0
         for buffer in chain.writable {
             do throws(SwiftletError) {
-                let p = try memory.hostPointer(buffer.address, length: UInt64(buffer.length))
+                let p = try memory.hostPointer(forWriting: buffer.address, length: UInt64(buffer.length))
                 // SAFETY: hostPointer checked that the buffer lies in guest memory.
                 try fill(UnsafeMutableRawBufferPointer(start: p, count: Int(buffer.length)))
                 written += UInt64(buffer.length)

@@ -66,6 +66,8 @@ public final class VirtioVsock: VirtioDevice {
     public var deviceType: VirtioDeviceType { .vsock }
     public var offeredFeatures: UInt64 { VirtioFeature.version1 | VirtioFeature.eventIndex }
     public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize, Self.queueSize] }
+    /// Its connections are not snapshot state yet: a vsock device cannot be snapshotted.
+    public var deviceQueues: [DeviceQueue] { [] }
 
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
         for i in data.indices {
@@ -379,7 +381,7 @@ public final class VirtioVsock: VirtioDevice {
     private func readFromHost(_ fd: Int32, into segments: [DescriptorChain.Segment], memory: GuestMemory) throws(SwiftletError) -> Int? {
         var vectors: [iovec] = []
         for segment in segments {
-            let p = try memory.hostPointer(segment.address, length: segment.length)
+            let p = try memory.hostPointer(forWriting: segment.address, length: segment.length)
             vectors.append(iovec(iov_base: p, iov_len: Int(segment.length)))
         }
         while true {
