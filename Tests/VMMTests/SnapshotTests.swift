@@ -216,6 +216,50 @@ struct CountingGuest {
         CountingGuest.expectConsecutive(try CountingGuest.output(restoredOut), startingAt: try CountingGuest.savedCount(good).next)
     }
 
+    @Test func devicesAndDisksComeBackAndUnsupportedOnesAreRefused() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        let disk = guest.dir.write("disk.img", [UInt8](repeating: 7, count: 1 << 20))
+        var config = guest.config(output: out)
+        config.disks = [DiskConfig(path: disk, readOnly: true)]
+        config.entropyDevice = true
+        let snapshot = guest.dir.path + "/with-devices"
+        _ = try CountingGuest.whileRunning(Machine(config: config)) { machine in
+            try CountingGuest.waitForOutput(out)
+            _ = try machine.snapshotBlocking(to: snapshot)
+        }
+        let plan = try RestorePlan.load(snapshot)
+        #expect(plan.snapshot.hardware.disks == [SnapshotDisk(path: disk, readOnly: true, size: 1 << 20)])
+        #expect(plan.snapshot.devices.map(\.deviceType) == [2, 4], "a block device and an entropy device")
+        let restoredOut = guest.dir.path + "/restored.out"
+        let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        defer { close(fd) }
+        let restored = try Machine.restoring(from: snapshot, consoleOutput: fd)
+        #expect(restored.config.disks == config.disks && restored.config.entropyDevice)
+        _ = try CountingGuest.whileRunning(restored) { _ in try CountingGuest.waitForOutput(restoredOut) }
+        CountingGuest.expectConsecutive(try CountingGuest.output(restoredOut), startingAt: try CountingGuest.savedCount(snapshot).next)
+
+        // The disk changed size since: the guest would see another disk.
+        guest.dir.write("disk.img", [UInt8](repeating: 7, count: 2 << 20))
+        #expect { try Machine.restoring(from: snapshot) } throws: {
+            ($0 as! SwiftletError).message.contains("but was 1048576 when the snapshot")
+        }
+
+        // Writable disks and vsock are not snapshot state yet: refused, nothing written.
+        for variant in ["writable", "vsock"] {
+            var other = guest.config(output: out)
+            if variant == "writable" { other.disks = [DiskConfig(path: disk, readOnly: false)] }
+            if variant == "vsock" { other.vsock = VsockConfig(forwards: [:]) }
+            _ = try CountingGuest.whileRunning(Machine(config: other)) { machine in
+                try CountingGuest.waitForOutput(out)
+                #expect { try machine.snapshotBlocking(to: guest.dir.path + "/" + variant) } throws: {
+                    ($0 as! SwiftletError).message.contains(variant == "writable" ? "writable disk" : "virtio socket")
+                }
+            }
+            #expect(access(guest.dir.path + "/" + variant, F_OK) != 0)
+        }
+    }
+
     @Test func aGuestThatSawCPUFeaturesThisHostLacksIsRefused() throws {
         let entry = CPUIDEntry(function: 7, ebx: 1 << 5)
         let snapshot = MachineSnapshot(
