@@ -216,14 +216,23 @@ extension Machine {
     }
 
     public func pauseBlocking() throws(SwiftletError) {
-        let controller = try liveMachine().controller
-        guard controller.pause() else { throw SwiftletError(.invalidArgument, "the machine stopped before it could be paused") }
+        try operations.withLock { _ throws(SwiftletError) in try pauseLocked() }
     }
 
     public func resumeBlocking() throws(SwiftletError) {
-        let controller = try liveMachine().controller
-        guard controller.isPaused else { throw SwiftletError(.invalidArgument, "the machine is not paused") }
-        controller.resume()
+        try operations.withLock { _ throws(SwiftletError) in
+            let controller = try liveMachine().controller
+            guard controller.isPaused else { throw SwiftletError(.invalidArgument, "the machine is not paused") }
+            controller.resume()
+        }
+    }
+
+    private func pauseLocked() throws(SwiftletError) {
+        switch try liveMachine().controller.pause() {
+        case .paused: return
+        case .stopped: throw SwiftletError(.invalidArgument, "the machine stopped before it could be paused")
+        case .timedOut: throw SwiftletError(.systemCall, "the machine's vCPUs did not stop within 10 s (a device may be stuck); it keeps running")
+        }
     }
 
     /// Writes a snapshot of the running machine to `directory`, which must not exist: vCPU and
@@ -235,6 +244,10 @@ extension Machine {
     }
 
     public func snapshotBlocking(to directory: String, kind: SnapshotKind = .full) throws(SwiftletError) -> SnapshotReport {
+        try operations.withLock { _ throws(SwiftletError) in try snapshotLocked(to: directory, kind: kind) }
+    }
+
+    private func snapshotLocked(to directory: String, kind: SnapshotKind) throws(SwiftletError) -> SnapshotReport {
         let target = Self.absolutePath(directory)
         let machine = try liveMachine()
         if let writable = machine.hardware.disks.first(where: { !$0.readOnly }) {
@@ -251,7 +264,7 @@ extension Machine {
         }
         let start = MonotonicClock.now
         let wasPaused = machine.controller.isPaused
-        if !wasPaused { try pauseBlocking() }
+        if !wasPaused { try pauseLocked() }
         defer { if !wasPaused { machine.controller.resume() } }
 
         let id = try SnapshotID.random()

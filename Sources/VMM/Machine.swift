@@ -52,6 +52,8 @@ public final class Machine: Sendable {
     private let stopRequested = Atomic<Bool>(false)
     /// The parts of a running machine that pause and snapshot work on.
     let live = Mutex<LiveMachine?>(nil)
+    /// Held by pause, resume and snapshot, one at a time (a snapshot pauses and resumes itself).
+    let operations = Mutex<Void>(())
     /// The snapshot this machine starts from instead of booting (`Machine.restoring(from:)`).
     let restore: RestorePlan?
 

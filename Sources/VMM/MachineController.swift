@@ -58,10 +58,18 @@ final class MachineController: Sendable {
         wake.signal()
     }
 
+    enum PauseOutcome {
+        case paused
+        /// The machine stopped (or was stopping) instead.
+        case stopped
+        /// Some vCPU did not park in time (its thread is stuck in a device); the pause was undone.
+        case timedOut
+    }
+
     /// Stops every vCPU outside KVM_RUN and waits until all have parked. In-flight port and MMIO
     /// accesses are completed first (KVM finishes them on the KVM_RUN that sees the exit request),
-    /// so the saved registers are between two instructions. False if the machine stopped instead.
-    func pause(timeoutNanoseconds: UInt64 = 10_000_000_000) -> Bool {
+    /// so the saved registers are between two instructions.
+    func pause(timeoutNanoseconds: UInt64 = 10_000_000_000) -> PauseOutcome {
         let targets = state.withLock { $0.vcpus }
         pauseState.withLock { $0.requested = true }
         for (vcpu, thread) in targets {
@@ -69,7 +77,14 @@ final class MachineController: Sendable {
             thread?.interrupt()
         }
         let count = targets.count
-        return pauseState.wait(until: { $0.parked == count || $0.stopping }, timeoutNanoseconds: timeoutNanoseconds) { !$0.stopping } ?? false
+        let stopping = pauseState.wait(until: { $0.parked == count || $0.stopping }, timeoutNanoseconds: timeoutNanoseconds) { $0.stopping }
+        switch stopping {
+        case false?: return .paused
+        case true?: return .stopped
+        case nil:
+            resume()
+            return .timedOut
+        }
     }
 
     /// Lets parked vCPUs run again, telling the guest's kvmclock that they were stopped.

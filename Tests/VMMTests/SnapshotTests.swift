@@ -148,6 +148,47 @@ struct CountingGuest {
         CountingGuest.expectConsecutive(try CountingGuest.output(out))
     }
 
+    @Test func concurrentSnapshotsAndPausesTakeTurns() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        let results = Mutex<[String]>([])
+        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
+            try CountingGuest.waitForOutput(out)
+            let threads = try (0..<4).map { i in
+                try OSThread.start(name: "snap\(i)") {
+                    do {
+                        if i == 3 {
+                            try machine.pauseBlocking()
+                            try machine.resumeBlocking()
+                            results.withLock { $0.append("paused and resumed") }
+                        } else {
+                            let report = try machine.snapshotBlocking(to: guest.dir.path + "/s\(i)")
+                            results.withLock { $0.append(report.directory) }
+                        }
+                    } catch {
+                        results.withLock { $0.append("error: \(error)") }
+                    }
+                }
+            }
+            for thread in threads { thread.join() }
+            try CountingGuest.waitForOutput(out)
+            #expect(!machine.live.withLock { $0!.controller.isPaused }, "every snapshot resumed what it paused, and only that")
+        }
+        #expect(results.withLock { $0 }.count == 4)
+        #expect(!results.withLock { $0 }.contains { $0.hasPrefix("error") }, "\(results.withLock { $0 })")
+        CountingGuest.expectConsecutive(try CountingGuest.output(out))
+        for i in 0..<3 {
+            let directory = guest.dir.path + "/s\(i)"
+            let restoredOut = guest.dir.path + "/r\(i).out"
+            let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            defer { close(fd) }
+            _ = try CountingGuest.whileRunning(Machine.restoring(from: directory, consoleOutput: fd)) { _ in
+                try CountingGuest.waitForOutput(restoredOut)
+            }
+            CountingGuest.expectConsecutive(try CountingGuest.output(restoredOut), startingAt: try CountingGuest.savedCount(directory).next)
+        }
+    }
+
     @Test func badSnapshotRequestsAndBadSnapshotsAreRefusedAndLeaveNothingBehind() throws {
         let guest = CountingGuest()
         let out = guest.dir.path + "/out"
