@@ -70,6 +70,10 @@ extension VCPU {
     }
 
     /// Puts back a state saved by `saveState`. CPUID must already be set (KVM checks XSAVE and MSRs against it).
+    ///
+    /// The local APIC goes back before the MSRs: KVM drops a write of the TSC-deadline MSR unless
+    /// the APIC's timer is already in TSC-deadline mode, and a guest idle until its next timer
+    /// deadline would then never wake up.
     public func restoreState(_ state: VCPUState) throws(SwiftletError) {
         try setSpecialRegisters(state.specialRegisters)
         try setRegisters(state.registers)
@@ -79,8 +83,8 @@ extension VCPU {
         } else {
             try setFPU(state.fpu)
         }
-        try setMSRs(state.msrs)
         try setLocalAPIC(state.localAPIC)
+        try setMSRs(state.msrs)
         try setBlob(kvm_debugregs(), state.debugRegisters, "KVM_SET_DEBUGREGS", SWIFTLET_KVM_SET_DEBUGREGS)
         try setMPState(state.mpState)
         try setBlob(kvm_vcpu_events(), state.events, "KVM_SET_VCPU_EVENTS", SWIFTLET_KVM_SET_VCPU_EVENTS)

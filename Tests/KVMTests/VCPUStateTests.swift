@@ -31,6 +31,41 @@ import TestSupport
         #expect(try original.nextOut()?.1 == 5)
     }
 
+    /// A guest waiting for a TSC-deadline timer must still have its deadline after a restore (KVM
+    /// ignores the deadline MSR unless the local APIC's timer is in deadline mode when it is set).
+    @Test func aPendingTSCDeadlineSurvivesTheRestore() throws {
+        let original = try RealModeGuest(code: Self.counter, irqchip: true)
+        // KVM offers the deadline mode only to a guest whose CPUID has it.
+        let cpuid = try original.system.supportedCPUID().map { entry in
+            var e = entry
+            if e.function == 1 { e.ecx |= 1 << 24 }
+            return e
+        }
+        try original.vcpu.setCPUID(cpuid)
+        _ = try original.nextOut()
+        var apic = try original.vcpu.localAPIC()
+        let lvtTimer = 0x320
+        let deadlineMode: UInt32 = 2 << 17
+        let vector: UInt32 = 0xEC
+        for i in 0..<4 { apic[lvtTimer + i] = UInt8(truncatingIfNeeded: (deadlineMode | vector) >> (8 * UInt32(i))) }
+        try original.vcpu.setLocalAPIC(apic)
+        let tscDeadlineMSR: UInt32 = 0x6E0
+        let tsc = try original.vcpu.msrs([0x10])[0].value
+        let deadline = tsc + 1 << 40 // far in the future: it must not fire and clear itself
+        try original.vcpu.setMSRs([MSREntry(index: tscDeadlineMSR, value: deadline)])
+        let kvm = original.system
+        let state = try original.vcpu.saveState(msrIndices: try kvm.msrIndexList(), hasXSave: false)
+        let saved = try #require(state.msrs.first { $0.index == tscDeadlineMSR }, "the deadline MSR is on KVM's save list")
+        #expect(saved.value == deadline)
+
+        let copy = try GuestMemory(anonymous: [(GuestAddress(0), RealModeGuest.memorySize)])
+        try copy.write(try original.memory.read(count: Int(RealModeGuest.memorySize), at: GuestAddress(0)), at: GuestAddress(0))
+        let restored = try RealModeGuest(code: [], memory: copy, irqchip: true)
+        try restored.vcpu.setCPUID(cpuid)
+        try restored.vcpu.restoreState(state)
+        #expect(try restored.vcpu.msrs([tscDeadlineMSR])[0].value == deadline)
+    }
+
     @Test func stateIsCodable() throws {
         let guest = try RealModeGuest(code: Self.counter, irqchip: true)
         _ = try guest.nextOut()
