@@ -205,8 +205,10 @@ extension Machine {
         return Machine(config: config, restore: plan)
     }
 
-    /// Stops the guest's vCPUs (they park outside KVM_RUN; devices stay quiet as nothing drives
-    /// them) until `resume()`. The guest's clocks keep running, as on real hardware that is suspended.
+    /// Stops the guest's vCPUs until `resume()`: they park outside KVM_RUN. Devices served on vCPU
+    /// threads (block, entropy) stay quiet with them; the vsock device keeps moving host data into
+    /// guest memory, which the guest sees when it resumes. The guest's clocks keep running.
+    /// Throws when the machine is not running (yet).
     public func pause() async throws(SwiftletError) {
         try await offCooperativePool { () throws(SwiftletError) in try self.pauseBlocking() }
     }
