@@ -43,6 +43,8 @@ struct MachineSnapshot: Codable, Sendable {
     /// Host CLOCK_REALTIME when taken (ns).
     var createdAt: UInt64
     var hardware: SnapshotHardware
+    /// Whether the guest is a Linux kernel (which a PVM-backed /dev/kvm cannot run).
+    var guestIsLinux: Bool
     /// The CPUID each vCPU saw: a restore shows the guest the same CPU.
     var cpuid: [[CPUIDEntry]]
     var vcpus: [VCPUState]
@@ -85,6 +87,7 @@ struct LiveMachine: @unchecked Sendable {
     let msrIndices: [UInt32]
     let hasXSave: Bool
     let hardware: SnapshotHardware
+    let guestIsLinux: Bool
     /// Whether the memory slots log dirty pages (from the first snapshot or the restore on).
     var dirtyLogging: Bool
     /// The snapshot a diff would be taken against: the last one taken or restored.
@@ -185,8 +188,9 @@ extension Machine {
     /// A machine that starts from the snapshot in `directory` instead of booting: guest memory is
     /// mapped copy-on-write from the snapshot's memory file (nothing is copied; pages load on first
     /// touch), and vCPUs and devices continue where they were. The snapshot is never modified.
+    /// `allowPVM` restores a Linux guest even on a PVM-backed /dev/kvm (only PVM-enabled kernels run there).
     public static func restoring(from directory: String, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
-                                 kvmPath: String = "/dev/kvm") throws(SwiftletError) -> Machine {
+                                 kvmPath: String = "/dev/kvm", allowPVM: Bool = false) throws(SwiftletError) -> Machine {
         let plan = try RestorePlan.load(absolutePath(directory))
         let hardware = plan.snapshot.hardware
         guard !hardware.vsock, plan.snapshot.devices.count == hardware.disks.count + (hardware.entropyDevice ? 1 : 0) else {
@@ -199,7 +203,7 @@ extension Machine {
             }
         }
         let config = MachineConfig(kernelPath: "", cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, kvmPath: kvmPath,
-                                   consoleOutput: consoleOutput, consoleInput: consoleInput,
+                                   allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput,
                                    disks: hardware.disks.map { DiskConfig(path: $0.path, readOnly: $0.readOnly) },
                                    entropyDevice: hardware.entropyDevice)
         return Machine(config: config, restore: plan)
@@ -285,7 +289,7 @@ extension Machine {
         let dirty = try collectDirtyPages(machine)
         let memoryStats: MemoryWriteStats
         var snapshot = MachineSnapshot(id: id, kind: .full, parent: nil, parentDirectory: nil, createdAt: Self.realtimeNow(),
-                                       hardware: machine.hardware, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
+                                       hardware: machine.hardware, guestIsLinux: machine.guestIsLinux, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
                                        serial: machine.serial.state, devices: devices)
         if kind == .diff, let last = machine.lastSnapshot, let dirty {
             snapshot.kind = .diff

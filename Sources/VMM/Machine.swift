@@ -163,6 +163,8 @@ public final class Machine: Sendable {
                 throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: config.kvmPath))
             }
             plan = loaded
+        } else if let restore, restore.snapshot.guestIsLinux, KVMBackend.detect() == .pvm, !config.allowPVM {
+            throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: config.kvmPath))
         }
 
         phases.append(("load", MonotonicClock.now))
@@ -211,6 +213,7 @@ public final class Machine: Sendable {
             $0 = LiveMachine(vm: vm, vcpus: vcpus, memory: memory, serial: bus.serial, transports: transports, controller: controller,
                              cpuid: cpuids, msrIndices: msrList, hasXSave: kvm.capability(KVM_CAP_XSAVE) > 0,
                              hardware: SnapshotHardware(config, diskSizes: diskSizes),
+                             guestIsLinux: restore?.snapshot.guestIsLinux ?? plan?.kernel.isLinux ?? false,
                              dirtyLogging: restore != nil, lastSnapshot: restore.map { ($0.snapshot.id, $0.directory) })
         }
         defer { live.withLock { $0 = nil } }

@@ -301,11 +301,39 @@ struct CountingGuest {
         }
     }
 
+    /// A Linux guest's snapshot is refused on a PVM-backed /dev/kvm, as its boot is.
+    @Test func aLinuxSnapshotOnPVMIsRefusedWithAnExplanation() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        let tiny = guest.dir.path + "/tiny"
+        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
+            try CountingGuest.waitForOutput(out)
+            _ = try machine.snapshotBlocking(to: tiny)
+        }
+        #expect(try RestorePlan.load(tiny).snapshot.guestIsLinux == false)
+        // The same snapshot, said to be of a Linux guest (re-encoded, so its checksum is right).
+        let linux = guest.dir.path + "/linux"
+        _ = Subprocess.run(["/bin/cp", "-r", tiny, linux])
+        var snapshot = try RestorePlan.load(tiny).snapshot
+        snapshot.guestIsLinux = true
+        guest.dir.write("linux/state", try StateFile.encode(snapshot))
+        let machine = try Machine.restoring(from: linux, consoleOutput: nil)
+        if TestHost.isPVM {
+            #expect { _ = try machine.runBlocking() } throws: {
+                let e = $0 as! SwiftletError
+                return e.code == .unsupported && e.message.contains("PVM") && e.message.contains("hardware KVM")
+            }
+            let allowed = try Machine.restoring(from: linux, consoleOutput: nil, allowPVM: true)
+            #expect(allowed.config.allowPVM)
+        }
+    }
+
     @Test func aGuestThatSawCPUFeaturesThisHostLacksIsRefused() throws {
         let entry = CPUIDEntry(function: 7, ebx: 1 << 5)
         let snapshot = MachineSnapshot(
             id: .init(bytes: Array(repeating: 1, count: 16)), kind: .full, parent: nil, parentDirectory: nil, createdAt: 0,
-            hardware: SnapshotHardware(MachineConfig(kernelPath: "", cpuCount: 1, memoryMiB: 64), diskSizes: []), cpuid: [[entry]], vcpus: [],
+            hardware: SnapshotHardware(MachineConfig(kernelPath: "", cpuCount: 1, memoryMiB: 64), diskSizes: []), guestIsLinux: false,
+            cpuid: [[entry]], vcpus: [],
             vm: VMState(interruptControllers: [], pit: nil, clock: 0, clockRealtime: nil),
             serial: .reset, devices: [])
         let plan = RestorePlan(snapshot: snapshot, directory: "/snap", memoryChain: [])
