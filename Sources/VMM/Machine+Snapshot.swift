@@ -92,6 +92,9 @@ struct LiveMachine: @unchecked Sendable {
     var dirtyLogging: Bool
     /// The snapshot a diff would be taken against: the last one taken or restored.
     var lastSnapshot: (id: SnapshotID, directory: String)?
+    /// Pages written since `lastSnapshot` that a failed snapshot took from the dirty logs: the
+    /// next diff must still include them.
+    var carriedDirtyPages: [UInt64]?
 }
 
 /// A snapshot to start a machine from, read and checked.
@@ -287,6 +290,17 @@ extension Machine {
         var devices: [VirtioTransportState] = []
         for transport in machine.transports { devices.append(try transport.saveState()) }
         let dirty = try collectDirtyPages(machine)
+        defer {
+            // A snapshot that failed after emptying the dirty logs hands their pages to the next one.
+            if !keep, let dirty {
+                live.withLock { m in
+                    guard m != nil else { return }
+                    var carried = m!.carriedDirtyPages ?? [UInt64](repeating: 0, count: dirty.count)
+                    for i in dirty.indices { carried[i] |= dirty[i] }
+                    m!.carriedDirtyPages = carried
+                }
+            }
+        }
         let memoryStats: MemoryWriteStats
         var snapshot = MachineSnapshot(id: id, kind: .full, parent: nil, parentDirectory: nil, createdAt: Self.realtimeNow(),
                                        hardware: machine.hardware, guestIsLinux: machine.guestIsLinux, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
@@ -333,7 +347,14 @@ extension Machine {
         }
         // Devices write guest memory too, which KVM's log does not see.
         let written = machine.memory.takeWrittenPages()
-        if combined != nil { for i in written.indices { combined![i] |= written[i] } }
+        let carried = live.withLock { m -> [UInt64]? in
+            defer { m?.carriedDirtyPages = nil }
+            return m?.carriedDirtyPages
+        }
+        if combined != nil {
+            for i in written.indices { combined![i] |= written[i] }
+            if let carried { for i in carried.indices { combined![i] |= carried[i] } }
+        }
         machine.memory.startTrackingWrites()
         live.withLock { $0?.dirtyLogging = true }
         return combined

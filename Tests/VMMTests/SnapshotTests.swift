@@ -301,6 +301,35 @@ struct CountingGuest {
         }
     }
 
+    /// A diff that fails (here: its filesystem is full) after taking the dirty logs must not lose
+    /// those pages: the next diff still holds them.
+    @Test(.enabled(if: TestHost.isRoot, "mounts a small tmpfs"))
+    func aFailedDiffLeavesItsPagesToTheNextOne() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        let small = guest.dir.path + "/small"
+        _ = Subprocess.run(["/bin/mkdir", small])
+        try #require(Subprocess.run(["/bin/mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", small]).status == 0, "needs to mount a tmpfs")
+        defer { _ = Subprocess.run(["/bin/umount", small]) }
+        let full = guest.dir.path + "/full", diff = guest.dir.path + "/diff"
+        let marker = GuestAddress(0x300000)
+        let pattern = Array("written once, before the failed diff".utf8)
+        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
+            try CountingGuest.waitForOutput(out)
+            _ = try machine.snapshotBlocking(to: full)
+            try machine.pauseBlocking()
+            // A device-style write to a page nothing else touches.
+            try machine.live.withLock { $0! }.memory.write(pattern, at: marker)
+            #expect { try machine.snapshotBlocking(to: small + "/diff", kind: .diff) } throws: { _ in true }
+            let report = try machine.snapshotBlocking(to: diff, kind: .diff)
+            #expect(report.kind == .diff)
+            try machine.resumeBlocking()
+        }
+        let plan = try RestorePlan.load(diff)
+        let memory = try MemoryFile.map(chain: plan.memoryChain, id: plan.snapshot.id)
+        #expect(try memory.read(count: pattern.count, at: marker) == pattern, "the page the failed diff took is in the next diff")
+    }
+
     /// A Linux guest's snapshot is refused on a PVM-backed /dev/kvm, as its boot is.
     @Test func aLinuxSnapshotOnPVMIsRefusedWithAnExplanation() throws {
         let guest = CountingGuest()
