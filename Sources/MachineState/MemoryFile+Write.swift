@@ -28,7 +28,7 @@ extension MemoryFile {
             throw SwiftletError(.invalidArgument, "the dirty-page bitmap covers \(dirty.count * 64) pages; guest memory has \(file.pageCount)")
         }
         let fd = try OwnedFileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: "snapshot memory file")
-        try systemCall("cannot size \(path)") { Int(ftruncate(fd.rawValue, off_t(file.fileBytes))) }
+        try systemCall("cannot size \(path)") { ftruncate(fd.rawValue, off_t(file.fileBytes)) }
         var stats = MemoryWriteStats(pagesWritten: 0, bytesWritten: pageSize)
         try fd.write(file.header, at: 0, what: path)
         if let dirty {
@@ -58,7 +58,7 @@ extension MemoryFile {
             firstPage += pages
             fileOffset += region.size
         }
-        try systemCall("cannot sync \(path)") { Int(fsync(fd.rawValue)) }
+        try systemCall("cannot sync \(path)") { fsync(fd.rawValue) }
         return stats
     }
 

@@ -141,10 +141,9 @@ public struct SnapshotID: Sendable, Hashable, Codable, CustomStringConvertible {
     }
 
     public static func random() throws(SwiftletError) -> SnapshotID {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 8)
-        defer { buffer.deallocate() }
-        try SystemRandom.fill(buffer)
-        return SnapshotID(bytes: Array(buffer))
+        var bytes = [UInt8](repeating: 0, count: 16)
+        try bytes.withMutableBytes { b throws(SwiftletError) in try SystemRandom.fill(b) }
+        return SnapshotID(bytes: bytes)
     }
 
     static let zero = SnapshotID(bytes: [UInt8](repeating: 0, count: 16))

@@ -101,9 +101,7 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
     /// Writes all of `bytes` at `offset` (pwrite).
     public func write(_ bytes: [UInt8], at offset: UInt64, what: String) throws(SwiftletError) {
         let fd = rawValue
-        try bytes.withUnsafeBytes { b in
-            Result { () throws(SwiftletError) in try Self.write(fd: fd, from: b, at: offset, what: what) }
-        }.get()
+        try bytes.withBytes { b throws(SwiftletError) in try Self.write(fd: fd, from: b, at: offset, what: what) }
     }
 
     /// Writes the whole of `source` at `offset` to a descriptor this value does not own.

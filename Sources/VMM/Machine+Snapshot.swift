@@ -278,7 +278,7 @@ extension Machine {
 
         let id = try SnapshotID.random()
         let partial = target + ".partial-\(getpid())"
-        try systemCall("cannot create \(partial)") { Int(mkdir(partial, 0o700)) }
+        try systemCall("cannot create \(partial)") { mkdir(partial, 0o700) }
         var keep = false
         defer { if !keep { _ = unlink(partial + "/memory"); _ = unlink(partial + "/state"); _ = rmdir(partial) } }
 
@@ -316,8 +316,8 @@ extension Machine {
         let state = try StateFile.encode(snapshot)
         let stateFile = try OwnedFileDescriptor.open(partial + "/state", flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: "snapshot state file")
         try stateFile.write(state, at: 0, what: partial + "/state")
-        try systemCall("cannot sync \(partial)/state") { Int(fsync(stateFile.rawValue)) }
-        try systemCall("cannot move the snapshot into \(directory)") { Int(rename(partial, target)) }
+        try systemCall("cannot sync \(partial)/state") { fsync(stateFile.rawValue) }
+        try systemCall("cannot move the snapshot into \(directory)") { rename(partial, target) }
         keep = true
         Self.syncDirectory(containing: target)
         live.withLock { $0?.lastSnapshot = (id, target) }
@@ -368,10 +368,10 @@ extension Machine {
     }
 
     /// Runs blocking work on a dedicated thread, never on Swift's cooperative pool.
-    func offCooperativePool<R: Sendable>(_ body: @escaping @Sendable () throws(SwiftletError) -> R) async throws(SwiftletError) -> R {
+    func offCooperativePool<R: Sendable>(thread name: String = "swiftlet-ctl", _ body: @escaping @Sendable () throws(SwiftletError) -> R) async throws(SwiftletError) -> R {
         let result: Result<R, SwiftletError> = await withCheckedContinuation { continuation in
             do throws(SwiftletError) {
-                _ = try OSThread.start(name: "swiftlet-ctl") {
+                _ = try OSThread.start(name: name) {
                     continuation.resume(returning: Result { () throws(SwiftletError) in try body() })
                 }
             } catch {

@@ -92,16 +92,7 @@ public final class Machine: Sendable {
     /// Boots the machine and waits for it to stop, on a dedicated thread (never blocking Swift's
     /// cooperative pool). `onBootMarker` is called (on a vCPU thread) when the guest writes the marker.
     public func run(onBootMarker: (@Sendable (UInt64) -> Void)? = nil) async throws(SwiftletError) -> MachineRunReport {
-        let result: Result<MachineRunReport, SwiftletError> = await withCheckedContinuation { continuation in
-            do throws(SwiftletError) {
-                _ = try OSThread.start(name: "swiftlet-main") { [self] in
-                    continuation.resume(returning: Result { () throws(SwiftletError) in try self.runBlocking(onBootMarker: onBootMarker) })
-                }
-            } catch {
-                continuation.resume(returning: .failure(error))
-            }
-        }
-        return try result.get()
+        try await offCooperativePool(thread: "swiftlet-main") { () throws(SwiftletError) in try self.runBlocking(onBootMarker: onBootMarker) }
     }
 
     /// Boots the machine and blocks the calling thread until it stops.
