@@ -33,7 +33,7 @@ extension MemoryFile {
         try fd.write(file.header, at: 0, what: path)
         if let dirty {
             let words = Array(dirty.prefix(Int(file.bitmapBytes / 8)))
-            let bytes = words.flatMap { le($0, 8) }
+            let bytes = words.flatMap { LittleEndian.bytes($0, 8) }
             try fd.write(bytes, at: file.bitmapOffset, what: path)
             stats.bytesWritten += UInt64(bytes.count)
         }

@@ -54,10 +54,10 @@ public struct MemoryFile: Sendable, Equatable {
 
     var header: [UInt8] {
         var h = Self.magic
-        h += le(UInt64(Self.version), 4) + le(UInt64(kind.rawValue), 4) + id.bytes + (parent ?? .zero).bytes
-        h += le(Self.pageSize, 4) + le(UInt64(regions.count), 4)
-        h += le(bitmapOffset, 8) + le(bitmapBytes, 8) + le(dataOffset, 8) + le(dataBytes, 8) + le(fileBytes, 8)
-        for region in regions { h += le(region.start.rawValue, 8) + le(region.size, 8) }
+        h += LittleEndian.bytes(UInt64(Self.version), 4) + LittleEndian.bytes(UInt64(kind.rawValue), 4) + id.bytes + (parent ?? .zero).bytes
+        h += LittleEndian.bytes(Self.pageSize, 4) + LittleEndian.bytes(UInt64(regions.count), 4)
+        for field in [bitmapOffset, bitmapBytes, dataOffset, dataBytes, fileBytes] { h += LittleEndian.bytes(field, 8) }
+        for region in regions { h += LittleEndian.bytes(region.start.rawValue, 8) + LittleEndian.bytes(region.size, 8) }
         return h + [UInt8](repeating: 0, count: Int(Self.pageSize) - h.count)
     }
 
@@ -83,20 +83,20 @@ public struct MemoryFile: Sendable, Equatable {
         guard Array(h[0..<8]) == magic else {
             throw SwiftletError(.invalidFormat, "\(path) is not a Swiftlet snapshot memory file")
         }
-        let version = UInt32(field(h, 8, 4))
+        let version = UInt32(LittleEndian.read(h, at: 8, count: 4))
         guard version == Self.version else {
             throw SwiftletError(.unsupported, "\(path) is memory file format version \(version); this Swiftlet reads version \(Self.version) only")
         }
-        guard let kind = Kind(rawValue: UInt32(field(h, 12, 4))), field(h, 48, 4) == pageSize else {
+        guard let kind = Kind(rawValue: UInt32(LittleEndian.read(h, at: 12, count: 4))), LittleEndian.read(h, at: 48, count: 4) == pageSize else {
             throw SwiftletError(.invalidFormat, "\(path) has a memory file header this Swiftlet does not understand")
         }
-        let count = Int(field(h, 52, 4))
+        let count = Int(LittleEndian.read(h, at: 52, count: 4))
         guard count > 0, count <= maximumRegions else {
             throw SwiftletError(.invalidFormat, "\(path) declares \(count) memory regions")
         }
         var regions: [(start: GuestAddress, size: UInt64)] = []
         for i in 0..<count {
-            let start = field(h, 96 + 16 * i, 8), length = field(h, 104 + 16 * i, 8)
+            let start = LittleEndian.read(h, at: 96 + 16 * i, count: 8), length = LittleEndian.read(h, at: 104 + 16 * i, count: 8)
             guard start % pageSize == 0, length % pageSize == 0, length > 0 else {
                 throw SwiftletError(.invalidFormat, "\(path) declares a memory region that is not page-aligned")
             }
@@ -105,8 +105,8 @@ public struct MemoryFile: Sendable, Equatable {
         let parentBytes = Array(h[32..<48])
         let file = MemoryFile(kind: kind, id: SnapshotID(bytes: Array(h[16..<32])),
                               parent: parentBytes.allSatisfy { $0 == 0 } ? nil : SnapshotID(bytes: parentBytes), regions: regions)
-        guard file.bitmapOffset == field(h, 56, 8), file.bitmapBytes == field(h, 64, 8), file.dataOffset == field(h, 72, 8),
-              file.fileBytes == field(h, 88, 8) else {
+        let declared = [56, 64, 72, 88].map { LittleEndian.read(h, at: $0, count: 8) }
+        guard declared == [file.bitmapOffset, file.bitmapBytes, file.dataOffset, file.fileBytes] else {
             throw SwiftletError(.invalidFormat, "\(path) has an inconsistent memory file header")
         }
         guard size == file.fileBytes else {
@@ -119,16 +119,8 @@ public struct MemoryFile: Sendable, Equatable {
     public func presentPages(_ fd: borrowing OwnedFileDescriptor) throws(SwiftletError) -> [UInt64] {
         guard kind == .diff else { return [UInt64](repeating: ~0, count: (pageCount + 63) / 64) }
         let bytes = try fd.read(count: Int(bitmapBytes), at: bitmapOffset, what: "snapshot memory bitmap")
-        return stride(from: 0, to: bytes.count, by: 8).map { Self.field(bytes, $0, 8) }
+        return stride(from: 0, to: bytes.count, by: 8).map { LittleEndian.read(bytes, at: $0, count: 8) }
     }
-
-    static func field(_ bytes: [UInt8], _ offset: Int, _ count: Int) -> UInt64 {
-        (0..<count).reduce(UInt64(0)) { $0 | UInt64(bytes[offset + $1]) << (8 * UInt64($1)) }
-    }
-}
-
-func le(_ value: UInt64, _ count: Int) -> [UInt8] {
-    (0..<count).map { UInt8(truncatingIfNeeded: value >> (8 * UInt64($0))) }
 }
 
 /// 16 random bytes naming one snapshot; its memory file and state file both carry it.

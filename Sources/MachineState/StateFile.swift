@@ -20,7 +20,7 @@ public enum StateFile {
             throw SwiftletError(.invalidFormat, "cannot encode the snapshot state: \(error)")
         }
         var header = magic
-        header += littleEndian(UInt64(version), 4) + littleEndian(UInt64(headerSize), 4) + littleEndian(UInt64(payload.count), 8)
+        header += LittleEndian.bytes(UInt64(version), 4) + LittleEndian.bytes(UInt64(headerSize), 4) + LittleEndian.bytes(UInt64(payload.count), 8)
         header += SHA256.hash(payload)
         header += [UInt8](repeating: 0, count: headerSize - header.count)
         return header + payload
@@ -31,12 +31,12 @@ public enum StateFile {
         guard bytes.count >= headerSize, Array(bytes[0..<8]) == magic else {
             throw SwiftletError(.invalidFormat, "\(path) is not a Swiftlet snapshot state file")
         }
-        let version = UInt32(readLittleEndian(bytes, at: 8, count: 4))
+        let version = UInt32(LittleEndian.read(bytes, at: 8, count: 4))
         guard version == Self.version else {
             throw SwiftletError(.unsupported, "\(path) is snapshot format version \(version); this Swiftlet reads version \(Self.version) only: take the snapshot again with this Swiftlet")
         }
-        let declaredHeader = Int(readLittleEndian(bytes, at: 12, count: 4))
-        let payloadSize = readLittleEndian(bytes, at: 16, count: 8)
+        let declaredHeader = Int(LittleEndian.read(bytes, at: 12, count: 4))
+        let payloadSize = LittleEndian.read(bytes, at: 16, count: 8)
         guard declaredHeader == headerSize, UInt64(bytes.count - headerSize) == payloadSize else {
             throw SwiftletError(.invalidFormat, "\(path) is truncated or padded: its header announces \(payloadSize) bytes of state, the file holds \(bytes.count - min(bytes.count, headerSize))")
         }
@@ -49,13 +49,5 @@ public enum StateFile {
         } catch {
             throw SwiftletError(.invalidFormat, "\(path) has a valid checksum but state this Swiftlet cannot read: \(error)")
         }
-    }
-
-    static func littleEndian(_ value: UInt64, _ count: Int) -> [UInt8] {
-        (0..<count).map { UInt8(truncatingIfNeeded: value >> (8 * UInt64($0))) }
-    }
-
-    static func readLittleEndian(_ bytes: [UInt8], at offset: Int, count: Int) -> UInt64 {
-        (0..<count).reduce(UInt64(0)) { $0 | UInt64(bytes[offset + $1]) << (8 * UInt64($1)) }
     }
 }

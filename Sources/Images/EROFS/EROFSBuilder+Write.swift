@@ -158,7 +158,7 @@ extension EROFSBuilder {
             var dirents: [UInt8] = []
             var nameOffset = entries.count * direntSize
             for entry in entries {
-                dirents += le(entry.node.nid, 8) + le(UInt64(nameOffset), 2) + [entry.node.fileType, 0]
+                dirents += LittleEndian.bytes(entry.node.nid, 8) + LittleEndian.bytes(UInt64(nameOffset), 2) + [entry.node.fileType, 0]
                 names += entry.name
                 nameOffset += entry.name.count
             }
@@ -173,21 +173,21 @@ extension EROFSBuilder {
     static func inode(_ node: Node, layout: UInt16, xattrBytes: Int, links: Int) -> [UInt8] {
         var b: [UInt8] = []
         let icount = xattrBytes == 0 ? 0 : (xattrBytes - 12) / 4 + 1
-        b += le(UInt64(1 | layout << 1), 2)                   // i_format: extended, data layout
-        b += le(UInt64(icount), 2)                           // i_xattr_icount
-        b += le(UInt64(node.typeBits | (node.mode & 0o7777)), 2)
-        b += le(0, 2)
-        b += le(node.size, 8)
+        b += LittleEndian.bytes(UInt64(1 | layout << 1), 2)                   // i_format: extended, data layout
+        b += LittleEndian.bytes(UInt64(icount), 2)                           // i_xattr_icount
+        b += LittleEndian.bytes(UInt64(node.typeBits | (node.mode & 0o7777)), 2)
+        b += LittleEndian.bytes(0, 2)
+        b += LittleEndian.bytes(node.size, 8)
         let u: UInt64
         switch node.kind {
         case .characterDevice, .blockDevice: u = UInt64(node.rdev)
         default: u = layout == layoutPlain && node.size > 0 ? node.plainBlock : 0
         }
-        b += le(u, 4)                                         // raw_blkaddr or rdev
-        b += le(UInt64(node.ino), 4)
-        b += le(UInt64(node.uid), 4) + le(UInt64(node.gid), 4)
-        b += le(UInt64(bitPattern: max(0, node.mtime)), 8) + le(0, 4)
-        b += le(UInt64(links), 4)
+        b += LittleEndian.bytes(u, 4)                                         // raw_blkaddr or rdev
+        b += LittleEndian.bytes(UInt64(node.ino), 4)
+        b += LittleEndian.bytes(UInt64(node.uid), 4) + LittleEndian.bytes(UInt64(node.gid), 4)
+        b += LittleEndian.bytes(UInt64(bitPattern: max(0, node.mtime)), 8) + LittleEndian.bytes(0, 4)
+        b += LittleEndian.bytes(UInt64(links), 4)
         b += [UInt8](repeating: 0, count: 16)
         return b
     }
@@ -205,7 +205,7 @@ extension EROFSBuilder {
             }
             let suffix = Array(name.utf8.dropFirst(prefix.utf8.count))
             guard suffix.count <= 255, value.count <= 65535 else { throw SwiftletError(.unsupported, "extended attribute \(name) is too large") }
-            var entry = [UInt8(suffix.count), index] + le(UInt64(value.count), 2) + suffix + value
+            var entry = [UInt8(suffix.count), index] + LittleEndian.bytes(UInt64(value.count), 2) + suffix + value
             entry += [UInt8](repeating: 0, count: (4 - entry.count % 4) % 4)
             body += entry
         }
@@ -214,16 +214,15 @@ extension EROFSBuilder {
 
     func superblock(inodes: UInt64, blocks: UInt32) -> [UInt8] {
         var b: [UInt8] = []
-        b += le(UInt64(Self.magic), 4) + le(0, 4) + le(0, 4)   // magic, checksum, feature_compat
-        b += [12, 0] + le(root.nid, 2)                       // blkszbits, sb_extslots, root_nid
-        b += le(inodes, 8) + le(0, 8) + le(0, 4)             // inos, build_time, build_time_nsec
-        b += le(UInt64(blocks), 4) + le(1, 4) + le(0, 4)     // blocks, meta_blkaddr, xattr_blkaddr
+        b += LittleEndian.bytes(UInt64(Self.magic), 4) + LittleEndian.bytes(0, 4) + LittleEndian.bytes(0, 4)   // magic, checksum, feature_compat
+        b += [12, 0] + LittleEndian.bytes(root.nid, 2)                       // blkszbits, sb_extslots, root_nid
+        b += LittleEndian.bytes(inodes, 8) + LittleEndian.bytes(0, 8) + LittleEndian.bytes(0, 4)             // inos, build_time, build_time_nsec
+        b += LittleEndian.bytes(UInt64(blocks), 4) + LittleEndian.bytes(1, 4) + LittleEndian.bytes(0, 4)     // blocks, meta_blkaddr, xattr_blkaddr
         b += [UInt8](repeating: 0, count: 16)                // uuid
         b += Array("swiftlet".utf8) + [UInt8](repeating: 0, count: 8) // volume name
-        b += le(0, 4)                                         // feature_incompat
+        b += LittleEndian.bytes(0, 4)                                         // feature_incompat
         b += [UInt8](repeating: 0, count: 128 - b.count)
         return b
     }
 }
 
-private func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }

@@ -63,7 +63,7 @@ public enum ACPITables {
         let fadt = makeFADT(config, dsdtAddress: 0) // placeholder to learn its size
         let madtAddress = align16(fadtAddress + UInt64(fadt.count))
         let dsdtAddress = align16(madtAddress + UInt64(madt.count))
-        let xsdt = table(signature: "XSDT", revision: 1, body: le(fadtAddress, 8) + le(madtAddress, 8))
+        let xsdt = table(signature: "XSDT", revision: 1, body: LittleEndian.bytes(fadtAddress, 8) + LittleEndian.bytes(madtAddress, 8))
         precondition(append(xsdt) == xsdtAddress)
         precondition(append(makeFADT(config, dsdtAddress: dsdtAddress)) == fadtAddress)
         precondition(append(madt) == madtAddress)
@@ -76,7 +76,8 @@ public enum ACPITables {
 
     /// RSDP revision 2: signature, checksum over the first 20 bytes, extended checksum over all 36.
     static func makeRSDP(xsdtAddress: UInt64) -> [UInt8] {
-        var r = Array("RSD PTR ".utf8) + [0] + oemID + [2] + le(0, 4) + le(36, 4) + le(xsdtAddress, 8) + [0, 0, 0, 0]
+        var r = Array("RSD PTR ".utf8) + [0] + oemID + [2] + LittleEndian.bytes(0, 4) + LittleEndian.bytes(36, 4)
+        r += LittleEndian.bytes(xsdtAddress, 8) + [0, 0, 0, 0]
         r[8] = checksum(r[0..<20])
         r[32] = checksum(r[0..<36])
         return r
@@ -85,8 +86,8 @@ public enum ACPITables {
     /// A standard 36-byte description header followed by `body`, with its checksum set.
     static func table(signature: String, revision: UInt8, body: [UInt8]) -> [UInt8] {
         let length = 36 + body.count
-        var t = Array(signature.utf8) + le(UInt64(length), 4) + [revision, 0] + oemID + oemTableID + le(1, 4)
-            + creatorID + le(1, 4)
+        var t = Array(signature.utf8) + LittleEndian.bytes(UInt64(length), 4) + [revision, 0] + oemID + oemTableID + LittleEndian.bytes(1, 4)
+            + creatorID + LittleEndian.bytes(1, 4)
         t += body
         t[9] = checksum(t[...])
         return t
@@ -108,7 +109,7 @@ public enum ACPITables {
         put(5, 131, 1)                      // FADT minor version (ACPI 6.5)
         put(dsdtAddress, 140, 8)            // X_DSDT
         // SLEEP_CONTROL_REG and SLEEP_STATUS_REG: Generic Address Structures in system I/O space.
-        let gas = [UInt8(1), 8, 0, 1] + le(UInt64(config.sleepControlPort), 8) // space I/O, 8 bits, byte access
+        let gas = [UInt8(1), 8, 0, 1] + LittleEndian.bytes(UInt64(config.sleepControlPort), 8) // space I/O, 8 bits, byte access
         b.replaceSubrange((244 - 36)..<(256 - 36), with: gas)
         b.replaceSubrange((256 - 36)..<(268 - 36), with: gas)
         b.replaceSubrange((268 - 36)..<(276 - 36), with: Array("SWIFTLET".utf8)) // hypervisor vendor identity
@@ -117,11 +118,11 @@ public enum ACPITables {
 
     /// MADT: one enabled local APIC per vCPU (APIC IDs 0..n-1) and the IOAPIC at GSI base 0.
     static func makeMADT(_ config: ACPIConfiguration) -> [UInt8] {
-        var body = le(X86Layout.localAPICAddress, 4) + le(0, 4) // no PCAT_COMPAT: there is no 8259 to use
+        var body = LittleEndian.bytes(X86Layout.localAPICAddress, 4) + LittleEndian.bytes(0, 4) // no PCAT_COMPAT: there is no 8259 to use
         for cpu in 0..<config.cpuCount {
-            body += [0, 8, UInt8(cpu), UInt8(cpu)] + le(1, 4) // Processor Local APIC, enabled
+            body += [0, 8, UInt8(cpu), UInt8(cpu)] + LittleEndian.bytes(1, 4) // Processor Local APIC, enabled
         }
-        body += [1, 12, 0, 0] + le(X86Layout.ioapicAddress, 4) + le(0, 4) // I/O APIC id 0, GSI base 0
+        body += [1, 12, 0, 0] + LittleEndian.bytes(X86Layout.ioapicAddress, 4) + LittleEndian.bytes(0, 4) // I/O APIC id 0, GSI base 0
         return table(signature: "APIC", revision: 5, body: body)
     }
 
@@ -165,4 +166,3 @@ public enum ACPITables {
     }
 }
 
-private func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8((v >> (8 * UInt64($0))) & 0xFF) } }

@@ -1,3 +1,5 @@
+import SwiftletSystem
+
 /// A small encoder for the ACPI Machine Language objects Swiftlet's DSDT needs
 /// (ACPI 6.5 section 20: names, scopes, devices, packages, strings, integers, buffers).
 public indirect enum AML: Equatable, Sendable {
@@ -20,9 +22,9 @@ public indirect enum AML: Equatable, Sendable {
             case 0: return [0x00]                         // ZeroOp
             case 1: return [0x01]                         // OneOp
             case ...0xFF: return [0x0A, UInt8(v)]         // BytePrefix
-            case ...0xFFFF: return [0x0B] + le(v, 2)      // WordPrefix
-            case ...0xFFFF_FFFF: return [0x0C] + le(v, 4) // DWordPrefix
-            default: return [0x0E] + le(v, 8)             // QWordPrefix
+            case ...0xFFFF: return [0x0B] + LittleEndian.bytes(v, 2)      // WordPrefix
+            case ...0xFFFF_FFFF: return [0x0C] + LittleEndian.bytes(v, 4) // DWordPrefix
+            default: return [0x0E] + LittleEndian.bytes(v, 8)             // QWordPrefix
             }
         case .string(let s):
             return [0x0D] + Array(s.utf8) + [0]
@@ -94,14 +96,14 @@ public indirect enum AML: Equatable, Sendable {
 
     /// Fixed 32-bit memory range descriptor (large item 0x86), read-write.
     public static func memory32FixedDescriptor(base: UInt32, length: UInt32) -> [UInt8] {
-        [0x86, 0x09, 0x00, 0x01] + le(UInt64(base), 4) + le(UInt64(length), 4)
+        [0x86, 0x09, 0x00, 0x01] + LittleEndian.bytes(UInt64(base), 4) + LittleEndian.bytes(UInt64(length), 4)
     }
 
     /// Extended interrupt descriptor (large item 0x89) for one GSI, consumed by the device,
     /// exclusive, active-high; level- or edge-triggered.
     public static func extendedInterruptDescriptor(gsi: UInt32, levelTriggered: Bool) -> [UInt8] {
         let flags: UInt8 = 0x01 | (levelTriggered ? 0 : 0x02) // bit 0 consumer, bit 1 edge
-        return [0x89, 0x06, 0x00, flags, 0x01] + le(UInt64(gsi), 4)
+        return [0x89, 0x06, 0x00, flags, 0x01] + LittleEndian.bytes(UInt64(gsi), 4)
     }
 
     /// A compressed EISA id, as ASL's EisaId("PNP0501") produces: three letters in 5 bits each and
@@ -116,4 +118,3 @@ public indirect enum AML: Equatable, Sendable {
     }
 }
 
-private func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8((v >> (8 * UInt64($0))) & 0xFF) } }
