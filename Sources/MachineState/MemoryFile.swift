@@ -8,7 +8,7 @@ import SwiftletSystem
 ///
 /// A full file holds every page; pages that were zero are holes (the file is sparse), which read
 /// back as zero. A diff file holds only the pages its bitmap marks; the others come from its parent.
-public struct MemoryFile: Sendable, Equatable {
+public struct MemoryFile: Sendable {
     public enum Kind: UInt32, Sendable, Codable {
         case full = 0
         case diff = 1
@@ -34,12 +34,6 @@ public struct MemoryFile: Sendable, Equatable {
     public var dataBytes: UInt64 { regions.reduce(0) { $0 + $1.size } }
     public var fileBytes: UInt64 { dataOffset + dataBytes }
     public var pageCount: Int { Int(dataBytes / Self.pageSize) }
-
-    public static func == (a: MemoryFile, b: MemoryFile) -> Bool {
-        a.kind == b.kind && a.id == b.id && a.parent == b.parent && a.dataOffset == b.dataOffset
-            && a.bitmapOffset == b.bitmapOffset && a.bitmapBytes == b.bitmapBytes
-            && a.regions.map(\.start) == b.regions.map(\.start) && a.regions.map(\.size) == b.regions.map(\.size)
-    }
 
     init(kind: Kind, id: SnapshotID, parent: SnapshotID?, regions: [(start: GuestAddress, size: UInt64)]) {
         self.kind = kind
