@@ -115,36 +115,25 @@ struct RestorePlan: Sendable {
     /// Refuses a snapshot whose guest saw CPU features this host cannot give it.
     func checkCPU(supported: [CPUIDEntry]) throws(SwiftletError) {
         guard let guest = snapshot.cpuid.first else { return }
-        // Feature leaves, and the bits Swiftlet sets itself whatever the host (hypervisor, TSC
-        // deadline and HTT in leaf 1), which are not host features.
-        let leaves: [(function: UInt32, index: UInt32, ignoreECX: UInt32, ignoreEDX: UInt32)] = [
-            (0x1, 0, CPUIDSetup.leaf1HypervisorBit | CPUIDSetup.leaf1TSCDeadlineBit, CPUIDSetup.leaf1HTTBit),
-            (0x7, 0, 0, 0), (0xD, 1, 0, 0), (0x8000_0001, 0, 0, 0),
+        // The feature registers (not identification or sizes), and the bits Swiftlet sets itself
+        // whatever the host (hypervisor, TSC deadline and HTT in leaf 1), which are not host features.
+        let features: [(function: UInt32, index: UInt32, name: String, register: KeyPath<CPUIDEntry, UInt32>, ignored: UInt32)] = [
+            (0x1, 0, "ECX", \.ecx, CPUIDSetup.leaf1HypervisorBit | CPUIDSetup.leaf1TSCDeadlineBit),
+            (0x1, 0, "EDX", \.edx, CPUIDSetup.leaf1HTTBit),
+            (0x7, 0, "EBX", \.ebx, 0), (0x7, 0, "ECX", \.ecx, 0), (0x7, 0, "EDX", \.edx, 0),
+            (0xD, 1, "EAX", \.eax, 0),
+            (0x8000_0001, 0, "ECX", \.ecx, 0), (0x8000_0001, 0, "EDX", \.edx, 0),
         ]
-        for leaf in leaves {
-            guard let saved = guest.first(where: { $0.function == leaf.function && $0.index == leaf.index }) else { continue }
-            let host = supported.first { $0.function == leaf.function && ($0.index == leaf.index || leaf.index == 0) }
-            let registers: [(String, UInt32, UInt32)] = [
-                ("EAX", saved.eax, host?.eax ?? 0), ("EBX", saved.ebx, host?.ebx ?? 0),
-                ("ECX", saved.ecx & ~leaf.ignoreECX, host?.ecx ?? 0), ("EDX", saved.edx & ~leaf.ignoreEDX, host?.edx ?? 0),
-            ]
-            // Leaf 1 EAX/EBX and leaf 0xD EBX/ECX/EDX are identification and sizes, not feature bits.
-            for (name, want, have) in registers where Self.isFeatureRegister(leaf.function, name) {
-                let missing = want & ~have
-                guard missing == 0 else {
-                    let bits = (0..<32).filter { missing >> $0 & 1 != 0 }.map(String.init).joined(separator: ", ")
-                    throw SwiftletError(.unsupported, "the snapshot in \(directory) was taken on a CPU with features this host's KVM does not offer (CPUID 0x\(String(leaf.function, radix: 16)).\(leaf.index) \(name) bit \(bits)): restore it on a host with the same or a newer CPU")
-                }
+        for feature in features {
+            func leaf(_ entries: [CPUIDEntry]) -> CPUIDEntry? {
+                entries.first { $0.function == feature.function && $0.index == feature.index }
             }
-        }
-    }
-
-    static func isFeatureRegister(_ function: UInt32, _ register: String) -> Bool {
-        switch function {
-        case 0x1, 0x8000_0001: return register == "ECX" || register == "EDX"
-        case 0x7: return register != "EAX"
-        case 0xD: return register == "EAX"
-        default: return false
+            guard let saved = leaf(guest) else { continue }
+            let missing = saved[keyPath: feature.register] & ~feature.ignored & ~(leaf(supported)?[keyPath: feature.register] ?? 0)
+            guard missing == 0 else {
+                let bits = (0..<32).filter { missing >> $0 & 1 != 0 }.map(String.init).joined(separator: ", ")
+                throw SwiftletError(.unsupported, "the snapshot in \(directory) was taken on a CPU with features this host's KVM does not offer (CPUID 0x\(String(feature.function, radix: 16)).\(feature.index) \(feature.name) bit \(bits)): restore it on a host with the same or a newer CPU")
+            }
         }
     }
 
