@@ -245,6 +245,13 @@ struct CountingGuest {
         #expect { _ = try Machine.restoring(from: mixed, consoleOutput: nil).runBlocking() } throws: {
             ($0 as! SwiftletError).message.contains("do not match")
         }
+        // State that claims a device it holds no state for (re-encoded, so its checksum is right).
+        let vsock = guest.dir.path + "/vsock"
+        _ = Subprocess.run(["/bin/cp", "-r", good, vsock])
+        var claimed = try RestorePlan.load(good).snapshot
+        claimed.hardware.vsock = true
+        guest.dir.write("vsock/state", try StateFile.encode(claimed))
+        #expect(restoreError(vsock).contains("does not hold the state of all its devices"))
         // Not a snapshot at all.
         #expect(restoreError(guest.dir.path + "/nothing-here") == "snapshot \(guest.dir.path)/nothing-here does not exist")
         #expect(restoreError(guest.dir.path) == "\(guest.dir.path) is not a Swiftlet snapshot: it has no state file")
