@@ -15,14 +15,16 @@ public struct SnapshotHardware: Codable, Sendable, Equatable {
     /// Read-only disks, by path (their contents are not part of the snapshot) and size.
     public var disks: [SnapshotDisk]
     public var entropyDevice: Bool
-    public var vsock: Bool
+    /// The vsock device's guest CID, if the machine has one. Its connections are not kept: the
+    /// guest is told they were reset.
+    public var vsockGuestCID: UInt64?
 
     init(_ config: MachineConfig, diskSizes: [UInt64]) {
         cpuCount = config.cpuCount
         memoryMiB = config.memoryMiB
         disks = zip(config.disks, diskSizes).map { SnapshotDisk(path: $0.path, readOnly: $0.readOnly, size: $1) }
         entropyDevice = config.entropyDevice
-        vsock = config.vsock != nil
+        vsockGuestCID = config.vsock?.guestCID
     }
 }
 
@@ -52,6 +54,8 @@ struct MachineSnapshot: Codable, Sendable {
     var serial: SerialState
     /// The virtio devices' transports and queues, in device order.
     var devices: [VirtioTransportState]
+    /// What the snapshot's maker recorded with it (the CLI: the image's command defaults).
+    var annotations: [String: String]
 }
 
 /// A full snapshot holds all of guest memory; a diff only the pages written since the machine's
@@ -181,11 +185,15 @@ extension Machine {
     /// mapped copy-on-write from the snapshot's memory file (nothing is copied; pages load on first
     /// touch), and vCPUs and devices continue where they were. The snapshot is never modified.
     /// `allowPVM` restores a Linux guest even on a PVM-backed /dev/kvm (only PVM-enabled kernels run there).
+    /// A vsock device comes back with no connections (its guest is told they were reset); guest
+    /// connections to the host go to `vsockPorts`, then to `vsockForwards`.
     public static func restoring(from directory: String, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
-                                 kvmPath: String = "/dev/kvm", allowPVM: Bool = false) throws(SwiftletError) -> Machine {
+                                 kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
+                                 vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:]) throws(SwiftletError) -> Machine {
         let plan = try RestorePlan.load(absolutePath(directory))
         let hardware = plan.snapshot.hardware
-        guard !hardware.vsock, plan.snapshot.devices.count == hardware.disks.count + (hardware.entropyDevice ? 1 : 0) else {
+        let deviceCount = hardware.disks.count + (hardware.entropyDevice ? 1 : 0) + (hardware.vsockGuestCID != nil ? 1 : 0)
+        guard plan.snapshot.devices.count == deviceCount else {
             throw SwiftletError(.invalidFormat, "the snapshot in \(directory) does not hold the state of all its devices")
         }
         for disk in hardware.disks {
@@ -197,13 +205,17 @@ extension Machine {
         let config = MachineConfig(kernelPath: "", cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, kvmPath: kvmPath,
                                    allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput,
                                    disks: hardware.disks.map { DiskConfig(path: $0.path, readOnly: $0.readOnly) },
-                                   entropyDevice: hardware.entropyDevice)
-        return Machine(config: config, restore: plan)
+                                   entropyDevice: hardware.entropyDevice,
+                                   vsock: hardware.vsockGuestCID.map { VsockConfig(guestCID: $0, forwards: vsockForwards) })
+        return Machine(config: config, vsockPorts: vsockPorts, restore: plan)
     }
 
+    /// What the snapshot this machine was restored from recorded (`snapshot(to:annotations:)`).
+    public var restoredAnnotations: [String: String] { restore?.snapshot.annotations ?? [:] }
+
     /// Stops the guest's vCPUs until `resume()`: they park outside KVM_RUN. Devices served on vCPU
-    /// threads (block, entropy) stay quiet with them; the vsock device keeps moving host data into
-    /// guest memory, which the guest sees when it resumes. The guest's clocks keep running.
+    /// threads (block, entropy) stay quiet with them; the vsock device stops moving host data into
+    /// guest memory and catches up on resume. The guest's clocks keep running.
     /// Throws when the machine is not running (yet).
     public func pause() async throws(SwiftletError) {
         try await offCooperativePool { () throws(SwiftletError) in try self.pauseBlocking() }
@@ -219,40 +231,50 @@ extension Machine {
 
     public func resumeBlocking() throws(SwiftletError) {
         try operations.withLock { _ throws(SwiftletError) in
-            let controller = try liveMachine().controller
-            guard controller.isPaused else { throw SwiftletError(.invalidArgument, "the machine is not paused") }
-            controller.resume()
+            let machine = try liveMachine()
+            guard machine.controller.isPaused else { throw SwiftletError(.invalidArgument, "the machine is not paused") }
+            Self.resume(machine)
         }
     }
 
     private func pauseLocked() throws(SwiftletError) {
-        switch try liveMachine().controller.pause() {
-        case .paused: return
+        let machine = try liveMachine()
+        switch machine.controller.pause() {
+        case .paused:
+            for transport in machine.transports { transport.device.setQuiesced(true) }
         case .stopped: throw SwiftletError(.invalidArgument, "the machine stopped before it could be paused")
         case .timedOut: throw SwiftletError(.systemCall, "the machine's vCPUs did not stop within 10 s (a device may be stuck); it keeps running")
         }
+    }
+
+    private static func resume(_ machine: LiveMachine) {
+        for transport in machine.transports { transport.device.setQuiesced(false) }
+        machine.controller.resume()
     }
 
     /// Writes a snapshot of the running machine to `directory`, which must not exist: vCPU and
     /// interrupt-controller state, device state and guest memory. The machine is paused for the
     /// snapshot and then continues (unless it was paused before). The directory appears complete
     /// or not at all.
-    public func snapshot(to directory: String, kind: SnapshotKind = .full) async throws(SwiftletError) -> SnapshotReport {
-        try await offCooperativePool { () throws(SwiftletError) in try self.snapshotBlocking(to: directory, kind: kind) }
+    /// `annotations` are stored with it and come back as `restoredAnnotations` of a restore.
+    /// A vsock device's connections are not part of the snapshot: a restore resets them.
+    public func snapshot(to directory: String, kind: SnapshotKind = .full,
+                         annotations: [String: String] = [:]) async throws(SwiftletError) -> SnapshotReport {
+        try await offCooperativePool { () throws(SwiftletError) in
+            try self.snapshotBlocking(to: directory, kind: kind, annotations: annotations)
+        }
     }
 
-    public func snapshotBlocking(to directory: String, kind: SnapshotKind = .full) throws(SwiftletError) -> SnapshotReport {
-        try operations.withLock { _ throws(SwiftletError) in try snapshotLocked(to: directory, kind: kind) }
+    public func snapshotBlocking(to directory: String, kind: SnapshotKind = .full,
+                                 annotations: [String: String] = [:]) throws(SwiftletError) -> SnapshotReport {
+        try operations.withLock { _ throws(SwiftletError) in try snapshotLocked(to: directory, kind: kind, annotations: annotations) }
     }
 
-    private func snapshotLocked(to directory: String, kind: SnapshotKind) throws(SwiftletError) -> SnapshotReport {
+    private func snapshotLocked(to directory: String, kind: SnapshotKind, annotations: [String: String]) throws(SwiftletError) -> SnapshotReport {
         let target = Self.absolutePath(directory)
         let machine = try liveMachine()
         if let writable = machine.hardware.disks.first(where: { !$0.readOnly }) {
             throw SwiftletError(.unsupported, "this machine has a writable disk (\(writable.path)), whose contents a snapshot cannot hold yet: only machines with read-only disks can be snapshotted")
-        }
-        if machine.hardware.vsock {
-            throw SwiftletError(.unsupported, "this machine has a virtio socket device, whose connections a snapshot cannot hold yet")
         }
         if kind == .diff && machine.lastSnapshot == nil {
             throw SwiftletError(.invalidArgument, "a diff snapshot needs an earlier snapshot of this machine (or a restore) to be a diff of: take a full snapshot first")
@@ -263,7 +285,7 @@ extension Machine {
         let start = MonotonicClock.now
         let wasPaused = machine.controller.isPaused
         if !wasPaused { try pauseLocked() }
-        defer { if !wasPaused { machine.controller.resume() } }
+        defer { if !wasPaused { Self.resume(machine) } }
 
         let id = try SnapshotID.random()
         let partial = target + ".partial-\(getpid())"
@@ -293,7 +315,7 @@ extension Machine {
         let memoryStats: MemoryWriteStats
         var snapshot = MachineSnapshot(id: id, kind: .full, parent: nil, parentDirectory: nil, createdAt: Self.realtimeNow(),
                                        hardware: machine.hardware, guestIsLinux: machine.guestIsLinux, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
-                                       serial: machine.serial.state, devices: devices)
+                                       serial: machine.serial.state, devices: devices, annotations: annotations)
         if kind == .diff, let last = machine.lastSnapshot, let dirty {
             snapshot.kind = .diff
             snapshot.parent = last.id

@@ -76,9 +76,9 @@ public final class Machine: Sendable {
         self.restore = nil
     }
 
-    init(config: MachineConfig, restore: RestorePlan) {
+    init(config: MachineConfig, vsockPorts: (any VsockHostPorts)?, restore: RestorePlan) {
         self.config = config
-        self.vsockPorts = nil
+        self.vsockPorts = vsockPorts
         self.restore = restore
     }
 

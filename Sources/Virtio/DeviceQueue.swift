@@ -73,7 +73,7 @@ public protocol SingleQueueDevice: VirtioDevice {
 }
 
 extension SingleQueueDevice {
-    public var deviceQueues: [DeviceQueue] { [requestQueue] }
+    public var servedQueues: [Virtqueue?]? { [requestQueue.current] }
 
     public func activate(_ activation: VirtioActivation) throws(SwiftletError) {
         try requestQueue.activate(activation, index: 0)

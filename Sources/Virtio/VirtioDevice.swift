@@ -20,9 +20,22 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func queueNotified(_ index: Int)
     /// The driver reset the device: stop using the queues and forget them.
     func reset()
-    /// The queues the device serves once active, in queue order, for snapshots; empty when the
-    /// device keeps state a snapshot cannot hold yet (then it cannot be snapshotted).
-    var deviceQueues: [DeviceQueue] { get }
+    /// For snapshots: each queue as the device is serving it now (ring positions included), in
+    /// queue order, nil for one it does not serve; nil when the device keeps state a snapshot
+    /// cannot hold (then it cannot be snapshotted). Read while the device is quiesced.
+    var servedQueues: [Virtqueue?]? { get }
+    /// While quiesced (the machine is paused), the device touches neither guest memory nor its
+    /// interrupt from threads of its own; it catches up when released. Devices served only on
+    /// vCPU threads have nothing to do.
+    func setQuiesced(_ quiesced: Bool)
+    /// The device was just restored from a snapshot and is serving its queues again: it tells the
+    /// driver what did not survive (vsock: every connection).
+    func didRestore()
+}
+
+extension VirtioDevice {
+    public func setQuiesced(_ quiesced: Bool) {}
+    public func didRestore() {}
 }
 
 /// What a device gets when the driver sets DRIVER_OK.

@@ -19,19 +19,19 @@ public struct VirtioTransportState: Codable, Sendable, Equatable {
 extension VirtioMMIOTransport {
     /// Whether the device's state fits in a `VirtioTransportState` (it has no state of its own
     /// beyond its queues and its configuration).
-    public var canSaveState: Bool { device.deviceQueues.count == device.queueMaximumSizes.count }
+    public var canSaveState: Bool { device.servedQueues?.count == device.queueMaximumSizes.count }
 
     /// The transport's and device's state. Nothing may be serving the device's queues meanwhile
     /// (the machine is paused: requests are served on vCPU threads).
     public func saveState() throws(SwiftletError) -> VirtioTransportState {
-        guard canSaveState else {
+        guard let served = device.servedQueues, served.count == device.queueMaximumSizes.count else {
             throw SwiftletError(.unsupported, "virtio \(device.deviceType) devices cannot be snapshotted yet")
         }
         let r = registersSnapshot()
         var queues = r.queues
         if r.active {
-            for (index, queue) in device.deviceQueues.enumerated() {
-                if let live = queue.current { queues[index] = live }
+            for (index, queue) in served.enumerated() {
+                if let queue { queues[index] = queue }
             }
         }
         return VirtioTransportState(deviceType: device.deviceType.rawValue, deviceFeaturesSelect: r.deviceFeaturesSelect,
@@ -56,5 +56,6 @@ extension VirtioMMIOTransport {
             }
         }
         try device.activate(VirtioActivation(memory: memory, queues: state.queues, features: state.driverFeatures, interrupt: interrupt))
+        device.didRestore()
     }
 }

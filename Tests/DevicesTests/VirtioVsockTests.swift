@@ -26,7 +26,10 @@ struct VsockGuest {
     let memory = try! GuestMemory(anonymous: [(GuestAddress(0), 8 << 20)])
     var rx: VirtqueueDriver
     var tx: VirtqueueDriver
-    let device: VirtioVsock
+    var event: VirtqueueDriver
+    /// Event buffers by chain head.
+    var eventBuffers: [UInt16: GuestAddress] = [:]
+    var device: VirtioVsock
     let ports = TestPorts()
     let warnings = WarningLog()
     /// Receive buffers by chain head: (header, payload).
@@ -38,7 +41,13 @@ struct VsockGuest {
         tx = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x200000))
         let warnings = self.warnings
         device = try VirtioVsock(guestCID: Self.cid, hostPorts: ports, onError: { e in warnings.withLock { $0.append(e.description) } })
-        let event = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x400000))
+        event = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x400000))
+        for _ in 0..<4 {
+            let buffer = try event.buffer(4)
+            let head = try event.chain([(buffer, 4, true)])
+            eventBuffers[head] = buffer
+            try event.publish(head)
+        }
         try device.activate(VirtioActivation(memory: memory, queues: [rx.queue(), tx.queue(), event.queue()],
                                              features: device.offeredFeatures, interrupt: VirtioInterrupt(line: CountingLine())))
         for _ in 0..<receiveBuffers {
@@ -255,5 +264,54 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
         defer { close(host) }
         guest.device.stop()
         #expect(readAll(host, count: 1).isEmpty, "a stopped device closes its sockets")
+    }
+}
+
+/// What a snapshot keeps of a vsock device (its queues) and what a restore does with the rest:
+/// connections are host sockets, so the restored device tells the driver they were reset.
+@Suite(.serialized) struct VirtioVsockSnapshotTests {
+    @Test func aQuiescedDeviceLeavesGuestMemoryAloneAndCatchesUpAfterwards() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        let host = try guest.connect()
+        defer { close(host) }
+        guest.device.setQuiesced(true)
+        let usedBefore = try guest.rx.usedIndex
+        writeAll(host, Array("sent while paused".utf8))
+        usleep(100_000) // the event loop sees the data; a quiesced device must not deliver it
+        #expect(try guest.rx.usedIndex == usedBefore)
+        guest.device.setQuiesced(false)
+        #expect(try guest.receiveData(17) == Array("sent while paused".utf8))
+    }
+
+    @Test func aRestoredDeviceGoesOnFromItsQueuesAndResetsTheGuestsConnections() throws {
+        var guest = try VsockGuest()
+        let host = try guest.connect()
+        defer { close(host) }
+        guest.device.setQuiesced(true)
+        let saved = try #require(guest.device.servedQueues)
+        #expect(saved.count == 3 && saved.allSatisfy { $0 != nil })
+        #expect(try guest.event.usedIndex == 0, "no event before a restore")
+        guest.device.stop()
+        #expect(readAll(host, count: 1).isEmpty, "the host end of a connection ends with its device")
+
+        // A new device over the same memory, as a restore makes it.
+        let restored = try VirtioVsock(guestCID: VsockGuest.cid, hostPorts: guest.ports)
+        defer { restored.stop() }
+        try restored.activate(VirtioActivation(memory: guest.memory, queues: saved.map { $0! }, features: restored.offeredFeatures,
+                                               interrupt: VirtioInterrupt(line: CountingLine())))
+        restored.didRestore()
+        #expect(try guest.event.usedIndex == 1)
+        let (head, length) = try guest.event.used(0)
+        #expect(length == 4)
+        #expect(try guest.memory.read(count: 4, at: guest.eventBuffers[head]!) == [0, 0, 0, 0], "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET")
+        #expect(try restored.servedQueues?[2]?.nextUsed == 1)
+
+        // The guest's old connection is unknown to the new device: its packets are answered with a reset.
+        guest.device = restored
+        try guest.send(.readWrite, payload: [1])
+        #expect(try guest.receive()?.header.op == .reset)
+        // Connecting again works.
+        close(try guest.connect())
     }
 }

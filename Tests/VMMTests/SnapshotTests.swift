@@ -249,7 +249,7 @@ struct CountingGuest {
         let vsock = guest.dir.path + "/vsock"
         _ = Subprocess.run(["/bin/cp", "-r", good, vsock])
         var claimed = try RestorePlan.load(good).snapshot
-        claimed.hardware.vsock = true
+        claimed.hardware.vsockGuestCID = 3
         guest.dir.write("vsock/state", try StateFile.encode(claimed))
         #expect(restoreError(vsock).contains("does not hold the state of all its devices"))
         // Not a snapshot at all.
@@ -293,19 +293,28 @@ struct CountingGuest {
             ($0 as! SwiftletError).message.contains("but was 1048576 when the snapshot")
         }
 
-        // Writable disks and vsock are not snapshot state yet: refused, nothing written.
-        for variant in ["writable", "vsock"] {
-            var other = guest.config(output: out)
-            if variant == "writable" { other.disks = [DiskConfig(path: disk, readOnly: false)] }
-            if variant == "vsock" { other.vsock = VsockConfig(forwards: [:]) }
-            _ = try CountingGuest.whileRunning(Machine(config: other)) { machine in
-                try CountingGuest.waitForOutput(out)
-                #expect { try machine.snapshotBlocking(to: guest.dir.path + "/" + variant) } throws: {
-                    ($0 as! SwiftletError).message.contains(variant == "writable" ? "writable disk" : "virtio socket")
-                }
+        // Writable disks are not snapshot state yet: refused, nothing written.
+        var writable = guest.config(output: out)
+        writable.disks = [DiskConfig(path: disk, readOnly: false)]
+        _ = try CountingGuest.whileRunning(Machine(config: writable)) { machine in
+            try CountingGuest.waitForOutput(out)
+            #expect { try machine.snapshotBlocking(to: guest.dir.path + "/writable") } throws: {
+                ($0 as! SwiftletError).message.contains("writable disk")
             }
-            #expect(access(guest.dir.path + "/" + variant, F_OK) != 0)
         }
+        #expect(access(guest.dir.path + "/writable", F_OK) != 0)
+
+        // A vsock device comes back with its guest CID, and the annotations with the snapshot.
+        var withVsock = guest.config(output: out)
+        withVsock.vsock = VsockConfig(guestCID: 7)
+        let vsockSnapshot = guest.dir.path + "/vsock"
+        _ = try CountingGuest.whileRunning(Machine(config: withVsock)) { machine in
+            try CountingGuest.waitForOutput(out)
+            _ = try machine.snapshotBlocking(to: vsockSnapshot, annotations: ["maker": "test"])
+        }
+        let vsockRestored = try Machine.restoring(from: vsockSnapshot, consoleOutput: nil)
+        #expect(vsockRestored.config.vsock == VsockConfig(guestCID: 7))
+        #expect(vsockRestored.restoredAnnotations == ["maker": "test"])
     }
 
     /// A diff that fails (here: its filesystem is full) after taking the dirty logs must not lose
@@ -371,7 +380,7 @@ struct CountingGuest {
             hardware: SnapshotHardware(MachineConfig(kernelPath: "", cpuCount: 1, memoryMiB: 64), diskSizes: []), guestIsLinux: false,
             cpuid: [[entry]], vcpus: [],
             vm: VMState(interruptControllers: [], pit: nil, clock: 0, clockRealtime: nil),
-            serial: .reset, devices: [])
+            serial: .reset, devices: [], annotations: [:])
         let plan = RestorePlan(snapshot: snapshot, directory: "/snap", memoryChain: [])
         #expect { try plan.checkCPU(supported: [CPUIDEntry(function: 7, ebx: 0)]) } throws: {
             let message = ($0 as! SwiftletError).message

@@ -22,7 +22,7 @@ final class RecordingDevice: VirtioDevice {
     }
     func queueNotified(_ index: Int) { events.withLock { $0.append("notify \(index)") } }
     func reset() { events.withLock { $0.append("reset") } }
-    var deviceQueues: [DeviceQueue] { [] }
+    var servedQueues: [Virtqueue?]? { nil }
 }
 
 final class RecordingLine: InterruptLine {

@@ -17,12 +17,18 @@ public protocol VsockHostPorts: Sendable {
 ///
 /// Threads: the guest's notifications arrive on vCPU threads; host sockets are watched by the
 /// device's own event-loop thread. Both work under one lock on the connection table.
+///
+/// Snapshots hold the queues' positions but no connections: they are host sockets. A restored
+/// device tells the driver its transport was reset (the event queue's TRANSPORT_RESET), which
+/// resets every connected guest socket; guest programs connect again.
 public final class VirtioVsock: VirtioDevice {
     public static let queueSize: UInt16 = 256
     /// Bytes of guest data the device buffers per connection when the host socket is slow.
     public static let bufferAllocation: UInt32 = 256 << 10
     public static let maximumConnections = 1024
     static let receiveQueue = 0, transmitQueue = 1, eventQueue = 2
+    /// virtio 1.2, 5.10.6.5: the only event there is.
+    static let transportResetEvent: UInt32 = 0
 
     public let guestCID: UInt64
     private let hostPorts: any VsockHostPorts
@@ -36,6 +42,11 @@ public final class VirtioVsock: VirtioDevice {
     struct Muxer {
         var receive: Virtqueue?
         var transmit: Virtqueue?
+        var event: Virtqueue?
+        /// The machine is paused: the event loop leaves guest memory alone.
+        var quiesced = false
+        /// A TRANSPORT_RESET event waits for an event buffer.
+        var transportResetPending = false
         var memory: GuestMemory?
         var interrupt: VirtioInterrupt?
         var connections: [VsockConnection.Key: VsockConnection] = [:]
@@ -66,8 +77,30 @@ public final class VirtioVsock: VirtioDevice {
     public var deviceType: VirtioDeviceType { .vsock }
     public var offeredFeatures: UInt64 { VirtioFeature.version1 | VirtioFeature.eventIndex }
     public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize, Self.queueSize] }
-    /// Its connections are not snapshot state yet: a vsock device cannot be snapshotted.
-    public var deviceQueues: [DeviceQueue] { [] }
+    /// Its queues only: connections do not survive a snapshot (`didRestore` resets them).
+    public var servedQueues: [Virtqueue?]? {
+        muxer.withLock { m in m.memory == nil ? [nil, nil, nil] : [m.receive, m.transmit, m.event] }
+    }
+
+    public func setQuiesced(_ quiesced: Bool) {
+        let interrupt: VirtioInterrupt? = muxer.withLock { m in
+            m.quiesced = quiesced
+            guard !quiesced else { return nil }
+            // Catch up with what the host sent meanwhile.
+            let received = pumpReceive(&m)
+            return deliverEvents(&m) || received ? m.interrupt : nil
+        }
+        interrupt?.signalUsedBuffer()
+    }
+
+    /// The connections the guest had are gone: tell its driver, which resets them.
+    public func didRestore() {
+        let interrupt: VirtioInterrupt? = muxer.withLock { m in
+            m.transportResetPending = true
+            return deliverEvents(&m) ? m.interrupt : nil
+        }
+        interrupt?.signalUsedBuffer()
+    }
 
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
         for i in data.indices {
@@ -86,6 +119,7 @@ public final class VirtioVsock: VirtioDevice {
         muxer.withLock { m in
             m.receive = activation.queues[Self.receiveQueue]
             m.transmit = activation.queues[Self.transmitQueue]
+            m.event = activation.queues[Self.eventQueue].isReady ? activation.queues[Self.eventQueue] : nil
             m.memory = activation.memory
             m.interrupt = activation.interrupt
         }
@@ -95,7 +129,9 @@ public final class VirtioVsock: VirtioDevice {
     public func reset() {
         muxer.withLock { m in
             for key in Array(m.connections.keys) { closeConnection(key, &m) }
+            let quiesced = m.quiesced
             m = Muxer()
+            m.quiesced = quiesced
         }
     }
 
@@ -103,6 +139,7 @@ public final class VirtioVsock: VirtioDevice {
         let interrupt: VirtioInterrupt? = muxer.withLock { m in
             var notify = false
             if index == Self.transmitQueue { notify = processTransmit(&m) }
+            if index == Self.eventQueue { notify = deliverEvents(&m) }
             notify = pumpReceive(&m) || notify
             return notify ? m.interrupt : nil
         }
@@ -314,7 +351,7 @@ public final class VirtioVsock: VirtioDevice {
     /// Fills the guest's receive buffers: control packets first, then data from readable host
     /// sockets within each connection's credit. Returns whether the guest wants an interrupt.
     private func pumpReceive(_ m: inout Muxer) -> Bool {
-        guard var queue = m.receive, let memory = m.memory else { return false }
+        guard !m.quiesced, var queue = m.receive, let memory = m.memory else { return false }
         var broken = false
         defer { m.receive = broken ? nil : queue }
         var used = false
@@ -372,6 +409,29 @@ public final class VirtioVsock: VirtioDevice {
         } catch {
             onError(SwiftletError(error.code, "virtio-vsock receive queue: \(error.message)"))
             broken = true
+            return false
+        }
+    }
+
+    /// Puts a pending TRANSPORT_RESET in an event buffer; returns whether the guest wants an interrupt.
+    private func deliverEvents(_ m: inout Muxer) -> Bool {
+        guard m.transportResetPending, !m.quiesced, var queue = m.event, let memory = m.memory else { return false }
+        do throws(SwiftletError) {
+            guard let chain = try queue.next(memory: memory) else { return false }
+            let event = LittleEndian.bytes(UInt64(Self.transportResetEvent), 4)
+            guard try chain.writePrefix(event, memory: memory) == event.count else {
+                onError(SwiftletError(.invalidFormat, "virtio-vsock: an event buffer is shorter than an event"))
+                try queue.addUsed(head: chain.head, length: 0, memory: memory)
+                m.event = queue
+                return try queue.shouldInterrupt(memory: memory)
+            }
+            try queue.addUsed(head: chain.head, length: UInt32(event.count), memory: memory)
+            m.transportResetPending = false
+            m.event = queue
+            return try queue.shouldInterrupt(memory: memory)
+        } catch {
+            onError(SwiftletError(error.code, "virtio-vsock event queue: \(error.message)"))
+            m.event = nil
             return false
         }
     }
