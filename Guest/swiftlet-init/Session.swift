@@ -4,9 +4,10 @@ import Glibc
 
 /// Serves the host's connection: runs each command it asks for, one at a time, forwarding its
 /// input, output, signals and window size, and reports how it ended. Also reaps every orphan
-/// (the agent is PID 1). Returns when the host closes the connection.
+/// (the agent is PID 1). Returns when the host closes the connection, or when the connection
+/// breaks (the machine was restored from a snapshot: its vsock connections were reset).
 struct Session {
-    let connection: Int32
+    private(set) var connection: Int32
     var reader = AgentFrameReader()
     var command: RunningCommand?
     /// Host input not yet taken by the command.
@@ -21,7 +22,32 @@ struct Session {
         send(.ready(version: AgentMessage.version))
     }
 
-    mutating func run() {
+    enum Ending: Equatable {
+        /// The host closed the connection: it is done with this machine.
+        case hostClosed
+        /// The connection broke under the agent (a transport reset): the host is still there.
+        case connectionLost
+        /// The host sent what the agent cannot read.
+        case protocolError
+    }
+
+    /// Serves a new connection after the old one was lost; the command that was running (its
+    /// streams went with the old connection) is ended.
+    mutating func reconnect(_ newConnection: Int32) {
+        stopCommand()
+        if let c = command {
+            for fd in Set([c.input, c.output, c.error].compactMap({ $0 })) { close(fd) }
+            command = nil // reaped like any orphan
+        }
+        close(connection)
+        connection = newConnection
+        reader = AgentFrameReader()
+        pendingInput = []
+        inputClosed = false
+        send(.ready(version: AgentMessage.version))
+    }
+
+    mutating func run() -> Ending {
         var buffer = [UInt8](repeating: 0, count: 32 << 10)
         while true {
             var fds = [pollfd(fd: connection, events: Int16(POLLIN), revents: 0), pollfd(fd: signals, events: Int16(POLLIN), revents: 0)]
@@ -37,14 +63,16 @@ struct Session {
             for fd in fds where fd.revents != 0 {
                 if fd.fd == connection {
                     let n = buffer.withUnsafeMutableBytes { read(connection, $0.baseAddress, $0.count) }
-                    if n <= 0 { stopCommand(); return } // the host went away
+                    if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+                    if n == 0 { stopCommand(); return .hostClosed }
+                    if n < 0 { return .connectionLost }
                     reader.append(buffer[0..<n])
                     do {
                         while let message = try reader.next() { handle(message) }
                     } catch {
                         Log.write("\(error)")
                         stopCommand()
-                        return
+                        return .protocolError
                     }
                 } else if fd.fd == signals {
                     while guest_read_signal(signals) > 0 {}

@@ -13,18 +13,25 @@ import Glibc
 // A command that closes its input must not kill the agent when it writes there (EPIPE instead).
 signal(SIGPIPE, SIG_IGN)
 let arguments = CommandLine.arguments
-let connection: Int32
+let connect: () -> Int32
 if arguments.count == 3 && arguments[1] == "--unix" {
-    connection = guest_unix_connect(arguments[2])
-    guard connection >= 0 else { Log.fatal("cannot connect to \(arguments[2])") }
+    connect = {
+        let fd = guest_unix_connect(arguments[2])
+        guard fd >= 0 else { Log.fatal("cannot connect to \(arguments[2])") }
+        return fd
+    }
 } else if getpid() == 1 {
     let options = BootOptions(commandLine: (try? readText("/proc/cmdline")) ?? "")
     GuestSetup.run(options)
-    connection = GuestSetup.connectToHost(options)
+    connect = { GuestSetup.connectToHost(options) }
 } else {
     Log.fatal("usage: swiftlet-init (as PID 1 in a Swiftlet guest) | swiftlet-init --unix SOCKET")
 }
-var session = Session(connection: connection)
-session.run()
+var session = Session(connection: connect())
+// A lost connection (a restore from a snapshot resets vsock connections) is made again: the host
+// that restored the machine waits for the agent's `ready`. The host closing it ends the machine.
+while session.run() == .connectionLost {
+    session.reconnect(connect())
+}
 if getpid() == 1 { GuestSetup.powerOff() }
 exit(0)

@@ -49,6 +49,42 @@ struct AgentTests {
         }
     }
 
+    /// A connection that breaks under the agent (as a restore resets vsock connections) is made
+    /// again and served like the first; the command it was running is ended.
+    @Test func aLostConnectionIsMadeAgain() throws {
+        let listener = try #require(UnixSocketListener(path: dir.path + "/agent.sock"))
+        let agent = TestHost.agentBinary, path = listener.path
+        let thread = try OSThread.start(name: "agent") { _ = Subprocess.run([agent, "--unix", path], timeout: 120) }
+        defer {
+            listener.shutdown() // an agent that took the end for a lost connection cannot connect again
+            thread.join()
+        }
+        let first = try #require(listener.accept(), "the agent did not connect")
+        // Start a long command, then close with the agent's messages unread: the agent's next
+        // read fails with ECONNRESET instead of reading end of file.
+        let pidFile = dir.path + "/pid"
+        let long = AgentFrame.encode(.exec(ExecRequest(arguments: ["sh", "-c", "echo $$ > \(pidFile); exec sleep 60"])))
+        _ = long.withUnsafeBytes { write(first, $0.baseAddress, $0.count) }
+        var pid: Int32?
+        for _ in 0..<500 where pid == nil {
+            pid = (try? OwnedFileDescriptor.readSmallTextFile(pidFile)).flatMap { Int32($0.split(separator: "\n").first ?? "") }
+            if pid == nil { usleep(10_000) }
+        }
+        let sleeper = try #require(pid, "the command did not start")
+        close(first)
+        let second = try #require(listener.accept(), "the agent did not connect again")
+        let session = AgentSession(socket: OwnedFileDescriptor(taking: second))
+        #expect(try session.waitUntilReady())
+        let r = try run(session, ExecRequest(arguments: ["sh", "-c", "echo served again"]))
+        #expect(r.outcome.status == 0 && r.stdout == Array("served again\n".utf8))
+        var gone = false
+        for _ in 0..<500 where !gone {
+            gone = kill(sleeper, 0) != 0
+            if !gone { usleep(10_000) }
+        }
+        #expect(gone, "the command of the lost connection was ended")
+    }
+
     @Test func missingAndUnrunnableCommands() throws {
         let script = dir.write("not-executable", Array("echo hi\n".utf8), mode: 0o644)
         try withAgent { session in
