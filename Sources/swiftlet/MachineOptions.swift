@@ -5,12 +5,17 @@ struct MachineOptions: ParsableArguments {
     @Option(help: "Guest kernel: an ELF vmlinux or a bzImage (default: the one `make kernel` built).")
     var kernel: String?
 
-    @Option(help: "Number of vCPUs.")
-    var cpus: Int = 1
+    @Option(name: .customLong("cpus"), help: "Number of vCPUs (default: 1).")
+    var cpusOption: Int?
 
-    @Option(help: "Guest memory in MiB.")
-    var memory: Int = 256
+    @Option(name: .customLong("memory"), help: "Guest memory in MiB (default: 256).")
+    var memoryOption: Int?
 
     @Flag(help: "Boot even though /dev/kvm is PVM-backed (only a PVM-enabled guest kernel can run there).")
     var allowPVM = false
+
+    var cpus: Int { cpusOption ?? 1 }
+    var memory: Int { memoryOption ?? 256 }
+    /// Whether any flag that shapes a new machine was given (a restored one has its snapshot's).
+    var shapesTheMachine: Bool { kernel != nil || cpusOption != nil || memoryOption != nil }
 }

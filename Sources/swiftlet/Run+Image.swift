@@ -1,3 +1,4 @@
+import AgentProtocol
 import ArgumentParser
 import Glibc
 import Images
@@ -9,49 +10,107 @@ enum PullPolicy: String, ExpressibleByArgument, CaseIterable {
     case missing, always, never
 }
 
-/// The guest's root: read-only layer disks (bottom first) and how the command runs on them.
-struct RootFilesystem {
-    var disks: [String]
-    var arguments: [String]
+/// How commands run in an image: its config's entrypoint, command, environment, working
+/// directory and user. Stored with an agent snapshot, so `run --from` runs commands as the image would.
+struct ExecDefaults: Codable, Equatable {
+    var entrypoint: [String]
+    var command: [String]
     var environment: [String]
     var workingDirectory: String
     var user: String
+
+    /// A root filesystem without an image config (the default image, --rootfs): `sh` as root in /.
+    static let plain = ExecDefaults(entrypoint: [], command: ["sh"], environment: [], workingDirectory: "/", user: "")
+
+    init(entrypoint: [String], command: [String], environment: [String], workingDirectory: String, user: String) {
+        self.entrypoint = entrypoint; self.command = command; self.environment = environment
+        self.workingDirectory = workingDirectory; self.user = user
+    }
+
+    init(_ config: ImageConfiguration) {
+        let execution = config.config
+        self.init(entrypoint: execution?.Entrypoint ?? [], command: execution?.Cmd ?? [], environment: execution?.Env ?? [],
+                  workingDirectory: (execution?.WorkingDir).flatMap { $0.isEmpty ? nil : $0 } ?? "/", user: execution?.User ?? "")
+    }
+
+    /// The exec request for `command` (the default command when empty) with the command line's
+    /// -e, -w and -u over the image's. `what` names the image in errors.
+    func request(command: [String], environment: [String], workdir: String?, user: String?,
+                 what: String) throws(SwiftletError) -> ExecRequest {
+        let arguments = entrypoint + (command.isEmpty ? self.command : command)
+        guard !arguments.isEmpty else {
+            throw SwiftletError(.invalidArgument, "\(what) has no entrypoint or command: give one after --")
+        }
+        return ExecRequest(arguments: arguments, environment: Run.merge(self.environment, environment),
+                           workingDirectory: workdir ?? workingDirectory, user: user ?? self.user)
+    }
+}
+
+/// The guest's root: read-only layer disks (bottom first) and how commands run on them.
+struct RootFilesystem {
+    var disks: [String]
+    var defaults: ExecDefaults
+    /// What the root is called in errors.
+    var name: String
 
     /// `swiftlet.root=` for the agent: the disks' guest devices, bottom first.
     var deviceList: String {
         disks.indices.map { "/dev/vd" + String(UnicodeScalar(UInt8(ascii: "a") + UInt8($0))) }.joined(separator: ",")
     }
-}
 
-extension Run {
-    /// The default image, --rootfs, or --image (pulled or imported into the store when needed),
-    /// with the image config applied under the command line's -e, -w, -u and command.
-    func resolveRoot(signals: Int32) throws(SwiftletError) -> RootFilesystem {
-        // A detached run's image was resolved by the process that started it.
-        let image = getenv(Self.resolvedImageVariable).map { String(cString: $0) } ?? self.image
+    /// The default image, `rootfs`, or `image` (pulled or imported into the store when needed).
+    static func resolve(image: String?, rootfs: String?, pull: PullPolicy, insecureRegistry: Bool,
+                        signals: Int32) throws(SwiftletError) -> RootFilesystem {
         guard let image else {
             let path = rootfs ?? GuestAssets.defaultImage
             guard access(path, R_OK) == 0 else {
                 throw SwiftletError(.notFound, rootfs != nil ? "no root filesystem image at \(path): check the --rootfs path"
                                                              : "no default image at \(path): build it with `make build`")
             }
-            return RootFilesystem(disks: [path], arguments: command.isEmpty ? ["sh"] : command, environment: environment,
-                                  workingDirectory: workdir ?? "/", user: user ?? "")
+            return RootFilesystem(disks: [path], defaults: .plain, name: path)
         }
         let store = try ImageStore()
         precondition(ImageStore.maximumLayerDisks <= MachineConfig.maximumDisks, "an image's disks must fit the machine")
         let resolver = ImageResolver(store: store, insecure: insecureRegistry, policy: pull, interruptions: signals >= 0 ? signals : nil)
         let resolved = try resolver.resolve(image)
-        let execution = resolved.configuration.config
-        let arguments = (execution?.Entrypoint ?? []) + (command.isEmpty ? (execution?.Cmd ?? []) : command)
-        guard !arguments.isEmpty else {
-            throw SwiftletError(.invalidArgument, "\(image) has no entrypoint or command: give one after --")
+        return RootFilesystem(disks: resolved.disks, defaults: ExecDefaults(resolved.configuration), name: image)
+    }
+
+    /// A machine that boots the guest agent on this root, its agent on vsock port `Run.agentPort`.
+    func agentMachineConfig(_ machine: MachineOptions, consoleOutput: Int32?) throws(SwiftletError) -> MachineConfig {
+        let agent = GuestAssets.agentInitrd
+        guard access(agent, R_OK) == 0 else {
+            throw SwiftletError(.notFound, "no guest agent initramfs at \(agent): build it with `make build`")
         }
-        return RootFilesystem(
-            disks: resolved.disks, arguments: arguments,
-            environment: Self.merge(execution?.Env ?? [], environment),
-            workingDirectory: workdir ?? (execution?.WorkingDir).flatMap { $0.isEmpty ? nil : $0 } ?? "/",
-            user: user ?? execution?.User ?? "")
+        var config = MachineConfig(
+            kernelPath: machine.kernel ?? GuestAssets.defaultKernel(), initrdPath: agent,
+            commandLine: MachineConfig.defaultCommandLine + " swiftlet.root=\(deviceList) swiftlet.port=\(Run.agentPort)",
+            cpuCount: machine.cpus, memoryMiB: machine.memory, allowPVM: machine.allowPVM, consoleOutput: consoleOutput,
+            consoleInput: nil, disks: disks.map { DiskConfig(path: $0, readOnly: true) }, entropyDevice: true,
+            vsock: VsockConfig())
+        config.kvmPath = Run.kvmPath
+        return config
+    }
+}
+
+extension Run {
+    /// The KVM device (SWIFTLET_KVM_DEVICE points tests elsewhere).
+    static var kvmPath: String { getenv("SWIFTLET_KVM_DEVICE").map { String(cString: $0) } ?? "/dev/kvm" }
+
+    /// The machine the command runs in, booted from the default image, --rootfs or --image, or
+    /// restored from --from; and the command as it runs there.
+    func makeMachine(signals: Int32, consoleOutput: Int32?, port: InProcessPort) throws(SwiftletError) -> (Machine, ExecRequest) {
+        if let from {
+            let vm = try Machine.restoring(from: from, consoleOutput: consoleOutput, kvmPath: Self.kvmPath,
+                                           allowPVM: machine.allowPVM, vsockPorts: port)
+            let defaults = try AgentSnapshot.defaults(of: vm, directory: from)
+            return (vm, try defaults.request(command: command, environment: environment, workdir: workdir, user: user, what: from))
+        }
+        // A detached run's image was resolved by the process that started it.
+        let image = getenv(Self.resolvedImageVariable).map { String(cString: $0) } ?? self.image
+        let root = try RootFilesystem.resolve(image: image, rootfs: rootfs, pull: pull, insecureRegistry: insecureRegistry, signals: signals)
+        let request = try root.defaults.request(command: command, environment: environment, workdir: workdir, user: user, what: root.name)
+        return (Machine(config: try root.agentMachineConfig(machine, consoleOutput: consoleOutput), vsockPorts: port), request)
     }
 
     /// The image's environment with the command line's variables replacing the same names.

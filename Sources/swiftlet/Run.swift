@@ -23,6 +23,12 @@ struct Run: ParsableCommand {
               swiftlet run -- sh -c 'echo out; echo err >&2; exit 7'
               swiftlet run --image alpine:3.20 -- cat /etc/os-release
               skopeo copy docker://debian:12 oci:debian:12 && swiftlet run --image debian:12 -- ls
+
+            --from DIR starts from a snapshot made by `swiftlet snapshot` instead of booting: the \
+            machine continues where its agent was ready, with the snapshot's image and hardware.
+
+              swiftlet snapshot --image alpine:3.20 -o alpine.snap
+              swiftlet run --from alpine.snap -- cat /etc/os-release
             """)
 
     @Option(name: .shortAndLong, help: ArgumentHelp("Set an environment variable (KEY=VALUE, or KEY to pass the host's). Repeatable.", valueName: "key=value"))
@@ -58,6 +64,9 @@ struct Run: ParsableCommand {
     @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
     var rootfs: String?
 
+    @Option(help: ArgumentHelp("Start from this snapshot (`swiftlet snapshot`) instead of booting: the image, vCPUs and memory are the snapshot's.", valueName: "dir"))
+    var from: String?
+
     @Flag(help: "Show the guest kernel's console on standard error.")
     var console = false
 
@@ -86,6 +95,9 @@ struct Run: ParsableCommand {
             throw ValidationError("--timeout \(timeout): expected a duration such as 30s, 500ms or 2m")
         }
         if image != nil && rootfs != nil { throw ValidationError("--image and --rootfs cannot be used together") }
+        if from != nil && (image != nil || rootfs != nil || machine.shapesTheMachine) {
+            throw ValidationError("--from starts the machine a snapshot holds: it cannot be combined with --image, --rootfs, --kernel, --cpus or --memory")
+        }
         if detach && (interactive || tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
         for variable in env where variable.isEmpty || variable.hasPrefix("=") {
             throw ValidationError("-e \(variable): expected KEY=VALUE or KEY")
@@ -115,12 +127,6 @@ struct Run: ParsableCommand {
     /// Runs the VM in this process.
     func runHere() throws {
         var marks: [(String, UInt64)] = []
-        let kernelPath = machine.kernel ?? GuestAssets.defaultKernel()
-        let agent = GuestAssets.agentInitrd
-        guard access(agent, R_OK) == 0 else {
-            printError("no guest agent initramfs at \(agent): build it with `make build`")
-            throw ExitCode(Status.setupFailed)
-        }
 
         // Signals to forward are blocked here, before any thread starts, and read from a signalfd.
         // A shell starts background jobs with SIGINT and SIGQUIT ignored, which would discard
@@ -131,41 +137,25 @@ struct Run: ParsableCommand {
         Glibc.signal(SIGPIPE, SIG_IGN)
         let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
 
-        let root = try exitingOnSetupFailure { () throws(SwiftletError) in try resolveRoot(signals: signals) }
-        marks.append(("image", MonotonicClock.now))
-
         let consoleLog = console ? nil : ConsoleLog()
         let port = try InProcessPort(port: Self.agentPort)
-        var config = MachineConfig(
-            kernelPath: kernelPath, initrdPath: agent,
-            commandLine: MachineConfig.defaultCommandLine + " swiftlet.root=\(root.deviceList) swiftlet.port=\(Self.agentPort)",
-            cpuCount: machine.cpus, memoryMiB: machine.memory, allowPVM: machine.allowPVM, consoleOutput: console ? 2 : consoleLog?.fd,
-            consoleInput: nil, disks: root.disks.map { DiskConfig(path: $0, readOnly: true) }, entropyDevice: true,
-            vsock: VsockConfig())
-        if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
-        let vm = Machine(config: config, vsockPorts: port)
-
-        let ended = try EventFD(nonBlocking: true)
-        let result = Mutex<Result<MachineRunReport, SwiftletError>?>(nil)
-        let endedFD = ended.rawValue
-        let thread = try OSThread.start(name: "machine", stackSize: 1 << 20) {
-            let r = Result { () throws(SwiftletError) in try vm.runBlocking() }
-            result.withLock { $0 = r }
-            var one: UInt64 = 1
-            _ = write(endedFD, &one, 8)
+        let (vm, defaultRequest) = try exitingOnSetupFailure { () throws(SwiftletError) in
+            try makeMachine(signals: signals, consoleOutput: console ? 2 : consoleLog?.fd, port: port)
         }
+        var request = defaultRequest
+        marks.append((from == nil ? "image" : "snapshot", MonotonicClock.now))
+
+        let machineThread = try MachineThread(vm)
         let watchdog = try Watchdog(milliseconds: timeout.flatMap(Self.milliseconds)) { vm.stop() }
         var terminal: RawTerminal?
         defer {
             terminal?.restore()
             watchdog.cancel()
-            vm.stop()
-            thread.join()
+            machineThread.stop()
         }
 
         func machineFailure() -> Int32 {
-            thread.join()
-            switch result.withLock({ $0 }) {
+            switch machineThread.wait() {
             case .failure(let error)?:
                 printError(error.description)
                 return Status.setupFailed
@@ -183,7 +173,7 @@ struct Run: ParsableCommand {
             return 124
         }
 
-        guard let connection = port.next(timeoutMilliseconds: -1, cancel: endedFD) else { throw ExitCode(machineFailure()) }
+        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else { throw ExitCode(machineFailure()) }
         marks.append(("connected", MonotonicClock.now))
         let session = AgentSession(socket: connection)
         let ready: Bool
@@ -199,8 +189,9 @@ struct Run: ParsableCommand {
             terminal = RawTerminal(fd: 0)
             (rows, columns) = RawTerminal.size(of: 0) ?? (rows, columns)
         }
-        let request = ExecRequest(arguments: root.arguments, environment: root.environment,
-                                  workingDirectory: root.workingDirectory, user: root.user, terminal: tty, rows: rows, columns: columns)
+        request.terminal = tty
+        request.rows = rows
+        request.columns = columns
         let outcome: AgentSession.Outcome
         do {
             let windowSize: (@Sendable () -> (rows: UInt16, columns: UInt16)?)?
@@ -220,9 +211,7 @@ struct Run: ParsableCommand {
         marks.append(("command", MonotonicClock.now))
         if let failure = outcome.failure { printError(failure) }
         if timing {
-            vm.stop()
-            thread.join()
-            if case .success(let report)? = result.withLock({ $0 }) { marks.insert(("vm", report.firstRun), at: 1) }
+            if case .success(let report)? = machineThread.stop() { marks.insert(("vm", report.firstRun), at: 1) }
             marks.append(("teardown", MonotonicClock.now))
             let line = marks.map { "\($0.0)=\(format(MonotonicClock.milliseconds(from: MonotonicClock.processStart, to: $0.1), digits: 2))" }
             printError("timing " + line.joined(separator: " "))

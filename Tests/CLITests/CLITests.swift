@@ -52,6 +52,20 @@ import TestSupport
         #expect(run(["boot", "--cpus", "two"]).status == 64)
     }
 
+    @Test func badSnapshotRequests() {
+        let conflict = run(["run", "--from", tiny.path, "--cpus", "2", "--", "true"])
+        #expect(conflict.status == 64 && conflict.stderr.contains("--from starts the machine a snapshot holds"), "\(conflict.stderr)")
+        #expect(run(["run", "--from", tiny.path, "--image", "busybox", "--", "true"]).status == 64)
+        expectOneLineError(run(["run", "--from", tiny.path + "/none", "--", "true"]), contains: "snapshot \(tiny.path)/none does not exist")
+        expectOneLineError(run(["run", "--from", tiny.path, "--", "true"]), contains: "is not a Swiftlet snapshot: it has no state file")
+        _ = Subprocess.run(["/bin/mkdir", tiny.path + "/corrupt"])
+        _ = tiny.write("corrupt/state", Array(repeating: 0x41, count: 200))
+        expectOneLineError(run(["run", "--from", tiny.path + "/corrupt", "--", "true"]), contains: "not a Swiftlet snapshot state file")
+        expectOneLineError(run(["snapshot", "-o", tiny.path]), contains: "already exists: snapshots go to a new directory")
+        #expect(run(["snapshot", "-o", tiny.path + "/new", "--image", "x", "--rootfs", "y"]).status == 64)
+        #expect(access(tiny.path + "/new", F_OK) != 0)
+    }
+
     @Test func badDisks() {
         let r = run(["boot", "--kernel", tinyKernel, "--disk", "image.raw,fast"])
         #expect(r.status == 64)

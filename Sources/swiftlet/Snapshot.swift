@@ -1,0 +1,150 @@
+import ArgumentParser
+import FoundationEssentials
+import Glibc
+import Synchronization
+import SwiftletSystem
+import VMM
+
+struct Snapshot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Boot an image until its guest agent is ready and save the machine, for `swiftlet run --from`.",
+        discussion: """
+            Boots the image (--image; the default busybox image without it) with the guest agent, \
+            waits until the agent is ready, and writes a full snapshot of the machine to the \
+            output directory: vCPU, device and interrupt-controller state, and guest memory (a \
+            sparse file: pages the guest never wrote take no space). `swiftlet run --from DIR -- CMD` \
+            then starts from there instead of booting, as many times as wanted; the snapshot is never \
+            modified. The image's disks are referenced, not copied: keep the image in the store.
+
+              swiftlet snapshot --image alpine:3.20 --memory 512 -o alpine.snap
+              swiftlet run --from alpine.snap -- echo hi
+            """)
+
+    @Option(name: .shortAndLong, help: ArgumentHelp("The directory to write the snapshot to (it must not exist).", valueName: "dir"))
+    var output: String
+
+    @Option(help: ArgumentHelp("The image to boot: a registry reference, an OCI layout directory, an image archive, or - (stdin).", valueName: "ref"))
+    var image: String?
+
+    @Option(help: ArgumentHelp("When to pull --image from its registry: missing (not in the store), always, never.", valueName: "policy"))
+    var pull: PullPolicy = .missing
+
+    @Flag(help: "Reach the image's registry over plain HTTP (loopback registries always are).")
+    var insecureRegistry = false
+
+    @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
+    var rootfs: String?
+
+    @Flag(help: "Show the guest kernel's console on standard error.")
+    var console = false
+
+    @Flag(help: "Print what was written as JSON on standard output.")
+    var json = false
+
+    @OptionGroup var machine: MachineOptions
+
+    func validate() throws {
+        if image != nil && rootfs != nil { throw ValidationError("--image and --rootfs cannot be used together") }
+        if output.isEmpty { throw ValidationError("-o needs a directory") }
+    }
+
+    func run() throws {
+        Glibc.signal(SIGPIPE, SIG_IGN)
+        let report = try exitingOnSetupFailure { () throws(SwiftletError) in try make() }
+        if json {
+            print("{\"directory\":\"\(report.directory)\",\"id\":\"\(report.id)\",\"memoryPagesWritten\":\(report.memoryPagesWritten),\"bytesWritten\":\(report.bytesWritten),\"pausedMilliseconds\":\(format(Double(report.pausedNanoseconds) / 1e6, digits: 2))}")
+        } else {
+            printError("snapshot \(report.id) in \(report.directory): \(report.memoryPagesWritten) memory pages, \(report.bytesWritten) bytes written, guest paused \(format(Double(report.pausedNanoseconds) / 1e6, digits: 1)) ms")
+        }
+    }
+
+    func make() throws(SwiftletError) -> SnapshotReport {
+        if access(output, F_OK) == 0 {
+            throw SwiftletError(.invalidArgument, "\(output) already exists: snapshots go to a new directory")
+        }
+        let root = try RootFilesystem.resolve(image: image, rootfs: rootfs, pull: pull, insecureRegistry: insecureRegistry, signals: -1)
+        let consoleLog = console ? nil : ConsoleLog()
+        let port = try InProcessPort(port: Run.agentPort)
+        let vm = Machine(config: try root.agentMachineConfig(machine, consoleOutput: console ? 2 : consoleLog?.fd), vsockPorts: port)
+        let machineThread = try MachineThread(vm)
+        defer { machineThread.stop() }
+
+        func failure(_ reason: String) -> SwiftletError {
+            let outcome = machineThread.stop()
+            consoleLog?.printTail()
+            switch outcome {
+            case .failure(let error)?: return error
+            case .success(let report)?: return SwiftletError(.guestFailure, "\(reason) (\(report.exit))")
+            case nil: return SwiftletError(.guestFailure, reason)
+            }
+        }
+        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else {
+            throw failure("the guest stopped before its agent connected")
+        }
+        let session = AgentSession(socket: connection)
+        guard try session.waitUntilReady() else { throw failure("the guest agent hung up before it was ready") }
+        return try vm.snapshotBlocking(to: output, annotations: [AgentSnapshot.annotation: try AgentSnapshot.encode(root.defaults)])
+    }
+}
+
+/// A machine running on a thread of its own, whose end can be waited for with poll(2).
+final class MachineThread {
+    let vm: Machine
+    private let thread: OSThread
+    private let endedFD: EventFD
+    private let result = ResultSlot()
+    private var joined = false
+    private final class ResultSlot: Sendable { let value = Mutex<Result<MachineRunReport, SwiftletError>?>(nil) }
+
+    /// Readable once the machine has stopped.
+    var ended: Int32 { endedFD.rawValue }
+
+    init(_ vm: Machine) throws(SwiftletError) {
+        self.vm = vm
+        endedFD = try EventFD(nonBlocking: true)
+        let fd = endedFD.rawValue, slot = result
+        thread = try OSThread.start(name: "machine", stackSize: 1 << 20) {
+            let r = Result { () throws(SwiftletError) in try vm.runBlocking() }
+            slot.value.withLock { $0 = r }
+            var one: UInt64 = 1
+            _ = write(fd, &one, 8)
+        }
+    }
+
+    /// Stops the machine (if it still runs), waits for it, and returns how its run ended.
+    @discardableResult
+    func stop() -> Result<MachineRunReport, SwiftletError>? {
+        vm.stop()
+        return wait()
+    }
+
+    /// Waits for the machine to stop by itself, and returns how its run ended.
+    func wait() -> Result<MachineRunReport, SwiftletError>? {
+        if !joined {
+            thread.join()
+            joined = true
+        }
+        return result.value.withLock { $0 }
+    }
+}
+
+/// What `swiftlet snapshot` stores with a snapshot for `run --from`: how commands run in its image.
+enum AgentSnapshot {
+    static let annotation = "swiftlet.agent.exec-defaults"
+
+    static func encode(_ defaults: ExecDefaults) throws(SwiftletError) -> String {
+        do { return String(decoding: try JSONEncoder().encode(defaults), as: UTF8.self) } catch {
+            throw SwiftletError(.invalidFormat, "cannot encode the image's command defaults: \(error)")
+        }
+    }
+
+    /// The defaults stored with the snapshot a machine was restored from.
+    static func defaults(of machine: Machine, directory: String) throws(SwiftletError) -> ExecDefaults {
+        guard let text = machine.restoredAnnotations[annotation] else {
+            throw SwiftletError(.invalidArgument, "the snapshot in \(directory) has no guest agent to run a command in: make one with `swiftlet snapshot`")
+        }
+        do { return try JSONDecoder().decode(ExecDefaults.self, from: Data(text.utf8)) } catch {
+            throw SwiftletError(.invalidFormat, "the snapshot in \(directory) holds unreadable command defaults: \(error)")
+        }
+    }
+}
