@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
 DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
 
-.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot bench-run bench-pull clean
+.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot bench-run bench-pull bench-snapshot clean
 
 all: build
 
@@ -51,7 +51,7 @@ unit-test: guest build-tests
 test-nested: guest build-tests
 	@scripts/test-nested
 
-bench: bench-boot bench-run bench-pull
+bench: bench-boot bench-run bench-pull bench-snapshot
 
 bench-boot: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
@@ -60,6 +60,11 @@ bench-boot: guest
 bench-run: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
 	@scripts/bench-run
+
+# Restore from a snapshot against cold boot, and full snapshots of a 512 MiB machine.
+bench-snapshot: guest
+	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
+	@scripts/bench-snapshot
 
 # First pull of new images from a loopback registry (no KVM needed).
 bench-pull: build

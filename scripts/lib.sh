@@ -37,3 +37,28 @@ with_lock() {
   "$@"
   exec 9>&-
 }
+
+# The benchmarks' image: busybox and its applets in one layer, an OCI layout made with umoci,
+# cached by the packages' versions. Prints its path.
+bench_busybox_image() {
+  need_packages umoci busybox-static >&2
+  image=$SWIFTLET_CACHE/bench-run/$(cache_key "$(dpkg-query -W -f='${Version}' busybox-static umoci)$(declare -f bench_busybox_image)" /dev/null)
+  make_image() {
+    [ -f "$image/oci-layout" ] && return 0
+    local work; work=$(mktemp -d)
+    umoci init --layout "$work/L" >&2; umoci new --image "$work/L:latest" >&2
+    umoci unpack --rootless --image "$work/L:latest" "$work/b" >/dev/null
+    local r=$work/b/rootfs
+    mkdir -p "$r"/{bin,etc,tmp,root,proc,sys,dev}; chmod 1777 "$r/tmp"
+    cp /bin/busybox "$r/bin/"
+    for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$r/bin/$a"; done
+    printf 'root:x:0:0:root:/root:/bin/sh\n' > "$r/etc/passwd"; printf 'root:x:0:\n' > "$r/etc/group"
+    umoci repack --image "$work/L:latest" "$work/b" >/dev/null
+    umoci config --image "$work/L:latest" --os linux --architecture amd64 --config.cmd /bin/sh >&2
+    umoci gc --layout "$work/L" >&2
+    chmod -R a+rX "$work/L"
+    mkdir -p "$(dirname "$image")"; rm -rf "$image"; mv "$work/L" "$image"; rm -rf "$work"
+  }
+  with_lock "$SWIFTLET_CACHE/bench-run.lock" make_image >&2
+  echo "$image"
+}

@@ -107,6 +107,9 @@ struct RestorePlan: Sendable {
     let directory: String
     /// The memory files, full first, then each diff on top.
     let memoryChain: [String]
+    /// Whether the restored machine tracks the pages it writes, so that its next snapshot can be
+    /// a diff of this one (KVM's dirty log costs a write fault per page first written).
+    var diffable = true
 
     func mapMemory(expecting ranges: [(GuestAddress, UInt64)]) throws(SwiftletError) -> GuestMemory {
         let memory = try MemoryFile.map(chain: memoryChain, id: snapshot.id)
@@ -186,11 +189,15 @@ extension Machine {
     /// touch), and vCPUs and devices continue where they were. The snapshot is never modified.
     /// `allowPVM` restores a Linux guest even on a PVM-backed /dev/kvm (only PVM-enabled kernels run there).
     /// A vsock device comes back with no connections (its guest is told they were reset); guest
-    /// connections to the host go to `vsockPorts`, then to `vsockForwards`.
+    /// connections to the host go to `vsockPorts`, then to `vsockForwards`. With `diffable`, the
+    /// machine tracks what it writes so that its next snapshot can be a diff of this one; a
+    /// machine that will not be snapshotted runs faster without (no write fault per first write).
     public static func restoring(from directory: String, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
                                  kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
-                                 vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:]) throws(SwiftletError) -> Machine {
-        let plan = try RestorePlan.load(absolutePath(directory))
+                                 vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
+                                 diffable: Bool = true) throws(SwiftletError) -> Machine {
+        var plan = try RestorePlan.load(absolutePath(directory))
+        plan.diffable = diffable
         let hardware = plan.snapshot.hardware
         let deviceCount = hardware.disks.count + (hardware.entropyDevice ? 1 : 0) + (hardware.vsockGuestCID != nil ? 1 : 0)
         guard plan.snapshot.devices.count == deviceCount else {

@@ -119,10 +119,12 @@ public final class Machine: Sendable {
         let ramRanges = X86Layout.ramRanges(bytes: UInt64(config.memoryMiB) << 20)
         let memory: GuestMemory
         if let restore { memory = try restore.mapMemory(expecting: ramRanges) } else { memory = try GuestMemory(anonymous: ramRanges) }
-        // A restored machine logs dirty pages from the start: its next snapshot can be a diff.
+        // A restored machine logs dirty pages from the start (unless told not to): its next
+        // snapshot can be a diff.
+        let diffable = restore?.diffable ?? false
         for (slot, region) in memory.regions.enumerated() {
             try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.start.rawValue, size: region.size, host: region.hostAddress,
-                                   logDirtyPages: restore != nil)
+                                   logDirtyPages: diffable)
         }
 
         phases.append(("memory", MonotonicClock.now))
@@ -198,14 +200,14 @@ public final class Machine: Sendable {
             try vm.restoreState(restore.snapshot.vm, advanceClock: true)
             bus.serial.restore(restore.snapshot.serial)
             for (transport, state) in zip(transports, restore.snapshot.devices) { try transport.restoreState(state) }
-            memory.startTrackingWrites()
+            if diffable { memory.startTrackingWrites() }
         }
         live.withLock {
             $0 = LiveMachine(vm: vm, vcpus: vcpus, memory: memory, serial: bus.serial, transports: transports, controller: controller,
                              cpuid: cpuids, msrIndices: msrList, hasXSave: kvm.capability(KVM_CAP_XSAVE) > 0,
                              hardware: SnapshotHardware(config, diskSizes: diskSizes),
                              guestIsLinux: restore?.snapshot.guestIsLinux ?? plan?.kernel.isLinux ?? false,
-                             dirtyLogging: restore != nil, lastSnapshot: restore.map { ($0.snapshot.id, $0.directory) })
+                             dirtyLogging: diffable, lastSnapshot: diffable ? restore.map { ($0.snapshot.id, $0.directory) } : nil)
         }
         defer { live.withLock { $0 = nil } }
 

@@ -102,7 +102,7 @@ extension Run {
     func makeMachine(signals: Int32, consoleOutput: Int32?, port: InProcessPort) throws(SwiftletError) -> (Machine, ExecRequest) {
         if let from {
             let vm = try Machine.restoring(from: from, consoleOutput: consoleOutput, kvmPath: Self.kvmPath,
-                                           allowPVM: machine.allowPVM, vsockPorts: port)
+                                           allowPVM: machine.allowPVM, vsockPorts: port, diffable: false)
             let defaults = try AgentSnapshot.defaults(of: vm, directory: from)
             return (vm, try defaults.request(command: command, environment: environment, workdir: workdir, user: user, what: from))
         }

@@ -317,6 +317,35 @@ struct CountingGuest {
         #expect(vsockRestored.restoredAnnotations == ["maker": "test"])
     }
 
+    /// A restore that will not be diffed skips dirty tracking; a diff of it is refused, a full
+    /// snapshot still works and restores.
+    @Test func aRestoreWithoutDiffTrackingCanOnlyBeSnapshottedInFull() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        let first = guest.dir.path + "/first", second = guest.dir.path + "/second"
+        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
+            try CountingGuest.waitForOutput(out)
+            _ = try machine.snapshotBlocking(to: first)
+        }
+        let restoredOut = guest.dir.path + "/restored.out"
+        let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        defer { close(fd) }
+        _ = try CountingGuest.whileRunning(Machine.restoring(from: first, consoleOutput: fd, diffable: false)) { machine in
+            try CountingGuest.waitForOutput(restoredOut)
+            #expect(machine.live.withLock { $0!.dirtyLogging } == false)
+            #expect { try machine.snapshotBlocking(to: second, kind: .diff) } throws: {
+                ($0 as! SwiftletError).message.contains("needs an earlier snapshot")
+            }
+            _ = try machine.snapshotBlocking(to: second)
+        }
+        #expect(try RestorePlan.load(second).snapshot.kind == .full)
+        let againOut = guest.dir.path + "/again.out"
+        let again = open(againOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        defer { close(again) }
+        _ = try CountingGuest.whileRunning(Machine.restoring(from: second, consoleOutput: again)) { _ in try CountingGuest.waitForOutput(againOut) }
+        CountingGuest.expectConsecutive(try CountingGuest.output(againOut), startingAt: try CountingGuest.savedCount(second).next)
+    }
+
     /// A diff that fails (here: its filesystem is full) after taking the dirty logs must not lose
     /// those pages: the next diff still holds them.
     @Test(.enabled(if: TestHost.isRoot, "mounts a small tmpfs"))

@@ -18,8 +18,9 @@ struct Observation {
     var stderr: String
 }
 
-/// Spawns `arguments`, watching stderr for `marker` (bytes), and waits for the exit.
-func observe(_ arguments: [String], marker: [UInt8], guestMemoryBytes: Int) -> Observation {
+/// Spawns `arguments`, watching stderr (or stdout, with `markerOnStdout`) for `marker` (bytes),
+/// and waits for the exit.
+func observe(_ arguments: [String], marker: [UInt8], markerOnStdout: Bool = false, guestMemoryBytes: Int) -> Observation {
     var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0]
     pipe(&outPipe); pipe(&errPipe)
     var actions = posix_spawn_file_actions_t()
@@ -48,9 +49,8 @@ func observe(_ arguments: [String], marker: [UInt8], guestMemoryBytes: Int) -> O
         for i in 0..<2 where fds[i].fd >= 0 && fds[i].revents != 0 {
             let n = buffer.withUnsafeMutableBytes { read(fds[i].fd, $0.baseAddress, $0.count) }
             if n <= 0 { close(fds[i].fd); fds[i].fd = -1; open -= 1; continue }
-            if i == 0 { out += buffer[0..<n]; continue }
-            err += buffer[0..<n]
-            if markerAt == nil, contains(err, marker) {
+            if i == 0 { out += buffer[0..<n] } else { err += buffer[0..<n] }
+            if markerAt == nil, i == (markerOnStdout ? 0 : 1), contains(markerOnStdout ? out : err, marker) {
                 markerAt = swiftlet_monotonic_ns()
                 rssAtMarker = residentKiB(pid: pid, guestMemoryBytes: guestMemoryBytes)
             }

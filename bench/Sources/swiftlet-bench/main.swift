@@ -43,6 +43,10 @@ if CommandLine.arguments.dropFirst().first == "run" {
     runBenchmark()
     exit(0)
 }
+if CommandLine.arguments.dropFirst().first == "snapshot" {
+    snapshotBenchmark()
+    exit(0)
+}
 let options = parse()
 let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off loglevel=3"
 
