@@ -1,7 +1,6 @@
 import ArgumentParser
 import FoundationEssentials
 import Glibc
-import Synchronization
 import SwiftletSystem
 import VMM
 
@@ -84,47 +83,6 @@ struct Snapshot: ParsableCommand {
         let session = AgentSession(socket: connection)
         guard try session.waitUntilReady() else { throw failure("the guest agent hung up before it was ready") }
         return try vm.snapshotBlocking(to: output, annotations: [AgentSnapshot.annotation: try AgentSnapshot.encode(root.defaults)])
-    }
-}
-
-/// A machine running on a thread of its own, whose end can be waited for with poll(2).
-final class MachineThread {
-    let vm: Machine
-    private let thread: OSThread
-    private let endedFD: EventFD
-    private let result = ResultSlot()
-    private var joined = false
-    private final class ResultSlot: Sendable { let value = Mutex<Result<MachineRunReport, SwiftletError>?>(nil) }
-
-    /// Readable once the machine has stopped.
-    var ended: Int32 { endedFD.rawValue }
-
-    init(_ vm: Machine) throws(SwiftletError) {
-        self.vm = vm
-        endedFD = try EventFD(nonBlocking: true)
-        let fd = endedFD.rawValue, slot = result
-        thread = try OSThread.start(name: "machine", stackSize: 1 << 20) {
-            let r = Result { () throws(SwiftletError) in try vm.runBlocking() }
-            slot.value.withLock { $0 = r }
-            var one: UInt64 = 1
-            _ = write(fd, &one, 8)
-        }
-    }
-
-    /// Stops the machine (if it still runs), waits for it, and returns how its run ended.
-    @discardableResult
-    func stop() -> Result<MachineRunReport, SwiftletError>? {
-        vm.stop()
-        return wait()
-    }
-
-    /// Waits for the machine to stop by itself, and returns how its run ended.
-    func wait() -> Result<MachineRunReport, SwiftletError>? {
-        if !joined {
-            thread.join()
-            joined = true
-        }
-        return result.value.withLock { $0 }
     }
 }
 
