@@ -419,14 +419,14 @@ public final class VirtioVsock: VirtioDevice {
         do throws(SwiftletError) {
             guard let chain = try queue.next(memory: memory) else { return false }
             let event = LittleEndian.bytes(UInt64(Self.transportResetEvent), 4)
-            guard try chain.writePrefix(event, memory: memory) == event.count else {
+            let delivered = try chain.writePrefix(event, memory: memory) == event.count
+            if delivered {
+                m.transportResetPending = false
+            } else {
+                // Given back empty; the event waits for the next buffer.
                 onError(SwiftletError(.invalidFormat, "virtio-vsock: an event buffer is shorter than an event"))
-                try queue.addUsed(head: chain.head, length: 0, memory: memory)
-                m.event = queue
-                return try queue.shouldInterrupt(memory: memory)
             }
-            try queue.addUsed(head: chain.head, length: UInt32(event.count), memory: memory)
-            m.transportResetPending = false
+            try queue.addUsed(head: chain.head, length: delivered ? UInt32(event.count) : 0, memory: memory)
             m.event = queue
             return try queue.shouldInterrupt(memory: memory)
         } catch {
