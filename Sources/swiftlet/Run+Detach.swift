@@ -27,9 +27,9 @@ extension Run {
             if mkdir(path, 0o755) != 0 && errno != EEXIST { throw SwiftletError.system("cannot create \(path)", errno: currentErrno) }
         }
         var environment = [Self.detachedChildVariable + "=" + id]
-        if let image {
+        if let image = source.image {
             let store = try ImageStore()
-            let resolved = try ImageResolver(store: store, insecure: insecureRegistry, policy: pull, quiet: true).resolve(image)
+            let resolved = try ImageResolver(store: store, insecure: source.insecureRegistry, policy: source.pull, quiet: true).resolve(image)
             environment.append(Self.resolvedImageVariable + "=" + resolved.image.manifest.description)
         }
         let executable = GuestAssets.resolve("/proc/self/exe") ?? CommandLine.arguments[0]

@@ -10,6 +10,28 @@ enum PullPolicy: String, ExpressibleByArgument, CaseIterable {
     case missing, always, never
 }
 
+/// The flags `run` and `snapshot` share: what the guest's root is, and whether its console shows.
+struct RootOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("The image: a registry reference, an OCI layout directory, an image archive, or - (stdin).", valueName: "ref"))
+    var image: String?
+
+    @Option(help: ArgumentHelp("When to pull --image from its registry: missing (not in the store), always, never.", valueName: "policy"))
+    var pull: PullPolicy = .missing
+
+    @Flag(help: "Reach the image's registry over plain HTTP (loopback registries always are).")
+    var insecureRegistry = false
+
+    @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
+    var rootfs: String?
+
+    @Flag(help: "Show the guest kernel's console on standard error.")
+    var console = false
+
+    func validate() throws {
+        if image != nil && rootfs != nil { throw ValidationError("--image and --rootfs cannot be used together") }
+    }
+}
+
 /// How commands run in an image: its config's entrypoint, command, environment, working
 /// directory and user. Stored with an agent snapshot, so `run --from` runs commands as the image would.
 struct ExecDefaults: Codable, Equatable {
@@ -58,9 +80,9 @@ struct RootFilesystem {
         disks.indices.map { "/dev/vd" + String(UnicodeScalar(UInt8(ascii: "a") + UInt8($0))) }.joined(separator: ",")
     }
 
-    /// The default image, `rootfs`, or `image` (pulled or imported into the store when needed).
-    static func resolve(image: String?, rootfs: String?, pull: PullPolicy, insecureRegistry: Bool,
-                        signals: Int32) throws(SwiftletError) -> RootFilesystem {
+    /// The default image, `--rootfs`, or `image` (pulled or imported into the store when needed).
+    static func resolve(_ options: RootOptions, image: String?, signals: Int32) throws(SwiftletError) -> RootFilesystem {
+        let rootfs = options.rootfs
         guard let image else {
             let path = rootfs ?? GuestAssets.defaultImage
             guard access(path, R_OK) == 0 else {
@@ -71,7 +93,8 @@ struct RootFilesystem {
         }
         let store = try ImageStore()
         precondition(ImageStore.maximumLayerDisks <= MachineConfig.maximumDisks, "an image's disks must fit the machine")
-        let resolver = ImageResolver(store: store, insecure: insecureRegistry, policy: pull, interruptions: signals >= 0 ? signals : nil)
+        let resolver = ImageResolver(store: store, insecure: options.insecureRegistry, policy: options.pull,
+                                     interruptions: signals >= 0 ? signals : nil)
         let resolved = try resolver.resolve(image)
         return RootFilesystem(disks: resolved.disks, defaults: ExecDefaults(resolved.configuration), name: image)
     }
@@ -107,8 +130,8 @@ extension Run {
             return (vm, try defaults.request(command: command, environment: environment, workdir: workdir, user: user, what: from))
         }
         // A detached run's image was resolved by the process that started it.
-        let image = getenv(Self.resolvedImageVariable).map { String(cString: $0) } ?? self.image
-        let root = try RootFilesystem.resolve(image: image, rootfs: rootfs, pull: pull, insecureRegistry: insecureRegistry, signals: signals)
+        let image = getenv(Self.resolvedImageVariable).map { String(cString: $0) } ?? source.image
+        let root = try RootFilesystem.resolve(source, image: image, signals: signals)
         let request = try root.defaults.request(command: command, environment: environment, workdir: workdir, user: user, what: root.name)
         return (Machine(config: try root.agentMachineConfig(machine, consoleOutput: consoleOutput), vsockPorts: port), request)
     }

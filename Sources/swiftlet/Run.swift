@@ -52,23 +52,10 @@ struct Run: ParsableCommand {
     @Option(help: ArgumentHelp("Stop the VM after this long (e.g. 30s, 500ms, 2m); exit status 124.", valueName: "duration"))
     var timeout: String?
 
-    @Option(help: ArgumentHelp("The image to run: a registry reference, an OCI layout directory, an image archive, or - (stdin).", valueName: "ref"))
-    var image: String?
-
-    @Option(help: ArgumentHelp("When to pull --image from its registry: missing (not in the store), always, never.", valueName: "policy"))
-    var pull: PullPolicy = .missing
-
-    @Flag(help: "Reach the image's registry over plain HTTP (loopback registries always are).")
-    var insecureRegistry = false
-
-    @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
-    var rootfs: String?
+    @OptionGroup var source: RootOptions
 
     @Option(help: ArgumentHelp("Start from this snapshot (`swiftlet snapshot`) instead of booting: the image, vCPUs and memory are the snapshot's.", valueName: "dir"))
     var from: String?
-
-    @Flag(help: "Show the guest kernel's console on standard error.")
-    var console = false
 
     @Flag(help: ArgumentHelp("Print when each phase ended (ms from process start) on stderr.", visibility: .hidden))
     var timing = false
@@ -94,8 +81,7 @@ struct Run: ParsableCommand {
         if let timeout, Self.milliseconds(timeout) == nil {
             throw ValidationError("--timeout \(timeout): expected a duration such as 30s, 500ms or 2m")
         }
-        if image != nil && rootfs != nil { throw ValidationError("--image and --rootfs cannot be used together") }
-        if from != nil && (image != nil || rootfs != nil || machine.shapesTheMachine) {
+        if from != nil && (source.image != nil || source.rootfs != nil || machine.shapesTheMachine) {
             throw ValidationError("--from starts the machine a snapshot holds: it cannot be combined with --image, --rootfs, --kernel, --cpus or --memory")
         }
         if detach && (interactive || tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
@@ -137,10 +123,10 @@ struct Run: ParsableCommand {
         Glibc.signal(SIGPIPE, SIG_IGN)
         let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
 
-        let consoleLog = console ? nil : ConsoleLog()
+        let consoleLog = source.console ? nil : ConsoleLog()
         let port = try InProcessPort(port: Self.agentPort)
         let (vm, defaultRequest) = try exitingOnSetupFailure { () throws(SwiftletError) in
-            try makeMachine(signals: signals, consoleOutput: console ? 2 : consoleLog?.fd, port: port)
+            try makeMachine(signals: signals, consoleOutput: source.console ? 2 : consoleLog?.fd, port: port)
         }
         var request = defaultRequest
         marks.append((from == nil ? "image" : "snapshot", MonotonicClock.now))

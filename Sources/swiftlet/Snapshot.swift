@@ -22,20 +22,7 @@ struct Snapshot: ParsableCommand {
     @Option(name: .shortAndLong, help: ArgumentHelp("The directory to write the snapshot to (it must not exist).", valueName: "dir"))
     var output: String
 
-    @Option(help: ArgumentHelp("The image to boot: a registry reference, an OCI layout directory, an image archive, or - (stdin).", valueName: "ref"))
-    var image: String?
-
-    @Option(help: ArgumentHelp("When to pull --image from its registry: missing (not in the store), always, never.", valueName: "policy"))
-    var pull: PullPolicy = .missing
-
-    @Flag(help: "Reach the image's registry over plain HTTP (loopback registries always are).")
-    var insecureRegistry = false
-
-    @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
-    var rootfs: String?
-
-    @Flag(help: "Show the guest kernel's console on standard error.")
-    var console = false
+    @OptionGroup var source: RootOptions
 
     @Flag(help: "Print what was written as JSON on standard output.")
     var json = false
@@ -43,7 +30,6 @@ struct Snapshot: ParsableCommand {
     @OptionGroup var machine: MachineOptions
 
     func validate() throws {
-        if image != nil && rootfs != nil { throw ValidationError("--image and --rootfs cannot be used together") }
         if output.isEmpty { throw ValidationError("-o needs a directory") }
     }
 
@@ -61,10 +47,10 @@ struct Snapshot: ParsableCommand {
         if access(output, F_OK) == 0 {
             throw SwiftletError(.invalidArgument, "\(output) already exists: snapshots go to a new directory")
         }
-        let root = try RootFilesystem.resolve(image: image, rootfs: rootfs, pull: pull, insecureRegistry: insecureRegistry, signals: -1)
-        let consoleLog = console ? nil : ConsoleLog()
+        let root = try RootFilesystem.resolve(source, image: source.image, signals: -1)
+        let consoleLog = source.console ? nil : ConsoleLog()
         let port = try InProcessPort(port: Run.agentPort)
-        let vm = Machine(config: try root.agentMachineConfig(machine, consoleOutput: console ? 2 : consoleLog?.fd), vsockPorts: port)
+        let vm = Machine(config: try root.agentMachineConfig(machine, consoleOutput: source.console ? 2 : consoleLog?.fd), vsockPorts: port)
         let machineThread = try MachineThread(vm)
         defer { machineThread.stop() }
 
