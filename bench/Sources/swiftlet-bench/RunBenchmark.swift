@@ -9,22 +9,11 @@ import Glibc
 // Usage: swiftlet-bench run --swiftlet PATH --kernel VMLINUX (--image OCI-LAYOUT | --rootfs EROFS) [--runs N] [--qemu PATH]
 
 func runBenchmark() {
-    var swiftletPath = "/usr/local/bin/swiftlet", qemuPath = "/usr/bin/qemu-system-x86_64"
-    var kernel = "", rootfs = "", image = "", runs = 30, memoryMiB = 256
-    var args = CommandLine.arguments.dropFirst(2)
-    while let flag = args.popFirst() {
-        guard let value = args.popFirst() else { fatal("\(flag) needs a value") }
-        switch flag {
-        case "--swiftlet": swiftletPath = value
-        case "--qemu": qemuPath = value
-        case "--kernel": kernel = value
-        case "--rootfs": rootfs = value
-        case "--image": image = value
-        case "--runs": runs = Int(value) ?? 30
-        case "--memory": memoryMiB = Int(value) ?? 256
-        default: fatal("unknown flag \(flag)")
-        }
-    }
+    let flags = subcommandFlags(["--swiftlet", "--qemu", "--kernel", "--rootfs", "--image", "--runs", "--memory"])
+    let swiftletPath = flags["--swiftlet"] ?? "/usr/local/bin/swiftlet", qemuPath = flags["--qemu"] ?? "/usr/bin/qemu-system-x86_64"
+    let kernel = flags["--kernel"] ?? "", image = flags["--image"] ?? ""
+    var rootfs = flags["--rootfs"] ?? ""
+    let runs = flags["--runs"].flatMap { Int($0) } ?? 30, memoryMiB = flags["--memory"].flatMap { Int($0) } ?? 256
     guard !kernel.isEmpty, !rootfs.isEmpty || !image.isEmpty else { fatal("--kernel and --image or --rootfs are required") }
 
     var source = ["--rootfs", rootfs]
@@ -60,15 +49,7 @@ func runBenchmark() {
             guard o.status == 0 else { fatal("\(which == 0 ? "swiftlet" : "qemu") run \(i) failed (status \(o.status)):\n\(o.stdout)\n\(o.stderr)") }
             if which == 0 {
                 swiftletRuns.append(o)
-                // "timing image=1.2 vm=... connected=... ready=... command=... teardown=..."
-                guard let line = o.stderr.split(separator: "\n").first(where: { $0.contains("timing ") }) else { fatal("no timing line:\n\(o.stderr)") }
-                var previous = 0.0
-                for field in line.split(separator: " ").dropFirst(2) {
-                    let parts = field.split(separator: "=")
-                    guard parts.count == 2, let at = Double(parts[1]) else { continue }
-                    phases[String(parts[0]), default: []].append(at - previous)
-                    previous = at
-                }
+                addTimingPhases(o.stderr, to: &phases)
             } else {
                 qemuRuns.append(o)
             }
@@ -93,6 +74,31 @@ func runBenchmark() {
           "ratio_p50": \(String((s50 / q50 * 1000).rounded() / 1000))
         }
         """)
+}
+
+/// The flags of a subcommand (`swiftlet-bench NAME --flag value ...`), each of `known` at most once.
+func subcommandFlags(_ known: Set<String>) -> [String: String] {
+    var flags: [String: String] = [:]
+    var args = CommandLine.arguments.dropFirst(2)
+    while let flag = args.popFirst() {
+        guard let value = args.popFirst() else { fatal("\(flag) needs a value") }
+        guard known.contains(flag) else { fatal("unknown flag \(flag)") }
+        flags[flag] = value
+    }
+    return flags
+}
+
+/// Adds the phases of a `swiftlet run --timing` line ("timing A=ms B=ms ...", each mark in ms from
+/// process start) to `phases`, as the time from the previous mark (the first from 0).
+func addTimingPhases(_ stderr: String, to phases: inout [String: [Double]]) {
+    guard let line = stderr.split(separator: "\n").first(where: { $0.contains("timing ") }) else { fatal("no timing line:\n\(stderr)") }
+    var previous = 0.0
+    for field in line.split(separator: " ").dropFirst(2) {
+        let parts = field.split(separator: "=")
+        guard parts.count == 2, let at = Double(parts[1]) else { continue }
+        phases[String(parts[0]), default: []].append(at - previous)
+        previous = at
+    }
 }
 
 extension String {

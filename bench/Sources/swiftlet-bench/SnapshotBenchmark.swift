@@ -10,19 +10,9 @@ import Glibc
 // Usage: swiftlet-bench snapshot --swiftlet PATH --image OCI-LAYOUT --work DIR [--runs N] [--memory MiB]
 
 func snapshotBenchmark() {
-    var swiftletPath = "/usr/local/bin/swiftlet", image = "", work = "", runs = 30, memoryMiB = 512
-    var args = CommandLine.arguments.dropFirst(2)
-    while let flag = args.popFirst() {
-        guard let value = args.popFirst() else { fatal("\(flag) needs a value") }
-        switch flag {
-        case "--swiftlet": swiftletPath = value
-        case "--image": image = value
-        case "--work": work = value
-        case "--runs": runs = Int(value) ?? 30
-        case "--memory": memoryMiB = Int(value) ?? 512
-        default: fatal("unknown flag \(flag)")
-        }
-    }
+    let flags = subcommandFlags(["--swiftlet", "--image", "--work", "--runs", "--memory"])
+    let swiftletPath = flags["--swiftlet"] ?? "/usr/local/bin/swiftlet", image = flags["--image"] ?? "", work = flags["--work"] ?? ""
+    let runs = flags["--runs"].flatMap { Int($0) } ?? 30, memoryMiB = flags["--memory"].flatMap { Int($0) } ?? 512
     guard !image.isEmpty, !work.isEmpty else { fatal("--image and --work are required") }
     let pulled = spawnAndCollect([swiftletPath, "image", "pull", "-q", image])
     guard pulled.status == 0 else { fatal("swiftlet image pull \(image) failed:\n\(pulled.stderr)") }
@@ -57,15 +47,7 @@ func snapshotBenchmark() {
             }
             if which == 1 { coldRuns.append(o); continue }
             restoreRuns.append(o)
-            // "timing snapshot=... vm=... connected=... ready=... command=... teardown=..."
-            guard let line = o.stderr.split(separator: "\n").first(where: { $0.contains("timing ") }) else { fatal("no timing line:\n\(o.stderr)") }
-            var previous = 0.0
-            for field in line.split(separator: " ").dropFirst(2) {
-                let parts = field.split(separator: "=")
-                guard parts.count == 2, let at = Double(parts[1]) else { continue }
-                phases[String(parts[0]), default: []].append(at - previous)
-                previous = at
-            }
+            addTimingPhases(o.stderr, to: &phases)
         }
     }
     let restoreFirst = restoreRuns.map { $0.markerMs! }, coldFirst = coldRuns.map { $0.markerMs! }

@@ -19,22 +19,17 @@ struct Options {
 
 func parse() -> Options {
     var o = Options()
-    var args = CommandLine.arguments.dropFirst()
-    guard args.first == "boot" else { fatal("usage: swiftlet-bench run ... | swiftlet-bench boot --kernel VMLINUX --initrd CPIO [--runs N] [--swiftlet PATH] [--qemu PATH] [--memory MiB]") }
-    args = args.dropFirst()
-    while let flag = args.popFirst() {
-        guard let value = args.popFirst() else { fatal("\(flag) needs a value") }
-        switch flag {
-        case "--swiftlet": o.swiftlet = value
-        case "--qemu": o.qemu = value
-        case "--kernel": o.kernel = value
-        case "--initrd": o.initrd = value
-        case "--runs": o.runs = Int(value) ?? 30
-        case "--cost-runs": o.costRuns = Int(value) ?? 5
-        case "--memory": o.memoryMiB = Int(value) ?? 256
-        default: fatal("unknown flag \(flag)")
-        }
+    guard CommandLine.arguments.dropFirst().first == "boot" else {
+        fatal("usage: swiftlet-bench run ... | swiftlet-bench snapshot ... | swiftlet-bench boot --kernel VMLINUX --initrd CPIO [--runs N] [--swiftlet PATH] [--qemu PATH] [--memory MiB]")
     }
+    let flags = subcommandFlags(["--swiftlet", "--qemu", "--kernel", "--initrd", "--runs", "--cost-runs", "--memory"])
+    o.swiftlet = flags["--swiftlet"] ?? o.swiftlet
+    o.qemu = flags["--qemu"] ?? o.qemu
+    o.kernel = flags["--kernel"] ?? o.kernel
+    o.initrd = flags["--initrd"] ?? o.initrd
+    o.runs = flags["--runs"].flatMap { Int($0) } ?? o.runs
+    o.costRuns = flags["--cost-runs"].flatMap { Int($0) } ?? o.costRuns
+    o.memoryMiB = flags["--memory"].flatMap { Int($0) } ?? o.memoryMiB
     guard !o.kernel.isEmpty, !o.initrd.isEmpty else { fatal("--kernel and --initrd are required") }
     return o
 }
