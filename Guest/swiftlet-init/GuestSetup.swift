@@ -7,6 +7,9 @@ struct BootOptions {
     /// under the root's writable layer; empty to stay in the initramfs.
     var root: [String] = []
     var rootType: String?
+    /// A writable ext4 disk for the root's upper layer (`swiftlet.upper=/dev/vdc`), so writes
+    /// outlive the VM; without it they go to memory (tmpfs).
+    var upper: String?
     var hostPort: UInt32 = 1024
     var hostname = "swiftlet"
 
@@ -17,6 +20,7 @@ struct BootOptions {
             switch key {
             case "swiftlet.root": root = value.split(separator: ",").map(String.init)
             case "swiftlet.rootfstype": rootType = value
+            case "swiftlet.upper": upper = value
             case "swiftlet.port": hostPort = UInt32(value) ?? hostPort
             case "swiftlet.hostname": hostname = value
             default: break
@@ -30,7 +34,7 @@ enum GuestSetup {
         if access("/proc/self", F_OK) != 0 { mountOrDie("proc", "/proc", "proc") } // /init usually did
         mountOrDie("sysfs", "/sys", "sysfs")
         mountOrDie("devtmpfs", "/dev", "devtmpfs")
-        if !options.root.isEmpty { switchRoot(to: options.root, type: options.rootType) }
+        if !options.root.isEmpty { switchRoot(to: options.root, type: options.rootType, upper: options.upper) }
         makeDirectory("/dev/pts")
         mountOrDie("devpts", "/dev/pts", "devpts", data: "newinstance,ptmxmode=0666,mode=0620")
         makeDirectory("/dev/shm")
@@ -45,8 +49,9 @@ enum GuestSetup {
         guest_block_signal(SIGCHLD)
     }
 
-    /// Stacks a writable tmpfs over the read-only layer disks and makes the result the root.
-    static func switchRoot(to layers: [String], type: String?) {
+    /// Stacks a writable layer (the `upper` disk, else a tmpfs) over the read-only layer disks and
+    /// makes the result the root.
+    static func switchRoot(to layers: [String], type: String?, upper: String?) {
         makeDirectory("/mnt"); makeDirectory("/mnt/layers"); makeDirectory("/mnt/rw"); makeDirectory("/mnt/root")
         var lowerDirectories: [String] = []
         for (index, device) in layers.enumerated() {
@@ -59,7 +64,13 @@ enum GuestSetup {
             guard mounted else { Log.fatal("cannot mount the image disk \(device): \(String(cString: strerror(errno)))") }
             lowerDirectories.append(target)
         }
-        mountOrDie("tmpfs", "/mnt/rw", "tmpfs", data: "mode=0755")
+        if let upper {
+            guard mount(upper, "/mnt/rw", "ext4", 0, nil) == 0 else {
+                Log.fatal("cannot mount the machine's writable disk \(upper): \(String(cString: strerror(errno)))")
+            }
+        } else {
+            mountOrDie("tmpfs", "/mnt/rw", "tmpfs", data: "mode=0755")
+        }
         makeDirectory("/mnt/rw/upper"); makeDirectory("/mnt/rw/work")
         // overlayfs lists lower layers top first.
         let lower = lowerDirectories.reversed().joined(separator: ":")

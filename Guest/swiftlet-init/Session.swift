@@ -14,9 +14,12 @@ struct Session {
     var pendingInput: [UInt8] = []
     var inputClosed = false
     let signals: Int32
+    /// Opens a new connection to the host (for `openSession`).
+    let connect: () -> Int32
 
-    init(connection: Int32) {
+    init(connection: Int32, connect: @escaping () -> Int32) {
         self.connection = connection
+        self.connect = connect
         guest_block_signal(SIGCHLD)
         signals = guest_signalfd(SIGCHLD)
         send(.ready(version: AgentMessage.version))
@@ -113,9 +116,28 @@ struct Session {
             if let c = command, c.status == nil { kill(-c.pid, number) }
         case .resize(let rows, let columns):
             if let c = command, c.terminal, let output = c.output { guest_set_window_size(output, rows, columns) }
+        case .openSession:
+            openSession()
         case .ready, .started, .stdout, .stderr, .exited, .failed:
             Log.write("ignoring a host message meant for the host")
         }
+    }
+
+    /// Forks a process that serves a new connection to the host, so that the host can run another
+    /// command beside this session's. It ends with its connection; the agent reaps it as an orphan.
+    func openSession() {
+        let pid = fork()
+        if pid < 0 { Log.write("cannot fork a session: \(String(cString: strerror(errno)))"); return }
+        if pid > 0 { return }
+        // The new process must not hold this session's descriptors: a command's input stays open
+        // while anyone holds its write end.
+        close(connection)
+        close(signals)
+        if let c = command { for fd in Set([c.input, c.output, c.error].compactMap({ $0 })) { close(fd) } }
+        var session = Session(connection: connect(), connect: connect)
+        _ = session.run()
+        session.stopCommand()
+        exit(0)
     }
 
     /// Writes pending host input to the command; closes its input once the host's has ended.

@@ -27,7 +27,7 @@ if arguments.count == 3 && arguments[1] == "--unix" {
 } else {
     Log.fatal("usage: swiftlet-init (as PID 1 in a Swiftlet guest) | swiftlet-init --unix SOCKET")
 }
-var session = Session(connection: connect())
+var session = Session(connection: connect(), connect: connect)
 // A lost connection (a restore from a snapshot resets vsock connections) is made again: the host
 // that restored the machine waits for the agent's `ready`. The host closing it ends the machine.
 while session.run() == .connectionLost {

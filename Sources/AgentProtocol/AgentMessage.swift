@@ -24,8 +24,11 @@ public enum AgentMessage: Equatable, Sendable {
     case signal(Int32)
     /// The host terminal changed size (rows, columns).
     case resize(rows: UInt16, columns: UInt16)
+    /// Open another connection to the host for a command of its own (the agent answers on the new
+    /// connection with `ready`); lets one machine run several commands at once.
+    case openSession
 
-    public static let version: UInt32 = 1
+    public static let version: UInt32 = 2
 }
 
 /// What to run and how.

@@ -7,6 +7,10 @@
 #include <cpuid.h>
 #include <sys/random.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <string.h>
+#include <errno.h>
 
 const unsigned long SWIFTLET_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
 const unsigned long SWIFTLET_KVM_CREATE_VM = KVM_CREATE_VM;
@@ -113,3 +117,92 @@ int swiftlet_install_wakeup_signal(int signo) {
     action.sa_flags = 0; // no SA_RESTART: KVM_RUN must return EINTR
     return sigaction(signo, &action, NULL);
 }
+
+static int unix_address(const char *path, struct sockaddr_un *address) {
+    memset(address, 0, sizeof *address);
+    address->sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof address->sun_path) { errno = ENAMETOOLONG; return -1; }
+    strcpy(address->sun_path, path);
+    return 0;
+}
+
+int swiftlet_unix_listen(const char *path, int backlog) {
+    struct sockaddr_un address;
+    if (unix_address(path, &address) != 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0 || listen(fd, backlog) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int swiftlet_unix_connect(const char *path) {
+    struct sockaddr_un address;
+    if (unix_address(path, &address) != 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    int r;
+    do { r = connect(fd, (struct sockaddr *)&address, sizeof address); } while (r != 0 && errno == EINTR);
+    if (r != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+#define SWIFTLET_MAX_PASSED_FDS 8
+
+long swiftlet_send_with_fds(int socket, const void *bytes, unsigned long length, const int *fds, int count) {
+    if (count < 0 || count > SWIFTLET_MAX_PASSED_FDS || length == 0) { errno = EINVAL; return -1; }
+    struct iovec iov = { .iov_base = (void *)bytes, .iov_len = length };
+    union { char buffer[CMSG_SPACE(sizeof(int) * SWIFTLET_MAX_PASSED_FDS)]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr message = { .msg_iov = &iov, .msg_iovlen = 1 };
+    if (count > 0) {
+        message.msg_control = control.buffer;
+        message.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)count);
+        struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+        header->cmsg_level = SOL_SOCKET;
+        header->cmsg_type = SCM_RIGHTS;
+        header->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)count);
+        memcpy(CMSG_DATA(header), fds, sizeof(int) * (size_t)count);
+    }
+    long n;
+    do { n = sendmsg(socket, &message, MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+long swiftlet_receive_with_fds(int socket, void *bytes, unsigned long length, int *fds, int capacity, int *count) {
+    *count = 0;
+    struct iovec iov = { .iov_base = bytes, .iov_len = length };
+    union { char buffer[CMSG_SPACE(sizeof(int) * SWIFTLET_MAX_PASSED_FDS)]; struct cmsghdr align; } control;
+    struct msghdr message = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer };
+    long n;
+    do { n = recvmsg(socket, &message, MSG_CMSG_CLOEXEC); } while (n < 0 && errno == EINTR);
+    if (n < 0) return n;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        int received = (int)((header->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int passed[SWIFTLET_MAX_PASSED_FDS];
+        memcpy(passed, CMSG_DATA(header), sizeof(int) * (size_t)received);
+        for (int i = 0; i < received; i++) {
+            if (*count < capacity) fds[(*count)++] = passed[i];
+            else close(passed[i]);
+        }
+    }
+    return n;
+}
+
+int swiftlet_accept(int listener) {
+    int fd;
+    do { fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC); } while (fd < 0 && errno == EINTR);
+    return fd;
+}
+
+int swiftlet_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC); }

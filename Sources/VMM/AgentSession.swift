@@ -1,14 +1,17 @@
 import AgentProtocol
 import CLinux
 import Glibc
+import Synchronization
 import SwiftletSystem
 
 /// The host's side of the connection to a guest's `swiftlet-init`: waits for it to be ready, runs a
 /// command, and relays the command's standard streams and signals until it ends.
 public final class AgentSession: @unchecked Sendable {
-    // SAFETY (Sendable): used by one thread at a time (the one running `run`); `close` only shuts
-    // the socket down, which is safe from any thread.
+    // SAFETY (Sendable): received from by one thread at a time (the one running `run`); `send`
+    // is serialized by `sending`, and `shutdown` only shuts the socket down: both are safe from
+    // any thread.
     private let socket: OwnedFileDescriptor
+    private let sending = Mutex<Void>(())
     private var reader = AgentFrameReader()
     private var buffer = [UInt8](repeating: 0, count: 64 << 10)
 
@@ -108,11 +111,20 @@ public final class AgentSession: @unchecked Sendable {
         try send(.resize(rows: rows, columns: columns))
     }
 
+    /// Sends one message; safe from any thread while another runs a command (for signals).
     public func send(_ message: AgentMessage) throws(SwiftletError) {
         let frame = AgentFrame.encode(message)
         let fd = socket.rawValue
-        let result = frame.withUnsafeBytes { bytes in Result { () throws(SwiftletError) in try OwnedFileDescriptor.writeAll(fd: fd, bytes) } }
+        let result = sending.withLock { _ in
+            frame.withUnsafeBytes { bytes in Result { () throws(SwiftletError) in try OwnedFileDescriptor.writeAll(fd: fd, bytes) } }
+        }
         try result.get()
+    }
+
+    /// Ends the connection in both directions: the agent ends the session's command, and `run`
+    /// (on another thread) returns with an error.
+    public func shutdown() {
+        _ = Glibc.shutdown(socket.rawValue, Int32(SHUT_RDWR))
     }
 
     /// Reads what the socket has and decodes every complete message; nil at end of stream.

@@ -76,13 +76,17 @@ struct RootFilesystem {
     var name: String
 
     /// `swiftlet.root=` for the agent: the disks' guest devices, bottom first.
-    var deviceList: String {
-        disks.indices.map { "/dev/vd" + String(UnicodeScalar(UInt8(ascii: "a") + UInt8($0))) }.joined(separator: ",")
-    }
+    var deviceList: String { disks.indices.map(Self.deviceName).joined(separator: ",") }
+
+    /// The guest device of the machine's disk number `index` (/dev/vda, /dev/vdb, ...).
+    static func deviceName(_ index: Int) -> String { "/dev/vd" + String(UnicodeScalar(UInt8(ascii: "a") + UInt8(index))) }
 
     /// The default image, `--rootfs`, or `image` (pulled or imported into the store when needed).
     static func resolve(_ options: RootOptions, image: String?, signals: Int32) throws(SwiftletError) -> RootFilesystem {
-        let rootfs = options.rootfs
+        try resolve(image: image, rootfs: options.rootfs, insecure: options.insecureRegistry, policy: options.pull, signals: signals)
+    }
+
+    static func resolve(image: String?, rootfs: String?, insecure: Bool, policy: PullPolicy, signals: Int32) throws(SwiftletError) -> RootFilesystem {
         guard let image else {
             let path = rootfs ?? GuestAssets.defaultImage
             guard access(path, R_OK) == 0 else {
@@ -93,7 +97,7 @@ struct RootFilesystem {
         }
         let store = try ImageStore()
         precondition(ImageStore.maximumLayerDisks <= MachineConfig.maximumDisks, "an image's disks must fit the machine")
-        let resolver = ImageResolver(store: store, insecure: options.insecureRegistry, policy: options.pull,
+        let resolver = ImageResolver(store: store, insecure: insecure, policy: policy,
                                      interruptions: signals >= 0 ? signals : nil)
         let resolved = try resolver.resolve(image)
         return RootFilesystem(disks: resolved.disks, defaults: ExecDefaults(resolved.configuration), name: image)
@@ -101,14 +105,19 @@ struct RootFilesystem {
 
     /// A machine that boots the guest agent on this root, its agent on vsock port `Run.agentPort`.
     func agentMachineConfig(_ machine: MachineOptions, consoleOutput: Int32?) throws(SwiftletError) -> MachineConfig {
+        try agentMachineConfig(kernel: machine.kernel, cpus: machine.cpus, memoryMiB: machine.memory, allowPVM: machine.allowPVM,
+                               consoleOutput: consoleOutput)
+    }
+
+    func agentMachineConfig(kernel: String?, cpus: Int, memoryMiB: Int, allowPVM: Bool, consoleOutput: Int32?) throws(SwiftletError) -> MachineConfig {
         let agent = GuestAssets.agentInitrd
         guard access(agent, R_OK) == 0 else {
             throw SwiftletError(.notFound, "no guest agent initramfs at \(agent): build it with `make build`")
         }
         var config = MachineConfig(
-            kernelPath: machine.kernel ?? GuestAssets.defaultKernel(), initrdPath: agent,
+            kernelPath: kernel ?? GuestAssets.defaultKernel(), initrdPath: agent,
             commandLine: MachineConfig.defaultCommandLine + " swiftlet.root=\(deviceList) swiftlet.port=\(Run.agentPort)",
-            cpuCount: machine.cpus, memoryMiB: machine.memory, allowPVM: machine.allowPVM, consoleOutput: consoleOutput,
+            cpuCount: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput,
             consoleInput: nil, disks: disks.map { DiskConfig(path: $0, readOnly: true) }, entropyDevice: true,
             vsock: VsockConfig())
         config.kvmPath = Run.kvmPath

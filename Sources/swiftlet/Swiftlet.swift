@@ -7,7 +7,7 @@ struct Swiftlet: ParsableCommand {
         commandName: "swiftlet",
         abstract: "Run Linux in microVMs on KVM.",
         version: "0.1.0",
-        subcommands: [Run.self, Snapshot.self, Boot.self, Image.self, Kernel.self])
+        subcommands: [Run.self, MachineCommand.self, Snapshot.self, Boot.self, Image.self, Kernel.self])
 }
 
 /// Prints `swiftlet: message` to stderr.

@@ -7,7 +7,7 @@ import Testing
         .failed(status: 127, message: "nosuch: command not found"),
         .exec(ExecRequest(arguments: ["sh", "-c", "echo ü"], environment: ["A=1", "PATH=/bin"], workingDirectory: "/tmp",
                           user: "1000:1000", terminal: true, rows: 50, columns: 132)),
-        .stdin(Array(repeating: 0xFF, count: 70_000)), .closeStdin, .signal(2), .resize(rows: 10, columns: 20),
+        .stdin(Array(repeating: 0xFF, count: 70_000)), .closeStdin, .signal(2), .resize(rows: 10, columns: 20), .openSession,
     ]
 
     @Test(arguments: samples)

@@ -102,6 +102,22 @@ uint64_t swiftlet_process_start_ns(void);
 /// CLOCK_MONOTONIC now, in nanoseconds.
 uint64_t swiftlet_monotonic_ns(void);
 
+/// A listening Unix stream socket bound at `path` (close-on-exec); -1 with errno on error
+/// (ENAMETOOLONG when the path does not fit sockaddr_un).
+int swiftlet_unix_listen(const char *path, int backlog);
+/// accept4(2) with SOCK_CLOEXEC (a GNU extension), retried on EINTR.
+int swiftlet_accept(int listener);
+/// pipe2(2) with O_CLOEXEC (a GNU extension).
+int swiftlet_pipe(int fds[2]);
+/// A Unix stream socket connected to `path` (close-on-exec); -1 with errno on error.
+int swiftlet_unix_connect(const char *path);
+/// Sends `length` bytes (at least one) with `count` descriptors attached (SCM_RIGHTS); the bytes
+/// sent, or -1 with errno.
+long swiftlet_send_with_fds(int socket, const void *bytes, unsigned long length, const int *fds, int count);
+/// Receives up to `length` bytes and up to `capacity` attached descriptors (made close-on-exec),
+/// stored in `fds` with their number in `*count`; the bytes received, or -1 with errno.
+long swiftlet_receive_with_fds(int socket, void *bytes, unsigned long length, int *fds, int capacity, int *count);
+
 /// Installs a do-nothing handler (without SA_RESTART) for `signo`, so that sending it to a thread
 /// interrupts a blocking system call such as KVM_RUN with EINTR.
 int swiftlet_install_wakeup_signal(int signo);

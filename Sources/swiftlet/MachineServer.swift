@@ -1,0 +1,262 @@
+import AgentProtocol
+import CLinux
+import Glibc
+import Synchronization
+import SwiftletSystem
+import VMM
+
+/// A persistent machine's VMM process (`swiftlet machine serve NAME`, started by `machine start`):
+/// holds the machine's lock, boots it with its writable disk, and serves the control socket until
+/// the guest stops. Each control connection gets a thread; each `exec` a session of its own with
+/// the guest agent (`openSession`), so commands run side by side.
+enum MachineServer {
+    /// Runs the machine. `ready` (the `start` process's pipe) is told `ready` once the agent
+    /// answers, or why the machine could not start. Returns the process's exit status.
+    static func serve(_ directory: MachineDirectory, ready: Int32) -> Int32 {
+        Glibc.signal(SIGPIPE, SIG_IGN)
+        // SIGTERM and SIGINT ask for a clean stop, as `machine stop` does.
+        var stopSignals = [SIGTERM, SIGINT, SIGHUP]
+        let signals = swiftlet_signalfd(&stopSignals, Int32(stopSignals.count))
+        func tell(_ text: String) {
+            var line = text + "\n"
+            line.withUTF8 { _ = try? OwnedFileDescriptor.writeAll(fd: ready, UnsafeRawBufferPointer($0)) }
+            // Nobody waits for more: the descriptor becomes /dev/null so the `start` process sees its end.
+            let null = open("/dev/null", O_WRONLY | O_CLOEXEC)
+            if null >= 0 { dup2(null, ready); close(null) }
+        }
+        let record: MachineRecord, lock: OwnedFileDescriptor
+        do {
+            record = try directory.record()
+            lock = try OwnedFileDescriptor.open(directory.lockPath, flags: O_RDWR | O_CREAT, mode: 0o600, what: directory.lockPath)
+        } catch {
+            tell("error: " + error.description)
+            return Status.setupFailed
+        }
+        guard flock(lock.rawValue, LOCK_EX | LOCK_NB) == 0 else {
+            tell("error: machine \(directory.name) is already running")
+            return Status.setupFailed
+        }
+        do {
+            let outcome = try run(directory, record: record, signals: signals, ready: { tell("ready") })
+            writeLastExit(directory, outcome.text)
+            cleanUp(directory)
+            _ = lock
+            return outcome.status
+        } catch {
+            tell("error: " + error.description)
+            printError(error.description)
+            writeLastExit(directory, "could not start: " + error.description)
+            cleanUp(directory)
+            return Status.setupFailed
+        }
+    }
+
+    private static func writeLastExit(_ directory: MachineDirectory, _ text: String) {
+        try? MachineDirectory.writeAtomically(directory.lastExitPath, Array((text + "\n").utf8))
+    }
+
+    private static func cleanUp(_ directory: MachineDirectory) {
+        unlink(directory.socketPath)
+        unlink(directory.pidPath)
+    }
+
+    /// The machine's config: its image's layers read-only, its own disk writable under them.
+    static func config(_ record: MachineRecord, directory: MachineDirectory, console: Int32) throws(SwiftletError) -> MachineConfig {
+        let root = RootFilesystem(disks: record.layers, defaults: record.defaults, name: record.source)
+        var config = try root.agentMachineConfig(kernel: record.kernel, cpus: record.cpus, memoryMiB: record.memoryMiB,
+                                                 allowPVM: false, consoleOutput: console)
+        let upper = RootFilesystem.deviceName(record.layers.count)
+        config.commandLine += " swiftlet.upper=\(upper) swiftlet.hostname=\(record.name)"
+        config.disks.append(DiskConfig(path: directory.diskPath, readOnly: false))
+        return config
+    }
+
+    private static func run(_ directory: MachineDirectory, record: MachineRecord, signals: Int32,
+                            ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
+        try MachineDirectory.writeAtomically(directory.pidPath, Array("\(getpid())\n".utf8))
+        unlink(directory.socketPath)
+        let listener = swiftlet_unix_listen(directory.socketPath, 16)
+        guard listener >= 0 else { throw SwiftletError.system("cannot listen on \(directory.socketPath)", errno: currentErrno) }
+        defer { close(listener) }
+        let console = try OwnedFileDescriptor.open(directory.consolePath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644,
+                                                   what: directory.consolePath)
+        let port = try InProcessPort(port: Run.agentPort)
+        let vm = Machine(config: try config(record, directory: directory, console: console.rawValue), vsockPorts: port)
+        let machineThread = try MachineThread(vm)
+        defer { machineThread.stop() }
+
+        func ending() -> (status: Int32, text: String) {
+            switch machineThread.wait() {
+            case .failure(let error)?: return (Status.setupFailed, "failed: " + error.description)
+            case .success(let report)?:
+                return report.exit.isClean ? (0, "stopped: " + report.exit.description) : (Status.guestCrashed, "crashed: " + report.exit.description)
+            case nil: return (Status.setupFailed, "failed")
+            }
+        }
+        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else {
+            let (_, text) = ending()
+            throw SwiftletError(.guestFailure, "the guest stopped before its agent connected (\(text)); its console is in \(directory.consolePath)")
+        }
+        let agent = AgentSession(socket: connection)
+        guard try agent.waitUntilReady() else {
+            let (_, text) = ending()
+            throw SwiftletError(.guestFailure, "the guest agent hung up before it was ready (\(text)); its console is in \(directory.consolePath)")
+        }
+        let server = ControlServer(vm: vm, agent: agent, port: port, ended: machineThread.ended, record: record)
+        ready()
+
+        while true {
+            var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: machineThread.ended, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: signals, events: Int16(POLLIN), revents: 0)]
+            let n = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), -1) }
+            if n < 0 { if errno == EINTR { continue }; throw SwiftletError.system("poll failed", errno: currentErrno) }
+            if fds[1].revents != 0 { break }
+            if fds[2].revents != 0 {
+                while swiftlet_read_signal(signals) > 0 {}
+                server.stop(timeoutMilliseconds: 10_000)
+            }
+            if fds[0].revents != 0 {
+                let client = swiftlet_accept(listener)
+                guard client >= 0 else { continue }
+                let channel = ControlChannel(taking: client)
+                if (try? OSThread.start(name: "control", { server.handle(channel) })) == nil {
+                    try? channel.send(ControlReply.failed("the machine's VMM process cannot start a thread"))
+                }
+            }
+        }
+        server.waitForStop()
+        return ending()
+    }
+}
+
+/// Answers control requests for a running machine; one instance shared by every connection's thread.
+final class ControlServer: Sendable {
+    let vm: Machine
+    let agent: AgentSession
+    let port: InProcessPort
+    let ended: Int32
+    let record: MachineRecord
+    let started = MonotonicClock.now
+    private let paused = Atomic<Bool>(false)
+    /// Set once a stop began; the thread that enforces its deadline.
+    private let stopper = Mutex<OSThread?>(nil)
+
+    init(vm: Machine, agent: AgentSession, port: InProcessPort, ended: Int32, record: MachineRecord) {
+        self.vm = vm; self.agent = agent; self.port = port; self.ended = ended; self.record = record
+    }
+
+    func handle(_ channel: ControlChannel) {
+        guard let (request, fds) = try? channel.receive(ControlRequest.self) else { return }
+        defer { fds.forEach { close($0) } }
+        let reply: ControlReply
+        switch request.operation {
+        case .status:
+            reply = ControlReply(state: paused.load(ordering: .acquiring) ? "paused" : "running", pid: getpid(), cpus: record.cpus,
+                                 memoryMiB: record.memoryMiB, uptimeMilliseconds: Int((MonotonicClock.now - started) / 1_000_000))
+        case .pause, .resume:
+            let pause = request.operation == .pause
+            do {
+                if pause { try vm.pauseBlocking() } else { try vm.resumeBlocking() }
+                paused.store(pause, ordering: .releasing)
+                reply = ControlReply()
+            } catch {
+                reply = .failed(error.description)
+            }
+        case .stop:
+            stop(timeoutMilliseconds: request.timeoutMilliseconds ?? 10_000)
+            reply = ControlReply()
+        case .exec:
+            reply = exec(request, fds: fds, channel: channel)
+        }
+        try? channel.send(reply)
+    }
+
+    /// Asks the guest to shut down (the agent powers off when its first connection closes), and
+    /// stops the machine by force if it has not after `timeoutMilliseconds`.
+    func stop(timeoutMilliseconds: Int) {
+        stopper.withLock { thread in
+            guard thread == nil else { return }
+            if paused.load(ordering: .acquiring) {
+                try? vm.resumeBlocking()
+                paused.store(false, ordering: .releasing)
+            }
+            agent.shutdown()
+            let vm = self.vm, ended = self.ended
+            thread = try? OSThread.start(name: "stop") {
+                var p = pollfd(fd: ended, events: Int16(POLLIN), revents: 0)
+                let deadline = MonotonicClock.now + UInt64(max(0, timeoutMilliseconds)) * 1_000_000
+                while MonotonicClock.now < deadline {
+                    let left = Int32(min(Int(Int32.max), Int((deadline - MonotonicClock.now) / 1_000_000) + 1))
+                    if poll(&p, 1, left) > 0 { return }
+                }
+                printError("the guest did not shut down within \(timeoutMilliseconds) ms: stopping it")
+                vm.stop()
+            }
+            if thread == nil { vm.stop() }
+        }
+    }
+
+    /// Waits for a stop's deadline thread, if a stop began.
+    func waitForStop() {
+        stopper.withLock { $0 }?.join()
+    }
+
+    private func exec(_ request: ControlRequest, fds: [Int32], channel: ControlChannel) -> ControlReply {
+        let hasInput = request.input == true
+        guard let arguments = request.arguments, !arguments.isEmpty, fds.count == (hasInput ? 3 : 2) else {
+            return .failed("malformed exec request (\(fds.count) descriptors)")
+        }
+        guard !paused.load(ordering: .acquiring) else {
+            return .failed("machine \(record.name) is paused: resume it with `swiftlet machine resume \(record.name)`")
+        }
+        let session: AgentSession
+        do {
+            try agent.send(.openSession)
+            guard let connection = port.next(timeoutMilliseconds: 30_000, cancel: ended) else {
+                return .failed("the guest agent did not open a session for the command")
+            }
+            session = AgentSession(socket: connection)
+            guard try session.waitUntilReady() else { return .failed("the guest agent closed the command's session") }
+        } catch {
+            return .failed(error.description)
+        }
+        let execRequest = ExecRequest(arguments: arguments, environment: request.environment ?? [],
+                                      workingDirectory: request.workingDirectory ?? "/", user: request.user ?? "",
+                                      terminal: request.terminal ?? false, rows: request.rows ?? 24, columns: request.columns ?? 80)
+        // The client's signals and window size, relayed while the command runs; the client going
+        // away ends the session (and with it the command).
+        var stopRelay: [Int32] = [0, 0]
+        guard swiftlet_pipe(&stopRelay) == 0 else { return .failed("cannot create a pipe") }
+        defer { close(stopRelay[0]); close(stopRelay[1]) }
+        let cancel = stopRelay[0]
+        let relay = try? OSThread.start(name: "exec-relay") {
+            while true {
+                if !channel.hasBufferedMessage {
+                    var p = [pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0), pollfd(fd: cancel, events: Int16(POLLIN), revents: 0)]
+                    let n = p.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, -1) }
+                    if n < 0 && errno == EINTR { continue }
+                    if n < 0 || p[1].revents != 0 { return }
+                }
+                guard let (control, passed) = try? channel.receive(ExecControl.self) else {
+                    session.shutdown()
+                    return
+                }
+                passed.forEach { close($0) }
+                if let signal = control.signal { try? session.send(.signal(signal)) }
+                if let rows = control.rows, let columns = control.columns { try? session.resize(rows: rows, columns: columns) }
+            }
+        }
+        let outcome = Result { () throws(SwiftletError) in
+            try session.run(execRequest, streams: .init(input: hasInput ? fds[0] : nil, output: fds[hasInput ? 1 : 0],
+                                                        error: fds[hasInput ? 2 : 1]))
+        }
+        var one: UInt8 = 1
+        _ = write(stopRelay[1], &one, 1)
+        relay?.join()
+        switch outcome {
+        case .success(let result): return ControlReply(status: result.status, failure: result.failure)
+        case .failure(let error): return .failed(error.description)
+        }
+    }
+}

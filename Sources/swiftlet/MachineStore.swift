@@ -1,0 +1,178 @@
+import FoundationEssentials
+import Glibc
+import Images
+import SwiftletSystem
+
+/// What `swiftlet machine create` recorded about a machine: its root, its shape, and how commands
+/// run in it. Stored as `machine.json` in the machine's directory.
+struct MachineRecord: Codable, Equatable {
+    var name: String
+    /// What the root was made from, as the user named it (an image reference, a --rootfs path, or
+    /// "default").
+    var source: String
+    /// The read-only layer disks, bottom first.
+    var layers: [String]
+    var defaults: ExecDefaults
+    var cpus: Int
+    var memoryMiB: Int
+    var kernel: String?
+    /// The size of the machine's writable disk (its root's upper layer).
+    var diskMiB: Int
+    /// Seconds since the epoch.
+    var created: Int
+}
+
+/// One machine's directory, `$SWIFTLET_HOME/machines/NAME`:
+///
+/// - `machine.json`: the record (written last by `create`: a directory without it is not a machine);
+/// - `disk.img`: the writable ext4 disk holding the root's changes, kept across stops;
+/// - `lock`: held (flock) by the machine's VMM process for as long as it runs;
+/// - `vmm.pid`: the VMM process's pid, removed when it ends in order — left behind, it means the
+///   process died without cleaning up (crashed or was killed);
+/// - `control.sock`: the VMM process's control socket;
+/// - `console.log`, `vmm.log`: the guest console and the VMM process's own messages, last run;
+/// - `last-exit`: how the last run ended.
+struct MachineDirectory {
+    let name: String
+    let path: String
+
+    static var root: String { ImageStore.defaultRoot() + "/machines" }
+
+    /// A machine name: a letter or digit, then letters, digits, `-`, `_` or `.`, at most 63 in all
+    /// (it becomes the guest's hostname and a directory name).
+    static func validate(name: String) throws(SwiftletError) {
+        let bytes = Array(name.utf8)
+        func allowed(_ b: UInt8, first: Bool) -> Bool {
+            (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || (!first && (b == 0x2D || b == 0x5F || b == 0x2E))
+        }
+        guard !bytes.isEmpty, bytes.count <= 63, allowed(bytes[0], first: true), bytes.dropFirst().allSatisfy({ allowed($0, first: false) }) else {
+            throw SwiftletError(.invalidArgument, "\"\(name)\" is not a machine name: use up to 63 letters, digits, '-', '_' or '.', starting with a letter or digit")
+        }
+    }
+
+    init(name: String) throws(SwiftletError) {
+        try Self.validate(name: name)
+        self.name = name
+        self.path = Self.root + "/" + name
+    }
+
+    var recordPath: String { path + "/machine.json" }
+    var diskPath: String { path + "/disk.img" }
+    var lockPath: String { path + "/lock" }
+    var pidPath: String { path + "/vmm.pid" }
+    var socketPath: String { path + "/control.sock" }
+    var consolePath: String { path + "/console.log" }
+    var logPath: String { path + "/vmm.log" }
+    var lastExitPath: String { path + "/last-exit" }
+
+    var exists: Bool { access(recordPath, F_OK) == 0 }
+
+    /// The record, or a clear error when there is no such machine.
+    func record() throws(SwiftletError) -> MachineRecord {
+        guard exists else {
+            throw SwiftletError(.notFound, "no machine named \(name): `swiftlet machine ls` lists them, `swiftlet machine create --name \(name)` makes it")
+        }
+        let bytes = try OwnedFileDescriptor.readSmallFile(recordPath)
+        do { return try JSONDecoder().decode(MachineRecord.self, from: Data(bytes)) } catch {
+            throw SwiftletError(.invalidFormat, "\(recordPath) is unreadable (\(error)): remove the machine with `swiftlet machine rm -f \(name)`")
+        }
+    }
+
+    /// Every machine, by name.
+    static func all() -> [MachineDirectory] {
+        guard let dir = opendir(root) else { return [] }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names.sorted().compactMap { try? MachineDirectory(name: $0) }.filter(\.exists)
+    }
+
+    // MARK: state
+
+    enum State: Equatable {
+        case stopped
+        /// The VMM process runs (it holds the lock).
+        case running(pid: Int32)
+        /// The VMM process ended without cleaning up after itself: killed, or it crashed.
+        case crashed(pid: Int32)
+
+        var word: String {
+            switch self {
+            case .stopped: return "stopped"
+            case .running: return "running"
+            case .crashed: return "crashed"
+            }
+        }
+    }
+
+    /// Whether the VMM process runs, asked of the lock it holds (a pid alone could be reused).
+    var state: State {
+        let pid = (try? OwnedFileDescriptor.readSmallTextFile(pidPath)).flatMap { Int32(trimmed($0)) }
+        let fd = open(lockPath, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return pid.map { .crashed(pid: $0) } ?? .stopped }
+        defer { close(fd) }
+        if flock(fd, LOCK_SH | LOCK_NB) != 0 { return .running(pid: pid ?? 0) }
+        return pid.map { .crashed(pid: $0) } ?? .stopped
+    }
+
+    /// How the last run ended, if one did.
+    var lastExit: String? {
+        (try? OwnedFileDescriptor.readSmallTextFile(lastExitPath)).map(trimmed)
+    }
+
+    /// The last lines of the VMM process's log, for a crash report.
+    func logTail(lines: Int = 10) -> String {
+        guard let text = try? OwnedFileDescriptor.readSmallTextFile(logPath, limit: 1 << 24) else { return "" }
+        return text.split(separator: "\n").suffix(lines).joined(separator: "\n")
+    }
+
+    /// Writes `text` to `path` in this directory atomically (a temporary file renamed into place).
+    static func writeAtomically(_ path: String, _ bytes: [UInt8]) throws(SwiftletError) {
+        let temporary = path + ".tmp"
+        let file = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644, what: temporary)
+        try bytes.withUnsafeBytes { raw in Result { () throws(SwiftletError) in try file.writeAll(raw) } }.get()
+        guard fsync(file.rawValue) == 0, rename(temporary, path) == 0 else {
+            throw SwiftletError.system("cannot write \(path)", errno: currentErrno)
+        }
+    }
+
+    func writeRecord(_ record: MachineRecord) throws(SwiftletError) {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let bytes: [UInt8]
+        do { bytes = Array(try encoder.encode(record)) } catch {
+            throw SwiftletError(.invalidFormat, "cannot encode the machine record: \(error)")
+        }
+        try Self.writeAtomically(recordPath, bytes)
+    }
+
+    /// Deletes the machine's directory and everything in it.
+    func remove() throws(SwiftletError) {
+        try Self.removeTree(path)
+    }
+
+    static func removeTree(_ path: String) throws(SwiftletError) {
+        if let dir = opendir(path) {
+            var entries: [(String, Bool)] = []
+            while let entry = readdir(dir) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+                if name != "." && name != ".." { entries.append((name, entry.pointee.d_type == UInt8(DT_DIR))) }
+            }
+            closedir(dir)
+            for (name, isDirectory) in entries {
+                if isDirectory { try removeTree(path + "/" + name) } else if unlink(path + "/" + name) != 0 && errno != ENOENT {
+                    throw SwiftletError.system("cannot remove \(path)/\(name)", errno: currentErrno)
+                }
+            }
+        }
+        if rmdir(path) != 0 && errno != ENOENT { throw SwiftletError.system("cannot remove \(path)", errno: currentErrno) }
+    }
+}
+
+/// `text` without leading and trailing whitespace.
+func trimmed(_ text: String) -> String {
+    String(text.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed())
+}
