@@ -120,7 +120,8 @@ extension MachineCommand {
 
         /// A sparse file formatted as ext4 by e2fsprogs' mke2fs, owned by whoever runs Swiftlet.
         static func makeWritableDisk(_ path: String, megabytes: Int) throws(SwiftletError) {
-            let candidates = ["/usr/sbin/mke2fs", "/sbin/mke2fs", "/usr/bin/mke2fs"]
+            // e2fsprogs' (busybox has an mke2fs that makes ext2 only, often on PATH).
+            let candidates = ["/usr/sbin/mke2fs", "/sbin/mke2fs"]
             guard let mke2fs = candidates.first(where: { access($0, X_OK) == 0 }) else {
                 throw SwiftletError(.notFound, "cannot format the machine's disk: mke2fs was not found (install e2fsprogs)")
             }

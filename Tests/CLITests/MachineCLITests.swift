@@ -1,0 +1,103 @@
+import Glibc
+import SwiftletSystem
+import Testing
+import TestSupport
+
+/// `swiftlet machine` without booting anything: names, records, states told from the VMM
+/// process's lock and pid file, and the errors a user gets for machines that are not there, not
+/// running, or running.
+@Suite struct MachineCLITests {
+    let swiftlet = TestHost.swiftletBinary
+    let home = TemporaryDirectory()
+
+    func run(_ arguments: [String]) -> Subprocess {
+        Subprocess.run([swiftlet, "machine"] + arguments, environment: ["SWIFTLET_HOME": home.path], timeout: 60)
+    }
+
+    /// A machine whose root is a stand-in file (nothing boots here).
+    func create(_ name: String) -> Subprocess {
+        let rootfs = home.write("root-\(name).img", Array(repeating: 0, count: 4096))
+        return run(["create", "--name", name, "--rootfs", rootfs, "--cpus", "2", "--memory", "64", "--disk-size", "64"])
+    }
+
+    func machineDirectory(_ name: String) -> String { home.path + "/machines/" + name }
+
+    @Test func createRecordsTheMachineAndRefusesBadOrTakenNames() throws {
+        let made = create("web-1")
+        #expect(made.status == 0 && made.stderr.contains("created machine web-1"), "\(made.stderr)")
+        let disk = machineDirectory("web-1") + "/disk.img"
+        var info = stat()
+        #expect(stat(disk, &info) == 0 && info.st_size == 64 << 20 && info.st_blocks * 512 < 64 << 20, "a sparse 64 MiB disk")
+        #expect(Subprocess.run(["/bin/sh", "-c", "LC_ALL=C /sbin/dumpe2fs -h \"$0\" 2>/dev/null | grep -c 'has_journal'", disk]).stdout == "1\n",
+                "formatted as ext4 with a journal")
+        let record = try OwnedFileDescriptor.readSmallTextFile(machineDirectory("web-1") + "/machine.json")
+
+        let again = create("web-1")
+        #expect(again.status == 1 && again.stderr.contains("a machine named web-1 already exists"), "\(again.stderr)")
+        #expect(try OwnedFileDescriptor.readSmallTextFile(machineDirectory("web-1") + "/machine.json") == record, "the first machine is untouched")
+        for bad in ["-x", "a b", "../up", String(repeating: "n", count: 64), "ü"] {
+            let r = run(["create", "--name=" + bad])
+            #expect(r.status != 0 && r.stderr.contains("is not a machine name"), "\(bad): \(r.stderr)")
+        }
+        let missing = run(["create", "--name", "nokernel", "--rootfs", home.path + "/nope.img"])
+        #expect(missing.status == 1 && missing.stderr.contains("no root filesystem image"), "\(missing.stderr)")
+        #expect(access(machineDirectory("nokernel"), F_OK) != 0, "a failed create leaves nothing behind")
+        #expect(run(["create", "--name", "x", "--disk-size", "1"]).stderr.contains("--disk-size must be"))
+
+        let list = run(["ls", "--json"])
+        #expect(list.stdout.contains("\"name\":\"web-1\"") && list.stdout.contains("\"state\":\"stopped\"") && list.stdout.contains("\"cpus\":2"), "\(list.stdout)")
+        let status = run(["status", "web-1"])
+        #expect(status.status == 0 && status.stdout.contains("state: stopped") && status.stdout.contains("memory: 64 MiB"), "\(status.stdout)")
+    }
+
+    @Test func commandsOnMissingOrStoppedMachinesSaySo() {
+        for command in [["start", "ghost"], ["stop", "ghost"], ["status", "ghost"], ["rm", "ghost"], ["exec", "ghost", "--", "true"],
+                        ["pause", "--name", "ghost"], ["shell", "ghost"]] {
+            let r = run(command)
+            #expect(r.status == 1 && r.stderr.contains("no machine named ghost"), "\(command): \(r.stderr)")
+        }
+        #expect(create("idle").status == 0)
+        for command in [["exec", "idle", "--", "true"], ["pause", "idle"], ["resume", "idle"]] {
+            let r = run(command)
+            #expect(r.status == 1 && r.stderr.contains("machine idle is not running: start it"), "\(command): \(r.stderr)")
+        }
+        let stop = run(["stop", "idle"])
+        #expect(stop.status == 0 && stop.stderr.contains("is not running"), "\(stop.stderr)")
+        let both = run(["status", "idle", "--name", "other"])
+        #expect(both.status == 64 && both.stderr.contains("give the machine's name once"), "\(both.stderr)")
+        #expect(run(["status"]).stderr.contains("which machine?"))
+        let removed = run(["rm", "idle"])
+        #expect(removed.status == 0 && access(machineDirectory("idle"), F_OK) != 0, "\(removed.stderr)")
+    }
+
+    @Test func aRunningMachineIsNotRemovedWithoutForce() throws {
+        #expect(create("busy").status == 0)
+        // The machine's VMM process holds its lock while it runs: hold it here instead.
+        let lock = open(machineDirectory("busy") + "/lock", O_RDWR | O_CREAT, 0o600)
+        defer { close(lock) }
+        #expect(flock(lock, LOCK_EX) == 0)
+        _ = home.write("machines/busy/vmm.pid", Array("\(getpid())\n".utf8))
+        let rm = run(["rm", "busy"])
+        #expect(rm.status == 1 && rm.stderr.contains("machine busy is running: stop it first"), "\(rm.stderr)")
+        #expect(access(machineDirectory("busy") + "/machine.json", F_OK) == 0 && access(machineDirectory("busy") + "/disk.img", F_OK) == 0)
+        let start = run(["start", "busy"])
+        #expect(start.status == 1 && start.stderr.contains("machine busy is already running"), "\(start.stderr)")
+        #expect(run(["ls"]).stdout.contains("busy  starting"), "no control socket answers yet")
+    }
+
+    @Test func aVMMProcessThatDiedIsReportedAsACrash() throws {
+        #expect(create("gone").status == 0)
+        // A pid file nobody cleaned up, and no process holding the lock: the VMM process died.
+        _ = home.write("machines/gone/vmm.pid", Array("4242\n".utf8))
+        _ = home.write("machines/gone/vmm.log", Array("swiftlet: last words\n".utf8))
+        let status = run(["status", "gone"])
+        #expect(status.stdout.contains("state: crashed") && status.stdout.contains("VMM process (pid 4242) ended without stopping the machine"), "\(status.stdout)")
+        #expect(status.stdout.contains("last words"), "the VMM log's tail is shown")
+        let exec = run(["exec", "gone", "--", "true"])
+        #expect(exec.status == 1 && exec.stderr.contains("machine gone crashed"), "\(exec.stderr)")
+        #expect(run(["ls"]).stdout.contains("gone  crashed"))
+        let stop = run(["stop", "gone"])
+        #expect(stop.stderr.contains("crashed") && access(machineDirectory("gone") + "/vmm.pid", F_OK) != 0, "stop clears the stale pid file: \(stop.stderr)")
+        #expect(run(["status", "gone"]).stdout.contains("state: stopped"))
+    }
+}

@@ -1,0 +1,99 @@
+import Glibc
+import SwiftletSystem
+import Testing
+import TestSupport
+
+/// `swiftlet machine`: a machine in a VMM process of its own, commands side by side in it, its
+/// writes kept across stops and a killed VMM process, pause and resume, and a crash reported.
+@Suite(.serialized, .enabled(if: TestHost.integration, "Linux-guest integration tests run in the nested test host: make test-nested"))
+struct MachineIntegrationTests {
+    let swiftlet = TestHost.swiftletBinary
+    let home = TemporaryDirectory()
+
+    func machine(_ arguments: [String], stdin: String? = nil) -> Subprocess {
+        Subprocess.run([swiftlet, "machine"] + arguments, environment: ["SWIFTLET_HOME": home.path], stdin: stdin, timeout: 300)
+    }
+
+    /// Runs a shell line with SWIFTLET_HOME set and `swiftlet` as $S.
+    func shell(_ line: String) -> Subprocess {
+        Subprocess.run(["/bin/sh", "-c", line], environment: ["SWIFTLET_HOME": home.path, "S": swiftlet], timeout: 300)
+    }
+
+    func counter(_ name: String) -> Int? {
+        Int(trimmedLine(machine(["exec", name, "--", "cat", "/tmp/count"]).stdout))
+    }
+
+    func trimmedLine(_ s: String) -> String { s.split(separator: "\n").first.map(String.init) ?? "" }
+
+    @Test func aMachineRunsCommandsSideBySideAndKeepsItsWrites() throws {
+        #expect(machine(["create", "--name", "box", "--memory", "128"]).status == 0)
+        let started = machine(["start", "box"])
+        #expect(started.status == 0 && started.stderr.contains("started machine box"), "\(started.stderr)")
+        #expect(machine(["status", "box"]).stdout.contains("state: running"))
+        let start2 = machine(["start", "box"])
+        #expect(start2.status == 1 && start2.stderr.contains("already running"), "\(start2.stderr)")
+
+        // Exact streams and status, the image's defaults with -e/-w/-u over them, input, 127.
+        let first = machine(["exec", "box", "--", "sh", "-c", "echo out; echo err >&2; hostname; exit 7"])
+        #expect(first.status == 7 && first.stdout == "out\nbox\n" && first.stderr == "err\n", "\(first.stdout)|\(first.stderr)")
+        let flags = machine(["exec", "box", "-e", "FOO=bar", "-w", "/tmp", "-u", "nobody", "--", "sh", "-c", "echo $FOO; pwd; id -u"])
+        #expect(flags.stdout == "bar\n/tmp\n65534\n", "\(flags.stderr)")
+        #expect(machine(["exec", "box", "-i", "--", "tr", "a-z", "A-Z"], stdin: "piped in\n").stdout == "PIPED IN\n")
+        let missing = machine(["exec", "box", "--", "no-such-command"])
+        #expect(missing.status == 127 && missing.stderr.contains("no-such-command"), "\(missing.stderr)")
+
+        // Two commands at once: the second runs (and sees the first's file) while the first sleeps.
+        let sideBySide = shell("""
+            $S machine exec box -- sh -c 'echo running > /tmp/flag; sleep 15; rm /tmp/flag' &
+            for i in 1 2 3 4 5 6 7 8 9 10; do
+              if $S machine exec box -- cat /tmp/flag 2>/dev/null; then break; fi
+              sleep 1
+            done
+            wait
+            """)
+        #expect(sideBySide.stdout == "running\n", "\(sideBySide.stdout)|\(sideBySide.stderr)")
+
+        // A counter that outlives the exec that started it (its own session), across pause/resume.
+        #expect(machine(["exec", "box", "--", "sh", "-c",
+                         "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done' </dev/null >/dev/null 2>&1 &"]).status == 0)
+        #expect(machine(["exec", "box", "--", "sh", "-c", "echo kept > /root/kept; sync"]).status == 0)
+        usleep(2_500_000)
+        let before = try #require(counter("box"))
+        #expect(machine(["pause", "box"]).status == 0)
+        #expect(machine(["status", "box"]).stdout.contains("state: paused"))
+        let refused = machine(["exec", "box", "--", "true"])
+        #expect(refused.status == 1 && refused.stderr.contains("is paused"), "\(refused.stderr)")
+        #expect(machine(["resume", "box"]).status == 0)
+        usleep(2_500_000)
+        let after = try #require(counter("box"))
+        #expect(after > before, "the counter goes on after resume (\(before) → \(after))")
+
+        // Stop is clean (the guest powers off); the writable disk keeps what was written.
+        let stopped = machine(["stop", "box"])
+        #expect(stopped.status == 0 && stopped.stderr.contains("the guest powered off"), "\(stopped.stderr)")
+        #expect(machine(["status", "box"]).stdout.contains("last run: stopped: the guest powered off"))
+        #expect(machine(["exec", "box", "--", "true"]).stderr.contains("is not running"))
+        #expect(machine(["start", "box"]).status == 0)
+        #expect(machine(["exec", "box", "--", "cat", "/root/kept"]).stdout == "kept\n")
+        #expect(machine(["exec", "box", "--", "test", "-e", "/tmp/count"]).status == 0, "the root's upper layer is the disk: /tmp too")
+
+        // A VMM process killed under the machine: reported as a crash, and the machine starts again.
+        let pid = try #require(Int32(trimmedLine(try OwnedFileDescriptor.readSmallTextFile(home.path + "/machines/box/vmm.pid"))))
+        #expect(machine(["exec", "box", "--", "sh", "-c", "echo after-restart > /root/second; sync"]).status == 0)
+        kill(pid, SIGKILL)
+        usleep(500_000)
+        let crashed = machine(["status", "box"])
+        #expect(crashed.stdout.contains("state: crashed") && crashed.stdout.contains("pid \(pid)"), "\(crashed.stdout)")
+        let execCrashed = machine(["exec", "box", "--", "true"])
+        #expect(execCrashed.status == 1 && execCrashed.stderr.contains("crashed"), "\(execCrashed.stderr)")
+        #expect(machine(["start", "box"]).status == 0)
+        #expect(machine(["exec", "box", "--", "cat", "/root/kept", "/root/second"]).stdout == "kept\nafter-restart\n")
+
+        let rm = machine(["rm", "box"])
+        #expect(rm.status == 1 && rm.stderr.contains("is running"), "\(rm.stderr)")
+        #expect(machine(["exec", "box", "--", "true"]).status == 0, "a refused rm leaves the machine running")
+        #expect(machine(["rm", "-f", "box"]).status == 0)
+        #expect(access(home.path + "/machines/box", F_OK) != 0)
+        #expect(machine(["ls"]).stdout == "NAME  STATE  IMAGE  CPUS  MEMORY\n")
+    }
+}
