@@ -85,6 +85,55 @@ struct AgentTests {
         #expect(gone, "the command of the lost connection was ended")
     }
 
+    /// Waits for a command to write its pid to `path`.
+    func pid(in path: String) throws -> Int32 {
+        var pid: Int32?
+        for _ in 0..<500 where pid == nil {
+            pid = (try? OwnedFileDescriptor.readSmallTextFile(path)).flatMap { Int32($0.split(separator: "\n").first ?? "") }
+            if pid == nil { usleep(10_000) }
+        }
+        return try #require(pid, "the command did not start")
+    }
+
+    func ends(_ pid: Int32) -> Bool {
+        for _ in 0..<500 {
+            if kill(pid, 0) != 0 { return true }
+            usleep(10_000)
+        }
+        return false
+    }
+
+    /// `openSession`: the agent opens another connection whose commands run beside the first
+    /// connection's; closing it ends its own command only.
+    @Test func sessionsRunSideBySide() throws {
+        let listener = try #require(UnixSocketListener(path: dir.path + "/agent.sock"))
+        let agent = TestHost.agentBinary, path = listener.path
+        let thread = try OSThread.start(name: "agent") { _ = Subprocess.run([agent, "--unix", path], timeout: 120) }
+        defer { thread.join() }
+        let main = AgentSession(socket: OwnedFileDescriptor(taking: try #require(listener.accept(), "the agent did not connect")))
+        #expect(try main.waitUntilReady())
+        try main.send(.exec(ExecRequest(arguments: ["sh", "-c", "echo $$ > \(dir.path)/first; exec sleep 60"])))
+        let first = try pid(in: dir.path + "/first")
+
+        try main.send(.openSession)
+        let extra = AgentSession(socket: OwnedFileDescriptor(taking: try #require(listener.accept(), "no second connection")))
+        #expect(try extra.waitUntilReady())
+        let r = try run(extra, ExecRequest(arguments: ["sh", "-c", "kill -0 \(first) && echo beside"]))
+        #expect(r.outcome.status == 0 && r.stdout == Array("beside\n".utf8), "the second session runs while the first's command does")
+        try extra.send(.exec(ExecRequest(arguments: ["sh", "-c", "echo $$ > \(dir.path)/second; exec sleep 60"])))
+        let second = try pid(in: dir.path + "/second")
+        extra.shutdown()
+        #expect(ends(second), "closing a session ends its command")
+        #expect(kill(first, 0) == 0, "and only its own")
+
+        try main.send(.openSession)
+        let third = AgentSession(socket: OwnedFileDescriptor(taking: try #require(listener.accept(), "no third connection")))
+        #expect(try third.waitUntilReady())
+        #expect(try run(third, ExecRequest(arguments: ["true"])).outcome.status == 0)
+        main.shutdown()
+        #expect(ends(first), "the first connection's end ends its command")
+    }
+
     @Test func missingAndUnrunnableCommands() throws {
         let script = dir.write("not-executable", Array("echo hi\n".utf8), mode: 0o644)
         try withAgent { session in
