@@ -22,7 +22,7 @@ struct MachineCommand: ParsableCommand {
               swiftlet machine exec web -- cat /srv/greeting
               swiftlet machine rm -f web
             """,
-        subcommands: [Create.self, Start.self, Stop.self, Status.self, List.self, Remove.self, Exec.self, Shell.self,
+        subcommands: [Create.self, Start.self, Stop.self, Status.self, List.self, Remove.self, Exec.self, Shell.self, Copy.self,
                       Pause.self, Resume.self, Serve.self])
 }
 

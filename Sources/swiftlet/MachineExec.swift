@@ -150,3 +150,86 @@ struct MachineCommandOptions: ParsableArguments {
         throw ExitCode(Status.setupFailed)
     }
 }
+
+extension MachineCommand {
+    struct Copy: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "cp",
+            abstract: "Copy a file between the host and a running machine (NAME:PATH names the machine's side).",
+            discussion: """
+                  swiftlet machine cp ./app.conf web:/etc/app.conf
+                  swiftlet machine cp web:/var/log/app.log ./app.log
+
+                The copy runs `cat` in the machine (as root), so the image needs `sh` and `cat`. A copy \
+                out of the machine appears at the host path only once complete.
+                """)
+
+        @Argument(help: "The source: a host path or NAME:PATH.")
+        var source: String
+
+        @Argument(help: "The destination: a host path or NAME:PATH.")
+        var destination: String
+
+        /// NAME:PATH split, when `text` names a machine's file.
+        static func machinePath(_ text: String) -> (name: String, path: String)? {
+            guard let colon = text.firstIndex(of: ":"), !text.hasPrefix("/"), !text.hasPrefix(".") else { return nil }
+            let name = String(text[..<colon]), path = String(text[text.index(after: colon)...])
+            guard (try? MachineDirectory.validate(name: name)) != nil, path.hasPrefix("/") else { return nil }
+            return (name, path)
+        }
+
+        func validate() throws {
+            switch (Self.machinePath(source), Self.machinePath(destination)) {
+            case (nil, nil): throw ValidationError("one side must be a machine's absolute path, NAME:/PATH")
+            case (.some, .some): throw ValidationError("copy between a machine and the host: one side must be a host path")
+            default: break
+            }
+        }
+
+        func run() throws {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
+                if let (name, path) = Self.machinePath(destination) {
+                    let input = try OwnedFileDescriptor.openInput(source, role: "file to copy")
+                    guard try input.isRegularFile() else { throw SwiftletError(.invalidArgument, "\(source) is not a regular file") }
+                    try Self.exec(name, ["sh", "-c", "cat > \"$1\"", "sh", path], input: input.rawValue, output: nil)
+                } else if let (name, path) = Self.machinePath(source) {
+                    var target = destination
+                    var info = stat()
+                    if stat(target, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR {
+                        target += "/" + (path.split(separator: "/").last.map(String.init) ?? "file")
+                    }
+                    let temporary = target + ".swiftlet-cp"
+                    let output = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644, what: temporary)
+                    do throws(SwiftletError) {
+                        try Self.exec(name, ["cat", path], input: nil, output: output.rawValue)
+                    } catch {
+                        unlink(temporary)
+                        throw error
+                    }
+                    guard rename(temporary, target) == 0 else { throw SwiftletError.system("cannot rename \(temporary) to \(target)", errno: currentErrno) }
+                }
+            }
+        }
+
+        /// Runs `arguments` as root in / with the given streams (error: this process's stderr).
+        static func exec(_ name: String, _ arguments: [String], input: Int32?, output: Int32?) throws(SwiftletError) {
+            let directory = try MachineDirectory(name: name)
+            let channel = try MachineLifecycle.connect(directory)
+            var request = ControlRequest(.exec)
+            request.arguments = arguments
+            request.environment = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+            request.input = input != nil
+            let null = open("/dev/null", O_WRONLY | O_CLOEXEC)
+            defer { close(null) }
+            try channel.send(request, passing: (input.map { [$0] } ?? []) + [output ?? null, 2])
+            guard let (reply, fds) = try channel.receive(ControlReply.self) else {
+                throw SwiftletError(.guestFailure, "the machine stopped during the copy")
+            }
+            fds.forEach { close($0) }
+            if let error = reply.error { throw SwiftletError(.invalidArgument, error) }
+            guard reply.status == 0 else {
+                throw SwiftletError(.guestFailure, "the copy failed in machine \(name) (status \(reply.status ?? -1))" + (reply.failure.map { ": " + $0 } ?? ""))
+            }
+        }
+    }
+}

@@ -61,6 +61,11 @@ import TestSupport
             let r = run(command)
             #expect(r.status == 1 && r.stderr.contains("machine idle is not running: start it"), "\(command): \(r.stderr)")
         }
+        let copy = run(["cp", "/etc/hostname", "idle:/tmp/x"])
+        #expect(copy.status == 1 && copy.stderr.contains("machine idle is not running"), "\(copy.stderr)")
+        #expect(run(["cp", "/etc/hostname", "/tmp/x"]).stderr.contains("one side must be a machine's absolute path"))
+        #expect(run(["cp", "idle:/a", "idle:/b"]).stderr.contains("one side must be a host path"))
+        #expect(run(["cp", home.path + "/nope", "idle:/tmp/x"]).stderr.contains("nope"))
         let stop = run(["stop", "idle"])
         #expect(stop.status == 0 && stop.stderr.contains("is not running"), "\(stop.stderr)")
         let both = run(["status", "idle", "--name", "other"])

@@ -89,6 +89,20 @@ struct MachineIntegrationTests {
         #expect(machine(["start", "box"]).status == 0)
         #expect(machine(["exec", "box", "--", "cat", "/root/kept", "/root/second"]).stdout == "kept\nafter-restart\n")
 
+        // Files in and out, byte for byte; a failed copy out leaves no file behind.
+        var bytes = [UInt8](repeating: 0, count: 1 << 20)
+        for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 2_654_435_761 >> 7) }
+        let original = home.write("blob", bytes)
+        #expect(machine(["cp", original, "box:/root/blob"]).status == 0)
+        #expect(machine(["exec", "box", "--", "sh", "-c", "wc -c < /root/blob"]).stdout.contains("1048576"))
+        let back = home.path + "/blob.back"
+        let copied = machine(["cp", "box:/root/blob", back])
+        #expect(copied.status == 0, "\(copied.stderr)")
+        #expect(try OwnedFileDescriptor.readSmallFile(back, limit: 4 << 20) == bytes)
+        let absent = machine(["cp", "box:/no/such/file", home.path + "/absent"])
+        #expect(absent.status == 1 && absent.stderr.contains("the copy failed"), "\(absent.stderr)")
+        #expect(access(home.path + "/absent", F_OK) != 0 && access(home.path + "/absent.swiftlet-cp", F_OK) != 0)
+
         let rm = machine(["rm", "box"])
         #expect(rm.status == 1 && rm.stderr.contains("is running"), "\(rm.stderr)")
         #expect(machine(["exec", "box", "--", "true"]).status == 0, "a refused rm leaves the machine running")
