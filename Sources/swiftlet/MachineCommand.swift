@@ -53,17 +53,7 @@ extension MachineCommand {
         @Option(help: "The machine's name: letters, digits, '-', '_', '.'; it is also the guest's hostname.")
         var name: String
 
-        @Option(help: ArgumentHelp("The image: a registry reference, an OCI layout directory, an image archive.", valueName: "ref"))
-        var image: String?
-
-        @Option(help: ArgumentHelp("When to pull --image from its registry: missing, always, never.", valueName: "policy"))
-        var pull: PullPolicy = .missing
-
-        @Flag(help: "Reach the image's registry over plain HTTP (loopback registries always are).")
-        var insecureRegistry = false
-
-        @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
-        var rootfs: String?
+        @OptionGroup var source: RootOptions
 
         @Option(help: "Guest kernel: an ELF vmlinux or a bzImage (default: the one `make kernel` built).")
         var kernel: String?
@@ -78,7 +68,6 @@ extension MachineCommand {
         var diskSize: Int = 2048
 
         func validate() throws {
-            if image != nil && rootfs != nil { throw ValidationError("--image and --rootfs cannot be used together") }
             if cpus < 1 || cpus > MachineConfig.maximumCPUs { throw ValidationError("--cpus must be 1 to \(MachineConfig.maximumCPUs)") }
             if memory < MachineConfig.minimumMemoryMiB { throw ValidationError("--memory must be at least \(MachineConfig.minimumMemoryMiB) MiB") }
             if diskSize < 64 || diskSize > 16 << 20 { throw ValidationError("--disk-size must be 64 MiB to 16 TiB") }
@@ -101,21 +90,22 @@ extension MachineCommand {
             if access(directory.path, F_OK) == 0 { try MachineDirectory.removeTree(directory.path) }
             guard mkdir(directory.path, 0o700) == 0 else { throw SwiftletError.system("cannot create \(directory.path)", errno: currentErrno) }
             do throws(SwiftletError) {
-                var root = try RootFilesystem.resolve(image: image, rootfs: rootfs.map(absolute), insecure: insecureRegistry, policy: pull, signals: -1)
+                var root = try RootFilesystem.resolve(image: source.image, rootfs: source.rootfs.map(absolute), insecure: source.insecureRegistry,
+                                                         policy: source.pull, signals: -1)
                 root.disks = root.disks.map(absolute)
                 guard root.disks.count < MachineConfig.maximumDisks else {
-                    throw SwiftletError(.unsupported, "\(image ?? "the image") needs \(root.disks.count) layer disks: a machine has room for \(MachineConfig.maximumDisks - 1) beside its own disk")
+                    throw SwiftletError(.unsupported, "\(source.image ?? "the image") needs \(root.disks.count) layer disks: a machine has room for \(MachineConfig.maximumDisks - 1) beside its own disk")
                 }
                 if let kernel, access(kernel, R_OK) != 0 { throw SwiftletError(.notFound, "no kernel at \(kernel)") }
                 try Self.makeWritableDisk(directory.diskPath, megabytes: diskSize)
                 try directory.writeRecord(MachineRecord(
-                    name: name, source: image ?? rootfs ?? "default", layers: root.disks, defaults: root.defaults, cpus: cpus,
+                    name: name, source: source.image ?? source.rootfs ?? "default", layers: root.disks, defaults: root.defaults, cpus: cpus,
                     memoryMiB: memory, kernel: kernel.map(absolute), diskMiB: diskSize, created: Int(time(nil))))
             } catch {
                 try? MachineDirectory.removeTree(directory.path)
                 throw error
             }
-            printError("created machine \(name) (\(image ?? rootfs ?? "default image"), \(cpus) vCPU, \(memory) MiB, \(diskSize) MiB disk)")
+            printError("created machine \(name) (\(source.image ?? source.rootfs ?? "default image"), \(cpus) vCPU, \(memory) MiB, \(diskSize) MiB disk)")
         }
 
         /// A sparse file formatted as ext4 by e2fsprogs' mke2fs, owned by whoever runs Swiftlet.

@@ -13,10 +13,10 @@ extension MachineCommand {
                 """)
 
         @OptionGroup var machine: MachineNameOptions
-        @OptionGroup var command: MachineCommandOptions
+        @OptionGroup var command: CommandOptions
 
         func run() throws {
-            try MachineCommandOptions.execute(in: machine, command: command.command, options: command, shell: false)
+            try CommandOptions.execute(in: machine, command: command.command, options: command, shell: false)
         }
     }
 
@@ -32,32 +32,32 @@ extension MachineCommand {
         var user: String?
 
         func run() throws {
-            var options = try MachineCommandOptions.parse(["-i"] + (isatty(0) == 1 ? ["-t"] : []))
+            var options = try CommandOptions.parse(["-i"] + (isatty(0) == 1 ? ["-t"] : []))
             options.env = env
             options.user = user
-            try MachineCommandOptions.execute(in: machine, command: ["/bin/sh"], options: options, shell: true)
+            try CommandOptions.execute(in: machine, command: ["/bin/sh"], options: options, shell: true)
         }
     }
 }
 
-/// `exec`'s flags, as `run` has them.
-struct MachineCommandOptions: ParsableArguments {
+/// How a command runs, for `run` and `machine exec`: over the image's defaults, and its streams.
+struct CommandOptions: ParsableArguments {
     @Option(name: .shortAndLong, help: ArgumentHelp("Set an environment variable (KEY=VALUE, or KEY to pass the host's). Repeatable.", valueName: "key=value"))
     var env: [String] = []
 
-    @Option(name: [.customShort("w"), .long], help: "Working directory inside the machine.")
+    @Option(name: [.customShort("w"), .long], help: "Working directory inside the VM (default: the image's, else /).")
     var workdir: String?
 
-    @Option(name: .shortAndLong, help: "User to run as: name, uid, or uid:gid.")
+    @Option(name: .shortAndLong, help: "User to run as: name, uid, or uid:gid (default: the image's, else root).")
     var user: String?
 
     @Flag(name: .shortAndLong, help: "Pass standard input to the command.")
     var interactive = false
 
-    @Flag(name: .shortAndLong, help: "Give the command a terminal.")
+    @Flag(name: .shortAndLong, help: "Give the command a terminal (the host's terminal goes raw while it runs).")
     var tty = false
 
-    @Argument(parsing: .postTerminator, help: "The command and its arguments (default: the image's).")
+    @Argument(parsing: .postTerminator, help: "The command and its arguments (default: the image's, else sh).")
     var command: [String] = []
 
     func validate() throws {
@@ -66,9 +66,17 @@ struct MachineCommandOptions: ParsableArguments {
         }
     }
 
+    /// `-e` values: KEY=VALUE as given, KEY alone from the host's environment (skipped if unset).
+    var environment: [String] {
+        env.compactMap { variable in
+            if variable.contains("=") { return variable }
+            return getenv(variable).map { variable + "=" + String(cString: $0) }
+        }
+    }
+
     /// Runs the command in the machine's VMM process, with this process's standard streams
     /// passed to it, and exits with the command's status.
-    static func execute(in machine: MachineNameOptions, command: [String], options: MachineCommandOptions, shell: Bool) throws {
+    static func execute(in machine: MachineNameOptions, command: [String], options: CommandOptions, shell: Bool) throws {
         var forwarded = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH]
         for signal in forwarded { Glibc.signal(signal, SIG_DFL) }
         Glibc.signal(SIGPIPE, SIG_IGN)
@@ -77,9 +85,7 @@ struct MachineCommandOptions: ParsableArguments {
         let (channel, prepared) = try exitingOnSetupFailure { () throws(SwiftletError) -> (ControlChannel, ControlRequest) in
             let directory = try machine.directory()
             let record = try directory.record()
-            let environment = options.env.compactMap { variable in
-                variable.contains("=") ? variable : getenv(variable).map { variable + "=" + String(cString: $0) }
-            }
+            let environment = options.environment
             var defaults = record.defaults
             if shell { defaults.entrypoint = [] }
             let exec = try defaults.request(command: command, environment: environment, workdir: options.workdir, user: options.user,

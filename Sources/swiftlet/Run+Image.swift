@@ -10,7 +10,7 @@ enum PullPolicy: String, ExpressibleByArgument, CaseIterable {
     case missing, always, never
 }
 
-/// The flags `run` and `snapshot` share: what the guest's root is, and whether its console shows.
+/// The flags `run`, `snapshot` and `machine create` share: what the guest's root is.
 struct RootOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The image: a registry reference, an OCI layout directory, an image archive, or - (stdin).", valueName: "ref"))
     var image: String?
@@ -23,9 +23,6 @@ struct RootOptions: ParsableArguments {
 
     @Option(help: "A root filesystem image (EROFS or ext4) instead of the default busybox image.")
     var rootfs: String?
-
-    @Flag(help: "Show the guest kernel's console on standard error.")
-    var console = false
 
     func validate() throws {
         if image != nil && rootfs != nil { throw ValidationError("--image and --rootfs cannot be used together") }
@@ -136,12 +133,12 @@ extension Run {
             let vm = try Machine.restoring(from: from, consoleOutput: consoleOutput, kvmPath: Self.kvmPath,
                                            allowPVM: machine.allowPVM, vsockPorts: port, diffable: false)
             let defaults = try AgentSnapshot.defaults(of: vm, directory: from)
-            return (vm, try defaults.request(command: command, environment: environment, workdir: workdir, user: user, what: from))
+            return (vm, try defaults.request(command: exec.command, environment: exec.environment, workdir: exec.workdir, user: exec.user, what: from))
         }
         // A detached run's image was resolved by the process that started it.
         let image = getenv(Self.resolvedImageVariable).map { String(cString: $0) } ?? source.image
         let root = try RootFilesystem.resolve(source, image: image, signals: signals)
-        let request = try root.defaults.request(command: command, environment: environment, workdir: workdir, user: user, what: root.name)
+        let request = try root.defaults.request(command: exec.command, environment: exec.environment, workdir: exec.workdir, user: exec.user, what: root.name)
         return (Machine(config: try root.agentMachineConfig(machine, consoleOutput: consoleOutput), vsockPorts: port), request)
     }
 

@@ -31,20 +31,7 @@ struct Run: ParsableCommand {
               swiftlet run --from alpine.snap -- cat /etc/os-release
             """)
 
-    @Option(name: .shortAndLong, help: ArgumentHelp("Set an environment variable (KEY=VALUE, or KEY to pass the host's). Repeatable.", valueName: "key=value"))
-    var env: [String] = []
-
-    @Option(name: [.customShort("w"), .long], help: "Working directory inside the VM (default: the image's, else /).")
-    var workdir: String?
-
-    @Option(name: .shortAndLong, help: "User to run as: name, uid, or uid:gid (default: the image's, else root).")
-    var user: String?
-
-    @Flag(name: .shortAndLong, help: "Pass standard input to the command.")
-    var interactive = false
-
-    @Flag(name: .shortAndLong, help: "Give the command a terminal (the host's terminal goes raw while it runs).")
-    var tty = false
+    @OptionGroup var exec: CommandOptions
 
     @Flag(name: .shortAndLong, help: "Run in the background: print an ID; output and exit status go to $SWIFTLET_HOME/runs/ID.")
     var detach = false
@@ -54,6 +41,9 @@ struct Run: ParsableCommand {
 
     @OptionGroup var source: RootOptions
 
+    @Flag(help: "Show the guest kernel's console on standard error.")
+    var console = false
+
     @Option(help: ArgumentHelp("Start from this snapshot (`swiftlet snapshot`) instead of booting: the image, vCPUs and memory are the snapshot's.", valueName: "dir"))
     var from: String?
 
@@ -61,9 +51,6 @@ struct Run: ParsableCommand {
     var timing = false
 
     @OptionGroup var machine: MachineOptions
-
-    @Argument(parsing: .postTerminator, help: "The command and its arguments (default: sh).")
-    var command: [String] = []
 
     static let agentPort: UInt32 = 1024
 
@@ -84,18 +71,7 @@ struct Run: ParsableCommand {
         if from != nil && (source.image != nil || source.rootfs != nil || machine.shapesTheMachine) {
             throw ValidationError("--from starts the machine a snapshot holds: it cannot be combined with --image, --rootfs, --kernel, --cpus or --memory")
         }
-        if detach && (interactive || tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
-        for variable in env where variable.isEmpty || variable.hasPrefix("=") {
-            throw ValidationError("-e \(variable): expected KEY=VALUE or KEY")
-        }
-    }
-
-    /// `-e` values: KEY=VALUE as given, KEY alone from the host's environment (skipped if unset).
-    var environment: [String] {
-        env.compactMap { variable in
-            if variable.contains("=") { return variable }
-            return getenv(variable).map { variable + "=" + String(cString: $0) }
-        }
+        if detach && (exec.interactive || exec.tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
     }
 
     func run() throws {
@@ -123,10 +99,10 @@ struct Run: ParsableCommand {
         Glibc.signal(SIGPIPE, SIG_IGN)
         let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
 
-        let consoleLog = source.console ? nil : ConsoleLog()
+        let consoleLog = console ? nil : ConsoleLog()
         let port = try InProcessPort(port: Self.agentPort)
         let (vm, defaultRequest) = try exitingOnSetupFailure { () throws(SwiftletError) in
-            try makeMachine(signals: signals, consoleOutput: source.console ? 2 : consoleLog?.fd, port: port)
+            try makeMachine(signals: signals, consoleOutput: console ? 2 : consoleLog?.fd, port: port)
         }
         var request = defaultRequest
         marks.append((from == nil ? "image" : "snapshot", MonotonicClock.now))
@@ -171,11 +147,11 @@ struct Run: ParsableCommand {
         marks.append(("ready", MonotonicClock.now))
 
         var rows: UInt16 = 24, columns: UInt16 = 80
-        if tty && isatty(0) == 1 {
+        if exec.tty && isatty(0) == 1 {
             terminal = RawTerminal(fd: 0)
             (rows, columns) = RawTerminal.size(of: 0) ?? (rows, columns)
         }
-        request.terminal = tty
+        request.terminal = exec.tty
         request.rows = rows
         request.columns = columns
         let outcome: AgentSession.Outcome
@@ -186,7 +162,7 @@ struct Run: ParsableCommand {
             } else {
                 windowSize = nil
             }
-            outcome = try session.run(request, streams: .init(input: interactive || tty ? 0 : nil, output: 1, error: 2,
+            outcome = try session.run(request, streams: .init(input: exec.interactive || exec.tty ? 0 : nil, output: 1, error: 2,
                                                               signals: signals >= 0 ? signals : nil, windowSize: windowSize))
         } catch {
             if watchdog.fired { throw ExitCode(timedOut()) }

@@ -24,6 +24,9 @@ struct Snapshot: ParsableCommand {
 
     @OptionGroup var source: RootOptions
 
+    @Flag(help: "Show the guest kernel's console on standard error.")
+    var console = false
+
     @Flag(help: "Print what was written as JSON on standard output.")
     var json = false
 
@@ -48,9 +51,9 @@ struct Snapshot: ParsableCommand {
             throw SwiftletError(.invalidArgument, "\(output) already exists: snapshots go to a new directory")
         }
         let root = try RootFilesystem.resolve(source, image: source.image, signals: -1)
-        let consoleLog = source.console ? nil : ConsoleLog()
+        let consoleLog = console ? nil : ConsoleLog()
         let port = try InProcessPort(port: Run.agentPort)
-        let vm = Machine(config: try root.agentMachineConfig(machine, consoleOutput: source.console ? 2 : consoleLog?.fd), vsockPorts: port)
+        let vm = Machine(config: try root.agentMachineConfig(machine, consoleOutput: console ? 2 : consoleLog?.fd), vsockPorts: port)
         let machineThread = try MachineThread(vm)
         defer { machineThread.stop() }
 
