@@ -187,4 +187,33 @@ extension OwnedFileDescriptor {
     public static func readSmallTextFile(_ path: String, limit: Int = 1 << 20) throws(SwiftletError) -> String {
         String(decoding: try readSmallFile(path, limit: limit), as: UTF8.self)
     }
+
+    /// Replaces the small file at `path` with `bytes` atomically: written and flushed to
+    /// `path.tmp`, then renamed over it, so readers see the old content or the new, never a part.
+    public static func writeSmallFileAtomically(_ path: String, _ bytes: [UInt8]) throws(SwiftletError) {
+        let temporary = path + ".tmp"
+        do throws(SwiftletError) {
+            let file = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644, what: temporary)
+            try bytes.withUnsafeBytes { raw in Result { () throws(SwiftletError) in try file.writeAll(raw) } }.get()
+            let fd = file.rawValue
+            try systemCall("cannot flush \(temporary)") { fsync(fd) }
+            try systemCall("cannot replace \(path)") { rename(temporary, path) }
+        } catch {
+            unlink(temporary)
+            throw error
+        }
+    }
+
+    /// The names in the directory at `path` (without `.` and `..`), each with whether it is a
+    /// directory itself; nil when the directory cannot be opened.
+    public static func directoryEntries(_ path: String) -> [(name: String, isDirectory: Bool)]? {
+        guard let handle = opendir(path) else { return nil }
+        defer { closedir(handle) }
+        var entries: [(name: String, isDirectory: Bool)] = []
+        while let entry = readdir(handle) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            if name != "." && name != ".." { entries.append((name, entry.pointee.d_type == UInt8(DT_DIR))) }
+        }
+        return entries
+    }
 }

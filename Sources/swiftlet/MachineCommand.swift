@@ -325,9 +325,10 @@ extension MachineCommand {
 /// Talking to a machine's VMM process, and stopping it.
 enum MachineLifecycle {
     /// Sends one request and returns the reply; a clear error when the machine does not run.
-    static func request(_ directory: MachineDirectory, _ request: ControlRequest) throws(SwiftletError) -> ControlReply {
+    /// `passing`: descriptors that go with the request (an `exec`'s streams).
+    static func request(_ directory: MachineDirectory, _ request: ControlRequest, passing fds: [Int32] = []) throws(SwiftletError) -> ControlReply {
         let channel = try connect(directory)
-        try channel.send(request)
+        try channel.send(request, passing: fds)
         guard let (reply, fds) = try channel.receive(ControlReply.self) else {
             throw SwiftletError(.guestFailure, "machine \(directory.name)'s VMM process closed the control connection without answering")
         }
@@ -376,7 +377,7 @@ enum MachineLifecycle {
                 }
                 unlink(directory.pidPath)
                 unlink(directory.socketPath)
-                try? MachineDirectory.writeAtomically(directory.lastExitPath, Array("killed: the VMM process did not stop\n".utf8))
+                try? OwnedFileDescriptor.writeSmallFileAtomically(directory.lastExitPath, Array("killed: the VMM process did not stop\n".utf8))
             }
             if !quiet { printError("machine \(directory.name) " + (directory.lastExit ?? "stopped")) }
         }
@@ -415,8 +416,7 @@ struct MachineSummary: Codable {
             problem = MachineLifecycle.crashReport(directory, pid: pid)
         case .running(let pid):
             self.pid = pid
-            if let channel = ControlChannel.connect(directory.socketPath), (try? channel.send(ControlRequest(.status))) != nil,
-               let (reply, _) = try? channel.receive(ControlReply.self), reply.error == nil {
+            if let reply = try? MachineLifecycle.request(directory, ControlRequest(.status)) {
                 state = reply.state ?? "running"
                 uptimeMilliseconds = reply.uptimeMilliseconds
             } else {
@@ -441,9 +441,7 @@ struct MachineSummary: Codable {
     }
 }
 
+/// `path` made absolute (relative to the working directory), for a record read from anywhere.
 private func absolute(_ path: String) -> String {
-    if path.hasPrefix("/") { return path }
-    guard let resolved = realpath(path, nil) else { return path }
-    defer { free(resolved) }
-    return String(cString: resolved)
+    path.hasPrefix("/") ? path : GuestAssets.resolve(path) ?? path
 }

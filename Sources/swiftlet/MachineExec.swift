@@ -219,20 +219,14 @@ extension MachineCommand {
 
         /// Runs `arguments` as root in / with the given streams (error: this process's stderr).
         static func exec(_ name: String, _ arguments: [String], input: Int32?, output: Int32?) throws(SwiftletError) {
-            let directory = try MachineDirectory(name: name)
-            let channel = try MachineLifecycle.connect(directory)
             var request = ControlRequest(.exec)
             request.arguments = arguments
             request.environment = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
             request.input = input != nil
             let null = open("/dev/null", O_WRONLY | O_CLOEXEC)
             defer { close(null) }
-            try channel.send(request, passing: (input.map { [$0] } ?? []) + [output ?? null, 2])
-            guard let (reply, fds) = try channel.receive(ControlReply.self) else {
-                throw SwiftletError(.guestFailure, "the machine stopped during the copy")
-            }
-            fds.forEach { close($0) }
-            if let error = reply.error { throw SwiftletError(.invalidArgument, error) }
+            let reply = try MachineLifecycle.request(try MachineDirectory(name: name), request,
+                                                     passing: (input.map { [$0] } ?? []) + [output ?? null, 2])
             guard reply.status == 0 else {
                 throw SwiftletError(.guestFailure, "the copy failed in machine \(name) (status \(reply.status ?? -1))" + (reply.failure.map { ": " + $0 } ?? ""))
             }

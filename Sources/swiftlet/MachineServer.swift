@@ -52,7 +52,7 @@ enum MachineServer {
     }
 
     private static func writeLastExit(_ directory: MachineDirectory, _ text: String) {
-        try? MachineDirectory.writeAtomically(directory.lastExitPath, Array((text + "\n").utf8))
+        try? OwnedFileDescriptor.writeSmallFileAtomically(directory.lastExitPath, Array((text + "\n").utf8))
     }
 
     private static func cleanUp(_ directory: MachineDirectory) {
@@ -73,7 +73,7 @@ enum MachineServer {
 
     private static func run(_ directory: MachineDirectory, record: MachineRecord, signals: Int32,
                             ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
-        try MachineDirectory.writeAtomically(directory.pidPath, Array("\(getpid())\n".utf8))
+        try OwnedFileDescriptor.writeSmallFileAtomically(directory.pidPath, Array("\(getpid())\n".utf8))
         unlink(directory.socketPath)
         let listener = swiftlet_unix_listen(directory.socketPath, 16)
         guard listener >= 0 else { throw SwiftletError.system("cannot listen on \(directory.socketPath)", errno: currentErrno) }

@@ -80,13 +80,7 @@ struct MachineDirectory {
 
     /// Every machine, by name.
     static func all() -> [MachineDirectory] {
-        guard let dir = opendir(root) else { return [] }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-            if name != "." && name != ".." { names.append(name) }
-        }
+        let names = (OwnedFileDescriptor.directoryEntries(root) ?? []).map(\.name)
         return names.sorted().compactMap { try? MachineDirectory(name: $0) }.filter(\.exists)
     }
 
@@ -98,14 +92,6 @@ struct MachineDirectory {
         case running(pid: Int32)
         /// The VMM process ended without cleaning up after itself: killed, or it crashed.
         case crashed(pid: Int32)
-
-        var word: String {
-            switch self {
-            case .stopped: return "stopped"
-            case .running: return "running"
-            case .crashed: return "crashed"
-            }
-        }
     }
 
     /// Whether the VMM process runs, asked of the lock it holds (a pid alone could be reused).
@@ -129,16 +115,6 @@ struct MachineDirectory {
         return text.split(separator: "\n").suffix(lines).joined(separator: "\n")
     }
 
-    /// Writes `text` to `path` in this directory atomically (a temporary file renamed into place).
-    static func writeAtomically(_ path: String, _ bytes: [UInt8]) throws(SwiftletError) {
-        let temporary = path + ".tmp"
-        let file = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644, what: temporary)
-        try bytes.withUnsafeBytes { raw in Result { () throws(SwiftletError) in try file.writeAll(raw) } }.get()
-        guard fsync(file.rawValue) == 0, rename(temporary, path) == 0 else {
-            throw SwiftletError.system("cannot write \(path)", errno: currentErrno)
-        }
-    }
-
     func writeRecord(_ record: MachineRecord) throws(SwiftletError) {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -146,7 +122,7 @@ struct MachineDirectory {
         do { bytes = Array(try encoder.encode(record)) } catch {
             throw SwiftletError(.invalidFormat, "cannot encode the machine record: \(error)")
         }
-        try Self.writeAtomically(recordPath, bytes)
+        try OwnedFileDescriptor.writeSmallFileAtomically(recordPath, bytes)
     }
 
     /// Deletes the machine's directory and everything in it.
@@ -155,17 +131,9 @@ struct MachineDirectory {
     }
 
     static func removeTree(_ path: String) throws(SwiftletError) {
-        if let dir = opendir(path) {
-            var entries: [(String, Bool)] = []
-            while let entry = readdir(dir) {
-                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-                if name != "." && name != ".." { entries.append((name, entry.pointee.d_type == UInt8(DT_DIR))) }
-            }
-            closedir(dir)
-            for (name, isDirectory) in entries {
-                if isDirectory { try removeTree(path + "/" + name) } else if unlink(path + "/" + name) != 0 && errno != ENOENT {
-                    throw SwiftletError.system("cannot remove \(path)/\(name)", errno: currentErrno)
-                }
+        for (name, isDirectory) in OwnedFileDescriptor.directoryEntries(path) ?? [] {
+            if isDirectory { try removeTree(path + "/" + name) } else if unlink(path + "/" + name) != 0 && errno != ENOENT {
+                throw SwiftletError.system("cannot remove \(path)/\(name)", errno: currentErrno)
             }
         }
         if rmdir(path) != 0 && errno != ENOENT { throw SwiftletError.system("cannot remove \(path)", errno: currentErrno) }

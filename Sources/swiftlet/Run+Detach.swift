@@ -43,12 +43,6 @@ extension Run {
     /// In the background run: records the exit status once the command has ended.
     static func recordStatus(_ status: Int32) {
         guard let id = getenv(detachedChildVariable).map({ String(cString: $0) }) else { return }
-        let path = runDirectory(id) + "/status"
-        let fd = open(path + ".tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { return }
-        var text = "\(status)\n"
-        text.withUTF8 { _ = write(fd, $0.baseAddress, $0.count) }
-        close(fd)
-        rename(path + ".tmp", path)
+        try? OwnedFileDescriptor.writeSmallFileAtomically(runDirectory(id) + "/status", Array("\(status)\n".utf8))
     }
 }

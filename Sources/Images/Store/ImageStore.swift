@@ -208,12 +208,11 @@ public final class ImageStore: @unchecked Sendable {
     }
 
     private func removeEntries(in directory: String, where shouldRemove: (String) -> Bool) throws(SwiftletError) -> Int64 {
-        guard let handle = opendir(directory) else { throw SwiftletError.system("cannot list \(directory)", errno: currentErrno) }
-        defer { closedir(handle) }
+        guard let entries = OwnedFileDescriptor.directoryEntries(directory) else {
+            throw SwiftletError.system("cannot list \(directory)", errno: currentErrno)
+        }
         var freed: Int64 = 0
-        while let entry = readdir(handle) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.baseAddress!.assumingMemoryBound(to: CChar.self)) }
-            guard name != ".", name != "..", shouldRemove(name) else { continue }
+        for (name, _) in entries where shouldRemove(name) {
             var info = stat()
             let path = directory + "/" + name
             if stat(path, &info) == 0 { freed += Int64(info.st_size) }
