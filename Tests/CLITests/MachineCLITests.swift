@@ -43,6 +43,13 @@ import TestSupport
         #expect(missing.status == 1 && missing.stderr.contains("no root filesystem image"), "\(missing.stderr)")
         #expect(access(machineDirectory("nokernel"), F_OK) != 0, "a failed create leaves nothing behind")
         #expect(run(["create", "--name", "x", "--disk-size", "1"]).stderr.contains("--disk-size must be"))
+        let noKernel = run(["create", "--name", "nokernel", "--rootfs", home.write("root.img", [0]), "--kernel", home.path + "/vmlinux"])
+        #expect(noKernel.status == 1 && noKernel.stderr.contains("no kernel at"), "\(noKernel.stderr)")
+        #expect(access(machineDirectory("nokernel"), F_OK) != 0, "a failed create leaves nothing behind")
+        #expect(run(["create", "--name", "x", "--cpus", "0"]).stderr.contains("--cpus must be 1 to"))
+        #expect(run(["create", "--name", "x", "--memory", "8"]).stderr.contains("--memory must be at least"))
+        #expect(run(["start", "web-1", "--timeout", "soon"]).stderr.contains("--timeout soon: expected a duration"))
+        #expect(run(["stop", "web-1", "--timeout=-1s"]).stderr.contains("expected a duration"))
 
         let list = run(["ls", "--json"])
         #expect(list.stdout.contains("\"name\":\"web-1\"") && list.stdout.contains("\"state\":\"stopped\"") && list.stdout.contains("\"cpus\":2"), "\(list.stdout)")
