@@ -12,7 +12,8 @@ import SwiftletSystem
 public struct SnapshotHardware: Codable, Sendable, Equatable {
     public var cpuCount: Int
     public var memoryMiB: Int
-    /// Read-only disks, by path (their contents are not part of the snapshot) and size.
+    /// The disks: read-only ones by path (their contents are not part of the snapshot), writable
+    /// ones with a copy of their contents in the snapshot.
     public var disks: [SnapshotDisk]
     public var entropyDevice: Bool
     /// The vsock device's guest CID, if the machine has one. Its connections are not kept: the
@@ -22,7 +23,7 @@ public struct SnapshotHardware: Codable, Sendable, Equatable {
     init(_ config: MachineConfig, diskSizes: [UInt64]) {
         cpuCount = config.cpuCount
         memoryMiB = config.memoryMiB
-        disks = zip(config.disks, diskSizes).map { SnapshotDisk(path: $0.path, readOnly: $0.readOnly, size: $1) }
+        disks = zip(config.disks, diskSizes).map { SnapshotDisk(path: $0.path, readOnly: $0.readOnly, size: $1, file: nil) }
         entropyDevice = config.entropyDevice
         vsockGuestCID = config.vsock?.guestCID
     }
@@ -30,9 +31,13 @@ public struct SnapshotHardware: Codable, Sendable, Equatable {
 
 /// A disk of a snapshotted machine.
 public struct SnapshotDisk: Codable, Sendable, Equatable {
+    /// Where the machine's disk was (for a copy-on-write disk, its overlay).
     public var path: String
     public var readOnly: Bool
     public var size: UInt64
+    /// For a writable disk: the file in the snapshot's directory that holds its contents as they
+    /// were when the snapshot was taken (a sparse file).
+    public var file: String?
 }
 
 /// Everything the state file of a snapshot holds (docs/snapshot-format.md).
@@ -192,10 +197,13 @@ extension Machine {
     /// connections to the host go to `vsockPorts`, then to `vsockForwards`. With `diffable`, the
     /// machine tracks what it writes so that its next snapshot can be a diff of this one; a
     /// machine that will not be snapshotted runs faster without (no write fault per first write).
+    /// The snapshot's writable disks come back as `writableDisks` (one per writable disk, in order:
+    /// copies of `writableDiskFiles(inSnapshot:)`, or copy-on-write overlays with those as their
+    /// base); without them, as overlays in temporary files, whose writes are lost when the machine ends.
     public static func restoring(from directory: String, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
                                  kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
                                  vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
-                                 diffable: Bool = true) throws(SwiftletError) -> Machine {
+                                 diffable: Bool = true, writableDisks: [DiskConfig]? = nil) throws(SwiftletError) -> Machine {
         var plan = try RestorePlan.load(absolutePath(directory))
         plan.diffable = diffable
         let hardware = plan.snapshot.hardware
@@ -203,18 +211,43 @@ extension Machine {
         guard plan.snapshot.devices.count == deviceCount else {
             throw SwiftletError(.invalidFormat, "the snapshot in \(directory) does not hold the state of all its devices")
         }
+        let copies = writableDiskFiles(plan)
+        if let writableDisks, writableDisks.count != copies.count {
+            throw SwiftletError(.invalidArgument, "the snapshot in \(directory) has \(copies.count) writable disks, but \(writableDisks.count) were given for them")
+        }
+        var disks: [DiskConfig] = []
         for disk in hardware.disks {
-            let size = try OwnedFileDescriptor.open(disk.path, flags: O_RDONLY, what: "disk").size()
+            let source = disk.file.map { plan.directory + "/" + $0 } ?? disk.path
+            let size = try OwnedFileDescriptor.open(source, flags: O_RDONLY, what: "disk").size()
             guard size == disk.size else {
-                throw SwiftletError(.invalidFormat, "disk \(disk.path) is \(size) bytes, but was \(disk.size) when the snapshot in \(directory) was taken: the guest would see another disk")
+                throw SwiftletError(.invalidFormat, disk.file == nil
+                    ? "disk \(disk.path) is \(size) bytes, but was \(disk.size) when the snapshot in \(directory) was taken: the guest would see another disk"
+                    : "\(source) is \(size) bytes, but the disk it holds was \(disk.size): the snapshot is damaged")
+            }
+            if disk.file == nil {
+                disks.append(DiskConfig(path: disk.path, readOnly: disk.readOnly))
+            } else {
+                var given = writableDisks?[disks.count(where: { !$0.readOnly })] ?? DiskConfig(path: "", base: source)
+                given.readOnly = false
+                disks.append(given)
             }
         }
         let config = MachineConfig(kernelPath: "", cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, kvmPath: kvmPath,
                                    allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput,
-                                   disks: hardware.disks.map { DiskConfig(path: $0.path, readOnly: $0.readOnly) },
+                                   disks: disks,
                                    entropyDevice: hardware.entropyDevice,
                                    vsock: hardware.vsockGuestCID.map { VsockConfig(guestCID: $0, forwards: vsockForwards) })
         return Machine(config: config, vsockPorts: vsockPorts, restore: plan)
+    }
+
+    /// The files in the snapshot in `directory` that hold its writable disks' contents, in disk
+    /// order: a restore's `writableDisks` can be copies of them, or overlays over them.
+    public static func writableDiskFiles(inSnapshot directory: String) throws(SwiftletError) -> [String] {
+        writableDiskFiles(try RestorePlan.load(absolutePath(directory)))
+    }
+
+    static func writableDiskFiles(_ plan: RestorePlan) -> [String] {
+        plan.snapshot.hardware.disks.compactMap { disk in disk.file.map { plan.directory + "/" + $0 } }
     }
 
     /// What the snapshot this machine was restored from recorded (`snapshot(to:annotations:)`).
@@ -280,9 +313,6 @@ extension Machine {
     private func snapshotLocked(to directory: String, kind: SnapshotKind, annotations: [String: String]) throws(SwiftletError) -> SnapshotReport {
         let target = Self.absolutePath(directory)
         let machine = try liveMachine()
-        if let writable = machine.hardware.disks.first(where: { !$0.readOnly }) {
-            throw SwiftletError(.unsupported, "this machine has a writable disk (\(writable.path)), whose contents a snapshot cannot hold yet: only machines with read-only disks can be snapshotted")
-        }
         if kind == .diff && machine.lastSnapshot == nil {
             throw SwiftletError(.invalidArgument, "a diff snapshot needs an earlier snapshot of this machine (or a restore) to be a diff of: take a full snapshot first")
         }
@@ -298,7 +328,12 @@ extension Machine {
         let partial = target + ".partial-\(getpid())"
         try systemCall("cannot create \(partial)") { mkdir(partial, 0o700) }
         var keep = false
-        defer { if !keep { _ = unlink(partial + "/memory"); _ = unlink(partial + "/state"); _ = rmdir(partial) } }
+        defer {
+            if !keep {
+                for (name, _) in OwnedFileDescriptor.directoryEntries(partial) ?? [] { unlink(partial + "/" + name) }
+                rmdir(partial)
+            }
+        }
 
         var vcpus: [VCPUState] = []
         for vcpu in machine.vcpus {
@@ -307,6 +342,15 @@ extension Machine {
         let vmState = try machine.vm.saveState(hasPIT: false)
         var devices: [VirtioTransportState] = []
         for transport in machine.transports { devices.append(try transport.saveState()) }
+        // Writable disks are copied as they are now (their devices are quiet while paused).
+        var hardware = machine.hardware
+        var diskBytes: UInt64 = 0
+        let blockDevices = machine.transports.compactMap { $0.device as? VirtioBlock }
+        for (index, device) in blockDevices.enumerated() where !hardware.disks[index].readOnly {
+            let name = "disk-\(index)"
+            diskBytes += try device.backend.copy(to: partial + "/" + name)
+            hardware.disks[index].file = name
+        }
         let dirty = try collectDirtyPages(machine)
         defer {
             // A snapshot that failed after emptying the dirty logs hands their pages to the next one.
@@ -321,7 +365,7 @@ extension Machine {
         }
         let memoryStats: MemoryWriteStats
         var snapshot = MachineSnapshot(id: id, kind: .full, parent: nil, parentDirectory: nil, createdAt: Self.realtimeNow(),
-                                       hardware: machine.hardware, guestIsLinux: machine.guestIsLinux, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
+                                       hardware: hardware, guestIsLinux: machine.guestIsLinux, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
                                        serial: machine.serial.state, devices: devices, annotations: annotations)
         if kind == .diff, let last = machine.lastSnapshot, let dirty {
             snapshot.kind = .diff
@@ -341,7 +385,7 @@ extension Machine {
         live.withLock { $0?.lastSnapshot = (id, target) }
         return SnapshotReport(id: id.description, directory: target, kind: snapshot.kind == .diff ? .diff : .full,
                               memoryPagesWritten: memoryStats.pagesWritten,
-                              bytesWritten: memoryStats.bytesWritten + UInt64(state.count), pausedNanoseconds: MonotonicClock.now - start)
+                              bytesWritten: memoryStats.bytesWritten + UInt64(state.count) + diskBytes, pausedNanoseconds: MonotonicClock.now - start)
     }
 
     /// The pages written since the last snapshot (nil if dirty logging was off), and dirty logging

@@ -263,7 +263,16 @@ public final class Machine: Sendable {
         var devices: [VirtioBlock] = []
         var sizes: [UInt64] = []
         for (index, disk) in disks.enumerated() {
-            let backend = try FileBlockBackend(path: disk.path, readOnly: disk.readOnly)
+            let backend: any BlockBackend
+            if let base = disk.base, disk.path.isEmpty {
+                let directory = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
+                let overlay = try OwnedFileDescriptor.unlinkedTemporaryFile(in: directory, prefix: "swiftlet-overlay")
+                backend = try CopyOnWriteBlockBackend(base: base, overlay: overlay, named: "a temporary overlay in \(directory)")
+            } else if let base = disk.base {
+                backend = try CopyOnWriteBlockBackend(base: base, overlay: disk.path)
+            } else {
+                backend = try FileBlockBackend(path: disk.path, readOnly: disk.readOnly)
+            }
             sizes.append(backend.byteCount)
             devices.append(VirtioBlock(backend: backend, readOnly: disk.readOnly, identifier: "swiftlet-disk\(index)",
                                        onError: { controller.warn($0.description) }))

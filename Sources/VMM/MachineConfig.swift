@@ -88,8 +88,13 @@ public struct DiskConfig: Sendable, Equatable {
     public var path: String
     /// The guest can read but not write it (and the file is opened read-only).
     public var readOnly: Bool
+    /// When set, the disk is copy-on-write over this read-only base image: `path` is the overlay
+    /// that holds what the guest writes (created if missing; several overlays can share a base).
+    /// An empty `path` makes the overlay an unnamed temporary file: the writes are thrown away
+    /// when the machine ends.
+    public var base: String?
 
-    public init(path: String, readOnly: Bool = false) {
-        self.path = path; self.readOnly = readOnly
+    public init(path: String, readOnly: Bool = false, base: String? = nil) {
+        self.path = path; self.readOnly = readOnly; self.base = base
     }
 }

@@ -277,7 +277,7 @@ struct CountingGuest {
             _ = try machine.snapshotBlocking(to: snapshot)
         }
         let plan = try RestorePlan.load(snapshot)
-        #expect(plan.snapshot.hardware.disks == [SnapshotDisk(path: disk, readOnly: true, size: 1 << 20)])
+        #expect(plan.snapshot.hardware.disks == [SnapshotDisk(path: disk, readOnly: true, size: 1 << 20, file: nil)])
         #expect(plan.snapshot.devices.map(\.deviceType) == [2, 4], "a block device and an entropy device")
         let restoredOut = guest.dir.path + "/restored.out"
         let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -293,16 +293,45 @@ struct CountingGuest {
             ($0 as! SwiftletError).message.contains("but was 1048576 when the snapshot")
         }
 
-        // Writable disks are not snapshot state yet: refused, nothing written.
+        // A writable disk's contents at the snapshot are part of it; later writes are not.
+        let content = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 / 4096 &+ $0) }
+        let writableDisk = guest.dir.write("writable.img", content)
         var writable = guest.config(output: out)
-        writable.disks = [DiskConfig(path: disk, readOnly: false)]
+        writable.disks = [DiskConfig(path: writableDisk, readOnly: false)]
+        let writableSnapshot = guest.dir.path + "/writable"
         _ = try CountingGuest.whileRunning(Machine(config: writable)) { machine in
             try CountingGuest.waitForOutput(out)
-            #expect { try machine.snapshotBlocking(to: guest.dir.path + "/writable") } throws: {
-                ($0 as! SwiftletError).message.contains("writable disk")
-            }
+            _ = try machine.snapshotBlocking(to: writableSnapshot)
         }
-        #expect(access(guest.dir.path + "/writable", F_OK) != 0)
+        guest.dir.write("writable.img", [UInt8](repeating: 0xEE, count: 1 << 20))
+        let files = try Machine.writableDiskFiles(inSnapshot: writableSnapshot)
+        #expect(files == [writableSnapshot + "/disk-0"])
+        #expect(try OwnedFileDescriptor.readSmallFile(files[0], limit: 2 << 20) == content)
+        #expect(try RestorePlan.load(writableSnapshot).snapshot.hardware.disks
+                    == [SnapshotDisk(path: writableDisk, readOnly: false, size: 1 << 20, file: "disk-0")])
+        // Restored without being told where: a temporary overlay over the snapshot's copy. What
+        // the restored machine writes stays out of the snapshot.
+        let overlayRestore = try Machine.restoring(from: writableSnapshot, consoleOutput: nil)
+        #expect(overlayRestore.config.disks == [DiskConfig(path: "", readOnly: false, base: files[0])])
+        _ = try CountingGuest.whileRunning(overlayRestore) { machine in
+            let block = try #require(machine.live.withLock { $0!.transports.compactMap { $0.device as? VirtioBlock }.first })
+            #expect(try DiskContents.all(block.backend) == content)
+            try [UInt8](repeating: 1, count: 4096).withUnsafeBytes { try block.backend.write(from: $0, at: 0) }
+        }
+        #expect(try OwnedFileDescriptor.readSmallFile(files[0], limit: 2 << 20) == content)
+        // Restored onto a copy the caller made, with a different number of disks refused.
+        let copy = guest.dir.path + "/copy.img"
+        try FileBlockBackend(path: files[0], readOnly: true).copy(to: copy)
+        #expect { try Machine.restoring(from: writableSnapshot, writableDisks: []) } throws: {
+            ($0 as! SwiftletError).message.contains("has 1 writable disks, but 0 were given")
+        }
+        let copyRestore = try Machine.restoring(from: writableSnapshot, consoleOutput: nil, writableDisks: [DiskConfig(path: copy)])
+        #expect(copyRestore.config.disks == [DiskConfig(path: copy, readOnly: false)])
+        // A damaged disk copy (another size) is refused.
+        guest.dir.write("writable/disk-0", [1, 2, 3])
+        #expect { try Machine.restoring(from: writableSnapshot) } throws: {
+            ($0 as! SwiftletError).message.contains("the snapshot is damaged")
+        }
 
         // A vsock device comes back with its guest CID, and the annotations with the snapshot.
         var withVsock = guest.config(output: out)
@@ -416,5 +445,14 @@ struct CountingGuest {
             return message.contains("CPUID 0x7.0 EBX bit 5") && message.contains("same or a newer CPU")
         }
         #expect(throws: Never.self) { try plan.checkCPU(supported: [CPUIDEntry(function: 7, ebx: 0xFF)]) }
+    }
+}
+
+enum DiskContents {
+    /// Every byte of a disk, read through its backend.
+    static func all(_ backend: any BlockBackend) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: Int(backend.byteCount))
+        try bytes.withUnsafeMutableBytes { try backend.read(into: $0, at: 0) }
+        return bytes
     }
 }

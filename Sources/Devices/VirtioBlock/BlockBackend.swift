@@ -10,6 +10,44 @@ public protocol BlockBackend: Sendable {
     func write(from source: UnsafeRawBufferPointer, at offset: UInt64) throws(SwiftletError)
     /// Makes every completed write durable.
     func flush() throws(SwiftletError)
+    /// The byte ranges that may hold anything but zeros, in order; the rest of the disk reads as
+    /// zeros. Lets a disk be copied sparsely.
+    func dataRanges() throws(SwiftletError) -> [Range<UInt64>]
+}
+
+extension BlockBackend {
+    public func dataRanges() throws(SwiftletError) -> [Range<UInt64>] { [0..<byteCount] }
+
+    /// Writes the disk's content to a new sparse file at `path` (which must not exist): only its
+    /// data ranges are read and written, holes stay holes. The file is synced before this returns;
+    /// a failed copy removes it. Returns the bytes of data copied.
+    @discardableResult
+    public func copy(to path: String) throws(SwiftletError) -> UInt64 {
+        let file = try OwnedFileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: "disk copy")
+        do throws(SwiftletError) {
+            try systemCall("cannot size \(path)") { ftruncate(file.rawValue, off_t(byteCount)) }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+            defer { buffer.deallocate() }
+            var copied: UInt64 = 0
+            for range in try dataRanges() {
+                copied += range.upperBound - range.lowerBound
+                var offset = range.lowerBound
+                while offset < range.upperBound {
+                    let count = Int(min(UInt64(buffer.count), range.upperBound - offset))
+                    let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count])
+                    try read(into: piece, at: offset)
+                    try file.write(from: UnsafeRawBufferPointer(piece), at: offset, what: path)
+                    offset += UInt64(count)
+                }
+            }
+            let fd = file.rawValue
+            try systemCall("cannot sync \(path)") { fsync(fd) }
+            return copied
+        } catch {
+            unlink(path)
+            throw error
+        }
+    }
 }
 
 /// A disk image file (raw format) as a block backend.
@@ -51,5 +89,9 @@ public final class FileBlockBackend: BlockBackend {
     public func flush() throws(SwiftletError) {
         let fd = file.rawValue
         try systemCall("cannot flush disk \(path)") { fdatasync(fd) }
+    }
+
+    public func dataRanges() throws(SwiftletError) -> [Range<UInt64>] {
+        try file.isRegularFile() ? file.dataRanges(size: byteCount) : [0..<byteCount]
     }
 }
