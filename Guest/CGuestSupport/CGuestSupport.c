@@ -11,6 +11,8 @@
 #include <termios.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
+#include <linux/random.h>
+#include <errno.h>
 
 int guest_signalfd(int signo) {
     sigset_t mask;
@@ -79,3 +81,21 @@ void guest_reset_signals(void) {
 int guest_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
 int guest_power_off(void) { return reboot(RB_POWER_OFF); }
+
+// Mixes `length` bytes of host randomness into the kernel's pool, credited as entropy, and makes
+// the kernel reseed its generator from the pool at once (RNDADDENTROPY, RNDRESEEDCRNG). Used when
+// the machine is a restored copy whose generator state other copies share. Returns 0 or -errno.
+int guest_reseed_random(const unsigned char *bytes, int length) {
+    int fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct rand_pool_info *info = malloc(sizeof(struct rand_pool_info) + (size_t)length);
+    if (info == NULL) { close(fd); return -ENOMEM; }
+    info->entropy_count = length * 8;
+    info->buf_size = length;
+    memcpy(info->buf, bytes, (size_t)length);
+    int result = 0;
+    if (ioctl(fd, RNDADDENTROPY, info) != 0 || ioctl(fd, RNDRESEEDCRNG) != 0) result = -errno;
+    free(info);
+    close(fd);
+    return result;
+}

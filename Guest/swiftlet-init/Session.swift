@@ -118,6 +118,12 @@ struct Session {
             if let c = command, c.terminal, let output = c.output { guest_set_window_size(output, rows, columns) }
         case .openSession:
             openSession()
+        case .identity(let hostname, let seed):
+            if !hostname.isEmpty && hostname.withCString({ sethostname($0, strlen($0)) }) != 0 {
+                Log.write("cannot set the hostname to \(hostname): \(String(cString: strerror(errno)))")
+            }
+            let result = seed.withUnsafeBufferPointer { guest_reseed_random($0.baseAddress, Int32($0.count)) }
+            if result != 0 { Log.write("cannot reseed the kernel's random generator: \(String(cString: strerror(-result)))") }
         case .ready, .started, .stdout, .stderr, .exited, .failed:
             Log.write("ignoring a host message meant for the host")
         }

@@ -7,7 +7,7 @@ public enum AgentFrame {
 
     enum Tag: UInt8 {
         case ready = 1, started, stdout, stderr, exited, failed
-        case exec = 32, stdin, closeStdin, signal, resize, openSession
+        case exec = 32, stdin, closeStdin, signal, resize, openSession, identity
     }
 
     public static func encode(_ message: AgentMessage) -> [UInt8] {
@@ -28,6 +28,7 @@ public enum AgentFrame {
         case .signal(let number): w.tag(.signal); w.u32(UInt32(bitPattern: number))
         case .resize(let rows, let columns): w.tag(.resize); w.u16(rows); w.u16(columns)
         case .openSession: w.tag(.openSession)
+        case .identity(let hostname, let seed): w.tag(.identity); w.string(hostname); w.bytes(seed)
         }
         let length = UInt32(w.out.count)
         return [UInt8(truncatingIfNeeded: length), UInt8(truncatingIfNeeded: length >> 8),
@@ -58,6 +59,7 @@ public enum AgentFrame {
         case .signal: message = .signal(Int32(bitPattern: try r.u32()))
         case .resize: message = .resize(rows: try r.u16(), columns: try r.u16())
         case .openSession: message = .openSession
+        case .identity: message = .identity(hostname: try r.string(), seed: try r.bytes())
         }
         guard r.isAtEnd else { throw AgentProtocolError("\(tag) message has \(r.remaining) trailing bytes") }
         return message

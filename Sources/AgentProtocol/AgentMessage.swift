@@ -27,8 +27,13 @@ public enum AgentMessage: Equatable, Sendable {
     /// Open another connection to the host for a command of its own (the agent answers on the new
     /// connection with `ready`); lets one machine run several commands at once.
     case openSession
+    /// The machine is a new copy of another (a restore or a fork): take this hostname (unless
+    /// empty), and mix
+    /// this host randomness into the kernel's random pool and reseed its generator, which every
+    /// copy would otherwise continue identically.
+    case identity(hostname: String, seed: [UInt8])
 
-    public static let version: UInt32 = 2
+    public static let version: UInt32 = 3
 }
 
 /// What to run and how.

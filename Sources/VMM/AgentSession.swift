@@ -112,6 +112,17 @@ public final class AgentSession: @unchecked Sendable {
     }
 
     /// Sends one message; safe from any thread while another runs a command (for signals).
+    /// Tells the agent its machine is a new copy of another (restored under a new name, or forked):
+    /// it takes `hostname` (nil: keeps its own) and reseeds the kernel's random generator with fresh host randomness,
+    /// so copies do not share random numbers. Sent on the first connection, after `ready`.
+    public func announceNewIdentity(hostname: String?) throws(SwiftletError) {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 32, alignment: 8)
+        defer { buffer.deallocate() }
+        try SystemRandom.fill(buffer)
+        let seed = Array(buffer.bindMemory(to: UInt8.self))
+        try send(.identity(hostname: hostname ?? "", seed: seed))
+    }
+
     public func send(_ message: AgentMessage) throws(SwiftletError) {
         let frame = AgentFrame.encode(message)
         let fd = socket.rawValue

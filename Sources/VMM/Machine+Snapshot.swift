@@ -250,6 +250,12 @@ extension Machine {
         plan.snapshot.hardware.disks.compactMap { disk in disk.file.map { plan.directory + "/" + $0 } }
     }
 
+    /// What the snapshot in `directory` recorded (`snapshot(to:annotations:)`), read and checked
+    /// (a damaged or foreign snapshot throws) without restoring it.
+    public static func annotations(ofSnapshot directory: String) throws(SwiftletError) -> [String: String] {
+        try RestorePlan.load(absolutePath(directory)).snapshot.annotations
+    }
+
     /// What the snapshot this machine was restored from recorded (`snapshot(to:annotations:)`).
     public var restoredAnnotations: [String: String] { restore?.snapshot.annotations ?? [:] }
 

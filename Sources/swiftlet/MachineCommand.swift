@@ -23,7 +23,7 @@ struct MachineCommand: ParsableCommand {
               swiftlet machine rm -f web
             """,
         subcommands: [Create.self, Start.self, Stop.self, Status.self, List.self, Remove.self, Exec.self, Shell.self, Copy.self,
-                      Pause.self, Resume.self, Serve.self])
+                      Pause.self, Resume.self, SnapshotCommand.self, Restore.self, Fork.self, Serve.self])
 }
 
 /// A machine named by its argument or by --name.
@@ -79,31 +79,24 @@ extension MachineCommand {
 
         func create() throws(SwiftletError) {
             let directory = try MachineDirectory(name: name)
-            for path in [ImageStore.defaultRoot(), MachineDirectory.root] where mkdir(path, 0o755) != 0 && errno != EEXIST {
-                throw SwiftletError.system("cannot create \(path)", errno: currentErrno)
-            }
-            // One create at a time: a directory without its record is a create in progress or
-            // one that died, which the next create under the lock may clear.
-            let lock = try OwnedFileDescriptor.open(MachineDirectory.root + "/.lock", flags: O_RDWR | O_CREAT, mode: 0o600, what: "the machines lock")
-            flock(lock.rawValue, LOCK_EX)
-            if directory.exists { throw SwiftletError(.invalidArgument, "a machine named \(name) already exists") }
-            if access(directory.path, F_OK) == 0 { try MachineDirectory.removeTree(directory.path) }
-            guard mkdir(directory.path, 0o700) == 0 else { throw SwiftletError.system("cannot create \(directory.path)", errno: currentErrno) }
-            do throws(SwiftletError) {
-                var root = try RootFilesystem.resolve(image: source.image, rootfs: source.rootfs.map(absolute), insecure: source.insecureRegistry,
-                                                         policy: source.pull, signals: -1)
-                root.disks = root.disks.map(absolute)
-                guard root.disks.count < MachineConfig.maximumDisks else {
-                    throw SwiftletError(.unsupported, "\(source.image ?? "the image") needs \(root.disks.count) layer disks: a machine has room for \(MachineConfig.maximumDisks - 1) beside its own disk")
+            try MachineDirectory.withLock { () throws(SwiftletError) in
+                try directory.makeNew()
+                do throws(SwiftletError) {
+                    var root = try RootFilesystem.resolve(image: source.image, rootfs: source.rootfs.map(absolute), insecure: source.insecureRegistry,
+                                                             policy: source.pull, signals: -1)
+                    root.disks = root.disks.map(absolute)
+                    guard root.disks.count < MachineConfig.maximumDisks else {
+                        throw SwiftletError(.unsupported, "\(source.image ?? "the image") needs \(root.disks.count) layer disks: a machine has room for \(MachineConfig.maximumDisks - 1) beside its own disk")
+                    }
+                    if let kernel, access(kernel, R_OK) != 0 { throw SwiftletError(.notFound, "no kernel at \(kernel)") }
+                    try Self.makeWritableDisk(directory.diskPath, megabytes: diskSize)
+                    try directory.writeRecord(MachineRecord(
+                        name: name, source: source.image ?? source.rootfs ?? "default", layers: root.disks, defaults: root.defaults, cpus: cpus,
+                        memoryMiB: memory, kernel: kernel.map(absolute), diskMiB: diskSize, created: Int(time(nil))))
+                } catch {
+                    try? MachineDirectory.removeTree(directory.path)
+                    throw error
                 }
-                if let kernel, access(kernel, R_OK) != 0 { throw SwiftletError(.notFound, "no kernel at \(kernel)") }
-                try Self.makeWritableDisk(directory.diskPath, megabytes: diskSize)
-                try directory.writeRecord(MachineRecord(
-                    name: name, source: source.image ?? source.rootfs ?? "default", layers: root.disks, defaults: root.defaults, cpus: cpus,
-                    memoryMiB: memory, kernel: kernel.map(absolute), diskMiB: diskSize, created: Int(time(nil))))
-            } catch {
-                try? MachineDirectory.removeTree(directory.path)
-                throw error
             }
             printError("created machine \(name) (\(source.image ?? source.rootfs ?? "default image"), \(cpus) vCPU, \(memory) MiB, \(diskSize) MiB disk)")
         }
@@ -153,55 +146,8 @@ extension MachineCommand {
                 printError("machine \(directory.name)'s last VMM process (pid \(pid)) ended without stopping the machine; starting it again")
             case .stopped: break
             }
-            var ends: [Int32] = [0, 0]
-            guard swiftlet_pipe(&ends) == 0 else { throw SwiftletError.system("cannot create a pipe", errno: currentErrno) }
-            let executable = GuestAssets.resolve("/proc/self/exe") ?? CommandLine.arguments[0]
-            let pid: pid_t
-            do {
-                pid = try spawnChild(executable, arguments: ["swiftlet", "machine", "serve", directory.name],
-                                     output: .descriptor(ends[1]), error: .file(directory.logPath), newSession: true,
-                                     what: "the machine's VMM process")
-            } catch {
-                close(ends[0]); close(ends[1])
-                throw error
-            }
-            close(ends[1])
-            defer { close(ends[0]) }
-            let answer = Self.readAll(ends[0], milliseconds: Run.milliseconds(timeout) ?? 120_000)
-            if answer == nil {
-                kill(pid, SIGKILL)
-                throw SwiftletError(.guestFailure, "machine \(directory.name) was not ready within \(timeout); its console is in \(directory.consolePath)")
-            }
-            let text = trimmed(answer ?? "")
-            if text == "ready" {
-                printError("started machine \(directory.name)")
-                return
-            }
-            var status: Int32 = 0
-            waitpid(pid, &status, 0)
-            if text.hasPrefix("error: ") { throw SwiftletError(.guestFailure, String(text.dropFirst(7))) }
-            throw SwiftletError(.guestFailure, "the machine's VMM process ended before the machine was ready:\n" + directory.logTail())
-        }
-
-        /// Everything readable from `fd` until its end; nil if it does not end in time.
-        static func readAll(_ fd: Int32, milliseconds: Int) -> String? {
-            var bytes: [UInt8] = []
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let deadline = MonotonicClock.now + UInt64(milliseconds) * 1_000_000
-            while true {
-                let now = MonotonicClock.now
-                guard now < deadline else { return nil }
-                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-                let n = poll(&p, 1, Int32(min(Int(Int32.max), Int((deadline - now) / 1_000_000) + 1)))
-                if n < 0 && errno != EINTR { return nil }
-                if n <= 0 { continue }
-                let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-                if count < 0 && errno == EINTR { continue }
-                if count <= 0 { return String(decoding: bytes, as: UTF8.self) }
-                bytes += chunk[0..<count]
-                // The answer is one line; the process goes on running with the pipe redirected.
-                if bytes.contains(0x0A) { return String(decoding: bytes, as: UTF8.self) }
-            }
+            try MachineLifecycle.Launch(directory).waitUntilReady(milliseconds: Run.milliseconds(timeout) ?? 120_000, timeout: timeout)
+            printError("started machine \(directory.name)")
         }
     }
 
@@ -283,7 +229,10 @@ extension MachineCommand {
                     }
                     try MachineLifecycle.stop(directory, timeoutMilliseconds: 0, quiet: true)
                 }
-                try directory.remove()
+                try MachineDirectory.withLock { () throws(SwiftletError) in
+                    try directory.remove()
+                    MachineDirectory.removeUnusedForkBases()
+                }
                 printError("removed machine \(directory.name)")
             }
         }
@@ -315,15 +264,86 @@ extension MachineCommand {
 
         @Argument var name: String
 
+        @Option(help: "Restore this snapshot instead of booting; the machine is a new copy and gets a new identity.")
+        var from: String?
+
+        @Flag(help: "Track the restored machine's writes, so that its next snapshot can be a diff.")
+        var diffable = false
+
         func run() throws {
             let directory = try exitingOnSetupFailure { () throws(SwiftletError) in try MachineDirectory(name: name) }
-            throw ExitCode(MachineServer.serve(directory, ready: 1))
+            throw ExitCode(MachineServer.serve(directory, ready: 1, from: from, diffable: diffable))
         }
     }
 }
 
-/// Talking to a machine's VMM process, and stopping it.
+/// Starting a machine's VMM process, talking to it, and stopping it.
 enum MachineLifecycle {
+    /// A VMM process being started (`swiftlet machine serve`), in a session of its own; it says
+    /// `ready` on a pipe once the guest agent answers, or why it could not start.
+    struct Launch {
+        let directory: MachineDirectory
+        let pid: pid_t
+        let answer: Int32
+
+        /// Starts the process; `from`: the snapshot to restore instead of booting, `diffable`:
+        /// whether the restored machine tracks its writes for a diff snapshot of that snapshot.
+        init(_ directory: MachineDirectory, from snapshot: String? = nil, diffable: Bool = false) throws(SwiftletError) {
+            var ends: [Int32] = [0, 0]
+            guard swiftlet_pipe(&ends) == 0 else { throw SwiftletError.system("cannot create a pipe", errno: currentErrno) }
+            let executable = GuestAssets.resolve("/proc/self/exe") ?? CommandLine.arguments[0]
+            var arguments = ["swiftlet", "machine", "serve", directory.name]
+            if let snapshot { arguments += ["--from", snapshot] + (diffable ? ["--diffable"] : []) }
+            do {
+                pid = try spawnChild(executable, arguments: arguments,
+                                     output: .descriptor(ends[1]), error: .file(directory.logPath), newSession: true,
+                                     what: "the machine's VMM process")
+            } catch {
+                close(ends[0]); close(ends[1])
+                throw error
+            }
+            close(ends[1])
+            self.directory = directory
+            self.answer = ends[0]
+        }
+
+        /// Waits for the process's answer; the process is killed if it gives none in time.
+        func waitUntilReady(milliseconds: Int, timeout: String) throws(SwiftletError) {
+            defer { close(answer) }
+            let text = Self.readAll(answer, milliseconds: milliseconds).map(trimmed)
+            if text == "ready" { return }
+            guard let text else {
+                kill(pid, SIGKILL)
+                throw SwiftletError(.guestFailure, "machine \(directory.name) was not ready within \(timeout); its console is in \(directory.consolePath)")
+            }
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
+            if text.hasPrefix("error: ") { throw SwiftletError(.guestFailure, String(text.dropFirst(7))) }
+            throw SwiftletError(.guestFailure, "the machine's VMM process ended before the machine was ready:\n" + directory.logTail())
+        }
+
+        /// Everything readable from `fd` until its end; nil if it does not end in time.
+        static func readAll(_ fd: Int32, milliseconds: Int) -> String? {
+            var bytes: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let deadline = MonotonicClock.now + UInt64(milliseconds) * 1_000_000
+            while true {
+                let now = MonotonicClock.now
+                guard now < deadline else { return nil }
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                let n = poll(&p, 1, Int32(min(Int(Int32.max), Int((deadline - now) / 1_000_000) + 1)))
+                if n < 0 && errno != EINTR { return nil }
+                if n <= 0 { continue }
+                let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                if count < 0 && errno == EINTR { continue }
+                if count <= 0 { return String(decoding: bytes, as: UTF8.self) }
+                bytes += chunk[0..<count]
+                // The answer is one line; the process goes on running with the pipe redirected.
+                if bytes.contains(0x0A) { return String(decoding: bytes, as: UTF8.self) }
+            }
+        }
+    }
+
     /// Sends one request and returns the reply; a clear error when the machine does not run.
     /// `passing`: descriptors that go with the request (an `exec`'s streams).
     static func request(_ directory: MachineDirectory, _ request: ControlRequest, passing fds: [Int32] = []) throws(SwiftletError) -> ControlReply {
@@ -442,6 +462,6 @@ struct MachineSummary: Codable {
 }
 
 /// `path` made absolute (relative to the working directory), for a record read from anywhere.
-private func absolute(_ path: String) -> String {
+func absolute(_ path: String) -> String {
     path.hasPrefix("/") ? path : GuestAssets.resolve(path) ?? path
 }

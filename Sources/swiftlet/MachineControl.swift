@@ -12,7 +12,7 @@ import SwiftletSystem
 /// A request to a machine's VMM process.
 struct ControlRequest: Codable {
     enum Operation: String, Codable {
-        case status, stop, pause, resume, exec
+        case status, stop, pause, resume, exec, snapshot
     }
     var operation: Operation
     // exec
@@ -28,6 +28,10 @@ struct ControlRequest: Codable {
     // stop
     /// How long the guest gets to shut down cleanly before the machine is stopped by force.
     var timeoutMilliseconds: Int?
+    // snapshot
+    /// The directory to write the snapshot to (absolute; it must not exist), and whether it is a diff.
+    var path: String?
+    var diff: Bool?
 
     init(_ operation: Operation) { self.operation = operation }
 }
@@ -51,6 +55,11 @@ struct ControlReply: Codable {
     // exec
     var status: Int32?
     var failure: String?
+    // snapshot
+    var snapshotID: String?
+    var memoryPagesWritten: Int?
+    var bytesWritten: UInt64?
+    var pausedMilliseconds: Double?
 
     static func failed(_ message: String) -> ControlReply { ControlReply(error: message) }
 }

@@ -12,7 +12,9 @@ import VMM
 enum MachineServer {
     /// Runs the machine. `ready` (the `start` process's pipe) is told `ready` once the agent
     /// answers, or why the machine could not start. Returns the process's exit status.
-    static func serve(_ directory: MachineDirectory, ready: Int32) -> Int32 {
+    /// `from`: a snapshot to restore instead of booting (`machine restore`, `machine fork`): the
+    /// guest continues from there and is told its new identity (hostname, random seed).
+    static func serve(_ directory: MachineDirectory, ready: Int32, from snapshot: String? = nil, diffable: Bool = false) -> Int32 {
         Glibc.signal(SIGPIPE, SIG_IGN)
         // SIGTERM and SIGINT ask for a clean stop, as `machine stop` does.
         var stopSignals = [SIGTERM, SIGINT, SIGHUP]
@@ -37,7 +39,7 @@ enum MachineServer {
             return Status.setupFailed
         }
         do {
-            let outcome = try run(directory, record: record, signals: signals, ready: { tell("ready") })
+            let outcome = try run(directory, record: record, signals: signals, from: snapshot, diffable: diffable, ready: { tell("ready") })
             writeLastExit(directory, outcome.text)
             cleanUp(directory)
             _ = lock
@@ -67,12 +69,12 @@ enum MachineServer {
                                                  allowPVM: false, consoleOutput: console)
         let upper = RootFilesystem.deviceName(record.layers.count)
         config.commandLine += " swiftlet.upper=\(upper) swiftlet.hostname=\(record.name)"
-        config.disks.append(DiskConfig(path: directory.diskPath, readOnly: false))
+        config.disks.append(DiskConfig(path: directory.diskPath, readOnly: false, base: record.diskBase))
         return config
     }
 
-    private static func run(_ directory: MachineDirectory, record: MachineRecord, signals: Int32,
-                            ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
+    private static func run(_ directory: MachineDirectory, record: MachineRecord, signals: Int32, from snapshot: String?,
+                            diffable: Bool, ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
         try OwnedFileDescriptor.writeSmallFileAtomically(directory.pidPath, Array("\(getpid())\n".utf8))
         unlink(directory.socketPath)
         let listener = swiftlet_unix_listen(directory.socketPath, 16)
@@ -81,7 +83,15 @@ enum MachineServer {
         let console = try OwnedFileDescriptor.open(directory.consolePath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644,
                                                    what: directory.consolePath)
         let port = try InProcessPort(port: Run.agentPort)
-        let vm = Machine(config: try config(record, directory: directory, console: console.rawValue), vsockPorts: port)
+        let vm: Machine
+        if let snapshot {
+            // The snapshot's writable disk is the machine's own disk, already copied (restore) or
+            // shared copy-on-write (fork) by the command that made the machine.
+            vm = try Machine.restoring(from: snapshot, consoleOutput: console.rawValue, vsockPorts: port, diffable: diffable,
+                                       writableDisks: [DiskConfig(path: directory.diskPath, base: record.diskBase)])
+        } else {
+            vm = Machine(config: try config(record, directory: directory, console: console.rawValue), vsockPorts: port)
+        }
         let machineThread = try MachineThread(vm)
         defer { machineThread.stop() }
 
@@ -102,6 +112,7 @@ enum MachineServer {
             let (_, text) = ending()
             throw SwiftletError(.guestFailure, "the guest agent hung up before it was ready (\(text)); its console is in \(directory.consolePath)")
         }
+        if snapshot != nil { try agent.announceNewIdentity(hostname: record.name) }
         let server = ControlServer(vm: vm, agent: agent, port: port, ended: machineThread.ended, record: record)
         ready()
 
@@ -168,8 +179,29 @@ final class ControlServer: Sendable {
             reply = ControlReply()
         case .exec:
             reply = exec(request, fds: fds, channel: channel)
+        case .snapshot:
+            reply = snapshot(request)
         }
         try? channel.send(reply)
+    }
+
+    /// Writes a snapshot of the machine (its disk included) with what a restore or a fork needs
+    /// to make a machine of it: the record, and the image's command defaults for `run --from`.
+    private func snapshot(_ request: ControlRequest) -> ControlReply {
+        guard let path = request.path, path.hasPrefix("/") else { return .failed("malformed snapshot request") }
+        do {
+            let annotations = [MachineSnapshot.recordAnnotation: try MachineSnapshot.encode(record),
+                               AgentSnapshot.annotation: try AgentSnapshot.encode(record.defaults)]
+            let report = try vm.snapshotBlocking(to: path, kind: request.diff == true ? .diff : .full, annotations: annotations)
+            var reply = ControlReply()
+            reply.snapshotID = report.id
+            reply.memoryPagesWritten = report.memoryPagesWritten
+            reply.bytesWritten = report.bytesWritten
+            reply.pausedMilliseconds = Double(report.pausedNanoseconds) / 1e6
+            return reply
+        } catch {
+            return .failed(error.description)
+        }
     }
 
     /// Asks the guest to shut down (the agent powers off when its first connection closes), and

@@ -18,6 +18,9 @@ struct MachineRecord: Codable, Equatable {
     var kernel: String?
     /// The size of the machine's writable disk (its root's upper layer).
     var diskMiB: Int
+    /// For a fork: `disk.img` is a copy-on-write overlay over this disk, which its siblings share
+    /// (kept in `machines/.forks/ID/`, removed with the last machine that uses it).
+    var diskBase: String? = nil
     /// Seconds since the epoch.
     var created: Int
 }
@@ -75,6 +78,39 @@ struct MachineDirectory {
         let bytes = try OwnedFileDescriptor.readSmallFile(recordPath)
         do { return try JSONDecoder().decode(MachineRecord.self, from: Data(bytes)) } catch {
             throw SwiftletError(.invalidFormat, "\(recordPath) is unreadable (\(error)): remove the machine with `swiftlet machine rm -f \(name)`")
+        }
+    }
+
+    /// Where forks keep the disk their clones share (`.forks/ID/disk-N`, from the snapshot the
+    /// fork took of its source), until the last clone is removed.
+    static var forksRoot: String { root + "/.forks" }
+
+    /// Runs `body` holding the machines lock: one create, restore, fork or removal at a time.
+    /// A directory without its record is a create in progress or one that died, which the next
+    /// one under the lock may clear.
+    static func withLock<T>(_ body: () throws(SwiftletError) -> T) throws(SwiftletError) -> T {
+        for path in [ImageStore.defaultRoot(), root] where mkdir(path, 0o755) != 0 && errno != EEXIST {
+            throw SwiftletError.system("cannot create \(path)", errno: currentErrno)
+        }
+        let lock = try OwnedFileDescriptor.open(root + "/.lock", flags: O_RDWR | O_CREAT, mode: 0o600, what: "the machines lock")
+        flock(lock.rawValue, LOCK_EX)
+        defer { flock(lock.rawValue, LOCK_UN) }
+        return try body()
+    }
+
+    /// Makes the (empty) directory of a new machine; a name that is taken is refused. Under `withLock`.
+    func makeNew() throws(SwiftletError) {
+        if exists { throw SwiftletError(.invalidArgument, "a machine named \(name) already exists") }
+        if access(path, F_OK) == 0 { try Self.removeTree(path) }
+        guard mkdir(path, 0o700) == 0 else { throw SwiftletError.system("cannot create \(path)", errno: currentErrno) }
+    }
+
+    /// Removes the forks' shared disks that no machine uses any more. Under `withLock`.
+    static func removeUnusedForkBases() {
+        let used = Set(all().compactMap { try? $0.record().diskBase })
+        for (id, isDirectory) in OwnedFileDescriptor.directoryEntries(forksRoot) ?? [] where isDirectory {
+            let directory = forksRoot + "/" + id
+            if !used.contains(where: { $0.hasPrefix(directory + "/") }) { try? removeTree(directory) }
         }
     }
 

@@ -144,6 +144,13 @@ struct Run: ParsableCommand {
             throw ExitCode(Status.guestCrashed)
         }
         guard ready else { throw ExitCode(machineFailure()) }
+        // Every run from one snapshot starts from the same kernel random state: reseed it.
+        if from != nil {
+            do { try session.announceNewIdentity(hostname: nil) } catch {
+                printError(error.description)
+                throw ExitCode(Status.guestCrashed)
+            }
+        }
         marks.append(("ready", MonotonicClock.now))
 
         var rows: UInt16 = 24, columns: UInt16 = 80

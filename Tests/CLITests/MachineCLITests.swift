@@ -112,4 +112,54 @@ import TestSupport
         #expect(stop.stderr.contains("crashed") && access(machineDirectory("gone") + "/vmm.pid", F_OK) != 0, "stop clears the stale pid file: \(stop.stderr)")
         #expect(run(["status", "gone"]).stdout.contains("state: stopped"))
     }
+
+    @Test func snapshotRestoreAndForkRefuseWhatTheyCannotDo() {
+        #expect(create("idle").status == 0)
+        let snapshot = run(["snapshot", "idle", "-o", home.path + "/snap"])
+        #expect(snapshot.status == 1 && snapshot.stderr.contains("machine idle is not running"), "\(snapshot.stderr)")
+        #expect(access(home.path + "/snap", F_OK) != 0)
+        #expect(run(["snapshot", "idle"]).stderr.contains("Missing expected argument '--output"))
+        _ = home.write("taken", [1])
+        #expect(run(["snapshot", "idle", "-o", home.path + "/taken"]).stderr.contains("already exists: snapshots go to a new directory"))
+
+        let fork = run(["fork", "--from", "idle", "--name", "copy"])
+        #expect(fork.status == 1 && fork.stderr.contains("machine idle is not running: fork copies a running machine"), "\(fork.stderr)")
+        #expect(access(machineDirectory("copy"), F_OK) != 0 && access(machineDirectory("idle") + "/machine.json", F_OK) == 0)
+        #expect(run(["fork", "--from", "ghost", "--name", "copy"]).stderr.contains("no machine named ghost"))
+        #expect(run(["fork", "--from", "idle", "--name", "copy", "--count", "0"]).stderr.contains("--count must be 1 to 1024"))
+        #expect(run(["fork", "--from", "idle", "--name", "a b"]).stderr.contains("is not a machine name"))
+
+        let missing = run(["restore", home.path + "/nothing", "--name", "back"])
+        #expect(missing.status == 1 && missing.stderr.contains("snapshot \(home.path)/nothing does not exist"), "\(missing.stderr)")
+        let notSnapshot = run(["restore", machineDirectory("idle"), "--name", "back"])
+        #expect(notSnapshot.status == 1 && notSnapshot.stderr.contains("is not a Swiftlet snapshot"), "\(notSnapshot.stderr)")
+        _ = Subprocess.run(["/bin/mkdir", "-p", home.path + "/bad"])
+        _ = home.write("bad/state", Array("not a state file".utf8))
+        let damaged = run(["restore", home.path + "/bad", "--name", "back"])
+        #expect(damaged.status == 1 && !damaged.stderr.isEmpty, "\(damaged.stderr)")
+        #expect(access(machineDirectory("back"), F_OK) != 0, "a failed restore leaves no machine")
+    }
+
+    /// A fork's clones share a disk kept in machines/.forks/ID; it goes with the last of them.
+    @Test func aForksSharedDiskGoesWithItsLastClone() throws {
+        #expect(create("clone-1").status == 0 && create("clone-2").status == 0 && create("plain").status == 0)
+        let base = home.path + "/machines/.forks/0123456789abcdef"
+        _ = Subprocess.run(["/bin/mkdir", "-p", base, home.path + "/machines/.forks/fedcba9876543210"])
+        _ = home.write("machines/.forks/0123456789abcdef/disk-1", [0])
+        _ = home.write("machines/.forks/fedcba9876543210/disk-1", [0])
+        for clone in ["clone-1", "clone-2"] {
+            let path = machineDirectory(clone) + "/machine.json"
+            let record = try OwnedFileDescriptor.readSmallTextFile(path)
+            let edited = record.split(separator: "\n", omittingEmptySubsequences: false)
+                .map { $0.contains("\"cpus\"") ? "  \"diskBase\" : \"\(base)/disk-1\",\n" + $0 : String($0) }.joined(separator: "\n")
+            _ = home.write("machines/\(clone)/machine.json", Array(edited.utf8))
+        }
+        #expect(run(["rm", "plain"]).status == 0)
+        #expect(access(home.path + "/machines/.forks/fedcba9876543210", F_OK) != 0, "a base no machine uses is removed")
+        #expect(access(base + "/disk-1", F_OK) == 0)
+        #expect(run(["rm", "clone-1"]).status == 0)
+        #expect(access(base + "/disk-1", F_OK) == 0, "clone-2 still uses it")
+        #expect(run(["rm", "clone-2"]).status == 0)
+        #expect(access(base, F_OK) != 0)
+    }
 }

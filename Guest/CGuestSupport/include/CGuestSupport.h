@@ -25,3 +25,6 @@ void guest_reset_signals(void);
 int guest_pipe(int fds[2]);
 /// Powers the machine off (reboot(2) with RB_POWER_OFF).
 int guest_power_off(void);
+
+// Mixes host randomness into the kernel pool and reseeds its generator; 0 or -errno.
+int guest_reseed_random(const unsigned char *bytes, int length);

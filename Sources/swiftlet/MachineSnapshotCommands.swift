@@ -1,0 +1,248 @@
+import ArgumentParser
+import Devices
+import FoundationEssentials
+import Glibc
+import SwiftletSystem
+import VMM
+
+/// What a machine's snapshot carries besides the machine's state: the record it was made from,
+/// so that `restore` and `fork` can make a machine of it.
+enum MachineSnapshot {
+    static let recordAnnotation = "swiftlet.machine.record"
+
+    static func encode(_ record: MachineRecord) throws(SwiftletError) -> String {
+        do { return String(decoding: try JSONEncoder().encode(record), as: UTF8.self) } catch {
+            throw SwiftletError(.invalidFormat, "cannot encode the machine record: \(error)")
+        }
+    }
+
+    /// The record in the snapshot in `directory`, and the file holding the machine's own disk.
+    static func read(_ directory: String) throws(SwiftletError) -> (record: MachineRecord, disk: String) {
+        let annotations = try Machine.annotations(ofSnapshot: directory)
+        guard let text = annotations[recordAnnotation] else {
+            throw SwiftletError(.invalidArgument, "the snapshot in \(directory) is not of a machine: `swiftlet machine snapshot` makes those (`swiftlet run --from` starts the others)")
+        }
+        let record: MachineRecord
+        do { record = try JSONDecoder().decode(MachineRecord.self, from: Data(text.utf8)) } catch {
+            throw SwiftletError(.invalidFormat, "the snapshot in \(directory) holds an unreadable machine record: \(error)")
+        }
+        let disks = try Machine.writableDiskFiles(inSnapshot: directory)
+        guard disks.count == 1 else {
+            throw SwiftletError(.invalidFormat, "the snapshot in \(directory) holds \(disks.count) writable disks; a machine has one")
+        }
+        return (record, disks[0])
+    }
+}
+
+extension MachineCommand {
+    struct SnapshotCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "snapshot",
+            abstract: "Save a running machine (vCPUs, devices, memory and its disk) to a new directory.",
+            discussion: """
+                The guest pauses while its state, memory and disk are written and then goes on. \
+                --diff writes only the memory pages written since the machine's last snapshot \
+                (or its restore); it needs that snapshot to restore. `machine restore DIR --name NEW` \
+                makes a machine of it; `swiftlet run --from DIR -- CMD` runs a command in a throwaway copy.
+                """)
+
+        @OptionGroup var machine: MachineNameOptions
+
+        @Option(name: .shortAndLong, help: ArgumentHelp("The directory to write the snapshot to (it must not exist).", valueName: "dir"))
+        var output: String
+
+        @Flag(help: "Only the memory pages written since the machine's last snapshot.")
+        var diff = false
+
+        @Flag(help: "Print what was written as JSON on standard output.")
+        var json = false
+
+        func validate() throws {
+            if output.isEmpty { throw ValidationError("-o needs a directory") }
+        }
+
+        func run() throws {
+            let reply = try exitingOnSetupFailure { () throws(SwiftletError) -> ControlReply in
+                let directory = try machine.directory()
+                let target = absolute(output)
+                if access(target, F_OK) == 0 {
+                    throw SwiftletError(.invalidArgument, "\(output) already exists: snapshots go to a new directory")
+                }
+                var request = ControlRequest(.snapshot)
+                request.path = target
+                request.diff = diff
+                return try MachineLifecycle.request(directory, request)
+            }
+            let paused = reply.pausedMilliseconds ?? 0
+            if json {
+                struct Report: Encodable { var directory: String; var id: String; var memoryPagesWritten: Int; var bytesWritten: UInt64; var pausedMilliseconds: Double }
+                print(try MachineSummary.json(Report(directory: absolute(output), id: reply.snapshotID ?? "", memoryPagesWritten: reply.memoryPagesWritten ?? 0,
+                                                     bytesWritten: reply.bytesWritten ?? 0, pausedMilliseconds: paused)))
+            } else {
+                printError("snapshot \(reply.snapshotID ?? "") of machine \(machine.value) in \(absolute(output)): \(reply.memoryPagesWritten ?? 0) memory pages, \(reply.bytesWritten ?? 0) bytes written, guest paused \(format(paused, digits: 1)) ms")
+            }
+        }
+    }
+
+    struct Restore: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make a new machine from a machine's snapshot and start it where the snapshot left off.",
+            discussion: """
+                The new machine gets a copy of the snapshot's disk and maps the snapshot's memory \
+                copy-on-write (pages load on first touch); its processes continue, it takes its own \
+                name as hostname, and its kernel's random generator is reseeded. The snapshot is \
+                not modified and may be removed once the machine runs.
+                """)
+
+        @Argument(help: ArgumentHelp("The snapshot (`machine snapshot`).", valueName: "dir"))
+        var snapshot: String
+
+        @Option(help: "The new machine's name.")
+        var name: String
+
+        @Option(help: ArgumentHelp("Give up if the machine is not ready after this long.", valueName: "duration"))
+        var timeout: String = "120s"
+
+        func validate() throws {
+            if Run.milliseconds(timeout) == nil { throw ValidationError("--timeout \(timeout): expected a duration such as 30s") }
+        }
+
+        func run() throws {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
+                let source = absolute(snapshot)
+                let directory = try MachineDirectory(name: name)
+                var (record, disk) = try MachineSnapshot.read(source)
+                try MachineDirectory.withLock { () throws(SwiftletError) in
+                    try directory.makeNew()
+                    do throws(SwiftletError) {
+                        try FileBlockBackend(path: disk, readOnly: true).copy(to: directory.diskPath)
+                        record.name = name
+                        record.created = Int(time(nil))
+                        record.diskBase = nil
+                        try directory.writeRecord(record)
+                        try MachineLifecycle.Launch(directory, from: source, diffable: true)
+                            .waitUntilReady(milliseconds: Run.milliseconds(timeout) ?? 120_000, timeout: timeout)
+                    } catch {
+                        try? directory.remove()
+                        throw error
+                    }
+                }
+                printError("restored machine \(name) from \(source)")
+            }
+        }
+    }
+
+    struct Fork: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Copy a running machine into new running machines that continue from its current state.",
+            discussion: """
+                The source pauses for a snapshot (memory and disk), then goes on. Each copy maps \
+                that memory copy-on-write and gets a copy-on-write overlay over that disk, so the \
+                copies share everything they have not changed. Each copy takes its own name as \
+                hostname and reseeds its kernel's random generator.
+
+                  swiftlet machine fork --from web --name worker --count 8   # worker-1 ... worker-8
+                """)
+
+        @Option(help: "The running machine to copy.")
+        var from: String
+
+        @Option(help: "The new machine's name; with --count K the copies are NAME-1 ... NAME-K.")
+        var name: String
+
+        @Option(help: "How many copies.")
+        var count: Int = 1
+
+        @Option(help: ArgumentHelp("Give up if the copies are not ready after this long.", valueName: "duration"))
+        var timeout: String = "120s"
+
+        @Flag(help: "Print the copies and the time taken as JSON on standard output.")
+        var json = false
+
+        func validate() throws {
+            if count < 1 || count > 1024 { throw ValidationError("--count must be 1 to 1024") }
+            if Run.milliseconds(timeout) == nil { throw ValidationError("--timeout \(timeout): expected a duration such as 30s") }
+        }
+
+        var names: [String] { count == 1 ? [name] : (1...count).map { "\(name)-\($0)" } }
+
+        func run() throws {
+            let report = try exitingOnSetupFailure { () throws(SwiftletError) in try fork() }
+            if json {
+                print(try MachineSummary.json(report))
+            } else {
+                printError("forked \(from) into \(report.clones.joined(separator: ", ")) in \(format(report.totalMilliseconds, digits: 1)) ms (snapshot \(format(report.snapshotMilliseconds, digits: 1)) ms)")
+            }
+        }
+
+        struct Report: Encodable {
+            var source: String
+            var clones: [String]
+            var snapshotMilliseconds: Double
+            var totalMilliseconds: Double
+        }
+
+        func fork() throws(SwiftletError) -> Report {
+            let started = MonotonicClock.now
+            let source = try MachineDirectory(name: from)
+            let clones = try names.map { name throws(SwiftletError) in try MachineDirectory(name: name) }
+            var record = try source.record()
+            guard case .running = source.state else {
+                throw SwiftletError(.invalidArgument, "machine \(from) is not running: fork copies a running machine (start it, or make a machine of a snapshot with `machine restore`)")
+            }
+            return try MachineDirectory.withLock { () throws(SwiftletError) -> Report in
+                for clone in clones where clone.exists {
+                    throw SwiftletError(.invalidArgument, "a machine named \(clone.name) already exists")
+                }
+                if mkdir(MachineDirectory.forksRoot, 0o700) != 0 && errno != EEXIST {
+                    throw SwiftletError.system("cannot create \(MachineDirectory.forksRoot)", errno: currentErrno)
+                }
+                let snapshot = MachineDirectory.forksRoot + "/" + (try Self.randomID())
+                var made: [MachineDirectory] = []
+                var launches: [MachineLifecycle.Launch] = []
+                do throws(SwiftletError) {
+                    var request = ControlRequest(.snapshot)
+                    request.path = snapshot
+                    _ = try MachineLifecycle.request(source, request)
+                    let snapshotTaken = MonotonicClock.now
+                    let (_, disk) = try MachineSnapshot.read(snapshot)
+                    for clone in clones {
+                        try clone.makeNew()
+                        made.append(clone)
+                        record.name = clone.name
+                        record.created = Int(time(nil))
+                        record.diskBase = disk
+                        try clone.writeRecord(record)
+                        launches.append(try MachineLifecycle.Launch(clone, from: snapshot))
+                    }
+                    var failure: SwiftletError?
+                    for launch in launches {
+                        do throws(SwiftletError) { try launch.waitUntilReady(milliseconds: Run.milliseconds(timeout) ?? 120_000, timeout: timeout) } catch {
+                            if failure == nil { failure = SwiftletError(error.code, "fork \(launch.directory.name): \(error.message)") }
+                        }
+                    }
+                    if let failure { throw failure }
+                    // The clones have the memory mapped: the file itself is no longer needed.
+                    unlink(snapshot + "/memory")
+                    return Report(source: from, clones: clones.map(\.name),
+                                  snapshotMilliseconds: MonotonicClock.milliseconds(from: started, to: snapshotTaken),
+                                  totalMilliseconds: MonotonicClock.milliseconds(from: started, to: MonotonicClock.now))
+                } catch {
+                    for clone in made {
+                        if case .running = clone.state { try? MachineLifecycle.stop(clone, timeoutMilliseconds: 0, quiet: true) }
+                        try? clone.remove()
+                    }
+                    try? MachineDirectory.removeTree(snapshot)
+                    throw error
+                }
+            }
+        }
+
+        static func randomID() throws(SwiftletError) -> String {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
+            defer { buffer.deallocate() }
+            try SystemRandom.fill(buffer)
+            return buffer.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        }
+    }
+}
