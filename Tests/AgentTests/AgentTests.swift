@@ -2,6 +2,7 @@ import AgentProtocol
 import CLinux
 import Glibc
 import SwiftletSystem
+import Synchronization
 import Testing
 import TestSupport
 @testable import VMM
@@ -132,6 +133,36 @@ struct AgentTests {
         #expect(try run(third, ExecRequest(arguments: ["true"])).outcome.status == 0)
         main.shutdown()
         #expect(ends(first), "the first connection's end ends its command")
+    }
+
+    /// `identity` with no hostname reseeds the kernel's generator (here the host's: RNDADDENTROPY
+    /// needs root, so an unprivileged run must report that it could not) and keeps the hostname.
+    @Test func anIdentityWithoutHostnameReseedsAndKeepsTheName() throws {
+        var before = [CChar](repeating: 0, count: 256)
+        gethostname(&before, 255)
+        let listener = try #require(UnixSocketListener(path: dir.path + "/agent.sock"))
+        let agent = TestHost.agentBinary, path = listener.path
+        let stderr = Mutex("")
+        let thread = try OSThread.start(name: "agent") {
+            let r = Subprocess.run([agent, "--unix", path], timeout: 120)
+            stderr.withLock { $0 = r.stderr }
+        }
+        let session = AgentSession(socket: OwnedFileDescriptor(taking: try #require(listener.accept(), "the agent did not connect")))
+        #expect(try session.waitUntilReady())
+        try session.announceNewIdentity(hostname: nil)
+        // Messages are handled in order: once this command ran, the identity was applied.
+        #expect(try run(session, ExecRequest(arguments: ["true"])).outcome.status == 0)
+        session.shutdown()
+        thread.join()
+        var after = [CChar](repeating: 0, count: 256)
+        gethostname(&after, 255)
+        #expect(before == after)
+        let log = stderr.withLock { $0 }
+        if getuid() == 0 {
+            #expect(!log.contains("cannot reseed"), "\(log)")
+        } else {
+            #expect(log.contains("cannot reseed the kernel's random generator"), "\(log)")
+        }
     }
 
     @Test func missingAndUnrunnableCommands() throws {

@@ -6,11 +6,17 @@ import Glibc
 // - cold boot: `swiftlet run --image IMAGE --memory M -- echo hi`, and restore:
 //   `swiftlet run --from DIR -- echo hi`, alternately; p50/p90 of process start to the command's
 //   first output ("hi" on stdout) and to exit, and Swiftlet's phases for the restore.
+// - a persistent machine of the same image and memory, running: `machine snapshot` full and
+//   --diff (after the guest wrote 1 MiB), and `machine fork --count K` rounds: time per clone
+//   (the fork's whole time over K) and each idle clone's VMM process's private memory (what it
+//   does not share with the other clones: its own heap and the guest pages it wrote).
 //
 // Usage: swiftlet-bench snapshot --swiftlet PATH --image OCI-LAYOUT --work DIR [--runs N] [--memory MiB]
+//        [--forks K] [--fork-rounds R]
 
 func snapshotBenchmark() {
-    let flags = subcommandFlags(["--swiftlet", "--image", "--work", "--runs", "--memory"])
+    let flags = subcommandFlags(["--swiftlet", "--image", "--work", "--runs", "--memory", "--forks", "--fork-rounds"])
+    let forks = flags["--forks"].flatMap { Int($0) } ?? 64, forkRounds = flags["--fork-rounds"].flatMap { Int($0) } ?? 3
     let swiftletPath = flags["--swiftlet"] ?? "/usr/local/bin/swiftlet", image = flags["--image"] ?? "", work = flags["--work"] ?? ""
     let runs = flags["--runs"].flatMap { Int($0) } ?? 30, memoryMiB = flags["--memory"].flatMap { Int($0) } ?? 512
     guard !image.isEmpty, !work.isEmpty else { fatal("--image and --work are required") }
@@ -50,6 +56,8 @@ func snapshotBenchmark() {
             addTimingPhases(o.stderr, to: &phases)
         }
     }
+    let machines = machineBenchmark(swiftletPath, digest: digest, memory: memory, work: work, snapshotRuns: snapshotRuns,
+                                    forks: forks, forkRounds: forkRounds)
     let restoreFirst = restoreRuns.map { $0.markerMs! }, coldFirst = coldRuns.map { $0.markerMs! }
     let order = ["snapshot", "vm", "connected", "ready", "command", "teardown"]
     let phaseJSON = order.filter { phases[$0] != nil }.map { "\"\($0)\": \(stats(phases[$0]!))" }.joined(separator: ",\n        ")
@@ -71,10 +79,14 @@ func snapshotBenchmark() {
           },
           "cold_boot": {"runs": \(coldRuns.count), "first_output_ms": \(stats(coldFirst)), "exit_ms": \(stats(coldRuns.map(\.exitMs))), "peak_rss_mib": \(stats(coldRuns.map { Double($0.peakRSSKiB) / 1024 }))},
           "snapshot_full": {"runs": \(snapshotMs.count), "process_ms": \(stats(snapshotMs)), "guest_paused_ms": \(stats(pausedMs)), "bytes_written": \(stats(bytes)), "memory_file_kib_on_disk": \(memoryFileKiB)},
-          "snapshot_diff": null,
-          "fork_p50_ms": null,
-          "fork_rss_kib_per_clone": null,
-          "not_measured": "diff snapshots and forks have no CLI yet (diff snapshots exist in the library only; forks are not built)"
+          "machine_snapshot_full": \(machines.full),
+          "machine_snapshot_diff": \(machines.diff),
+          "fork_clones": \(forks),
+          "fork_rounds": \(forkRounds),
+          "fork_p50_ms": \(num(percentile(machines.perClone, 50))),
+          "fork_p90_ms": \(num(percentile(machines.perClone, 90))),
+          "fork_rss_kib_per_clone": \(num(percentile(machines.privateKiB, 50))),
+          "fork": {"per_clone_ms": \(stats(machines.perClone)), "total_ms": \(stats(machines.totalMs)), "source_snapshot_ms": \(stats(machines.snapshotMs)), "clone_private_kib": \(stats(machines.privateKiB)), "clone_pss_kib": \(stats(machines.pssKiB))}
         }
         """)
 }
@@ -91,3 +103,76 @@ func diskUsageKiB(_ path: String) -> Int {
     guard stat(path, &info) == 0 else { return 0 }
     return Int(info.st_blocks) / 2
 }
+
+/// Snapshots and forks of a running machine (`swiftlet machine`), in SWIFTLET_HOME.
+func machineBenchmark(_ swiftlet: String, digest: String, memory: String, work: String, snapshotRuns: Int, forks: Int, forkRounds: Int)
+    -> (full: String, diff: String, perClone: [Double], totalMs: [Double], snapshotMs: [Double], privateKiB: [Double], pssKiB: [Double]) {
+    func machine(_ arguments: [String]) -> Observation {
+        let o = spawnAndCollect([swiftlet, "machine"] + arguments)
+        guard o.status == 0 else { fatal("swiftlet machine \(arguments.joined(separator: " ")) failed (status \(o.status)):\n\(o.stderr)") }
+        return o
+    }
+    _ = spawnAndCollect([swiftlet, "machine", "rm", "-f", "bench-src"])
+    _ = machine(["create", "--name", "bench-src", "--image", digest, "--memory", memory])
+    _ = machine(["start", "bench-src"])
+    defer { _ = spawnAndCollect([swiftlet, "machine", "rm", "-f", "bench-src"]) }
+
+    var full: (ms: [Double], paused: [Double], bytes: [Double]) = ([], [], [])
+    var diff: (ms: [Double], paused: [Double], bytes: [Double]) = ([], [], [])
+    for i in 0..<snapshotRuns {
+        let f = machine(["snapshot", "bench-src", "-o", "\(work)/machine-full-\(i)", "--json"])
+        full.ms.append(f.exitMs); full.paused.append(jsonNumber(f.stdout, "pausedMilliseconds")); full.bytes.append(jsonNumber(f.stdout, "bytesWritten"))
+        _ = machine(["exec", "bench-src", "--", "sh", "-c", "head -c 1048576 /dev/urandom > /dev/shm/dirty"])
+        let d = machine(["snapshot", "bench-src", "-o", "\(work)/machine-diff-\(i)", "--diff", "--json"])
+        diff.ms.append(d.exitMs); diff.paused.append(jsonNumber(d.stdout, "pausedMilliseconds")); diff.bytes.append(jsonNumber(d.stdout, "bytesWritten"))
+        _ = spawnAndCollect(["/bin/rm", "-rf", "\(work)/machine-full-\(i)", "\(work)/machine-diff-\(i)"])
+    }
+    func snapshotStats(_ v: (ms: [Double], paused: [Double], bytes: [Double])) -> String {
+        "{\"runs\": \(v.ms.count), \"process_ms\": \(stats(v.ms)), \"guest_paused_ms\": \(stats(v.paused)), \"bytes_written\": \(stats(v.bytes))}"
+    }
+
+    var perClone: [Double] = [], totalMs: [Double] = [], snapshotMs: [Double] = [], privateKiB: [Double] = [], pssKiB: [Double] = []
+    let home = String(cString: getenv("SWIFTLET_HOME") ?? strdup("/tmp"))
+    for round in 0..<forkRounds {
+        let o = machine(["fork", "--from", "bench-src", "--name", "clone\(round)", "--count", String(forks), "--json"])
+        let total = jsonNumber(o.stdout, "totalMilliseconds")
+        totalMs.append(total)
+        snapshotMs.append(jsonNumber(o.stdout, "snapshotMilliseconds"))
+        perClone.append(total / Double(forks))
+        usleep(2_000_000) // idle clones
+        let names = forks == 1 ? ["clone\(round)"] : (1...forks).map { "clone\(round)-\($0)" }
+        for name in names {
+            let pidText = (try? String(contentsOf: "\(home)/machines/\(name)/vmm.pid")) ?? ""
+            let rollup = (try? String(contentsOf: "/proc/\(pidText.filter(\.isNumber))/smaps_rollup")) ?? ""
+            privateKiB.append(smapsKiB(rollup, "Private_Clean") + smapsKiB(rollup, "Private_Dirty"))
+            pssKiB.append(smapsKiB(rollup, "Pss"))
+        }
+        for name in names { _ = spawnAndCollect([swiftlet, "machine", "rm", "-f", name]) }
+    }
+    return (snapshotStats(full), snapshotStats(diff), perClone, totalMs, snapshotMs, privateKiB, pssKiB)
+}
+
+/// A "Name:   123 kB" line of /proc/PID/smaps_rollup, KiB.
+func smapsKiB(_ text: String, _ name: String) -> Double {
+    for line in text.split(separator: "\n") where line.hasPrefix(name + ":") {
+        return Double(line.split(separator: " ").dropFirst().first ?? "0") ?? 0
+    }
+    return 0
+}
+
+extension String {
+    init(contentsOf path: String) throws {
+        guard let file = fopen(path, "r") else { throw BenchError.cannotOpen(path) }
+        defer { fclose(file) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = fread(&chunk, 1, chunk.count, file)
+            if n <= 0 { break }
+            bytes += chunk[0..<n]
+        }
+        self = String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+enum BenchError: Error { case cannotOpen(String) }
