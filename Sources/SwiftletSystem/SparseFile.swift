@@ -14,18 +14,25 @@ extension OwnedFileDescriptor {
                 if errno == ENXIO { break } // no data after offset
                 throw SwiftletError.system("cannot find the data in a sparse file", errno: currentErrno)
             }
+            if UInt64(start) >= size { break }
             let end = lseek(rawValue, start, seekHole)
             if end < 0 { throw SwiftletError.system("cannot find the holes in a sparse file", errno: currentErrno) }
-            let range = UInt64(start)..<min(UInt64(end), size)
-            if !range.isEmpty {
-                if let last = ranges.last, last.upperBound == range.lowerBound {
-                    ranges[ranges.count - 1] = last.lowerBound..<range.upperBound
-                } else {
-                    ranges.append(range)
-                }
-            }
+            ranges.appendMerging(UInt64(start)..<min(UInt64(end), size))
             offset = UInt64(end)
         }
         return ranges
+    }
+}
+
+extension Array where Element == Range<UInt64> {
+    /// Appends `range` to ranges sorted by their start, merged with the last one if they touch
+    /// or overlap; an empty range is dropped.
+    public mutating func appendMerging(_ range: Range<UInt64>) {
+        guard !range.isEmpty else { return }
+        if let last = self.last, range.lowerBound <= last.upperBound {
+            self[count - 1] = last.lowerBound..<Swift.max(last.upperBound, range.upperBound)
+        } else {
+            append(range)
+        }
     }
 }

@@ -20,6 +20,8 @@ struct MachineCommand: ParsableCommand {
               swiftlet machine exec web -- sh -c 'echo hello > /srv/greeting'
               swiftlet machine stop web && swiftlet machine start web
               swiftlet machine exec web -- cat /srv/greeting
+              swiftlet machine snapshot web -o web.snap      # and: machine restore web.snap --name web2
+              swiftlet machine fork --from web --name w --count 4   # w-1 ... w-4, from web as it is now
               swiftlet machine rm -f web
             """,
         subcommands: [Create.self, Start.self, Stop.self, Status.self, List.self, Remove.self, Exec.self, Shell.self, Copy.self,

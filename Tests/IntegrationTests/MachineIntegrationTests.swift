@@ -23,6 +23,13 @@ struct MachineIntegrationTests {
         Int(trimmedLine(machine(["exec", name, "--", "cat", "/tmp/count"]).stdout))
     }
 
+    /// Guest wall clock minus host wall clock, in seconds (read as close together as an exec allows).
+    func guestClockOffset(_ name: String) -> Int? {
+        let host = time(nil)
+        guard let guest = Int(trimmedLine(machine(["exec", name, "--", "date", "+%s"]).stdout)) else { return nil }
+        return guest - host
+    }
+
     func trimmedLine(_ s: String) -> String { s.split(separator: "\n").first.map(String.init) ?? "" }
 
     @Test func aMachineRunsCommandsSideBySideAndKeepsItsWrites() throws {
@@ -59,11 +66,16 @@ struct MachineIntegrationTests {
         #expect(machine(["exec", "box", "--", "sh", "-c", "echo kept > /root/kept; sync"]).status == 0)
         usleep(2_500_000)
         let before = try #require(counter("box"))
+        let offsetBefore = try #require(guestClockOffset("box"))
         #expect(machine(["pause", "box"]).status == 0)
         #expect(machine(["status", "box"]).stdout.contains("state: paused"))
         let refused = machine(["exec", "box", "--", "true"])
         #expect(refused.status == 1 && refused.stderr.contains("is paused"), "\(refused.stderr)")
+        usleep(4_000_000)
         #expect(machine(["resume", "box"]).status == 0)
+        // The guest's wall clock has not lost the 4 s it was paused for.
+        let offsetAfter = try #require(guestClockOffset("box"))
+        #expect(abs(offsetAfter - offsetBefore) <= 2, "guest clock offset \(offsetBefore) s before the pause, \(offsetAfter) s after")
         usleep(2_500_000)
         let after = try #require(counter("box"))
         #expect(after > before, "the counter goes on after resume (\(before) → \(after))")

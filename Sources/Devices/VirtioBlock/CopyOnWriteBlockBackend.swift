@@ -141,24 +141,13 @@ public final class CopyOnWriteBlockBackend: BlockBackend {
         let overlayRanges: [Range<UInt64>] = held.withLock { bits in
             var ranges: [Range<UInt64>] = []
             for index in 0..<Int((byteCount + chunkSize - 1) / chunkSize) where Self.isSet(bits, index) {
-                let range = UInt64(index) * chunkSize..<min(UInt64(index + 1) * chunkSize, byteCount)
-                if let last = ranges.last, last.upperBound == range.lowerBound {
-                    ranges[ranges.count - 1] = last.lowerBound..<range.upperBound
-                } else {
-                    ranges.append(range)
-                }
+                ranges.appendMerging(UInt64(index) * chunkSize..<min(UInt64(index + 1) * chunkSize, byteCount))
             }
             return ranges
         }
         // The union of both, in order.
         var merged: [Range<UInt64>] = []
-        for range in (baseRanges + overlayRanges).sorted(by: { $0.lowerBound < $1.lowerBound }) {
-            if let last = merged.last, range.lowerBound <= last.upperBound {
-                merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, range.upperBound)
-            } else {
-                merged.append(range)
-            }
-        }
+        for range in (baseRanges + overlayRanges).sorted(by: { $0.lowerBound < $1.lowerBound }) { merged.appendMerging(range) }
         return merged
     }
 
