@@ -394,6 +394,46 @@ extension Machine {
                               bytesWritten: memoryStats.bytesWritten + UInt64(state.count) + diskBytes, pausedNanoseconds: MonotonicClock.now - start)
     }
 
+    /// How one copy made by `fork` is set up: where its console goes, who answers its guest's
+    /// vsock connections, and where its writable disks keep what it writes (see `restoring`).
+    public struct ForkOptions: Sendable {
+        public var consoleOutput: Int32?
+        public var vsockPorts: (any VsockHostPorts)?
+        public var writableDisks: [DiskConfig]?
+
+        public init(consoleOutput: Int32? = nil, vsockPorts: (any VsockHostPorts)? = nil, writableDisks: [DiskConfig]? = nil) {
+            self.consoleOutput = consoleOutput; self.vsockPorts = vsockPorts; self.writableDisks = writableDisks
+        }
+    }
+
+    /// `count` copies of this running machine as it is now, ready to `run()`: one full snapshot
+    /// to `directory` (which must not exist; the machine pauses for it and goes on), then as many
+    /// restores of it. The copies share the snapshot's memory copy-on-write (the host's page
+    /// cache holds one copy of every page none of them wrote) and, by default, its writable
+    /// disks as copy-on-write overlays in temporary files. Keep `directory` while copies are made
+    /// from it; a running copy no longer needs its memory file. A guest with an agent should be
+    /// told its new identity (`AgentSession.announceNewIdentity`) once its agent reconnects.
+    public func fork(count: Int, snapshotDirectory directory: String,
+                     options: @escaping @Sendable (Int) -> ForkOptions = { _ in ForkOptions() }) async throws(SwiftletError) -> [Machine] {
+        try await offCooperativePool { () throws(SwiftletError) in
+            try self.forkBlocking(count: count, snapshotDirectory: directory, options: options)
+        }
+    }
+
+    public func forkBlocking(count: Int, snapshotDirectory directory: String,
+                             options: (Int) -> ForkOptions = { _ in ForkOptions() }) throws(SwiftletError) -> [Machine] {
+        guard count >= 1 else { throw SwiftletError(.invalidArgument, "a fork makes at least one copy (asked for \(count))") }
+        _ = try snapshotBlocking(to: directory)
+        var copies: [Machine] = []
+        for index in 0..<count {
+            let o = options(index)
+            copies.append(try Self.restoring(from: directory, consoleOutput: o.consoleOutput, kvmPath: config.kvmPath,
+                                             allowPVM: config.allowPVM, vsockPorts: o.vsockPorts,
+                                             vsockForwards: config.vsock?.forwards ?? [:], diffable: false, writableDisks: o.writableDisks))
+        }
+        return copies
+    }
+
     /// The pages written since the last snapshot (nil if dirty logging was off), and dirty logging
     /// switched on (with a clean log) for the next one. The machine is paused.
     private func collectDirtyPages(_ machine: LiveMachine) throws(SwiftletError) -> [UInt64]? {

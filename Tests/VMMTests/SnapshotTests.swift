@@ -346,6 +346,41 @@ struct CountingGuest {
         #expect(vsockRestored.restoredAnnotations == ["maker": "test"])
     }
 
+    /// Forked copies each continue the count from the fork's snapshot, and each writes its own
+    /// disk overlay without the others or the snapshot seeing it.
+    @Test func forkedCopiesContinueTheCountAndDivergeOnTheirOwnDisks() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        let content = [UInt8](repeating: 0x11, count: 1 << 20)
+        var config = guest.config(output: out)
+        config.disks = [DiskConfig(path: guest.dir.write("disk.img", content), readOnly: false)]
+        let snapshot = guest.dir.path + "/fork"
+        var copies: [Machine] = []
+        _ = try CountingGuest.whileRunning(Machine(config: config)) { machine in
+            try CountingGuest.waitForOutput(out)
+            #expect { try machine.forkBlocking(count: 0, snapshotDirectory: snapshot) } throws: {
+                ($0 as! SwiftletError).message.contains("at least one copy")
+            }
+            copies = try machine.forkBlocking(count: 3, snapshotDirectory: snapshot) { index in
+                Machine.ForkOptions(consoleOutput: open(guest.dir.path + "/copy-\(index).out", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644))
+            }
+            try CountingGuest.waitForOutput(out) // the source goes on
+        }
+        #expect(copies.count == 3)
+        let next = try CountingGuest.savedCount(snapshot).next
+        for (index, copy) in copies.enumerated() {
+            let copyOut = guest.dir.path + "/copy-\(index).out"
+            _ = try CountingGuest.whileRunning(copy) { machine in
+                try CountingGuest.waitForOutput(copyOut)
+                let block = try #require(machine.live.withLock { $0!.transports.compactMap { $0.device as? VirtioBlock }.first })
+                #expect(try DiskContents.all(block.backend) == content, "copy \(index) sees the disk as it was, not its siblings' writes")
+                try [UInt8](repeating: UInt8(index), count: 4096).withUnsafeBytes { try block.backend.write(from: $0, at: 0) }
+            }
+            CountingGuest.expectConsecutive(try CountingGuest.output(copyOut), startingAt: next)
+        }
+        #expect(try OwnedFileDescriptor.readSmallFile(snapshot + "/disk-0", limit: 2 << 20) == content)
+    }
+
     /// A restore that will not be diffed skips dirty tracking; a diff of it is refused, a full
     /// snapshot still works and restores.
     @Test func aRestoreWithoutDiffTrackingCanOnlyBeSnapshottedInFull() throws {
