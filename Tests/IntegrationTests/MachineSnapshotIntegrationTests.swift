@@ -117,4 +117,23 @@ struct MachineSnapshotIntegrationTests {
         for name in kids + ["src"] { #expect(machine(["rm", "-f", name]).status == 0) }
         #expect((OwnedFileDescriptor.directoryEntries(home.path + "/machines/.forks") ?? []).isEmpty, "the shared disk went with the last copy")
     }
+
+    /// 64 copies of one running machine, each writing its own data: none sees another's.
+    @Test func sixtyFourForksKeepTheirWritesApart() throws {
+        #expect(machine(["create", "--name", "many", "--memory", "128"]).status == 0)
+        #expect(machine(["start", "many"]).status == 0)
+        #expect(exec("many", "echo shared > /root/shared").status == 0)
+        let forked = machine(["fork", "--from", "many", "--name", "f", "--count", "64"])
+        #expect(forked.status == 0, "\(forked.stderr)")
+        let names = (1...64).map { "f-\($0)" }
+        for name in names {
+            #expect(exec(name, "echo \(name) > /root/mine; cat /root/shared").stdout == "shared\n", "\(name)")
+        }
+        for name in names {
+            #expect(exec(name, "cat /root/mine; hostname").stdout == "\(name)\n\(name)\n")
+        }
+        #expect(exec("many", "test -e /root/mine || echo none").stdout == "none\n")
+        for name in names + ["many"] { #expect(machine(["rm", "-f", name]).status == 0) }
+        #expect((OwnedFileDescriptor.directoryEntries(home.path + "/machines/.forks") ?? []).isEmpty)
+    }
 }
