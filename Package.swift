@@ -46,7 +46,7 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet",
-            dependencies: ["VMM", "AgentProtocol", "Images", "SwiftletSystem", "CLinux", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["VMM", "MachineState", "AgentProtocol", "Images", "SwiftletSystem", "CLinux", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         .target(name: "CGuestSupport", path: "Guest/CGuestSupport"),
         .executableTarget(

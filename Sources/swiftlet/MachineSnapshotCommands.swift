@@ -2,6 +2,7 @@ import ArgumentParser
 import Devices
 import FoundationEssentials
 import Glibc
+import MachineState
 import SwiftletSystem
 import VMM
 
@@ -197,7 +198,7 @@ extension MachineCommand {
                 if mkdir(MachineDirectory.forksRoot, 0o700) != 0 && errno != EEXIST {
                     throw SwiftletError.system("cannot create \(MachineDirectory.forksRoot)", errno: currentErrno)
                 }
-                let snapshot = MachineDirectory.forksRoot + "/" + (try Self.randomID())
+                let snapshot = MachineDirectory.forksRoot + "/" + (try SnapshotID.random()).description
                 var made: [MachineDirectory] = []
                 var launches: [MachineLifecycle.Launch] = []
                 do throws(SwiftletError) {
@@ -236,13 +237,6 @@ extension MachineCommand {
                     throw error
                 }
             }
-        }
-
-        static func randomID() throws(SwiftletError) -> String {
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
-            defer { buffer.deallocate() }
-            try SystemRandom.fill(buffer)
-            return buffer.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
         }
     }
 }

@@ -61,9 +61,7 @@ public final class CopyOnWriteBlockBackend: BlockBackend {
             throw SwiftletError(.unsupported, "the filesystem holding \(overlayPath) does not keep files sparse (SEEK_HOLE): it cannot hold a copy-on-write disk")
         }
         for range in ranges {
-            for index in Int(range.lowerBound / chunk)..<Int((range.upperBound + chunk - 1) / chunk) {
-                bitmap[index / 64] |= 1 << UInt64(index % 64)
-            }
+            for index in Int(range.lowerBound / chunk)..<Int((range.upperBound + chunk - 1) / chunk) { Self.set(&bitmap, index) }
         }
         self.basePath = basePath
         self.overlayPath = overlayPath
@@ -125,7 +123,7 @@ public final class CopyOnWriteBlockBackend: BlockBackend {
                     UnsafeMutableRawBufferPointer(rebasing: whole[Int(position - chunkStart)...]).copyMemory(from: piece)
                     try overlay.write(from: UnsafeRawBufferPointer(whole), at: chunkStart, what: "disk overlay \(overlayPath)")
                 }
-                bits[index / 64] |= 1 << UInt64(index % 64)
+                Self.set(&bits, index)
                 done += count
             }
         }
@@ -155,6 +153,10 @@ public final class CopyOnWriteBlockBackend: BlockBackend {
         guard offset <= byteCount, UInt64(count) <= byteCount - offset else {
             throw SwiftletError(.invalidArgument, "disk access at \(offset)+\(count) is past the end of \(overlayPath) (\(byteCount) bytes)")
         }
+    }
+
+    private static func set(_ bits: inout [UInt64], _ index: Int) {
+        bits[index / 64] |= 1 << UInt64(index % 64)
     }
 
     private static func isSet(_ bits: [UInt64], _ index: Int) -> Bool {
