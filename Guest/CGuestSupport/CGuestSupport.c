@@ -8,6 +8,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/vfs.h>
 #include <termios.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
@@ -98,4 +99,10 @@ int guest_reseed_random(const unsigned char *bytes, int length) {
     free(info);
     close(fd);
     return result;
+}
+
+long guest_filesystem_type(const char *path) {
+    struct statfs info;
+    if (statfs(path, &info) != 0) return -errno;
+    return (long)info.f_type;
 }

@@ -34,7 +34,9 @@ enum GuestSetup {
         if access("/proc/self", F_OK) != 0 { mountOrDie("proc", "/proc", "proc") } // /init usually did
         mountOrDie("sysfs", "/sys", "sysfs")
         mountOrDie("devtmpfs", "/dev", "devtmpfs")
-        if !options.root.isEmpty { switchRoot(to: options.root, type: options.rootType, upper: options.upper) }
+        if !options.root.isEmpty, let failure = switchRoot(to: options.root, type: options.rootType, upper: options.upper) {
+            Log.fatal(failure)
+        }
         makeDirectory("/dev/pts")
         mountOrDie("devpts", "/dev/pts", "devpts", data: "newinstance,ptmxmode=0666,mode=0620")
         makeDirectory("/dev/shm")
@@ -49,41 +51,77 @@ enum GuestSetup {
         guest_block_signal(SIGCHLD)
     }
 
+    /// Why the root cannot be switched now (it already was, or this is no guest's init), or nil.
+    static var rootSwitchRefusal: String? {
+        guard getpid() == 1 else { return "the agent is not the guest's init: it has no root to change" }
+        let type = guest_filesystem_type("/")
+        guard type >= 0 else { return "cannot inspect the root: \(String(cString: strerror(Int32(-type))))" }
+        let overlayMagic = 0x794c_7630
+        return type == overlayMagic ? "the machine already has its root filesystem" : nil
+    }
+
     /// Stacks a writable layer (the `upper` disk, else a tmpfs) over the read-only layer disks and
-    /// makes the result the root.
-    static func switchRoot(to layers: [String], type: String?, upper: String?) {
-        makeDirectory("/mnt"); makeDirectory("/mnt/layers"); makeDirectory("/mnt/rw"); makeDirectory("/mnt/root")
+    /// makes the result the root (the mounts under /proc, /sys and /dev move with it). Returns why
+    /// it could not, or nil.
+    static func switchRoot(to layers: [String], type: String?, upper: String?) -> String? {
+        for directory in ["/mnt", "/mnt/layers", "/mnt/rw", "/mnt/root"] {
+            if let failure = makeDirectoryOrFail(directory) { return failure }
+        }
         var lowerDirectories: [String] = []
         for (index, device) in layers.enumerated() {
             let target = "/mnt/layers/\(index)"
-            makeDirectory(target)
+            if let failure = makeDirectoryOrFail(target) { return failure }
             var mounted = false
             for fs in type.map({ [$0] }) ?? ["erofs", "ext4"] where !mounted {
                 mounted = mount(device, target, fs, UInt(MS_RDONLY), nil) == 0
             }
-            guard mounted else { Log.fatal("cannot mount the image disk \(device): \(String(cString: strerror(errno)))") }
+            guard mounted else { return "cannot mount the image disk \(device): \(String(cString: strerror(errno)))" }
             lowerDirectories.append(target)
         }
         if let upper {
             guard mount(upper, "/mnt/rw", "ext4", 0, nil) == 0 else {
-                Log.fatal("cannot mount the machine's writable disk \(upper): \(String(cString: strerror(errno)))")
+                return "cannot mount the machine's writable disk \(upper): \(String(cString: strerror(errno)))"
             }
-        } else {
-            mountOrDie("tmpfs", "/mnt/rw", "tmpfs", data: "mode=0755")
+        } else if mount("tmpfs", "/mnt/rw", "tmpfs", 0, "mode=0755") != 0 {
+            return "cannot mount the root's writable layer: \(String(cString: strerror(errno)))"
         }
-        makeDirectory("/mnt/rw/upper"); makeDirectory("/mnt/rw/work")
+        for directory in ["/mnt/rw/upper", "/mnt/rw/work"] {
+            if let failure = makeDirectoryOrFail(directory) { return failure }
+        }
         // overlayfs lists lower layers top first.
         let lower = lowerDirectories.reversed().joined(separator: ":")
-        mountOrDie("overlay", "/mnt/root", "overlay", data: "lowerdir=\(lower),upperdir=/mnt/rw/upper,workdir=/mnt/rw/work")
-        for dir in ["/proc", "/sys", "/dev"] {
-            makeDirectory("/mnt/root" + dir)
-            guard mount(dir, "/mnt/root" + dir, nil, UInt(MS_MOVE), nil) == 0 else { Log.fatal("cannot move \(dir) into the new root") }
+        guard mount("overlay", "/mnt/root", "overlay", 0, "lowerdir=\(lower),upperdir=/mnt/rw/upper,workdir=/mnt/rw/work") == 0 else {
+            return "cannot stack the image's layers (overlayfs): \(String(cString: strerror(errno)))"
         }
-        makeDirectory("/mnt/root/tmp")
+        for dir in ["/proc", "/sys", "/dev"] {
+            _ = makeDirectoryOrFail("/mnt/root" + dir)
+            guard mount(dir, "/mnt/root" + dir, nil, UInt(MS_MOVE), nil) == 0 else { return "cannot move \(dir) into the new root" }
+        }
+        _ = makeDirectoryOrFail("/mnt/root/tmp")
         chmod("/mnt/root/tmp", 0o1777)
         guard chdir("/mnt/root") == 0, mount(".", "/", nil, UInt(MS_MOVE), nil) == 0, chroot(".") == 0, chdir("/") == 0 else {
-            Log.fatal("cannot switch to the image root: \(String(cString: strerror(errno)))")
+            return "cannot switch to the image root: \(String(cString: strerror(errno)))"
         }
+        return nil
+    }
+
+    /// Waits until the kernel sees each of `devices` with a non-zero size (a disk that just went
+    /// into an empty drive: the driver learns it from a configuration-change interrupt, handled
+    /// in a work queue). Returns why it gave up, or nil.
+    static func waitForDisks(_ devices: [String], timeoutMilliseconds: Int = 10_000) -> String? {
+        for device in devices {
+            guard device.hasPrefix("/dev/"), !device.dropFirst(5).contains("/") else { return "\(device) is not a disk device" }
+            let sizePath = "/sys/block/\(device.dropFirst(5))/size"
+            var waited = 0
+            while true {
+                guard let text = try? readText(sizePath) else { return "no disk \(device) in this machine" }
+                if let sectors = Int(text.split(separator: "\n").first ?? ""), sectors > 0 { break }
+                guard waited < timeoutMilliseconds * 10 else { return "the disk \(device) is still empty after \(timeoutMilliseconds) ms" }
+                usleep(100)
+                waited += 1
+            }
+        }
+        return nil
     }
 
     /// Connects to the host; the host listens before the guest boots, so this normally succeeds at once.
@@ -108,7 +146,11 @@ enum GuestSetup {
     }
 
     static func makeDirectory(_ path: String) {
-        if mkdir(path, 0o755) != 0 && errno != EEXIST { Log.fatal("cannot create \(path)") }
+        if let failure = makeDirectoryOrFail(path) { Log.fatal(failure) }
+    }
+
+    static func makeDirectoryOrFail(_ path: String) -> String? {
+        mkdir(path, 0o755) != 0 && errno != EEXIST ? "cannot create \(path): \(String(cString: strerror(errno)))" : nil
     }
 }
 

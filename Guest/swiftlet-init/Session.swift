@@ -124,7 +124,14 @@ struct Session {
             }
             let result = seed.withUnsafeBufferPointer { guest_reseed_random($0.baseAddress, Int32($0.count)) }
             if result != 0 { Log.write("cannot reseed the kernel's random generator: \(String(cString: strerror(-result)))") }
-        case .ready, .started, .stdout, .stderr, .exited, .failed:
+        case .mountRoot(let devices):
+            if let failure = GuestSetup.rootSwitchRefusal ?? GuestSetup.waitForDisks(devices)
+                ?? GuestSetup.switchRoot(to: devices, type: nil, upper: nil) {
+                send(.failed(status: 1, message: failure))
+            } else {
+                send(.rootMounted)
+            }
+        case .ready, .started, .stdout, .stderr, .exited, .failed, .rootMounted:
             Log.write("ignoring a host message meant for the host")
         }
     }

@@ -6,8 +6,8 @@ public enum AgentFrame {
     public static let maximumLength = 1 << 20
 
     enum Tag: UInt8 {
-        case ready = 1, started, stdout, stderr, exited, failed
-        case exec = 32, stdin, closeStdin, signal, resize, openSession, identity
+        case ready = 1, started, stdout, stderr, exited, failed, rootMounted
+        case exec = 32, stdin, closeStdin, signal, resize, openSession, identity, mountRoot
     }
 
     public static func encode(_ message: AgentMessage) -> [UInt8] {
@@ -29,6 +29,8 @@ public enum AgentFrame {
         case .resize(let rows, let columns): w.tag(.resize); w.u16(rows); w.u16(columns)
         case .openSession: w.tag(.openSession)
         case .identity(let hostname, let seed): w.tag(.identity); w.string(hostname); w.bytes(seed)
+        case .rootMounted: w.tag(.rootMounted)
+        case .mountRoot(let devices): w.tag(.mountRoot); w.strings(devices)
         }
         let length = UInt32(w.out.count)
         return [UInt8(truncatingIfNeeded: length), UInt8(truncatingIfNeeded: length >> 8),
@@ -60,6 +62,8 @@ public enum AgentFrame {
         case .resize: message = .resize(rows: try r.u16(), columns: try r.u16())
         case .openSession: message = .openSession
         case .identity: message = .identity(hostname: try r.string(), seed: try r.bytes())
+        case .rootMounted: message = .rootMounted
+        case .mountRoot: message = .mountRoot(devices: try r.strings())
         }
         guard r.isAtEnd else { throw AgentProtocolError("\(tag) message has \(r.remaining) trailing bytes") }
         return message

@@ -3,7 +3,7 @@
 /// documented in docs/agent-protocol.md.
 public enum AgentMessage: Equatable, Sendable {
     // guest → host
-    /// The agent is up and the root filesystem is ready.
+    /// The agent is up (and the root filesystem is ready, if it was given one at boot).
     case ready(version: UInt32)
     /// The command started with this process id.
     case started(pid: Int32)
@@ -14,6 +14,8 @@ public enum AgentMessage: Equatable, Sendable {
     /// The agent could not do what was asked: `status` is what the command would have exited with
     /// (127 for a command that does not exist, 126 for one that cannot run).
     case failed(status: Int32, message: String)
+    /// The root the host asked for (`mountRoot`) is mounted and is the agent's root now.
+    case rootMounted
 
     // host → guest
     case exec(ExecRequest)
@@ -32,8 +34,13 @@ public enum AgentMessage: Equatable, Sendable {
     /// this host randomness into the kernel's random pool and reseed its generator, which every
     /// copy would otherwise continue identically.
     case identity(hostname: String, seed: [UInt8])
+    /// Make these disks (guest devices, bottom layer first; read-only, under a writable tmpfs) the
+    /// root, as `swiftlet.root=` does at boot, for an agent that booted without one. The disks may
+    /// have just gone into empty drives: the agent waits until the kernel sees them. Answered with
+    /// `rootMounted`, or `failed` (the agent stays in its initramfs).
+    case mountRoot(devices: [String])
 
-    public static let version: UInt32 = 3
+    public static let version: UInt32 = 4
 }
 
 /// What to run and how.

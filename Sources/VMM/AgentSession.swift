@@ -123,6 +123,21 @@ public final class AgentSession: @unchecked Sendable {
         try send(.identity(hostname: hostname ?? "", seed: seed))
     }
 
+    /// Asks an agent that booted without a root filesystem to make `devices` (read-only layer
+    /// disks, bottom first, under a writable tmpfs) its root; returns once it has. Sent after
+    /// `ready`, before any command.
+    public func mountRoot(devices: [String]) throws(SwiftletError) {
+        try send(.mountRoot(devices: devices))
+        while true {
+            switch try receive() {
+            case .rootMounted?: return
+            case .failed(_, let message)?: throw SwiftletError(.guestFailure, "the guest could not mount its root filesystem: \(message)")
+            case nil: throw SwiftletError(.guestFailure, "the guest agent hung up while mounting its root filesystem")
+            default: continue
+            }
+        }
+    }
+
     public func send(_ message: AgentMessage) throws(SwiftletError) {
         let frame = AgentFrame.encode(message)
         let fd = socket.rawValue

@@ -95,7 +95,8 @@ struct LiveMachine: @unchecked Sendable {
     let cpuid: [[CPUIDEntry]]
     let msrIndices: [UInt32]
     let hasXSave: Bool
-    let hardware: SnapshotHardware
+    /// Changes when a disk goes into an empty drive.
+    var hardware: SnapshotHardware
     let guestIsLinux: Bool
     /// Whether the memory slots log dirty pages (from the first snapshot or the restore on).
     var dirtyLogging: Bool
@@ -217,6 +218,10 @@ extension Machine {
         }
         var disks: [DiskConfig] = []
         for disk in hardware.disks {
+            if disk.path.isEmpty && disk.file == nil {
+                disks.append(.empty)
+                continue
+            }
             let source = disk.file.map { plan.directory + "/" + $0 } ?? disk.path
             let size = try OwnedFileDescriptor.open(source, flags: O_RDONLY, what: "disk").size()
             guard size == disk.size else {
@@ -258,6 +263,28 @@ extension Machine {
 
     /// What the snapshot this machine was restored from recorded (`snapshot(to:annotations:)`).
     public var restoredAnnotations: [String: String] { restore?.snapshot.annotations ?? [:] }
+
+    /// Puts `disk` (read-only) into the machine's empty drive number `index` (`DiskConfig.empty`)
+    /// while it runs: the guest is told the drive's configuration changed and sees the disk's
+    /// capacity (Linux: "detected capacity change"). A machine restored from a snapshot with empty
+    /// drives gets its disks this way, so one snapshot serves many disks. A snapshot taken
+    /// afterwards records the disk.
+    public func insertDisk(at index: Int, _ disk: DiskConfig) throws(SwiftletError) {
+        guard disk.readOnly, !disk.isEmpty, disk.base == nil else {
+            throw SwiftletError(.invalidArgument, "only a read-only disk image can go into an empty drive")
+        }
+        try operations.withLock { _ throws(SwiftletError) in
+            let machine = try liveMachine()
+            guard index >= 0, index < machine.hardware.disks.count, let device = machine.transports[index].device as? VirtioBlock else {
+                throw SwiftletError(.invalidArgument, "the machine has no disk drive \(index)")
+            }
+            guard !machine.controller.isPaused else { throw SwiftletError(.invalidArgument, "the machine is paused: resume it first") }
+            let backend = try Self.openDisk(disk)
+            try device.insert(backend)
+            live.withLock { $0?.hardware.disks[index] = SnapshotDisk(path: disk.path, readOnly: true, size: backend.byteCount, file: nil) }
+            machine.transports[index].configurationChanged()
+        }
+    }
 
     /// Stops the guest's vCPUs until `resume()`: they park outside KVM_RUN. Devices served on vCPU
     /// threads (block, entropy) stay quiet with them; the vsock device stops moving host data into

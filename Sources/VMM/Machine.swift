@@ -263,21 +263,25 @@ public final class Machine: Sendable {
         var devices: [VirtioBlock] = []
         var sizes: [UInt64] = []
         for (index, disk) in disks.enumerated() {
-            let backend: any BlockBackend
-            if let base = disk.base, disk.path.isEmpty {
-                let directory = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
-                let overlay = try OwnedFileDescriptor.unlinkedTemporaryFile(in: directory, prefix: "swiftlet-overlay")
-                backend = try CopyOnWriteBlockBackend(base: base, overlay: overlay, named: "a temporary overlay in \(directory)")
-            } else if let base = disk.base {
-                backend = try CopyOnWriteBlockBackend(base: base, overlay: disk.path)
-            } else {
-                backend = try FileBlockBackend(path: disk.path, readOnly: disk.readOnly)
-            }
+            let backend = try openDisk(disk)
             sizes.append(backend.byteCount)
             devices.append(VirtioBlock(backend: backend, readOnly: disk.readOnly, identifier: "swiftlet-disk\(index)",
                                        onError: { controller.warn($0.description) }))
         }
         return (devices, sizes)
+    }
+
+    /// The backend of one disk: its image file, a copy-on-write overlay over its base, or nothing
+    /// (an empty drive).
+    static func openDisk(_ disk: DiskConfig) throws(SwiftletError) -> any BlockBackend {
+        if disk.isEmpty { return EmptyBlockBackend() }
+        if let base = disk.base, disk.path.isEmpty {
+            let directory = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
+            let overlay = try OwnedFileDescriptor.unlinkedTemporaryFile(in: directory, prefix: "swiftlet-overlay")
+            return try CopyOnWriteBlockBackend(base: base, overlay: overlay, named: "a temporary overlay in \(directory)")
+        }
+        if let base = disk.base { return try CopyOnWriteBlockBackend(base: base, overlay: disk.path) }
+        return try FileBlockBackend(path: disk.path, readOnly: disk.readOnly)
     }
 
     /// A guest interrupt line driven through KVM_IRQ_LINE on the in-kernel IOAPIC.

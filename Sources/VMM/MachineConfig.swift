@@ -97,4 +97,11 @@ public struct DiskConfig: Sendable, Equatable {
     public init(path: String, readOnly: Bool = false, base: String? = nil) {
         self.path = path; self.readOnly = readOnly; self.base = base
     }
+
+    /// An empty drive: the guest sees a read-only disk of capacity zero until a disk is
+    /// inserted into it (`Machine.insertDisk(at:_:)`).
+    public static let empty = DiskConfig(path: "", readOnly: true)
+
+    /// Whether this is an empty drive.
+    public var isEmpty: Bool { path.isEmpty && base == nil }
 }

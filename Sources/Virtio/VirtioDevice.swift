@@ -14,6 +14,9 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer)
     /// Writes the device-specific configuration space (most devices ignore it).
     func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer)
+    /// Changes with every change of the configuration space, so the driver can tell a read that
+    /// straddled one (ConfigGeneration).
+    var configurationGeneration: UInt32 { get }
     /// The driver is ready: start serving `queues`.
     func activate(_ activation: VirtioActivation) throws(SwiftletError)
     /// The driver notified queue `index` that it has new buffers (on the notifying vCPU's thread).
@@ -34,6 +37,7 @@ public protocol VirtioDevice: AnyObject, Sendable {
 }
 
 extension VirtioDevice {
+    public var configurationGeneration: UInt32 { 0 }
     public func setQuiesced(_ quiesced: Bool) {}
     public func didRestore() {}
 }

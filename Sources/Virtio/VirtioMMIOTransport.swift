@@ -101,7 +101,7 @@ public final class VirtioMMIOTransport: MMIODevice {
                 return Int(r.queueSelect) < r.queues.count && r.queues[Int(r.queueSelect)].isReady ? 1 : 0
             case Register.interruptStatus: return interrupt.status
             case Register.status: return r.status
-            case Register.configurationGeneration: return 0
+            case Register.configurationGeneration: return device.configurationGeneration
             default: return 0
             }
         }
@@ -158,6 +158,13 @@ public final class VirtioMMIOTransport: MMIODevice {
             default: break
             }
         }
+    }
+
+    /// Tells the driver that the device's configuration space changed (a configuration-change
+    /// interrupt), if it drives the device; one that has not yet reads the new one when it does.
+    public func configurationChanged() {
+        guard registers.withLock({ $0.status & VirtioStatus.driverOK != 0 }) else { return }
+        interrupt.signalConfigurationChange()
     }
 
     /// The status register drives the device's life: 0 resets it, FEATURES_OK is granted only for

@@ -106,16 +106,19 @@ struct RootFilesystem {
                                consoleOutput: consoleOutput)
     }
 
-    func agentMachineConfig(kernel: String?, cpus: Int, memoryMiB: Int, allowPVM: Bool, consoleOutput: Int32?) throws(SwiftletError) -> MachineConfig {
+    /// With `emptyDrives`, the machine boots with as many empty drives as the root has disks and
+    /// no root on its command line: its agent waits in the initramfs for `mountRoot` (see `BootTemplate`).
+    func agentMachineConfig(kernel: String?, cpus: Int, memoryMiB: Int, allowPVM: Bool, consoleOutput: Int32?,
+                            emptyDrives: Bool = false) throws(SwiftletError) -> MachineConfig {
         let agent = GuestAssets.agentInitrd
         guard access(agent, R_OK) == 0 else {
             throw SwiftletError(.notFound, "no guest agent initramfs at \(agent): build it with `make build`")
         }
         var config = MachineConfig(
             kernelPath: kernel ?? GuestAssets.defaultKernel(), initrdPath: agent,
-            commandLine: MachineConfig.defaultCommandLine + " swiftlet.root=\(deviceList) swiftlet.port=\(Run.agentPort)",
+            commandLine: MachineConfig.defaultCommandLine + (emptyDrives ? "" : " swiftlet.root=\(deviceList)") + " swiftlet.port=\(Run.agentPort)",
             cpuCount: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput,
-            consoleInput: nil, disks: disks.map { DiskConfig(path: $0, readOnly: true) }, entropyDevice: true,
+            consoleInput: nil, disks: disks.map { emptyDrives ? .empty : DiskConfig(path: $0, readOnly: true) }, entropyDevice: true,
             vsock: VsockConfig())
         config.kvmPath = Run.kvmPath
         return config
@@ -126,20 +129,45 @@ extension Run {
     /// The KVM device (SWIFTLET_KVM_DEVICE points tests elsewhere).
     static var kvmPath: String { getenv("SWIFTLET_KVM_DEVICE").map { String(cString: $0) } ?? "/dev/kvm" }
 
-    /// The machine the command runs in, booted from the default image, --rootfs or --image, or
-    /// restored from --from; and the command as it runs there.
-    func makeMachine(signals: Int32, consoleOutput: Int32?, port: InProcessPort) throws(SwiftletError) -> (Machine, ExecRequest) {
+    /// The root a machine started without (from a boot template, or booted to save one): the
+    /// disks to put into its empty drives and mount once its agent is ready.
+    struct PendingRoot {
+        var disks: [String]
+        var template: BootTemplate
+        /// Restored from the template (false: booted, and the template is to be saved).
+        var restored: Bool
+    }
+
+    /// The machine the command runs in, booted from the default image, --rootfs or --image (or
+    /// restored from their boot template), or restored from --from; and the command as it runs there.
+    func makeMachine(signals: Int32, consoleOutput: Int32?, port: InProcessPort,
+                     templates: TemplateUse) throws(SwiftletError) -> (Machine, ExecRequest, PendingRoot?) {
         if let from {
             let vm = try Machine.restoring(from: from, consoleOutput: consoleOutput, kvmPath: Self.kvmPath,
                                            allowPVM: machine.allowPVM, vsockPorts: port, diffable: false)
             let defaults = try AgentSnapshot.defaults(of: vm, directory: from)
-            return (vm, try defaults.request(command: exec.command, environment: exec.environment, workdir: exec.workdir, user: exec.user, what: from))
+            return (vm, try defaults.request(command: exec.command, environment: exec.environment, workdir: exec.workdir, user: exec.user, what: from), nil)
         }
         // A detached run's image was resolved by the process that started it.
         let image = getenv(Self.resolvedImageVariable).map { String(cString: $0) } ?? source.image
         let root = try RootFilesystem.resolve(source, image: image, signals: signals)
         let request = try root.defaults.request(command: exec.command, environment: exec.environment, workdir: exec.workdir, user: exec.user, what: root.name)
-        return (Machine(config: try root.agentMachineConfig(machine, consoleOutput: consoleOutput), vsockPorts: port), request)
+        guard templates != .none else {
+            return (Machine(config: try root.agentMachineConfig(machine, consoleOutput: consoleOutput), vsockPorts: port), request, nil)
+        }
+        let config = try root.agentMachineConfig(kernel: machine.kernel, cpus: machine.cpus, memoryMiB: machine.memory,
+                                                 allowPVM: machine.allowPVM, consoleOutput: consoleOutput, emptyDrives: true)
+        let template = BootTemplate(config: config)
+        if templates == .restoreOrSave && template.exists {
+            do {
+                let vm = try Machine.restoring(from: template.directory, consoleOutput: consoleOutput, kvmPath: Self.kvmPath,
+                                               allowPVM: machine.allowPVM, vsockPorts: port, diffable: false)
+                return (vm, request, PendingRoot(disks: root.disks, template: template, restored: true))
+            } catch {
+                template.remove() // damaged or from another Swiftlet: boot and save a new one
+            }
+        }
+        return (Machine(config: config, vsockPorts: port), request, PendingRoot(disks: root.disks, template: template, restored: false))
     }
 
     /// The image's environment with the command line's variables replacing the same names.

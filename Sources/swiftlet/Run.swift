@@ -50,6 +50,9 @@ struct Run: ParsableCommand {
     @Flag(help: ArgumentHelp("Print when each phase ended (ms from process start) on stderr.", visibility: .hidden))
     var timing = false
 
+    @Flag(help: "Boot the kernel even when a saved boot of this machine shape (a boot template) could be restored instead.")
+    var cold = false
+
     @OptionGroup var machine: MachineOptions
 
     static let agentPort: UInt32 = 1024
@@ -68,8 +71,8 @@ struct Run: ParsableCommand {
         if let timeout, Self.milliseconds(timeout) == nil {
             throw ValidationError("--timeout \(timeout): expected a duration such as 30s, 500ms or 2m")
         }
-        if from != nil && (source.image != nil || source.rootfs != nil || machine.shapesTheMachine) {
-            throw ValidationError("--from starts the machine a snapshot holds: it cannot be combined with --image, --rootfs, --kernel, --cpus or --memory")
+        if from != nil && (source.image != nil || source.rootfs != nil || machine.shapesTheMachine || cold) {
+            throw ValidationError("--from starts the machine a snapshot holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory or --cold")
         }
         if detach && (exec.interactive || exec.tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
     }
@@ -88,8 +91,6 @@ struct Run: ParsableCommand {
 
     /// Runs the VM in this process.
     func runHere() throws {
-        var marks: [(String, UInt64)] = []
-
         // Signals to forward are blocked here, before any thread starts, and read from a signalfd.
         // A shell starts background jobs with SIGINT and SIGQUIT ignored, which would discard
         // them before the signalfd sees them: `kill -INT` must still reach the command.
@@ -98,14 +99,39 @@ struct Run: ParsableCommand {
         // A reader that goes away (`swiftlet run ... | head -1`) must not kill the VMM mid-run.
         Glibc.signal(SIGPIPE, SIG_IGN)
         let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
+        do {
+            try runOnce(signals: signals, templates: cold || from != nil ? .none : .restoreOrSave)
+        } catch let failure as TemplateRestoreFailure {
+            // Nothing of the command ran: boot instead, and save a template that works.
+            failure.template.remove()
+            try runOnce(signals: signals, templates: .save)
+        }
+    }
 
+    /// What a run does with boot templates.
+    enum TemplateUse {
+        /// Restore the template when there is one; otherwise boot and save one.
+        case restoreOrSave
+        /// Boot and save a template.
+        case save
+        /// Boot with the root given on the kernel command line.
+        case none
+    }
+
+    /// A restored boot template stopped before its agent was ready: it must not be used again.
+    struct TemplateRestoreFailure: Error {
+        let template: BootTemplate
+    }
+
+    func runOnce(signals: Int32, templates: TemplateUse) throws {
+        var marks: [(String, UInt64)] = []
         let consoleLog = console ? nil : ConsoleLog()
         let port = try InProcessPort(port: Self.agentPort)
-        let (vm, defaultRequest) = try exitingOnSetupFailure { () throws(SwiftletError) in
-            try makeMachine(signals: signals, consoleOutput: console ? 2 : consoleLog?.fd, port: port)
+        let (vm, defaultRequest, pendingRoot) = try exitingOnSetupFailure { () throws(SwiftletError) in
+            try makeMachine(signals: signals, consoleOutput: console ? 2 : consoleLog?.fd, port: port, templates: templates)
         }
         var request = defaultRequest
-        marks.append((from == nil ? "image" : "snapshot", MonotonicClock.now))
+        marks.append((from == nil && pendingRoot?.restored != true ? "image" : "snapshot", MonotonicClock.now))
 
         let machineThread = try MachineThread(vm)
         let watchdog = try Watchdog(milliseconds: timeout.flatMap(Self.milliseconds)) { vm.stop() }
@@ -135,23 +161,52 @@ struct Run: ParsableCommand {
             return 124
         }
 
-        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else { throw ExitCode(machineFailure()) }
+        /// A restored template that ends before its agent is ready is not the user's failure.
+        func templateFailed() -> Bool {
+            guard let pendingRoot, pendingRoot.restored, !watchdog.fired else { return false }
+            machineThread.stop()
+            return true
+        }
+        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else {
+            if templateFailed(), let pendingRoot { throw TemplateRestoreFailure(template: pendingRoot.template) }
+            throw ExitCode(machineFailure())
+        }
         marks.append(("connected", MonotonicClock.now))
         let session = AgentSession(socket: connection)
         let ready: Bool
         do { ready = try session.waitUntilReady() } catch {
+            if templateFailed(), let pendingRoot { throw TemplateRestoreFailure(template: pendingRoot.template) }
             printError(error.description)
             throw ExitCode(Status.guestCrashed)
         }
-        guard ready else { throw ExitCode(machineFailure()) }
+        guard ready else {
+            if templateFailed(), let pendingRoot { throw TemplateRestoreFailure(template: pendingRoot.template) }
+            throw ExitCode(machineFailure())
+        }
         // Every run from one snapshot starts from the same kernel random state: reseed it.
-        if from != nil {
+        if from != nil || pendingRoot?.restored == true {
             do { try session.announceNewIdentity(hostname: nil) } catch {
                 printError(error.description)
                 throw ExitCode(Status.guestCrashed)
             }
         }
         marks.append(("ready", MonotonicClock.now))
+        if let pendingRoot {
+            if !pendingRoot.restored {
+                // Saving is an optimisation for later runs: this one goes on without it.
+                do { try pendingRoot.template.save(vm) } catch { printError("warning: cannot save the boot template (later runs boot too): \(error)") }
+                marks.append(("template", MonotonicClock.now))
+            }
+            do {
+                for (index, disk) in pendingRoot.disks.enumerated() { try vm.insertDisk(at: index, DiskConfig(path: disk, readOnly: true)) }
+                try session.mountRoot(devices: pendingRoot.disks.indices.map(RootFilesystem.deviceName))
+            } catch {
+                consoleLog?.printTail()
+                printError(error.description)
+                throw ExitCode(Status.guestCrashed)
+            }
+            marks.append(("root", MonotonicClock.now))
+        }
 
         var rows: UInt16 = 24, columns: UInt16 = 80
         if exec.tty && isatty(0) == 1 {

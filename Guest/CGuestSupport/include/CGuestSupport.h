@@ -28,3 +28,6 @@ int guest_power_off(void);
 
 // Mixes host randomness into the kernel pool and reseeds its generator; 0 or -errno.
 int guest_reseed_random(const unsigned char *bytes, int length);
+
+// The filesystem type (statfs f_type) of the file system holding `path`; -errno on failure.
+long guest_filesystem_type(const char *path);

@@ -95,3 +95,21 @@ public final class FileBlockBackend: BlockBackend {
         try file.isRegularFile() ? file.dataRanges(size: byteCount) : [0..<byteCount]
     }
 }
+
+/// The medium of an empty drive: no bytes. A device over it shows the guest a disk of capacity
+/// zero until a real disk is inserted (`VirtioBlock.insert`).
+public struct EmptyBlockBackend: BlockBackend {
+    public init() {}
+    public var byteCount: UInt64 { 0 }
+
+    public func read(into destination: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SwiftletError) {
+        guard destination.isEmpty else { throw SwiftletError(.invalidArgument, "the drive is empty") }
+    }
+
+    public func write(from source: UnsafeRawBufferPointer, at offset: UInt64) throws(SwiftletError) {
+        guard source.isEmpty else { throw SwiftletError(.invalidArgument, "the drive is empty") }
+    }
+
+    public func flush() throws(SwiftletError) {}
+    public func dataRanges() throws(SwiftletError) -> [Range<UInt64>] { [] }
+}

@@ -8,6 +8,10 @@ import Virtio
 ///
 /// Requests are served on the notifying vCPU's thread, synchronously: the guest's I/O waits for
 /// the host's, which keeps completions in order and needs no extra thread.
+///
+/// A device can start as an empty drive (capacity zero, `EmptyBlockBackend`) and have a disk
+/// inserted later: the guest is told its configuration changed and sees the new capacity. Only an
+/// empty drive takes a disk: the guest never read anything from it, so it caches nothing stale.
 public final class VirtioBlock: SingleQueueDevice {
     public static let sectorSize: UInt64 = 512
     public static let queueSize: UInt16 = 256
@@ -32,20 +36,30 @@ public final class VirtioBlock: SingleQueueDevice {
     }
     static let headerSize: UInt64 = 16
 
-    public let backend: any BlockBackend
+    /// The disk in the drive and its size in sectors, replaced once when a disk goes into an
+    /// empty drive.
+    private struct Medium {
+        var backend: any BlockBackend
+        var capacitySectors: UInt64
+        var generation: UInt32
+    }
+    private let medium: Mutex<Medium>
     public let isReadOnly: Bool
     public let identifier: String
-    public let capacitySectors: UInt64
+
+    public var backend: any BlockBackend { medium.withLock { $0.backend } }
+    public var capacitySectors: UInt64 { medium.withLock { $0.capacitySectors } }
+    /// Whether the drive has no disk (`EmptyBlockBackend`).
+    public var isEmpty: Bool { medium.withLock { $0.backend is EmptyBlockBackend } }
 
     public let requestQueue: DeviceQueue
     private let onError: @Sendable (SwiftletError) -> Void
 
     public init(backend: any BlockBackend, readOnly: Bool, identifier: String,
                 onError: @escaping @Sendable (SwiftletError) -> Void = { _ in }) {
-        self.backend = backend
+        self.medium = Mutex(Medium(backend: backend, capacitySectors: backend.byteCount / Self.sectorSize, generation: 0))
         self.isReadOnly = readOnly
         self.identifier = String(identifier.utf8.prefix(Self.identifierLength))!
-        self.capacitySectors = backend.byteCount / Self.sectorSize
         self.onError = onError
         self.requestQueue = DeviceQueue(name: "virtio-blk \(self.identifier)", onError: onError)
     }
@@ -55,6 +69,21 @@ public final class VirtioBlock: SingleQueueDevice {
     public var offeredFeatures: UInt64 {
         VirtioFeature.version1 | VirtioFeature.eventIndex | VirtioFeature.indirectDescriptors
             | Feature.segmentMaximum | Feature.flush | (isReadOnly ? Feature.readOnly : 0)
+    }
+
+    public var configurationGeneration: UInt32 { medium.withLock { $0.generation } }
+
+    /// Puts `disk` into the drive, which must be empty; the caller then signals the configuration
+    /// change to the driver (the transport's `configurationChanged()`).
+    public func insert(_ disk: any BlockBackend) throws(SwiftletError) {
+        let result: Result<Void, SwiftletError> = medium.withLock { m in
+            guard m.backend is EmptyBlockBackend else {
+                return .failure(SwiftletError(.invalidArgument, "virtio-blk \(identifier) already holds a disk: only an empty drive takes one"))
+            }
+            m = Medium(backend: disk, capacitySectors: disk.byteCount / Self.sectorSize, generation: m.generation &+ 1)
+            return .success(())
+        }
+        try result.get()
     }
 
     /// The configuration space: capacity (sectors) at 0, size_max at 8 (not offered), seg_max at 12.
@@ -79,14 +108,16 @@ public final class VirtioBlock: SingleQueueDevice {
         let status = DescriptorChain.segments(chain.writable, skipping: chain.writableLength - 1, keeping: 1)[0].address
         var written: UInt64 = 0
         let result: UInt8
+        let (backend, capacitySectors) = medium.withLock { ($0.backend, $0.capacitySectors) }
         if let header = try? Self.header(chain, memory: memory) {
             let dataOut = DescriptorChain.segments(chain.readable, skipping: Self.headerSize, keeping: chain.readableLength - Self.headerSize)
             switch header.type {
             case RequestType.read:
-                result = transfer(dataIn, sector: header.sector, memory: memory, isWrite: false)
+                result = transfer(dataIn, sector: header.sector, memory: memory, isWrite: false, backend: backend, capacitySectors: capacitySectors)
                 if result == Status.ok { written = chain.writableLength - 1 }
             case RequestType.write:
-                result = isReadOnly ? Status.ioError : transfer(dataOut, sector: header.sector, memory: memory, isWrite: true)
+                result = isReadOnly ? Status.ioError
+                    : transfer(dataOut, sector: header.sector, memory: memory, isWrite: true, backend: backend, capacitySectors: capacitySectors)
             case RequestType.flush:
                 result = (try? backend.flush()) != nil ? Status.ok : Status.ioError
             case RequestType.getID:
@@ -111,7 +142,8 @@ public final class VirtioBlock: SingleQueueDevice {
     }
 
     /// Moves the bytes of `segments` to or from the disk from `sector` on.
-    func transfer(_ segments: [DescriptorChain.Segment], sector: UInt64, memory: GuestMemory, isWrite: Bool) -> UInt8 {
+    func transfer(_ segments: [DescriptorChain.Segment], sector: UInt64, memory: GuestMemory, isWrite: Bool,
+                  backend: any BlockBackend, capacitySectors: UInt64) -> UInt8 {
         let total = segments.reduce(0) { $0 + $1.length }
         guard total % Self.sectorSize == 0, sector <= capacitySectors, total / Self.sectorSize <= capacitySectors - sector else {
             return Status.ioError

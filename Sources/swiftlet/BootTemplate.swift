@@ -1,0 +1,76 @@
+import Glibc
+import Images
+import MachineState
+import SwiftletSystem
+import VMM
+
+/// A booted machine saved before it had a root filesystem, so that `run` need not boot.
+///
+/// The first `run` of a machine shape boots the kernel with the guest agent and empty drives (no
+/// root disk yet), and when the agent is ready snapshots the machine into
+/// `$SWIFTLET_HOME/templates/KEY`, then goes on. Every later `run` of the same shape restores that
+/// snapshot instead (memory mapped copy-on-write), puts the image's layer disks into the empty
+/// drives (the guest sees their capacity change) and asks the agent to mount them as its root.
+/// Which image is run does not matter to the template: only its number of layers does.
+///
+/// KEY digests everything the saved machine depends on: the kernel, initramfs and this executable
+/// (path, size, modification time, inode), the command line, vCPUs, memory and drives. A template
+/// that cannot be restored is deleted and the run boots instead (and saves a new one).
+///
+/// Every machine started from one template shares its kernel's address-space layout (KASLR) and
+/// its early random state; the agent reseeds the kernel's generator with host randomness on every
+/// start (`identity`), but a workload that must not share layout with other VMs should use `--cold`.
+struct BootTemplate {
+    /// Changes when what a template holds changes meaning (the CLI's side of it).
+    static let format = 1
+    let directory: String
+
+    static var root: String { ImageStore.defaultRoot() + "/templates" }
+
+    /// The template for machines booted with `config` (whose disks are all empty drives).
+    init(config: MachineConfig) {
+        var key = "swiftlet-boot-template \(Self.format)\n"
+        for path in [config.kernelPath, config.initrdPath ?? "", "/proc/self/exe"] {
+            var info = stat()
+            if stat(path, &info) == 0 {
+                key += "\(path) \(info.st_dev) \(info.st_ino) \(info.st_size) \(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec)\n"
+            } else {
+                key += "\(path) missing\n"
+            }
+        }
+        key += "\(config.commandLine)\ncpus \(config.cpuCount) memory \(config.memoryMiB) drives \(config.disks.count)"
+        key += " entropy \(config.entropyDevice) vsock \(config.vsock.map { String($0.guestCID) } ?? "none")\n"
+        directory = Self.root + "/" + SnapshotID(bytes: Array(SHA256.hash(Array(key.utf8)).prefix(16))).description
+    }
+
+    var exists: Bool { access(directory + "/state", F_OK) == 0 }
+
+    /// Saves `machine` (running, its agent ready and rootless) as this template. Concurrent runs
+    /// may save the same template: each writes its own directory and the first rename wins.
+    func save(_ machine: Machine) throws(SwiftletError) {
+        var parent = ""
+        for component in Self.root.split(separator: "/") {
+            parent += "/" + component
+            guard mkdir(parent, 0o755) == 0 || errno == EEXIST else {
+                throw SwiftletError.system("cannot create \(parent)", errno: currentErrno)
+            }
+        }
+        let partial = directory + ".partial-" + (try SnapshotID.random()).description
+        _ = try machine.snapshotBlocking(to: partial)
+        if rename(partial, directory) != 0 {
+            let error = currentErrno
+            try? MachineDirectory.removeTree(partial)
+            // Another run saved it first: that one serves as well.
+            guard error.rawValue == ENOTEMPTY || error.rawValue == EEXIST else {
+                throw SwiftletError.system("cannot put the boot template in \(directory)", errno: error)
+            }
+        }
+    }
+
+    /// Deletes the template (it could not be restored).
+    func remove() {
+        let doomed = directory + ".removed-" + ((try? SnapshotID.random())?.description ?? "\(getpid())")
+        guard rename(directory, doomed) == 0 else { return }
+        try? MachineDirectory.removeTree(doomed)
+    }
+}
