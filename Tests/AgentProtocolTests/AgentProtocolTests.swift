@@ -9,6 +9,7 @@ import Testing
                           user: "1000:1000", terminal: true, rows: 50, columns: 132)),
         .stdin(Array(repeating: 0xFF, count: 70_000)), .closeStdin, .signal(2), .resize(rows: 10, columns: 20), .openSession,
         .identity(hostname: "clone-1", seed: Array(0..<32)),
+        .mountRoot(devices: ["/dev/vda", "/dev/vdb"]), .mountRoot(devices: []), .rootMounted,
     ]
 
     @Test(arguments: samples)

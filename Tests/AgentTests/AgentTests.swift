@@ -165,6 +165,15 @@ struct AgentTests {
         }
     }
 
+    @Test func anAgentThatIsNoGuestInitRefusesToChangeItsRootAndCarriesOn() throws {
+        try withAgent { session throws in
+            let error = #expect(throws: SwiftletError.self) { try session.mountRoot(devices: ["/dev/vda"]) }
+            #expect(error?.message.contains("the agent is not the guest's init") == true, "\(String(describing: error))")
+            #expect(try run(session, ExecRequest(arguments: ["sh", "-c", "echo still here"])).stdout == Array("still here\n".utf8))
+            session.shutdown()
+        }
+    }
+
     @Test func missingAndUnrunnableCommands() throws {
         let script = dir.write("not-executable", Array("echo hi\n".utf8), mode: 0o644)
         try withAgent { session in

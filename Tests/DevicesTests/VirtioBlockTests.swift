@@ -95,6 +95,31 @@ struct BlockHarness {
         #expect(rw.device.offeredFeatures & VirtioBlock.Feature.readOnly == 0)
     }
 
+    @Test func anEmptyDriveTakesOneDiskAndShowsItsCapacity() throws {
+        var h = try BlockHarness(backend: EmptyBlockBackend(), readOnly: true)
+        func capacity() -> [UInt8] {
+            var config = [UInt8](repeating: 0xFF, count: 8)
+            config.withUnsafeMutableBytes { h.device.readConfiguration(offset: 0, into: $0) }
+            return config
+        }
+        #expect(capacity() == [0, 0, 0, 0, 0, 0, 0, 0])
+        #expect(h.device.isEmpty && h.device.configurationGeneration == 0)
+        #expect(try h.request(type: VirtioBlock.RequestType.read, sector: 0, inLength: 512).status == VirtioBlock.Status.ioError)
+
+        try h.device.insert(try FileBlockBackend(path: image(), readOnly: true))
+        #expect(capacity() == [64, 0, 0, 0, 0, 0, 0, 0])
+        #expect(!h.device.isEmpty && h.device.configurationGeneration == 1, "the driver can tell the configuration changed")
+        let r = try h.request(type: VirtioBlock.RequestType.read, sector: 3, inLength: 512)
+        #expect(r.status == VirtioBlock.Status.ok && r.data == Array(content[(3 * 512)..<(4 * 512)]))
+
+        // The guest may have cached the first disk: it is never swapped for another.
+        let other = directory.write("other.img", [UInt8](repeating: 9, count: 4096))
+        let error = #expect(throws: SwiftletError.self) { try h.device.insert(try FileBlockBackend(path: other, readOnly: true)) }
+        #expect(error?.message.contains("only an empty drive") == true)
+        #expect(capacity() == [64, 0, 0, 0, 0, 0, 0, 0] && h.device.configurationGeneration == 1)
+        #expect(try h.request(type: VirtioBlock.RequestType.read, sector: 3, inLength: 512).data == Array(content[(3 * 512)..<(4 * 512)]))
+    }
+
     @Test func readsSectorsIntoGuestMemory() throws {
         var h = try BlockHarness(backend: try FileBlockBackend(path: image(), readOnly: true), readOnly: true)
         let r = try h.request(type: VirtioBlock.RequestType.read, sector: 3, inLength: 1024)

@@ -348,6 +348,51 @@ struct CountingGuest {
 
     /// Forked copies each continue the count from the fork's snapshot, and each writes its own
     /// disk overlay without the others or the snapshot seeing it.
+    @Test func anEmptyDriveComesBackEmptyAndTakesADiskAfterTheRestore() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        let content = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        let disk = guest.dir.write("layer.img", content)
+        var config = guest.config(output: out)
+        config.disks = [.empty, .empty]
+        let template = guest.dir.path + "/template"
+        _ = try CountingGuest.whileRunning(Machine(config: config)) { machine in
+            try CountingGuest.waitForOutput(out)
+            _ = try machine.snapshotBlocking(to: template)
+        }
+        #expect(try RestorePlan.load(template).snapshot.hardware.disks
+                    == [SnapshotDisk(path: "", readOnly: true, size: 0, file: nil), SnapshotDisk(path: "", readOnly: true, size: 0, file: nil)])
+
+        let restored = try Machine.restoring(from: template, consoleOutput: nil)
+        #expect(restored.config.disks == [.empty, .empty])
+        #expect(throws: SwiftletError.self, "no machine runs yet") { try restored.insertDisk(at: 0, DiskConfig(path: disk, readOnly: true)) }
+        let after = guest.dir.path + "/after"
+        _ = try CountingGuest.whileRunning(restored) { machine in
+            try CountingGuest.waitUntil { (try? machine.liveMachine()) != nil }
+            let refusals: [(Int, DiskConfig, String)] = [
+                (2, DiskConfig(path: disk, readOnly: true), "no disk drive 2"),
+                (0, DiskConfig(path: disk, readOnly: false), "only a read-only disk image"),
+                (0, .empty, "only a read-only disk image"),
+                (0, DiskConfig(path: guest.dir.path + "/missing.img", readOnly: true), "missing.img"),
+            ]
+            for (index, disk, message) in refusals {
+                let error = #expect(throws: SwiftletError.self) { try machine.insertDisk(at: index, disk) }
+                #expect(error?.message.contains(message) == true, "\(String(describing: error))")
+            }
+            try machine.insertDisk(at: 1, DiskConfig(path: disk, readOnly: true))
+            let drives = try #require(machine.live.withLock { $0!.transports.compactMap { $0.device as? VirtioBlock } })
+            #expect(drives.map(\.capacitySectors) == [0, 2048])
+            #expect(try DiskContents.all(drives[1].backend) == content)
+            let error = #expect(throws: SwiftletError.self) { try machine.insertDisk(at: 1, DiskConfig(path: disk, readOnly: true)) }
+            #expect(error?.message.contains("already holds a disk") == true)
+            // A snapshot taken now records the disk where the drive was empty.
+            _ = try machine.snapshotBlocking(to: after)
+        }
+        #expect(try RestorePlan.load(after).snapshot.hardware.disks
+                    == [SnapshotDisk(path: "", readOnly: true, size: 0, file: nil), SnapshotDisk(path: disk, readOnly: true, size: 1 << 20, file: nil)])
+        #expect(try Machine.restoring(from: after, consoleOutput: nil).config.disks == [.empty, DiskConfig(path: disk, readOnly: true)])
+    }
+
     @Test func forkedCopiesContinueTheCountAndDivergeOnTheirOwnDisks() throws {
         let guest = CountingGuest()
         let out = guest.dir.path + "/out"

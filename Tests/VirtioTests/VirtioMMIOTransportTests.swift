@@ -9,6 +9,8 @@ import Testing
 final class RecordingDevice: VirtioDevice {
     let events = Mutex<[String]>([])
     let activation = Mutex<VirtioActivation?>(nil)
+    let generation = Mutex<UInt32>(0)
+    var configurationGeneration: UInt32 { generation.withLock { $0 } }
     var deviceType: VirtioDeviceType { .entropy }
     var offeredFeatures: UInt64 { VirtioFeature.version1 | VirtioFeature.eventIndex | 1 }
     var queueMaximumSizes: [UInt16] { [64, 64] }
@@ -135,6 +137,22 @@ final class RecordingLine: InterruptLine {
         write(t, R.interruptAcknowledge, 2)
         #expect(read(t, R.interruptStatus) == 0)
         #expect(line.levels.withLock { $0 }.last == false)
+    }
+
+    @Test func aConfigurationChangeReachesOnlyADriverThatDrivesTheDevice() {
+        let device = RecordingDevice()
+        let line = RecordingLine()
+        let t = VirtioMMIOTransport(device: device, memory: memory, interrupt: VirtioInterrupt(line: line))
+        t.configurationChanged()
+        #expect(read(t, R.interruptStatus) == 0, "before DRIVER_OK the driver reads the configuration when it probes")
+        #expect(line.levels.withLock { $0 }.isEmpty)
+        bringUp(t, driver: VirtqueueDriver(memory: memory), features: VirtioFeature.version1)
+        #expect(read(t, R.configurationGeneration) == 0)
+        device.generation.withLock { $0 = 5 }
+        t.configurationChanged()
+        #expect(read(t, R.interruptStatus) == VirtioInterrupt.configurationChange)
+        #expect(read(t, R.configurationGeneration) == 5)
+        #expect(line.levels.withLock { $0 }.last == true)
     }
 
     @Test func writingZeroStatusResetsTheDevice() throws {
