@@ -43,6 +43,8 @@ struct BootTemplate {
         directory = Self.root + "/" + SnapshotID(bytes: Array(SHA256.hash(Array(key.utf8)).prefix(16))).description
     }
 
+    private init(directory: String) { self.directory = directory }
+
     var exists: Bool { access(directory + "/state", F_OK) == 0 }
 
     /// Saves `machine` (running, its agent ready and rootless) as this template. Concurrent runs
@@ -65,6 +67,21 @@ struct BootTemplate {
                 throw SwiftletError.system("cannot put the boot template in \(directory)", errno: error)
             }
         }
+    }
+
+    /// Deletes every template (runs in progress keep theirs: their memory stays mapped); returns
+    /// the bytes freed on disk.
+    static func removeAll() -> Int64 {
+        var freed: Int64 = 0
+        for (name, isDirectory) in OwnedFileDescriptor.directoryEntries(root) ?? [] where isDirectory {
+            let directory = root + "/" + name
+            for (file, _) in OwnedFileDescriptor.directoryEntries(directory) ?? [] {
+                var info = stat()
+                if stat(directory + "/" + file, &info) == 0 { freed += Int64(info.st_blocks) * 512 }
+            }
+            BootTemplate(directory: directory).remove()
+        }
+        return freed
     }
 
     /// Deletes the template (it could not be restored).

@@ -96,12 +96,12 @@ struct Image: ParsableCommand {
 
     struct Prune: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Delete unnamed images, and blobs, disks and unfinished downloads no image uses.")
+            abstract: "Delete unnamed images, and blobs, disks and unfinished downloads no image uses, and the boot templates (`run` saves them again when needed).")
 
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
-                let freed = try store.prune(unnamedImages: true)
+                let freed = try store.prune(unnamedImages: true) + BootTemplate.removeAll()
                 print("\(ImagePuller.formatSize(freed)) freed")
             }
         }

@@ -56,6 +56,8 @@ import TestSupport
         let conflict = run(["run", "--from", tiny.path, "--cpus", "2", "--", "true"])
         #expect(conflict.status == 64 && conflict.stderr.contains("--from starts the machine a snapshot holds"), "\(conflict.stderr)")
         #expect(run(["run", "--from", tiny.path, "--image", "busybox", "--", "true"]).status == 64)
+        let cold = run(["run", "--from", tiny.path, "--cold", "--", "true"])
+        #expect(cold.status == 64 && cold.stderr.contains("--cold"), "\(cold.stderr)")
         expectOneLineError(run(["run", "--from", tiny.path + "/none", "--", "true"]), contains: "snapshot \(tiny.path)/none does not exist")
         expectOneLineError(run(["run", "--from", tiny.path, "--", "true"]), contains: "is not a Swiftlet snapshot: it has no state file")
         _ = Subprocess.run(["/bin/mkdir", tiny.path + "/corrupt"])

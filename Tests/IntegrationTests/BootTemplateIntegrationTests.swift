@@ -61,6 +61,12 @@ struct BootTemplateIntegrationTests {
         expectProbe(cold, cold: true)
         #expect(!phases(cold).contains("template") && !phases(cold).contains("root"))
         #expect(templates.count == 2)
+
+        // Templates are a cache: `image prune` deletes them, and the next run saves one again.
+        let prune = Subprocess.run([swiftlet, "image", "prune"], environment: ["SWIFTLET_HOME": home.path], timeout: 60)
+        #expect(prune.status == 0, "\(prune.stderr)")
+        #expect(templates.isEmpty)
+        #expect(phases(run(Self.probe)).contains("template"))
     }
 
     @Test func machinesFromOneTemplateDoNotShareRandomness() {

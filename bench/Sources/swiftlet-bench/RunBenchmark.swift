@@ -1,9 +1,10 @@
 import Glibc
 
 // swiftlet-bench run: `swiftlet run --image IMAGE -- true` (whole process, image already in the
-// store) against QEMU microvm booting the same kernel with the same root filesystem disk (the
-// image's one layer, as Swiftlet converted it) to the same `true`, alternately; p50/p90 of process
-// start to exit, Swiftlet's phases, and the ratio. With --rootfs instead of --image, both boot
+// store, boot template saved) and the same with `--cold` (booting) against QEMU microvm booting
+// the same kernel with the same root filesystem disk (the image's one layer, as Swiftlet
+// converted it) to the same `true`, in rotation; p50/p90 of process start to exit, Swiftlet's
+// phases, and the ratios. With --rootfs instead of --image, both boot
 // that EROFS disk.
 //
 // Usage: swiftlet-bench run --swiftlet PATH --kernel VMLINUX (--image OCI-LAYOUT | --rootfs EROFS) [--runs N] [--qemu PATH]
@@ -32,6 +33,8 @@ func runBenchmark() {
         source = ["--image", digest]
     }
     let swiftletRun = [swiftletPath, "run", "--timing", "--kernel", kernel] + source + ["--memory", String(memoryMiB), "--", "true"]
+    // The same run booting the kernel instead of restoring the boot template.
+    let swiftletColdRun = [swiftletPath, "run", "--cold"] + swiftletRun.dropFirst(2)
     // QEMU has no agent: the kernel mounts the same EROFS disk as its root and /bin/sh runs the
     // same `true`, then reboots, which -no-reboot turns into an exit.
     let qemuCmdline = "console=ttyS0 reboot=k panic=-1 pci=off loglevel=3 root=/dev/vda rootfstype=erofs ro init=/bin/sh -- -c \"true; reboot -f\""
@@ -41,23 +44,38 @@ func runBenchmark() {
                    "-drive", "id=root,file=\(rootfs),format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=root",
                    "-kernel", kernel, "-append", qemuCmdline]
 
-    var swiftletRuns: [Observation] = [], qemuRuns: [Observation] = []
-    var phases: [String: [Double]] = [:]
+    // The first run of this machine shape boots and saves its boot template (reported once); the
+    // measured runs restore it, as every later run does.
+    let first = observe(swiftletRun, marker: Array("timing ".utf8), guestMemoryBytes: memoryMiB << 20)
+    guard first.status == 0 else { fatal("the first swiftlet run failed (status \(first.status)):\n\(first.stdout)\n\(first.stderr)") }
+    var swiftletRuns: [Observation] = [], coldRuns: [Observation] = [], qemuRuns: [Observation] = []
+    var phases: [String: [Double]] = [:], coldPhases: [String: [Double]] = [:]
+    let names = ["swiftlet", "swiftlet --cold", "qemu"]
     for i in 0..<runs {
-        for which in (i % 2 == 0 ? [0, 1] : [1, 0]) {
-            let o = observe(which == 0 ? swiftletRun : qemuRun, marker: Array("timing ".utf8), guestMemoryBytes: memoryMiB << 20)
-            guard o.status == 0 else { fatal("\(which == 0 ? "swiftlet" : "qemu") run \(i) failed (status \(o.status)):\n\(o.stdout)\n\(o.stderr)") }
-            if which == 0 {
+        let order = [[0, 1, 2], [2, 0, 1], [1, 2, 0]][i % 3]
+        for which in order {
+            let o = observe([swiftletRun, swiftletColdRun, qemuRun][which], marker: Array("timing ".utf8), guestMemoryBytes: memoryMiB << 20)
+            guard o.status == 0 else { fatal("\(names[which]) run \(i) failed (status \(o.status)):\n\(o.stdout)\n\(o.stderr)") }
+            switch which {
+            case 0:
                 swiftletRuns.append(o)
                 addTimingPhases(o.stderr, to: &phases)
-            } else {
+            case 1:
+                coldRuns.append(o)
+                addTimingPhases(o.stderr, to: &coldPhases)
+            default:
                 qemuRuns.append(o)
             }
         }
     }
-    let s50 = percentile(swiftletRuns.map(\.exitMs), 50), q50 = percentile(qemuRuns.map(\.exitMs), 50)
-    let order = ["image", "vm", "connected", "ready", "command", "teardown"]
-    let phaseJSON = order.filter { phases[$0] != nil }.map { "\"\($0)\": \(stats(phases[$0]!))" }.joined(separator: ",\n        ")
+    let s50 = percentile(swiftletRuns.map(\.exitMs), 50), c50 = percentile(coldRuns.map(\.exitMs), 50), q50 = percentile(qemuRuns.map(\.exitMs), 50)
+    let order = ["image", "snapshot", "vm", "connected", "ready", "template", "root", "command", "teardown"]
+    func phaseJSON(_ phases: [String: [Double]]) -> String {
+        order.filter { phases[$0] != nil }.map { "\"\($0)\": \(stats(phases[$0]!))" }.joined(separator: ",\n        ")
+    }
+    func summary(_ runs: [Observation]) -> String {
+        "{\"runs\": \(runs.count), \"exit_ms\": \(stats(runs.map(\.exitMs))), \"vmm_cpu_ms\": \(stats(runs.map(\.vmmCPUMs))), \"peak_rss_mib\": \(stats(runs.map { Double($0.peakRSSKiB) / 1024 }))}"
+    }
     let release = hostKernelRelease()
     print("""
         {
@@ -65,13 +83,20 @@ func runBenchmark() {
           "host_kernel": "\(release)",
           "guest_memory_mib": \(memoryMiB),
           "swiftlet_arguments": "\(swiftletRun.dropFirst().joined(separator: " "))",
+          "swiftlet_cold_arguments": "\(swiftletColdRun.dropFirst().joined(separator: " "))",
           "qemu_arguments": "\(qemuRun.dropFirst().joined(separator: " ").replacingQuotes())",
-          "swiftlet": {"runs": \(swiftletRuns.count), "exit_ms": \(stats(swiftletRuns.map(\.exitMs))), "vmm_cpu_ms": \(stats(swiftletRuns.map(\.vmmCPUMs))), "peak_rss_mib": \(stats(swiftletRuns.map { Double($0.peakRSSKiB) / 1024 }))},
+          "template_saving_run_ms": \(String((first.exitMs * 100).rounded() / 100)),
+          "swiftlet": \(summary(swiftletRuns)),
           "swiftlet_phases_ms": {
-            \(phaseJSON)
+            \(phaseJSON(phases))
           },
-          "qemu": {"runs": \(qemuRuns.count), "exit_ms": \(stats(qemuRuns.map(\.exitMs))), "vmm_cpu_ms": \(stats(qemuRuns.map(\.vmmCPUMs))), "peak_rss_mib": \(stats(qemuRuns.map { Double($0.peakRSSKiB) / 1024 }))},
-          "ratio_p50": \(String((s50 / q50 * 1000).rounded() / 1000))
+          "swiftlet_cold": \(summary(coldRuns)),
+          "swiftlet_cold_phases_ms": {
+            \(phaseJSON(coldPhases))
+          },
+          "qemu": \(summary(qemuRuns)),
+          "ratio_p50": \(String((s50 / q50 * 1000).rounded() / 1000)),
+          "cold_ratio_p50": \(String((c50 / q50 * 1000).rounded() / 1000))
         }
         """)
 }

@@ -41,21 +41,31 @@ func snapshotBenchmark() {
     }
     let memoryFileKiB = diskUsageKiB(directory + "/memory")
 
-    let cold = [swiftletPath, "run", "--image", digest, "--memory", memory, "--", "echo", "hi"]
+    let cold = [swiftletPath, "run", "--cold", "--image", digest, "--memory", memory, "--", "echo", "hi"]
     let restore = [swiftletPath, "run", "--from", directory, "--timing", "--", "echo", "hi"]
-    var coldRuns: [Observation] = [], restoreRuns: [Observation] = []
+    // `run --image` as it runs by default: from the boot template of its machine shape (saved by
+    // the first run, here before the measured ones).
+    let template = [swiftletPath, "run", "--image", digest, "--memory", memory, "--", "echo", "hi"]
+    guard spawnAndCollect(template).status == 0 else { fatal("swiftlet \(template.dropFirst().joined(separator: " ")) failed") }
+    var coldRuns: [Observation] = [], restoreRuns: [Observation] = [], templateRuns: [Observation] = []
     var phases: [String: [Double]] = [:]
+    let names = ["restore", "cold boot", "boot template"]
     for i in 0..<runs {
-        for which in (i % 2 == 0 ? [0, 1] : [1, 0]) {
-            let o = observe(which == 0 ? restore : cold, marker: Array("hi\n".utf8), markerOnStdout: true, guestMemoryBytes: memoryMiB << 20)
+        for which in [[0, 1, 2], [2, 0, 1], [1, 2, 0]][i % 3] {
+            let o = observe([restore, cold, template][which], marker: Array("hi\n".utf8), markerOnStdout: true, guestMemoryBytes: memoryMiB << 20)
             guard o.status == 0, o.stdout == "hi\n" else {
-                fatal("\(which == 0 ? "restore" : "cold boot") run \(i) failed (status \(o.status)):\n\(o.stdout)\n\(o.stderr)")
+                fatal("\(names[which]) run \(i) failed (status \(o.status)):\n\(o.stdout)\n\(o.stderr)")
             }
-            if which == 1 { coldRuns.append(o); continue }
-            restoreRuns.append(o)
-            addTimingPhases(o.stderr, to: &phases)
+            switch which {
+            case 0:
+                restoreRuns.append(o)
+                addTimingPhases(o.stderr, to: &phases)
+            case 1: coldRuns.append(o)
+            default: templateRuns.append(o)
+            }
         }
     }
+    let templateFirst = templateRuns.map { $0.markerMs! }
     let machines = machineBenchmark(swiftletPath, digest: digest, memory: memory, work: work, snapshotRuns: snapshotRuns,
                                     forks: forks, forkRounds: forkRounds)
     let restoreFirst = restoreRuns.map { $0.markerMs! }, coldFirst = coldRuns.map { $0.markerMs! }
@@ -77,6 +87,10 @@ func snapshotBenchmark() {
           "restore_phases_ms": {
             \(phaseJSON)
           },
+          "template_arguments": "\(template.dropFirst().joined(separator: " "))",
+          "template_p50_ms": \(num(percentile(templateFirst, 50))),
+          "template_speedup_p50": \(num(percentile(coldFirst, 50) / percentile(templateFirst, 50))),
+          "template": {"runs": \(templateRuns.count), "first_output_ms": \(stats(templateFirst)), "exit_ms": \(stats(templateRuns.map(\.exitMs))), "peak_rss_mib": \(stats(templateRuns.map { Double($0.peakRSSKiB) / 1024 }))},
           "cold_boot": {"runs": \(coldRuns.count), "first_output_ms": \(stats(coldFirst)), "exit_ms": \(stats(coldRuns.map(\.exitMs))), "peak_rss_mib": \(stats(coldRuns.map { Double($0.peakRSSKiB) / 1024 }))},
           "snapshot_full": {"runs": \(snapshotMs.count), "process_ms": \(stats(snapshotMs)), "guest_paused_ms": \(stats(pausedMs)), "bytes_written": \(stats(bytes)), "memory_file_kib_on_disk": \(memoryFileKiB)},
           "machine_snapshot_full": \(machines.full),
