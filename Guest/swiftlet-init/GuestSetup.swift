@@ -112,13 +112,12 @@ enum GuestSetup {
         for device in devices {
             guard device.hasPrefix("/dev/"), !device.dropFirst(5).contains("/") else { return "\(device) is not a disk device" }
             let sizePath = "/sys/block/\(device.dropFirst(5))/size"
-            var waited = 0
+            let deadline = monotonicMilliseconds() + timeoutMilliseconds
             while true {
                 guard let text = try? readText(sizePath) else { return "no disk \(device) in this machine" }
                 if let sectors = Int(text.split(separator: "\n").first ?? ""), sectors > 0 { break }
-                guard waited < timeoutMilliseconds * 10 else { return "the disk \(device) is still empty after \(timeoutMilliseconds) ms" }
+                guard monotonicMilliseconds() < deadline else { return "the disk \(device) is still empty after \(timeoutMilliseconds) ms" }
                 usleep(100)
-                waited += 1
             }
         }
         return nil
@@ -143,6 +142,12 @@ enum GuestSetup {
     static func mountOrDie(_ source: String, _ target: String, _ type: String, flags: UInt = 0, data: String? = nil) {
         let result = data.map { d in d.withCString { mount(source, target, type, flags, $0) } } ?? mount(source, target, type, flags, nil)
         if result != 0 && errno != EBUSY { Log.fatal("cannot mount \(type) on \(target): \(String(cString: strerror(errno)))") }
+    }
+
+    static func monotonicMilliseconds() -> Int {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return now.tv_sec * 1000 + now.tv_nsec / 1_000_000
     }
 
     static func makeDirectory(_ path: String) {

@@ -111,7 +111,6 @@ public final class AgentSession: @unchecked Sendable {
         try send(.resize(rows: rows, columns: columns))
     }
 
-    /// Sends one message; safe from any thread while another runs a command (for signals).
     /// Tells the agent its machine is a new copy of another (restored under a new name, or forked):
     /// it takes `hostname` (nil: keeps its own) and reseeds the kernel's random generator with fresh host randomness,
     /// so copies do not share random numbers. Sent on the first connection, after `ready`.
@@ -138,6 +137,7 @@ public final class AgentSession: @unchecked Sendable {
         }
     }
 
+    /// Sends one message; safe from any thread while another runs a command (for signals).
     public func send(_ message: AgentMessage) throws(SwiftletError) {
         let frame = AgentFrame.encode(message)
         let fd = socket.rawValue
