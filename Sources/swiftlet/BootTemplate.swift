@@ -15,7 +15,8 @@ import VMM
 ///
 /// KEY digests everything the saved machine depends on: the kernel, initramfs and this executable
 /// (path, size, modification time, inode), the command line, vCPUs, memory and drives. A template
-/// that cannot be restored is deleted and the run boots instead (and saves a new one).
+/// that cannot be restored is deleted and the run boots instead (and saves a new one); saving a
+/// template deletes those made from files that have since been replaced.
 ///
 /// Every machine started from one template shares its kernel's address-space layout (KASLR) and
 /// its early random state; the agent reseeds the kernel's generator with host randomness on every
@@ -27,23 +28,38 @@ struct BootTemplate {
 
     static var root: String { ImageStore.defaultRoot() + "/templates" }
 
+    /// The files the template's machine was made from, one per line as `fileLine` writes them;
+    /// kept in the template as `inputs`, so that templates of replaced files can be found.
+    let inputs: String
+
     /// The template for machines booted with `config` (whose disks are all empty drives).
     init(config: MachineConfig) {
-        var key = "swiftlet-boot-template \(Self.format)\n"
-        for path in [config.kernelPath, config.initrdPath ?? "", "/proc/self/exe"] {
-            var info = stat()
-            if stat(path, &info) == 0 {
-                key += "\(path) \(info.st_dev) \(info.st_ino) \(info.st_size) \(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec)\n"
-            } else {
-                key += "\(path) missing\n"
-            }
-        }
+        inputs = [config.kernelPath, config.initrdPath ?? "", Self.executablePath].map(Self.fileLine).joined()
+        var key = "swiftlet-boot-template \(Self.format)\n" + inputs
         key += "\(config.commandLine)\ncpus \(config.cpuCount) memory \(config.memoryMiB) drives \(config.disks.count)"
         key += " entropy \(config.entropyDevice) vsock \(config.vsock.map { String($0.guestCID) } ?? "none")\n"
         directory = Self.root + "/" + SnapshotID(bytes: Array(SHA256.hash(Array(key.utf8)).prefix(16))).description
     }
 
-    private init(directory: String) { self.directory = directory }
+    private init(directory: String) {
+        self.directory = directory
+        inputs = ""
+    }
+
+    /// This swiftlet executable's path (the link /proc/self/exe would name another executable when
+    /// the stale templates are looked for by another swiftlet).
+    static var executablePath: String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        return n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "/proc/self/exe"
+    }
+
+    /// `path`, and what tells this version of the file from another: device, inode, size, mtime.
+    static func fileLine(_ path: String) -> String {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return "\(path) missing\n" }
+        return "\(path) \(info.st_dev) \(info.st_ino) \(info.st_size) \(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec)\n"
+    }
 
     var exists: Bool { access(directory + "/state", F_OK) == 0 }
 
@@ -59,6 +75,12 @@ struct BootTemplate {
         }
         let partial = directory + ".partial-" + (try SnapshotID.random()).description
         _ = try machine.snapshotBlocking(to: partial)
+        do {
+            try OwnedFileDescriptor.writeSmallFileAtomically(partial + "/inputs", Array(inputs.utf8))
+        } catch {
+            try? MachineDirectory.removeTree(partial)
+            throw error
+        }
         if rename(partial, directory) != 0 {
             let error = currentErrno
             try? MachineDirectory.removeTree(partial)
@@ -66,6 +88,20 @@ struct BootTemplate {
             guard error.rawValue == ENOTEMPTY || error.rawValue == EEXIST else {
                 throw SwiftletError.system("cannot put the boot template in \(directory)", errno: error)
             }
+        }
+        Self.removeStale()
+    }
+
+    /// Deletes the templates made from files that have since been replaced (a rebuilt kernel,
+    /// agent or swiftlet): no run restores them again. Templates being saved are left alone.
+    static func removeStale() {
+        for (name, isDirectory) in OwnedFileDescriptor.directoryEntries(root) ?? [] where isDirectory && !name.contains(".") {
+            let template = BootTemplate(directory: root + "/" + name)
+            guard let recorded = try? OwnedFileDescriptor.readSmallTextFile(template.directory + "/inputs") else { continue }
+            let current = recorded.split(separator: "\n").map { line in
+                fileLine(String(line.split(separator: " ").dropLast(4).joined(separator: " ")))
+            }.joined()
+            if current != recorded { template.remove() }
         }
     }
 

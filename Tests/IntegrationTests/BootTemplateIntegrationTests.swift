@@ -106,6 +106,27 @@ struct BootTemplateIntegrationTests {
         #expect(templates.count == 1, "the damaged template went, nothing half-written stayed: \(templates)")
     }
 
+    @Test func aTemplateOfAReplacedKernelIsDeletedWhenTheNextIsSaved() throws {
+        let kernel = Subprocess.run([swiftlet, "kernel", "path"]).stdout.trimmingWhitespace
+        let copy = home.path + "/vmlinux"
+        #expect(Subprocess.run(["/bin/cp", kernel, copy]).status == 0)
+        expectProbe(run(["--kernel", copy] + Self.probe))
+        expectProbe(run(Self.probe))
+        let before = templates
+        #expect(before.count == 2, "one per kernel")
+
+        // The copied kernel is rebuilt (here: rewritten in place): its template can never be
+        // restored again, and goes when the new kernel's is saved. The other kernel's stays.
+        #expect(Subprocess.run(["/bin/sh", "-c", "cat \"$0\" > \"$0.new\" && mv \"$0.new\" \"$0\"", copy]).status == 0)
+        let rebuilt = run(["--kernel", copy] + Self.probe)
+        expectProbe(rebuilt)
+        #expect(phases(rebuilt).contains("template"))
+        let after = templates
+        #expect(after.count == 2, "\(before) → \(after)")
+        #expect(Set(after).intersection(before).count == 1, "the default kernel's template stays, the replaced one's went")
+        #expect(phases(run(["--kernel", copy] + Self.probe)).contains("snapshot"))
+    }
+
     @Test func concurrentFirstRunsLeaveOneTemplate() throws {
         let results = Mutex<[Subprocess]>([])
         var threads: [OSThread] = []
