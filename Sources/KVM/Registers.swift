@@ -1,3 +1,4 @@
+import SwiftletSystem
 import CLinux
 
 /// General-purpose registers of an x86_64 vCPU (KVM_GET_REGS).
@@ -161,7 +162,7 @@ public struct FPUState: Codable, Sendable, Equatable {
     /// SSE control/status; 0x1F80 at reset.
     public var mxcsr: UInt32 = 0x1F80
     /// The eight x87 registers then the sixteen XMM registers, 16 bytes each.
-    public var registers: [UInt8] = Array(repeating: 0, count: 24 * 16)
+    @HexBytes public var registers: [UInt8] = Array(repeating: 0, count: 24 * 16)
 
     public init() {}
 

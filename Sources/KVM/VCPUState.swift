@@ -8,16 +8,16 @@ public struct VCPUState: Codable, Sendable, Equatable {
     public var specialRegisters: SpecialRegisters
     public var fpu: FPUState
     /// `struct kvm_xsave` (the full XSAVE area: x87, SSE, AVX, ...), when the host supports XSAVE.
-    public var xsave: [UInt8]?
+    @OptionalHexBytes public var xsave: [UInt8]?
     /// `struct kvm_xcrs` (XCR0), when the host supports it.
-    public var xcrs: [UInt8]?
+    @OptionalHexBytes public var xcrs: [UInt8]?
     public var msrs: [MSREntry]
-    public var localAPIC: [UInt8]
+    @HexBytes public var localAPIC: [UInt8]
     public var mpState: MPState
     /// `struct kvm_vcpu_events`: pending exceptions, interrupts, NMIs, SMM state.
-    public var events: [UInt8]
+    @HexBytes public var events: [UInt8]
     /// `struct kvm_debugregs`.
-    public var debugRegisters: [UInt8]
+    @HexBytes public var debugRegisters: [UInt8]
 }
 
 extension VCPU {

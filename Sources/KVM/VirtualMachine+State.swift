@@ -6,9 +6,9 @@ import SwiftletSystem
 /// The byte arrays are KVM's own structs, which are part of its stable ABI on one architecture.
 public struct VMState: Codable, Sendable, Equatable {
     /// `struct kvm_irqchip` for the master PIC, the slave PIC and the IOAPIC (chip ids 0, 1, 2).
-    public var interruptControllers: [[UInt8]]
+    @HexByteList public var interruptControllers: [[UInt8]]
     /// `struct kvm_pit_state2`, when the VM has an in-kernel PIT.
-    public var pit: [UInt8]?
+    @OptionalHexBytes public var pit: [UInt8]?
     /// The guest's kvmclock (ns) when saved, and the host's CLOCK_REALTIME (ns) at that moment
     /// when KVM reports it (`KVM_CLOCK_REALTIME`), so a restore can account for the time in between.
     public var clock: UInt64

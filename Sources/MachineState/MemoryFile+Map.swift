@@ -19,14 +19,32 @@ extension MemoryFile {
         guard base.kind == .full else {
             throw SwiftletError(.invalidFormat, "\(first) is a diff; a restore starts from a full snapshot")
         }
-        var specs: [GuestMemory.RegionSpec] = []
+        // Pages the guest never wrote are holes in the file. Mapping them from the file would make
+        // each first touch a page-cache fault plus a copy; anonymous memory is cheaper to fault in
+        // and can use transparent huge pages. So guest memory is anonymous, with the file mapped
+        // over every 2 MiB chunk that holds data.
+        let memory = try GuestMemory(base.regions.map { GuestMemory.RegionSpec(start: $0.start, size: $0.size) })
+        // A filesystem that cannot tell its holes: map all of it.
+        let data = (try? opened.descriptor.dataRanges(size: base.fileBytes)) ?? [0..<base.fileBytes]
         var offset = base.dataOffset
+        var runs: [(address: GuestAddress, offset: UInt64, length: UInt64)] = []
         for region in base.regions {
-            specs.append(.init(start: region.start, size: region.size, backing: .file(descriptor: opened.descriptor.rawValue, offset: offset, shared: false)))
+            for run in mappedRuns(data: data, regionOffset: offset, regionSize: region.size) {
+                runs.append((GuestAddress(region.start.rawValue + run.lowerBound), offset + run.lowerBound, UInt64(run.count)))
+            }
             offset += region.size
         }
+        if runs.count > Self.maximumMappedRuns {
+            offset = base.dataOffset
+            runs = base.regions.map { region in
+                defer { offset += region.size }
+                return (region.start, offset, region.size)
+            }
+        }
         // The mappings keep the file's pages reachable after its descriptor closes.
-        let memory = try GuestMemory(specs)
+        for run in runs {
+            try memory.mapFile(opened.descriptor.rawValue, offset: run.offset, over: run.address, length: run.length)
+        }
         var previous = base
         for path in chain.dropFirst() {
             let diffFile = try open(path)
@@ -44,6 +62,24 @@ extension MemoryFile {
             throw SwiftletError(.invalidFormat, "the memory files belong to snapshot \(previous.id), not \(id): the state and memory files do not match")
         }
         return memory
+    }
+
+    /// Granularity of the file mappings of a full memory file: a transparent huge page.
+    static let mappedChunk: UInt64 = 2 << 20
+
+    /// The parts of a region (offsets from its start; it is `regionSize` bytes at `regionOffset`
+    /// in the file) to map from the file: every `mappedChunk` that holds any of `data` (the file's
+    /// data ranges, sorted), merged into runs. The rest of the region is holes.
+    static func mappedRuns(data: [Range<UInt64>], regionOffset: UInt64, regionSize: UInt64) -> [Range<UInt64>] {
+        var runs: [Range<UInt64>] = []
+        for range in data {
+            let start = max(range.lowerBound, regionOffset), end = min(range.upperBound, regionOffset + regionSize)
+            guard start < end else { continue }
+            let first = (start - regionOffset) / mappedChunk * mappedChunk
+            let last = min(regionSize, (end - regionOffset + mappedChunk - 1) / mappedChunk * mappedChunk)
+            runs.appendMerging(first..<last)
+        }
+        return runs
     }
 
     /// Puts this diff's pages over `memory`.

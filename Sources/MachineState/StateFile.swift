@@ -8,7 +8,7 @@ import SwiftletSystem
 /// refuses every version but its own rather than guess.
 public enum StateFile {
     public static let magic: [UInt8] = Array("SWLTSNAP".utf8)
-    public static let version: UInt32 = 1
+    public static let version: UInt32 = 2
     public static let headerSize = 64
 
     /// The header and payload for `value`.

@@ -38,11 +38,13 @@ struct Sample: Codable, Equatable {
         #expect { try StateFile.decode(Sample.self, from: Array(bytes.dropLast(5)), path: "s") } throws: {
             ($0 as! SwiftletError).message.contains("truncated")
         }
-        var future = bytes
-        future[8] = 2
-        #expect { try StateFile.decode(Sample.self, from: future, path: "s") } throws: {
-            let e = $0 as! SwiftletError
-            return e.code == .unsupported && e.message.contains("version 2") && e.message.contains("reads version 1")
+        for version: UInt8 in [1, 3] { // the previous format (byte arrays as numbers) and a future one
+            var other = bytes
+            other[8] = version
+            #expect { try StateFile.decode(Sample.self, from: other, path: "s") } throws: {
+                let e = $0 as! SwiftletError
+                return e.code == .unsupported && e.message.contains("version \(version)") && e.message.contains("reads version 2")
+            }
         }
         #expect { try StateFile.decode(Sample.self, from: Array("hello".utf8), path: "notes.txt") } throws: {
             ($0 as! SwiftletError).message == "notes.txt is not a Swiftlet snapshot state file"
@@ -129,6 +131,51 @@ struct Sample: Codable, Equatable {
         _ = try MemoryFile.write(memory, to: dir.path + "/diff", id: next, diffFrom: base, dirty: dirty)
         let restored = try MemoryFile.map(chain: [dir.path + "/full", dir.path + "/diff"], id: next)
         #expect(try contents(restored) == contents(memory))
+    }
+
+    @Test func holesAreAnonymousMemoryAndOnlyChunksWithDataMapTheFile() throws {
+        let dir = TemporaryDirectory()
+        let memory = try GuestMemory(anonymous: [(GuestAddress(0), 16 << 20)])
+        // Data in the third 2 MiB chunk only: its last two pages.
+        try memory.write([UInt8](repeating: 0x5A, count: 8192), at: GuestAddress((6 << 20) - 8192))
+        let id = try SnapshotID.random()
+        let path = dir.path + "/memory"
+        _ = try MemoryFile.write(memory, to: path, id: id)
+        let restored = try MemoryFile.map(chain: [path], id: id)
+        #expect(try contents(restored) == contents(memory))
+
+        // Only that chunk maps the file; the other 14 MiB are anonymous.
+        let maps = try OwnedFileDescriptor.readSmallTextFile("/proc/self/maps")
+        let base = UInt64(UInt(bitPattern: restored.regions[0].hostAddress))
+        let fileMappings = maps.split(separator: "\n").filter { $0.hasSuffix(path) }.compactMap { line -> (UInt64, UInt64)? in
+            let bounds = line.split(separator: " ")[0].split(separator: "-").compactMap { UInt64($0, radix: 16) }
+            return bounds.count == 2 && bounds[0] >= base && bounds[1] <= base + (16 << 20) ? (bounds[0] - base, bounds[1] - bounds[0]) : nil
+        }
+        #expect(fileMappings.count == 1 && fileMappings.first! == (4 << 20, 2 << 20), "\(fileMappings)")
+
+        // Both kinds take writes privately: the file keeps the snapshot.
+        try restored.write(UInt64(0x1122_3344), at: GuestAddress(1 << 20))
+        try restored.write(UInt64(0x5566_7788), at: GuestAddress((6 << 20) - 8))
+        #expect(try restored.read(UInt64.self, at: GuestAddress(1 << 20)) == 0x1122_3344)
+        let again = try MemoryFile.map(chain: [path], id: id)
+        #expect(try again.read(UInt64.self, at: GuestAddress(1 << 20)) == 0)
+        #expect(try again.read(UInt64.self, at: GuestAddress((6 << 20) - 8)) == 0x5A5A_5A5A_5A5A_5A5A)
+    }
+
+    @Test func mappedRunsCoverEveryChunkWithDataAndNothingElse() {
+        let mib: UInt64 = 1 << 20
+        // A region of 9 MiB at file offset 4096 (after the header page); data ranges are file offsets.
+        let header: UInt64 = 4096
+        func runs(_ data: [Range<UInt64>]) -> [Range<UInt64>] {
+            MemoryFile.mappedRuns(data: data, regionOffset: header, regionSize: 9 * mib)
+        }
+        #expect(runs([]) == [])
+        #expect(runs([0..<header]) == [], "the header is not guest memory")
+        #expect(runs([header..<header + 4096]) == [0..<2 * mib])
+        #expect(runs([header + 2 * mib - 1..<header + 2 * mib + 1]) == [0..<4 * mib], "a range across a boundary maps both chunks")
+        #expect(runs([header + mib..<header + mib + 1, header + 3 * mib..<header + 3 * mib + 1]) == [0..<4 * mib], "adjacent chunks merge")
+        #expect(runs([header + mib..<header + mib + 1, header + 7 * mib..<header + 7 * mib + 1]) == [0..<2 * mib, 6 * mib..<8 * mib])
+        #expect(runs([header + 8 * mib + 4096..<header + 20 * mib]) == [8 * mib..<9 * mib], "the last chunk stops at the region's end")
     }
 
     @Test func truncatedForeignAndExistingFilesAreRefused() throws {
