@@ -3,9 +3,13 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
+#include <pthread.h>
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
+#include <sys/syscall.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/vfs.h>
@@ -45,8 +49,6 @@ int guest_set_window_size(int fd, unsigned short rows, unsigned short columns) {
     return ioctl(fd, TIOCSWINSZ, &size);
 }
 
-int guest_set_controlling_terminal(int fd) { return ioctl(fd, TIOCSCTTY, 0); }
-
 int guest_vsock_connect(unsigned int cid, unsigned int port) {
     int s = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (s < 0) return -1;
@@ -72,14 +74,66 @@ int guest_block_signal(int signo) {
     return sigprocmask(SIG_BLOCK, &mask, NULL);
 }
 
-void guest_reset_signals(void) {
-    for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+int guest_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+// Makes `fd` the child's descriptor `target`, open across exec. dup2 onto itself would keep the
+// close-on-exec flag, so that case clears it instead.
+static int spawn_place(int fd, int target) {
+    if (fd == target) return fcntl(fd, F_SETFD, 0);
+    return dup2(fd, target) < 0 ? -1 : 0;
+}
+
+// The child of guest_spawn. It shares the parent's memory (the parent waits, suspended), so it
+// only makes system calls and writes its result into the request.
+static int spawn_child(void *argument) {
+    struct guest_spawn_request *r = argument;
+    // The parent's handlers are the parent's code: the program starts with default dispositions,
+    // and only then with an empty mask (guest_spawn blocked every signal around the clone). The
+    // system call, not sigaction(3): glibc refuses the real-time signals it keeps for itself,
+    // which a parent may still have ignored.
+    struct { void (*handler)(int); unsigned long flags; void (*restorer)(void); unsigned long mask; } action = { SIG_DFL, 0, NULL, 0 };
+    for (int s = 1; s < NSIG; s++) {
+        if (s != SIGKILL && s != SIGSTOP) syscall(SYS_rt_sigaction, s, &action, NULL, sizeof action.mask);
+    }
+    setsid();
+    int placed = 0;
+    if (r->terminal) placed = ioctl(r->input, TIOCSCTTY, 0);
+    if (placed == 0) placed = spawn_place(r->input, 0);
+    if (placed == 0) placed = spawn_place(r->output, 1);
+    if (placed == 0) placed = spawn_place(r->error, 2);
+    if (placed != 0) { r->failed_errno = errno; r->failed_step = GUEST_SPAWN_EXEC; _exit(127); }
+    // Only the three streams go on: not the agent's connection, nor anything it inherited.
+    close_range(3, ~0U, 0);
+    if (chdir(r->directory) != 0) { r->failed_errno = errno; r->failed_step = GUEST_SPAWN_DIRECTORY; _exit(127); }
+    if (r->change_identity && (setgroups(1, &r->gid) != 0 || setgid(r->gid) != 0 || setuid(r->uid) != 0)) {
+        r->failed_errno = errno; r->failed_step = GUEST_SPAWN_IDENTITY; _exit(127);
+    }
     sigset_t empty;
     sigemptyset(&empty);
     sigprocmask(SIG_SETMASK, &empty, NULL);
+    execve(r->path, r->arguments, r->environment);
+    r->failed_errno = errno;
+    r->failed_step = GUEST_SPAWN_EXEC;
+    _exit(127);
 }
 
-int guest_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+// The child's stack while it runs before exec: the parent is suspended meanwhile, so one serves
+// every spawn of a single-threaded caller (the agent), and its pages stay warm.
+static char spawn_stack[64 << 10] __attribute__((aligned(16)));
+
+pid_t guest_spawn(struct guest_spawn_request *request) {
+    request->failed_errno = 0;
+    request->failed_step = 0;
+    // No signal handler may run in the child while it shares the parent's memory and handlers.
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    pid_t pid = clone(spawn_child, spawn_stack + sizeof spawn_stack, CLONE_VM | CLONE_VFORK | SIGCHLD, request);
+    int saved = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    errno = saved;
+    return pid;
+}
 
 int guest_power_off(void) { return reboot(RB_POWER_OFF); }
 

@@ -31,7 +31,8 @@ enum Spawn {
         case .failure(let failure): return .failure(failure)
         }
 
-        // Everything the child needs is prepared before fork: after it, only system calls.
+        // Everything the child needs is prepared here: it shares this process's memory until it
+        // has exec'd (guest_spawn), and only makes system calls.
         var streams: (input: [Int32], output: [Int32], error: [Int32]) = ([-1, -1], [-1, -1], [-1, -1])
         var controller: Int32 = -1, terminal: Int32 = -1
         if request.terminal {
@@ -43,54 +44,54 @@ enum Spawn {
                 return .failure(SpawnFailure(status: 126, message: "cannot create pipes"))
             }
         }
-        var report: [Int32] = [-1, -1] // the child writes errno here if exec fails
-        guest_pipe(&report)
         let argv = request.arguments.map { strdup($0) } + [nil]
         let envp = environment.map { strdup($0) } + [nil]
-        let programC = strdup(program)!, directoryC = strdup(request.workingDirectory.isEmpty ? "/" : request.workingDirectory)!
-        var groups: [gid_t] = [identity.gid]
-        let changeIdentity = !request.user.isEmpty
+        let programC = strdup(program)!
+        let directory = request.workingDirectory.isEmpty ? "/" : request.workingDirectory
+        let directoryC = strdup(directory)!
         defer {
             for p in argv { free(p) }
             for p in envp { free(p) }
             free(programC); free(directoryC)
         }
-
-        let pid = fork()
-        if pid == 0 {
-            guest_reset_signals()
-            setsid()
-            if request.terminal {
-                guest_set_controlling_terminal(terminal)
-                dup2(terminal, 0); dup2(terminal, 1); dup2(terminal, 2)
-            } else {
-                dup2(streams.input[0], 0); dup2(streams.output[1], 1); dup2(streams.error[1], 2)
+        var spawn = guest_spawn_request()
+        spawn.path = UnsafePointer(programC)
+        spawn.directory = UnsafePointer(directoryC)
+        (spawn.input, spawn.output, spawn.error) = request.terminal ? (terminal, terminal, terminal)
+                                                                    : (streams.input[0], streams.output[1], streams.error[1])
+        spawn.terminal = request.terminal ? 1 : 0
+        spawn.change_identity = request.user.isEmpty ? 0 : 1
+        spawn.uid = identity.uid
+        spawn.gid = identity.gid
+        let pid = argv.withUnsafeBufferPointer { a in
+            envp.withUnsafeBufferPointer { e in
+                spawn.arguments = a.baseAddress
+                spawn.environment = e.baseAddress
+                return guest_spawn(&spawn)
             }
-            var failure: Int32 = 0
-            if chdir(directoryC) != 0 { failure = errno }
-            if failure == 0 && changeIdentity && (setgroups(1, &groups) != 0 || setgid(identity.gid) != 0 || setuid(identity.uid) != 0) { failure = errno }
-            if failure == 0 {
-                argv.withUnsafeBufferPointer { a in envp.withUnsafeBufferPointer { e in _ = execve(programC, a.baseAddress!, e.baseAddress!) } }
-                failure = errno
-            }
-            _ = write(report[1], &failure, 4)
-            _exit(127)
         }
-        close(report[1])
+        let spawnErrno = errno
         if request.terminal { close(terminal) } else { close(streams.input[0]); close(streams.output[1]); close(streams.error[1]) }
-        guard pid > 0 else {
-            close(report[0])
-            return .failure(SpawnFailure(status: 126, message: "cannot fork: \(String(cString: strerror(errno)))"))
+        func closeHostEnds() {
+            if request.terminal { close(controller) } else { close(streams.input[1]); close(streams.output[0]); close(streams.error[0]) }
         }
-        var childErrno: Int32 = 0
-        let n = read(report[0], &childErrno, 4)
-        close(report[0])
-        if n == 4 {
+        guard pid > 0 else {
+            closeHostEnds()
+            return .failure(SpawnFailure(status: 126, message: "cannot start \(name): \(String(cString: strerror(spawnErrno)))"))
+        }
+        if spawn.failed_step != 0 {
             var status: Int32 = 0
             waitpid(pid, &status, 0)
-            if request.terminal { close(controller) } else { close(streams.input[1]); close(streams.output[0]); close(streams.error[0]) }
-            let why = String(cString: strerror(childErrno))
-            return .failure(SpawnFailure(status: childErrno == ENOENT ? 127 : 126, message: "\(name): \(why)"))
+            closeHostEnds()
+            let why = String(cString: strerror(spawn.failed_errno))
+            switch spawn.failed_step {
+            case Int32(GUEST_SPAWN_DIRECTORY):
+                return .failure(SpawnFailure(status: 126, message: "cannot change to the working directory \(directory): \(why)"))
+            case Int32(GUEST_SPAWN_IDENTITY):
+                return .failure(SpawnFailure(status: 126, message: "cannot run as user \(request.user): \(why)"))
+            default:
+                return .failure(SpawnFailure(status: spawn.failed_errno == ENOENT ? 127 : 126, message: "\(name): \(why)"))
+            }
         }
         if request.terminal {
             setNonBlocking(controller)

@@ -185,6 +185,30 @@ struct AgentTests {
             let badUser = try run(session, ExecRequest(arguments: ["true"], user: "no-such-user"))
             #expect(badUser.outcome.status == 126)
             #expect(badUser.outcome.failure?.contains("unable to find user no-such-user") == true)
+            let noDirectory = try run(session, ExecRequest(arguments: ["true"], workingDirectory: dir.path + "/no-such-directory"))
+            #expect(noDirectory.outcome.status == 126)
+            #expect(noDirectory.outcome.failure?.contains("cannot change to the working directory \(dir.path)/no-such-directory") == true,
+                    "\(String(describing: noDirectory.outcome.failure))")
+            // The agent still serves after each refusal.
+            #expect(try run(session, ExecRequest(arguments: ["sh", "-c", "echo ok"])).stdout == Array("ok\n".utf8))
+        }
+    }
+
+    /// A command starts as its own session's leader, with default signal dispositions and nothing
+    /// blocked (the agent ignores SIGPIPE and blocks SIGCHLD for itself), and only its three streams open.
+    @Test func aCommandStartsCleanInASessionOfItsOwn() throws {
+        try withAgent { session in
+            let r = try run(session, ExecRequest(arguments: ["sh", "-c", "cat /proc/self/status; echo stat $(cat /proc/$$/stat); echo fds; ls /proc/$$/fd"]))
+            #expect(r.outcome.status == 0, "\(String(decoding: r.stderr, as: UTF8.self))")
+            let lines = String(decoding: r.stdout, as: UTF8.self).split(separator: "\n")
+            #expect(lines.contains("SigBlk:\t0000000000000000"), "\(lines)")
+            #expect(lines.contains("SigIgn:\t0000000000000000"), "\(lines)")
+            // /proc/PID/stat: pid (comm) state ppid pgrp session ...
+            let stat = try #require(lines.first { $0.hasPrefix("stat ") }).split(separator: " ")
+            #expect(stat.count > 6 && stat[1] == stat[5] && stat[1] == stat[6], "\(stat)")
+            // Nothing of the agent's (its connection, signalfd, other commands' pipes) is inherited.
+            let fds = lines.drop { $0 != "fds" }.dropFirst()
+            #expect(Array(fds) == ["0", "1", "2"], "\(fds)")
         }
     }
 

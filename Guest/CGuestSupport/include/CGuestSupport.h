@@ -2,6 +2,7 @@
 #pragma once
 #include <signal.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 /// A signalfd(2) for `signo` (the signal must be blocked); -1 on error.
 int guest_signalfd(int signo);
@@ -11,16 +12,40 @@ int guest_read_signal(int fd);
 int guest_open_pty(int *controller, int *terminal, unsigned short rows, unsigned short columns);
 /// Sets a terminal's window size.
 int guest_set_window_size(int fd, unsigned short rows, unsigned short columns);
-/// Makes `fd` the calling process's controlling terminal (after setsid).
-int guest_set_controlling_terminal(int fd);
 /// Connects a stream socket to vsock `cid`:`port`; returns the descriptor or -1.
 int guest_vsock_connect(unsigned int cid, unsigned int port);
 /// Connects a stream socket to a Unix socket path (for running the agent as an ordinary process).
 int guest_unix_connect(const char *path);
 /// Blocks every signal in the calling thread except those in none; returns 0 on success.
 int guest_block_signal(int signo);
-/// Restores the default disposition and an empty mask (in a child, before exec).
-void guest_reset_signals(void);
+/// A program to start in a session of its own (`guest_spawn`).
+struct guest_spawn_request {
+    const char *path;
+    char *const *arguments;   // NULL-terminated
+    char *const *environment; // NULL-terminated
+    const char *directory;
+    /// Become its standard input, output and error.
+    int input, output, error;
+    /// Nonzero: `input` is a terminal that becomes the controlling terminal.
+    int terminal;
+    /// Nonzero: run as `uid`:`gid` with `gid` as the only supplementary group.
+    int change_identity;
+    uid_t uid;
+    gid_t gid;
+    /// Out: 0 when the program runs; else the errno of the step that failed, and which.
+    int failed_errno;
+    int failed_step;
+};
+
+enum { GUEST_SPAWN_DIRECTORY = 1, GUEST_SPAWN_IDENTITY = 2, GUEST_SPAWN_EXEC = 3 };
+
+/// Starts `request->path` in a new session without copying the caller's address space (clone
+/// with CLONE_VM | CLONE_VFORK, as posix_spawn does; the caller is suspended until the child has
+/// exec'd or failed). Returns the child's pid; when a step failed, `failed_errno` and
+/// `failed_step` say which and the child has exited with status 127 (reap it). -1 and errno when
+/// no process could be made. Not for concurrent use by several threads (one child stack).
+pid_t guest_spawn(struct guest_spawn_request *request);
+
 /// pipe2(2) with O_CLOEXEC; 0 on success.
 int guest_pipe(int fds[2]);
 /// Powers the machine off (reboot(2) with RB_POWER_OFF).
