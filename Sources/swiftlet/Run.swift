@@ -124,7 +124,8 @@ struct Run: ParsableCommand {
     }
 
     func runOnce(signals: Int32, templates: TemplateUse) throws {
-        var marks: [(String, UInt64)] = []
+        // Process start, the runtime and the arguments: what is left is the library's work.
+        var marks: [(String, UInt64)] = [("process", MonotonicClock.now)]
         let consoleLog = console ? nil : ConsoleLog()
         let port = try InProcessPort(port: Self.agentPort)
         let (vm, defaultRequest, pendingRoot) = try exitingOnSetupFailure { () throws(SwiftletError) in
@@ -235,7 +236,7 @@ struct Run: ParsableCommand {
         marks.append(("command", MonotonicClock.now))
         if let failure = outcome.failure { printError(failure) }
         if timing {
-            if case .success(let report)? = machineThread.stop() { marks.insert(("vm", report.firstRun), at: 1) }
+            if case .success(let report)? = machineThread.stop() { marks.insert(("vm", report.firstRun), at: 2) }
             marks.append(("teardown", MonotonicClock.now))
             let line = marks.map { "\($0.0)=\(format(MonotonicClock.milliseconds(from: MonotonicClock.processStart, to: $0.1), digits: 2))" }
             printError("timing " + line.joined(separator: " "))

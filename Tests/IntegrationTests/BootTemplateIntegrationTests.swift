@@ -42,7 +42,7 @@ struct BootTemplateIntegrationTests {
     @Test func theFirstRunSavesTheBootAndLaterRunsRestoreIt() {
         let first = run(Self.probe)
         expectProbe(first)
-        #expect(phases(first) == ["image", "vm", "connected", "ready", "template", "root", "command", "teardown"])
+        #expect(phases(first) == ["process", "image", "vm", "connected", "ready", "template", "root", "command", "teardown"])
         #expect(templates.count == 1)
         guard let saved = templates.first else { return }
         #expect(access(home.path + "/templates/\(saved)/memory", R_OK) == 0)
@@ -50,7 +50,7 @@ struct BootTemplateIntegrationTests {
         for _ in 0..<2 {
             let again = run(Self.probe)
             expectProbe(again)
-            #expect(phases(again) == ["snapshot", "vm", "connected", "ready", "root", "command", "teardown"], "restored, not booted")
+            #expect(phases(again) == ["process", "snapshot", "vm", "connected", "ready", "root", "command", "teardown"], "restored, not booted")
         }
         #expect(templates == [saved], "restores leave the template as it was")
 

@@ -69,7 +69,7 @@ func runBenchmark() {
         }
     }
     let s50 = percentile(swiftletRuns.map(\.exitMs), 50), c50 = percentile(coldRuns.map(\.exitMs), 50), q50 = percentile(qemuRuns.map(\.exitMs), 50)
-    let order = ["image", "snapshot", "vm", "connected", "ready", "template", "root", "command", "teardown"]
+    let order = ["process", "image", "snapshot", "vm", "connected", "ready", "template", "root", "command", "teardown"]
     func phaseJSON(_ phases: [String: [Double]]) -> String {
         order.filter { phases[$0] != nil }.map { "\"\($0)\": \(stats(phases[$0]!))" }.joined(separator: ",\n        ")
     }
