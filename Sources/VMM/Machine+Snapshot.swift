@@ -223,6 +223,9 @@ extension Machine {
                 continue
             }
             let source = disk.file.map { plan.directory + "/" + $0 } ?? disk.path
+            if disk.file == nil && access(source, F_OK) != 0 && errno == ENOENT {
+                throw SwiftletError(.notFound, "the disk \(source) that the snapshot in \(directory) was taken with is gone (an image layer removed from the image store? Pulling the image again brings it back at the same path)")
+            }
             let size = try OwnedFileDescriptor.open(source, flags: O_RDONLY, what: "disk").size()
             guard size == disk.size else {
                 throw SwiftletError(.invalidFormat, disk.file == nil

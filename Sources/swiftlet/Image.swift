@@ -78,7 +78,9 @@ struct Image: ParsableCommand {
     }
 
     struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "rm", abstract: "Remove images, and whatever no other image uses.")
+        static let configuration = CommandConfiguration(
+            commandName: "rm", abstract: "Remove images, and whatever no other image or machine uses.",
+            discussion: "Layer disks that a machine (`swiftlet machine`) boots from stay until the last such machine is removed; `image prune` then deletes them.")
 
         @Argument(help: "Image names or digests.")
         var images: [String]
@@ -87,7 +89,7 @@ struct Image: ParsableCommand {
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
                 for image in images {
-                    let freed = try store.remove(image)
+                    let freed = try store.remove(image, keepingDisks: MachineDirectory.layerDisksInUse())
                     print("removed \(image) (\(ImagePuller.formatSize(freed)) freed)")
                 }
             }
@@ -96,12 +98,12 @@ struct Image: ParsableCommand {
 
     struct Prune: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Delete unnamed images, and blobs, disks and unfinished downloads no image uses, and the boot templates (`run` saves them again when needed).")
+            abstract: "Delete unnamed images, and blobs, disks and unfinished downloads no image or machine uses, and the boot templates (`run` saves them again when needed).")
 
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
-                let freed = try store.prune(unnamedImages: true) + BootTemplate.removeAll()
+                let freed = try store.prune(unnamedImages: true, keepingDisks: MachineDirectory.layerDisksInUse()) + BootTemplate.removeAll()
                 print("\(ImagePuller.formatSize(freed)) freed")
             }
         }

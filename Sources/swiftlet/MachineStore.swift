@@ -114,6 +114,12 @@ struct MachineDirectory {
         }
     }
 
+    /// The image layer disks the machines boot from (their records' `layers`): `image rm` and
+    /// `image prune` keep them. A machine whose record cannot be read is skipped (it cannot start either).
+    static func layerDisksInUse() -> Set<String> {
+        Set(all().flatMap { (try? $0.record().layers) ?? [] })
+    }
+
     /// Every machine, by name.
     static func all() -> [MachineDirectory] {
         let names = (OwnedFileDescriptor.directoryEntries(root) ?? []).map(\.name)

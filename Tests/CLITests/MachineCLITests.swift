@@ -162,4 +162,29 @@ import TestSupport
         #expect(run(["rm", "clone-2"]).status == 0)
         #expect(access(base, F_OK) != 0)
     }
+
+    /// `image rm` and `image prune` keep the layer disks a machine boots from: the machine still
+    /// has its root, and the disks go with a prune once the last machine using them is removed.
+    @Test(.enabled(if: TestImages.directory != nil, "scripts/build-test-images could not build the test images"))
+    func imageRemovalKeepsTheDisksMachinesUse() throws {
+        let layout = TestImages.path("layout")
+        let made = run(["create", "--name", "app", "--image", layout, "--disk-size", "64"])
+        #expect(made.status == 0, "\(made.stderr)")
+        let record = try OwnedFileDescriptor.readSmallTextFile(machineDirectory("app") + "/machine.json")
+        let disks = Subprocess.run(["/bin/ls", home.path + "/disks/sha256"]).stdout.split(separator: "\n").map { home.path + "/disks/sha256/" + $0 }
+        #expect(disks.count == 2 && disks.allSatisfy { record.contains($0.split(separator: "/").last!) }, "\(disks) \(record)")
+        func image(_ arguments: [String]) -> Subprocess {
+            Subprocess.run([swiftlet, "image"] + arguments, environment: ["SWIFTLET_HOME": home.path], timeout: 60)
+        }
+        // An OCI layout comes in unnamed: removed by its manifest digest.
+        let listed = image(["ls", "--json"]).stdout
+        let manifest = try #require(listed.split(separator: "\"").drop { $0 != "manifest" }.dropFirst(2).first, "\(listed)")
+        let removed = image(["rm", String(manifest)])
+        #expect(removed.status == 0 && image(["ls", "--json"]).stdout.contains(String(manifest)) == false, "\(removed.stderr)")
+        #expect(image(["prune"]).status == 0)
+        #expect(disks.allSatisfy { access($0, R_OK) == 0 }, "the machine's layer disks stay")
+        #expect(run(["rm", "app"]).status == 0)
+        #expect(image(["prune"]).status == 0)
+        #expect(disks.allSatisfy { access($0, F_OK) != 0 }, "no machine uses them any more")
+    }
 }

@@ -67,6 +67,27 @@ struct ImageStoreTests {
         #expect(try store.images().isEmpty)
     }
 
+    /// Disks a machine still boots from outlive their image: `remove` and `prune` keep the ones
+    /// named in `keepingDisks`, however their path is spelled, and a later prune without them deletes them.
+    @Test func disksInUseOutsideTheStoreAreKeptUntilReleased() async throws {
+        let store = try store()
+        let image = try await pull(OCILayoutSource(directory: TestImages.path("layout")), into: store)
+        let disks = image.diffIDs.map { store.diskPath(diffID: $0) }
+        #expect(disks.count == 2)
+        let link = scratch.path + "/store-link"
+        #expect(symlink(home.path + "/store", link) == 0)
+        // The first disk by its own path, the second through a symbolic link and a doubled slash.
+        let spelled = [disks[0], link + "/disks//sha256/" + image.diffIDs[1].hex + ".erofs"]
+        try store.remove(image.manifest.hex, keepingDisks: Set(spelled + ["/not/in/the/store.erofs"]))
+        #expect(try store.images().isEmpty)
+        for digest in image.layers + [image.manifest, image.config] { #expect(!store.hasBlob(digest)) }
+        for diffID in image.diffIDs { #expect(store.hasDisk(diffID: diffID), "kept for the machine") }
+        try store.prune(keepingDisks: [disks[1]])
+        #expect(!store.hasDisk(diffID: image.diffIDs[0]) && store.hasDisk(diffID: image.diffIDs[1]))
+        try store.prune()
+        #expect(files("disks/sha256").isEmpty)
+    }
+
     @Test func aCorruptBlobIsRejectedAndNothingIsRecorded() async throws {
         #expect(sh(#"cp -r "$T/layout" "$D/l" && chmod -R u+w "$D/l" && for b in "$D"/l/blobs/sha256/*; do "#
                    + #"if [ $(stat -c %s "$b") -gt 100000 ]; then printf 'XXXX' | dd of="$b" bs=1 seek=50000 conv=notrunc 2>/dev/null; fi; done"#).status == 0)

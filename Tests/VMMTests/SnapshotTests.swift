@@ -292,6 +292,12 @@ struct CountingGuest {
         #expect { try Machine.restoring(from: snapshot) } throws: {
             ($0 as! SwiftletError).message.contains("but was 1048576 when the snapshot")
         }
+        // The disk is gone (an image layer removed from the store): said so, with the way back.
+        #expect(unlink(disk) == 0)
+        #expect { try Machine.restoring(from: snapshot) } throws: {
+            let message = ($0 as! SwiftletError).message
+            return message.contains("the disk \(disk) that the snapshot in") && message.contains("is gone")
+        }
 
         // A writable disk's contents at the snapshot are part of it; later writes are not.
         let content = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 / 4096 &+ $0) }

@@ -165,10 +165,11 @@ public final class ImageStore: @unchecked Sendable {
 
     // MARK: Removal
 
-    /// Forgets the named image, then deletes whatever no remaining image uses.
+    /// Forgets the named image, then deletes whatever no remaining image uses, except the layer
+    /// disks in `keepingDisks` (paths: disks that machines outside the store still boot from).
     /// Returns the number of bytes freed.
     @discardableResult
-    public func remove(_ text: String) throws(SwiftletError) -> Int64 {
+    public func remove(_ text: String, keepingDisks kept: Set<String> = []) throws(SwiftletError) -> Int64 {
         guard let image = try find(text) else {
             throw SwiftletError(.notFound, "no image \(text.debugDescription) in the image store (see `swiftlet image ls`)")
         }
@@ -176,24 +177,27 @@ public final class ImageStore: @unchecked Sendable {
             try updateIndex { images in
                 images.removeAll { $0.manifest == image.manifest && $0.name == image.name }
             }
-            return try collectGarbage()
+            return try collectGarbage(keepingDisks: kept)
         }
     }
 
     /// Deletes blobs, disks and temporary files that no image uses (and first the images that
-    /// have no name, with `unnamedImages`). Returns the bytes freed.
+    /// have no name, with `unnamedImages`), except the layer disks in `keepingDisks`. Returns the
+    /// bytes freed.
     @discardableResult
-    public func prune(unnamedImages: Bool = false) throws(SwiftletError) -> Int64 {
+    public func prune(unnamedImages: Bool = false, keepingDisks kept: Set<String> = []) throws(SwiftletError) -> Int64 {
         try exclusively { () throws(SwiftletError) -> Int64 in
             if unnamedImages { try updateIndex { images in images.removeAll { $0.name == nil } } }
-            return try collectGarbage()
+            return try collectGarbage(keepingDisks: kept)
         }
     }
 
-    /// With the store held exclusively: removes everything unreachable from the index.
-    private func collectGarbage() throws(SwiftletError) -> Int64 {
+    /// With the store held exclusively: removes everything unreachable from the index and not in
+    /// `kept` (disk paths; those outside this store's disk directory are ignored).
+    private func collectGarbage(keepingDisks kept: Set<String>) throws(SwiftletError) -> Int64 {
         let images = try images()
-        var blobs = Set<String>(), disks = Set<String>()
+        var blobs = Set<String>()
+        var disks = Set(kept.compactMap(storeDiskName))
         for image in images {
             for digest in [image.manifest, image.config] + image.layers { blobs.insert(digest.hex) }
             for group in Self.diskGroups(layerCount: image.diffIDs.count) {
@@ -205,6 +209,19 @@ public final class ImageStore: @unchecked Sendable {
         freed += try removeEntries(in: root + "/disks/sha256") { !disks.contains($0) }
         freed += try removeEntries(in: root + "/tmp") { _ in true }
         return freed
+    }
+
+    /// The name in `disks/sha256` of the disk at `path`, if it is one of this store's (however the
+    /// path spells the store's directory); nil otherwise or if it no longer exists.
+    private func storeDiskName(_ path: String) -> String? {
+        func real(_ p: String) -> String? {
+            guard let r = realpath(p, nil) else { return nil }
+            defer { free(r) }
+            return String(cString: r)
+        }
+        guard let disk = real(path), let directory = real(root + "/disks/sha256"), disk.hasPrefix(directory + "/") else { return nil }
+        let name = disk.dropFirst(directory.count + 1)
+        return name.contains("/") ? nil : String(name)
     }
 
     private func removeEntries(in directory: String, where shouldRemove: (String) -> Bool) throws(SwiftletError) -> Int64 {
