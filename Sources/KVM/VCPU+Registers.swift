@@ -91,6 +91,12 @@ extension VCPU {
         return try body(header, UnsafeMutableBufferPointer(start: entries, count: count))
     }
 
+    /// The guest's TSC frequency in kHz (KVM_GET_TSC_KHZ).
+    public func tscKHz() throws(SwiftletError) -> UInt64 {
+        let fd = descriptor.rawValue
+        return UInt64(try systemCall("KVM_GET_TSC_KHZ failed on vCPU \(id)") { swiftlet_ioctl_int(fd, SWIFTLET_KVM_GET_TSC_KHZ, 0) })
+    }
+
     public func mpState() throws(SwiftletError) -> MPState {
         let k = try get(kvm_mp_state.self, "KVM_GET_MP_STATE", SWIFTLET_KVM_GET_MP_STATE, initial: kvm_mp_state())
         return MPState(rawValue: k.mp_state) ?? .runnable

@@ -69,12 +69,24 @@ extension VCPU {
         return result
     }
 
+    /// The time-stamp counter MSR.
+    public static let tscMSR: UInt32 = 0x10
+
     /// Puts back a state saved by `saveState`. CPUID must already be set (KVM checks XSAVE and MSRs against it).
     ///
     /// The local APIC goes back before the MSRs: KVM drops a write of the TSC-deadline MSR unless
     /// the APIC's timer is already in TSC-deadline mode, and a guest idle until its next timer
     /// deadline would then never wake up.
-    public func restoreState(_ state: VCPUState) throws(SwiftletError) {
+    ///
+    /// `advancingTSCBy` nanoseconds moves the guest's time-stamp counter on by that long at its own
+    /// frequency: a restore that advances the guest's clock (`VirtualMachine.restoreState` with
+    /// `advanceClock`) must advance the TSC as far, or the two disagree. A TSC-deadline timer the
+    /// guest armed before the snapshot would then fire as late after the restore as it was due
+    /// after the snapshot, while the guest's clock says it is long overdue: until it fires, the
+    /// guest's timer code believes an earlier event is already programmed and arms nothing sooner
+    /// (a 100 µs sleep right after a restore took 640 ms). Advanced, the deadline is in the past
+    /// and fires at once, and the guest's timers catch up with its clock.
+    public func restoreState(_ state: VCPUState, advancingTSCBy nanoseconds: UInt64 = 0) throws(SwiftletError) {
         try setSpecialRegisters(state.specialRegisters)
         try setRegisters(state.registers)
         if let xcrs = state.xcrs { try setBlob(kvm_xcrs(), xcrs, "KVM_SET_XCRS", SWIFTLET_KVM_SET_XCRS) }
@@ -84,7 +96,14 @@ extension VCPU {
             try setFPU(state.fpu)
         }
         try setLocalAPIC(state.localAPIC)
-        try setMSRs(state.msrs)
+        var msrs = state.msrs
+        if nanoseconds > 0, let tsc = msrs.firstIndex(where: { $0.index == Self.tscMSR }) {
+            let khz = try tscKHz()
+            // kHz × ns / 10^6 = cycles; split so that hours of nanoseconds cannot overflow.
+            let cycles = khz * (nanoseconds / 1_000_000) + khz * (nanoseconds % 1_000_000) / 1_000_000
+            msrs[tsc].value &+= cycles
+        }
+        try setMSRs(msrs)
         try setBlob(kvm_debugregs(), state.debugRegisters, "KVM_SET_DEBUGREGS", SWIFTLET_KVM_SET_DEBUGREGS)
         try setMPState(state.mpState)
         try setBlob(kvm_vcpu_events(), state.events, "KVM_SET_VCPU_EVENTS", SWIFTLET_KVM_SET_VCPU_EVENTS)

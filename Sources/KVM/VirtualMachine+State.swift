@@ -50,6 +50,17 @@ extension VirtualMachine {
                        clockRealtime: hasRealtime ? clock.realtime : nil)
     }
 
+    /// How long ago (host CLOCK_REALTIME, ns) `state` was saved, when it recorded the time: what
+    /// `restoreState(_:advanceClock:)` moves the guest's clock on by, and so what its vCPUs' TSCs
+    /// must move on by (`VCPU.restoreState(_:advancingTSCBy:)`). Zero if unknown or in the future.
+    public static func timeSinceSave(_ state: VMState) -> UInt64 {
+        guard let saved = state.clockRealtime else { return 0 }
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let current = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+        return current > saved ? current - saved : 0
+    }
+
     /// Puts back a state saved by `saveState`, before any vCPU runs. With `advanceClock`, the guest's
     /// clock moves on by the host wall-clock time since the save (KVM does this itself when the
     /// save recorded CLOCK_REALTIME), so the guest's wall clock is right after a restore.

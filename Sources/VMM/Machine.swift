@@ -181,12 +181,15 @@ public final class Machine: Sendable {
         var vcpus: [VCPU] = []
         var cpuids: [[CPUIDEntry]] = []
         if let restore { try restore.checkCPU(supported: supported) }
+        // The guest's clock moves on by the time since the snapshot (restoreState below, with
+        // advanceClock); its TSCs move on by as much, so its timers agree with its clock.
+        let sinceSnapshot = restore.map { VirtualMachine.timeSinceSave($0.snapshot.vm) } ?? 0
         for id in 0..<UInt32(config.cpuCount) {
             let vcpu = try vm.createVCPU(id: id)
             if let restore {
                 let cpuid = restore.snapshot.cpuid[Int(id)]
                 try vcpu.setCPUID(cpuid)
-                try vcpu.restoreState(restore.snapshot.vcpus[Int(id)])
+                try vcpu.restoreState(restore.snapshot.vcpus[Int(id)], advancingTSCBy: sinceSnapshot)
                 cpuids.append(cpuid)
             } else {
                 let cpuid = CPUIDSetup.entries(from: supported, cpu: id, count: config.cpuCount, tscDeadline: tscDeadline)

@@ -66,6 +66,60 @@ import TestSupport
         #expect(try restored.vcpu.msrs([tscDeadlineMSR])[0].value == deadline)
     }
 
+    /// A restore that moves the guest's clock on by the time since the snapshot moves its TSC on
+    /// as far: a deadline that was a second away when saved is then overdue and fires as soon as
+    /// the vCPU runs, instead of a second after the restore while the guest's clock says it is late.
+    @Test(.enabled(if: Self.tscIsSettable, "this KVM does not let the VMM set a guest's TSC (PVM runs guest code on the host's)"))
+    func aRestoreThatAdvancesTheClockAdvancesTheTSCAndDueDeadlinesFire() throws {
+        let original = try RealModeGuest(code: Self.counter, irqchip: true)
+        let cpuid = try original.system.supportedCPUID().map { entry in
+            var e = entry
+            if e.function == 1 { e.ecx |= 1 << 24 }
+            return e
+        }
+        try original.vcpu.setCPUID(cpuid)
+        _ = try original.nextOut()
+        var apic = try original.vcpu.localAPIC()
+        let deadlineMode: UInt32 = 2 << 17, vector: UInt32 = 0xEC
+        for i in 0..<4 { apic[0x320 + i] = UInt8(truncatingIfNeeded: (deadlineMode | vector) >> (8 * UInt32(i))) }
+        try original.vcpu.setLocalAPIC(apic)
+        let khz = try original.vcpu.tscKHz()
+        #expect(khz > 100_000, "a TSC of \(khz) kHz")
+        let tsc = try original.vcpu.msrs([VCPU.tscMSR])[0].value
+        try original.vcpu.setMSRs([MSREntry(index: 0x6E0, value: tsc + khz * 1000)]) // one second ahead
+        let state = try original.vcpu.saveState(msrIndices: try original.system.msrIndexList(), hasXSave: false)
+        let savedTSC = try #require(state.msrs.first { $0.index == VCPU.tscMSR }).value
+
+        func restore(advancingBy nanoseconds: UInt64) throws -> RealModeGuest {
+            let copy = try GuestMemory(anonymous: [(GuestAddress(0), RealModeGuest.memorySize)])
+            try copy.write(try original.memory.read(count: Int(RealModeGuest.memorySize), at: GuestAddress(0)), at: GuestAddress(0))
+            let restored = try RealModeGuest(code: [], memory: copy, irqchip: true)
+            try restored.vcpu.setCPUID(cpuid)
+            try restored.vcpu.restoreState(state, advancingTSCBy: nanoseconds)
+            return restored
+        }
+        let advance: UInt64 = 5_000_000_000
+        let advanced = try restore(advancingBy: advance)
+        let now = try advanced.vcpu.msrs([VCPU.tscMSR])[0].value
+        #expect(now >= savedTSC + khz * 5000 && now < savedTSC + khz * 6000, "TSC \(now), saved \(savedTSC), \(khz) kHz")
+        _ = try advanced.nextOut()
+        #expect(try advanced.vcpu.msrs([0x6E0])[0].value == 0, "the overdue deadline fired")
+        // Not advanced, the same deadline is still a second away.
+        let plain = try restore(advancingBy: 0)
+        _ = try plain.nextOut()
+        #expect(try plain.vcpu.msrs([0x6E0])[0].value == tsc + khz * 1000)
+    }
+
+    /// Whether a TSC written through KVM_SET_MSRS is the TSC the guest then has.
+    static var tscIsSettable: Bool {
+        guard TestHost.hasKVM, let guest = try? RealModeGuest(code: Self.counter, irqchip: true),
+              let tsc = try? guest.vcpu.msrs([VCPU.tscMSR])[0].value else { return false }
+        let wanted = tsc + 1 << 44
+        guard (try? guest.vcpu.setMSRs([MSREntry(index: VCPU.tscMSR, value: wanted)])) != nil,
+              let now = try? guest.vcpu.msrs([VCPU.tscMSR])[0].value else { return false }
+        return now >= wanted
+    }
+
     @Test func stateIsCodable() throws {
         let guest = try RealModeGuest(code: Self.counter, irqchip: true)
         _ = try guest.nextOut()
