@@ -69,8 +69,9 @@ extension VCPU {
         return result
     }
 
-    /// The time-stamp counter MSR.
+    /// The time-stamp counter MSR, and the local APIC timer's TSC deadline.
     public static let tscMSR: UInt32 = 0x10
+    public static let tscDeadlineMSR: UInt32 = 0x6E0
 
     /// Puts back a state saved by `saveState`. CPUID must already be set (KVM checks XSAVE and MSRs against it).
     ///
@@ -103,7 +104,11 @@ extension VCPU {
             let cycles = khz * (nanoseconds / 1_000_000) + khz * (nanoseconds % 1_000_000) / 1_000_000
             msrs[tsc].value &+= cycles
         }
-        try setMSRs(msrs)
+        // The deadline goes last: KVM arms it against the TSC the vCPU has when it is written, and
+        // does not re-arm it when the TSC is written after.
+        let deadline = msrs.filter { $0.index == Self.tscDeadlineMSR }
+        try setMSRs(msrs.filter { $0.index != Self.tscDeadlineMSR })
+        if !deadline.isEmpty { try setMSRs(deadline) }
         try setBlob(kvm_debugregs(), state.debugRegisters, "KVM_SET_DEBUGREGS", SWIFTLET_KVM_SET_DEBUGREGS)
         try setMPState(state.mpState)
         try setBlob(kvm_vcpu_events(), state.events, "KVM_SET_VCPU_EVENTS", SWIFTLET_KVM_SET_VCPU_EVENTS)

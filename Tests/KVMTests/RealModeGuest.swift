@@ -41,6 +41,15 @@ struct RealModeGuest {
         }
     }
 
+    /// Lets KVM finish the access the last exit was for (an OUT completes, and RIP moves past it,
+    /// only on the next KVM_RUN), without running the guest further: what the VMM does before it
+    /// saves a paused vCPU. Saved right after the exit, the state would repeat the access.
+    func completePendingAccess() throws {
+        vcpu.requestExit()
+        defer { vcpu.clearExitRequest() }
+        guard case .interrupted = try vcpu.run() else { throw SwiftletError(.guestFailure, "the guest ran on past an exit request") }
+    }
+
     /// The next exit, which must be an OUT; returns (port, byte).
     func nextOut() throws -> (UInt16, UInt8)? {
         guard case .io(let io) = try next(), io.isWrite else { return nil }
