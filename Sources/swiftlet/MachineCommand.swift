@@ -232,7 +232,12 @@ extension MachineCommand {
                     try MachineLifecycle.stop(directory, timeoutMilliseconds: 0, quiet: true)
                 }
                 try MachineDirectory.withLock { () throws(SwiftletError) in
+                    // The machine's own lock, held while its directory goes: a `start` racing this
+                    // removal finds it taken (its VMM process does not run) instead of booting a
+                    // machine whose directory disappears under it.
+                    let held = try directory.lockStopped()
                     try directory.remove()
+                    _ = held
                     MachineDirectory.removeUnusedForkBases()
                 }
                 printError("removed machine \(directory.name)")
@@ -458,7 +463,7 @@ struct MachineSummary: Codable {
 
     static func json<T: Encodable>(_ value: T) throws -> String {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         return String(decoding: try encoder.encode(value), as: UTF8.self)
     }
 }

@@ -76,9 +76,8 @@ extension MachineCommand {
             }
             let paused = reply.pausedMilliseconds ?? 0
             if json {
-                struct Report: Encodable { var directory: String; var id: String; var memoryPagesWritten: Int; var bytesWritten: UInt64; var pausedMilliseconds: Double }
-                print(try MachineSummary.json(Report(directory: absolute(output), id: reply.snapshotID ?? "", memoryPagesWritten: reply.memoryPagesWritten ?? 0,
-                                                     bytesWritten: reply.bytesWritten ?? 0, pausedMilliseconds: paused)))
+                print(try SnapshotSummary.json(directory: absolute(output), id: reply.snapshotID ?? "", memoryPagesWritten: reply.memoryPagesWritten ?? 0,
+                                               bytesWritten: reply.bytesWritten ?? 0, pausedMilliseconds: paused))
             } else {
                 printError("snapshot \(reply.snapshotID ?? "") of machine \(machine.value) in \(absolute(output)): \(reply.memoryPagesWritten ?? 0) memory pages, \(reply.bytesWritten ?? 0) bytes written, guest paused \(format(paused, digits: 1)) ms")
             }

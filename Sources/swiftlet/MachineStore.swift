@@ -146,6 +146,16 @@ struct MachineDirectory {
         return pid.map { .crashed(pid: $0) } ?? .stopped
     }
 
+    /// Takes the lock a VMM process holds while the machine runs, so that none can start while
+    /// the caller holds the descriptor; refuses if one runs.
+    func lockStopped() throws(SwiftletError) -> OwnedFileDescriptor {
+        let lock = try OwnedFileDescriptor.open(lockPath, flags: O_RDWR | O_CREAT, mode: 0o600, what: lockPath)
+        guard flock(lock.rawValue, LOCK_EX | LOCK_NB) == 0 else {
+            throw SwiftletError(.invalidArgument, "machine \(name) is running: stop it first (`swiftlet machine stop \(name)`) or use `rm -f`")
+        }
+        return lock
+    }
+
     /// How the last run ended, if one did.
     var lastExit: String? {
         (try? OwnedFileDescriptor.readSmallTextFile(lastExitPath)).map(trimmed)

@@ -40,7 +40,8 @@ struct Snapshot: ParsableCommand {
         Glibc.signal(SIGPIPE, SIG_IGN)
         let report = try exitingOnSetupFailure { () throws(SwiftletError) in try make() }
         if json {
-            print("{\"directory\":\"\(report.directory)\",\"id\":\"\(report.id)\",\"memoryPagesWritten\":\(report.memoryPagesWritten),\"bytesWritten\":\(report.bytesWritten),\"pausedMilliseconds\":\(format(Double(report.pausedNanoseconds) / 1e6, digits: 2))}")
+            print(try SnapshotSummary.json(directory: report.directory, id: report.id, memoryPagesWritten: report.memoryPagesWritten,
+                                           bytesWritten: report.bytesWritten, pausedMilliseconds: Double(report.pausedNanoseconds) / 1e6))
         } else {
             printError("snapshot \(report.id) in \(report.directory): \(report.memoryPagesWritten) memory pages, \(report.bytesWritten) bytes written, guest paused \(format(Double(report.pausedNanoseconds) / 1e6, digits: 1)) ms")
         }
@@ -72,6 +73,20 @@ struct Snapshot: ParsableCommand {
         let session = AgentSession(socket: connection)
         guard try session.waitUntilReady() else { throw failure("the guest agent hung up before it was ready") }
         return try vm.snapshotBlocking(to: output, annotations: [AgentSnapshot.annotation: try AgentSnapshot.encode(root.defaults)])
+    }
+}
+
+/// What `swiftlet snapshot --json` and `machine snapshot --json` print: one JSON object.
+struct SnapshotSummary: Encodable {
+    var directory: String
+    var id: String
+    var memoryPagesWritten: Int
+    var bytesWritten: UInt64
+    var pausedMilliseconds: Double
+
+    static func json(directory: String, id: String, memoryPagesWritten: Int, bytesWritten: UInt64, pausedMilliseconds: Double) throws -> String {
+        try MachineSummary.json(SnapshotSummary(directory: directory, id: id, memoryPagesWritten: memoryPagesWritten, bytesWritten: bytesWritten,
+                                                pausedMilliseconds: (pausedMilliseconds * 100).rounded() / 100))
     }
 }
 

@@ -1,3 +1,4 @@
+import FoundationEssentials
 import Glibc
 import SwiftletSystem
 import Testing
@@ -60,9 +61,13 @@ struct RunFromSnapshotIntegrationTests {
     @Test(.enabled(if: TestImages.directory != nil, "needs the test images"))
     func anImagesConfigTravelsWithItsSnapshot() {
         let home = dir.path + "/home"
-        let snapshot = dir.path + "/image.snap"
-        let made = swiftlet(["snapshot", "--image", TestImages.path("layout"), "-o", snapshot], home: home)
+        // A directory name JSON must escape: the report still parses and names it.
+        let snapshot = dir.path + "/image \"snap\\shot\""
+        let made = swiftlet(["snapshot", "--image", TestImages.path("layout"), "-o", snapshot, "--json"], home: home)
         #expect(made.status == 0, "\(made.stderr)")
+        struct Report: Decodable { var directory: String; var id: String; var bytesWritten: UInt64; var pausedMilliseconds: Double }
+        let report = try? JSONDecoder().decode(Report.self, from: Data(made.stdout.utf8))
+        #expect(report?.directory == snapshot && report?.id.count == 32 && (report?.bytesWritten ?? 0) > 0, "\(made.stdout)")
         let r = swiftlet(["run", "--from", snapshot], home: home)
         #expect(r.status == 0, "\(r.stderr)")
         #expect(r.stdout == "cwd=/srv from_image=yes\nhello from the image\n")
