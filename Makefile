@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
 DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
 
-.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot bench-run bench-pull bench-snapshot clean
+.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot bench-run bench-pull bench-snapshot bench-library clean
 
 all: build
 
@@ -51,7 +51,7 @@ unit-test: guest build-tests
 test-nested: guest build-tests
 	@scripts/test-nested
 
-bench: bench-boot bench-run bench-pull bench-snapshot
+bench: bench-boot bench-run bench-pull bench-snapshot bench-library
 
 bench-boot: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
@@ -65,6 +65,12 @@ bench-run: guest
 bench-snapshot: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
 	@scripts/bench-snapshot
+
+# The library's restore alone (Machine.restoring to the first KVM_RUN), with a hand-written guest:
+# on this host's /dev/kvm and in the nested test host.
+bench-library: guest
+	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
+	@scripts/bench-library
 
 # First pull of new images from a loopback registry (no KVM needed).
 bench-pull: build

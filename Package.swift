@@ -56,7 +56,7 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet-bench",
-            dependencies: ["SwiftletSystem", "CLinux"],
+            dependencies: ["SwiftletSystem", "CLinux", "VMM", "TestSupport"],
             path: "bench/Sources/swiftlet-bench",
             swiftSettings: strict),
 

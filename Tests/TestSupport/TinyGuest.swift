@@ -11,6 +11,14 @@ public enum TinyGuest {
     /// `ud2`
     public static let ud2: [UInt8] = [0x0F, 0x0B]
 
+    /// 64-bit code that counts in RBX, stores the count at 0x200000 and writes its low byte to
+    /// COM1, forever: its console output is 1, 2, 3, ... (mod 256).
+    public static let counter: [UInt8] = movDX(0x3F8) + [0x31, 0xDB] // xor ebx, ebx
+        + [0x48, 0xFF, 0xC3]                                          // loop: inc rbx
+        + [0x48, 0x89, 0x1C, 0x25, 0x00, 0x00, 0x20, 0x00]            // mov [0x200000], rbx
+        + [0x88, 0xD8, 0xEE]                                          // mov al, bl; out dx, al
+        + [0xEB, 0xF0]                                                // jmp loop
+
     /// Writes `bytes` one by one to `port`.
     public static func write(_ bytes: [UInt8], port: UInt16) -> [UInt8] {
         movDX(port) + bytes.flatMap { movAL($0) + outDXAL }

@@ -13,11 +13,7 @@ import TestSupport
 /// low byte to the serial port, forever: its console output is 1, 2, 3, ... (mod 256).
 struct CountingGuest {
     static let counterAddress: UInt64 = 0x200000
-    static let code: [UInt8] = TinyGuest.movDX(0x3F8) + [0x31, 0xDB] // xor ebx, ebx
-        + [0x48, 0xFF, 0xC3]                                          // loop: inc rbx
-        + [0x48, 0x89, 0x1C, 0x25, 0x00, 0x00, 0x20, 0x00]            // mov [0x200000], rbx
-        + [0x88, 0xD8, 0xEE]                                          // mov al, bl; out dx, al
-        + [0xEB, 0xF0]                                                // jmp loop
+    static let code: [UInt8] = TinyGuest.counter
 
     let dir = TemporaryDirectory()
 

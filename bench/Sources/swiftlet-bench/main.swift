@@ -20,7 +20,7 @@ struct Options {
 func parse() -> Options {
     var o = Options()
     guard CommandLine.arguments.dropFirst().first == "boot" else {
-        fatal("usage: swiftlet-bench run ... | swiftlet-bench snapshot ... | swiftlet-bench boot --kernel VMLINUX --initrd CPIO [--runs N] [--swiftlet PATH] [--qemu PATH] [--memory MiB]")
+        fatal("usage: swiftlet-bench run ... | swiftlet-bench snapshot ... | swiftlet-bench library-restore ... | swiftlet-bench boot --kernel VMLINUX --initrd CPIO [--runs N] [--swiftlet PATH] [--qemu PATH] [--memory MiB]")
     }
     let flags = subcommandFlags(["--swiftlet", "--qemu", "--kernel", "--initrd", "--runs", "--cost-runs", "--memory"])
     o.swiftlet = flags["--swiftlet"] ?? o.swiftlet
@@ -40,6 +40,10 @@ if CommandLine.arguments.dropFirst().first == "run" {
 }
 if CommandLine.arguments.dropFirst().first == "snapshot" {
     snapshotBenchmark()
+    exit(0)
+}
+if CommandLine.arguments.dropFirst().first == "library-restore" {
+    libraryRestoreBenchmark()
     exit(0)
 }
 let options = parse()
