@@ -134,17 +134,20 @@ extension MachineCommand {
 
     struct Fork: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Copy a running machine into new running machines that continue from its current state.",
+            abstract: "Copy a running machine, or a machine's snapshot, into new running machines that continue from its state.",
             discussion: """
-                The source pauses for a snapshot (memory and disk), then goes on. Each copy maps \
+                A running source pauses for a snapshot (memory and disk), then goes on. Each copy maps \
                 that memory copy-on-write and gets a copy-on-write overlay over that disk, so the \
                 copies share everything they have not changed. Each copy takes its own name as \
-                hostname and reseeds its kernel's random generator.
+                hostname and reseeds its kernel's random generator. From a snapshot directory \
+                (`machine snapshot -o DIR`; give it with a slash), the copies map its memory and \
+                share one copy of its disk.
 
                   swiftlet machine fork --from web --name worker --count 8   # worker-1 ... worker-8
+                  swiftlet machine fork --from ./web.snap --name job --count 4
                 """)
 
-        @Option(help: "The running machine to copy.")
+        @Option(help: ArgumentHelp("The running machine to copy, or a snapshot directory (with a slash: ./DIR).", valueName: "name|dir"))
         var from: String
 
         @Option(help: "The new machine's name; with --count K the copies are NAME-1 ... NAME-K.")
@@ -178,63 +181,116 @@ extension MachineCommand {
         struct Report: Encodable {
             var source: String
             var clones: [String]
+            /// Until the copies start: the running source's snapshot, or the copy of a snapshot's disk.
             var snapshotMilliseconds: Double
             var totalMilliseconds: Double
         }
 
         func fork() throws(SwiftletError) -> Report {
             let started = MonotonicClock.now
-            let source = try MachineDirectory(name: from)
             let clones = try names.map { name throws(SwiftletError) in try MachineDirectory(name: name) }
-            var record = try source.record()
+            // A machine name never has a slash: with one, --from is a snapshot directory.
+            if from.contains("/") { return try fork(snapshot: absolute(from), into: clones, started: started) }
+            let source = try MachineDirectory(name: from)
+            let record: MachineRecord
+            do { record = try source.record() } catch {
+                if access(from, F_OK) == 0 {
+                    throw SwiftletError(error.code, "\(error.message) (to fork the snapshot in the directory \(from), give it as ./\(from))")
+                }
+                throw error
+            }
             guard case .running = source.state else {
-                throw SwiftletError(.invalidArgument, "machine \(from) is not running: fork copies a running machine (start it, or make a machine of a snapshot with `machine restore`)")
+                throw SwiftletError(.invalidArgument, "machine \(from) is not running: fork copies a running machine or a snapshot directory (start it, or snapshot it with `machine snapshot`)")
             }
             return try MachineDirectory.withLock { () throws(SwiftletError) -> Report in
-                for clone in clones where clone.exists {
-                    throw SwiftletError(.invalidArgument, "a machine named \(clone.name) already exists")
-                }
-                if mkdir(MachineDirectory.forksRoot, 0o700) != 0 && errno != EEXIST {
-                    throw SwiftletError.system("cannot create \(MachineDirectory.forksRoot)", errno: currentErrno)
-                }
-                let snapshot = MachineDirectory.forksRoot + "/" + (try SnapshotID.random()).description
-                var made: [MachineDirectory] = []
-                var launches: [MachineLifecycle.Launch] = []
+                try Self.refuseTaken(clones)
+                let snapshot = try Self.newForkDirectory(creating: false) // the source's VMM process makes it
                 do throws(SwiftletError) {
                     var request = ControlRequest(.snapshot)
                     request.path = snapshot
                     _ = try MachineLifecycle.request(source, request)
-                    let snapshotTaken = MonotonicClock.now
                     let (_, disk) = try MachineSnapshot.read(snapshot)
-                    for clone in clones {
-                        try clone.makeNew()
-                        made.append(clone)
-                        record.name = clone.name
-                        record.created = Int(time(nil))
-                        record.diskBase = disk
-                        try clone.writeRecord(record)
-                        launches.append(try MachineLifecycle.Launch(clone, from: snapshot))
-                    }
-                    var failure: SwiftletError?
-                    for launch in launches {
-                        do throws(SwiftletError) { try launch.waitUntilReady(milliseconds: Run.milliseconds(timeout) ?? 120_000, timeout: timeout) } catch {
-                            if failure == nil { failure = SwiftletError(error.code, "fork \(launch.directory.name): \(error.message)") }
-                        }
-                    }
-                    if let failure { throw failure }
-                    // The clones have the memory mapped: the file itself is no longer needed.
-                    unlink(snapshot + "/memory")
-                    return Report(source: from, clones: clones.map(\.name),
-                                  snapshotMilliseconds: MonotonicClock.milliseconds(from: started, to: snapshotTaken),
-                                  totalMilliseconds: MonotonicClock.milliseconds(from: started, to: MonotonicClock.now))
+                    return try startClones(clones, record: record, disk: disk, snapshot: snapshot, started: started,
+                                           snapshotTaken: MonotonicClock.now, cleanUp: snapshot)
                 } catch {
-                    for clone in made {
-                        if case .running = clone.state { try? MachineLifecycle.stop(clone, timeoutMilliseconds: 0, quiet: true) }
-                        try? clone.remove()
-                    }
                     try? MachineDirectory.removeTree(snapshot)
                     throw error
                 }
+            }
+        }
+
+        /// Copies of the machine in a snapshot directory (`machine snapshot -o DIR`): they map its
+        /// memory copy-on-write; its disk is copied once, sparsely, into machines/.forks as the base
+        /// of the copies' overlays (the directory is the user's and may go, the copies' disks stay).
+        func fork(snapshot directory: String, into clones: [MachineDirectory], started: UInt64) throws(SwiftletError) -> Report {
+            let (record, disk) = try MachineSnapshot.read(directory)
+            return try MachineDirectory.withLock { () throws(SwiftletError) -> Report in
+                try Self.refuseTaken(clones)
+                let base = try Self.newForkDirectory(creating: true)
+                do throws(SwiftletError) {
+                    let copy = base + "/disk"
+                    _ = try FileBlockBackend(path: disk, readOnly: true).copy(to: copy)
+                    return try startClones(clones, record: record, disk: copy, snapshot: directory, started: started,
+                                           snapshotTaken: MonotonicClock.now, cleanUp: nil)
+                } catch {
+                    try? MachineDirectory.removeTree(base)
+                    throw error
+                }
+            }
+        }
+
+        static func refuseTaken(_ clones: [MachineDirectory]) throws(SwiftletError) {
+            for clone in clones where clone.exists {
+                throw SwiftletError(.invalidArgument, "a machine named \(clone.name) already exists")
+            }
+        }
+
+        /// A new directory in machines/.forks for what the copies of one fork share (made, or only named).
+        static func newForkDirectory(creating: Bool) throws(SwiftletError) -> String {
+            if mkdir(MachineDirectory.forksRoot, 0o700) != 0 && errno != EEXIST {
+                throw SwiftletError.system("cannot create \(MachineDirectory.forksRoot)", errno: currentErrno)
+            }
+            let directory = MachineDirectory.forksRoot + "/" + (try SnapshotID.random()).description
+            if creating && mkdir(directory, 0o700) != 0 { throw SwiftletError.system("cannot create \(directory)", errno: currentErrno) }
+            return directory
+        }
+
+        /// Makes and starts the copies: each restores `snapshot`, with an overlay over `disk`. Under
+        /// the machines lock. On failure none is left. `cleanUp`: a memory file's directory whose
+        /// memory file goes once every copy has it mapped.
+        func startClones(_ clones: [MachineDirectory], record source: MachineRecord, disk: String, snapshot: String,
+                         started: UInt64, snapshotTaken: UInt64, cleanUp: String?) throws(SwiftletError) -> Report {
+            var made: [MachineDirectory] = []
+            var launches: [MachineLifecycle.Launch] = []
+            do throws(SwiftletError) {
+                var record = source
+                for clone in clones {
+                    try clone.makeNew()
+                    made.append(clone)
+                    record.name = clone.name
+                    record.created = Int(time(nil))
+                    record.diskBase = disk
+                    try clone.writeRecord(record)
+                    launches.append(try MachineLifecycle.Launch(clone, from: snapshot))
+                }
+                var failure: SwiftletError?
+                for launch in launches {
+                    do throws(SwiftletError) { try launch.waitUntilReady(milliseconds: Run.milliseconds(timeout) ?? 120_000, timeout: timeout) } catch {
+                        if failure == nil { failure = SwiftletError(error.code, "fork \(launch.directory.name): \(error.message)") }
+                    }
+                }
+                if let failure { throw failure }
+                // The clones have the memory mapped: the file itself is no longer needed.
+                if let cleanUp { unlink(cleanUp + "/memory") }
+                return Report(source: from, clones: clones.map(\.name),
+                              snapshotMilliseconds: MonotonicClock.milliseconds(from: started, to: snapshotTaken),
+                              totalMilliseconds: MonotonicClock.milliseconds(from: started, to: MonotonicClock.now))
+            } catch {
+                for clone in made {
+                    if case .running = clone.state { try? MachineLifecycle.stop(clone, timeoutMilliseconds: 0, quiet: true) }
+                    try? clone.remove()
+                }
+                throw error
             }
         }
     }

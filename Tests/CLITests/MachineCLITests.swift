@@ -128,6 +128,15 @@ import TestSupport
         #expect(run(["fork", "--from", "ghost", "--name", "copy"]).stderr.contains("no machine named ghost"))
         #expect(run(["fork", "--from", "idle", "--name", "copy", "--count", "0"]).stderr.contains("--count must be 1 to 1024"))
         #expect(run(["fork", "--from", "idle", "--name", "a b"]).stderr.contains("is not a machine name"))
+        // --from with a slash is a snapshot directory: one that is not a machine's snapshot is refused.
+        let notSnapshotFork = run(["fork", "--from", machineDirectory("idle"), "--name", "copy"])
+        #expect(notSnapshotFork.status == 1 && notSnapshotFork.stderr.contains("is not a Swiftlet snapshot"), "\(notSnapshotFork.stderr)")
+        // A name that is no machine but a directory here: said how to give it.
+        let bare = Subprocess.run(["/bin/sh", "-c", "cd \"$0\" && exec \"$1\" machine fork --from machines --name copy", home.path, swiftlet],
+                                  environment: ["SWIFTLET_HOME": home.path])
+        #expect(bare.status == 1 && bare.stderr.contains("give it as ./machines"), "\(bare.stderr)")
+        #expect(access(machineDirectory("copy"), F_OK) != 0)
+        #expect((OwnedFileDescriptor.directoryEntries(home.path + "/machines/.forks") ?? []).isEmpty, "nothing left behind")
 
         let missing = run(["restore", home.path + "/nothing", "--name", "back"])
         #expect(missing.status == 1 && missing.stderr.contains("snapshot \(home.path)/nothing does not exist"), "\(missing.stderr)")

@@ -83,6 +83,20 @@ struct MachineSnapshotIntegrationTests {
         #expect(machine(["restore", snapshot, "--name", "third"]).status == 0)
         #expect(exec("third", "cat /root/before").stdout == "before\n", "a run from the snapshot did not change it")
 
+        // Two copies of the snapshot directory: they go on from the snapshot (not from the source's
+        // now), each with its own writes over one shared copy of its disk; the snapshot stays whole.
+        let fromSnapshot = machine(["fork", "--from", snapshot, "--name", "snapkid", "--count", "2"])
+        #expect(fromSnapshot.status == 0 && fromSnapshot.stderr.contains("forked \(snapshot) into snapkid-1, snapkid-2"), "\(fromSnapshot.stderr)")
+        for kid in ["snapkid-1", "snapkid-2"] {
+            #expect(exec(kid, "hostname; cat /root/before; test -e /root/after || echo no-after").stdout == "\(kid)\nbefore\nno-after\n")
+            #expect(exec(kid, "sha256sum /dev/shm/blob").stdout == blobHash)
+            _ = unbrokenCount(kid)
+        }
+        #expect(exec("snapkid-1", "echo one > /root/mine").status == 0)
+        #expect(exec("snapkid-2", "test -e /root/mine || echo none").stdout == "none\n")
+        #expect(access(snapshot + "/memory", F_OK) == 0 && access(snapshot + "/disk-1", F_OK) == 0, "the snapshot keeps its files")
+        for name in ["snapkid-1", "snapkid-2"] { #expect(machine(["rm", "-f", name]).status == 0) }
+
         // Fork three copies of the running source: each goes on counting, has its own name and
         // random numbers, and writes that no other copy sees.
         for name in ["back", "again", "third"] { #expect(machine(["rm", "-f", name]).status == 0) }
