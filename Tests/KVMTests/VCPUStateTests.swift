@@ -34,22 +34,26 @@ import TestSupport
 
     /// A guest waiting for a TSC-deadline timer must still have its deadline after a restore (KVM
     /// ignores the deadline MSR unless the local APIC's timer is in deadline mode when it is set).
-    @Test func aPendingTSCDeadlineSurvivesTheRestore() throws {
-        let original = try RealModeGuest(code: Self.counter, irqchip: true)
-        // KVM offers the deadline mode only to a guest whose CPUID has it.
-        let cpuid = try original.system.supportedCPUID().map { entry in
+    /// The counter guest with the TSC-deadline feature in its CPUID and its local APIC timer in
+    /// deadline mode (KVM offers the mode only to a guest whose CPUID has it), after its first OUT.
+    static func deadlineModeGuest() throws -> (guest: RealModeGuest, cpuid: [CPUIDEntry]) {
+        let guest = try RealModeGuest(code: Self.counter, irqchip: true)
+        let cpuid = try guest.system.supportedCPUID().map { entry in
             var e = entry
             if e.function == 1 { e.ecx |= 1 << 24 }
             return e
         }
-        try original.vcpu.setCPUID(cpuid)
-        _ = try original.nextOut()
-        var apic = try original.vcpu.localAPIC()
-        let lvtTimer = 0x320
-        let deadlineMode: UInt32 = 2 << 17
-        let vector: UInt32 = 0xEC
+        try guest.vcpu.setCPUID(cpuid)
+        _ = try guest.nextOut()
+        var apic = try guest.vcpu.localAPIC()
+        let lvtTimer = 0x320, deadlineMode: UInt32 = 2 << 17, vector: UInt32 = 0xEC
         for i in 0..<4 { apic[lvtTimer + i] = UInt8(truncatingIfNeeded: (deadlineMode | vector) >> (8 * UInt32(i))) }
-        try original.vcpu.setLocalAPIC(apic)
+        try guest.vcpu.setLocalAPIC(apic)
+        return (guest, cpuid)
+    }
+
+    @Test func aPendingTSCDeadlineSurvivesTheRestore() throws {
+        let (original, cpuid) = try Self.deadlineModeGuest()
         let tscDeadlineMSR: UInt32 = 0x6E0
         let tsc = try original.vcpu.msrs([0x10])[0].value
         let deadline = tsc + 1 << 40 // far in the future: it must not fire and clear itself
@@ -72,18 +76,7 @@ import TestSupport
     /// the vCPU runs) instead of a second away again while the guest's clock says it is late.
     @Test(.enabled(if: Self.tscIsSettable, "this KVM does not let the VMM set a guest's TSC (PVM runs guest code on the host's)"))
     func aRestoreThatAdvancesTheClockAdvancesTheTSCAndPendingDeadlinesAreDue() throws {
-        let original = try RealModeGuest(code: Self.counter, irqchip: true)
-        let cpuid = try original.system.supportedCPUID().map { entry in
-            var e = entry
-            if e.function == 1 { e.ecx |= 1 << 24 }
-            return e
-        }
-        try original.vcpu.setCPUID(cpuid)
-        _ = try original.nextOut()
-        var apic = try original.vcpu.localAPIC()
-        let deadlineMode: UInt32 = 2 << 17, vector: UInt32 = 0xEC
-        for i in 0..<4 { apic[0x320 + i] = UInt8(truncatingIfNeeded: (deadlineMode | vector) >> (8 * UInt32(i))) }
-        try original.vcpu.setLocalAPIC(apic)
+        let (original, cpuid) = try Self.deadlineModeGuest()
         let khz = try original.vcpu.tscKHz()
         #expect(khz > 100_000, "a TSC of \(khz) kHz")
         let tsc = try original.vcpu.msrs([VCPU.tscMSR])[0].value
