@@ -202,21 +202,22 @@ extension MachineCommand {
             guard case .running = source.state else {
                 throw SwiftletError(.invalidArgument, "machine \(from) is not running: fork copies a running machine or a snapshot directory (start it, or snapshot it with `machine snapshot`)")
             }
-            return try MachineDirectory.withLock { () throws(SwiftletError) -> Report in
+            let (launches, snapshot, snapshotTaken) = try MachineDirectory.withLock { () throws(SwiftletError) in
                 try Self.refuseTaken(clones)
                 let snapshot = try Self.newForkDirectory(creating: false) // the source's VMM process makes it
                 do throws(SwiftletError) {
                     var request = ControlRequest(.snapshot)
                     request.path = snapshot
                     _ = try MachineLifecycle.request(source, request)
+                    let taken = MonotonicClock.now
                     let (_, disk) = try MachineSnapshot.read(snapshot)
-                    return try startClones(clones, record: record, disk: disk, snapshot: snapshot, started: started,
-                                           snapshotTaken: MonotonicClock.now, cleanUp: snapshot)
+                    return (try launchClones(clones, record: record, disk: disk, snapshot: snapshot), snapshot, taken)
                 } catch {
                     try? MachineDirectory.removeTree(snapshot)
                     throw error
                 }
             }
+            return try awaitClones(launches, clones, started: started, snapshotTaken: snapshotTaken, memoryDirectory: snapshot)
         }
 
         /// Copies of the machine in a snapshot directory (`machine snapshot -o DIR`): they map its
@@ -224,19 +225,20 @@ extension MachineCommand {
         /// of the copies' overlays (the directory is the user's and may go, the copies' disks stay).
         func fork(snapshot directory: String, into clones: [MachineDirectory], started: UInt64) throws(SwiftletError) -> Report {
             let (record, disk) = try MachineSnapshot.read(directory)
-            return try MachineDirectory.withLock { () throws(SwiftletError) -> Report in
+            let (launches, copied) = try MachineDirectory.withLock { () throws(SwiftletError) in
                 try Self.refuseTaken(clones)
                 let base = try Self.newForkDirectory(creating: true)
                 do throws(SwiftletError) {
                     let copy = base + "/disk"
                     _ = try FileBlockBackend(path: disk, readOnly: true).copy(to: copy)
-                    return try startClones(clones, record: record, disk: copy, snapshot: directory, started: started,
-                                           snapshotTaken: MonotonicClock.now, cleanUp: nil)
+                    let copied = MonotonicClock.now
+                    return (try launchClones(clones, record: record, disk: copy, snapshot: directory), copied)
                 } catch {
                     try? MachineDirectory.removeTree(base)
                     throw error
                 }
             }
+            return try awaitClones(launches, clones, started: started, snapshotTaken: copied, memoryDirectory: nil)
         }
 
         static func refuseTaken(_ clones: [MachineDirectory]) throws(SwiftletError) {
@@ -255,11 +257,10 @@ extension MachineCommand {
             return directory
         }
 
-        /// Makes and starts the copies: each restores `snapshot`, with an overlay over `disk`. Under
-        /// the machines lock. On failure none is left. `cleanUp`: a memory file's directory whose
-        /// memory file goes once every copy has it mapped.
-        func startClones(_ clones: [MachineDirectory], record source: MachineRecord, disk: String, snapshot: String,
-                         started: UInt64, snapshotTaken: UInt64, cleanUp: String?) throws(SwiftletError) -> Report {
+        /// Makes the copies' directories and records and starts their VMM processes, each to restore
+        /// `snapshot` with an overlay over `disk`. Under the machines lock; on failure none is left.
+        func launchClones(_ clones: [MachineDirectory], record source: MachineRecord, disk: String,
+                          snapshot: String) throws(SwiftletError) -> [MachineLifecycle.Launch] {
             var made: [MachineDirectory] = []
             var launches: [MachineLifecycle.Launch] = []
             do throws(SwiftletError) {
@@ -273,24 +274,44 @@ extension MachineCommand {
                     try clone.writeRecord(record)
                     launches.append(try MachineLifecycle.Launch(clone, from: snapshot))
                 }
-                var failure: SwiftletError?
-                for launch in launches {
-                    do throws(SwiftletError) { try launch.waitUntilReady(milliseconds: Run.milliseconds(timeout) ?? 120_000, timeout: timeout) } catch {
-                        if failure == nil { failure = SwiftletError(error.code, "fork \(launch.directory.name): \(error.message)") }
-                    }
-                }
-                if let failure { throw failure }
-                // The clones have the memory mapped: the file itself is no longer needed.
-                if let cleanUp { unlink(cleanUp + "/memory") }
-                return Report(source: from, clones: clones.map(\.name),
-                              snapshotMilliseconds: MonotonicClock.milliseconds(from: started, to: snapshotTaken),
-                              totalMilliseconds: MonotonicClock.milliseconds(from: started, to: MonotonicClock.now))
+                return launches
             } catch {
-                for clone in made {
-                    if case .running = clone.state { try? MachineLifecycle.stop(clone, timeoutMilliseconds: 0, quiet: true) }
-                    try? clone.remove()
-                }
+                Self.remove(made)
                 throw error
+            }
+        }
+
+        /// Waits for every copy to be ready, without the machines lock (other machines can be made
+        /// meanwhile: the copies' names are taken). If one fails, every copy goes, and what they
+        /// shared. `memoryDirectory`: a snapshot of the fork's own whose memory file goes once every
+        /// copy has it mapped.
+        func awaitClones(_ launches: [MachineLifecycle.Launch], _ clones: [MachineDirectory], started: UInt64,
+                         snapshotTaken: UInt64, memoryDirectory: String?) throws(SwiftletError) -> Report {
+            var failure: SwiftletError?
+            for launch in launches {
+                do throws(SwiftletError) { try launch.waitUntilReady(milliseconds: Run.milliseconds(timeout) ?? 120_000, timeout: timeout) } catch {
+                    if failure == nil { failure = SwiftletError(error.code, "fork \(launch.directory.name): \(error.message)") }
+                }
+            }
+            if let failure {
+                try? MachineDirectory.withLock { () throws(SwiftletError) in
+                    Self.remove(clones)
+                    MachineDirectory.removeUnusedForkBases()
+                }
+                throw failure
+            }
+            // The clones have the memory mapped: the file itself is no longer needed.
+            if let memoryDirectory { unlink(memoryDirectory + "/memory") }
+            return Report(source: from, clones: clones.map(\.name),
+                          snapshotMilliseconds: MonotonicClock.milliseconds(from: started, to: snapshotTaken),
+                          totalMilliseconds: MonotonicClock.milliseconds(from: started, to: MonotonicClock.now))
+        }
+
+        /// Stops (by force) and removes `machines`.
+        static func remove(_ machines: [MachineDirectory]) {
+            for machine in machines {
+                if case .running = machine.state { try? MachineLifecycle.stop(machine, timeoutMilliseconds: 0, quiet: true) }
+                try? machine.remove()
             }
         }
     }
