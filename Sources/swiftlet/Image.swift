@@ -89,7 +89,10 @@ struct Image: ParsableCommand {
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
                 for image in images {
-                    let freed = try store.remove(image, keepingDisks: MachineDirectory.layerDisksInUse())
+                    // Under the machines lock: no machine is made from the store while its disks are weighed.
+                    let freed = try MachineDirectory.withLock { () throws(SwiftletError) in
+                        try store.remove(image, keepingDisks: MachineDirectory.layerDisksInUse())
+                    }
                     print("removed \(image) (\(ImagePuller.formatSize(freed)) freed)")
                 }
             }
@@ -103,7 +106,9 @@ struct Image: ParsableCommand {
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
-                let freed = try store.prune(unnamedImages: true, keepingDisks: MachineDirectory.layerDisksInUse()) + BootTemplate.removeAll()
+                let freed = try MachineDirectory.withLock { () throws(SwiftletError) in
+                    try store.prune(unnamedImages: true, keepingDisks: MachineDirectory.layerDisksInUse())
+                } + BootTemplate.removeAll()
                 print("\(ImagePuller.formatSize(freed)) freed")
             }
         }
