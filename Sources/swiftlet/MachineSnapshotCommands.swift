@@ -112,7 +112,8 @@ extension MachineCommand {
                 let source = absolute(snapshot)
                 let directory = try MachineDirectory(name: name)
                 var (record, disk) = try MachineSnapshot.read(source)
-                try MachineDirectory.withLock { () throws(SwiftletError) in
+                // The name is taken once the record exists: the machine starts outside the lock.
+                let launch = try MachineDirectory.withLock { () throws(SwiftletError) -> MachineLifecycle.Launch in
                     try directory.makeNew()
                     do throws(SwiftletError) {
                         try FileBlockBackend(path: disk, readOnly: true).copy(to: directory.diskPath)
@@ -120,12 +121,15 @@ extension MachineCommand {
                         record.created = Int(time(nil))
                         record.diskBase = nil
                         try directory.writeRecord(record)
-                        try MachineLifecycle.Launch(directory, from: source, diffable: true)
-                            .waitUntilReady(milliseconds: Run.milliseconds(timeout) ?? 120_000, timeout: timeout)
+                        return try MachineLifecycle.Launch(directory, from: source, diffable: true)
                     } catch {
                         try? directory.remove()
                         throw error
                     }
+                }
+                do throws(SwiftletError) { try launch.waitUntilReady(milliseconds: Run.milliseconds(timeout) ?? 120_000, timeout: timeout) } catch {
+                    try? MachineDirectory.withLock { () throws(SwiftletError) in Fork.remove([directory]) }
+                    throw error
                 }
                 printError("restored machine \(name) from \(source)")
             }
