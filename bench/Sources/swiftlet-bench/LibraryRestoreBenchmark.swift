@@ -108,11 +108,13 @@ private func startMachine(_ machine: Machine) -> OSThread {
     } catch { fatal("cannot start a thread: \(error)") }
 }
 
-/// Waits (spinning on stat, 20 s at most) until the file at `path` is longer than `size` bytes.
+/// Waits (polling every 20 µs, 20 s at most) until the file at `path` is longer than `size` bytes.
+/// It sleeps between looks: on a one-CPU host a spinning wait would take the CPU from the guest.
 private func waitForGrowth(_ path: String, from size: Int) {
     let deadline = MonotonicClock.now + 20_000_000_000
     var info = stat()
     while stat(path, &info) != 0 || Int(info.st_size) <= size {
         guard MonotonicClock.now < deadline else { fatal("the guest printed nothing within 20 s") }
+        usleep(20)
     }
 }
