@@ -50,10 +50,12 @@ struct MachineIntegrationTests {
         #expect(missing.status == 127 && missing.stderr.contains("no-such-command"), "\(missing.stderr)")
 
         // Two commands at once: the second runs (and sees the first's file) while the first sleeps.
+        // Each attempt that does not see it says how it ended, on stderr, for the report.
         let sideBySide = shell("""
-            $S machine exec box -- sh -c 'echo running > /tmp/flag; sleep 15; rm /tmp/flag' &
-            for i in 1 2 3 4 5 6 7 8 9 10; do
-              if $S machine exec box -- cat /tmp/flag 2>/dev/null; then break; fi
+            $S machine exec box -- sh -c 'echo running > /tmp/flag; sleep 20; rm /tmp/flag' &
+            for i in $(seq 1 15); do
+              $S machine exec box -- cat /tmp/flag 2>"$SWIFTLET_HOME/attempt-err" && break
+              echo "attempt $i: status $?: $(cat "$SWIFTLET_HOME/attempt-err")" >&2
               sleep 1
             done
             wait
