@@ -50,9 +50,10 @@ struct MachineIntegrationTests {
         #expect(missing.status == 127 && missing.stderr.contains("no-such-command"), "\(missing.stderr)")
 
         // Two commands at once: the second runs (and sees the first's file) while the first sleeps.
-        // Each attempt that does not see it says how it ended, on stderr, for the report.
+        // The file appears whole (renamed into place): a `cat` between the shell's creating it and
+        // writing to it would read it empty. Each attempt that does not see it says how it ended.
         let sideBySide = shell("""
-            $S machine exec box -- sh -c 'echo running > /tmp/flag; sleep 20; rm /tmp/flag' &
+            $S machine exec box -- sh -c 'echo running > /tmp/flag.new; mv /tmp/flag.new /tmp/flag; sleep 20; rm /tmp/flag' &
             for i in $(seq 1 15); do
               $S machine exec box -- cat /tmp/flag 2>"$SWIFTLET_HOME/attempt-err" && break
               echo "attempt $i: status $?: $(cat "$SWIFTLET_HOME/attempt-err")" >&2
