@@ -5,6 +5,7 @@ import VMM
 
 struct Boot: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "boot",
         abstract: "Boot a Linux kernel and stream its serial console.",
         discussion: """
             Boots an ELF vmlinux or a bzImage (default: the kernel `make kernel` built) with the demo \

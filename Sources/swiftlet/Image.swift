@@ -5,6 +5,7 @@ import SwiftletSystem
 
 struct Image: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "image",
         abstract: "Work with images: pull them into the store, list, inspect and remove them.",
         discussion: """
             The image store lives in $SWIFTLET_HOME (default ~/.local/share/swiftlet): blobs by \
@@ -14,6 +15,7 @@ struct Image: ParsableCommand {
 
     struct Pull: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "pull",
             abstract: "Pull an image from a registry, or import an OCI layout directory or image archive, into the store.")
 
         @Argument(help: "A registry reference, an OCI layout directory, an archive (docker save or OCI), or - for stdin; PATH:TAG picks one image.")
@@ -61,7 +63,7 @@ struct Image: ParsableCommand {
     }
 
     struct Inspect: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print an image's record, manifest and config as JSON.")
+        static let configuration = CommandConfiguration(commandName: "inspect", abstract: "Print an image's record, manifest and config as JSON.")
 
         @Argument(help: "Image name or digest (or a prefix of it).")
         var image: String
@@ -101,6 +103,7 @@ struct Image: ParsableCommand {
 
     struct Prune: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "prune",
             abstract: "Delete unnamed images, and blobs, disks and unfinished downloads no image or machine uses, and the boot templates (`run` saves them again when needed).")
 
         func run() throws {
@@ -116,6 +119,7 @@ struct Image: ParsableCommand {
 
     struct Convert: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "convert",
             abstract: "Convert a tar archive of a root filesystem (or one image layer) into an EROFS image for --rootfs.",
             discussion: """
                 Ownership, modes, device nodes, symlinks, hard links and extended attributes come \

@@ -4,11 +4,12 @@ import VMM
 
 struct Kernel: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "kernel",
         abstract: "The guest kernel Swiftlet built.",
         subcommands: [Path.self])
 
     struct Path: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print the cached guest kernel's path.")
+        static let configuration = CommandConfiguration(commandName: "path", abstract: "Print the cached guest kernel's path.")
 
         @Flag(help: "The bzImage instead of the ELF vmlinux.")
         var bzImage = false

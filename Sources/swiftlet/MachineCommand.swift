@@ -50,7 +50,7 @@ struct MachineNameOptions: ParsableArguments {
 
 extension MachineCommand {
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create a machine from an image (not started).")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a machine from an image (not started).")
 
         @Option(help: "The machine's name: letters, digits, '-', '_', '.'; it is also the guest's hostname.")
         var name: String
@@ -124,7 +124,7 @@ extension MachineCommand {
     }
 
     struct Start: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Start a machine in a VMM process of its own; returns once its agent is ready.")
+        static let configuration = CommandConfiguration(commandName: "start", abstract: "Start a machine in a VMM process of its own; returns once its agent is ready.")
 
         @OptionGroup var machine: MachineNameOptions
 
@@ -154,7 +154,7 @@ extension MachineCommand {
     }
 
     struct Stop: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Shut a machine down cleanly; stop it by force after --timeout.")
+        static let configuration = CommandConfiguration(commandName: "stop", abstract: "Shut a machine down cleanly; stop it by force after --timeout.")
 
         @OptionGroup var machine: MachineNameOptions
 
@@ -175,7 +175,7 @@ extension MachineCommand {
     }
 
     struct Status: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show whether a machine runs, and how its last run ended.")
+        static let configuration = CommandConfiguration(commandName: "status", abstract: "Show whether a machine runs, and how its last run ended.")
 
         @OptionGroup var machine: MachineNameOptions
 
@@ -246,7 +246,7 @@ extension MachineCommand {
     }
 
     struct Pause: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Pause a running machine: its vCPUs stop and its devices go quiet.")
+        static let configuration = CommandConfiguration(commandName: "pause", abstract: "Pause a running machine: its vCPUs stop and its devices go quiet.")
         @OptionGroup var machine: MachineNameOptions
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
@@ -256,7 +256,7 @@ extension MachineCommand {
     }
 
     struct Resume: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Resume a paused machine.")
+        static let configuration = CommandConfiguration(commandName: "resume", abstract: "Resume a paused machine.")
         @OptionGroup var machine: MachineNameOptions
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
@@ -267,6 +267,7 @@ extension MachineCommand {
 
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "serve",
             abstract: "Run a machine's VMM process (started by `machine start`).", shouldDisplay: false)
 
         @Argument var name: String

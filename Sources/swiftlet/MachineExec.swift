@@ -6,6 +6,7 @@ import SwiftletSystem
 extension MachineCommand {
     struct Exec: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "exec",
             abstract: "Run a command in a running machine and return its output and exit status.",
             discussion: """
                 Runs as `swiftlet run` does (the image's entrypoint, environment, working directory and \
@@ -21,7 +22,7 @@ extension MachineCommand {
     }
 
     struct Shell: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Open an interactive shell (/bin/sh) in a running machine.")
+        static let configuration = CommandConfiguration(commandName: "shell", abstract: "Open an interactive shell (/bin/sh) in a running machine.")
 
         @OptionGroup var machine: MachineNameOptions
 

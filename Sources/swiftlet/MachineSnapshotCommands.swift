@@ -86,6 +86,7 @@ extension MachineCommand {
 
     struct Restore: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "restore",
             abstract: "Make a new machine from a machine's snapshot and start it where the snapshot left off.",
             discussion: """
                 The new machine gets a copy of the snapshot's disk and maps the snapshot's memory \
@@ -138,6 +139,7 @@ extension MachineCommand {
 
     struct Fork: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "fork",
             abstract: "Copy a running machine, or a machine's snapshot, into new running machines that continue from its state.",
             discussion: """
                 A running source pauses for a snapshot (memory and disk), then goes on. Each copy maps \

@@ -8,6 +8,7 @@ import VMM
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "run",
         abstract: "Run a command in a fresh microVM and return its output and exit status.",
         discussion: """
             Boots a VM whose root filesystem is the image (--image; the default busybox image \

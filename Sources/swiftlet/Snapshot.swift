@@ -6,6 +6,7 @@ import VMM
 
 struct Snapshot: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "snapshot",
         abstract: "Boot an image until its guest agent is ready and save the machine, for `swiftlet run --from`.",
         discussion: """
             Boots the image (--image; the default busybox image without it) with the guest agent, \
