@@ -124,6 +124,70 @@ public final class GuestMemory: @unchecked Sendable {
     /// Total bytes of guest memory.
     public var totalSize: UInt64 { regions.reduce(0) { $0 + $1.size } }
 
+    /// Pages of guest memory (4 KiB) over all regions.
+    public var pageCount: Int { (firstPage.last ?? 0) + Int((regions.last?.size ?? 0) / Self.pageSize) }
+
+    /// The pages this process holds a private, written copy of (numbered over all regions in
+    /// order, as runs): present, anonymous and mapped here only, in /proc/self/pagemap. After a
+    /// restore these are the pages written since (by the guest or by devices); pages only read
+    /// are still the snapshot file's (or the shared zero page) and are not included.
+    public func writtenPageRuns() throws(SwiftletError) -> [Range<Int>] {
+        let pagemap = try OwnedFileDescriptor.open("/proc/self/pagemap", flags: O_RDONLY, what: "page map")
+        var runs: [Range<Int>] = []
+        let batch = 1 << 16
+        var entries = [UInt64](repeating: 0, count: batch)
+        for (index, region) in regions.enumerated() {
+            let pages = Int(region.size / Self.pageSize)
+            let firstVirtualPage = UInt64(UInt(bitPattern: region.hostAddress)) / Self.pageSize
+            var done = 0
+            while done < pages {
+                let count = min(batch, pages - done)
+                let offset = (firstVirtualPage + UInt64(done)) * 8
+                let read: Result<Void, SwiftletError> = entries.withUnsafeMutableBytes { buffer in
+                    Result { () throws(SwiftletError) in
+                        try pagemap.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count * 8]), at: offset, what: "page map")
+                    }
+                }
+                try read.get()
+                for i in 0..<count where Self.isPrivateWrittenPage(entries[i]) {
+                    runs.appendMerging(firstPage[index] + done + i ..< firstPage[index] + done + i + 1)
+                }
+                done += count
+            }
+        }
+        return runs
+    }
+
+    /// A pagemap entry (Documentation/admin-guide/mm/pagemap.rst): bit 63 present, bit 61 a file
+    /// page or shared anonymous, bit 56 mapped by this process only.
+    static func isPrivateWrittenPage(_ entry: UInt64) -> Bool {
+        entry >> 63 & 1 == 1 && entry >> 61 & 1 == 0 && entry >> 56 & 1 == 1
+    }
+
+    /// Makes `runs` of pages (numbered as in `writtenPageRuns`) present and writable now, each a
+    /// private copy, without changing their contents (MADV_POPULATE_WRITE): a restored guest that
+    /// writes them then faults only in the hypervisor, not also in the host. Best effort: returns
+    /// false when the kernel cannot (before Linux 5.14) or a run is out of range.
+    @discardableResult
+    public func populateForWriting(_ runs: [Range<Int>]) -> Bool {
+        for run in runs where !run.isEmpty {
+            var first = run.lowerBound
+            while first < run.upperBound {
+                guard let index = firstPage.lastIndex(where: { $0 <= first }) else { return false }
+                let regionPages = Int(regions[index].size / Self.pageSize)
+                let inRegion = first - firstPage[index]
+                guard inRegion < regionPages else { return false }
+                let count = min(run.upperBound - first, regionPages - inRegion)
+                let p = regions[index].hostAddress + inRegion * Int(Self.pageSize)
+                if madvise(p, count * Int(Self.pageSize), Self.madvisePopulateWrite) != 0 { return false }
+                first += count
+            }
+        }
+        return true
+    }
+
+    static let madvisePopulateWrite: Int32 = 23
+
     /// Bytes of guest memory currently resident on the host (touched by guest or VMM).
     public var residentBytes: Int {
         owners.reduce(0) { $0 + $1.mapping.residentBytes() }

@@ -24,10 +24,10 @@ extension OwnedFileDescriptor {
     }
 }
 
-extension Array where Element == Range<UInt64> {
+extension Array {
     /// Appends `range` to ranges sorted by their start, merged with the last one if they touch
     /// or overlap; an empty range is dropped.
-    public mutating func appendMerging(_ range: Range<UInt64>) {
+    public mutating func appendMerging<Bound: Comparable>(_ range: Range<Bound>) where Element == Range<Bound> {
         guard !range.isEmpty else { return }
         if let last = self.last, range.lowerBound <= last.upperBound {
             self[count - 1] = last.lowerBound..<Swift.max(last.upperBound, range.upperBound)

@@ -116,6 +116,16 @@ struct RestorePlan: Sendable {
     /// Whether the restored machine tracks the pages it writes, so that its next snapshot can be
     /// a diff of this one (KVM's dirty log costs a write fault per page first written).
     var diffable = true
+    /// Whether the restore makes private copies of the snapshot's recorded working set up front.
+    var prefetchesWorkingSet = false
+
+    /// The working set recorded beside the snapshot, if there is one that belongs to it: a hint,
+    /// so anything unreadable counts as none.
+    func recordedWorkingSet(pageCount: Int) -> WorkingSet? {
+        let path = directory + "/" + WorkingSet.fileName
+        guard let bytes = try? OwnedFileDescriptor.readSmallFile(path, limit: 64 << 20) else { return nil }
+        return try? WorkingSet.decode(bytes, path: path, snapshot: snapshot.id, pageCount: pageCount)
+    }
 
     func mapMemory(expecting ranges: [(GuestAddress, UInt64)]) throws(SwiftletError) -> GuestMemory {
         let memory = try MemoryFile.map(chain: memoryChain, id: snapshot.id)
@@ -201,12 +211,18 @@ extension Machine {
     /// The snapshot's writable disks come back as `writableDisks` (one per writable disk, in order:
     /// copies of `writableDiskFiles(inSnapshot:)`, or copy-on-write overlays with those as their
     /// base); without them, as overlays in temporary files, whose writes are lost when the machine ends.
+    /// With `prefetchWorkingSet`, the pages a restore of this snapshot wrote before (recorded by
+    /// `saveWorkingSet()`) are copied out of the snapshot in one pass before the guest runs, so
+    /// that its writes there do not each fault in the host; for short runs that repeat the same
+    /// work (`swiftlet run --from`), not for machines that live long.
     public static func restoring(from directory: String, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
                                  kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
                                  vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
-                                 diffable: Bool = true, writableDisks: [DiskConfig]? = nil) throws(SwiftletError) -> Machine {
+                                 diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
+                                 prefetchWorkingSet: Bool = false) throws(SwiftletError) -> Machine {
         var plan = try RestorePlan.load(absolutePath(directory))
         plan.diffable = diffable
+        plan.prefetchesWorkingSet = prefetchWorkingSet
         let hardware = plan.snapshot.hardware
         let deviceCount = hardware.disks.count + (hardware.entropyDevice ? 1 : 0) + (hardware.vsockGuestCID != nil ? 1 : 0)
         guard plan.snapshot.devices.count == deviceCount else {
@@ -246,6 +262,33 @@ extension Machine {
                                    entropyDevice: hardware.entropyDevice,
                                    vsock: hardware.vsockGuestCID.map { VsockConfig(guestCID: $0, forwards: vsockForwards) })
         return Machine(config: config, vsockPorts: vsockPorts, restore: plan)
+    }
+
+    /// Records the pages the guest (and its devices) wrote since this machine was restored as its
+    /// snapshot's working set, in the snapshot directory, unless the restore found one there:
+    /// later restores with `prefetchWorkingSet` copy those pages in one pass before the guest runs.
+    /// Call it once the machine has done what a typical run does (after the command, say).
+    /// Returns the pages recorded, or nil when there was nothing to record (not restored,
+    /// restored without `prefetchWorkingSet`, or a working set was already there). Never touches
+    /// the snapshot's own files; a snapshot directory that is not writable gives an error.
+    @discardableResult
+    public func saveWorkingSet() throws(SwiftletError) -> Int? {
+        guard let restore, restore.prefetchesWorkingSet, workingSetLoaded.withLock({ !$0 }) else { return nil }
+        let memory = try liveMachine().memory
+        let set = try WorkingSet(snapshot: restore.snapshot.id, pageCount: memory.pageCount, runs: try memory.writtenPageRuns())
+        let path = restore.directory + "/" + WorkingSet.fileName
+        // Concurrent runs may record at once: each writes its own file, and the last rename wins.
+        let temporary = path + ".partial-" + (try SnapshotID.random()).description
+        do throws(SwiftletError) {
+            let file = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o644, what: temporary)
+            try set.encode().withUnsafeBytes { raw in Result { () throws(SwiftletError) in try file.writeAll(raw) } }.get()
+            try systemCall("cannot put the working set in \(path)") { rename(temporary, path) }
+        } catch {
+            unlink(temporary)
+            throw error
+        }
+        workingSetLoaded.withLock { $0 = true }
+        return set.pages
     }
 
     /// The files in the snapshot in `directory` that hold its writable disks' contents, in disk

@@ -56,6 +56,8 @@ public final class Machine: Sendable {
     let operations = Mutex<Void>(())
     /// The snapshot this machine starts from instead of booting (`Machine.restoring(from:)`).
     let restore: RestorePlan?
+    /// Whether the restore found the snapshot's working set (or this machine recorded it).
+    let workingSetLoaded = Mutex<Bool>(false)
 
     /// Ports of the VMM's own devices.
     public enum Ports {
@@ -119,6 +121,10 @@ public final class Machine: Sendable {
         let ramRanges = X86Layout.ramRanges(bytes: UInt64(config.memoryMiB) << 20)
         let memory: GuestMemory
         if let restore { memory = try restore.mapMemory(expecting: ramRanges) } else { memory = try GuestMemory(anonymous: ramRanges) }
+        if let restore, restore.prefetchesWorkingSet, let set = restore.recordedWorkingSet(pageCount: memory.pageCount) {
+            workingSetLoaded.withLock { $0 = true }
+            memory.populateForWriting(set.runs)
+        }
         // A restored machine logs dirty pages from the start (unless told not to): its next
         // snapshot can be a diff.
         let diffable = restore?.diffable ?? false

@@ -144,7 +144,7 @@ extension Run {
                      templates: TemplateUse) throws(SwiftletError) -> (Machine, ExecRequest, PendingRoot?) {
         if let from {
             let vm = try Machine.restoring(from: from, consoleOutput: consoleOutput, kvmPath: Self.kvmPath,
-                                           allowPVM: machine.allowPVM, vsockPorts: port, diffable: false)
+                                           allowPVM: machine.allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true)
             let defaults = try AgentSnapshot.defaults(of: vm, directory: from)
             return (vm, try defaults.request(command: exec.command, environment: exec.environment, workdir: exec.workdir, user: exec.user, what: from), nil)
         }
@@ -161,7 +161,7 @@ extension Run {
         if templates == .restoreOrSave && template.exists {
             do {
                 let vm = try Machine.restoring(from: template.directory, consoleOutput: consoleOutput, kvmPath: Self.kvmPath,
-                                               allowPVM: machine.allowPVM, vsockPorts: port, diffable: false)
+                                               allowPVM: machine.allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true)
                 return (vm, request, PendingRoot(disks: root.disks, template: template, restored: true))
             } catch {
                 template.remove() // damaged or from another Swiftlet: boot and save a new one

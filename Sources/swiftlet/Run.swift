@@ -236,6 +236,9 @@ struct Run: ParsableCommand {
         }
         marks.append(("command", MonotonicClock.now))
         if let failure = outcome.failure { printError(failure) }
+        // The first run from a snapshot records what it wrote; later runs copy that in up front.
+        // Only a hint: a snapshot directory this user cannot write to goes without.
+        if from != nil || pendingRoot?.restored == true { _ = try? vm.saveWorkingSet() }
         if timing {
             if case .success(let report)? = machineThread.stop() { marks.insert(("vm", report.firstRun), at: 2) }
             marks.append(("teardown", MonotonicClock.now))

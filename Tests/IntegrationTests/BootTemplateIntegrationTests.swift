@@ -46,6 +46,7 @@ struct BootTemplateIntegrationTests {
         #expect(templates.count == 1)
         guard let saved = templates.first else { return }
         #expect(access(home.path + "/templates/\(saved)/memory", R_OK) == 0)
+        #expect(access(home.path + "/templates/\(saved)/working-set", F_OK) != 0, "the booting run recorded no working set")
 
         for _ in 0..<2 {
             let again = run(Self.probe)
@@ -53,6 +54,7 @@ struct BootTemplateIntegrationTests {
             #expect(phases(again) == ["process", "snapshot", "vm", "connected", "ready", "root", "command", "teardown"], "restored, not booted")
         }
         #expect(templates == [saved], "restores leave the template as it was")
+        #expect(access(home.path + "/templates/\(saved)/working-set", R_OK) == 0, "the first restore recorded its working set")
 
         // Another shape has a template of its own; --cold boots and saves nothing.
         expectProbe(run(["--memory", "192"] + Self.probe))

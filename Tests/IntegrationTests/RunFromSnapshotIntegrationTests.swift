@@ -32,6 +32,10 @@ struct RunFromSnapshotIntegrationTests {
         let first = swiftlet(["run", "--from", snapshot, "--", "sh", "-c", "echo out; echo err >&2; echo written > /etc/new-file; exit 7"])
         #expect(first.status == 7, "\(first.stderr)")
         #expect(first.stdout == "out\n" && first.stderr == "err\n", "\(first.stdout)\(first.stderr)")
+        // The first run recorded the pages it wrote; the runs below copy them in before they start.
+        let workingSet = snapshot + "/working-set"
+        let recorded = try OwnedFileDescriptor.readSmallFile(workingSet)
+        #expect(recorded.count > 72 && Array(recorded.prefix(8)) == Array("SWLTWSET".utf8))
         // The next restore starts from the snapshot again, not from where the last one ended.
         let second = swiftlet(["run", "--from", snapshot, "-e", "FOO=bar", "-w", "/tmp", "-u", "nobody", "--",
                                "sh", "-c", "test -e /etc/new-file || echo no-new-file; echo $FOO; pwd; id -u"])
@@ -41,6 +45,16 @@ struct RunFromSnapshotIntegrationTests {
         #expect(input.stdout == "FROM THE HOST\n", "\(input.stderr)")
         #expect(swiftlet(["run", "--from", snapshot, "--", "no-such-command"]).status == 127)
         #expect(digest(snapshot + "/state") == state && digest(snapshot + "/memory") == memory && state.count == 64, "restores never modify the snapshot")
+        #expect(try OwnedFileDescriptor.readSmallFile(workingSet) == recorded, "recorded once, then only read")
+
+        // A damaged working set is a missing hint: the run works and records it again.
+        var damaged = recorded
+        damaged[damaged.count - 1] ^= 0xFF
+        _ = dir.write("busybox.snap/working-set", damaged)
+        let afterDamage = swiftlet(["run", "--from", snapshot, "--", "echo", "still"])
+        #expect(afterDamage.status == 0 && afterDamage.stdout == "still\n", "\(afterDamage.stderr)")
+        let rewritten = try OwnedFileDescriptor.readSmallFile(workingSet)
+        #expect(rewritten != damaged && Array(rewritten.prefix(36)) == Array(recorded.prefix(36)), "the same snapshot's header, a valid set again")
 
         // Bad snapshots: clear errors, and the good one is untouched.
         let flipped = dir.path + "/flipped"

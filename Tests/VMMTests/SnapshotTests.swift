@@ -457,6 +457,63 @@ struct CountingGuest {
         CountingGuest.expectConsecutive(try CountingGuest.output(againOut), startingAt: try CountingGuest.savedCount(second).next)
     }
 
+    @Test func theFirstRestoreRecordsItsWorkingSetAndLaterOnesCopyItIn() throws {
+        let guest = CountingGuest()
+        let out = guest.dir.path + "/out"
+        let snapshot = guest.dir.path + "/snapshot"
+        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
+            try CountingGuest.waitForOutput(out)
+            _ = try machine.snapshotBlocking(to: snapshot)
+        }
+        let snapshotFiles = try ["state", "memory"].map { try SHA256.hash(CountingGuest.output(snapshot + "/" + $0)) }
+        let setPath = snapshot + "/" + WorkingSet.fileName
+        let plan = try RestorePlan.load(snapshot)
+        func restore(prefetch: Bool, _ body: (Machine) throws -> Void) throws {
+            let restoredOut = guest.dir.path + "/restored.out"
+            let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            defer { close(fd) }
+            _ = try CountingGuest.whileRunning(Machine.restoring(from: snapshot, consoleOutput: fd, diffable: false, prefetchWorkingSet: prefetch)) { machine in
+                try CountingGuest.waitForOutput(restoredOut)
+                try body(machine)
+            }
+            CountingGuest.expectConsecutive(try CountingGuest.output(restoredOut), startingAt: try CountingGuest.savedCount(snapshot).next)
+        }
+        // Without prefetching there is nothing to record.
+        try restore(prefetch: false) { machine throws in #expect(try machine.saveWorkingSet() == nil) }
+        #expect(access(setPath, F_OK) != 0)
+
+        // The first restore records the pages it wrote: the counter's among them.
+        try restore(prefetch: true) { machine throws in
+            let pages = try #require(try machine.saveWorkingSet())
+            #expect(pages >= 1)
+            #expect(try machine.saveWorkingSet() == nil, "recorded once")
+        }
+        let recorded = try WorkingSet.decode(CountingGuest.output(setPath), path: setPath, snapshot: plan.snapshot.id, pageCount: 64 << 8)
+        let counterPage = Int(CountingGuest.counterAddress / 4096)
+        #expect(recorded.runs.contains { $0.contains(counterPage) }, "\(recorded.runs)")
+
+        // The next finds it, copies it in and records nothing; the guest goes on counting.
+        try restore(prefetch: true) { machine throws in
+            #expect(machine.workingSetLoaded.withLock { $0 })
+            let copied = Set(try machine.liveMachine().memory.writtenPageRuns().flatMap { Array($0) })
+            #expect(recorded.runs.allSatisfy { $0.allSatisfy(copied.contains) }, "every recorded page is a private copy")
+            #expect(try machine.saveWorkingSet() == nil)
+        }
+        // A damaged working set is only a missing hint: the restore works and records a new one.
+        var damaged = try CountingGuest.output(setPath)
+        damaged[damaged.count - 1] ^= 0xFF
+        try OwnedFileDescriptor.writeSmallFileAtomically(setPath, damaged)
+        try restore(prefetch: true) { machine throws in
+            #expect(!machine.workingSetLoaded.withLock { $0 })
+            #expect(try machine.saveWorkingSet() != nil)
+        }
+        #expect(try WorkingSet.decode(CountingGuest.output(setPath), path: setPath, snapshot: plan.snapshot.id, pageCount: 64 << 8).pages >= 1)
+        #expect(try ["state", "memory"].map { try SHA256.hash(CountingGuest.output(snapshot + "/" + $0)) } == snapshotFiles,
+                "the snapshot's own files are never written")
+        let leftovers = (OwnedFileDescriptor.directoryEntries(snapshot) ?? []).map(\.name).filter { $0.contains("partial") }
+        #expect(leftovers.isEmpty)
+    }
+
     /// A diff that fails (here: its filesystem is full) after taking the dirty logs must not lose
     /// those pages: the next diff still holds them.
     @Test(.enabled(if: TestHost.isRoot, "mounts a small tmpfs"))
