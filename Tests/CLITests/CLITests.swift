@@ -102,6 +102,12 @@ import TestSupport
         #expect(env.status == 64)
         #expect(env.stderr.contains("expected KEY=VALUE"))
         expectOneLineError(run(["run", "--rootfs", tiny.path + "/missing.erofs", "--", "true"]), contains: "no root filesystem image at")
+        // `run` is parsed on its own first; what it refuses gets the whole tree's usage and help.
+        let unknown = run(["run", "--bogus", "--", "true"])
+        #expect(unknown.status == 64 && unknown.stderr.contains("Unknown option '--bogus'") && unknown.stderr.contains("Usage: swiftlet run"), "\(unknown.stderr)")
+        let help = run(["run", "--help"])
+        #expect(help.status == 0 && help.stdout.contains("USAGE: swiftlet run"), "\(help.stdout)")
+        #expect(run(["help", "run"]).stdout == help.stdout)
     }
 
     @Test func convertingSomethingThatIsNotATarArchive() {
