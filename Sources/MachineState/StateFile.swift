@@ -1,24 +1,18 @@
-import FoundationEssentials
 import SwiftletSystem
 
 /// The snapshot state file: a fixed header (magic, format version, payload size, SHA-256 of the
-/// payload) and a JSON payload. See docs/snapshot-format.md.
+/// payload) and the state in `CompactCoder`'s binary encoding. See docs/snapshot-format.md.
 ///
 /// Any change to the payload that an older Swiftlet could misread bumps `version`; a reader
 /// refuses every version but its own rather than guess.
 public enum StateFile {
     public static let magic: [UInt8] = Array("SWLTSNAP".utf8)
-    public static let version: UInt32 = 2
+    public static let version: UInt32 = 3
     public static let headerSize = 64
 
     /// The header and payload for `value`.
     public static func encode<T: Encodable>(_ value: T) throws(SwiftletError) -> [UInt8] {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
-        let payload: [UInt8]
-        do { payload = Array(try encoder.encode(value)) } catch {
-            throw SwiftletError(.invalidFormat, "cannot encode the snapshot state: \(error)")
-        }
+        let payload = try CompactCoder.encode(value)
         var header = magic
         header += LittleEndian.bytes(UInt64(version), 4) + LittleEndian.bytes(UInt64(headerSize), 4) + LittleEndian.bytes(UInt64(payload.count), 8)
         header += SHA256.hash(payload)
@@ -45,9 +39,9 @@ public enum StateFile {
             throw SwiftletError(.invalidFormat, "\(path) is corrupt: its checksum does not match its contents")
         }
         do {
-            return try JSONDecoder().decode(T.self, from: Data(payload))
+            return try CompactCoder.decode(T.self, from: payload)
         } catch {
-            throw SwiftletError(.invalidFormat, "\(path) has a valid checksum but state this Swiftlet cannot read: \(error)")
+            throw SwiftletError(.invalidFormat, "\(path) has a valid checksum but state this Swiftlet cannot read: \(error.message)")
         }
     }
 }
