@@ -267,7 +267,8 @@ extension Machine {
     /// Records the pages the guest (and its devices) wrote since this machine was restored as its
     /// snapshot's working set, in the snapshot directory, unless the restore found one there:
     /// later restores with `prefetchWorkingSet` copy those pages in one pass before the guest runs.
-    /// Call it once the machine has done what a typical run does (after the command, say).
+    /// Call it once the machine has done what a typical run does (after the command, say). A run
+    /// that wrote more than a quarter of guest memory records an empty set (nothing to copy in).
     /// Returns the pages recorded, or nil when there was nothing to record (not restored,
     /// restored without `prefetchWorkingSet`, or a working set was already there). Never touches
     /// the snapshot's own files; a snapshot directory that is not writable gives an error.
@@ -275,7 +276,12 @@ extension Machine {
     public func saveWorkingSet() throws(SwiftletError) -> Int? {
         guard let restore, restore.prefetchesWorkingSet, workingSetLoaded.withLock({ !$0 }) else { return nil }
         let memory = try liveMachine().memory
-        let set = try WorkingSet(snapshot: restore.snapshot.id, pageCount: memory.pageCount, runs: try memory.writtenPageRuns())
+        let written = try memory.writtenPageRuns()
+        // A run that wrote more than a quarter of memory is not a working set to copy in on every
+        // restore: record an empty one, so that later runs neither copy nor record.
+        let pages = written.reduce(0) { $0 + $1.count }
+        let set = try WorkingSet(snapshot: restore.snapshot.id, pageCount: memory.pageCount,
+                                 runs: pages > memory.pageCount / 4 ? [] : written)
         let path = restore.directory + "/" + WorkingSet.fileName
         // Concurrent runs may record at once: each writes its own file, and the last rename wins.
         let temporary = path + ".partial-" + (try SnapshotID.random()).description
