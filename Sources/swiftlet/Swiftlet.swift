@@ -9,14 +9,20 @@ struct Swiftlet: ParsableCommand {
         version: "0.1.0",
         subcommands: [Run.self, MachineCommand.self, Snapshot.self, Boot.self, Image.self, Kernel.self])
 
-    /// `swiftlet run ARGS` is parsed as `run` alone: building the whole command tree first (every
-    /// subcommand's arguments, found by reflection) was a third of a restore's process start.
-    /// Anything `run` alone does not accept (help, a bad flag) goes the whole way, so that the
-    /// messages and usage are the tree's.
+    /// The commands whose start-up latency counts, parsed as themselves alone: building the whole
+    /// command tree first (every subcommand's arguments, found by reflection) was a third of a
+    /// restore's process start. `machine serve` is every machine's and every fork copy's VMM process.
+    static let parsedAlone: [(path: [String], command: any ParsableCommand.Type)] = [
+        (["run"], Run.self), (["machine", "exec"], MachineCommand.Exec.self), (["machine", "serve"], MachineCommand.Serve.self),
+    ]
+
+    /// Anything a command parsed alone does not accept (help, a bad flag) goes the whole way, so
+    /// that the messages and usage are the tree's.
     static func main() {
         let arguments = Array(CommandLine.arguments.dropFirst())
-        if arguments.first == Run.configuration.commandName, let run = try? Run.parse(Array(arguments.dropFirst())) {
-            do { try run.run() } catch { Swiftlet.exit(withError: error) }
+        if let entry = parsedAlone.first(where: { arguments.starts(with: $0.path) }),
+           var command = try? entry.command.parse(Array(arguments.dropFirst(entry.path.count))) as any ParsableCommand {
+            do { try command.run() } catch { Swiftlet.exit(withError: error) }
             Swiftlet.exit()
         }
         Swiftlet.main(arguments)

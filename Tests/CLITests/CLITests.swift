@@ -108,6 +108,9 @@ import TestSupport
         let help = run(["run", "--help"])
         #expect(help.status == 0 && help.stdout.contains("USAGE: swiftlet run"), "\(help.stdout)")
         #expect(run(["help", "run"]).stdout == help.stdout)
+        let noName = run(["machine", "exec", "--", "true"])
+        #expect(noName.status == 64 && noName.stderr.contains("which machine?") && noName.stderr.contains("Usage: swiftlet machine exec"), "\(noName.stderr)")
+        #expect(run(["machine", "exec", "--help"]).stdout == run(["help", "machine", "exec"]).stdout)
     }
 
     @Test func convertingSomethingThatIsNotATarArchive() {
