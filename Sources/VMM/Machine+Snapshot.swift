@@ -212,8 +212,8 @@ extension Machine {
     /// copies of `writableDiskFiles(inSnapshot:)`, or copy-on-write overlays with those as their
     /// base); without them, as overlays in temporary files, whose writes are lost when the machine ends.
     /// With `prefetchWorkingSet`, the pages a restore of this snapshot wrote before (recorded by
-    /// `saveWorkingSet()`) are copied out of the snapshot in one pass before the guest runs, so
-    /// that its writes there do not each fault in the host; for short runs that repeat the same
+    /// `saveWorkingSet()`) are copied out of the snapshot by a thread beside the starting guest,
+    /// so that its writes there do not each fault in the host; for short runs that repeat the same
     /// work (`swiftlet run --from`), not for machines that live long.
     public static func restoring(from directory: String, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
                                  kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
@@ -266,7 +266,7 @@ extension Machine {
 
     /// Records the pages the guest (and its devices) wrote since this machine was restored as its
     /// snapshot's working set, in the snapshot directory, unless the restore found one there:
-    /// later restores with `prefetchWorkingSet` copy those pages in one pass before the guest runs.
+    /// later restores with `prefetchWorkingSet` copy those pages in as the guest starts.
     /// Call it once the machine has done what a typical run does (after the command, say). A run
     /// that wrote more than a quarter of guest memory records an empty set (nothing to copy in).
     /// Returns the pages recorded, or nil when there was nothing to record (not restored,

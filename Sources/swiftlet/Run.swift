@@ -236,7 +236,7 @@ struct Run: ParsableCommand {
         }
         marks.append(("command", MonotonicClock.now))
         if let failure = outcome.failure { printError(failure) }
-        // The first run from a snapshot records what it wrote; later runs copy that in up front.
+        // The first run from a snapshot records what it wrote; later runs copy that in as they start.
         // Only a hint: a snapshot directory this user cannot write to goes without.
         if from != nil || pendingRoot?.restored == true { _ = try? vm.saveWorkingSet() }
         if timing {
