@@ -23,6 +23,14 @@ struct CountingGuest {
         return MachineConfig(kernelPath: kernel, commandLine: "count", cpuCount: cpus, memoryMiB: 64, consoleOutput: fd)
     }
 
+    /// Runs a counting guest until it has printed, and snapshots it into `directory` (then stops it).
+    func countThenSnapshot(to directory: String, output: String) throws {
+        _ = try Self.whileRunning(Machine(config: config(output: output))) { machine in
+            try Self.waitForOutput(output)
+            _ = try machine.snapshotBlocking(to: directory)
+        }
+    }
+
     /// Runs `machine` on its own thread; `body` gets it while it runs, then it is stopped.
     static func whileRunning(_ machine: Machine, _ body: (Machine) throws -> Void) throws -> MachineRunReport {
         let result = Mutex<Result<MachineRunReport, SwiftletError>?>(nil)
@@ -233,10 +241,7 @@ struct CountingGuest {
         // Memory from another snapshot.
         let mixed = guest.dir.path + "/mixed"
         _ = Subprocess.run(["/bin/cp", "-r", good, mixed])
-        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
-            try CountingGuest.waitForOutput(out)
-            _ = try machine.snapshotBlocking(to: guest.dir.path + "/other")
-        }
+        try guest.countThenSnapshot(to: guest.dir.path + "/other", output: out)
         _ = Subprocess.run(["/bin/cp", guest.dir.path + "/other/memory", mixed + "/memory"])
         #expect { _ = try Machine.restoring(from: mixed, consoleOutput: nil).runBlocking() } throws: {
             ($0 as! SwiftletError).message.contains("do not match")
@@ -434,10 +439,7 @@ struct CountingGuest {
         let guest = CountingGuest()
         let out = guest.dir.path + "/out"
         let first = guest.dir.path + "/first", second = guest.dir.path + "/second"
-        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
-            try CountingGuest.waitForOutput(out)
-            _ = try machine.snapshotBlocking(to: first)
-        }
+        try guest.countThenSnapshot(to: first, output: out)
         let restoredOut = guest.dir.path + "/restored.out"
         let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         defer { close(fd) }
@@ -461,10 +463,7 @@ struct CountingGuest {
         let guest = CountingGuest()
         let out = guest.dir.path + "/out"
         let snapshot = guest.dir.path + "/snapshot"
-        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
-            try CountingGuest.waitForOutput(out)
-            _ = try machine.snapshotBlocking(to: snapshot)
-        }
+        try guest.countThenSnapshot(to: snapshot, output: out)
         let snapshotFiles = try ["state", "memory"].map { try SHA256.hash(CountingGuest.output(snapshot + "/" + $0)) }
         let setPath = snapshot + "/" + WorkingSet.fileName
         let plan = try RestorePlan.load(snapshot)
@@ -566,10 +565,7 @@ struct CountingGuest {
         let guest = CountingGuest()
         let out = guest.dir.path + "/out"
         let tiny = guest.dir.path + "/tiny"
-        _ = try CountingGuest.whileRunning(Machine(config: guest.config(output: out))) { machine in
-            try CountingGuest.waitForOutput(out)
-            _ = try machine.snapshotBlocking(to: tiny)
-        }
+        try guest.countThenSnapshot(to: tiny, output: out)
         #expect(try RestorePlan.load(tiny).snapshot.guestIsLinux == false)
         // The same snapshot, said to be of a Linux guest (re-encoded, so its checksum is right).
         let linux = guest.dir.path + "/linux"
