@@ -121,19 +121,13 @@ public final class Machine: Sendable {
         let ramRanges = X86Layout.ramRanges(bytes: UInt64(config.memoryMiB) << 20)
         let memory: GuestMemory
         if let restore { memory = try restore.mapMemory(expecting: ramRanges) } else { memory = try GuestMemory(anonymous: ramRanges) }
-        // The recorded working set is copied in on a thread of its own while the guest starts (a
-        // page the guest writes first it copies itself, as it would without the set). Even on the
-        // one-CPU nested host this ends the first command as soon as copying it all first does,
-        // and the guest runs 12 ms sooner; with CPUs to spare the copying overlaps the guest.
-        var prefetch: OSThread?
-        defer { prefetch?.join() }
+        var workingSet: [Range<Int>] = []
         if let restore, restore.prefetchesWorkingSet, let set = restore.recordedWorkingSet(pageCount: memory.pageCount) {
             workingSetLoaded.withLock { $0 = true }
-            if !set.runs.isEmpty {
-                prefetch = try? OSThread.start(name: "prefetch", stackSize: 64 << 10) { memory.populateForWriting(set.runs) }
-                if prefetch == nil { memory.populateForWriting(set.runs) }
-            }
+            workingSet = set.runs
         }
+        var prefetch: OSThread?
+        defer { prefetch?.join() }
         // A restored machine logs dirty pages from the start (unless told not to): its next
         // snapshot can be a diff.
         let diffable = restore?.diffable ?? false
@@ -244,6 +238,14 @@ public final class Machine: Sendable {
         }
         // A stop requested before a thread was registered must still reach it.
         if controller.isStopping { for (vcpu, thread) in zip(vcpus, threads) { vcpu.requestExit(); thread.interrupt() } }
+        // The recorded working set is copied in once the guest runs, on a thread of its own (a
+        // page the guest writes first it copies itself, as it would without the set). Even on the
+        // one-CPU nested host this ends the first command as soon as copying it all before the
+        // first KVM_RUN does, and the guest runs sooner; with CPUs to spare the two overlap.
+        if !workingSet.isEmpty {
+            prefetch = try? OSThread.start(name: "prefetch", stackSize: 64 << 10) { [workingSet] in memory.populateForWriting(workingSet) }
+            if prefetch == nil { memory.populateForWriting(workingSet) }
+        }
 
         ConsoleIOLoop(console: console, input: config.consoleInput, serial: bus.serial, controller: controller).run()
         for thread in threads { thread.join() }
