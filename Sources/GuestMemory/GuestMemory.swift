@@ -179,14 +179,12 @@ public final class GuestMemory: @unchecked Sendable {
                 guard inRegion < regionPages else { return false }
                 let count = min(run.upperBound - first, regionPages - inRegion)
                 let p = regions[index].hostAddress + inRegion * Int(Self.pageSize)
-                if madvise(p, count * Int(Self.pageSize), Self.madvisePopulateWrite) != 0 { return false }
+                if madvise(p, count * Int(Self.pageSize), MADV_POPULATE_WRITE) != 0 { return false }
                 first += count
             }
         }
         return true
     }
-
-    static let madvisePopulateWrite: Int32 = 23
 
     /// Bytes of guest memory currently resident on the host (touched by guest or VMM).
     public var residentBytes: Int {

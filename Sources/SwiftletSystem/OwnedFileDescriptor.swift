@@ -188,12 +188,16 @@ extension OwnedFileDescriptor {
         String(decoding: try readSmallFile(path, limit: limit), as: UTF8.self)
     }
 
-    /// Replaces the small file at `path` with `bytes` atomically: written and flushed to
-    /// `path.tmp`, then renamed over it, so readers see the old content or the new, never a part.
+    /// Replaces the small file at `path` with `bytes` atomically: written and flushed to a
+    /// temporary file of its own beside it (`path.tmp-RANDOM`), then renamed over it, so readers
+    /// see the old content or the new, never a part. Concurrent writers each write their own
+    /// temporary file; the last rename wins.
     public static func writeSmallFileAtomically(_ path: String, _ bytes: [UInt8]) throws(SwiftletError) {
-        let temporary = path + ".tmp"
+        var random = [UInt8](repeating: 0, count: 8)
+        try random.withMutableBytes { buffer throws(SwiftletError) in try SystemRandom.fill(buffer) }
+        let temporary = path + ".tmp-" + Hex.encode(random)
         do throws(SwiftletError) {
-            let file = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644, what: temporary)
+            let file = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o644, what: temporary)
             try bytes.withUnsafeBytes { raw in Result { () throws(SwiftletError) in try file.writeAll(raw) } }.get()
             let fd = file.rawValue
             try systemCall("cannot flush \(temporary)") { fsync(fd) }

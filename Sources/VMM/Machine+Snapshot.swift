@@ -282,17 +282,8 @@ extension Machine {
         let pages = written.reduce(0) { $0 + $1.count }
         let set = try WorkingSet(snapshot: restore.snapshot.id, pageCount: memory.pageCount,
                                  runs: pages > memory.pageCount / 4 ? [] : written)
-        let path = restore.directory + "/" + WorkingSet.fileName
-        // Concurrent runs may record at once: each writes its own file, and the last rename wins.
-        let temporary = path + ".partial-" + (try SnapshotID.random()).description
-        do throws(SwiftletError) {
-            let file = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o644, what: temporary)
-            try set.encode().withUnsafeBytes { raw in Result { () throws(SwiftletError) in try file.writeAll(raw) } }.get()
-            try systemCall("cannot put the working set in \(path)") { rename(temporary, path) }
-        } catch {
-            unlink(temporary)
-            throw error
-        }
+        // Concurrent runs may record at once: each writes its own temporary file, the last rename wins.
+        try OwnedFileDescriptor.writeSmallFileAtomically(restore.directory + "/" + WorkingSet.fileName, set.encode())
         workingSetLoaded.withLock { $0 = true }
         return set.pages
     }
