@@ -82,7 +82,8 @@ int swiftlet_signalfd(const int *signals, int count) {
     sigset_t set;
     sigemptyset(&set);
     for (int i = 0; i < count; i++) sigaddset(&set, signals[i]);
-    if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0) return -1;
+    int error = pthread_sigmask(SIG_BLOCK, &set, NULL);
+    if (error != 0) { errno = error; return -1; } // pthread_sigmask returns its error, not -1
     return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
 }
 int swiftlet_read_signal(int fd) {
@@ -186,15 +187,23 @@ long swiftlet_receive_with_fds(int socket, void *bytes, unsigned long length, in
     long n;
     do { n = recvmsg(socket, &message, MSG_CMSG_CLOEXEC); } while (n < 0 && errno == EINTR);
     if (n < 0) return n;
+    int overflow = (message.msg_flags & MSG_CTRUNC) != 0;
     for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
         if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
         int received = (int)((header->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-        int passed[SWIFTLET_MAX_PASSED_FDS];
-        memcpy(passed, CMSG_DATA(header), sizeof(int) * (size_t)received);
         for (int i = 0; i < received; i++) {
-            if (*count < capacity) fds[(*count)++] = passed[i];
-            else close(passed[i]);
+            int passed;
+            memcpy(&passed, CMSG_DATA(header) + sizeof(int) * (size_t)i, sizeof passed);
+            if (*count < capacity) fds[(*count)++] = passed;
+            else { close(passed); overflow = 1; }
         }
+    }
+    if (overflow) {
+        // More descriptors came than there was room for: none is kept, and the call fails.
+        for (int i = 0; i < *count; i++) close(fds[i]);
+        *count = 0;
+        errno = EMSGSIZE;
+        return -1;
     }
     return n;
 }

@@ -56,4 +56,10 @@ public final class OSThread: @unchecked Sendable {
     public func join() {
         pthread_join(handle, nil)
     }
+
+    /// Lets the thread's resources go when it finishes, for a thread nobody joins (call `join` or
+    /// this, once).
+    public func detach() {
+        pthread_detach(handle)
+    }
 }

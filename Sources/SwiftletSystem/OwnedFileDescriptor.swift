@@ -132,6 +132,20 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         }
     }
 
+    /// One read(2) of what is there, up to `buffer.count` bytes, retrying EINTR: the byte count, 0
+    /// at end of file. On a non-blocking descriptor with nothing to read it throws an error whose
+    /// cause is `.resourceTemporarilyUnavailable`.
+    public static func readSome(fd: Int32, into buffer: UnsafeMutableRawBufferPointer, what: String) throws(SwiftletError) -> Int {
+        // SAFETY: read(2) writes at most `buffer.count` bytes into `buffer`.
+        try systemCall("cannot read \(what)") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    /// Makes reads and writes of `fd` return EAGAIN instead of waiting (O_NONBLOCK).
+    public static func setNonBlocking(fd: Int32) throws(SwiftletError) {
+        let flags = try systemCall("cannot read the flags of descriptor \(fd)") { fcntl(fd, F_GETFL) }
+        try systemCall("cannot make descriptor \(fd) non-blocking") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
+    }
+
     /// The file's size in bytes (fstat).
     public func size() throws(SwiftletError) -> UInt64 {
         var info = stat()

@@ -115,7 +115,9 @@ int swiftlet_unix_connect(const char *path);
 /// sent, or -1 with errno.
 long swiftlet_send_with_fds(int socket, const void *bytes, unsigned long length, const int *fds, int count);
 /// Receives up to `length` bytes and up to `capacity` attached descriptors (made close-on-exec),
-/// stored in `fds` with their number in `*count`; the bytes received, or -1 with errno.
+/// stored in `fds` with their number in `*count`; the bytes received, or -1 with errno. When more
+/// descriptors arrive than `capacity` (or than fit the control buffer, MSG_CTRUNC), every one of
+/// them is closed, `*count` is 0, and the call fails with EMSGSIZE.
 long swiftlet_receive_with_fds(int socket, void *bytes, unsigned long length, int *fds, int capacity, int *count);
 
 /// Installs a do-nothing handler (without SA_RESTART) for `signo`, so that sending it to a thread
