@@ -65,8 +65,6 @@ public enum KernelLoader {
 extension [UInt8] {
     /// Little-endian integer at `offset`; the caller has checked the bounds.
     func le<T: FixedWidthInteger>(_ type: T.Type, at offset: Int) -> T {
-        var value: T = 0
-        for i in 0..<MemoryLayout<T>.size { value |= T(self[offset + i]) << (8 * i) }
-        return value
+        T(truncatingIfNeeded: LittleEndian.read(self, at: offset, count: MemoryLayout<T>.size))
     }
 }

@@ -77,8 +77,8 @@ indirect enum Node {
     case keyed([(key: String, value: Node)])
 
     func write(into bytes: inout [UInt8]) {
-        func u32(_ value: Int) { withUnsafeBytes(of: UInt32(value).littleEndian) { bytes += $0 } }
-        func u64(_ value: UInt64) { withUnsafeBytes(of: value.littleEndian) { bytes += $0 } }
+        func u32(_ value: Int) { LittleEndian.append(UInt64(UInt32(value)), 4, to: &bytes) }
+        func u64(_ value: UInt64) { LittleEndian.append(value, 8, to: &bytes) }
         func string(_ s: String) {
             var s = s
             s.withUTF8 { u32($0.count); bytes += $0 }
@@ -92,8 +92,7 @@ indirect enum Node {
             return at
         }
         func closeSized(_ at: Int) {
-            let size = UInt32(bytes.count - at - 4)
-            withUnsafeBytes(of: size.littleEndian) { bytes.replaceSubrange(at..<at + 4, with: $0) }
+            LittleEndian.write(UInt64(UInt32(bytes.count - at - 4)), 4, into: &bytes, at: at)
         }
         switch self {
         case .null: bytes.append(CompactCoder.Tag.null.rawValue)

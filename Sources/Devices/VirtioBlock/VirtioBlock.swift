@@ -89,8 +89,8 @@ public final class VirtioBlock: SingleQueueDevice {
     /// The configuration space: capacity (sectors) at 0, size_max at 8 (not offered), seg_max at 12.
     var configuration: [UInt8] {
         var bytes = [UInt8](repeating: 0, count: 16)
-        withUnsafeBytes(of: capacitySectors.littleEndian) { bytes.replaceSubrange(0..<8, with: $0) }
-        withUnsafeBytes(of: UInt32(Self.queueSize - 2).littleEndian) { bytes.replaceSubrange(12..<16, with: $0) }
+        LittleEndian.write(capacitySectors, 8, into: &bytes, at: 0)
+        LittleEndian.write(UInt64(Self.queueSize - 2), 4, into: &bytes, at: 12)
         return bytes
     }
 
@@ -174,7 +174,6 @@ public final class VirtioBlock: SingleQueueDevice {
             throw SwiftletError(.invalidFormat, "virtio-blk request without a header")
         }
         let bytes = try chain.readPrefix(Int(headerSize), memory: memory)
-        func le(_ range: Range<Int>) -> UInt64 { range.reversed().reduce(0) { $0 << 8 | UInt64(bytes[$1]) } }
-        return (UInt32(le(0..<4)), le(8..<16))
+        return (UInt32(LittleEndian.read(bytes, at: 0, count: 4)), LittleEndian.read(bytes, at: 8, count: 8))
     }
 }

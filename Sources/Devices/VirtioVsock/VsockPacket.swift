@@ -1,3 +1,5 @@
+import SwiftletSystem
+
 /// The header of a virtio-vsock packet (virtio 1.2, section 5.10.6), 44 bytes, little-endian.
 public struct VsockHeader: Equatable, Sendable {
     public static let size = 44
@@ -34,7 +36,7 @@ public struct VsockHeader: Equatable, Sendable {
 
     public init(bytes b: [UInt8]) {
         precondition(b.count >= Self.size)
-        func le(_ at: Int, _ n: Int) -> UInt64 { (0..<n).reversed().reduce(0) { $0 << 8 | UInt64(b[at + $1]) } }
+        func le(_ at: Int, _ n: Int) -> UInt64 { LittleEndian.read(b, at: at, count: n) }
         sourceCID = le(0, 8); destinationCID = le(8, 8)
         sourcePort = UInt32(le(16, 4)); destinationPort = UInt32(le(20, 4))
         length = UInt32(le(24, 4)); type = UInt16(le(28, 2)); operation = UInt16(le(30, 2))
@@ -44,7 +46,7 @@ public struct VsockHeader: Equatable, Sendable {
     public var bytes: [UInt8] {
         var b: [UInt8] = []
         b.reserveCapacity(Self.size)
-        func put(_ v: UInt64, _ n: Int) { for i in 0..<n { b.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(i)))) } }
+        func put(_ v: UInt64, _ n: Int) { LittleEndian.append(v, n, to: &b) }
         put(sourceCID, 8); put(destinationCID, 8); put(UInt64(sourcePort), 4); put(UInt64(destinationPort), 4)
         put(UInt64(length), 4); put(UInt64(type), 2); put(UInt64(operation), 2); put(UInt64(flags), 4)
         put(UInt64(bufferAllocation), 4); put(UInt64(forwardCount), 4)

@@ -44,11 +44,11 @@ public struct ZeroPage: Equatable, Sendable {
     }
 
     mutating func put(_ value: UInt64, _ offset: Int, _ size: Int) {
-        for i in 0..<size { bytes[offset + i] = UInt8((value >> (8 * UInt64(i))) & 0xFF) }
+        LittleEndian.write(value, size, into: &bytes, at: offset)
     }
 
     func value(_ offset: Int, _ size: Int) -> UInt64 {
-        (0..<size).reduce(UInt64(0)) { $0 | UInt64(bytes[offset + $1]) << (8 * UInt64($1)) }
+        LittleEndian.read(bytes, at: offset, count: size)
     }
 
     public mutating func setCommandLine(address: GuestAddress, length: Int) {

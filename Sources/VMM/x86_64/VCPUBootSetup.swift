@@ -68,10 +68,10 @@ enum VCPUBootSetup {
     }
 
     static func readAPICRegister(_ page: [UInt8], _ offset: Int) -> UInt32 {
-        (0..<4).reduce(UInt32(0)) { $0 | UInt32(page[offset + $1]) << (8 * UInt32($1)) }
+        UInt32(LittleEndian.read(page, at: offset, count: 4))
     }
 
     static func setAPICRegister(_ page: inout [UInt8], _ offset: Int, _ value: UInt32) {
-        for i in 0..<4 { page[offset + i] = UInt8((value >> (8 * UInt32(i))) & 0xFF) }
+        LittleEndian.write(UInt64(value), 4, into: &page, at: offset)
     }
 }

@@ -98,7 +98,7 @@ public enum ACPITables {
     static func makeFADT(_ config: ACPIConfiguration, dsdtAddress: UInt64) -> [UInt8] {
         var b = [UInt8](repeating: 0, count: 276 - 36)
         func put(_ value: UInt64, _ offset: Int, _ size: Int) {
-            for i in 0..<size { b[offset - 36 + i] = UInt8((value >> (8 * UInt64(i))) & 0xFF) }
+            LittleEndian.write(value, size, into: &b, at: offset - 36)
         }
         put(0, 45, 1)                       // Preferred_PM_Profile: unspecified
         put(9, 46, 2)                       // SCI_INT (unused in HW-reduced mode, kept conventional)
