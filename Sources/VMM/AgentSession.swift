@@ -1,5 +1,4 @@
 import AgentProtocol
-import CLinux
 import Glibc
 import Synchronization
 import SwiftletSystem
@@ -63,16 +62,10 @@ public final class AgentSession: @unchecked Sendable {
         if streams.input == nil { try send(.closeStdin) }
         var input = streams.input
         while true {
-            var fds = [pollfd(fd: socket.rawValue, events: Int16(POLLIN), revents: 0)]
-            if let input { fds.append(pollfd(fd: input, events: Int16(POLLIN), revents: 0)) }
-            if let signals = streams.signals { fds.append(pollfd(fd: signals, events: Int16(POLLIN), revents: 0)) }
-            let n = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), -1) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw SwiftletError.system("poll failed", errno: currentErrno)
-            }
-            for fd in fds where fd.revents != 0 {
-                if fd.fd == socket.rawValue {
+            let watched = [socket.rawValue, input ?? -1, streams.signals ?? -1]
+            let ready = try Poll.wait(watched)
+            for (fd, isReady) in zip(watched, ready) where isReady {
+                if fd == socket.rawValue {
                     guard let messages = try receiveAvailable() else {
                         throw SwiftletError(.guestFailure, "the guest agent closed the connection before the command ended")
                     }
@@ -85,16 +78,25 @@ public final class AgentSession: @unchecked Sendable {
                         default: break
                         }
                     }
-                } else if fd.fd == input {
-                    let count = buffer.withUnsafeMutableBytes { read(fd.fd, $0.baseAddress, $0.count) }
+                } else if fd == input {
+                    let count: Int
+                    do throws(SwiftletError) {
+                        count = try buffer.withMutableBytes { raw throws(SwiftletError) in
+                            try OwnedFileDescriptor.readSome(fd: fd, into: raw, what: "the command's input")
+                        }
+                    } catch where error.cause == .resourceTemporarilyUnavailable {
+                        continue
+                    } catch {
+                        count = 0 // an input that fails ends as if at its end
+                    }
                     if count > 0 {
                         try send(.stdin(Array(buffer[0..<count])))
-                    } else if count == 0 || (errno != EINTR && errno != EAGAIN) {
+                    } else {
                         try send(.closeStdin)
                         input = nil
                     }
-                } else if fd.fd == streams.signals {
-                    while case let signal = swiftlet_read_signal(fd.fd), signal > 0 {
+                } else if fd == streams.signals {
+                    while let signal = SignalFD.next(from: fd) {
                         if signal == SIGWINCH {
                             if let size = streams.windowSize?() { try send(.resize(rows: size.rows, columns: size.columns)) }
                         } else {
@@ -150,7 +152,7 @@ public final class AgentSession: @unchecked Sendable {
     /// Ends the connection in both directions: the agent ends the session's command, and `run`
     /// (on another thread) returns with an error.
     public func shutdown() {
-        _ = Glibc.shutdown(socket.rawValue, Int32(SHUT_RDWR))
+        UnixSocket.shutdown(socket.rawValue)
     }
 
     /// Reads what the socket has and decodes every complete message; nil at end of stream.
@@ -172,7 +174,9 @@ public final class AgentSession: @unchecked Sendable {
     /// Feeds one read's worth of the socket to the frame reader; false at end of stream.
     private func readMore() throws(SwiftletError) -> Bool {
         let fd = socket.rawValue
-        let n = try systemCall("cannot read from the guest agent") { buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } }
+        let n = try buffer.withMutableBytes { raw throws(SwiftletError) in
+            try OwnedFileDescriptor.readSome(fd: fd, into: raw, what: "from the guest agent")
+        }
         reader.append(buffer[0..<n])
         return n > 0
     }

@@ -1,6 +1,4 @@
-import CLinux
 import Devices
-import Glibc
 import Synchronization
 import SwiftletSystem
 
@@ -23,20 +21,7 @@ struct UnixSocketPorts: VsockHostPorts {
 
     func accept(port: UInt32, from guestPort: UInt32) -> Int32? {
         guard let path = forwards[port] else { return nil }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return nil }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { close(fd); return nil }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, b) in bytes.enumerated() { raw[i] = b }
-        }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected == 0 else { close(fd); return nil }
-        return fd
+        do { return try UnixSocket.connect(to: path).release() } catch { return nil }
     }
 }
 
@@ -54,7 +39,7 @@ struct ChainedPorts: VsockHostPorts {
 /// other end `connections` yields (to an `AgentSession`, say).
 public final class InProcessPort: VsockHostPorts {
     public let port: UInt32
-    private let pending = Mutex<[Int32]>([])
+    private let pending = Mutex(OwnedFileDescriptors())
     private let ready: EventFD
 
     public init(port: UInt32) throws(SwiftletError) {
@@ -64,26 +49,22 @@ public final class InProcessPort: VsockHostPorts {
 
     public func accept(port: UInt32, from guestPort: UInt32) -> Int32? {
         guard port == self.port else { return nil }
-        var pair: [Int32] = [0, 0]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else { return nil }
-        pending.withLock { $0.append(pair[1]) }
+        let pair: SocketPair
+        do { pair = try UnixSocket.pair() } catch { return nil }
+        let sessionEnd = pair.second.release()
+        pending.withLock { $0.append(OwnedFileDescriptor(taking: sessionEnd)) }
         ready.signal()
-        return pair[0]
+        return pair.first.release()
     }
 
     /// Waits up to `timeoutMilliseconds` (-1: forever) for the next connection; nil on timeout or
     /// when `cancel` becomes readable first.
     public func next(timeoutMilliseconds: Int32 = -1, cancel: Int32? = nil) -> OwnedFileDescriptor? {
+        let deadline = timeoutMilliseconds < 0 ? nil : MonotonicClock.now + UInt64(timeoutMilliseconds) * 1_000_000
         while true {
-            if let fd = pending.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) { return OwnedFileDescriptor(taking: fd) }
-            var fds = [pollfd(fd: ready.rawValue, events: Int16(POLLIN), revents: 0)]
-            if let cancel { fds.append(pollfd(fd: cancel, events: Int16(POLLIN), revents: 0)) }
-            let n = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeoutMilliseconds) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0, fds[0].revents != 0 else { return nil }
-            ready.drain()
+            if let connection = pending.withLock({ $0.removeFirst() }) { return connection }
+            guard let ready = try? Poll.wait([self.ready.rawValue] + (cancel.map { [$0] } ?? []), deadline: deadline), ready[0] else { return nil }
+            self.ready.drain()
         }
     }
-
-    deinit { pending.withLock { for fd in $0 { close(fd) } } }
 }

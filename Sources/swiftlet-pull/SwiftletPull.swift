@@ -16,8 +16,9 @@ import SwiftletSystem
 struct SwiftletPull {
     /// Writes `swiftlet: message` to stderr (progress, or the error as the last line).
     @Sendable static func report(_ message: String) {
-        var line = "swiftlet: " + message + "\n"
-        line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+        _ = try? Array(("swiftlet: " + message + "\n").utf8).withBytes { bytes throws(SwiftletError) in
+            try OwnedFileDescriptor.writeAll(fd: 2, bytes)
+        }
     }
 
     static func fail(_ message: String) -> Never {

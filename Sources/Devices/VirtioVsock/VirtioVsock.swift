@@ -152,12 +152,11 @@ public final class VirtioVsock: VirtioDevice {
     /// stream socket the caller owns). Data written to it reaches the guest once the guest accepts;
     /// if nothing listens there, the guest resets the connection and the socket reads end of file.
     public func connect(toGuestPort port: UInt32) throws(SwiftletError) -> OwnedFileDescriptor {
-        var pair: [Int32] = [0, 0]
-        try systemCall("cannot create a socket pair") { socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) }
-        let device = pair[0]
-        _ = fcntl(device, F_SETFL, fcntl(device, F_GETFL) | O_NONBLOCK)
-        let interrupt: VirtioInterrupt? = muxer.withLock { m in
-            guard m.connections.count < Self.maximumConnections, m.memory != nil else { close(device); return nil }
+        let pair = try UnixSocket.pair()
+        let device = pair.first.rawValue
+        try? OwnedFileDescriptor.setNonBlocking(fd: device)
+        let (accepted, interrupt) = muxer.withLock { m -> (Bool, VirtioInterrupt?) in
+            guard m.connections.count < Self.maximumConnections, m.memory != nil else { return (false, nil) }
             var hostPort = m.nextHostPort
             while m.connections.keys.contains(where: { $0.hostPort == hostPort }) { hostPort &+= 1 }
             m.nextHostPort = hostPort &+ 1 < 1 << 30 ? 1 << 30 : hostPort &+ 1
@@ -165,10 +164,13 @@ public final class VirtioVsock: VirtioDevice {
             m.connections[key] = VsockConnection(fd: device, established: false)
             m.keysByDescriptor[device] = key
             m.control.append((key, .request, 0))
-            return pumpReceive(&m) ? m.interrupt : nil
+            return (true, pumpReceive(&m) ? m.interrupt : nil)
         }
+        // The connection owns the device's end now; a refused one closes it, and the caller's
+        // end reads end of file.
+        if accepted { _ = pair.first.release() }
         interrupt?.signalUsedBuffer()
-        return OwnedFileDescriptor(taking: pair[1])
+        return pair.second
     }
 
     /// Stops the event loop and closes every connection, so host peers see end of file (the VMM
@@ -262,7 +264,7 @@ public final class VirtioVsock: VirtioDevice {
                 m.control.append((key, .reset, 0))
                 return
             }
-            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            try? OwnedFileDescriptor.setNonBlocking(fd: fd)
             var connection = VsockConnection(fd: fd, established: true)
             connection.updatePeerCredit(header)
             m.connections[key] = connection
@@ -336,7 +338,7 @@ public final class VirtioVsock: VirtioDevice {
             }
         }
         if c.pendingToHost.isEmpty && c.guestShutdown & VsockHeader.shutdownSend != 0 && !c.hostWriteShut {
-            shutdown(c.fd, Int32(SHUT_WR))
+            UnixSocket.shutdown(c.fd, .writing)
             c.hostWriteShut = true
         }
         if c.needsCreditUpdate(bufferAllocation: Self.bufferAllocation) && !m.control.contains(where: { $0.key == key && $0.operation == .creditUpdate }) {

@@ -1,5 +1,6 @@
 import CLinux
 import Glibc
+import SwiftletSystem
 
 /// One run of a VMM process, observed from outside: when it started, when the guest's boot marker
 /// reached us, when it exited, and what it cost.
@@ -21,34 +22,45 @@ struct Observation {
 /// Spawns `arguments`, watching stderr (or stdout, with `markerOnStdout`) for `marker` (bytes),
 /// and waits for the exit.
 func observe(_ arguments: [String], marker: [UInt8], markerOnStdout: Bool = false, guestMemoryBytes: Int) -> Observation {
-    var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0]
-    pipe(&outPipe); pipe(&errPipe)
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
-    posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
-    for fd in outPipe + errPipe { posix_spawn_file_actions_addclose(&actions, fd) }
-    let argv = arguments.map { strdup($0) } + [nil]
-    defer { argv.forEach { free($0) } }
+    let outPipe: PipeEnds, errPipe: PipeEnds
+    do {
+        outPipe = try OwnedFileDescriptor.pipe()
+        errPipe = try OwnedFileDescriptor.pipe()
+    } catch {
+        fatal("\(error)")
+    }
+    let outRead = outPipe.readEnd, errRead = errPipe.readEnd
     var pid = pid_t()
     let start = swiftlet_monotonic_ns()
-    let spawned = posix_spawn(&pid, arguments[0], &actions, nil, argv, environ)
-    posix_spawn_file_actions_destroy(&actions)
-    close(outPipe[1]); close(errPipe[1])
-    guard spawned == 0 else { fatal("cannot start \(arguments[0]): errno \(spawned)") }
+    do {
+        // The write ends go to the child as its stdout and stderr, and are closed here after the
+        // spawn, so the reads below end when the child does.
+        let outWrite = outPipe.writeEnd, errWrite = errPipe.writeEnd
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, outWrite.rawValue, 1)
+        posix_spawn_file_actions_adddup2(&actions, errWrite.rawValue, 2)
+        let argv = arguments.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let spawned = posix_spawn(&pid, arguments[0], &actions, nil, argv, environ)
+        posix_spawn_file_actions_destroy(&actions)
+        guard spawned == 0 else { fatal("cannot start \(arguments[0]): errno \(spawned)") }
+    }
 
     var out: [UInt8] = [], err: [UInt8] = []
     var markerAt: UInt64?
     var rssAtMarker: (Int, Int)?
-    var fds = [pollfd(fd: outPipe[0], events: Int16(POLLIN), revents: 0), pollfd(fd: errPipe[0], events: Int16(POLLIN), revents: 0)]
-    var open = 2
+    // The pipes still open (-1 once one reached its end).
+    var reading = [outRead.rawValue, errRead.rawValue]
     var buffer = [UInt8](repeating: 0, count: 65536)
-    while open > 0 {
-        _ = poll(&fds, 2, -1)
-        for i in 0..<2 where fds[i].fd >= 0 && fds[i].revents != 0 {
-            let n = buffer.withUnsafeMutableBytes { read(fds[i].fd, $0.baseAddress, $0.count) }
-            if n <= 0 { close(fds[i].fd); fds[i].fd = -1; open -= 1; continue }
+    while reading.contains(where: { $0 >= 0 }) {
+        let ready = (try? Poll.wait(reading)) ?? [false, false]
+        for i in 0..<2 where ready[i] {
+            let n = (try? buffer.withMutableBytes { raw throws(SwiftletError) in
+                try OwnedFileDescriptor.readSome(fd: reading[i], into: raw, what: "the child's output")
+            }) ?? 0
+            if n <= 0 { reading[i] = -1; continue }
             if i == 0 { out += buffer[0..<n] } else { err += buffer[0..<n] }
             if markerAt == nil, i == (markerOnStdout ? 0 : 1), contains(markerOnStdout ? out : err, marker) {
                 markerAt = swiftlet_monotonic_ns()
@@ -109,17 +121,7 @@ func residentKiB(pid: pid_t, guestMemoryBytes: Int) -> (Int, Int)? {
 func kib(_ line: Substring) -> Int { line.split(separator: " ").compactMap { Int($0) }.first ?? 0 }
 
 func readFile(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n <= 0 { break }
-        bytes += buffer[0..<n]
-    }
-    return String(decoding: bytes, as: UTF8.self)
+    try? OwnedFileDescriptor.readSmallTextFile(path, limit: 256 << 20)
 }
 
 func fatal(_ message: String) -> Never {
