@@ -13,18 +13,28 @@ cache_key() {
   { printf '%s\n' "$extra"; cat "$@"; } | sha256sum | cut -c1-16
 }
 
-# Installs the named Debian packages that are missing (needs root or sudo).
+# Whether apt has package lists at all (a fresh Debian system has none until `apt-get update`).
+apt_lists_present() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
+
+# Installs the named Debian packages that are missing (needs root or sudo). Without package lists
+# it fetches them first; if an install fails (lists out of date), it fetches them and tries once
+# more. apt-get's errors stay on stderr.
 need_packages() {
   local missing=()
   for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  log "installing ${missing[*]}"
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
-    || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; } \
+  if ! apt_lists_present; then
+    log "fetching the package lists (apt-get update): this system has none"
+    $sudo apt-get update -q >/dev/null || die "apt-get update failed: cannot install ${missing[*]}"
+  fi
+  log "installing ${missing[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null && return 0
+  log "apt-get install failed: fetching the package lists again (apt-get update) and retrying"
+  { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; } \
     || die "could not install ${missing[*]} with apt-get"
 }
 
