@@ -72,3 +72,39 @@ bench_busybox_image() {
   with_lock "$SWIFTLET_CACHE/bench-run.lock" make_image >&2
   echo "$image"
 }
+
+# Sums up the Swift Testing output in LOG: lists each skipped test with its reason, ends with
+# "LABEL: N passed, N failed, N skipped", and fails when a test failed, none passed, or a test
+# skipped for a reason that none of the ALLOWED extended regular expressions matches (a test
+# skipped in several attempts counts once). Matches the result symbols as any non-space run, so
+# it reads the output in any locale.
+#   summarize_tests LABEL LOG [ALLOWED]...
+summarize_tests() {
+  local label=$1 log=$2; shift 2
+  local lines passed failed skips
+  lines=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^[^ ]+ Test ' | grep -vE '^[^ ]+ Test run with' || true)
+  passed=$(grep -cE '^[^ ]+ Test .* passed after' <<< "$lines" || true)
+  failed=$(grep -cE '^[^ ]+ Test .* failed after' <<< "$lines" || true)
+  skips=$( (grep -E '^[^ ]+ Test .* skipped(: "|\.$)' <<< "$lines" || true) \
+    | sed -E 's/^[^ ]+ Test (.*) skipped(: "(.*)"|\.)$/\1\t\3/' | sort -u)
+  local skipped=0 refused=0 reason names count pattern allowed
+  [ -z "$skips" ] || echo "$label: skipped tests, by reason:"
+  while IFS= read -r reason; do
+    [ -n "$skips" ] || break
+    names=$(awk -F '\t' -v r="$reason" '$2 == r { print $1 }' <<< "$skips")
+    count=$(wc -l <<< "$names")
+    skipped=$((skipped + count)) allowed=0
+    for pattern in "$@"; do
+      if grep -qE -- "$pattern" <<< "$reason"; then allowed=1; break; fi
+    done
+    if [ "$allowed" = 1 ]; then
+      echo "  ${reason:-(no reason given)} ($count): $(paste -sd ' ' <<< "$names")"
+    else
+      refused=$((refused + count))
+      echo "  NOT ALLOWED TO SKIP HERE: ${reason:-(no reason given)} ($count): $(paste -sd ' ' <<< "$names")"
+    fi
+  done < <(cut -f2 <<< "$skips" | sort -u)
+  [ "$refused" -eq 0 ] || echo "error: $refused tests skipped that must run here (marked above)" >&2
+  echo "$label: $passed passed, $failed failed, $skipped skipped"
+  [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ] && [ "$refused" -eq 0 ]
+}
