@@ -13,18 +13,28 @@ cache_key() {
   { printf '%s\n' "$extra"; cat "$@"; } | sha256sum | cut -c1-16
 }
 
-# Installs the named Debian packages that are missing (needs root or sudo).
+# Whether apt has package lists at all (a fresh Debian system has none until `apt-get update`).
+apt_lists_present() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
+
+# Installs the named Debian packages that are missing (needs root or sudo). Without package lists
+# it fetches them first; if an install fails (lists out of date), it fetches them and tries once
+# more. apt-get's errors stay on stderr.
 need_packages() {
   local missing=()
   for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  log "installing ${missing[*]}"
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
-    || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; } \
+  if ! apt_lists_present; then
+    log "fetching the package lists (apt-get update): this system has none"
+    $sudo apt-get update -q >/dev/null || die "apt-get update failed: cannot install ${missing[*]}"
+  fi
+  log "installing ${missing[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null && return 0
+  log "apt-get install failed: fetching the package lists again (apt-get update) and retrying"
+  { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; } \
     || die "could not install ${missing[*]} with apt-get"
 }
 
@@ -61,4 +71,40 @@ bench_busybox_image() {
   }
   with_lock "$SWIFTLET_CACHE/bench-run.lock" make_image >&2
   echo "$image"
+}
+
+# Sums up the Swift Testing output in LOG: lists each skipped test with its reason, ends with
+# "LABEL: N passed, N failed, N skipped", and fails when a test failed, none passed, or a test
+# skipped for a reason that none of the ALLOWED extended regular expressions matches (a test
+# skipped in several attempts counts once). Matches the result symbols as any non-space run, so
+# it reads the output in any locale.
+#   summarize_tests LABEL LOG [ALLOWED]...
+summarize_tests() {
+  local label=$1 log=$2; shift 2
+  local lines passed failed skips
+  lines=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^[^ ]+ Test ' | grep -vE '^[^ ]+ Test run with' || true)
+  passed=$(grep -cE '^[^ ]+ Test .* passed after' <<< "$lines" || true)
+  failed=$(grep -cE '^[^ ]+ Test .* failed after' <<< "$lines" || true)
+  skips=$( (grep -E '^[^ ]+ Test .* skipped(: "|\.$)' <<< "$lines" || true) \
+    | sed -E 's/^[^ ]+ Test (.*) skipped(: "(.*)"|\.)$/\1\t\3/' | sort -u)
+  local skipped=0 refused=0 reason names count pattern allowed
+  [ -z "$skips" ] || echo "$label: skipped tests, by reason:"
+  while IFS= read -r reason; do
+    [ -n "$skips" ] || break
+    names=$(awk -F '\t' -v r="$reason" '$2 == r { print $1 }' <<< "$skips")
+    count=$(wc -l <<< "$names")
+    skipped=$((skipped + count)) allowed=0
+    for pattern in "$@"; do
+      if grep -qE -- "$pattern" <<< "$reason"; then allowed=1; break; fi
+    done
+    if [ "$allowed" = 1 ]; then
+      echo "  ${reason:-(no reason given)} ($count): $(paste -sd ' ' <<< "$names")"
+    else
+      refused=$((refused + count))
+      echo "  NOT ALLOWED TO SKIP HERE: ${reason:-(no reason given)} ($count): $(paste -sd ' ' <<< "$names")"
+    fi
+  done < <(cut -f2 <<< "$skips" | sort -u)
+  [ "$refused" -eq 0 ] || echo "error: $refused tests skipped that must run here (marked above)" >&2
+  echo "$label: $passed passed, $failed failed, $skipped skipped"
+  [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ] && [ "$refused" -eq 0 ]
 }

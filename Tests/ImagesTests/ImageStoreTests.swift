@@ -51,6 +51,19 @@ struct ImageStoreTests {
         #expect(try store.images().count == 3, "the layout (also from the archive and index), docker-save, zstd")
     }
 
+    /// `image pull DIR:py` of a layout skopeo wrote as `oci:DIR:py` names the image, and the name
+    /// finds it again (as `run --image localhost/py` looks it up).
+    @Test func aLayoutPulledByTagIsNamedAndFoundByTheName() async throws {
+        #expect(sh(#"cp -r "$T/layout" "$D/l" && chmod -R u+w "$D/l" && sed -i 's/"org.opencontainers.image.ref.name":"latest"/"org.opencontainers.image.ref.name":"py"/' "$D/l/index.json" && grep -q '"py"' "$D/l/index.json""#).status == 0)
+        let store = try store()
+        let image = try await pull(OCILayoutSource(directory: scratch.path + "/l", tag: "py"), into: store)
+        #expect(image.name == "localhost/py:latest")
+        for name in ["localhost/py", "localhost/py:latest"] { #expect(try store.find(name)?.manifest == image.manifest) }
+        #expect(try store.find("py") == nil, "a short name is Docker Hub's, as for any pull")
+        let unnamed = try await pull(OCILayoutSource(directory: scratch.path + "/l"), into: store)
+        #expect(unnamed.name == nil, "without the tag, the bare ref name is not taken for a name")
+    }
+
     @Test func removeKeepsWhatOtherImagesShareAndPruneTheRest() async throws {
         let store = try store()
         let gzip = try await pull(OCILayoutSource(directory: TestImages.path("layout")), into: store)

@@ -1,8 +1,14 @@
 import Glibc
 import SwiftletSystem
+import Synchronization
 import Testing
 import TestSupport
 @testable import VMM
+
+/// What `asyncAPIRunsOffTheCooperativePool` shares with its machines' vCPU threads and its watchdog.
+private final class PoolProbe: Sendable {
+    let booted = Mutex(0), watchdogFired = Mutex(false), finished = Mutex(false)
+}
 
 /// Boots a tiny 64-bit ELF guest through the whole VMM (loader, boot state, devices, vCPU thread).
 struct TinyMachine {
@@ -74,10 +80,43 @@ struct TinyMachine {
         #expect(output == "smp")
     }
 
+    /// `run()` keeps a machine's blocking work (the console loop, the vCPUs' KVM_RUN) on threads of
+    /// its own: with more machines running than Swift's cooperative pool has threads, each on a
+    /// `swiftlet-main` thread, a task still sleeps and wakes. Were `run()` to block a pooled thread,
+    /// the machines would fill the pool and only the watchdog stopping them could end the wait.
     @Test func asyncAPIRunsOffTheCooperativePool() async throws {
-        let machine = TinyMachine(code: TinyGuest.hello("async\n", ending: TinyGuest.acpiPowerOff))
-        let report = try await Machine(config: machine.config).run()
-        #expect(report.exit == .powerOff)
+        let count = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) + 1
+        let guests = (0..<count).map { _ in TinyMachine(code: TinyGuest.hello("async\n", ending: TinyGuest.spin)) }
+        defer { for guest in guests { close(guest.config.consoleOutput!); close(guest.outputRead) } }
+        let machines = guests.map { Machine(config: $0.config) }
+        let state = PoolProbe()
+        let watchdog = try OSThread.start(name: "test-watchdog") {
+            let deadline = MonotonicClock.now + 30_000_000_000
+            while !state.finished.withLock({ $0 }) {
+                if MonotonicClock.now > deadline {
+                    state.watchdogFired.withLock { $0 = true }
+                    for machine in machines { machine.stop() }
+                    return
+                }
+                usleep(10_000)
+            }
+        }
+        defer { state.finished.withLock { $0 = true }; watchdog.join() }
+        try await withThrowingTaskGroup(of: MachineRunReport.self) { group in
+            for machine in machines {
+                group.addTask { try await machine.run(onBootMarker: { _ in state.booted.withLock { $0 += 1 } }) }
+            }
+            while state.booted.withLock({ $0 }) < count && !state.watchdogFired.withLock({ $0 }) {
+                try await Task.sleep(nanoseconds: 10_000_000)
+            }
+            #expect(!state.watchdogFired.withLock { $0 }, "the cooperative pool was blocked while \(count) machines ran")
+            let names = (OwnedFileDescriptor.directoryEntries("/proc/self/task") ?? []).compactMap { task in
+                try? OwnedFileDescriptor.readSmallTextFile("/proc/self/task/\(task.name)/comm")
+            }
+            #expect(names.filter { $0 == "swiftlet-main\n" }.count >= count, "each run on a swiftlet-main thread: \(names)")
+            for machine in machines { machine.stop() }
+            for try await report in group { #expect(report.exit == .stopped) }
+        }
     }
 
     /// On a PVM host a Linux kernel is refused up front; elsewhere the same image just runs.

@@ -11,7 +11,9 @@ public struct ImageReference: Sendable, Equatable, CustomStringConvertible {
 
     public static let defaultRegistry = "docker.io"
 
-    public init(parsing text: String) throws(SwiftletError) {
+    /// Parses `text`; a name that states no registry is `defaultRegistry`'s (Docker Hub's unless
+    /// told: local images go under `localhost`).
+    public init(parsing text: String, defaultRegistry: String = ImageReference.defaultRegistry) throws(SwiftletError) {
         func invalid(_ why: String) -> SwiftletError {
             SwiftletError(.invalidArgument, "invalid image reference \(text.debugDescription): \(why)")
         }
@@ -36,7 +38,7 @@ public struct ImageReference: Sendable, Equatable, CustomStringConvertible {
             registry = first
             components.removeFirst()
         } else {
-            registry = Self.defaultRegistry
+            registry = defaultRegistry
         }
         if registry == Self.defaultRegistry, components.count == 1 { components.insert("library", at: 0) }
         for component in components {

@@ -7,6 +7,9 @@ public struct OCILayoutSource: ImageSource {
     public let directory: String
     /// Keep only index entries with this `org.opencontainers.image.ref.name` (`DIR:TAG`).
     public let tag: String?
+    /// From the index's annotations and the tag (see `LocalImageName`); nil leaves the image unnamed.
+    public let imageName: String?
+    private let index: [UInt8]
 
     public init(directory: String, tag: String? = nil) throws(SwiftletError) {
         self.directory = directory
@@ -14,15 +17,15 @@ public struct OCILayoutSource: ImageSource {
         guard access(directory + "/oci-layout", F_OK) == 0, access(directory + "/index.json", F_OK) == 0 else {
             throw SwiftletError(.invalidFormat, "\(directory) is not an OCI image layout (no oci-layout and index.json)")
         }
+        let what = directory + (tag.map { ":" + $0 } ?? "")
+        index = try filterIndex(try OwnedFileDescriptor.readSmallFile(directory + "/index.json", limit: 16 << 20), tag: tag, what: what)
+        // An index that does not decode is reported by the pull, which reads it as its top-level document.
+        imageName = (try? decodeDocument(ImageIndex.self, from: index, what: what)).flatMap { LocalImageName.name(of: $0, tag: tag) }
     }
 
     public var displayName: String { directory + (tag.map { ":" + $0 } ?? "") }
-    public var imageName: String? { nil }
 
-    public func root() async throws(SwiftletError) -> (bytes: [UInt8], mediaType: String?) {
-        let bytes = try OwnedFileDescriptor.readSmallFile(directory + "/index.json", limit: 16 << 20)
-        return (try filterIndex(bytes, tag: tag, what: displayName), MediaType.ociIndex)
-    }
+    public func root() async throws(SwiftletError) -> (bytes: [UInt8], mediaType: String?) { (index, MediaType.ociIndex) }
 
     public func fetch(_ descriptor: Descriptor, into store: ImageStore, what: String) async throws(SwiftletError) {
         if store.hasBlob(descriptor.digest) { return }
@@ -50,7 +53,7 @@ func filterIndex(_ bytes: [UInt8], tag: String?, what: String) throws(SwiftletEr
     guard let tag else { return bytes }
     var index = try decodeDocument(ImageIndex.self, from: bytes, what: "the index of \(what)")
     index.manifests.removeAll { entry in
-        let name = entry.annotations?["org.opencontainers.image.ref.name"] ?? ""
+        let name = entry.annotations?[LocalImageName.refNameKey] ?? ""
         return name != tag && !name.hasSuffix(":" + tag)
     }
     guard !index.manifests.isEmpty else { throw SwiftletError(.notFound, "\(what): no image tagged \(tag.debugDescription)") }
@@ -115,7 +118,7 @@ public struct ArchiveSource: ImageSource {
             rootDocument = try filterIndex(index, tag: tag, what: displayName)
             rootType = MediaType.ociIndex
             let parsed = try decodeDocument(ImageIndex.self, from: rootDocument, what: "the index of \(displayName)")
-            imageName = parsed.manifests.count == 1 ? parsed.manifests[0].annotations?["io.containerd.image.name"] : nil
+            imageName = LocalImageName.name(of: parsed, tag: tag)
         } else if let legacy = documents["manifest.json"] {
             (rootDocument, imageName) = try Self.manifest(fromDockerSave: legacy, files: files, tag: tag, archive: displayName)
             rootType = MediaType.dockerManifest
@@ -158,16 +161,20 @@ public struct ArchiveSource: ImageSource {
         struct Entry: Decodable { var Config: String; var RepoTags: [String]?; var Layers: [String] }
         let entries = try decodeDocument([Entry].self, from: bytes, what: "manifest.json of \(archive)")
         let chosen: Entry
+        var repoTag: String?
         if let tag {
-            guard let match = entries.first(where: { ($0.RepoTags ?? []).contains { $0 == tag || $0.hasSuffix(":" + tag) } }) else {
+            func matches(_ repoTag: String) -> Bool { repoTag == tag || repoTag.hasSuffix(":" + tag) }
+            guard let match = entries.first(where: { ($0.RepoTags ?? []).contains(where: matches) }) else {
                 throw SwiftletError(.notFound, "\(archive): no image tagged \(tag.debugDescription)")
             }
             chosen = match
+            repoTag = match.RepoTags?.first(where: matches)
         } else {
             guard entries.count == 1 else {
                 throw SwiftletError(.invalidArgument, "\(archive) holds \(entries.count) images: name one as \(archive):TAG")
             }
             chosen = entries[0]
+            repoTag = chosen.RepoTags?.first
         }
         func descriptor(_ path: String, _ mediaType: String) throws(SwiftletError) -> Descriptor {
             guard let file = files[path] else { throw SwiftletError(.notFound, "\(archive) lacks \(path), which its manifest.json lists") }
@@ -177,7 +184,8 @@ public struct ArchiveSource: ImageSource {
             schemaVersion: 2, mediaType: MediaType.dockerManifest,
             config: try descriptor(chosen.Config, MediaType.dockerConfig),
             layers: try chosen.Layers.map { (path) throws(SwiftletError) in try descriptor(path, "application/vnd.docker.image.rootfs.diff.tar") })
-        let name = chosen.RepoTags?.first.flatMap { try? ImageReference(parsing: $0).description }
+        // As `docker load` names it: the tag picked (else the first), Docker Hub's when no registry is written.
+        let name = repoTag.flatMap { try? ImageReference(parsing: $0).description }
         return (try JSONCoding.encode(manifest), name)
     }
 }

@@ -40,10 +40,11 @@ public final class ImageStore: @unchecked Sendable {
         return home + "/.local/share/swiftlet"
     }
 
-    /// Opens (creating when needed) the store at `root` and takes its lock shared.
+    /// Opens (creating when needed, with its missing parents) the store at `root` and takes its lock shared.
     public init(root: String = ImageStore.defaultRoot()) throws(SwiftletError) {
         self.root = root
-        for directory in [root, root + "/blobs", root + "/blobs/sha256", root + "/disks", root + "/disks/sha256", root + "/tmp"] {
+        try makeDirectories(root)
+        for directory in [root + "/blobs", root + "/blobs/sha256", root + "/disks", root + "/disks/sha256", root + "/tmp"] {
             try Self.makeDirectory(directory)
         }
         lockFD = try systemCall("cannot open the image store's lock \(root)/lock") { open(root + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644) }

@@ -1,6 +1,5 @@
 import CLinux
 import Glibc
-import SwiftletSystem
 
 /// One run of a VMM process, observed from outside: when it started, when the guest's boot marker
 /// reached us, when it exited, and what it cost.
@@ -17,52 +16,52 @@ struct Observation {
     var guestRSSAtMarkerKiB: Int?
     var stdout: String
     var stderr: String
+    /// Everything written to descriptor 3 (with `.descriptor3`; empty otherwise).
+    var markerStream: [UInt8]
 }
 
-/// Spawns `arguments`, watching stderr (or stdout, with `markerOnStdout`) for `marker` (bytes),
-/// and waits for the exit.
-func observe(_ arguments: [String], marker: [UInt8], markerOnStdout: Bool = false, guestMemoryBytes: Int) -> Observation {
-    let outPipe: PipeEnds, errPipe: PipeEnds
-    do {
-        outPipe = try OwnedFileDescriptor.pipe()
-        errPipe = try OwnedFileDescriptor.pipe()
-    } catch {
-        fatal("\(error)")
+/// Where a run's marker arrives: its stdout, its stderr, or a pipe of its own on descriptor 3
+/// (for QEMU's isa-debugcon, so that nothing else QEMU prints can be taken for the marker).
+enum MarkerStream { case stdout, stderr, descriptor3 }
+
+/// Spawns `arguments`, watching `markerOn` for `marker` (bytes), and waits for the exit.
+func observe(_ arguments: [String], marker: [UInt8], markerOn stream: MarkerStream = .stderr, guestMemoryBytes: Int) -> Observation {
+    // Pipes for stdout, stderr and, for `.descriptor3`, the marker's own.
+    var pipes: [[Int32]] = []
+    for _ in 0..<(stream == .descriptor3 ? 3 : 2) {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { fatal("cannot make a pipe: errno \(errno)") }
+        pipes.append(fds)
     }
-    let outRead = outPipe.readEnd, errRead = errPipe.readEnd
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    for (target, fds) in pipes.enumerated() { posix_spawn_file_actions_adddup2(&actions, fds[1], Int32(target) + 1) }
+    // The originals go (but a descriptor 3 that the marker pipe now occupies).
+    for fd in pipes.joined() where !(stream == .descriptor3 && fd == 3) { posix_spawn_file_actions_addclose(&actions, fd) }
+    let argv = arguments.map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
     var pid = pid_t()
     let start = swiftlet_monotonic_ns()
-    do {
-        // The write ends go to the child as its stdout and stderr, and are closed here after the
-        // spawn, so the reads below end when the child does.
-        let outWrite = outPipe.writeEnd, errWrite = errPipe.writeEnd
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, outWrite.rawValue, 1)
-        posix_spawn_file_actions_adddup2(&actions, errWrite.rawValue, 2)
-        let argv = arguments.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        let spawned = posix_spawn(&pid, arguments[0], &actions, nil, argv, environ)
-        posix_spawn_file_actions_destroy(&actions)
-        guard spawned == 0 else { fatal("cannot start \(arguments[0]): errno \(spawned)") }
-    }
+    let spawned = posix_spawn(&pid, arguments[0], &actions, nil, argv, environ)
+    posix_spawn_file_actions_destroy(&actions)
+    for fds in pipes { close(fds[1]) }
+    guard spawned == 0 else { fatal("cannot start \(arguments[0]): errno \(spawned)") }
 
-    var out: [UInt8] = [], err: [UInt8] = []
+    var received: [[UInt8]] = Array(repeating: [], count: pipes.count)
+    let watched = stream == .stdout ? 0 : stream == .stderr ? 1 : 2
     var markerAt: UInt64?
     var rssAtMarker: (Int, Int)?
-    // The pipes still open (-1 once one reached its end).
-    var reading = [outRead.rawValue, errRead.rawValue]
+    var fds = pipes.map { pollfd(fd: $0[0], events: Int16(POLLIN), revents: 0) }
+    var open = fds.count
     var buffer = [UInt8](repeating: 0, count: 65536)
-    while reading.contains(where: { $0 >= 0 }) {
-        let ready = (try? Poll.wait(reading)) ?? [false, false]
-        for i in 0..<2 where ready[i] {
-            let n = (try? buffer.withMutableBytes { raw throws(SwiftletError) in
-                try OwnedFileDescriptor.readSome(fd: reading[i], into: raw, what: "the child's output")
-            }) ?? 0
-            if n <= 0 { reading[i] = -1; continue }
-            if i == 0 { out += buffer[0..<n] } else { err += buffer[0..<n] }
-            if markerAt == nil, i == (markerOnStdout ? 0 : 1), contains(markerOnStdout ? out : err, marker) {
+    while open > 0 {
+        _ = poll(&fds, nfds_t(fds.count), -1)
+        for i in fds.indices where fds[i].fd >= 0 && fds[i].revents != 0 {
+            let n = buffer.withUnsafeMutableBytes { read(fds[i].fd, $0.baseAddress, $0.count) }
+            if n <= 0 { close(fds[i].fd); fds[i].fd = -1; open -= 1; continue }
+            received[i] += buffer[0..<n]
+            if markerAt == nil, i == watched, contains(received[i], marker) {
                 markerAt = swiftlet_monotonic_ns()
                 rssAtMarker = residentKiB(pid: pid, guestMemoryBytes: guestMemoryBytes)
             }
@@ -80,7 +79,8 @@ func observe(_ arguments: [String], marker: [UInt8], markerOnStdout: Bool = fals
     return Observation(
         markerMs: markerAt.map { Double($0 - start) / 1e6 }, exitMs: Double(end - start) / 1e6, status: exitCode,
         vmmCPUMs: cpu, peakRSSKiB: usage.ru_maxrss, rssAtMarkerKiB: rssAtMarker?.0, guestRSSAtMarkerKiB: rssAtMarker?.1,
-        stdout: String(decoding: out, as: UTF8.self), stderr: String(decoding: err, as: UTF8.self))
+        stdout: String(decoding: received[0], as: UTF8.self), stderr: String(decoding: received[1], as: UTF8.self),
+        markerStream: stream == .descriptor3 ? received[2] : [])
 }
 
 func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
@@ -121,7 +121,17 @@ func residentKiB(pid: pid_t, guestMemoryBytes: Int) -> (Int, Int)? {
 func kib(_ line: Substring) -> Int { line.split(separator: " ").compactMap { Int($0) }.first ?? 0 }
 
 func readFile(_ path: String) -> String? {
-    try? OwnedFileDescriptor.readSmallTextFile(path, limit: 256 << 20)
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n <= 0 { break }
+        bytes += buffer[0..<n]
+    }
+    return String(decoding: bytes, as: UTF8.self)
 }
 
 func fatal(_ message: String) -> Never {
