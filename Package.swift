@@ -9,7 +9,7 @@ let package = Package(
     products: [
         .executable(name: "swiftlet", targets: ["swiftlet"]),
         .executable(name: "swiftlet-pull", targets: ["swiftlet-pull"]),
-        .library(name: "Swiftlet", targets: ["VMM"]),
+        .library(name: "Swiftlet", targets: ["SwiftletKit", "VMM"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -44,9 +44,21 @@ let package = Package(
             name: "VMM",
             dependencies: ["KVM", "GuestMemory", "MachineState", "LinuxBoot", "Virtio", "Devices", "AgentProtocol", "SwiftletSystem", "CLinux"],
             swiftSettings: strict),
+        // The use cases: machine store and lifecycle, the VMM process and its control protocol,
+        // boot templates, image resolution and `run`. The public Swift API (product Swiftlet).
+        .target(
+            name: "SwiftletKit",
+            dependencies: ["VMM", "Devices", "MachineState", "AgentProtocol", "Images", "SwiftletSystem", "CLinux"],
+            swiftSettings: strict),
+        // Argument parsing and presentation only.
         .executableTarget(
             name: "swiftlet",
-            dependencies: ["VMM", "MachineState", "AgentProtocol", "Images", "SwiftletSystem", "CLinux", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "swiftlet-example",
+            dependencies: ["SwiftletKit", "VMM"],
+            path: "Examples/swiftlet-example",
             swiftSettings: strict),
         .target(name: "CGuestSupport", path: "Guest/CGuestSupport"),
         .executableTarget(
@@ -73,6 +85,7 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),
+        .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem", "VMM"], swiftSettings: strict),
     ]
 )

@@ -7,7 +7,7 @@ import SwiftletSystem
 /// refuses every version but its own rather than guess.
 public enum StateFile {
     public static let magic: [UInt8] = Array("SWLTSNAP".utf8)
-    public static let version: UInt32 = 3
+    public static let version: UInt32 = 4
     public static let headerSize = 64
 
     /// The header and payload for `value`.

@@ -49,15 +49,46 @@ public struct MachineConfig: Sendable, Equatable {
     }
 
     /// Checks the values that do not depend on the host.
+    public func validate() throws(SwiftletError) { try shape.validate() }
+
+    /// Checks the values against what this host can give.
+    public func validate(maxVCPUs: Int, hostMemoryBytes: UInt64?) throws(SwiftletError) {
+        try shape.validate(maxVCPUs: maxVCPUs, hostMemoryBytes: hostMemoryBytes)
+    }
+}
+
+/// What a machine is, however it starts: its hardware (vCPUs, memory, devices) and the host
+/// resources it uses. A booted machine takes it from its `MachineConfig`; a restored one from its
+/// snapshot and the restore's options.
+public struct MachineShape: Sendable, Equatable {
+    public var cpuCount: Int
+    public var memoryMiB: Int
+    /// Block devices, in order: /dev/vda, /dev/vdb, ...
+    public var disks: [DiskConfig]
+    public var entropyDevice: Bool
+    public var vsock: VsockConfig?
+    public var kvmPath: String
+    public var allowPVM: Bool
+    public var consoleOutput: Int32?
+    public var consoleInput: Int32?
+
+    public init(cpuCount: Int, memoryMiB: Int, disks: [DiskConfig], entropyDevice: Bool, vsock: VsockConfig?,
+                kvmPath: String = "/dev/kvm", allowPVM: Bool = false, consoleOutput: Int32? = nil, consoleInput: Int32? = nil) {
+        self.cpuCount = cpuCount; self.memoryMiB = memoryMiB; self.disks = disks; self.entropyDevice = entropyDevice
+        self.vsock = vsock; self.kvmPath = kvmPath; self.allowPVM = allowPVM
+        self.consoleOutput = consoleOutput; self.consoleInput = consoleInput
+    }
+
+    /// Checks the values that do not depend on the host.
     public func validate() throws(SwiftletError) {
         guard cpuCount >= 1 else {
             throw SwiftletError(.invalidArgument, "--cpus must be at least 1 (got \(cpuCount))")
         }
-        guard cpuCount <= Self.maximumCPUs else {
-            throw SwiftletError(.invalidArgument, "--cpus \(cpuCount) is more than Swiftlet supports (\(Self.maximumCPUs))")
+        guard cpuCount <= MachineConfig.maximumCPUs else {
+            throw SwiftletError(.invalidArgument, "--cpus \(cpuCount) is more than Swiftlet supports (\(MachineConfig.maximumCPUs))")
         }
-        guard memoryMiB >= Self.minimumMemoryMiB else {
-            throw SwiftletError(.invalidArgument, "--memory must be at least \(Self.minimumMemoryMiB) MiB (got \(memoryMiB))")
+        guard memoryMiB >= MachineConfig.minimumMemoryMiB else {
+            throw SwiftletError(.invalidArgument, "--memory must be at least \(MachineConfig.minimumMemoryMiB) MiB (got \(memoryMiB))")
         }
         guard memoryMiB <= 1 << 20 else {
             throw SwiftletError(.invalidArgument, "--memory \(memoryMiB) MiB is more than 1 TiB")
@@ -65,8 +96,8 @@ public struct MachineConfig: Sendable, Equatable {
         if let vsock, vsock.guestCID < 3 || vsock.guestCID >= UInt64(UInt32.max) {
             throw SwiftletError(.invalidArgument, "vsock guest CID \(vsock.guestCID) is reserved: use 3 or more")
         }
-        guard disks.count <= Self.maximumDisks else {
-            throw SwiftletError(.invalidArgument, "\(disks.count) disks are more than Swiftlet supports (\(Self.maximumDisks))")
+        guard disks.count <= MachineConfig.maximumDisks else {
+            throw SwiftletError(.invalidArgument, "\(disks.count) disks are more than Swiftlet supports (\(MachineConfig.maximumDisks))")
         }
     }
 
@@ -79,6 +110,14 @@ public struct MachineConfig: Sendable, Equatable {
         if let host = hostMemoryBytes, UInt64(memoryMiB) << 20 > host {
             throw SwiftletError(.invalidArgument, "--memory \(memoryMiB) MiB is more than this host's \(host >> 20) MiB of RAM")
         }
+    }
+}
+
+extension MachineConfig {
+    /// The machine this configuration boots.
+    public var shape: MachineShape {
+        MachineShape(cpuCount: cpuCount, memoryMiB: memoryMiB, disks: disks, entropyDevice: entropyDevice, vsock: vsock,
+                     kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
     }
 }
 

@@ -5,7 +5,7 @@ import SwiftletSystem
 /// The loop on a vCPU's thread: run the guest, serve its I/O exits, stop when the machine stops.
 struct VCPURunner {
     let vcpu: VCPU
-    let bus: Machine.Bus
+    let devices: MachineDevices
     let memory: GuestMemory
     let controller: MachineController
     let tracePorts: Bool
@@ -25,17 +25,17 @@ struct VCPURunner {
             case .io(let io):
                 if tracePorts { trace[io.port, default: 0] += 1 }
                 if io.count == 1 {
-                    bus.ports.dispatch(port: io.port, isWrite: io.isWrite, data: io.data)
+                    devices.ports.dispatch(port: io.port, isWrite: io.isWrite, data: io.data)
                 } else {
                     // String I/O: one access per item.
                     for i in 0..<io.count {
                         let item = UnsafeMutableRawBufferPointer(rebasing: io.data[(i * io.size)..<((i + 1) * io.size)])
-                        bus.ports.dispatch(port: io.port, isWrite: io.isWrite, data: item)
+                        devices.ports.dispatch(port: io.port, isWrite: io.isWrite, data: item)
                     }
                 }
             case .mmio(let access):
                 // Unclaimed addresses read as all-ones and drop writes, as on a real bus.
-                bus.mmio.dispatch(address: access.address, isWrite: access.isWrite, data: access.data)
+                devices.mmio.dispatch(address: access.address, isWrite: access.isWrite, data: access.data)
             case .interrupted:
                 controller.parkIfPaused() // then the loop condition decides
             case .halt:

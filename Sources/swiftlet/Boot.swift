@@ -1,6 +1,7 @@
 import ArgumentParser
 import Glibc
 import SwiftletSystem
+import SwiftletKit
 import VMM
 
 struct Boot: ParsableCommand {

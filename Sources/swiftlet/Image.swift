@@ -1,6 +1,7 @@
 import ArgumentParser
 import Glibc
 import Images
+import SwiftletKit
 import SwiftletSystem
 
 struct Image: ParsableCommand {
@@ -30,7 +31,8 @@ struct Image: ParsableCommand {
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 let store = try ImageStore()
-                let resolver = ImageResolver(store: store, insecure: insecureRegistry, policy: .always, quiet: quiet)
+                let resolver = ImageResolver(store: store, insecure: insecureRegistry, policy: .always,
+                                             progress: { [quiet] line in if !quiet { printError(line) } })
                 let resolved = try resolver.resolve(source)
                 print(quiet ? resolved.image.manifest.description : "\(resolved.image.name ?? source): \(resolved.image.manifest)")
             }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import SwiftletKit
 import VMM
 
 struct Kernel: ParsableCommand {

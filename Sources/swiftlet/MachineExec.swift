@@ -1,6 +1,6 @@
 import ArgumentParser
-import CLinux
 import Glibc
+import SwiftletKit
 import SwiftletSystem
 
 extension MachineCommand {
@@ -78,83 +78,27 @@ struct CommandOptions: ParsableArguments {
     /// Runs the command in the machine's VMM process, with this process's standard streams
     /// passed to it, and exits with the command's status.
     static func execute(in machine: MachineNameOptions, command: [String], options: CommandOptions, shell: Bool) throws {
-        var forwarded = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH]
+        let forwarded = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH]
         for signal in forwarded { Glibc.signal(signal, SIG_DFL) }
         Glibc.signal(SIGPIPE, SIG_IGN)
-        let signals = swiftlet_signalfd(&forwarded, Int32(forwarded.count))
-
-        let (channel, prepared) = try exitingOnSetupFailure { () throws(SwiftletError) -> (ControlChannel, ControlRequest) in
-            let directory = try machine.directory()
-            let record = try directory.record()
-            let environment = options.environment
-            var defaults = record.defaults
-            if shell { defaults.entrypoint = [] }
-            let exec = try defaults.request(command: command, environment: environment, workdir: options.workdir, user: options.user,
-                                            what: "machine \(record.name)")
-            var request = ControlRequest(.exec)
-            request.arguments = exec.arguments
-            request.environment = exec.environment
-            request.workingDirectory = exec.workingDirectory
-            request.user = exec.user
-            request.terminal = options.tty
-            request.input = options.interactive || options.tty
-            return (try MachineLifecycle.connect(directory), request)
+        let signals = try? SignalFD(blocking: forwarded)
+        var spec = Machines.Command(command)
+        spec.environment = options.environment
+        spec.workingDirectory = options.workdir
+        spec.user = options.user
+        spec.terminal = options.tty
+        spec.ignoringEntrypoint = shell
+        let terminal = TerminalSession(enabled: options.tty && isatty(0) == 1)
+        defer { terminal.restore() }
+        let io = CommandRun.IO(input: options.interactive || options.tty ? 0 : nil, signals: signals?.rawValue,
+                               windowSize: terminal.enabled ? { @Sendable in RawTerminal.size(of: 0) } : nil,
+                               beforeCommand: { terminal.makeRaw() })
+        let outcome = try exitingOnFailure { () throws(CommandRun.Failure) in
+            defer { terminal.restore() }
+            return try Machines.exec(machine.value, spec, io: io)
         }
-        var request = prepared
-        var terminal: RawTerminal?
-        if options.tty && isatty(0) == 1 {
-            terminal = RawTerminal(fd: 0)
-            let size = RawTerminal.size(of: 0) ?? (24, 80)
-            request.rows = size.0
-            request.columns = size.1
-        }
-        defer { terminal?.restore() }
-        let passed: [Int32] = (request.input == true ? [0] : []) + [1, 2]
-        try exitingOnSetupFailure { () throws(SwiftletError) in try channel.send(request, passing: passed) }
-
-        while true {
-            var fds = [pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0), pollfd(fd: signals, events: Int16(POLLIN), revents: 0)]
-            if !channel.hasBufferedMessage {
-                let n = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t(signals >= 0 ? 2 : 1), -1) }
-                if n < 0 { if errno == EINTR { continue }; break }
-            } else {
-                fds[0].revents = Int16(POLLIN)
-            }
-            if fds[1].revents != 0 {
-                while case let signal = swiftlet_read_signal(signals), signal > 0 {
-                    var control = ExecControl()
-                    if signal == SIGWINCH {
-                        guard terminal != nil, let size = RawTerminal.size(of: 0) else { continue }
-                        control.rows = size.0
-                        control.columns = size.1
-                    } else {
-                        control.signal = signal
-                    }
-                    try? channel.send(control)
-                }
-            }
-            if fds[0].revents != 0 {
-                let received: (ControlReply, [Int32])?
-                do { received = try channel.receive(ControlReply.self) } catch {
-                    terminal?.restore()
-                    printError(error.description)
-                    throw ExitCode(Status.setupFailed)
-                }
-                terminal?.restore()
-                guard let (reply, fds) = received else {
-                    printError("the machine stopped while the command ran")
-                    throw ExitCode(Status.guestCrashed)
-                }
-                fds.forEach { close($0) }
-                if let error = reply.error {
-                    printError(error)
-                    throw ExitCode(Status.setupFailed)
-                }
-                if let failure = reply.failure { printError(failure) }
-                throw ExitCode(reply.status ?? Status.setupFailed)
-            }
-        }
-        throw ExitCode(Status.setupFailed)
+        if let failure = outcome.failure { printError(failure) }
+        throw ExitCode(outcome.status)
     }
 }
 
@@ -196,40 +140,10 @@ extension MachineCommand {
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 if let (name, path) = Self.machinePath(destination) {
-                    let input = try OwnedFileDescriptor.openInput(source, role: "file to copy")
-                    guard try input.isRegularFile() else { throw SwiftletError(.invalidArgument, "\(source) is not a regular file") }
-                    try Self.exec(name, ["sh", "-c", "cat > \"$1\"", "sh", path], input: input.rawValue, output: nil)
+                    try Machines.copy(source, into: name, at: path)
                 } else if let (name, path) = Self.machinePath(source) {
-                    var target = destination
-                    var info = stat()
-                    if stat(target, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR {
-                        target += "/" + (path.split(separator: "/").last.map(String.init) ?? "file")
-                    }
-                    let temporary = target + ".swiftlet-cp"
-                    let output = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644, what: temporary)
-                    do throws(SwiftletError) {
-                        try Self.exec(name, ["cat", path], input: nil, output: output.rawValue)
-                    } catch {
-                        unlink(temporary)
-                        throw error
-                    }
-                    guard rename(temporary, target) == 0 else { throw SwiftletError.system("cannot rename \(temporary) to \(target)", errno: currentErrno) }
+                    try Machines.copy(path, outOf: name, to: destination)
                 }
-            }
-        }
-
-        /// Runs `arguments` as root in / with the given streams (error: this process's stderr).
-        static func exec(_ name: String, _ arguments: [String], input: Int32?, output: Int32?) throws(SwiftletError) {
-            var request = ControlRequest(.exec)
-            request.arguments = arguments
-            request.environment = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
-            request.input = input != nil
-            let null = open("/dev/null", O_WRONLY | O_CLOEXEC)
-            defer { close(null) }
-            let reply = try MachineLifecycle.request(try MachineDirectory(name: name), request,
-                                                     passing: (input.map { [$0] } ?? []) + [output ?? null, 2])
-            guard reply.status == 0 else {
-                throw SwiftletError(.guestFailure, "the copy failed in machine \(name) (status \(reply.status ?? -1))" + (reply.failure.map { ": " + $0 } ?? ""))
             }
         }
     }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import Images
 import SwiftletSystem
+import SwiftletKit
 import VMM
 
 /// `swiftlet run -d`: the same run in the background, in a session of its own, with its output in
@@ -23,13 +24,11 @@ extension Run {
         try bytes.withMutableBytes { raw throws(SwiftletError) in try SystemRandom.fill(raw) }
         let id = Digest(bytes: bytes).hex
         let directory = Self.runDirectory(id)
-        for path in [ImageStore.defaultRoot(), ImageStore.defaultRoot() + "/runs", directory] {
-            if mkdir(path, 0o755) != 0 && errno != EEXIST { throw SwiftletError.system("cannot create \(path)", errno: currentErrno) }
-        }
+        try makeDirectories(directory)
         var environment = [Self.detachedChildVariable + "=" + id]
         if let image = source.image {
             let store = try ImageStore()
-            let resolved = try ImageResolver(store: store, insecure: source.insecureRegistry, policy: source.pull, quiet: true).resolve(image)
+            let resolved = try ImageResolver(store: store, insecure: source.insecureRegistry, policy: source.pull).resolve(image)
             environment.append(Self.resolvedImageVariable + "=" + resolved.image.manifest.description)
         }
         let executable = GuestAssets.resolve("/proc/self/exe") ?? CommandLine.arguments[0]

@@ -1,4 +1,5 @@
 import ArgumentParser
+import SwiftletKit
 import SwiftletSystem
 
 @main
@@ -46,10 +47,33 @@ func exitingOnSetupFailure<T>(_ body: () throws(SwiftletError) -> T) throws -> T
     }
 }
 
-/// Exit statuses, documented in the README.
-enum Status {
-    /// Bad input, missing kernel, no KVM: Swiftlet could not start the guest.
-    static let setupFailed: Int32 = 1
-    /// The guest crashed: kernel panic, triple fault, emulation failure.
-    static let guestCrashed: Int32 = 2
+/// Exit statuses, documented in the README (the library's, which machines' VMM processes use too).
+typealias Status = ExitStatus
+
+/// Runs a command's work; a run failure is printed (the end of the guest console first, when it
+/// tells why) and ends the command with its status.
+func exitingOnFailure<T>(timeout: String? = nil, _ body: () throws(CommandRun.Failure) -> T) throws -> T {
+    do {
+        return try body()
+    } catch {
+        if let cause = error.cause { printError(cause) }
+        if let tail = error.consoleTail { writeError(tail) }
+        switch error.reason {
+        case .setup:
+            printError(error.message)
+            throw ExitCode(Status.setupFailed)
+        case .guest:
+            printError(error.message)
+            throw ExitCode(Status.guestCrashed)
+        case .timedOut:
+            printError("the command did not finish within \(timeout ?? error.message); the VM was stopped")
+            throw ExitCode(Status.timedOut)
+        }
+    }
+}
+
+/// Writes `text` to stderr as it is.
+func writeError(_ text: String) {
+    var text = text
+    text.withUTF8 { try? OwnedFileDescriptor.writeAll(fd: 2, UnsafeRawBufferPointer($0)) }
 }

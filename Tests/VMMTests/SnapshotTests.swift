@@ -83,7 +83,7 @@ struct CountingGuest {
     /// The count stored in a snapshot's memory, and the count the guest prints next, from the
     /// saved RIP and RBX: between the store and the OUT it prints RBX again, elsewhere RBX + 1.
     static func savedCount(_ directory: String) throws -> (stored: UInt64, next: UInt64) {
-        let plan = try RestorePlan.load(directory)
+        let plan = try RestorePlan.load(SnapshotDirectory(directory))
         let memory = try MemoryFile.map(chain: plan.memoryChain, id: plan.snapshot.id)
         let stored = try memory.read(UInt64.self, at: GuestAddress(counterAddress))
         let registers = plan.snapshot.vcpus[0].registers
@@ -215,8 +215,15 @@ struct CountingGuest {
         #expect(!entries.contains("partial"), "no half-written snapshot directory: \(entries)")
 
         let stateBytes = try CountingGuest.output(good + "/state")
+        /// What restoring `directory` says: reading it, then building the machine (stopped at
+        /// once, so that a snapshot that does restore does not run on).
         func restoreError(_ directory: String) -> String {
-            do { _ = try Machine.restoring(from: directory); return "restored" } catch { return error.message }
+            do {
+                let machine = try Machine.restoring(from: directory, consoleOutput: nil)
+                machine.stop()
+                _ = try machine.runBlocking()
+                return "restored"
+            } catch { return error.message }
         }
         // A flipped byte in the state file.
         let flipped = guest.dir.path + "/flipped"
@@ -249,10 +256,23 @@ struct CountingGuest {
         // State that claims a device it holds no state for (re-encoded, so its checksum is right).
         let vsock = guest.dir.path + "/vsock"
         _ = Subprocess.run(["/bin/cp", "-r", good, vsock])
-        var claimed = try RestorePlan.load(good).snapshot
+        var claimed = try RestorePlan.load(SnapshotDirectory(good)).snapshot
         claimed.hardware.vsockGuestCID = 3
         guest.dir.write("vsock/state", try StateFile.encode(claimed))
-        #expect(restoreError(vsock).contains("does not hold the state of all its devices"))
+        #expect(restoreError(vsock).contains("holds no state for the machine's device virtio-vsock0"))
+        // State for a device the machine does not have, and a device's state given to another kind.
+        let unknown = guest.dir.path + "/unknown"
+        _ = Subprocess.run(["/bin/cp", "-r", good, unknown])
+        var extra = try RestorePlan.load(SnapshotDirectory(good)).snapshot
+        extra.devices["virtio-net0"] = extra.devices["serial0"]
+        guest.dir.write("unknown/state", try StateFile.encode(extra))
+        #expect(restoreError(unknown).contains("holds the state of a device \"virtio-net0\" that the machine does not have"))
+        let swapped = guest.dir.path + "/swapped"
+        _ = Subprocess.run(["/bin/cp", "-r", good, swapped])
+        var mismatched = try RestorePlan.load(SnapshotDirectory(good)).snapshot
+        mismatched.devices["serial0"] = DeviceState(virtio: nil)
+        guest.dir.write("swapped/state", try StateFile.encode(mismatched))
+        #expect(restoreError(swapped).contains("the saved state of serial0 is not a serial port's"))
         // Not a snapshot at all.
         #expect(restoreError(guest.dir.path + "/nothing-here") == "snapshot \(guest.dir.path)/nothing-here does not exist")
         #expect(restoreError(guest.dir.path) == "\(guest.dir.path) is not a Swiftlet snapshot: it has no state file")
@@ -277,14 +297,15 @@ struct CountingGuest {
             try CountingGuest.waitForOutput(out)
             _ = try machine.snapshotBlocking(to: snapshot)
         }
-        let plan = try RestorePlan.load(snapshot)
+        let plan = try RestorePlan.load(SnapshotDirectory(snapshot))
         #expect(plan.snapshot.hardware.disks == [SnapshotDisk(path: disk, readOnly: true, size: 1 << 20, file: nil)])
-        #expect(plan.snapshot.devices.map(\.deviceType) == [2, 4], "a block device and an entropy device")
+        #expect(plan.snapshot.devices.keys.sorted() == ["serial0", "virtio-blk0", "virtio-rng0"], "the serial port, a block device and an entropy device")
+        #expect(plan.snapshot.devices["virtio-blk0"]?.virtio?.deviceType == 2 && plan.snapshot.devices["virtio-rng0"]?.virtio?.deviceType == 4)
         let restoredOut = guest.dir.path + "/restored.out"
         let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         defer { close(fd) }
         let restored = try Machine.restoring(from: snapshot, consoleOutput: fd)
-        #expect(restored.config.disks == config.disks && restored.config.entropyDevice)
+        #expect(restored.shape.disks == config.disks && restored.shape.entropyDevice)
         _ = try CountingGuest.whileRunning(restored) { _ in try CountingGuest.waitForOutput(restoredOut) }
         CountingGuest.expectConsecutive(try CountingGuest.output(restoredOut), startingAt: try CountingGuest.savedCount(snapshot).next)
 
@@ -314,14 +335,14 @@ struct CountingGuest {
         let files = try Machine.writableDiskFiles(inSnapshot: writableSnapshot)
         #expect(files == [writableSnapshot + "/disk-0"])
         #expect(try OwnedFileDescriptor.readSmallFile(files[0], limit: 2 << 20) == content)
-        #expect(try RestorePlan.load(writableSnapshot).snapshot.hardware.disks
+        #expect(try RestorePlan.load(SnapshotDirectory(writableSnapshot)).snapshot.hardware.disks
                     == [SnapshotDisk(path: writableDisk, readOnly: false, size: 1 << 20, file: "disk-0")])
         // Restored without being told where: a temporary overlay over the snapshot's copy. What
         // the restored machine writes stays out of the snapshot.
         let overlayRestore = try Machine.restoring(from: writableSnapshot, consoleOutput: nil)
-        #expect(overlayRestore.config.disks == [DiskConfig(path: "", readOnly: false, base: files[0])])
+        #expect(overlayRestore.shape.disks == [DiskConfig(path: "", readOnly: false, base: files[0])])
         _ = try CountingGuest.whileRunning(overlayRestore) { machine in
-            let block = try #require(machine.live.withLock { $0!.transports.compactMap { $0.device as? VirtioBlock }.first })
+            let block = try #require(machine.live.withLock { $0!.devices.drives.first?.device })
             #expect(try DiskContents.all(block.backend) == content)
             try [UInt8](repeating: 1, count: 4096).withUnsafeBytes { try block.backend.write(from: $0, at: 0) }
         }
@@ -333,7 +354,7 @@ struct CountingGuest {
             ($0 as! SwiftletError).message.contains("has 1 writable disks, but 0 were given")
         }
         let copyRestore = try Machine.restoring(from: writableSnapshot, consoleOutput: nil, writableDisks: [DiskConfig(path: copy)])
-        #expect(copyRestore.config.disks == [DiskConfig(path: copy, readOnly: false)])
+        #expect(copyRestore.shape.disks == [DiskConfig(path: copy, readOnly: false)])
         // A damaged disk copy (another size) is refused.
         guest.dir.write("writable/disk-0", [1, 2, 3])
         #expect { try Machine.restoring(from: writableSnapshot) } throws: {
@@ -349,7 +370,7 @@ struct CountingGuest {
             _ = try machine.snapshotBlocking(to: vsockSnapshot, annotations: ["maker": "test"])
         }
         let vsockRestored = try Machine.restoring(from: vsockSnapshot, consoleOutput: nil)
-        #expect(vsockRestored.config.vsock == VsockConfig(guestCID: 7))
+        #expect(vsockRestored.shape.vsock == VsockConfig(guestCID: 7))
         #expect(vsockRestored.restoredAnnotations == ["maker": "test"])
     }
 
@@ -367,11 +388,11 @@ struct CountingGuest {
             try CountingGuest.waitForOutput(out)
             _ = try machine.snapshotBlocking(to: template)
         }
-        #expect(try RestorePlan.load(template).snapshot.hardware.disks
+        #expect(try RestorePlan.load(SnapshotDirectory(template)).snapshot.hardware.disks
                     == [SnapshotDisk(path: "", readOnly: true, size: 0, file: nil), SnapshotDisk(path: "", readOnly: true, size: 0, file: nil)])
 
         let restored = try Machine.restoring(from: template, consoleOutput: nil)
-        #expect(restored.config.disks == [.empty, .empty])
+        #expect(restored.shape.disks == [.empty, .empty])
         #expect(throws: SwiftletError.self, "no machine runs yet") { try restored.insertDisk(at: 0, DiskConfig(path: disk, readOnly: true)) }
         let after = guest.dir.path + "/after"
         _ = try CountingGuest.whileRunning(restored) { machine in
@@ -387,7 +408,7 @@ struct CountingGuest {
                 #expect(error?.message.contains(message) == true, "\(String(describing: error))")
             }
             try machine.insertDisk(at: 1, DiskConfig(path: disk, readOnly: true))
-            let drives = try #require(machine.live.withLock { $0!.transports.compactMap { $0.device as? VirtioBlock } })
+            let drives = machine.live.withLock { $0!.devices.drives.map(\.device) }
             #expect(drives.map(\.capacitySectors) == [0, 2048])
             #expect(try DiskContents.all(drives[1].backend) == content)
             let error = #expect(throws: SwiftletError.self) { try machine.insertDisk(at: 1, DiskConfig(path: disk, readOnly: true)) }
@@ -395,9 +416,9 @@ struct CountingGuest {
             // A snapshot taken now records the disk where the drive was empty.
             _ = try machine.snapshotBlocking(to: after)
         }
-        #expect(try RestorePlan.load(after).snapshot.hardware.disks
+        #expect(try RestorePlan.load(SnapshotDirectory(after)).snapshot.hardware.disks
                     == [SnapshotDisk(path: "", readOnly: true, size: 0, file: nil), SnapshotDisk(path: disk, readOnly: true, size: 1 << 20, file: nil)])
-        #expect(try Machine.restoring(from: after, consoleOutput: nil).config.disks == [.empty, DiskConfig(path: disk, readOnly: true)])
+        #expect(try Machine.restoring(from: after, consoleOutput: nil).shape.disks == [.empty, DiskConfig(path: disk, readOnly: true)])
     }
 
     @Test func forkedCopiesContinueTheCountAndDivergeOnTheirOwnDisks() throws {
@@ -424,7 +445,7 @@ struct CountingGuest {
             let copyOut = guest.dir.path + "/copy-\(index).out"
             _ = try CountingGuest.whileRunning(copy) { machine in
                 try CountingGuest.waitForOutput(copyOut)
-                let block = try #require(machine.live.withLock { $0!.transports.compactMap { $0.device as? VirtioBlock }.first })
+                let block = try #require(machine.live.withLock { $0!.devices.drives.first?.device })
                 #expect(try DiskContents.all(block.backend) == content, "copy \(index) sees the disk as it was, not its siblings' writes")
                 try [UInt8](repeating: UInt8(index), count: 4096).withUnsafeBytes { try block.backend.write(from: $0, at: 0) }
             }
@@ -451,7 +472,7 @@ struct CountingGuest {
             }
             _ = try machine.snapshotBlocking(to: second)
         }
-        #expect(try RestorePlan.load(second).snapshot.kind == .full)
+        #expect(try RestorePlan.load(SnapshotDirectory(second)).snapshot.kind == .full)
         let againOut = guest.dir.path + "/again.out"
         let again = open(againOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         defer { close(again) }
@@ -466,7 +487,7 @@ struct CountingGuest {
         try guest.countThenSnapshot(to: snapshot, output: out)
         let snapshotFiles = try ["state", "memory"].map { try SHA256.hash(CountingGuest.output(snapshot + "/" + $0)) }
         let setPath = snapshot + "/" + WorkingSet.fileName
-        let plan = try RestorePlan.load(snapshot)
+        let plan = try RestorePlan.load(SnapshotDirectory(snapshot))
         func restore(prefetch: Bool, _ body: (Machine) throws -> Void) throws {
             let restoredOut = guest.dir.path + "/restored.out"
             let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -555,7 +576,7 @@ struct CountingGuest {
             #expect(report.kind == .diff)
             try machine.resumeBlocking()
         }
-        let plan = try RestorePlan.load(diff)
+        let plan = try RestorePlan.load(SnapshotDirectory(diff))
         let memory = try MemoryFile.map(chain: plan.memoryChain, id: plan.snapshot.id)
         #expect(try memory.read(count: pattern.count, at: marker) == pattern, "the page the failed diff took is in the next diff")
     }
@@ -566,11 +587,11 @@ struct CountingGuest {
         let out = guest.dir.path + "/out"
         let tiny = guest.dir.path + "/tiny"
         try guest.countThenSnapshot(to: tiny, output: out)
-        #expect(try RestorePlan.load(tiny).snapshot.guestIsLinux == false)
+        #expect(try RestorePlan.load(SnapshotDirectory(tiny)).snapshot.guestIsLinux == false)
         // The same snapshot, said to be of a Linux guest (re-encoded, so its checksum is right).
         let linux = guest.dir.path + "/linux"
         _ = Subprocess.run(["/bin/cp", "-r", tiny, linux])
-        var snapshot = try RestorePlan.load(tiny).snapshot
+        var snapshot = try RestorePlan.load(SnapshotDirectory(tiny)).snapshot
         snapshot.guestIsLinux = true
         guest.dir.write("linux/state", try StateFile.encode(snapshot))
         let machine = try Machine.restoring(from: linux, consoleOutput: nil)
@@ -594,11 +615,11 @@ struct CountingGuest {
         let entry = CPUIDEntry(function: 7, ebx: 1 << 5)
         let snapshot = MachineSnapshot(
             id: .init(bytes: Array(repeating: 1, count: 16)), kind: .full, parent: nil, parentDirectory: nil, createdAt: 0,
-            hardware: SnapshotHardware(MachineConfig(kernelPath: "", cpuCount: 1, memoryMiB: 64), diskSizes: []), guestIsLinux: false,
+            hardware: SnapshotHardware(MachineShape(cpuCount: 1, memoryMiB: 64, disks: [], entropyDevice: false, vsock: nil), diskSizes: []), guestIsLinux: false,
             cpuid: [[entry]], vcpus: [],
             vm: VMState(interruptControllers: [], pit: nil, clock: 0, clockRealtime: nil),
-            serial: .reset, devices: [], annotations: [:])
-        let plan = RestorePlan(snapshot: snapshot, directory: "/snap", memoryChain: [])
+            devices: ["serial0": DeviceState(serial: .reset)], annotations: [:])
+        let plan = RestorePlan(snapshot: snapshot, directory: SnapshotDirectory("/snap"), memoryChain: [])
         #expect { try plan.checkCPU(supported: [CPUIDEntry(function: 7, ebx: 0)]) } throws: {
             let message = ($0 as! SwiftletError).message
             return message.contains("CPUID 0x7.0 EBX bit 5") && message.contains("same or a newer CPU")

@@ -4,25 +4,31 @@ import Synchronization
 import SwiftletSystem
 
 /// What `--image` names, resolved to an image in the store with its layer disks ready.
-struct ResolvedImage {
-    var image: StoredImage
-    var configuration: ImageConfiguration
+public struct ResolvedImage: Sendable {
+    public var image: StoredImage
+    public var configuration: ImageConfiguration
     /// Read-only layer disks, bottom first.
-    var disks: [String]
+    public var disks: [String]
 }
 
 /// How `swiftlet run --image` and `swiftlet image pull` find an image: a registry reference (the
 /// store first, then the registry), an OCI layout directory, an image archive, or `-` (an archive
 /// on standard input). `path:TAG` picks one image from a directory or archive holding several.
-struct ImageResolver {
-    var store: ImageStore
-    var insecure = false
-    var policy = PullPolicy.missing
-    var quiet = false
+public struct ImageResolver: Sendable {
+    public var store: ImageStore
+    public var insecure = false
+    public var policy = PullPolicy.missing
     /// A signalfd whose signals (Ctrl-C) abandon a pull in progress: the process exits 128+N.
-    var interruptions: Int32? = nil
+    public var interruptions: Int32? = nil
+    /// Progress lines (layers fetched, disks made).
+    public var progress: @Sendable (String) -> Void = { _ in }
 
-    func resolve(_ text: String) throws(SwiftletError) -> ResolvedImage {
+    public init(store: ImageStore, insecure: Bool = false, policy: PullPolicy = .missing, interruptions: Int32? = nil,
+                progress: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.store = store; self.insecure = insecure; self.policy = policy; self.interruptions = interruptions; self.progress = progress
+    }
+
+    public func resolve(_ text: String) throws(SwiftletError) -> ResolvedImage {
         let image: StoredImage
         if text.hasPrefix("sha256:") {
             guard let stored = try store.find(text) else {
@@ -38,7 +44,7 @@ struct ImageResolver {
             } else if policy == .never {
                 throw SwiftletError(.notFound, "no image \(reference) in the image store, and --pull never: pull it first")
             } else {
-                image = try RegistryPull(reference: reference, insecure: insecure, quiet: quiet, interruptions: interruptions).run(store: store)
+                image = try RegistryPull(reference: reference, insecure: insecure, progress: progress, interruptions: interruptions).run(store: store)
             }
         }
         return try prepare(image)
@@ -47,8 +53,7 @@ struct ImageResolver {
     /// Loads the config and makes sure every layer has its disk (converting any that is missing).
     func prepare(_ image: StoredImage) throws(SwiftletError) -> ResolvedImage {
         let config = try ImageConfiguration.decode(try store.readBlob(image.config, what: "image config"))
-        let quiet = quiet
-        let disks = try store.disks(for: image, progress: { line in if !quiet { printError(line) } })
+        let disks = try store.disks(for: image, progress: progress)
         return ResolvedImage(image: image, configuration: config, disks: disks)
     }
 
@@ -79,8 +84,7 @@ struct ImageResolver {
     }
 
     func pull(_ source: any ImageSource) throws(SwiftletError) -> StoredImage {
-        let quiet = quiet
-        let puller = ImagePuller(progress: { line in if !quiet { printError(line) } })
+        let puller = ImagePuller(progress: progress)
         let store = store
         return try blockingAsync(interruptions: interruptions) { () async throws(SwiftletError) in try await puller.pull(from: source, into: store) }
     }
@@ -91,26 +95,13 @@ struct ImageResolver {
 /// threads of their own) and waits for it. A signal read from `interruptions` (a signalfd) ends
 /// the process with 128+N: what was half-fetched stays in the store's tmp/, never as content.
 func blockingAsync<T: Sendable>(interruptions: Int32? = nil, _ body: @escaping @Sendable () async throws(SwiftletError) -> T) throws(SwiftletError) -> T {
-    let box = ResultBox<T>()
-    let finished = try EventFD(nonBlocking: false)
-    let fd = finished.rawValue
+    let pending = try PendingResult<T>()
     Task {
-        let outcome: Result<T, SwiftletError>
-        do throws(SwiftletError) { outcome = .success(try await body()) } catch { outcome = .failure(error) }
-        box.result.withLock { $0 = outcome }
-        var one: UInt64 = 1
-        _ = write(fd, &one, 8)
+        do throws(SwiftletError) { pending.set(.success(try await body())) } catch { pending.set(.failure(error)) }
     }
-    var waits = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0)]
-    if let interruptions { waits.append(pollfd(fd: interruptions, events: Int16(POLLIN), revents: 0)) }
-    while true {
-        if poll(&waits, nfds_t(waits.count), -1) < 0 { continue }
-        if waits[0].revents != 0 { break }
-        if waits.count > 1, waits[1].revents != 0 { exitIfInterrupted(waits[1].fd) }
+    while pending.result == nil {
+        let ready = try Poll.wait([pending.ended, interruptions ?? -1])
+        if ready[1], let interruptions { exitIfInterrupted(interruptions) }
     }
-    return try box.result.withLock { $0 }!.get()
-}
-
-private final class ResultBox<T: Sendable>: Sendable {
-    let result = Mutex<Result<T, SwiftletError>?>(nil)
+    return try pending.wait().get()
 }

@@ -1,4 +1,3 @@
-import CLinux
 import FoundationEssentials
 import Glibc
 import Synchronization
@@ -67,17 +66,18 @@ struct ControlReply: Codable {
 /// One end of a control connection: JSON lines out, JSON lines (and passed descriptors) in.
 final class ControlChannel: @unchecked Sendable {
     // SAFETY (Sendable): each side reads from one thread; `send` is serialized by `sending`.
-    let fd: Int32
+    private let socket: OwnedFileDescriptor
     private var buffer: [UInt8] = []
     private let sending = Mutex<Void>(())
 
-    init(taking fd: Int32) { self.fd = fd }
-    deinit { close(fd) }
+    var fd: Int32 { socket.rawValue }
 
-    /// Connects to the control socket at `path`.
+    init(_ socket: consuming OwnedFileDescriptor) { self.socket = socket }
+
+    /// Connects to the control socket at `path`; nil when nobody listens there.
     static func connect(_ path: String) -> ControlChannel? {
-        let fd = swiftlet_unix_connect(path)
-        return fd >= 0 ? ControlChannel(taking: fd) : nil
+        guard let socket = try? UnixSocket.connect(to: path) else { return nil }
+        return ControlChannel(socket)
     }
 
     func send<T: Encodable>(_ value: T, passing fds: [Int32] = []) throws(SwiftletError) {
@@ -86,44 +86,32 @@ final class ControlChannel: @unchecked Sendable {
             throw SwiftletError(.invalidFormat, "cannot encode a control message: \(error)")
         }
         bytes.append(0x0A)
+        let fd = fd
         try sending.withLock { (_: inout Void) throws(SwiftletError) in
-            var sent = 0
-            while sent < bytes.count {
-                let n = bytes[sent...].withUnsafeBytes { raw in
-                    sent == 0 ? swiftlet_send_with_fds(fd, raw.baseAddress, UInt(raw.count), fds, Int32(fds.count))
-                              : Int(send_nosignal(fd, raw))
-                }
-                if n < 0 { throw SwiftletError.system("cannot write to the machine's control socket", errno: currentErrno) }
-                sent += n
+            try bytes.withBytes { raw throws(SwiftletError) in
+                try UnixSocket.sendAll(fd, raw, passing: fds, what: "machine's control socket")
             }
         }
     }
 
-    /// The next message and the descriptors that came with it; nil at end of stream.
+    /// The next message and the descriptors that came with it (the caller owns them); nil at end
+    /// of stream. A message that cannot be read closes the descriptors that came with it.
     func receive<T: Decodable>(_ type: T.Type) throws(SwiftletError) -> (T, [Int32])? {
-        var fds: [Int32] = []
+        var passed = OwnedFileDescriptors()
         while true {
             if let newline = buffer.firstIndex(of: 0x0A) {
                 let line = Array(buffer[..<newline])
                 buffer.removeSubrange(...newline)
-                do { return (try JSONDecoder().decode(T.self, from: Data(line)), fds) } catch {
-                    fds.forEach { close($0) }
+                do { return (try JSONDecoder().decode(T.self, from: Data(line)), passed.release()) } catch {
                     throw SwiftletError(.invalidFormat, "unreadable control message: \(error)")
                 }
             }
             var chunk = [UInt8](repeating: 0, count: 16 << 10)
-            var passed = [Int32](repeating: -1, count: 8)
-            var count: Int32 = 0
-            let n = chunk.withUnsafeMutableBytes { raw in
-                swiftlet_receive_with_fds(fd, raw.baseAddress, UInt(raw.count), &passed, Int32(passed.count), &count)
+            let fd = fd
+            let n = try chunk.withMutableBytes { raw throws(SwiftletError) in
+                try UnixSocket.receive(fd, into: raw, descriptors: &passed, what: "machine's control socket")
             }
-            fds += passed.prefix(Int(count))
-            if n < 0 {
-                let error = currentErrno
-                fds.forEach { close($0) }
-                throw SwiftletError.system("cannot read the machine's control socket", errno: error)
-            }
-            if n == 0 { fds.forEach { close($0) }; return nil }
+            if n == 0 { return nil }
             buffer += chunk[0..<n]
         }
     }
@@ -132,9 +120,5 @@ final class ControlChannel: @unchecked Sendable {
     var hasBufferedMessage: Bool { buffer.contains(0x0A) }
 
     /// Ends the connection in both directions (a blocked reader on the other side sees its end).
-    func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
-}
-
-private func send_nosignal(_ fd: Int32, _ raw: UnsafeRawBufferPointer) -> Int {
-    Glibc.send(fd, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL))
+    func shutdown() { UnixSocket.shutdown(fd) }
 }

@@ -21,10 +21,10 @@ import VMM
 /// Every machine started from one template shares its kernel's address-space layout (KASLR) and
 /// its early random state; the agent reseeds the kernel's generator with host randomness on every
 /// start (`identity`), but a workload that must not share layout with other VMs should use `--cold`.
-struct BootTemplate {
+public struct BootTemplate: Sendable {
     /// Changes when what a template holds changes meaning (the CLI's side of it).
     static let format = 1
-    let directory: String
+    let directory: SnapshotDirectory
 
     static var root: String { ImageStore.defaultRoot() + "/templates" }
 
@@ -38,11 +38,11 @@ struct BootTemplate {
         var key = "swiftlet-boot-template \(Self.format)\n" + inputs
         key += "\(config.commandLine)\ncpus \(config.cpuCount) memory \(config.memoryMiB) drives \(config.disks.count)"
         key += " entropy \(config.entropyDevice) vsock \(config.vsock.map { String($0.guestCID) } ?? "none")\n"
-        directory = Self.root + "/" + SnapshotID(bytes: Array(SHA256.hash(Array(key.utf8)).prefix(16))).description
+        directory = SnapshotDirectory(Self.root + "/" + SnapshotID(bytes: Array(SHA256.hash(Array(key.utf8)).prefix(16))).description)
     }
 
     private init(directory: String) {
-        self.directory = directory
+        self.directory = SnapshotDirectory(directory)
         inputs = ""
     }
 
@@ -61,33 +61,22 @@ struct BootTemplate {
         return "\(path) \(info.st_dev) \(info.st_ino) \(info.st_size) \(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec)\n"
     }
 
-    var exists: Bool { access(directory + "/state", F_OK) == 0 }
+    var exists: Bool { directory.exists }
 
     /// Saves `machine` (running, its agent ready and rootless) as this template. Concurrent runs
     /// may save the same template: each writes its own directory and the first rename wins.
     func save(_ machine: Machine) throws(SwiftletError) {
-        var parent = ""
-        for component in Self.root.split(separator: "/") {
-            parent += "/" + component
-            guard mkdir(parent, 0o755) == 0 || errno == EEXIST else {
-                throw SwiftletError.system("cannot create \(parent)", errno: currentErrno)
-            }
-        }
-        let partial = directory + ".partial-" + (try SnapshotID.random()).description
-        _ = try machine.snapshotBlocking(to: partial)
-        do {
-            try OwnedFileDescriptor.writeSmallFileAtomically(partial + "/inputs", Array(inputs.utf8))
+        try makeDirectories(Self.root)
+        // The snapshot goes to a name of its own, gets its `inputs`, and only then becomes the template.
+        let partial = SnapshotDirectory(directory.path + ".partial-" + (try SnapshotID.random()).description)
+        _ = try machine.snapshotBlocking(to: partial.path)
+        do throws(SwiftletError) {
+            try OwnedFileDescriptor.writeSmallFileAtomically(partial.path + "/inputs", Array(inputs.utf8))
+            try partial.commit(as: directory)
         } catch {
-            try? MachineDirectory.removeTree(partial)
-            throw error
-        }
-        if rename(partial, directory) != 0 {
-            let error = currentErrno
-            try? MachineDirectory.removeTree(partial)
+            partial.remove()
             // Another run saved it first: that one serves as well.
-            guard error.rawValue == ENOTEMPTY || error.rawValue == EEXIST else {
-                throw SwiftletError.system("cannot put the boot template in \(directory)", errno: error)
-            }
+            guard error.cause == .directoryNotEmpty || error.cause == .fileExists else { throw error }
         }
         Self.removeStale()
     }
@@ -97,7 +86,7 @@ struct BootTemplate {
     static func removeStale() {
         for (name, isDirectory) in OwnedFileDescriptor.directoryEntries(root) ?? [] where isDirectory && !name.contains(".") {
             let template = BootTemplate(directory: root + "/" + name)
-            guard let recorded = try? OwnedFileDescriptor.readSmallTextFile(template.directory + "/inputs") else { continue }
+            guard let recorded = try? OwnedFileDescriptor.readSmallTextFile(template.directory.path + "/inputs") else { continue }
             let current = recorded.split(separator: "\n").map { line in
                 fileLine(String(line.split(separator: " ").dropLast(4).joined(separator: " ")))
             }.joined()
@@ -107,7 +96,7 @@ struct BootTemplate {
 
     /// Deletes every template (runs in progress keep theirs: their memory stays mapped); returns
     /// the bytes freed on disk.
-    static func removeAll() -> Int64 {
+    public static func removeAll() -> Int64 {
         var freed: Int64 = 0
         for (name, isDirectory) in OwnedFileDescriptor.directoryEntries(root) ?? [] where isDirectory {
             let directory = root + "/" + name
@@ -122,8 +111,8 @@ struct BootTemplate {
 
     /// Deletes the template (it could not be restored).
     func remove() {
-        let doomed = directory + ".removed-" + ((try? SnapshotID.random())?.description ?? "\(getpid())")
-        guard rename(directory, doomed) == 0 else { return }
-        try? MachineDirectory.removeTree(doomed)
+        let doomed = directory.path + ".removed-" + ((try? SnapshotID.random())?.description ?? "\(getpid())")
+        guard rename(directory.path, doomed) == 0 else { return }
+        try? FileTree.remove(doomed)
     }
 }

@@ -5,24 +5,24 @@ import SwiftletSystem
 
 /// What `swiftlet machine create` recorded about a machine: its root, its shape, and how commands
 /// run in it. Stored as `machine.json` in the machine's directory.
-struct MachineRecord: Codable, Equatable {
-    var name: String
+public struct MachineRecord: Codable, Equatable, Sendable {
+    public var name: String
     /// What the root was made from, as the user named it (an image reference, a --rootfs path, or
     /// "default").
-    var source: String
+    public var source: String
     /// The read-only layer disks, bottom first.
-    var layers: [String]
-    var defaults: ExecDefaults
-    var cpus: Int
-    var memoryMiB: Int
-    var kernel: String?
+    public var layers: [String]
+    public var defaults: ExecDefaults
+    public var cpus: Int
+    public var memoryMiB: Int
+    public var kernel: String?
     /// The size of the machine's writable disk (its root's upper layer).
-    var diskMiB: Int
+    public var diskMiB: Int
     /// For a fork: `disk.img` is a copy-on-write overlay over this disk, which its siblings share
     /// (kept in `machines/.forks/ID/`, removed with the last machine that uses it).
-    var diskBase: String? = nil
+    public var diskBase: String? = nil
     /// Seconds since the epoch.
-    var created: Int
+    public var created: Int
 }
 
 /// One machine's directory, `$SWIFTLET_HOME/machines/NAME`:
@@ -35,15 +35,15 @@ struct MachineRecord: Codable, Equatable {
 /// - `control.sock`: the VMM process's control socket;
 /// - `console.log`, `vmm.log`: the guest console and the VMM process's own messages, last run;
 /// - `last-exit`: how the last run ended.
-struct MachineDirectory {
-    let name: String
-    let path: String
+public struct MachineDirectory: Sendable {
+    public let name: String
+    public let path: String
 
-    static var root: String { ImageStore.defaultRoot() + "/machines" }
+    public static var root: String { ImageStore.defaultRoot() + "/machines" }
 
     /// A machine name: a letter or digit, then letters, digits, `-`, `_` or `.`, at most 63 in all
     /// (it becomes the guest's hostname and a directory name).
-    static func validate(name: String) throws(SwiftletError) {
+    public static func validate(name: String) throws(SwiftletError) {
         let bytes = Array(name.utf8)
         func allowed(_ b: UInt8, first: Bool) -> Bool {
             (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || (!first && (b == 0x2D || b == 0x5F || b == 0x2E))
@@ -53,25 +53,25 @@ struct MachineDirectory {
         }
     }
 
-    init(name: String) throws(SwiftletError) {
+    public init(name: String) throws(SwiftletError) {
         try Self.validate(name: name)
         self.name = name
         self.path = Self.root + "/" + name
     }
 
-    var recordPath: String { path + "/machine.json" }
-    var diskPath: String { path + "/disk.img" }
-    var lockPath: String { path + "/lock" }
-    var pidPath: String { path + "/vmm.pid" }
-    var socketPath: String { path + "/control.sock" }
-    var consolePath: String { path + "/console.log" }
-    var logPath: String { path + "/vmm.log" }
-    var lastExitPath: String { path + "/last-exit" }
+    public var recordPath: String { path + "/machine.json" }
+    public var diskPath: String { path + "/disk.img" }
+    public var lockPath: String { path + "/lock" }
+    public var pidPath: String { path + "/vmm.pid" }
+    public var socketPath: String { path + "/control.sock" }
+    public var consolePath: String { path + "/console.log" }
+    public var logPath: String { path + "/vmm.log" }
+    public var lastExitPath: String { path + "/last-exit" }
 
-    var exists: Bool { access(recordPath, F_OK) == 0 }
+    public var exists: Bool { access(recordPath, F_OK) == 0 }
 
     /// The record, or a clear error when there is no such machine.
-    func record() throws(SwiftletError) -> MachineRecord {
+    public func record() throws(SwiftletError) -> MachineRecord {
         guard exists else {
             throw SwiftletError(.notFound, "no machine named \(name): `swiftlet machine ls` lists them, `swiftlet machine create --name \(name)` makes it")
         }
@@ -88,10 +88,8 @@ struct MachineDirectory {
     /// Runs `body` holding the machines lock: one create, restore, fork or removal at a time.
     /// A directory without its record is a create in progress or one that died, which the next
     /// one under the lock may clear.
-    static func withLock<T>(_ body: () throws(SwiftletError) -> T) throws(SwiftletError) -> T {
-        for path in [ImageStore.defaultRoot(), root] where mkdir(path, 0o755) != 0 && errno != EEXIST {
-            throw SwiftletError.system("cannot create \(path)", errno: currentErrno)
-        }
+    public static func withLock<T>(_ body: () throws(SwiftletError) -> T) throws(SwiftletError) -> T {
+        try makeDirectories(root)
         let lock = try OwnedFileDescriptor.open(root + "/.lock", flags: O_RDWR | O_CREAT, mode: 0o600, what: "the machines lock")
         flock(lock.rawValue, LOCK_EX)
         defer { flock(lock.rawValue, LOCK_UN) }
@@ -116,19 +114,19 @@ struct MachineDirectory {
 
     /// The image layer disks the machines boot from (their records' `layers`): `image rm` and
     /// `image prune` keep them. A machine whose record cannot be read is skipped (it cannot start either).
-    static func layerDisksInUse() -> Set<String> {
+    public static func layerDisksInUse() -> Set<String> {
         Set(all().flatMap { (try? $0.record().layers) ?? [] })
     }
 
     /// Every machine, by name.
-    static func all() -> [MachineDirectory] {
+    public static func all() -> [MachineDirectory] {
         let names = (OwnedFileDescriptor.directoryEntries(root) ?? []).map(\.name)
         return names.sorted().compactMap { try? MachineDirectory(name: $0) }.filter(\.exists)
     }
 
     // MARK: state
 
-    enum State: Equatable {
+    public enum State: Equatable, Sendable {
         case stopped
         /// The VMM process runs (it holds the lock).
         case running(pid: Int32)
@@ -137,7 +135,7 @@ struct MachineDirectory {
     }
 
     /// Whether the VMM process runs, asked of the lock it holds (a pid alone could be reused).
-    var state: State {
+    public var state: State {
         let pid = (try? OwnedFileDescriptor.readSmallTextFile(pidPath)).flatMap { Int32(trimmed($0)) }
         let fd = open(lockPath, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { return pid.map { .crashed(pid: $0) } ?? .stopped }
@@ -157,12 +155,12 @@ struct MachineDirectory {
     }
 
     /// How the last run ended, if one did.
-    var lastExit: String? {
+    public var lastExit: String? {
         (try? OwnedFileDescriptor.readSmallTextFile(lastExitPath)).map(trimmed)
     }
 
     /// The last lines of the VMM process's log, for a crash report.
-    func logTail(lines: Int = 10) -> String {
+    public func logTail(lines: Int = 10) -> String {
         guard let text = try? OwnedFileDescriptor.readSmallTextFile(logPath, limit: 1 << 24) else { return "" }
         return text.split(separator: "\n").suffix(lines).joined(separator: "\n")
     }
@@ -183,12 +181,7 @@ struct MachineDirectory {
     }
 
     static func removeTree(_ path: String) throws(SwiftletError) {
-        for (name, isDirectory) in OwnedFileDescriptor.directoryEntries(path) ?? [] {
-            if isDirectory { try removeTree(path + "/" + name) } else if unlink(path + "/" + name) != 0 && errno != ENOENT {
-                throw SwiftletError.system("cannot remove \(path)/\(name)", errno: currentErrno)
-            }
-        }
-        if rmdir(path) != 0 && errno != ENOENT { throw SwiftletError.system("cannot remove \(path)", errno: currentErrno) }
+        try FileTree.remove(path)
     }
 }
 

@@ -1,5 +1,4 @@
 import AgentProtocol
-import CLinux
 import Glibc
 import Synchronization
 import SwiftletSystem
@@ -9,22 +8,48 @@ import VMM
 /// holds the machine's lock, boots it with its writable disk, and serves the control socket until
 /// the guest stops. Each control connection gets a thread; each `exec` a session of its own with
 /// the guest agent (`openSession`), so commands run side by side.
-enum MachineServer {
+public enum MachineServer {
+    /// The arguments (after the program's name) that start a machine's VMM process:
+    /// `machine serve NAME [--from DIR [--diffable]]`. The `swiftlet` CLI answers them, and so
+    /// must any program that embeds this library and starts machines (`serveIfAsked`).
+    public static let invocation = ["machine", "serve"]
+
+    /// The program started as a machine's VMM process: this one.
+    static var executable: String { GuestAssets.resolve("/proc/self/exe") ?? CommandLine.arguments[0] }
+
+    /// For a program that embeds this library: when `arguments` (without the program's name)
+    /// start a machine's VMM process, runs it and returns its exit status; otherwise nil. Call
+    /// it first thing in `main`, before any thread starts.
+    public static func serveIfAsked(_ arguments: [String] = Array(CommandLine.arguments.dropFirst())) -> Int32? {
+        guard arguments.starts(with: invocation), arguments.count >= invocation.count + 1 else { return nil }
+        var rest = Array(arguments.dropFirst(invocation.count + 1))
+        var from: String?
+        var diffable = false
+        while let argument = rest.first {
+            rest.removeFirst()
+            switch argument {
+            case "--from" where !rest.isEmpty: from = rest.removeFirst()
+            case "--diffable": diffable = true
+            default: return ExitStatus.setupFailed
+            }
+        }
+        guard let directory = try? MachineDirectory(name: arguments[invocation.count]) else { return ExitStatus.setupFailed }
+        return serve(directory, ready: 1, from: from, diffable: diffable)
+    }
+
     /// Runs the machine. `ready` (the `start` process's pipe) is told `ready` once the agent
     /// answers, or why the machine could not start. Returns the process's exit status.
     /// `from`: a snapshot to restore instead of booting (`machine restore`, `machine fork`): the
     /// guest continues from there and is told its new identity (hostname, random seed).
-    static func serve(_ directory: MachineDirectory, ready: Int32, from snapshot: String? = nil, diffable: Bool = false) -> Int32 {
+    public static func serve(_ directory: MachineDirectory, ready: Int32, from snapshot: String? = nil, diffable: Bool = false) -> Int32 {
         Glibc.signal(SIGPIPE, SIG_IGN)
         // SIGTERM and SIGINT ask for a clean stop, as `machine stop` does.
-        var stopSignals = [SIGTERM, SIGINT, SIGHUP]
-        let signals = swiftlet_signalfd(&stopSignals, Int32(stopSignals.count))
+        let signals = try? SignalFD(blocking: [SIGTERM, SIGINT, SIGHUP])
         func tell(_ text: String) {
             var line = text + "\n"
             line.withUTF8 { _ = try? OwnedFileDescriptor.writeAll(fd: ready, UnsafeRawBufferPointer($0)) }
             // Nobody waits for more: the descriptor becomes /dev/null so the `start` process sees its end.
-            let null = open("/dev/null", O_WRONLY | O_CLOEXEC)
-            if null >= 0 { dup2(null, ready); close(null) }
+            if let null = try? OwnedFileDescriptor.open("/dev/null", flags: O_WRONLY) { dup2(null.rawValue, ready) }
         }
         let record: MachineRecord, lock: OwnedFileDescriptor
         do {
@@ -32,24 +57,24 @@ enum MachineServer {
             lock = try OwnedFileDescriptor.open(directory.lockPath, flags: O_RDWR | O_CREAT, mode: 0o600, what: directory.lockPath)
         } catch {
             tell("error: " + error.description)
-            return Status.setupFailed
+            return ExitStatus.setupFailed
         }
         guard flock(lock.rawValue, LOCK_EX | LOCK_NB) == 0 else {
             tell("error: machine \(directory.name) is already running")
-            return Status.setupFailed
+            return ExitStatus.setupFailed
         }
         do {
-            let outcome = try run(directory, record: record, signals: signals, from: snapshot, diffable: diffable, ready: { tell("ready") })
+            let outcome = try run(directory, record: record, signals: signals?.rawValue ?? -1, from: snapshot, diffable: diffable, ready: { tell("ready") })
             writeLastExit(directory, outcome.text)
             cleanUp(directory)
             _ = lock
             return outcome.status
         } catch {
             tell("error: " + error.description)
-            printError(error.description)
+            log(error.description)
             writeLastExit(directory, "could not start: " + error.description)
             cleanUp(directory)
-            return Status.setupFailed
+            return ExitStatus.setupFailed
         }
     }
 
@@ -77,12 +102,10 @@ enum MachineServer {
                             diffable: Bool, ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
         try OwnedFileDescriptor.writeSmallFileAtomically(directory.pidPath, Array("\(getpid())\n".utf8))
         unlink(directory.socketPath)
-        let listener = swiftlet_unix_listen(directory.socketPath, 16)
-        guard listener >= 0 else { throw SwiftletError.system("cannot listen on \(directory.socketPath)", errno: currentErrno) }
-        defer { close(listener) }
+        let listener = try UnixSocket.listen(at: directory.socketPath)
         let console = try OwnedFileDescriptor.open(directory.consolePath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644,
                                                    what: directory.consolePath)
-        let port = try InProcessPort(port: Run.agentPort)
+        let port = try InProcessPort(port: AgentPort.number)
         let vm: Machine
         if let snapshot {
             // The snapshot's writable disk is the machine's own disk, already copied (restore) or
@@ -97,10 +120,9 @@ enum MachineServer {
 
         func ending() -> (status: Int32, text: String) {
             switch machineThread.wait() {
-            case .failure(let error)?: return (Status.setupFailed, "failed: " + error.description)
-            case .success(let report)?:
-                return report.exit.isClean ? (0, "stopped: " + report.exit.description) : (Status.guestCrashed, "crashed: " + report.exit.description)
-            case nil: return (Status.setupFailed, "failed")
+            case .failure(let error): return (ExitStatus.setupFailed, "failed: " + error.description)
+            case .success(let report):
+                return report.exit.isClean ? (0, "stopped: " + report.exit.description) : (ExitStatus.guestCrashed, "crashed: " + report.exit.description)
             }
         }
         guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else {
@@ -117,21 +139,15 @@ enum MachineServer {
         ready()
 
         while true {
-            var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: machineThread.ended, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: signals, events: Int16(POLLIN), revents: 0)]
-            let n = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), -1) }
-            if n < 0 { if errno == EINTR { continue }; throw SwiftletError.system("poll failed", errno: currentErrno) }
-            if fds[1].revents != 0 { break }
-            if fds[2].revents != 0 {
-                while swiftlet_read_signal(signals) > 0 {}
+            let ready = try Poll.wait([listener.rawValue, machineThread.ended, signals])
+            if ready[1] { break }
+            if ready[2] {
+                while SignalFD.next(from: signals) != nil {}
                 server.stop(timeoutMilliseconds: 10_000)
             }
-            if fds[0].revents != 0 {
-                let client = swiftlet_accept(listener)
-                guard client >= 0 else { continue }
-                let channel = ControlChannel(taking: client)
-                if (try? OSThread.start(name: "control", { server.handle(channel) })) == nil {
+            if ready[0], let client = try? UnixSocket.accept(listener.rawValue) {
+                let channel = ControlChannel(client)
+                if (try? OSThread.start(name: "control", { server.handle(channel) }))?.detach() == nil {
                     try? channel.send(ControlReply.failed("the machine's VMM process cannot start a thread"))
                 }
             }
@@ -159,7 +175,7 @@ final class ControlServer: Sendable {
 
     func handle(_ channel: ControlChannel) {
         guard let (request, fds) = try? channel.receive(ControlRequest.self) else { return }
-        defer { fds.forEach { close($0) } }
+        defer { _ = OwnedFileDescriptors(taking: fds) } // closed here, once the request is answered
         let reply: ControlReply
         switch request.operation {
         case .status:
@@ -190,7 +206,7 @@ final class ControlServer: Sendable {
     private func snapshot(_ request: ControlRequest) -> ControlReply {
         guard let path = request.path, path.hasPrefix("/") else { return .failed("malformed snapshot request") }
         do {
-            let annotations = [MachineSnapshot.recordAnnotation: try MachineSnapshot.encode(record),
+            let annotations = [MachineSnapshotRecord.recordAnnotation: try MachineSnapshotRecord.encode(record),
                                AgentSnapshot.annotation: try AgentSnapshot.encode(record.defaults)]
             let report = try vm.snapshotBlocking(to: path, kind: request.diff == true ? .diff : .full, annotations: annotations)
             var reply = ControlReply()
@@ -216,13 +232,8 @@ final class ControlServer: Sendable {
             agent.shutdown()
             let vm = self.vm, ended = self.ended
             thread = try? OSThread.start(name: "stop") {
-                var p = pollfd(fd: ended, events: Int16(POLLIN), revents: 0)
-                let deadline = MonotonicClock.now + UInt64(max(0, timeoutMilliseconds)) * 1_000_000
-                while MonotonicClock.now < deadline {
-                    let left = Int32(min(Int(Int32.max), Int((deadline - MonotonicClock.now) / 1_000_000) + 1))
-                    if poll(&p, 1, left) > 0 { return }
-                }
-                printError("the guest did not shut down within \(timeoutMilliseconds) ms: stopping it")
+                if (try? Poll.waitReadable(ended, timeoutMilliseconds: max(0, timeoutMilliseconds))) == true { return }
+                log("the guest did not shut down within \(timeoutMilliseconds) ms: stopping it")
                 vm.stop()
             }
             if thread == nil { vm.stop() }
@@ -258,23 +269,18 @@ final class ControlServer: Sendable {
                                       terminal: request.terminal ?? false, rows: request.rows ?? 24, columns: request.columns ?? 80)
         // The client's signals and window size, relayed while the command runs; the client going
         // away ends the session (and with it the command).
-        var stopRelay: [Int32] = [0, 0]
-        guard swiftlet_pipe(&stopRelay) == 0 else { return .failed("cannot create a pipe") }
-        defer { close(stopRelay[0]); close(stopRelay[1]) }
-        let cancel = stopRelay[0]
+        guard let stopRelay = try? EventFD(nonBlocking: true) else { return .failed("cannot create an eventfd") }
+        let cancel = stopRelay.rawValue
         let relay = try? OSThread.start(name: "exec-relay") {
             while true {
                 if !channel.hasBufferedMessage {
-                    var p = [pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0), pollfd(fd: cancel, events: Int16(POLLIN), revents: 0)]
-                    let n = p.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, -1) }
-                    if n < 0 && errno == EINTR { continue }
-                    if n < 0 || p[1].revents != 0 { return }
+                    guard let ready = try? Poll.wait([channel.fd, cancel]), !ready[1] else { return }
                 }
                 guard let (control, passed) = try? channel.receive(ExecControl.self) else {
                     session.shutdown()
                     return
                 }
-                passed.forEach { close($0) }
+                _ = OwnedFileDescriptors(taking: passed) // a control message passes none: close any
                 if let signal = control.signal { try? session.send(.signal(signal)) }
                 if let rows = control.rows, let columns = control.columns { try? session.resize(rows: rows, columns: columns) }
             }
@@ -283,12 +289,17 @@ final class ControlServer: Sendable {
             try session.run(execRequest, streams: .init(input: hasInput ? fds[0] : nil, output: fds[hasInput ? 1 : 0],
                                                         error: fds[hasInput ? 2 : 1]))
         }
-        var one: UInt8 = 1
-        _ = write(stopRelay[1], &one, 1)
+        stopRelay.signal()
         relay?.join()
         switch outcome {
         case .success(let result): return ControlReply(status: result.status, failure: result.failure)
         case .failure(let error): return .failed(error.description)
         }
     }
+}
+
+/// A line in the VMM process's log (its standard error, `vmm.log` in the machine's directory).
+func log(_ message: String) {
+    var line = "swiftlet: " + message + "\n"
+    line.withUTF8 { try? OwnedFileDescriptor.writeAll(fd: 2, UnsafeRawBufferPointer($0)) }
 }

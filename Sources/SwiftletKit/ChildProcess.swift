@@ -3,7 +3,7 @@ import Glibc
 import SwiftletSystem
 
 /// Where a child's standard descriptor comes from.
-enum ChildStream {
+public enum ChildStream: Sendable {
     case null
     /// A file, created or truncated (output) or read (input).
     case file(String)
@@ -17,7 +17,7 @@ private let spawnSetSID: Int32 = 0x80
 /// Starts `arguments[0]` (`executable`) with no blocked signals and default dispositions (the CLI
 /// blocks the signals it forwards, and a child must not inherit that), optionally in a session of
 /// its own. Returns the child's pid.
-func spawnChild(_ executable: String, arguments: [String], environment: [String] = currentEnvironment(),
+public func spawnChild(_ executable: String, arguments: [String], environment: [String] = currentEnvironment(),
                 input: ChildStream = .null, output: ChildStream, error: ChildStream,
                 newSession: Bool = false, what: String) throws(SwiftletError) -> pid_t {
     var actions = posix_spawn_file_actions_t()
@@ -49,7 +49,7 @@ func spawnChild(_ executable: String, arguments: [String], environment: [String]
 }
 
 /// This process's environment, as KEY=VALUE strings.
-func currentEnvironment() -> [String] {
+public func currentEnvironment() -> [String] {
     var environment: [String] = []
     var entry = environ
     while let pointer = entry.pointee { environment.append(String(cString: pointer)); entry += 1 }
@@ -59,9 +59,8 @@ func currentEnvironment() -> [String] {
 /// Reads the next forwarded signal from the signalfd `signals`: Ctrl-C, SIGTERM, SIGHUP and SIGQUIT
 /// end the process with 128+N (after `beforeExit`); others (SIGWINCH) are ignored here.
 func exitIfInterrupted(_ signals: Int32, beforeExit: () -> Void = {}) {
-    let signal = swiftlet_read_signal(signals)
-    guard signal == SIGINT || signal == SIGTERM || signal == SIGHUP || signal == SIGQUIT else { return }
+    guard let signal = SignalFD.next(from: signals), signal == SIGINT || signal == SIGTERM || signal == SIGHUP || signal == SIGQUIT else { return }
     beforeExit()
-    printError("interrupted")
+    log("interrupted")
     exit(128 + signal)
 }

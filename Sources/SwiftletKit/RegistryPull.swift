@@ -9,7 +9,7 @@ import VMM
 struct RegistryPull {
     var reference: ImageReference
     var insecure: Bool
-    var quiet: Bool
+    var progress: @Sendable (String) -> Void
     var interruptions: Int32?
 
     static var helperPath: String {
@@ -18,41 +18,35 @@ struct RegistryPull {
         return directory + "/swiftlet-pull"
     }
 
-    private func relay(_ line: String) {
-        guard !quiet else { return }
-        var text = line + "\n"
-        text.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
-    }
+    private func relay(_ line: String) { progress(line) }
 
     func run(store: ImageStore) throws(SwiftletError) -> StoredImage {
         let helper = Self.helperPath
         guard access(helper, X_OK) == 0 else {
             throw SwiftletError(.notFound, "cannot pull \(reference): no \(helper) (build it with `make build`)")
         }
-        var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0]
-        guard pipe(&outPipe) == 0, pipe(&errPipe) == 0 else {
-            throw SwiftletError.system("cannot create a pipe", errno: currentErrno)
-        }
-        for fd in outPipe + errPipe { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        let outPipe = try OwnedFileDescriptor.pipe(), errPipe = try OwnedFileDescriptor.pipe()
         let arguments = [helper] + (insecure ? ["--insecure-registry"] : []) + [reference.description]
-        let spawned = Result { () throws(SwiftletError) in
-            try spawnChild(helper, arguments: arguments, output: .descriptor(outPipe[1]), error: .descriptor(errPipe[1]), what: helper)
+        let pid: pid_t
+        do {
+            // The write ends go to the helper, and are closed here after the spawn, so the reads
+            // below end when the helper does.
+            let outWrite = outPipe.writeEnd, errWrite = errPipe.writeEnd
+            pid = try spawnChild(helper, arguments: arguments, output: .descriptor(outWrite.rawValue), error: .descriptor(errWrite.rawValue), what: helper)
         }
-        close(outPipe[1]); close(errPipe[1])
-        defer { close(outPipe[0]); close(errPipe[0]) }
-        let pid = try spawned.get()
+        let outRead = outPipe.readEnd, errRead = errPipe.readEnd
 
         var out: [UInt8] = [], err: [UInt8] = [], lastLine = ""
-        var waits = [pollfd(fd: outPipe[0], events: Int16(POLLIN), revents: 0), pollfd(fd: errPipe[0], events: Int16(POLLIN), revents: 0)]
-        if let interruptions { waits.append(pollfd(fd: interruptions, events: Int16(POLLIN), revents: 0)) }
-        var open = 2
+        var reading = [outRead.rawValue, errRead.rawValue]
         var buffer = [UInt8](repeating: 0, count: 16384)
-        while open > 0 {
-            if poll(&waits, nfds_t(waits.count), -1) < 0 { continue }
-            if waits.count > 2, waits[2].revents != 0 { exitIfInterrupted(waits[2].fd) { kill(pid, SIGTERM) } }
-            for i in 0..<2 where waits[i].fd >= 0 && waits[i].revents != 0 {
-                let n = buffer.withUnsafeMutableBytes { read(waits[i].fd, $0.baseAddress, $0.count) }
-                if n <= 0 { waits[i].fd = -1; open -= 1; continue }
+        while reading.contains(where: { $0 >= 0 }) {
+            let ready = try Poll.wait(reading + [interruptions ?? -1])
+            if ready[2], let interruptions { exitIfInterrupted(interruptions) { kill(pid, SIGTERM) } }
+            for i in 0..<2 where reading[i] >= 0 && ready[i] {
+                let n = (try? buffer.withMutableBytes { raw throws(SwiftletError) in
+                    try OwnedFileDescriptor.readSome(fd: reading[i], into: raw, what: "\(helper)'s output")
+                }) ?? 0
+                if n <= 0 { reading[i] = -1; continue }
                 if i == 0 { out += buffer[0..<n]; continue }
                 err += buffer[0..<n]
                 // Relay progress lines one behind: the last line is the error if the pull fails.

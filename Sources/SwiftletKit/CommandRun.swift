@@ -1,0 +1,298 @@
+import AgentProtocol
+import Glibc
+import Images
+import SwiftletSystem
+import VMM
+
+/// `swiftlet run` as a use case: a command in a fresh, throwaway machine, from an image (booted,
+/// or restored from its boot template) or from a snapshot, with its output, error and exit status.
+///
+/// ```swift
+/// var run = CommandRun(root: .image("alpine:3.20", policy: .missing, insecureRegistry: false))
+/// run.command = ["cat", "/etc/os-release"]
+/// let outcome = try run.run(io: CommandRun.IO())
+/// print(outcome.status)
+/// ```
+public struct CommandRun: Sendable {
+    /// What the machine's root is.
+    public enum Root: Sendable, Equatable {
+        /// The default busybox image (`make build`).
+        case defaultImage
+        /// A root filesystem image (EROFS or ext4).
+        case rootfs(String)
+        /// An image: a registry reference, an OCI layout directory, an archive, or a digest in the store.
+        case image(String, policy: PullPolicy, insecureRegistry: Bool)
+        /// A snapshot made by `ImageSnapshot` (`swiftlet snapshot`): its image and hardware.
+        case snapshot(String)
+    }
+
+    public var root: Root
+    /// The command and its arguments (empty: the image's default command).
+    public var command: [String] = []
+    /// KEY=VALUE over the image's environment.
+    public var environment: [String] = []
+    public var workingDirectory: String?
+    public var user: String?
+    public var kernel: String?
+    public var cpus = 1
+    public var memoryMiB = 256
+    public var allowPVM = false
+    /// The machine is stopped after this long (`Failure.Reason.timedOut`).
+    public var timeoutMilliseconds: Int?
+    /// Boot the kernel even when a boot template of this machine shape could be restored.
+    public var cold = false
+    /// The guest console goes to standard error (else to a log shown when the guest fails).
+    public var showConsole = false
+    /// Give the command a terminal.
+    public var terminal = false
+
+    public init(root: Root) {
+        self.root = root
+    }
+
+    /// Where the command's streams go, and what the caller hears while it runs.
+    public struct IO: Sendable {
+        public var input: Int32?
+        public var output: Int32
+        public var error: Int32
+        /// A signalfd whose signals are forwarded to the command (SIGWINCH: a resize to `windowSize()`).
+        public var signals: Int32?
+        public var windowSize: (@Sendable () -> (rows: UInt16, columns: UInt16)?)?
+        /// Called once the command is about to start (a terminal goes raw then).
+        public var beforeCommand: @Sendable () -> Void
+        /// Progress lines (an image pull) and warnings.
+        public var log: @Sendable (String) -> Void
+
+        public init(input: Int32? = nil, output: Int32 = 1, error: Int32 = 2, signals: Int32? = nil,
+                    windowSize: (@Sendable () -> (rows: UInt16, columns: UInt16)?)? = nil,
+                    beforeCommand: @escaping @Sendable () -> Void = {}, log: @escaping @Sendable (String) -> Void = { _ in }) {
+            self.input = input; self.output = output; self.error = error; self.signals = signals
+            self.windowSize = windowSize; self.beforeCommand = beforeCommand; self.log = log
+        }
+    }
+
+    /// How the command ended, and when each phase of the run ended (CLOCK_MONOTONIC ns, from
+    /// `process` on: the image resolved or snapshot read, the guest's first KVM_RUN as `vm`, the
+    /// agent connected and ready, the root mounted, the command, the teardown).
+    public struct Outcome: Sendable {
+        public var status: Int32
+        /// The agent's word when the command could not start (status 126 or 127).
+        public var failure: String?
+        public var marks: [(name: String, time: UInt64)]
+    }
+
+    /// Why the command has no exit status of its own.
+    public struct Failure: Error, Sendable, CustomStringConvertible {
+        public enum Reason: Sendable, Equatable {
+            /// The machine could not be made (bad input, missing kernel, no KVM).
+            case setup
+            /// The guest crashed or stopped before the command ended.
+            case guest
+            /// `timeoutMilliseconds` passed; the machine was stopped.
+            case timedOut
+        }
+        public var reason: Reason
+        /// What went wrong first, when the failure has two parts (the agent's connection broke,
+        /// and then the machine ended as `message` says).
+        public var cause: String?
+        public var message: String
+        /// The end of the guest console, when it shows why the guest failed.
+        public var consoleTail: String?
+
+        public var description: String { cause.map { $0 + "; " + message } ?? message }
+
+        public init(reason: Reason, cause: String? = nil, message: String, consoleTail: String? = nil) {
+            self.reason = reason; self.cause = cause; self.message = message; self.consoleTail = consoleTail
+        }
+    }
+
+    /// What a run does with boot templates.
+    enum TemplateUse {
+        /// Restore the template when there is one; otherwise boot and save one.
+        case restoreOrSave
+        /// Boot and save a template.
+        case save
+        /// Boot with the root given on the kernel command line.
+        case none
+    }
+
+    /// A restored boot template stopped before its agent was ready: it must not be used again.
+    struct TemplateRestoreFailure: Error {
+        let template: BootTemplate
+    }
+
+    /// Runs the command and waits for it.
+    public func run(io: IO) throws(Failure) -> Outcome {
+        let isSnapshot = if case .snapshot = root { true } else { false }
+        do {
+            return try runOnce(io: io, templates: cold || isSnapshot ? .none : .restoreOrSave)
+        } catch let failure as TemplateRestoreFailure {
+            // Nothing of the command ran: boot instead, and save a template that works.
+            failure.template.remove()
+        } catch let failure as Failure {
+            throw failure
+        } catch {
+            throw Failure(reason: .setup, message: "\(error)")
+        }
+        do { return try runOnce(io: io, templates: .save) } catch let failure as Failure { throw failure } catch {
+            throw Failure(reason: .setup, message: "\(error)")
+        }
+    }
+
+    /// The root a machine started without (from a boot template, or booted to save one): the
+    /// disks to put into its empty drives and mount once its agent is ready.
+    struct PendingRoot {
+        var disks: [String]
+        var template: BootTemplate
+        /// Restored from the template (false: booted, and the template is to be saved).
+        var restored: Bool
+    }
+
+    private func runOnce(io: IO, templates: TemplateUse) throws -> Outcome {
+        // Process start, the runtime and the arguments: what is left is the library's work.
+        var marks: [(name: String, time: UInt64)] = [("process", MonotonicClock.now)]
+        let consoleLog = showConsole ? nil : ConsoleLog()
+        let port: InProcessPort
+        let (vm, defaultRequest, pendingRoot): (Machine, ExecRequest, PendingRoot?)
+        do throws(SwiftletError) {
+            port = try InProcessPort(port: AgentPort.number)
+            (vm, defaultRequest, pendingRoot) = try makeMachine(io: io, consoleOutput: showConsole ? 2 : consoleLog?.fd, port: port,
+                                                              templates: templates)
+        } catch {
+            throw Failure(reason: .setup, message: error.description)
+        }
+        var request = defaultRequest
+        let fromSnapshot = if case .snapshot = root { true } else { false }
+        marks.append((!fromSnapshot && pendingRoot?.restored != true ? "image" : "snapshot", MonotonicClock.now))
+
+        let machineThread: MachineThread, watchdog: Watchdog
+        do throws(SwiftletError) {
+            machineThread = try MachineThread(vm)
+            watchdog = try Watchdog(milliseconds: timeoutMilliseconds) { vm.stop() }
+        } catch {
+            throw Failure(reason: .setup, message: error.description)
+        }
+        defer {
+            watchdog.cancel()
+            machineThread.stop()
+        }
+
+        func timedOut() -> Failure {
+            Failure(reason: .timedOut, message: "the command did not finish within \(timeoutMilliseconds ?? 0) ms; the VM was stopped")
+        }
+        func machineFailure() -> Failure {
+            switch machineThread.wait() {
+            case .failure(let error):
+                return Failure(reason: .setup, message: error.description)
+            case .success(let report):
+                if watchdog.fired { return timedOut() }
+                return Failure(reason: .guest, message: report.exit.isClean ? "the guest stopped before its agent answered (\(report.exit))" : report.exit.description,
+                               consoleTail: consoleLog?.tail())
+            }
+        }
+        /// A restored template that ends before its agent is ready is not the user's failure.
+        func templateFailed() -> TemplateRestoreFailure? {
+            guard let pendingRoot, pendingRoot.restored, !watchdog.fired else { return nil }
+            machineThread.stop()
+            return TemplateRestoreFailure(template: pendingRoot.template)
+        }
+        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else {
+            if let failure = templateFailed() { throw failure }
+            throw machineFailure()
+        }
+        marks.append(("connected", MonotonicClock.now))
+        let session = AgentSession(socket: connection)
+        let ready: Bool
+        do { ready = try session.waitUntilReady() } catch {
+            if let failure = templateFailed() { throw failure }
+            throw Failure(reason: .guest, message: error.description)
+        }
+        guard ready else {
+            if let failure = templateFailed() { throw failure }
+            throw machineFailure()
+        }
+        // Every run from one snapshot starts from the same kernel random state: reseed it.
+        if fromSnapshot || pendingRoot?.restored == true {
+            do { try session.announceNewIdentity(hostname: nil) } catch {
+                throw Failure(reason: .guest, message: error.description)
+            }
+        }
+        marks.append(("ready", MonotonicClock.now))
+        if let pendingRoot {
+            if !pendingRoot.restored {
+                // Saving is an optimisation for later runs: this one goes on without it.
+                do { try pendingRoot.template.save(vm) } catch { io.log("warning: cannot save the boot template (later runs boot too): \(error)") }
+                marks.append(("template", MonotonicClock.now))
+            }
+            do {
+                for (index, disk) in pendingRoot.disks.enumerated() { try vm.insertDisk(at: index, DiskConfig(path: disk, readOnly: true)) }
+                try session.mountRoot(devices: pendingRoot.disks.indices.map(RootFilesystem.deviceName))
+            } catch {
+                throw Failure(reason: .guest, message: error.description, consoleTail: consoleLog?.tail())
+            }
+            marks.append(("root", MonotonicClock.now))
+        }
+
+        io.beforeCommand()
+        let size = terminal ? io.windowSize?() : nil
+        request.terminal = terminal
+        request.rows = size?.rows ?? 24
+        request.columns = size?.columns ?? 80
+        let outcome: AgentSession.Outcome
+        do {
+            outcome = try session.run(request, streams: .init(input: io.input, output: io.output, error: io.error,
+                                                              signals: io.signals, windowSize: io.windowSize))
+        } catch {
+            if watchdog.fired { throw timedOut() }
+            // What broke the session, then how the machine ended.
+            var failure = machineFailure()
+            failure.cause = error.description
+            throw failure
+        }
+        marks.append(("command", MonotonicClock.now))
+        // The first run from a snapshot records what it wrote; later runs copy that in as they start.
+        // Only a hint: a snapshot directory this user cannot write to goes without.
+        if fromSnapshot || pendingRoot?.restored == true { _ = try? vm.saveWorkingSet() }
+        if case .success(let report) = machineThread.stop() { marks.insert(("vm", report.firstRun), at: 2) }
+        marks.append(("teardown", MonotonicClock.now))
+        return Outcome(status: outcome.status, failure: outcome.failure, marks: marks)
+    }
+
+    /// The machine the command runs in, booted from the default image, a root filesystem or an
+    /// image (or restored from their boot template), or restored from a snapshot; and the
+    /// command as it runs there.
+    private func makeMachine(io: IO, consoleOutput: Int32?, port: InProcessPort,
+                             templates: TemplateUse) throws(SwiftletError) -> (Machine, ExecRequest, PendingRoot?) {
+        let image: String?, rootfs: String?, policy: PullPolicy, insecure: Bool
+        switch root {
+        case .snapshot(let directory):
+            let vm = try Machine.restoring(from: directory, consoleOutput: consoleOutput, kvmPath: AgentPort.kvmPath,
+                                           allowPVM: allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true)
+            let defaults = try AgentSnapshot.defaults(of: vm, directory: directory)
+            return (vm, try defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: directory), nil)
+        case .defaultImage: (image, rootfs, policy, insecure) = (nil, nil, .missing, false)
+        case .rootfs(let path): (image, rootfs, policy, insecure) = (nil, path, .missing, false)
+        case .image(let reference, let pull, let insecureRegistry): (image, rootfs, policy, insecure) = (reference, nil, pull, insecureRegistry)
+        }
+        let root = try RootFilesystem.resolve(image: image, rootfs: rootfs, insecure: insecure, policy: policy,
+                                              signals: io.signals ?? -1, progress: io.log)
+        let request = try root.defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: root.name)
+        guard templates != .none else {
+            let config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput)
+            return (Machine(config: config, vsockPorts: port), request, nil)
+        }
+        let config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB,
+                                                 allowPVM: allowPVM, consoleOutput: consoleOutput, emptyDrives: true)
+        let template = BootTemplate(config: config)
+        if templates == .restoreOrSave && template.exists {
+            do {
+                let vm = try Machine.restoring(from: template.directory.path, consoleOutput: consoleOutput, kvmPath: AgentPort.kvmPath,
+                                               allowPVM: allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true)
+                return (vm, request, PendingRoot(disks: root.disks, template: template, restored: true))
+            } catch {
+                template.remove() // damaged or from another Swiftlet: boot and save a new one
+            }
+        }
+        return (Machine(config: config, vsockPorts: port), request, PendingRoot(disks: root.disks, template: template, restored: false))
+    }
+}

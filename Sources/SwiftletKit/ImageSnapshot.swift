@@ -1,0 +1,96 @@
+import FoundationEssentials
+import Glibc
+import SwiftletSystem
+import VMM
+
+/// `swiftlet snapshot` as a use case: boots an image with the guest agent, waits until the agent
+/// is ready, and writes a full snapshot of the machine, for `CommandRun(root: .snapshot(DIR))`.
+public struct ImageSnapshot: Sendable {
+    public var root: CommandRun.Root
+    public var kernel: String?
+    public var cpus = 1
+    public var memoryMiB = 256
+    public var allowPVM = false
+    /// The guest console goes to standard error (else to a log shown when the guest fails).
+    public var showConsole = false
+
+    public init(root: CommandRun.Root) {
+        self.root = root
+    }
+
+    /// Writes the snapshot to `directory`, which must not exist. A guest that fails before its
+    /// agent is ready gives an error with the end of its console in `consoleTail`.
+    public func make(to directory: String, log: @escaping @Sendable (String) -> Void = { _ in }) throws(CommandRun.Failure) -> SnapshotReport {
+        let root: RootFilesystem
+        do throws(SwiftletError) {
+            if access(directory, F_OK) == 0 {
+                throw SwiftletError(.invalidArgument, "\(directory) already exists: snapshots go to a new directory")
+            }
+            let resolved: RootFilesystem
+            switch self.root {
+            case .snapshot: throw SwiftletError(.invalidArgument, "a snapshot is made from an image, not from another snapshot")
+            case .defaultImage: resolved = try RootFilesystem.resolve(image: nil, rootfs: nil, progress: log)
+            case .rootfs(let path): resolved = try RootFilesystem.resolve(image: nil, rootfs: path, progress: log)
+            case .image(let reference, let policy, let insecure):
+                resolved = try RootFilesystem.resolve(image: reference, rootfs: nil, insecure: insecure, policy: policy, progress: log)
+            }
+            root = resolved
+        } catch {
+            throw CommandRun.Failure(reason: .setup, message: error.description)
+        }
+        return try make(root, to: directory)
+    }
+
+    private func make(_ root: RootFilesystem, to directory: String) throws(CommandRun.Failure) -> SnapshotReport {
+        func setup<T>(_ body: () throws(SwiftletError) -> T) throws(CommandRun.Failure) -> T {
+            do { return try body() } catch { throw CommandRun.Failure(reason: .setup, message: error.description) }
+        }
+        let consoleLog = showConsole ? nil : ConsoleLog()
+        let port = try setup { () throws(SwiftletError) in try InProcessPort(port: AgentPort.number) }
+        let config = try setup { () throws(SwiftletError) in
+            try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM,
+                                        consoleOutput: showConsole ? 2 : consoleLog?.fd)
+        }
+        let vm = Machine(config: config, vsockPorts: port)
+        let machineThread = try setup { () throws(SwiftletError) in try MachineThread(vm) }
+        defer { machineThread.stop() }
+
+        func failure(_ reason: String) -> CommandRun.Failure {
+            switch machineThread.stop() {
+            case .failure(let error): return CommandRun.Failure(reason: .setup, message: error.description)
+            case .success(let report): return CommandRun.Failure(reason: .guest, message: "\(reason) (\(report.exit))", consoleTail: consoleLog?.tail())
+            }
+        }
+        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else {
+            throw failure("the guest stopped before its agent connected")
+        }
+        let session = AgentSession(socket: connection)
+        guard try setup({ () throws(SwiftletError) in try session.waitUntilReady() }) else {
+            throw failure("the guest agent hung up before it was ready")
+        }
+        return try setup { () throws(SwiftletError) in
+            try vm.snapshotBlocking(to: directory, annotations: [AgentSnapshot.annotation: try AgentSnapshot.encode(root.defaults)])
+        }
+    }
+}
+
+/// What an agent snapshot stores for `run --from`: how commands run in its image.
+enum AgentSnapshot {
+    static let annotation = "swiftlet.agent.exec-defaults"
+
+    static func encode(_ defaults: ExecDefaults) throws(SwiftletError) -> String {
+        do { return String(decoding: try JSONEncoder().encode(defaults), as: UTF8.self) } catch {
+            throw SwiftletError(.invalidFormat, "cannot encode the image's command defaults: \(error)")
+        }
+    }
+
+    /// The defaults stored with the snapshot a machine was restored from.
+    static func defaults(of machine: Machine, directory: String) throws(SwiftletError) -> ExecDefaults {
+        guard let text = machine.restoredAnnotations[annotation] else {
+            throw SwiftletError(.invalidArgument, "the snapshot in \(directory) has no guest agent to run a command in: make one with `swiftlet snapshot`")
+        }
+        do { return try JSONDecoder().decode(ExecDefaults.self, from: Data(text.utf8)) } catch {
+            throw SwiftletError(.invalidFormat, "the snapshot in \(directory) holds unreadable command defaults: \(error)")
+        }
+    }
+}

@@ -1,0 +1,46 @@
+import CLinux
+import GuestMemory
+import KVM
+import LinuxBoot
+import SwiftletSystem
+
+extension Machine {
+    /// The boot builder: assembles a machine of `config`'s shape in fresh memory, loads the
+    /// kernel (and initrd) with firmware tables that list the assembled devices, and sets up the
+    /// vCPUs to enter it.
+    func buildForBoot(_ config: MachineConfig, controller: MachineController, phases: inout [(name: String, end: UInt64)],
+                      onBootMarker: (@Sendable (UInt64) -> Void)?) throws(SwiftletError) -> BuiltMachine {
+        let parts = try Self.assemble(config.shape, controller: controller, vsockPorts: vsockPorts, logDirtyPages: false,
+                                      phases: &phases, onBootMarker: onBootMarker) { ranges throws(SwiftletError) in
+            try GuestMemory(anonymous: ranges)
+        }
+        do throws(SwiftletError) {
+            var acpi = ACPIConfiguration(cpuCount: config.cpuCount, sleepControlPort: Ports.sleepControl, pvpanicPort: Ports.pvpanic)
+            acpi.virtioDevices = parts.devices.virtioSlots
+            let plan = try LinuxBootLoader.prepare(
+                LinuxBootConfiguration(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
+                                       commandLine: config.commandLine, acpi: acpi),
+                memory: parts.memory)
+            if KVMBackend.detect() == .pvm && plan.kernel.isLinux && !config.allowPVM {
+                throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: config.kvmPath))
+            }
+            phases.append(("load", MonotonicClock.now))
+
+            let tscDeadline = parts.kvm.capability(KVM_CAP_TSC_DEADLINE_TIMER) > 0
+            let msrs = Set(parts.msrIndices)
+            var vcpus: [VCPU] = []
+            var cpuids: [[CPUIDEntry]] = []
+            for id in 0..<UInt32(config.cpuCount) {
+                let vcpu = try parts.vm.createVCPU(id: id)
+                let cpuid = CPUIDSetup.entries(from: parts.supportedCPUID, cpu: id, count: config.cpuCount, tscDeadline: tscDeadline)
+                try VCPUBootSetup.configure(vcpu, cpuid: cpuid, supportedMSRs: msrs, boot: id == 0 ? plan.cpu : nil)
+                vcpus.append(vcpu)
+                cpuids.append(cpuid)
+            }
+            return BuiltMachine(parts: parts, vcpus: vcpus, cpuid: cpuids, guestIsLinux: plan.kernel.isLinux, prefetch: [])
+        } catch {
+            parts.tearDown()
+            throw error
+        }
+    }
+}

@@ -1,0 +1,250 @@
+import Devices
+import Glibc
+import GuestMemory
+import KVM
+import LinuxBoot
+import MachineState
+import SwiftletSystem
+
+/// A snapshot to start a machine from, read and checked.
+struct RestorePlan: Sendable {
+    let snapshot: MachineSnapshot
+    let directory: SnapshotDirectory
+    /// The memory files, full first, then each diff on top.
+    let memoryChain: [String]
+    /// Whether the restored machine tracks the pages it writes, so that its next snapshot can be
+    /// a diff of this one (KVM's dirty log costs a write fault per page first written).
+    var diffable = true
+    /// Whether the restore makes private copies of the snapshot's recorded working set up front.
+    var prefetchesWorkingSet = false
+
+    /// The working set recorded beside the snapshot, if there is one that belongs to it: a hint,
+    /// so anything unreadable counts as none.
+    func recordedWorkingSet(pageCount: Int) -> WorkingSet? {
+        let path = directory.workingSetPath
+        guard let bytes = try? OwnedFileDescriptor.readSmallFile(path, limit: 64 << 20) else { return nil }
+        return try? WorkingSet.decode(bytes, path: path, snapshot: snapshot.id, pageCount: pageCount)
+    }
+
+    func mapMemory(expecting ranges: [(GuestAddress, UInt64)]) throws(SwiftletError) -> GuestMemory {
+        let memory = try MemoryFile.map(chain: memoryChain, id: snapshot.id)
+        guard memory.regions.map(\.start) == ranges.map(\.0), memory.regions.map(\.size) == ranges.map(\.1) else {
+            throw SwiftletError(.invalidFormat, "the memory file in \(directory) does not have the layout of a \(snapshot.hardware.memoryMiB) MiB machine")
+        }
+        return memory
+    }
+
+    /// Refuses a snapshot whose guest saw CPU features this host cannot give it.
+    func checkCPU(supported: [CPUIDEntry]) throws(SwiftletError) {
+        guard let guest = snapshot.cpuid.first else { return }
+        // The feature registers (not identification or sizes), and the bits Swiftlet sets itself
+        // whatever the host (hypervisor, TSC deadline and HTT in leaf 1), which are not host features.
+        let features: [(function: UInt32, index: UInt32, name: String, register: KeyPath<CPUIDEntry, UInt32>, ignored: UInt32)] = [
+            (0x1, 0, "ECX", \.ecx, CPUIDSetup.leaf1HypervisorBit | CPUIDSetup.leaf1TSCDeadlineBit),
+            (0x1, 0, "EDX", \.edx, CPUIDSetup.leaf1HTTBit),
+            (0x7, 0, "EBX", \.ebx, 0), (0x7, 0, "ECX", \.ecx, 0), (0x7, 0, "EDX", \.edx, 0),
+            (0xD, 1, "EAX", \.eax, 0),
+            (0x8000_0001, 0, "ECX", \.ecx, 0), (0x8000_0001, 0, "EDX", \.edx, 0),
+        ]
+        for feature in features {
+            func leaf(_ entries: [CPUIDEntry]) -> CPUIDEntry? {
+                entries.first { $0.function == feature.function && $0.index == feature.index }
+            }
+            guard let saved = leaf(guest) else { continue }
+            let missing = saved[keyPath: feature.register] & ~feature.ignored & ~(leaf(supported)?[keyPath: feature.register] ?? 0)
+            guard missing == 0 else {
+                let bits = (0..<32).filter { missing >> $0 & 1 != 0 }.map(String.init).joined(separator: ", ")
+                throw SwiftletError(.unsupported, "the snapshot in \(directory) was taken on a CPU with features this host's KVM does not offer (CPUID 0x\(String(feature.function, radix: 16)).\(feature.index) \(feature.name) bit \(bits)): restore it on a host with the same or a newer CPU")
+            }
+        }
+    }
+
+    /// Reads the state file in `directory` and those of the snapshots it is a diff of.
+    static func load(_ directory: SnapshotDirectory) throws(SwiftletError) -> RestorePlan {
+        let snapshot = try readState(directory)
+        var chain = [directory.memoryPath]
+        var current = snapshot
+        var seen: Set<SnapshotID> = [snapshot.id]
+        while current.kind == .diff {
+            guard let parentPath = current.parentDirectory, let parentID = current.parent else {
+                throw SwiftletError(.invalidFormat, "\(directory.statePath) is a diff snapshot without a parent")
+            }
+            let parentDirectory = SnapshotDirectory(parentPath)
+            let parent: MachineSnapshot
+            do { parent = try readState(parentDirectory) } catch {
+                throw SwiftletError(error.code, "the snapshot in \(directory) is a diff of \(parentDirectory), which cannot be read: \(error.message)")
+            }
+            guard parent.id == parentID, seen.insert(parent.id).inserted else {
+                throw SwiftletError(.invalidFormat, "\(parentDirectory) no longer holds snapshot \(parentID), which \(directory) is a diff of")
+            }
+            chain.insert(parentDirectory.memoryPath, at: 0)
+            current = parent
+        }
+        return RestorePlan(snapshot: snapshot, directory: directory, memoryChain: chain)
+    }
+
+    static func readState(_ directory: SnapshotDirectory) throws(SwiftletError) -> MachineSnapshot {
+        let path = directory.statePath
+        guard directory.exists else {
+            throw SwiftletError(.notFound, access(directory.path, F_OK) == 0
+                ? "\(directory) is not a Swiftlet snapshot: it has no state file"
+                : "snapshot \(directory) does not exist")
+        }
+        let bytes = try OwnedFileDescriptor.readSmallFile(path, limit: 64 << 20)
+        let snapshot = try StateFile.decode(MachineSnapshot.self, from: bytes, path: path)
+        guard snapshot.vcpus.count == snapshot.hardware.cpuCount, snapshot.cpuid.count == snapshot.hardware.cpuCount else {
+            throw SwiftletError(.invalidFormat, "\(path) describes \(snapshot.hardware.cpuCount) vCPUs but holds the state of \(snapshot.vcpus.count)")
+        }
+        return snapshot
+    }
+}
+
+extension Machine {
+    /// A machine that starts from the snapshot in `directory` instead of booting: guest memory is
+    /// mapped copy-on-write from the snapshot's memory file (nothing is copied; pages load on first
+    /// touch), and vCPUs and devices continue where they were. The snapshot is never modified.
+    /// `allowPVM` restores a Linux guest even on a PVM-backed /dev/kvm (only PVM-enabled kernels run there).
+    /// A vsock device comes back with no connections (its guest is told they were reset); guest
+    /// connections to the host go to `vsockPorts`, then to `vsockForwards`. With `diffable`, the
+    /// machine tracks what it writes so that its next snapshot can be a diff of this one; a
+    /// machine that will not be snapshotted runs faster without (no write fault per first write).
+    /// The snapshot's writable disks come back as `writableDisks` (one per writable disk, in order:
+    /// copies of `writableDiskFiles(inSnapshot:)`, or copy-on-write overlays with those as their
+    /// base); without them, as overlays in temporary files, whose writes are lost when the machine ends.
+    /// With `prefetchWorkingSet`, the pages a restore of this snapshot wrote before (recorded by
+    /// `saveWorkingSet()`) are copied out of the snapshot by a thread beside the starting guest,
+    /// so that its writes there do not each fault in the host; for short runs that repeat the same
+    /// work (`swiftlet run --from`), not for machines that live long.
+    public static func restoring(from directory: String, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
+                                 kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
+                                 vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
+                                 diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
+                                 prefetchWorkingSet: Bool = false) throws(SwiftletError) -> Machine {
+        var plan = try RestorePlan.load(SnapshotDirectory(directory))
+        plan.diffable = diffable
+        plan.prefetchesWorkingSet = prefetchWorkingSet
+        let hardware = plan.snapshot.hardware
+        let copies = try writableDiskFiles(plan)
+        if let writableDisks, writableDisks.count != copies.count {
+            throw SwiftletError(.invalidArgument, "the snapshot in \(directory) has \(copies.count) writable disks, but \(writableDisks.count) were given for them")
+        }
+        var disks: [DiskConfig] = []
+        for disk in hardware.disks {
+            if disk.path.isEmpty && disk.file == nil {
+                disks.append(.empty)
+                continue
+            }
+            let source = try disk.file.map { name throws(SwiftletError) in try plan.directory.diskPath(named: name) } ?? disk.path
+            if disk.file == nil && access(source, F_OK) != 0 && errno == ENOENT {
+                throw SwiftletError(.notFound, "the disk \(source) that the snapshot in \(directory) was taken with is gone (an image layer removed from the image store? Pulling the image again brings it back at the same path)")
+            }
+            let size = try OwnedFileDescriptor.open(source, flags: O_RDONLY, what: "disk").size()
+            guard size == disk.size else {
+                throw SwiftletError(.invalidFormat, disk.file == nil
+                    ? "disk \(disk.path) is \(size) bytes, but was \(disk.size) when the snapshot in \(directory) was taken: the guest would see another disk"
+                    : "\(source) is \(size) bytes, but the disk it holds was \(disk.size): the snapshot is damaged")
+            }
+            if disk.file == nil {
+                disks.append(DiskConfig(path: disk.path, readOnly: disk.readOnly))
+            } else {
+                var given = writableDisks?[disks.count(where: { !$0.readOnly })] ?? DiskConfig(path: "", base: source)
+                given.readOnly = false
+                disks.append(given)
+            }
+        }
+        let shape = MachineShape(cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, disks: disks,
+                                 entropyDevice: hardware.entropyDevice,
+                                 vsock: hardware.vsockGuestCID.map { VsockConfig(guestCID: $0, forwards: vsockForwards) },
+                                 kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
+        return Machine(restoring: plan, shape: shape, vsockPorts: vsockPorts)
+    }
+
+
+    /// The restore builder: assembles a machine of the snapshot's shape over its memory (mapped
+    /// copy-on-write), then puts back the vCPUs, the interrupt controllers and clock, and every
+    /// device's state by its id.
+    func buildFromSnapshot(_ plan: RestorePlan, controller: MachineController, phases: inout [(name: String, end: UInt64)],
+                           onBootMarker: (@Sendable (UInt64) -> Void)?) throws(SwiftletError) -> BuiltMachine {
+        if plan.snapshot.guestIsLinux, KVMBackend.detect() == .pvm, !shape.allowPVM {
+            throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: shape.kvmPath))
+        }
+        let parts = try Self.assemble(shape, controller: controller, vsockPorts: vsockPorts, logDirtyPages: plan.diffable,
+                                      phases: &phases, onBootMarker: onBootMarker) { ranges throws(SwiftletError) in
+            try plan.mapMemory(expecting: ranges)
+        }
+        do throws(SwiftletError) {
+            var prefetch: [Range<Int>] = []
+            if plan.prefetchesWorkingSet, let set = plan.recordedWorkingSet(pageCount: parts.memory.pageCount) {
+                workingSetLoaded.withLock { $0 = true }
+                prefetch = set.runs
+            }
+            phases.append(("load", MonotonicClock.now))
+            try plan.checkCPU(supported: parts.supportedCPUID)
+            // The guest's clock moves on by the time since the snapshot (restoreState below, with
+            // advanceClock); its TSCs move on by as much, so its timers agree with its clock.
+            let sinceSnapshot = VirtualMachine.timeSinceSave(plan.snapshot.vm)
+            var vcpus: [VCPU] = []
+            for id in 0..<shape.cpuCount {
+                let vcpu = try parts.vm.createVCPU(id: UInt32(id))
+                try vcpu.setCPUID(plan.snapshot.cpuid[id])
+                try vcpu.restoreState(plan.snapshot.vcpus[id], advancingTSCBy: sinceSnapshot)
+                vcpus.append(vcpu)
+            }
+            try parts.vm.restoreState(plan.snapshot.vm, advanceClock: true)
+            try parts.devices.restoreStates(plan.snapshot.devices, from: "the snapshot in \(plan.directory)")
+            if plan.diffable { parts.memory.startTrackingWrites() }
+            return BuiltMachine(parts: parts, vcpus: vcpus, cpuid: plan.snapshot.cpuid, guestIsLinux: plan.snapshot.guestIsLinux,
+                                prefetch: prefetch)
+        } catch {
+            parts.tearDown()
+            throw error
+        }
+    }
+
+    /// Records the pages the guest (and its devices) wrote since this machine was restored as its
+    /// snapshot's working set, in the snapshot directory, unless the restore found one there:
+    /// later restores with `prefetchWorkingSet` copy those pages in as the guest starts.
+    /// Call it once the machine has done what a typical run does (after the command, say). A run
+    /// that wrote more than a quarter of guest memory records an empty set (nothing to copy in).
+    /// Returns the pages recorded, or nil when there was nothing to record (not restored,
+    /// restored without `prefetchWorkingSet`, or a working set was already there). Never touches
+    /// the snapshot's own files; a snapshot directory that is not writable gives an error.
+    @discardableResult
+    public func saveWorkingSet() throws(SwiftletError) -> Int? {
+        guard let restore, restore.prefetchesWorkingSet, workingSetLoaded.withLock({ !$0 }) else { return nil }
+        let memory = try liveMachine().memory
+        let written = try memory.writtenPageRuns()
+        // A run that wrote more than a quarter of memory is not a working set to copy in on every
+        // restore: record an empty one, so that later runs neither copy nor record.
+        let pages = written.reduce(0) { $0 + $1.count }
+        let set = try WorkingSet(snapshot: restore.snapshot.id, pageCount: memory.pageCount,
+                                 runs: pages > memory.pageCount / 4 ? [] : written)
+        // Concurrent runs may record at once: each writes its own temporary file, the last rename wins.
+        try OwnedFileDescriptor.writeSmallFileAtomically(restore.directory.workingSetPath, set.encode())
+        workingSetLoaded.withLock { $0 = true }
+        return set.pages
+    }
+
+    /// The files in the snapshot in `directory` that hold its writable disks' contents, in disk
+    /// order: a restore's `writableDisks` can be copies of them, or overlays over them.
+    public static func writableDiskFiles(inSnapshot directory: String) throws(SwiftletError) -> [String] {
+        try writableDiskFiles(try RestorePlan.load(SnapshotDirectory(directory)))
+    }
+
+    static func writableDiskFiles(_ plan: RestorePlan) throws(SwiftletError) -> [String] {
+        var files: [String] = []
+        for disk in plan.snapshot.hardware.disks {
+            if let name = disk.file { files.append(try plan.directory.diskPath(named: name)) }
+        }
+        return files
+    }
+
+    /// What the snapshot in `directory` recorded (`snapshot(to:annotations:)`), read and checked
+    /// (a damaged or foreign snapshot throws) without restoring it.
+    public static func annotations(ofSnapshot directory: String) throws(SwiftletError) -> [String: String] {
+        try RestorePlan.load(SnapshotDirectory(directory)).snapshot.annotations
+    }
+
+    /// What the snapshot this machine was restored from recorded (`snapshot(to:annotations:)`).
+    public var restoredAnnotations: [String: String] { restore?.snapshot.annotations ?? [:] }
+}

@@ -1,0 +1,146 @@
+import Devices
+import KVM
+import LinuxBoot
+import SwiftletSystem
+import Virtio
+
+/// A device's stable name within its machine: its kind and its place among the devices of that
+/// kind (`serial0`, `virtio-blk1`, `virtio-vsock0`). Snapshot state is keyed by it, so adding a
+/// device of another kind never shifts which state goes to which device.
+public struct DeviceID: Hashable, Sendable, CustomStringConvertible {
+    public let kind: String
+    public let index: Int
+
+    public init(kind: String, index: Int) {
+        self.kind = kind; self.index = index
+    }
+
+    public var description: String { kind + String(index) }
+}
+
+/// One device's saved state: exactly one of the fields is set, for the device's kind.
+public struct DeviceState: Codable, Sendable, Equatable {
+    public var serial: SerialState?
+    public var virtio: VirtioTransportState?
+
+    public init(serial: SerialState? = nil, virtio: VirtioTransportState? = nil) {
+        self.serial = serial; self.virtio = virtio
+    }
+}
+
+/// The contract every device of a machine keeps for snapshots: its state as a plain value, and
+/// that value put back before the guest runs again. Called while the machine is paused (save)
+/// or not yet running (restore).
+protocol Snapshottable: AnyObject, Sendable {
+    func saveDeviceState() throws(SwiftletError) -> DeviceState
+    func restoreDeviceState(_ state: DeviceState, id: DeviceID) throws(SwiftletError)
+}
+
+extension Serial8250: Snapshottable {
+    func saveDeviceState() -> DeviceState { DeviceState(serial: state) }
+
+    func restoreDeviceState(_ saved: DeviceState, id: DeviceID) throws(SwiftletError) {
+        guard let serial = saved.serial, saved.virtio == nil else {
+            throw SwiftletError(.invalidFormat, "the saved state of \(id) is not a serial port's")
+        }
+        restore(serial)
+    }
+}
+
+extension VirtioMMIOTransport: Snapshottable {
+    func saveDeviceState() throws(SwiftletError) -> DeviceState { DeviceState(virtio: try saveState()) }
+
+    func restoreDeviceState(_ saved: DeviceState, id: DeviceID) throws(SwiftletError) {
+        guard let virtio = saved.virtio, saved.serial == nil else {
+            throw SwiftletError(.invalidFormat, "the saved state of \(id) is not a virtio device's")
+        }
+        do { try restoreState(virtio) } catch {
+            throw SwiftletError(error.code, "\(id): \(error.message)")
+        }
+    }
+}
+
+/// A machine's devices, as the shared assembly step makes them for boot and restore alike: the
+/// port and MMIO buses, the virtio devices on their transports, and every device by its id.
+struct MachineDevices: Sendable {
+    /// A virtio block device in its drive slot.
+    struct Drive: Sendable {
+        let id: DeviceID
+        let device: VirtioBlock
+        let transport: VirtioMMIOTransport
+    }
+
+    var ports = PortIOBus()
+    var mmio = MMIOBus()
+    let serial: Serial8250
+    private(set) var drives: [Drive] = []
+    private(set) var transports: [VirtioMMIOTransport] = []
+    private(set) var vsock: VirtioVsock?
+    /// Every device whose state a snapshot holds, in the order they were made.
+    private(set) var snapshottable: [(id: DeviceID, device: any Snapshottable)] = []
+    /// The virtio devices' windows and interrupts, for the firmware tables.
+    private(set) var virtioSlots: [VirtioMMIODescription] = []
+
+    init(serial: Serial8250) {
+        self.serial = serial
+        snapshottable.append((DeviceID(kind: "serial", index: 0), serial))
+    }
+
+    /// The id the next device of `kind` gets.
+    func nextID(_ kind: String) -> DeviceID {
+        DeviceID(kind: kind, index: snapshottable.count(where: { $0.id.kind == kind }))
+    }
+
+    /// Puts a block device on the next virtio-mmio slot (see `attach`).
+    mutating func attachDrive(_ device: VirtioBlock, makeTransport: TransportMaker) {
+        let (id, transport) = attach(device, kind: "virtio-blk", makeTransport: makeTransport)
+        drives.append(Drive(id: id, device: device, transport: transport))
+    }
+
+    mutating func attachVsock(_ device: VirtioVsock, makeTransport: TransportMaker) {
+        attach(device, kind: "virtio-vsock", makeTransport: makeTransport)
+        vsock = device
+    }
+
+    mutating func attachEntropy(_ device: VirtioRNG, makeTransport: TransportMaker) {
+        attach(device, kind: "virtio-rng", makeTransport: makeTransport)
+    }
+
+    /// Makes the transport of a virtio device on a slot (its register window and GSI).
+    typealias TransportMaker = (any VirtioDevice, VirtioMMIODescription) -> VirtioMMIOTransport
+
+    /// Puts `device` behind a transport on the next free slot.
+    @discardableResult
+    private mutating func attach(_ device: any VirtioDevice, kind: String, makeTransport: TransportMaker) -> (DeviceID, VirtioMMIOTransport) {
+        let id = nextID(kind)
+        let slot = Machine.virtioSlot(transports.count)
+        let transport = makeTransport(device, slot)
+        mmio.register(transport, base: slot.base, length: slot.size)
+        transports.append(transport)
+        virtioSlots.append(slot)
+        snapshottable.append((id, transport))
+        return (id, transport)
+    }
+
+    /// Every device's state, by id.
+    func saveStates() throws(SwiftletError) -> [String: DeviceState] {
+        var states: [String: DeviceState] = [:]
+        for (id, device) in snapshottable { states[id.description] = try device.saveDeviceState() }
+        return states
+    }
+
+    /// Gives every device its saved state. The snapshot must hold a state for each device and
+    /// none for a device this machine does not have; `what` names the snapshot in errors.
+    func restoreStates(_ states: [String: DeviceState], from what: String) throws(SwiftletError) {
+        let known = Set(snapshottable.map(\.id.description))
+        if let unknown = states.keys.sorted().first(where: { !known.contains($0) }) {
+            throw SwiftletError(.invalidFormat, "\(what) holds the state of a device \(unknown.debugDescription) that the machine does not have")
+        }
+        for (id, device) in snapshottable {
+            guard let state = states[id.description] else {
+                throw SwiftletError(.invalidFormat, "\(what) holds no state for the machine's device \(id)")
+            }
+            try device.restoreDeviceState(state, id: id)
+        }
+    }
+}

@@ -1,0 +1,75 @@
+import KVM
+import MachineState
+
+/// The hardware a snapshot was taken of; a restore builds the same.
+public struct SnapshotHardware: Codable, Sendable, Equatable {
+    public var cpuCount: Int
+    public var memoryMiB: Int
+    /// The disks: read-only ones by path (their contents are not part of the snapshot), writable
+    /// ones with a copy of their contents in the snapshot.
+    public var disks: [SnapshotDisk]
+    public var entropyDevice: Bool
+    /// The vsock device's guest CID, if the machine has one. Its connections are not kept: the
+    /// guest is told they were reset.
+    public var vsockGuestCID: UInt64?
+
+    init(_ shape: MachineShape, diskSizes: [UInt64]) {
+        cpuCount = shape.cpuCount
+        memoryMiB = shape.memoryMiB
+        disks = zip(shape.disks, diskSizes).map { SnapshotDisk(path: $0.path, readOnly: $0.readOnly, size: $1, file: nil) }
+        entropyDevice = shape.entropyDevice
+        vsockGuestCID = shape.vsock?.guestCID
+    }
+}
+
+/// A disk of a snapshotted machine.
+public struct SnapshotDisk: Codable, Sendable, Equatable {
+    /// Where the machine's disk was (for a copy-on-write disk, its overlay).
+    public var path: String
+    public var readOnly: Bool
+    public var size: UInt64
+    /// For a writable disk: the file in the snapshot's directory that holds its contents as they
+    /// were when the snapshot was taken (a sparse file; `SnapshotDirectory.diskFileName`).
+    public var file: String?
+}
+
+/// Everything the state file of a snapshot holds (docs/snapshot-format.md).
+struct MachineSnapshot: Codable, Sendable {
+    var id: SnapshotID
+    var kind: MemoryFile.Kind
+    /// For a diff: the snapshot it is a diff of, and that snapshot's directory (absolute).
+    var parent: SnapshotID?
+    var parentDirectory: String?
+    /// Host CLOCK_REALTIME when taken (ns).
+    var createdAt: UInt64
+    var hardware: SnapshotHardware
+    /// Whether the guest is a Linux kernel (which a PVM-backed /dev/kvm cannot run).
+    var guestIsLinux: Bool
+    /// The CPUID each vCPU saw: a restore shows the guest the same CPU.
+    var cpuid: [[CPUIDEntry]]
+    var vcpus: [VCPUState]
+    var vm: VMState
+    /// Every device's state, by device id (`DeviceID`: `serial0`, `virtio-blk0`, ...).
+    var devices: [String: DeviceState]
+    /// What the snapshot's maker recorded with it (the CLI: the image's command defaults).
+    var annotations: [String: String]
+}
+
+/// A full snapshot holds all of guest memory; a diff only the pages written since the machine's
+/// previous snapshot (or its restore), and needs that snapshot to restore.
+public enum SnapshotKind: Sendable {
+    case full
+    case diff
+}
+
+/// What taking a snapshot did.
+public struct SnapshotReport: Sendable {
+    public var id: String
+    public var directory: String
+    public var kind: SnapshotKind
+    /// Guest memory pages written, and bytes written in all (state file included).
+    public var memoryPagesWritten: Int
+    public var bytesWritten: UInt64
+    /// How long the guest was paused for the snapshot (ns), pausing and resuming included.
+    public var pausedNanoseconds: UInt64
+}
