@@ -38,12 +38,12 @@ struct Sample: Codable, Equatable {
         #expect { try StateFile.decode(Sample.self, from: Array(bytes.dropLast(5)), path: "s") } throws: {
             ($0 as! SwiftletError).message.contains("truncated")
         }
-        for version: UInt8 in [2, 4] { // the previous format (JSON) and a future one
+        for version: UInt8 in [3, 5] { // the previous format (devices by position) and a future one
             var other = bytes
             other[8] = version
             #expect { try StateFile.decode(Sample.self, from: other, path: "s") } throws: {
                 let e = $0 as! SwiftletError
-                return e.code == .unsupported && e.message.contains("version \(version)") && e.message.contains("reads version 3")
+                return e.code == .unsupported && e.message.contains("version \(version)") && e.message.contains("reads version 4")
             }
         }
         #expect { try StateFile.decode(Sample.self, from: Array("hello".utf8), path: "notes.txt") } throws: {
