@@ -114,15 +114,6 @@ extension Machine {
 
     /// Runs blocking work on a dedicated thread, never on Swift's cooperative pool.
     func offCooperativePool<R: Sendable>(thread name: String = "swiftlet-ctl", _ body: @escaping @Sendable () throws(SwiftletError) -> R) async throws(SwiftletError) -> R {
-        let result: Result<R, SwiftletError> = await withCheckedContinuation { continuation in
-            do throws(SwiftletError) {
-                _ = try OSThread.start(name: name) {
-                    continuation.resume(returning: Result { () throws(SwiftletError) in try body() })
-                }
-            } catch {
-                continuation.resume(returning: .failure(error))
-            }
-        }
-        return try result.get()
+        try await OSThread.run(name: name, body)
     }
 }

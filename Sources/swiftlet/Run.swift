@@ -1,6 +1,5 @@
 import AgentProtocol
 import ArgumentParser
-import CLinux
 import Glibc
 import Synchronization
 import SwiftletSystem
@@ -155,31 +154,5 @@ final class TerminalSession: Sendable {
 
     func restore() {
         saved.withLock { $0?.restore(); $0 = nil }
-    }
-}
-
-/// The host terminal in raw mode while a `-t` command runs.
-struct RawTerminal: Sendable {
-    let fd: Int32
-    let saved: termios
-
-    init?(fd: Int32) {
-        var t = termios()
-        guard tcgetattr(fd, &t) == 0 else { return nil }
-        saved = t
-        self.fd = fd
-        cfmakeraw(&t)
-        tcsetattr(fd, TCSANOW, &t)
-    }
-
-    func restore() {
-        var t = saved
-        tcsetattr(fd, TCSANOW, &t)
-    }
-
-    static func size(of fd: Int32) -> (rows: UInt16, columns: UInt16)? {
-        var size = winsize()
-        guard swiftlet_ioctl_ptr(fd, SWIFTLET_TIOCGWINSZ, &size) == 0 else { return nil }
-        return (size.ws_row, size.ws_col)
     }
 }
