@@ -16,11 +16,15 @@ enum MachineLifecycle {
             let ends = try OwnedFileDescriptor.pipe()
             var arguments = ["swiftlet"] + MachineServer.invocation + [directory.name]
             if let snapshot { arguments += ["--from", snapshot] + (diffable ? ["--diffable"] : []) }
+            let writeEnd = ends.writeEnd, readEnd = ends.readEnd
             pid = try spawnChild(MachineServer.executable, arguments: arguments,
-                                 output: .descriptor(ends.writeEnd.rawValue), error: .file(directory.logPath), newSession: true,
+                                 output: .descriptor(writeEnd.rawValue), error: .file(directory.logPath), newSession: true,
                                  what: "the machine's VMM process")
+            // Closed here only after the spawn (a noncopyable value may end at its last use), so
+            // the answer's reader sees its end when the VMM process's stdout goes.
+            withExtendedLifetime(writeEnd) {}
             self.directory = directory
-            self.answer = ends.readEnd
+            self.answer = readEnd
         }
 
         /// Waits for the process's answer; the process is killed if it gives none in time.

@@ -45,6 +45,7 @@ public enum MachineServer {
         Glibc.signal(SIGPIPE, SIG_IGN)
         // SIGTERM and SIGINT ask for a clean stop, as `machine stop` does.
         let signals = try? SignalFD(blocking: [SIGTERM, SIGINT, SIGHUP])
+        defer { withExtendedLifetime(signals) {} }
         func tell(_ text: String) {
             var line = text + "\n"
             line.withUTF8 { _ = try? OwnedFileDescriptor.writeAll(fd: ready, UnsafeRawBufferPointer($0)) }
@@ -105,6 +106,8 @@ public enum MachineServer {
         let listener = try UnixSocket.listen(at: directory.socketPath)
         let console = try OwnedFileDescriptor.open(directory.consolePath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644,
                                                    what: directory.consolePath)
+        // A noncopyable value may end at its last use: the guest writes to the console until the run ends.
+        defer { withExtendedLifetime(console) {} }
         let port = try InProcessPort(port: AgentPort.number)
         let vm: Machine
         if let snapshot {

@@ -93,6 +93,7 @@ extension Machines {
         let input = try OwnedFileDescriptor.openInput(source, role: "file to copy")
         guard try input.isRegularFile() else { throw SwiftletError(.invalidArgument, "\(source) is not a regular file") }
         try copyExec(name, ["sh", "-c", "cat > \"$1\"", "sh", path], input: input.rawValue, output: nil)
+        withExtendedLifetime(input) {} // a noncopyable value may end at its last use: keep the descriptor open until sent
     }
 
     /// Copies `path` in the running machine to the host path `destination` (into it, when it is a
@@ -107,6 +108,7 @@ extension Machines {
         let output = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644, what: temporary)
         do throws(SwiftletError) {
             try copyExec(name, ["cat", path], input: nil, output: output.rawValue)
+            withExtendedLifetime(output) {}
         } catch {
             unlink(temporary)
             throw error
@@ -123,6 +125,7 @@ extension Machines {
         let null = try OwnedFileDescriptor.open("/dev/null", flags: O_WRONLY)
         let reply = try MachineLifecycle.request(try MachineDirectory(name: name), request,
                                                  passing: (input.map { [$0] } ?? []) + [output ?? null.rawValue, 2])
+        withExtendedLifetime(null) {}
         guard reply.status == 0 else {
             throw SwiftletError(.guestFailure, "the copy failed in machine \(name) (status \(reply.status ?? -1))" + (reply.failure.map { ": " + $0 } ?? ""))
         }

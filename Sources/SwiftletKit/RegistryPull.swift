@@ -33,6 +33,8 @@ struct RegistryPull {
             // below end when the helper does.
             let outWrite = outPipe.writeEnd, errWrite = errPipe.writeEnd
             pid = try spawnChild(helper, arguments: arguments, output: .descriptor(outWrite.rawValue), error: .descriptor(errWrite.rawValue), what: helper)
+            withExtendedLifetime(outWrite) {}
+            withExtendedLifetime(errWrite) {}
         }
         let outRead = outPipe.readEnd, errRead = errPipe.readEnd
 

@@ -2,8 +2,11 @@ import CLinux
 import Glibc
 
 /// A signalfd(2): signals blocked in the thread that made it, read as data instead of delivered
-/// to handlers (the CLI forwards SIGINT, SIGTERM and SIGWINCH to the guest this way).
-public struct SignalFD: ~Copyable, Sendable {
+/// to handlers (the CLI forwards SIGINT, SIGTERM and SIGWINCH to the guest this way). A class:
+/// its descriptor is used by number (polled, passed to sessions) long after the last use of the
+/// value, so it must live to the end of its owner's scope, not end at its last use as a
+/// noncopyable value may (that closed the descriptor early, and its number was reused).
+public final class SignalFD: Sendable {
     public let descriptor: OwnedFileDescriptor
 
     /// Blocks `signals` in the calling thread (threads it starts afterwards inherit the mask) and

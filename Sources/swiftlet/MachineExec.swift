@@ -82,6 +82,7 @@ struct CommandOptions: ParsableArguments {
         for signal in forwarded { Glibc.signal(signal, SIG_DFL) }
         Glibc.signal(SIGPIPE, SIG_IGN)
         let signals = try? SignalFD(blocking: forwarded)
+        defer { withExtendedLifetime(signals) {} }
         var spec = Machines.Command(command)
         spec.environment = options.environment
         spec.workingDirectory = options.workdir

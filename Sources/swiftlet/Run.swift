@@ -98,6 +98,7 @@ struct Run: ParsableCommand {
         // A reader that goes away (`swiftlet run ... | head -1`) must not kill the VMM mid-run.
         Glibc.signal(SIGPIPE, SIG_IGN)
         let signals = try? SignalFD(blocking: forwarded)
+        defer { withExtendedLifetime(signals) {} }
         var run = CommandRun(root: root)
         run.command = exec.command
         run.environment = exec.environment
