@@ -82,7 +82,7 @@ bench_busybox_image() {
 summarize_tests() {
   local label=$1 log=$2; shift 2
   local lines passed failed skips
-  lines=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^[^ ]+ Test ' | grep -vE '^[^ ]+ Test run with' || true)
+  lines=$(sed 's/\x1b\[[0-9;]*m//g; s/\r$//' "$log" | grep -E '^[^ ]+ Test ' | grep -vE '^[^ ]+ Test run with' || true)
   passed=$(grep -cE '^[^ ]+ Test .* passed after' <<< "$lines" || true)
   failed=$(grep -cE '^[^ ]+ Test .* failed after' <<< "$lines" || true)
   skips=$( (grep -E '^[^ ]+ Test .* skipped(: "|\.$)' <<< "$lines" || true) \

@@ -6,8 +6,9 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
     case reset
     /// The guest kernel panicked (reported through pvpanic).
     case guestPanic
-    /// A vCPU triple-faulted.
-    case tripleFault(cpu: UInt32, rip: UInt64)
+    /// A vCPU triple-faulted. `rip` is where, when the CPU still shows it: on AMD, KVM puts a
+    /// vCPU that shut down back into its reset state, so the faulting RIP is gone (nil).
+    case tripleFault(cpu: UInt32, rip: UInt64?)
     /// KVM could not run the guest: an instruction it could not emulate, for example.
     case internalError(cpu: UInt32, rip: UInt64, detail: String, instructionBytes: [UInt8]?)
     /// The hardware refused to enter the guest.
@@ -32,7 +33,8 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
         case .stopped: return "the host stopped the machine"
         case .guestPanic: return "the guest kernel panicked (see its console output above)"
         case .tripleFault(let cpu, let rip):
-            return "vCPU \(cpu) triple-faulted at rip 0x\(String(rip, radix: 16)): the guest kernel crashed before it could report a panic"
+            let place = rip.map { " at rip 0x\(String($0, radix: 16))" } ?? ""
+            return "vCPU \(cpu) triple-faulted\(place): the guest kernel crashed before it could report a panic"
         case .internalError(let cpu, let rip, let detail, let bytes):
             var s = "KVM could not run vCPU \(cpu): \(detail) at rip 0x\(String(rip, radix: 16))"
             if let bytes, !bytes.isEmpty {

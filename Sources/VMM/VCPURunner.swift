@@ -41,7 +41,7 @@ struct VCPURunner {
             case .halt:
                 controller.stop(.vmmError("vCPU \(vcpu.id) halted with no in-kernel local APIC"))
             case .shutdown:
-                controller.stop(.tripleFault(cpu: vcpu.id, rip: (try? vcpu.registers().rip) ?? 0))
+                controller.stop(.tripleFault(cpu: vcpu.id, rip: faultingRIP()))
             case .systemEvent(let type):
                 switch type {
                 case 1: controller.stop(.powerOff)   // KVM_SYSTEM_EVENT_SHUTDOWN
@@ -57,6 +57,14 @@ struct VCPURunner {
             }
         }
         return trace
+    }
+
+    /// The RIP of a vCPU that shut down (triple fault), or nil when KVM has already reset it: on
+    /// AMD the VMCB is undefined after a shutdown, so KVM INITs the vCPU (RIP 0xfff0, CS 0xf000).
+    func faultingRIP() -> UInt64? {
+        guard let rip = try? vcpu.registers().rip else { return nil }
+        if rip == 0xFFF0, let cs = try? vcpu.specialRegisters().cs, cs.selector == 0xF000 { return nil }
+        return rip
     }
 
     /// Describes an internal error with the faulting RIP and instruction bytes (from KVM, or read

@@ -22,19 +22,28 @@ public enum TestHost {
     /// bundle (SwiftPM's build directory), else on PATH.
     public static var swiftletBinary: String {
         if let bin = getenv("SWIFTLET_BIN") { return String(cString: bin) }
+        if let dir = buildDirectory, access(dir + "/swiftlet", X_OK) == 0 { return dir + "/swiftlet" }
+        return "/usr/local/bin/swiftlet"
+    }
+
+    /// The example program (Examples/swiftlet-example) SwiftPM built beside the test bundle.
+    public static var exampleBinary: String? {
+        guard let dir = buildDirectory, access(dir + "/swiftlet-example", X_OK) == 0 else { return nil }
+        return dir + "/swiftlet-example"
+    }
+
+    /// The directory that holds the test bundle: SwiftPM's build directory.
+    static var buildDirectory: String? {
         var buffer = [CChar](repeating: 0, count: 4096)
         let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        if n > 0 {
-            let exe = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            var dir = Substring(exe)
-            while let slash = dir.lastIndex(of: "/") {
-                dir = dir[..<slash]
-                if !dir.hasSuffix(".xctest") && !dir.hasSuffix("Contents") && !dir.hasSuffix("MacOS") { break }
-            }
-            let candidate = String(dir) + "/swiftlet"
-            if access(candidate, X_OK) == 0 { return candidate }
+        guard n > 0 else { return nil }
+        let exe = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        var dir = Substring(exe)
+        while let slash = dir.lastIndex(of: "/") {
+            dir = dir[..<slash]
+            if !dir.hasSuffix(".xctest") && !dir.hasSuffix("Contents") && !dir.hasSuffix("MacOS") { break }
         }
-        return "/usr/local/bin/swiftlet"
+        return String(dir)
     }
 
     /// The `swiftlet-init` executable SwiftPM built beside the test bundle ($SWIFTLET_INIT_BIN wins).

@@ -1,4 +1,5 @@
 import Glibc
+import KVM
 import SwiftletSystem
 import Synchronization
 import Testing
@@ -70,7 +71,14 @@ struct TinyMachine {
         let (report, _) = try TinyMachine(code: code).run()
         guard case .tripleFault(let cpu, let rip) = report.exit else { Issue.record("got \(report.exit)"); return }
         #expect(cpu == 0)
-        #expect(rip >= 0x100000 && rip < 0x100000 + UInt64(code.count))
+        // Intel keeps the faulting RIP; AMD's KVM resets the vCPU on shutdown, and then none is named.
+        if let rip {
+            #expect(rip >= 0x100000 && rip < 0x100000 + UInt64(code.count))
+            #expect(report.exit.description.contains("triple-faulted at rip 0x"))
+        } else {
+            #expect(KVMBackend.detect() == .hardware(vendor: "AMD-V"), "only AMD's KVM loses the faulting RIP")
+            #expect(!report.exit.description.contains(" at rip"))
+        }
         #expect(report.exit.description.contains("triple-faulted"))
     }
 
