@@ -57,10 +57,10 @@ public func currentEnvironment() -> [String] {
 }
 
 /// Reads the next forwarded signal from the signalfd `signals`: Ctrl-C, SIGTERM, SIGHUP and SIGQUIT
-/// end the process with 128+N (after `beforeExit`); others (SIGWINCH) are ignored here.
-func exitIfInterrupted(_ signals: Int32, beforeExit: () -> Void = {}) {
+/// stop the work (after `beforeThrowing`) with an `.interrupted` error naming the signal; others
+/// (SIGWINCH) are ignored here.
+func throwIfInterrupted(_ signals: Int32, beforeThrowing: () -> Void = {}) throws(SwiftletError) {
     guard let signal = SignalFD.next(from: signals), signal == SIGINT || signal == SIGTERM || signal == SIGHUP || signal == SIGQUIT else { return }
-    beforeExit()
-    log("interrupted")
-    exit(128 + signal)
+    beforeThrowing()
+    throw SwiftletError.interrupted(by: signal)
 }

@@ -90,6 +90,8 @@ public struct CommandRun: Sendable {
             case guest
             /// `timeoutMilliseconds` passed; the machine was stopped.
             case timedOut
+            /// A signal from `IO.signals` (Ctrl-C) stopped the setup (a pull, for example).
+            case interrupted(signal: Int32)
         }
         public var reason: Reason
         /// What went wrong first, when the failure has two parts (the agent's connection broke,
@@ -103,6 +105,14 @@ public struct CommandRun: Sendable {
 
         public init(reason: Reason, cause: String? = nil, message: String, consoleTail: String? = nil) {
             self.reason = reason; self.cause = cause; self.message = message; self.consoleTail = consoleTail
+        }
+
+        /// The machine could not be made: `error` says why (an interrupted pull is `.interrupted`).
+        static func setup(_ error: any Error) -> Failure {
+            if let error = error as? SwiftletError, error.code == .interrupted, let signal = error.signal {
+                return Failure(reason: .interrupted(signal: signal), message: error.description)
+            }
+            return Failure(reason: .setup, message: "\(error)")
         }
     }
 
@@ -132,10 +142,10 @@ public struct CommandRun: Sendable {
         } catch let failure as Failure {
             throw failure
         } catch {
-            throw Failure(reason: .setup, message: "\(error)")
+            throw Failure.setup(error)
         }
         do { return try runOnce(io: io, templates: .save) } catch let failure as Failure { throw failure } catch {
-            throw Failure(reason: .setup, message: "\(error)")
+            throw Failure.setup(error)
         }
     }
 
@@ -159,7 +169,7 @@ public struct CommandRun: Sendable {
             (vm, defaultRequest, pendingRoot) = try makeMachine(io: io, consoleOutput: showConsole ? 2 : consoleLog?.fd, port: port,
                                                               templates: templates)
         } catch {
-            throw Failure(reason: .setup, message: error.description)
+            throw Failure.setup(error)
         }
         var request = defaultRequest
         let fromSnapshot = if case .snapshot = root { true } else { false }
@@ -170,7 +180,7 @@ public struct CommandRun: Sendable {
             machineThread = try MachineThread(vm)
             watchdog = try Watchdog(milliseconds: timeoutMilliseconds) { vm.stop() }
         } catch {
-            throw Failure(reason: .setup, message: error.description)
+            throw Failure.setup(error)
         }
         defer {
             watchdog.cancel()
@@ -183,7 +193,7 @@ public struct CommandRun: Sendable {
         func machineFailure() -> Failure {
             switch machineThread.wait() {
             case .failure(let error):
-                return Failure(reason: .setup, message: error.description)
+                return Failure.setup(error)
             case .success(let report):
                 if watchdog.fired { return timedOut() }
                 return Failure(reason: .guest, message: report.exit.isClean ? "the guest stopped before its agent answered (\(report.exit))" : report.exit.description,

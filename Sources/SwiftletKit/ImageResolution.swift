@@ -92,16 +92,19 @@ public struct ImageResolver: Sendable {
 }
 
 /// Runs async work from synchronous code (the CLI's commands are synchronous: their VMs run on
-/// threads of their own) and waits for it. A signal read from `interruptions` (a signalfd) ends
-/// the process with 128+N: what was half-fetched stays in the store's tmp/, never as content.
+/// threads of their own) and waits for it. A signal read from `interruptions` (a signalfd)
+/// cancels the work and throws `.interrupted` at once: what was half-fetched stays in the
+/// store's tmp/, never as content.
 func blockingAsync<T: Sendable>(interruptions: Int32? = nil, _ body: @escaping @Sendable () async throws(SwiftletError) -> T) throws(SwiftletError) -> T {
     let pending = try PendingResult<T>()
-    Task {
+    let task = Task {
         do throws(SwiftletError) { pending.set(.success(try await body())) } catch { pending.set(.failure(error)) }
     }
     while pending.result == nil {
         let ready = try Poll.wait([pending.ended, interruptions ?? -1])
-        if ready[1], let interruptions { exitIfInterrupted(interruptions) }
+        if ready[1], let interruptions {
+            try throwIfInterrupted(interruptions) { task.cancel() }
+        }
     }
     return try pending.wait().get()
 }

@@ -36,14 +36,14 @@ public struct ImageSnapshot: Sendable {
             }
             root = resolved
         } catch {
-            throw CommandRun.Failure(reason: .setup, message: error.description)
+            throw CommandRun.Failure.setup(error)
         }
         return try make(root, to: directory)
     }
 
     private func make(_ root: RootFilesystem, to directory: String) throws(CommandRun.Failure) -> SnapshotReport {
         func setup<T>(_ body: () throws(SwiftletError) -> T) throws(CommandRun.Failure) -> T {
-            do { return try body() } catch { throw CommandRun.Failure(reason: .setup, message: error.description) }
+            do { return try body() } catch { throw CommandRun.Failure.setup(error) }
         }
         let consoleLog = showConsole ? nil : ConsoleLog()
         let port = try setup { () throws(SwiftletError) in try InProcessPort(port: AgentPort.number) }
@@ -57,7 +57,7 @@ public struct ImageSnapshot: Sendable {
 
         func failure(_ reason: String) -> CommandRun.Failure {
             switch machineThread.stop() {
-            case .failure(let error): return CommandRun.Failure(reason: .setup, message: error.description)
+            case .failure(let error): return CommandRun.Failure.setup(error)
             case .success(let report): return CommandRun.Failure(reason: .guest, message: "\(reason) (\(report.exit))", consoleTail: consoleLog?.tail())
             }
         }

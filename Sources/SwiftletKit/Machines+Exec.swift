@@ -33,7 +33,7 @@ extension Machines {
     /// `io.signals` are forwarded (SIGWINCH: the new `io.windowSize()`, with a terminal).
     public static func exec(_ name: String, _ command: Command, io: CommandRun.IO) throws(CommandRun.Failure) -> ExecOutcome {
         func setup<T>(_ body: () throws(SwiftletError) -> T) throws(CommandRun.Failure) -> T {
-            do { return try body() } catch { throw CommandRun.Failure(reason: .setup, message: error.description) }
+            do { return try body() } catch { throw CommandRun.Failure.setup(error) }
         }
         let (channel, prepared) = try setup { () throws(SwiftletError) -> (ControlChannel, ControlRequest) in
             let directory = try MachineDirectory(name: name)

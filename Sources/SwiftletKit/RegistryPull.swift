@@ -43,7 +43,14 @@ struct RegistryPull {
         var buffer = [UInt8](repeating: 0, count: 16384)
         while reading.contains(where: { $0 >= 0 }) {
             let ready = try Poll.wait(reading + [interruptions ?? -1])
-            if ready[2], let interruptions { exitIfInterrupted(interruptions) { kill(pid, SIGTERM) } }
+            if ready[2], let interruptions {
+                try throwIfInterrupted(interruptions) {
+                    // The helper ends its pull (its half-fetched blobs stay in tmp/) and is reaped.
+                    kill(pid, SIGTERM)
+                    var status: Int32 = 0
+                    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                }
+            }
             for i in 0..<2 where reading[i] >= 0 && ready[i] {
                 let n = (try? buffer.withMutableBytes { raw throws(SwiftletError) in
                     try OwnedFileDescriptor.readSome(fd: reading[i], into: raw, what: "\(helper)'s output")

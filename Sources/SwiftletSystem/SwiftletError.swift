@@ -21,16 +21,27 @@ public struct SwiftletError: Error, CustomStringConvertible, Sendable, Equatable
         case systemCall
         /// The guest did something fatal (panic, triple fault, emulation failure).
         case guestFailure
+        /// A signal (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT) asked the work to stop; `signal` says which.
+        case interrupted
     }
 
     public var code: Code
     public var message: String
     public var cause: Errno?
+    /// The signal that stopped the work (`.interrupted` only).
+    public var signal: Int32?
 
     public init(_ code: Code, _ message: String, cause: Errno? = nil) {
         self.code = code
         self.message = message
         self.cause = cause
+    }
+
+    /// The work was stopped by `signal` (a shell reports such an end as status 128 + signal).
+    public static func interrupted(by signal: Int32, _ what: String = "interrupted") -> SwiftletError {
+        var error = SwiftletError(.interrupted, what)
+        error.signal = signal
+        return error
     }
 
     public var description: String {

@@ -43,6 +43,7 @@ func exitingOnSetupFailure<T>(_ body: () throws(SwiftletError) -> T) throws -> T
         return try body()
     } catch {
         printError(error.description)
+        if error.code == .interrupted, let signal = error.signal { throw ExitCode(128 + signal) }
         throw ExitCode(Status.setupFailed)
     }
 }
@@ -68,6 +69,9 @@ func exitingOnFailure<T>(timeout: String? = nil, _ body: () throws(CommandRun.Fa
         case .timedOut:
             printError("the command did not finish within \(timeout ?? error.message); the VM was stopped")
             throw ExitCode(Status.timedOut)
+        case .interrupted(let signal):
+            printError(error.message)
+            throw ExitCode(128 + signal)
         }
     }
 }

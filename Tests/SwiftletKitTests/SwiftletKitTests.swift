@@ -1,7 +1,8 @@
 import Glibc
 import MachineState
-import SwiftletKit
+@testable import SwiftletKit
 import SwiftletSystem
+import Synchronization
 import Testing
 
 /// The use cases without a guest: arguments checked before anything is made, names, the VMM
@@ -62,5 +63,46 @@ import Testing
         defer { rmdir(path) }
         #expect { try Machines.removeSnapshot(path) } throws: { ($0 as! SwiftletError).message.contains("is not a Swiftlet snapshot") }
         #expect(access(path, F_OK) == 0)
+    }
+
+    /// A signalfd record (`struct signalfd_siginfo`, 128 bytes, the signal number first) for `signal`.
+    static func signalRecord(_ signal: Int32) -> [UInt8] {
+        var record = [UInt8](repeating: 0, count: 128)
+        LittleEndian.write(UInt64(signal), 4, into: &record, at: 0)
+        return record
+    }
+
+    @Test func ctrlCStopsAsyncWorkWithAnInterruptedErrorAndCancelsIt() throws {
+        let signals = try OwnedFileDescriptor.pipe()
+        let ended = Mutex<Bool>(false)
+        // A window-size change is not a stop: the work goes on and its result comes back.
+        try Self.signalRecord(SIGWINCH).withUnsafeBytes { try signals.writeEnd.writeAll($0) }
+        let value = try blockingAsync(interruptions: signals.readEnd.rawValue) { () async throws(SwiftletError) -> Int in
+            try? await Task.sleep(nanoseconds: 50_000_000)
+            return 7
+        }
+        #expect(value == 7)
+        // Ctrl-C: the call returns at once with the signal, and the work is cancelled.
+        try Self.signalRecord(SIGINT).withUnsafeBytes { try signals.writeEnd.writeAll($0) }
+        let start = MonotonicClock.now
+        #expect {
+            _ = try blockingAsync(interruptions: signals.readEnd.rawValue) { () async throws(SwiftletError) -> Int in
+                try? await Task.sleep(nanoseconds: 600_000_000_000)
+                ended.withLock { $0 = true }
+                return 0
+            }
+        } throws: { error in
+            let error = error as! SwiftletError
+            return error.code == .interrupted && error.signal == SIGINT
+        }
+        while !ended.withLock({ $0 }) && MonotonicClock.now - start < 60_000_000_000 { usleep(1000) }
+        #expect(ended.withLock { $0 }, "the cancelled work ended instead of sleeping its ten minutes")
+        withExtendedLifetime(signals) {}
+    }
+
+    @Test func anInterruptedSetupIsARunFailureNamingTheSignal() {
+        let failure = CommandRun.Failure.setup(SwiftletError.interrupted(by: SIGTERM))
+        #expect(failure.reason == .interrupted(signal: SIGTERM) && failure.message == "interrupted")
+        #expect(CommandRun.Failure.setup(SwiftletError(.notFound, "no such image")).reason == .setup)
     }
 }
