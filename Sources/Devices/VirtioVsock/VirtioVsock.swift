@@ -320,16 +320,14 @@ public final class VirtioVsock: VirtioDevice {
     /// Writes what the guest sent to the host socket, as far as it takes it.
     private func flushToHost(_ key: VsockConnection.Key, _ m: inout Muxer) {
         guard var c = m.connections[key] else { return }
-        while !c.pendingToHost.isEmpty {
-            let n = c.pendingToHost.withUnsafeBytes { Glibc.send(c.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if n > 0 {
+        sending: while !c.pendingToHost.isEmpty {
+            switch c.pendingToHost.withUnsafeBytes({ UnixSocket.sendSome(c.fd, $0) }) {
+            case .moved(let n) where n > 0:
                 c.pendingToHost.removeFirst(n)
                 c.forwardCount &+= UInt32(n)
-            } else if n < 0 && errno == EINTR {
-                continue
-            } else if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-                break
-            } else {
+            case .wouldBlock:
+                break sending
+            case .moved, .failed:
                 // The host end is gone: reset the guest's side.
                 m.connections[key] = c
                 closeConnection(key, &m)
@@ -441,17 +439,16 @@ public final class VirtioVsock: VirtioDevice {
     /// Reads from a host socket straight into guest buffers: the byte count (0 at end of file),
     /// or nil when nothing is there. A failed socket reads as end of file.
     private func readFromHost(_ fd: Int32, into segments: [DescriptorChain.Segment], memory: GuestMemory) throws(SwiftletError) -> Int? {
-        var vectors: [iovec] = []
+        var buffers: [UnsafeMutableRawBufferPointer] = []
         for segment in segments {
             let p = try memory.hostPointer(forWriting: segment.address, length: segment.length)
-            vectors.append(iovec(iov_base: p, iov_len: Int(segment.length)))
+            // SAFETY: hostPointer checked that the segment lies inside guest memory.
+            buffers.append(UnsafeMutableRawBufferPointer(start: p, count: Int(segment.length)))
         }
-        while true {
-            // SAFETY: each vector lies inside guest memory (hostPointer checked it).
-            let n = vectors.withUnsafeBufferPointer { readv(fd, $0.baseAddress, Int32($0.count)) }
-            if n >= 0 { return n }
-            if errno == EINTR { continue }
-            return errno == EAGAIN || errno == EWOULDBLOCK ? nil : 0
+        switch OwnedFileDescriptor.readSome(fd: fd, into: buffers) {
+        case .moved(let n): return n
+        case .wouldBlock: return nil
+        case .failed: return 0
         }
     }
 
@@ -494,7 +491,7 @@ public final class VirtioVsock: VirtioDevice {
         guard let c = m.connections.removeValue(forKey: key) else { return }
         if c.registered { epoll.remove(c.fd) }
         m.keysByDescriptor[c.fd] = nil
-        close(c.fd)
+        OwnedFileDescriptor.close(raw: c.fd)
         m.control.removeAll { $0.key == key && $0.operation != .reset }
     }
 }
