@@ -27,6 +27,18 @@ struct MachineCommand: ParsableCommand {
                       Pause.self, Resume.self, SnapshotCommand.self, Restore.self, Fork.self, Serve.self])
 }
 
+/// How long `machine start` and `machine restore` wait for the machine's agent.
+struct ReadyTimeoutOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Give up if the machine is not ready after this long.", valueName: "duration"))
+    var timeout: String = "120s"
+
+    func validate() throws {
+        if Run.milliseconds(timeout) == nil { throw ValidationError("--timeout \(timeout): expected a duration such as 30s") }
+    }
+
+    var milliseconds: Int { Run.milliseconds(timeout) ?? 120_000 }
+}
+
 /// A machine named by its argument or by --name.
 struct MachineNameOptions: ParsableArguments {
     @Argument(help: "The machine's name (or --name).")
@@ -89,17 +101,11 @@ extension MachineCommand {
         static let configuration = CommandConfiguration(commandName: "start", abstract: "Start a machine in a VMM process of its own; returns once its agent is ready.")
 
         @OptionGroup var machine: MachineNameOptions
-
-        @Option(help: ArgumentHelp("Give up if the machine is not ready after this long.", valueName: "duration"))
-        var timeout: String = "120s"
-
-        func validate() throws {
-            if Run.milliseconds(timeout) == nil { throw ValidationError("--timeout \(timeout): expected a duration such as 30s") }
-        }
+        @OptionGroup var ready: ReadyTimeoutOptions
 
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
-                if let note = try Machines.start(machine.value, timeoutMilliseconds: Run.milliseconds(timeout) ?? 120_000) { printError(note) }
+                if let note = try Machines.start(machine.value, timeoutMilliseconds: ready.milliseconds) { printError(note) }
             }
             printError("started machine \(machine.value)")
         }

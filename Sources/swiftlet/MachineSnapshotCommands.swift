@@ -61,16 +61,11 @@ extension MachineCommand {
         @Option(help: "The new machine's name.")
         var name: String
 
-        @Option(help: ArgumentHelp("Give up if the machine is not ready after this long.", valueName: "duration"))
-        var timeout: String = "120s"
-
-        func validate() throws {
-            if Run.milliseconds(timeout) == nil { throw ValidationError("--timeout \(timeout): expected a duration such as 30s") }
-        }
+        @OptionGroup var ready: ReadyTimeoutOptions
 
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
-                try Machines.restore(snapshot: snapshot, as: name, timeoutMilliseconds: Run.milliseconds(timeout) ?? 120_000)
+                try Machines.restore(snapshot: snapshot, as: name, timeoutMilliseconds: ready.milliseconds)
             }
             printError("restored machine \(name) from \(GuestAssets.resolve(snapshot) ?? snapshot)")
         }

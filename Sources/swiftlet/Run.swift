@@ -56,14 +56,13 @@ struct Run: ParsableCommand {
 
     @OptionGroup var machine: MachineOptions
 
-    /// Parses 30s, 500ms, 2m, 1h or a plain number of seconds into milliseconds.
+    /// Parses 30s, 500ms, 2m, 1h or a plain number of seconds into milliseconds: nil when it is
+    /// not a positive duration of at most a year ("inf", "1e300s" and "-1s" among them).
     static func milliseconds(_ text: String) -> Int? {
         let units: [(String, Double)] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]
-        for (suffix, scale) in units where text.hasSuffix(suffix) {
-            guard let value = Double(text.dropLast(suffix.count)), value > 0 else { return nil }
-            return Int(value * scale)
-        }
-        return Double(text).flatMap { $0 > 0 ? Int($0 * 1000) : nil }
+        let (number, scale) = units.first { text.hasSuffix($0.0) }.map { (text.dropLast($0.0.count), $0.1) } ?? (Substring(text), 1000)
+        guard let value = Double(number), value > 0, value * scale <= 365 * 86_400_000 else { return nil }
+        return max(1, Int(value * scale))
     }
 
     func validate() throws {

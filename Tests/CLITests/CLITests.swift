@@ -98,6 +98,11 @@ import TestSupport
         let timeout = run(["run", "--timeout", "soon", "--", "true"])
         #expect(timeout.status == 64)
         #expect(timeout.stderr.contains("expected a duration"))
+        // Numbers no duration can hold are refused, not trapped on.
+        for huge in ["inf", "1e300s", "nan", "400d", "9999999h"] {
+            let refused = run(["run", "--timeout", huge, "--", "true"])
+            #expect(refused.status == 64 && refused.stderr.contains("expected a duration"), "--timeout \(huge): \(refused.status) \(refused.stderr)")
+        }
         let env = run(["run", "-e", "=value", "--", "true"])
         #expect(env.status == 64)
         #expect(env.stderr.contains("expected KEY=VALUE"))

@@ -50,6 +50,8 @@ import TestSupport
         #expect(run(["create", "--name", "x", "--memory", "8"]).stderr.contains("--memory must be at least"))
         #expect(run(["start", "web-1", "--timeout", "soon"]).stderr.contains("--timeout soon: expected a duration"))
         #expect(run(["stop", "web-1", "--timeout=-1s"]).stderr.contains("expected a duration"))
+        #expect(run(["start", "web-1", "--timeout", "inf"]).stderr.contains("--timeout inf: expected a duration"))
+        #expect(run(["restore", "./snap", "--name", "web-2", "--timeout", "1e300s"]).stderr.contains("expected a duration"))
 
         let list = run(["ls", "--json"])
         #expect(list.stdout.contains("\"name\":\"web-1\"") && list.stdout.contains("\"state\":\"stopped\"") && list.stdout.contains("\"cpus\":2"), "\(list.stdout)")
