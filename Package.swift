@@ -9,7 +9,7 @@ let package = Package(
     products: [
         .executable(name: "swiftlet", targets: ["swiftlet"]),
         .executable(name: "swiftlet-pull", targets: ["swiftlet-pull"]),
-        .library(name: "Swiftlet", targets: ["SwiftletKit", "VMM"]),
+        .library(name: "Swiftlet", targets: ["SwiftletKit", "VMM", "Hypervisor"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -22,7 +22,10 @@ let package = Package(
             name: "SwiftletSystem",
             dependencies: ["CLinux", "CDigest", .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: strict),
-        .target(name: "KVM", dependencies: ["CLinux", "SwiftletSystem"], swiftSettings: strict),
+        // The seam between the VMM and a hypervisor: protocols and plain architectural values, no system calls.
+        .target(name: "Hypervisor", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        // The KVM backend: the only target that issues KVM ioctls.
+        .target(name: "KVM", dependencies: ["Hypervisor", "CLinux", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "GuestMemory", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
         .target(name: "MachineState", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
@@ -42,7 +45,7 @@ let package = Package(
         .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(
             name: "VMM",
-            dependencies: ["KVM", "GuestMemory", "MachineState", "LinuxBoot", "Virtio", "Devices", "AgentProtocol", "SwiftletSystem", "CLinux"],
+            dependencies: ["Hypervisor", "KVM", "GuestMemory", "MachineState", "LinuxBoot", "Virtio", "Devices", "AgentProtocol", "SwiftletSystem", "CLinux"],
             swiftSettings: strict),
         // The use cases: machine store and lifecycle, the VMM process and its control protocol,
         // boot templates, image resolution and `run`. The public Swift API (product Swiftlet).
@@ -82,10 +85,10 @@ let package = Package(
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], swiftSettings: strict),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Virtio", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "Hypervisor", "GuestMemory", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "Hypervisor", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem", "VMM"], swiftSettings: strict),
+        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem", "VMM", "Hypervisor"], swiftSettings: strict),
     ]
 )

@@ -1,5 +1,6 @@
 import CLinux
 import Glibc
+import Hypervisor
 import SwiftletSystem
 
 /// What provides /dev/kvm on this host.
@@ -154,4 +155,29 @@ func withCPUIDBuffer<R>(capacity: Int, _ body: (UnsafeMutableBufferPointer<kvm_c
     header.pointee.nent = UInt32(capacity)
     let entries = (raw + headerSize).bindMemory(to: kvm_cpuid_entry2.self, capacity: capacity)
     return try body(UnsafeMutableBufferPointer(start: entries, count: capacity), header)
+}
+
+extension KVMSystem: Hypervisor {
+    /// The KVM capability that stands for `feature`, and how an error names it.
+    static func capability(for feature: HypervisorFeature) -> (Int32, String) {
+        switch feature {
+        case .interruptController: return (KVM_CAP_IRQCHIP, "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)")
+        case .userMemory: return (KVM_CAP_USER_MEMORY, "user memory regions (KVM_CAP_USER_MEMORY)")
+        case .extendedCPUID: return (KVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID")
+        case .immediateExit: return (KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT")
+        case .tscDeadlineTimer: return (KVM_CAP_TSC_DEADLINE_TIMER, "the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER)")
+        case .xsave: return (KVM_CAP_XSAVE, "XSAVE state (KVM_CAP_XSAVE)")
+        }
+    }
+
+    public func supports(_ feature: HypervisorFeature) -> Bool {
+        capability(Self.capability(for: feature).0) > 0
+    }
+
+    public func require(_ features: [HypervisorFeature]) throws(SwiftletError) {
+        try require(features.map(Self.capability(for:)))
+    }
+
+    /// True on a PVM-backed /dev/kvm (`KVMBackend.detect()`).
+    public var requiresParavirtualizedGuest: Bool { KVMBackend.detect() == .pvm }
 }

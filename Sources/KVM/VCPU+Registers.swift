@@ -1,5 +1,6 @@
 import CLinux
 import Glibc
+import Hypervisor
 import SwiftletSystem
 
 extension VCPU {

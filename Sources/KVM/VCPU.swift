@@ -1,5 +1,6 @@
 import CLinux
 import Glibc
+import Hypervisor
 import SwiftletSystem
 
 /// One virtual CPU: its file descriptor and the shared `kvm_run` page.
@@ -96,3 +97,5 @@ public final class VCPU: @unchecked Sendable {
         return InternalError(suberror: suberror, data: data, instructionBytes: bytes)
     }
 }
+
+extension VCPU: HypervisorVCPU {}

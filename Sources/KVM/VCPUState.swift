@@ -1,24 +1,6 @@
 import CLinux
+import Hypervisor
 import SwiftletSystem
-
-/// Everything KVM holds about one vCPU, as plain values: what a snapshot stores and a restore sets.
-public struct VCPUState: Codable, Sendable, Equatable {
-    public var id: UInt32
-    public var registers: Registers
-    public var specialRegisters: SpecialRegisters
-    public var fpu: FPUState
-    /// `struct kvm_xsave` (the full XSAVE area: x87, SSE, AVX, ...), when the host supports XSAVE.
-    @OptionalHexBytes public var xsave: [UInt8]?
-    /// `struct kvm_xcrs` (XCR0), when the host supports it.
-    @OptionalHexBytes public var xcrs: [UInt8]?
-    public var msrs: [MSREntry]
-    @HexBytes public var localAPIC: [UInt8]
-    public var mpState: MPState
-    /// `struct kvm_vcpu_events`: pending exceptions, interrupts, NMIs, SMM state.
-    @HexBytes public var events: [UInt8]
-    /// `struct kvm_debugregs`.
-    @HexBytes public var debugRegisters: [UInt8]
-}
 
 extension VCPU {
     private func getBlob<T>(_ initial: T, _ name: String, _ request: UInt) throws(SwiftletError) -> [UInt8] {

@@ -1,26 +1,7 @@
 import CLinux
 import Glibc
+import Hypervisor
 import SwiftletSystem
-
-/// The VM-wide state KVM keeps (interrupt controllers, PIT, clock), as plain values for snapshots.
-/// The byte arrays are KVM's own structs, which are part of its stable ABI on one architecture.
-public struct VMState: Codable, Sendable, Equatable {
-    /// `struct kvm_irqchip` for the master PIC, the slave PIC and the IOAPIC (chip ids 0, 1, 2).
-    @HexByteList public var interruptControllers: [[UInt8]]
-    /// `struct kvm_pit_state2`, when the VM has an in-kernel PIT.
-    @OptionalHexBytes public var pit: [UInt8]?
-    /// The guest's kvmclock (ns) when saved, and the host's CLOCK_REALTIME (ns) at that moment
-    /// when KVM reports it (`KVM_CLOCK_REALTIME`), so a restore can account for the time in between.
-    public var clock: UInt64
-    public var clockRealtime: UInt64?
-
-    public init(interruptControllers: [[UInt8]], pit: [UInt8]?, clock: UInt64, clockRealtime: UInt64?) {
-        self.interruptControllers = interruptControllers
-        self.pit = pit
-        self.clock = clock
-        self.clockRealtime = clockRealtime
-    }
-}
 
 extension VirtualMachine {
     private func ioctl(_ name: String, _ request: UInt, _ arg: UnsafeMutableRawPointer) throws(SwiftletError) {
@@ -53,7 +34,7 @@ extension VirtualMachine {
     /// How long ago (host CLOCK_REALTIME, ns) `state` was saved, when it recorded the time: what
     /// `restoreState(_:advanceClock:)` moves the guest's clock on by, and so what its vCPUs' TSCs
     /// must move on by (`VCPU.restoreState(_:advancingTSCBy:)`). Zero if unknown or in the future.
-    public static func timeSinceSave(_ state: VMState) -> UInt64 {
+    public func timeSinceSave(_ state: VMState) -> UInt64 {
         guard let saved = state.clockRealtime else { return 0 }
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)

@@ -1,5 +1,6 @@
 import CLinux
 import Glibc
+import Hypervisor
 import SwiftletSystem
 
 /// A KVM virtual machine: memory slots, the in-kernel interrupt controllers, and its vCPUs.
@@ -104,3 +105,5 @@ public final class VirtualMachine: Sendable {
         return VCPU(id: id, descriptor: owned, run: run)
     }
 }
+
+extension VirtualMachine: HypervisorVM {}

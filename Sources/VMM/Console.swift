@@ -40,8 +40,8 @@ final class ConsoleOutput: ByteSink {
     }
 }
 
-/// A guest interrupt line driven through KVM_IRQ_LINE on the in-kernel IOAPIC.
-struct KVMInterruptLine: InterruptLine {
+/// A guest interrupt line driven through the hypervisor's in-kernel IOAPIC (KVM_IRQ_LINE on KVM).
+struct VMInterruptLine: InterruptLine {
     let setLine: @Sendable (Bool) -> Void
     func setLevel(_ asserted: Bool) { setLine(asserted) }
 }

@@ -1,6 +1,6 @@
 import CLinux
 import GuestMemory
-import KVM
+import Hypervisor
 import LinuxBoot
 import SwiftletSystem
 
@@ -10,8 +10,10 @@ extension Machine {
     /// vCPUs to enter it.
     func buildForBoot(_ config: MachineConfig, controller: MachineController, phases: inout [(name: String, end: UInt64)],
                       onBootMarker: (@Sendable (UInt64) -> Void)?) throws(SwiftletError) -> BuiltMachine {
-        let parts = try Self.assemble(config.shape, controller: controller, vsockPorts: vsockPorts, logDirtyPages: false,
-                                      phases: &phases, onBootMarker: onBootMarker) { ranges throws(SwiftletError) in
+        try config.shape.validate()
+        let hypervisor = try openHypervisor(config.shape)
+        let parts = try Self.assemble(config.shape, hypervisor: hypervisor, controller: controller, vsockPorts: vsockPorts,
+                                      logDirtyPages: false, phases: &phases, onBootMarker: onBootMarker) { ranges throws(SwiftletError) in
             try GuestMemory(anonymous: ranges)
         }
         do throws(SwiftletError) {
@@ -21,14 +23,14 @@ extension Machine {
                 LinuxBootConfiguration(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
                                        commandLine: config.commandLine, acpi: acpi),
                 memory: parts.memory)
-            if KVMBackend.detect() == .pvm && plan.kernel.isLinux && !config.allowPVM {
+            if plan.kernel.isLinux && !config.allowPVM && hypervisor.requiresParavirtualizedGuest {
                 throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: config.kvmPath))
             }
             phases.append(("load", MonotonicClock.now))
 
-            let tscDeadline = parts.kvm.capability(KVM_CAP_TSC_DEADLINE_TIMER) > 0
+            let tscDeadline = hypervisor.supports(.tscDeadlineTimer)
             let msrs = Set(parts.msrIndices)
-            var vcpus: [VCPU] = []
+            var vcpus: [any HypervisorVCPU] = []
             var cpuids: [[CPUIDEntry]] = []
             for id in 0..<UInt32(config.cpuCount) {
                 let vcpu = try parts.vm.createVCPU(id: id)

@@ -100,7 +100,8 @@ extension Machine {
             let o = options(index)
             copies.append(try Self.restoring(from: directory, consoleOutput: o.consoleOutput, kvmPath: shape.kvmPath,
                                              allowPVM: shape.allowPVM, vsockPorts: o.vsockPorts,
-                                             vsockForwards: shape.vsock?.forwards ?? [:], diffable: false, writableDisks: o.writableDisks))
+                                             vsockForwards: shape.vsock?.forwards ?? [:], diffable: false, writableDisks: o.writableDisks,
+                                             hypervisor: openHypervisor))
         }
         return copies
     }

@@ -1,7 +1,7 @@
 import Devices
 import Glibc
 import GuestMemory
-import KVM
+import Hypervisor
 import LinuxBoot
 import MachineState
 import SwiftletSystem
@@ -119,7 +119,8 @@ extension Machine {
                                  kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
                                  vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
                                  diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
-                                 prefetchWorkingSet: Bool = false) throws(SwiftletError) -> Machine {
+                                 prefetchWorkingSet: Bool = false,
+                                 hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) throws(SwiftletError) -> Machine {
         var plan = try RestorePlan.load(SnapshotDirectory(directory))
         plan.diffable = diffable
         plan.prefetchesWorkingSet = prefetchWorkingSet
@@ -156,7 +157,7 @@ extension Machine {
                                  entropyDevice: hardware.entropyDevice,
                                  vsock: hardware.vsockGuestCID.map { VsockConfig(guestCID: $0, forwards: vsockForwards) },
                                  kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
-        return Machine(restoring: plan, shape: shape, vsockPorts: vsockPorts)
+        return Machine(restoring: plan, shape: shape, vsockPorts: vsockPorts, hypervisor: hypervisor)
     }
 
 
@@ -165,11 +166,13 @@ extension Machine {
     /// device's state by its id.
     func buildFromSnapshot(_ plan: RestorePlan, controller: MachineController, phases: inout [(name: String, end: UInt64)],
                            onBootMarker: (@Sendable (UInt64) -> Void)?) throws(SwiftletError) -> BuiltMachine {
-        if plan.snapshot.guestIsLinux, KVMBackend.detect() == .pvm, !shape.allowPVM {
+        let hypervisor = try openHypervisor(shape)
+        if plan.snapshot.guestIsLinux, !shape.allowPVM, hypervisor.requiresParavirtualizedGuest {
             throw SwiftletError(.unsupported, Self.pvmMessage(kvmPath: shape.kvmPath))
         }
-        let parts = try Self.assemble(shape, controller: controller, vsockPorts: vsockPorts, logDirtyPages: plan.diffable,
-                                      phases: &phases, onBootMarker: onBootMarker) { ranges throws(SwiftletError) in
+        try shape.validate()
+        let parts = try Self.assemble(shape, hypervisor: hypervisor, controller: controller, vsockPorts: vsockPorts,
+                                      logDirtyPages: plan.diffable, phases: &phases, onBootMarker: onBootMarker) { ranges throws(SwiftletError) in
             try plan.mapMemory(expecting: ranges)
         }
         do throws(SwiftletError) {
@@ -182,8 +185,8 @@ extension Machine {
             try plan.checkCPU(supported: parts.supportedCPUID)
             // The guest's clock moves on by the time since the snapshot (restoreState below, with
             // advanceClock); its TSCs move on by as much, so its timers agree with its clock.
-            let sinceSnapshot = VirtualMachine.timeSinceSave(plan.snapshot.vm)
-            var vcpus: [VCPU] = []
+            let sinceSnapshot = parts.vm.timeSinceSave(plan.snapshot.vm)
+            var vcpus: [any HypervisorVCPU] = []
             for id in 0..<shape.cpuCount {
                 let vcpu = try parts.vm.createVCPU(id: UInt32(id))
                 try vcpu.setCPUID(plan.snapshot.cpuid[id])

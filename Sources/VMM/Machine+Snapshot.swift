@@ -1,16 +1,16 @@
 import Devices
 import Glibc
 import GuestMemory
-import KVM
+import Hypervisor
 import MachineState
 import SwiftletSystem
 
 /// The parts of a running machine that pause and snapshot work on.
 struct LiveMachine: @unchecked Sendable {
-    // SAFETY (Sendable): VCPU handles are used by other threads only while their threads are parked
+    // SAFETY (Sendable): vCPU handles are used by other threads only while their threads are parked
     // (the controller's pause), which orders those uses after the vCPU thread's own.
-    let vm: VirtualMachine
-    let vcpus: [VCPU]
+    let vm: any HypervisorVM
+    let vcpus: [any HypervisorVCPU]
     let memory: GuestMemory
     let devices: MachineDevices
     let controller: MachineController
@@ -132,11 +132,11 @@ extension Machine {
                 }
             } else {
                 try machine.vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.start.rawValue, size: region.size,
-                                               host: region.hostAddress, logDirtyPages: true)
+                                               host: region.hostAddress, logDirtyPages: true, readOnly: false)
             }
             first += pages
         }
-        // Devices write guest memory too, which KVM's log does not see.
+        // Devices write guest memory too, which the hypervisor's log does not see.
         let written = machine.memory.takeWrittenPages()
         let carried = live.withLock { m -> [UInt64]? in
             defer { m?.carriedDirtyPages = nil }

@@ -2,11 +2,11 @@ import CLinux
 import Devices
 import Glibc
 import GuestMemory
-import KVM
+import Hypervisor
 import Synchronization
 import SwiftletSystem
 
-/// A virtual machine on KVM: booted from a Linux kernel (`init(config:)`) or restored from a
+/// A virtual machine on a hypervisor (KVM unless given another, `HypervisorProvider`): booted from a Linux kernel (`init(config:)`) or restored from a
 /// snapshot (`restoring(from:)`), it runs until the guest powers off, reboots or crashes, or it
 /// is stopped. A running machine can be paused, snapshotted and forked.
 ///
@@ -17,7 +17,7 @@ import SwiftletSystem
 /// ```
 ///
 /// Boot and restore are two builders (`buildForBoot`, `buildFromSnapshot`) over one assembly step
-/// (`assemble`: KVM, memory, buses and devices); the run that follows is the same for both.
+/// (`assemble`: hypervisor, memory, buses and devices); the run that follows is the same for both.
 public final class Machine: Sendable {
     /// How the machine starts.
     enum Origin: Sendable {
@@ -30,6 +30,8 @@ public final class Machine: Sendable {
     /// Where guest vsock connections go before `shape.vsock`'s Unix socket forwards (an
     /// in-process agent channel, say).
     public let vsockPorts: (any VsockHostPorts)?
+    /// Opens the hypervisor each run builds its machine on.
+    let openHypervisor: HypervisorProvider
     /// The run in progress, for `stop()`.
     private let running = Mutex<MachineController?>(nil)
     private let stopRequested = Atomic<Bool>(false)
@@ -40,16 +42,21 @@ public final class Machine: Sendable {
     /// Whether the restore found the snapshot's working set (or this machine recorded it).
     let workingSetLoaded = Mutex<Bool>(false)
 
-    public init(config: MachineConfig, vsockPorts: (any VsockHostPorts)? = nil) {
+    /// A machine that boots `config`. `hypervisor` opens what it runs on (KVM at `config.kvmPath`
+    /// by default; a test double or another backend otherwise).
+    public init(config: MachineConfig, vsockPorts: (any VsockHostPorts)? = nil,
+                hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) {
         self.origin = .boot(config)
         self.shape = config.shape
         self.vsockPorts = vsockPorts
+        self.openHypervisor = hypervisor
     }
 
-    init(restoring plan: RestorePlan, shape: MachineShape, vsockPorts: (any VsockHostPorts)?) {
+    init(restoring plan: RestorePlan, shape: MachineShape, vsockPorts: (any VsockHostPorts)?, hypervisor: @escaping HypervisorProvider) {
         self.origin = .snapshot(plan)
         self.shape = shape
         self.vsockPorts = vsockPorts
+        self.openHypervisor = hypervisor
     }
 
     /// The configuration a booted machine boots; nil for a restored one.
@@ -107,7 +114,7 @@ public final class Machine: Sendable {
         let diffable = restore?.diffable ?? false
         live.withLock {
             $0 = LiveMachine(vm: parts.vm, vcpus: built.vcpus, memory: memory, devices: devices, controller: controller,
-                             cpuid: built.cpuid, msrIndices: parts.msrIndices, hasXSave: parts.kvm.capability(KVM_CAP_XSAVE) > 0,
+                             cpuid: built.cpuid, msrIndices: parts.msrIndices, hasXSave: parts.hypervisor.supports(.xsave),
                              hardware: SnapshotHardware(shape, diskSizes: parts.diskSizes), guestIsLinux: built.guestIsLinux,
                              dirtyLogging: diffable, lastSnapshot: diffable ? restore.map { ($0.snapshot.id, $0.directory) } : nil)
         }
@@ -120,7 +127,7 @@ public final class Machine: Sendable {
         var threads: [OSThread] = []
         for vcpu in built.vcpus {
             let thread = try OSThread.start(name: "vcpu\(vcpu.id)") {
-                let trace = VCPURunner(vcpu: vcpu, devices: devices, memory: memory, controller: controller, tracePorts: tracePorts).run()
+                let trace = Self.runVCPU(vcpu, devices: devices, memory: memory, controller: controller, tracePorts: tracePorts)
                 if tracePorts { traces.withLock { t in t.merge(trace) { $0 + $1 } } }
             }
             controller.setThread(thread, for: vcpu)

@@ -2,17 +2,17 @@ import CLinux
 import Devices
 import Glibc
 import GuestMemory
-import KVM
+import Hypervisor
 import LinuxBoot
 import SwiftletSystem
 import Virtio
 
 /// What both builders make the same way (`Machine.buildForBoot`, `Machine.buildFromSnapshot`):
-/// KVM opened and checked, the VM with its interrupt controller, guest memory in its slots, and
+/// the hypervisor checked, the VM with its interrupt controller, guest memory in its slots, and
 /// the devices on their buses with their ids. A builder then loads a kernel or restores state.
 struct AssembledMachine: Sendable {
-    let kvm: KVMSystem
-    let vm: VirtualMachine
+    let hypervisor: any Hypervisor
+    let vm: any HypervisorVM
     let memory: GuestMemory
     let devices: MachineDevices
     let console: ConsoleOutput
@@ -31,7 +31,7 @@ struct AssembledMachine: Sendable {
 /// A machine ready to run: assembled, with its vCPUs created and set up.
 struct BuiltMachine: Sendable {
     let parts: AssembledMachine
-    let vcpus: [VCPU]
+    let vcpus: [any HypervisorVCPU]
     let cpuid: [[CPUIDEntry]]
     let guestIsLinux: Bool
     /// Pages to copy in beside the starting guest (a restore's recorded working set).
@@ -52,27 +52,24 @@ extension Machine {
     /// The first GSI for virtio devices; each takes the next one.
     static let firstVirtioGSI: UInt32 = 5
 
-    /// The shared assembly step. `makeMemory` gives guest memory of the shape's layout (fresh, or
-    /// mapped from a snapshot); with `logDirtyPages` KVM logs the pages the guest writes.
-    static func assemble(_ shape: MachineShape, controller: MachineController, vsockPorts: (any VsockHostPorts)?,
-                         logDirtyPages: Bool, phases: inout [(name: String, end: UInt64)],
+    /// What the VMM cannot run a machine without.
+    static let requiredFeatures: [HypervisorFeature] = [.interruptController, .userMemory, .extendedCPUID, .immediateExit]
+
+    /// The shared assembly step, on `hypervisor` (opened by the builder; the shape is validated).
+    /// `makeMemory` gives guest memory of the shape's layout (fresh, or mapped from a snapshot);
+    /// with `logDirtyPages` the hypervisor logs the pages the guest writes.
+    static func assemble(_ shape: MachineShape, hypervisor: any Hypervisor, controller: MachineController,
+                         vsockPorts: (any VsockHostPorts)?, logDirtyPages: Bool, phases: inout [(name: String, end: UInt64)],
                          onBootMarker: (@Sendable (UInt64) -> Void)?,
                          makeMemory: ([(GuestAddress, UInt64)]) throws(SwiftletError) -> GuestMemory) throws(SwiftletError) -> AssembledMachine {
-        try shape.validate()
-        let kvm = try KVMSystem(path: shape.kvmPath)
-        try kvm.require([
-            (KVM_CAP_IRQCHIP, "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)"),
-            (KVM_CAP_USER_MEMORY, "user memory regions (KVM_CAP_USER_MEMORY)"),
-            (KVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID"),
-            (KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"),
-        ])
-        let msrIndices = try kvm.msrIndexList()
-        let supportedCPUID = try kvm.supportedCPUID()
+        try hypervisor.require(requiredFeatures)
+        let msrIndices = try hypervisor.msrIndexList()
+        let supportedCPUID = try hypervisor.supportedCPUID()
         let hostMemory = UInt64(sysconf(Int32(_SC_PHYS_PAGES))) * UInt64(sysconf(Int32(_SC_PAGESIZE)))
-        try shape.validate(maxVCPUs: min(kvm.maxVCPUs, MachineConfig.maximumCPUs), hostMemoryBytes: hostMemory)
+        try shape.validate(maxVCPUs: min(hypervisor.maxVCPUs, MachineConfig.maximumCPUs), hostMemoryBytes: hostMemory)
 
         phases.append(("kvm", MonotonicClock.now))
-        let vm = try kvm.createVirtualMachine()
+        let vm = try hypervisor.createVirtualMachine()
         try vm.setTSSAddress(X86Layout.vmxTSS)
         try? vm.setIdentityMapAddress(X86Layout.vmxIdentityMap) // Intel only; harmless to skip elsewhere
         try vm.createInterruptController()
@@ -81,7 +78,7 @@ extension Machine {
         let memory = try makeMemory(X86Layout.ramRanges(bytes: UInt64(shape.memoryMiB) << 20))
         for (slot, region) in memory.regions.enumerated() {
             try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.start.rawValue, size: region.size, host: region.hostAddress,
-                                   logDirtyPages: logDirtyPages)
+                                   logDirtyPages: logDirtyPages, readOnly: false)
         }
 
         phases.append(("memory", MonotonicClock.now))
@@ -108,7 +105,7 @@ extension Machine {
             let device = try VirtioVsock(guestCID: vsock.guestCID, hostPorts: ports, onError: { controller.warn($0.description) })
             devices.attachVsock(device, makeTransport: makeTransport)
         }
-        return AssembledMachine(kvm: kvm, vm: vm, memory: memory, devices: devices, console: console, diskSizes: diskSizes,
+        return AssembledMachine(hypervisor: hypervisor, vm: vm, memory: memory, devices: devices, console: console, diskSizes: diskSizes,
                                 msrIndices: msrIndices, supportedCPUID: supportedCPUID)
     }
 
@@ -131,9 +128,9 @@ extension Machine {
         return try FileBlockBackend(path: disk.path, readOnly: disk.readOnly)
     }
 
-    /// A guest interrupt line driven through KVM_IRQ_LINE on the in-kernel IOAPIC.
-    static func interruptLine(vm: VirtualMachine, gsi: UInt32, controller: MachineController) -> KVMInterruptLine {
-        KVMInterruptLine { level in
+    /// A guest interrupt line driven through the in-kernel IOAPIC.
+    static func interruptLine(vm: any HypervisorVM, gsi: UInt32, controller: MachineController) -> VMInterruptLine {
+        VMInterruptLine { level in
             do { try vm.setInterruptLine(gsi, level: level) } catch {
                 controller.stop(.vmmError("cannot drive interrupt line \(gsi): \(error)"))
             }
@@ -142,7 +139,7 @@ extension Machine {
 
     /// The legacy devices on their ports: COM1, the i8042's reset line, the boot marker, pvpanic
     /// and the ACPI sleep control.
-    static func makeBus(vm: VirtualMachine, console: ConsoleOutput, controller: MachineController,
+    static func makeBus(vm: any HypervisorVM, console: ConsoleOutput, controller: MachineController,
                         onBootMarker: (@Sendable (UInt64) -> Void)?) -> MachineDevices {
         let serial = Serial8250(output: console, interrupt: interruptLine(vm: vm, gsi: serialIRQ, controller: controller))
         var devices = MachineDevices(serial: serial)

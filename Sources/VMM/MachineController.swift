@@ -1,13 +1,13 @@
-import KVM
+import Hypervisor
 import Synchronization
 import SwiftletSystem
 
 /// Decides when the machine stops, and why: the first reason reported wins; every vCPU is then
-/// knocked out of KVM_RUN.
+/// knocked out of its run (KVM_RUN).
 final class MachineController: Sendable {
     private struct State {
         var exit: MachineExit?
-        var vcpus: [(VCPU, OSThread?)] = []
+        var vcpus: [(any HypervisorVCPU, OSThread?)] = []
         var markerTime: UInt64?
         var warnings: [String] = []
     }
@@ -33,11 +33,11 @@ final class MachineController: Sendable {
     /// The exit descriptor: readable once the machine has stopped.
     var stopEventDescriptor: Int32 { wake.rawValue }
 
-    func attach(_ vcpu: VCPU, thread: OSThread?) {
+    func attach(_ vcpu: any HypervisorVCPU, thread: OSThread?) {
         state.withLock { $0.vcpus.append((vcpu, thread)) }
     }
 
-    func setThread(_ thread: OSThread, for vcpu: VCPU) {
+    func setThread(_ thread: OSThread, for vcpu: any HypervisorVCPU) {
         state.withLock { s in
             if let i = s.vcpus.firstIndex(where: { $0.0 === vcpu }) { s.vcpus[i].1 = thread }
         }
@@ -45,7 +45,7 @@ final class MachineController: Sendable {
 
     /// Records the reason (if none yet) and stops every vCPU.
     func stop(_ reason: MachineExit) {
-        let targets = state.withLock { s -> [(VCPU, OSThread?)] in
+        let targets = state.withLock { s -> [(any HypervisorVCPU, OSThread?)] in
             if s.exit == nil { s.exit = reason }
             return s.vcpus
         }

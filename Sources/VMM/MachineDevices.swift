@@ -1,5 +1,4 @@
 import Devices
-import KVM
 import LinuxBoot
 import SwiftletSystem
 import Virtio

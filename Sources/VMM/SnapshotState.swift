@@ -1,4 +1,4 @@
-import KVM
+import Hypervisor
 import MachineState
 
 /// The hardware a snapshot was taken of; a restore builds the same.

@@ -1,10 +1,13 @@
 import GuestMemory
-import KVM
+import Hypervisor
 import SwiftletSystem
 
 /// The loop on a vCPU's thread: run the guest, serve its I/O exits, stop when the machine stops.
-struct VCPURunner {
-    let vcpu: VCPU
+///
+/// Generic over the vCPU type so that the loop calls the backend's vCPU directly, with no dynamic
+/// dispatch per exit: `Machine.runVCPU` specializes it for the default backend.
+struct VCPURunner<V: HypervisorVCPU> {
+    let vcpu: V
     let devices: MachineDevices
     let memory: GuestMemory
     let controller: MachineController
@@ -44,9 +47,9 @@ struct VCPURunner {
                 controller.stop(.tripleFault(cpu: vcpu.id, rip: faultingRIP()))
             case .systemEvent(let type):
                 switch type {
-                case 1: controller.stop(.powerOff)   // KVM_SYSTEM_EVENT_SHUTDOWN
-                case 2: controller.stop(.reset)      // KVM_SYSTEM_EVENT_RESET
-                default: controller.stop(.guestPanic) // KVM_SYSTEM_EVENT_CRASH and later kinds
+                case VCPUExit.systemEventShutdown: controller.stop(.powerOff)
+                case VCPUExit.systemEventReset: controller.stop(.reset)
+                default: controller.stop(.guestPanic) // a crash, and later kinds
                 }
             case .internalError(let error):
                 controller.stop(internalErrorExit(error))

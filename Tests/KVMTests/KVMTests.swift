@@ -1,6 +1,7 @@
 import CLinux
 import Glibc
 import GuestMemory
+import Hypervisor
 import SwiftletSystem
 import Testing
 import TestSupport

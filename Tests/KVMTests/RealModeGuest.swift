@@ -1,4 +1,5 @@
 import GuestMemory
+import Hypervisor
 import KVM
 import SwiftletSystem
 

@@ -1,5 +1,6 @@
 import CLinux
 import GuestMemory
+import Hypervisor
 import SwiftletSystem
 import Testing
 import TestSupport

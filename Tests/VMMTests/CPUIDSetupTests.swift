@@ -1,4 +1,4 @@
-import KVM
+import Hypervisor
 import Devices
 import Testing
 @testable import VMM

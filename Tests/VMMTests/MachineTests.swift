@@ -27,8 +27,8 @@ struct TinyMachine {
                                consoleOutput: fds[1], consoleInput: nil)
     }
 
-    func run() throws -> (MachineRunReport, String) {
-        let report = try Machine(config: config).runBlocking()
+    func run(hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) throws -> (MachineRunReport, String) {
+        let report = try Machine(config: config, hypervisor: hypervisor).runBlocking()
         close(config.consoleOutput!)
         var bytes: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 4096)

@@ -1,7 +1,7 @@
 import Devices
 import Glibc
 import GuestMemory
-import KVM
+import Hypervisor
 import Synchronization
 import MachineState
 import SwiftletSystem

@@ -1,4 +1,4 @@
-import KVM
+import Hypervisor
 
 /// Shapes the CPUID KVM supports into what each vCPU of an N-CPU machine should see: its APIC ID,
 /// one socket of N single-thread cores, the hypervisor bit, the TSC-deadline timer, no PMU.

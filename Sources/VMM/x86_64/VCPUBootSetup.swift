@@ -1,4 +1,4 @@
-import KVM
+import Hypervisor
 import LinuxBoot
 import SwiftletSystem
 
@@ -18,7 +18,7 @@ enum VCPUBootSetup {
     static let deliveryExtINT: UInt32 = 7 << 8
     static let deliveryNMI: UInt32 = 4 << 8
 
-    static func configure(_ vcpu: VCPU, cpuid: [CPUIDEntry], supportedMSRs: Set<UInt32>, boot: BootCPUState?) throws(SwiftletError) {
+    static func configure(_ vcpu: any HypervisorVCPU, cpuid: [CPUIDEntry], supportedMSRs: Set<UInt32>, boot: BootCPUState?) throws(SwiftletError) {
         try vcpu.setCPUID(cpuid)
 
         var msrs = [MSREntry(index: msrIA32TSC, value: 0)]

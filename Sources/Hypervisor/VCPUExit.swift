@@ -1,7 +1,7 @@
-/// Why KVM_RUN returned to the VMM.
+/// Why a vCPU's run (KVM_RUN on KVM) returned to the VMM.
 ///
-/// The buffers inside `PortIO` and `MMIOAccess` point into the vCPU's `kvm_run` page: they are
-/// valid only until the next `VCPU.run()`, on the vCPU's own thread.
+/// The buffers inside `PortIO` and `MMIOAccess` belong to the vCPU (on KVM, its `kvm_run` page):
+/// they are valid only until its next `run()`, on the vCPU's own thread.
 public enum VCPUExit {
     /// The guest executed IN or OUT on a port no in-kernel device handles.
     case io(PortIO)
@@ -12,6 +12,7 @@ public enum VCPUExit {
     /// Triple fault: the vCPU shut down.
     case shutdown
     /// A system event: reset, shutdown or crash requested through a path KVM handles (PSCI, Hyper-V).
+    /// `type` is numbered as KVM numbers it (`systemEventShutdown` and so on).
     case systemEvent(type: UInt32)
     /// KVM could not continue; the guest is not runnable as it is.
     case internalError(InternalError)
@@ -21,6 +22,13 @@ public enum VCPUExit {
     case interrupted
     /// An exit reason Swiftlet does not handle.
     case other(reason: UInt32)
+}
+
+extension VCPUExit {
+    /// `systemEvent` types (KVM_SYSTEM_EVENT_SHUTDOWN, _RESET, _CRASH); later kinds count as a crash.
+    public static let systemEventShutdown: UInt32 = 1
+    public static let systemEventReset: UInt32 = 2
+    public static let systemEventCrash: UInt32 = 3
 }
 
 /// A port I/O access. For OUT, `data` holds what the guest wrote; for IN, fill `data`.
