@@ -38,11 +38,11 @@ extension Machine {
         try await offCooperativePool { () throws(SwiftletError) in try self.resumeBlocking() }
     }
 
-    public func pauseBlocking() throws(SwiftletError) {
+    package func pauseBlocking() throws(SwiftletError) {
         try operations.withLock { _ throws(SwiftletError) in try pauseLocked() }
     }
 
-    public func resumeBlocking() throws(SwiftletError) {
+    package func resumeBlocking() throws(SwiftletError) {
         try operations.withLock { _ throws(SwiftletError) in
             let machine = try liveMachine()
             guard machine.controller.isPaused else { throw SwiftletError(.invalidArgument, "the machine is not paused") }
@@ -91,7 +91,7 @@ extension Machine {
         }
     }
 
-    public func forkBlocking(count: Int, snapshotDirectory directory: String,
+    package func forkBlocking(count: Int, snapshotDirectory directory: String,
                              options: (Int) -> ForkOptions = { _ in ForkOptions() }) throws(SwiftletError) -> [Machine] {
         guard count >= 1 else { throw SwiftletError(.invalidArgument, "a fork makes at least one copy (asked for \(count))") }
         _ = try snapshotBlocking(to: directory)

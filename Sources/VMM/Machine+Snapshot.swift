@@ -43,7 +43,7 @@ extension Machine {
         }
     }
 
-    public func snapshotBlocking(to directory: String, kind: SnapshotKind = .full,
+    package func snapshotBlocking(to directory: String, kind: SnapshotKind = .full,
                                  annotations: [String: String] = [:]) throws(SwiftletError) -> SnapshotReport {
         try operations.withLock { _ throws(SwiftletError) in try snapshotLocked(to: directory, kind: kind, annotations: annotations) }
     }

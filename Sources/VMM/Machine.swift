@@ -84,8 +84,10 @@ public final class Machine: Sendable {
         try await offCooperativePool(thread: "swiftlet-main") { () throws(SwiftletError) in try self.runBlocking(onBootMarker: onBootMarker) }
     }
 
-    /// Builds the machine and blocks the calling thread until it stops.
-    public func runBlocking(onBootMarker: (@Sendable (UInt64) -> Void)? = nil) throws(SwiftletError) -> MachineRunReport {
+    /// Builds the machine and blocks the calling thread until it stops. Machine's public API is
+    /// the async one (`run`, `pause`, `resume`, `snapshot`, `fork`); these blocking forms are the
+    /// package's own, for the use cases (SwiftletKit), which call them from threads of their own.
+    package func runBlocking(onBootMarker: (@Sendable (UInt64) -> Void)? = nil) throws(SwiftletError) -> MachineRunReport {
         var phases: [(name: String, end: UInt64)] = [("start", MonotonicClock.now)]
         let controller = try MachineController()
         running.withLock { $0 = controller }
