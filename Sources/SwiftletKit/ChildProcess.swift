@@ -1,5 +1,6 @@
 import CLinux
 import Glibc
+import Images
 import SwiftletSystem
 
 /// Where a child's standard descriptor comes from.
@@ -48,12 +49,31 @@ public func spawnChild(_ executable: String, arguments: [String], environment: [
     return pid
 }
 
-/// This process's environment, as KEY=VALUE strings.
+/// This process's environment, as KEY=VALUE strings, with `SWIFTLET_HOME` set to the home in use
+/// (`SwiftletHome.path`): a process Swiftlet starts works in the same store, whether the home came
+/// from the environment or from `SwiftletHome.use`.
 public func currentEnvironment() -> [String] {
     var environment: [String] = []
     var entry = environ
     while let pointer = entry.pointee { environment.append(String(cString: pointer)); entry += 1 }
-    return environment
+    return environment.filter { !$0.hasPrefix(SwiftletHome.variable + "=") } + [SwiftletHome.variable + "=" + SwiftletHome.path]
+}
+
+/// Where Swiftlet keeps its state: the image store, machines (`machines/`), boot templates
+/// (`templates/`) and background runs (`runs/`).
+public enum SwiftletHome {
+    static let variable = "SWIFTLET_HOME"
+
+    /// The home in use: the one given to `use`, else `$SWIFTLET_HOME`, else
+    /// `$XDG_DATA_HOME/swiftlet`, else `~/.local/share/swiftlet`.
+    public static var path: String { ImageStore.defaultRoot() }
+
+    /// Makes `path` the home for the rest of this process (nil: back to the environment's). Call
+    /// it before any other work; the processes Swiftlet starts (machines' VMM processes, pulls)
+    /// are given it.
+    public static func use(_ path: String?) {
+        ImageStore.useDefaultRoot(path)
+    }
 }
 
 /// Reads the next forwarded signal from the signalfd `signals`: Ctrl-C, SIGTERM, SIGHUP and SIGQUIT

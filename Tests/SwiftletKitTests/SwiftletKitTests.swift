@@ -4,6 +4,7 @@ import MachineState
 import SwiftletSystem
 import Synchronization
 import Testing
+import TestSupport
 
 /// The use cases without a guest: arguments checked before anything is made, names, the VMM
 /// process's invocation, and the snapshot directory's layout.
@@ -104,5 +105,20 @@ import Testing
         let failure = CommandRun.Failure.setup(SwiftletError.interrupted(by: SIGTERM))
         #expect(failure.reason == .interrupted(signal: SIGTERM) && failure.message == "interrupted")
         #expect(CommandRun.Failure.setup(SwiftletError(.notFound, "no such image")).reason == .setup)
+    }
+
+    /// A home given in the program holds what it makes, and the processes it starts are told.
+    @Test func aHomeGivenInTheProgramHoldsItsMachinesAndGoesToItsChildren() throws {
+        let home = TemporaryDirectory()
+        let rootfs = home.write("rootfs.img", [UInt8](repeating: 0, count: 4096))
+        SwiftletHome.use(home.path)
+        defer { SwiftletHome.use(nil) }
+        #expect(SwiftletHome.path == home.path)
+        #expect(currentEnvironment().filter { $0.hasPrefix("SWIFTLET_HOME=") } == ["SWIFTLET_HOME=" + home.path])
+        try Machines.create(Machines.Creation(name: "homed", root: .rootfs(rootfs)))
+        #expect(access(home.path + "/machines/homed", F_OK) == 0)
+        #expect(Machines.list().map(\.name) == ["homed"])
+        try Machines.remove("homed", force: false)
+        #expect(access(home.path + "/machines/homed", F_OK) != 0)
     }
 }

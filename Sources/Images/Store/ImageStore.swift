@@ -1,5 +1,6 @@
 import Glibc
 import SwiftletSystem
+import Synchronization
 
 /// One image the store knows by name (or only by digest, for an unnamed import).
 public struct StoredImage: Codable, Sendable, Equatable {
@@ -32,8 +33,20 @@ public final class ImageStore: @unchecked Sendable {
     public let root: String
     private let lockFD: Int32
 
-    /// The default root: `$SWIFTLET_HOME`, else `$XDG_DATA_HOME/swiftlet`, else `~/.local/share/swiftlet`.
+    /// The root set with `useDefaultRoot`, for this process (nil: from the environment).
+    private static let chosenRoot = Mutex<String?>(nil)
+
+    /// Makes `root` this process's default root (nil: back to the environment's). A program that
+    /// embeds Swiftlet calls it before any work; the processes Swiftlet starts get it as
+    /// `$SWIFTLET_HOME`.
+    public static func useDefaultRoot(_ root: String?) {
+        chosenRoot.withLock { $0 = root }
+    }
+
+    /// The default root: the one set with `useDefaultRoot`, else `$SWIFTLET_HOME`, else
+    /// `$XDG_DATA_HOME/swiftlet`, else `~/.local/share/swiftlet`.
     public static func defaultRoot() -> String {
+        if let chosen = chosenRoot.withLock({ $0 }) { return chosen }
         if let home = getenv("SWIFTLET_HOME").map({ String(cString: $0) }), !home.isEmpty { return home }
         if let data = getenv("XDG_DATA_HOME").map({ String(cString: $0) }), !data.isEmpty { return data + "/swiftlet" }
         let home = getenv("HOME").map { String(cString: $0) } ?? "/root"
