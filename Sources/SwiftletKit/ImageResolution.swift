@@ -94,7 +94,9 @@ public struct ImageResolver: Sendable {
 /// Runs async work from synchronous code (the CLI's commands are synchronous: their VMs run on
 /// threads of their own) and waits for it. A signal read from `interruptions` (a signalfd)
 /// cancels the work and throws `.interrupted` at once: what was half-fetched stays in the
-/// store's tmp/, never as content.
+/// store's tmp/, never as content. It blocks its thread until the work, which runs on Swift's
+/// cooperative pool, is done: call it from a thread of its own (the CLI's main thread, a machine
+/// thread), never from a task on that pool, whose few threads it could starve.
 func blockingAsync<T: Sendable>(interruptions: Int32? = nil, _ body: @escaping @Sendable () async throws(SwiftletError) -> T) throws(SwiftletError) -> T {
     let pending = try PendingResult<T>()
     let task = Task {

@@ -73,31 +73,46 @@ import TestSupport
         return record
     }
 
-    @Test func ctrlCStopsAsyncWorkWithAnInterruptedErrorAndCancelsIt() throws {
+    /// Set once by the cancelled work.
+    final class Flag: Sendable {
+        let raised = Atomic<Bool>(false)
+    }
+
+    /// blockingAsync waits in poll for work that needs one of Swift concurrency's cooperative
+    /// threads: it is called from threads of its own here (on a two-core host the pool has two
+    /// threads, and tests blocking both of them starved the work and hung the run).
+    @Test func ctrlCStopsAsyncWorkWithAnInterruptedErrorAndCancelsIt() async throws {
         let signals = try OwnedFileDescriptor.pipe()
-        let ended = Mutex<Bool>(false)
+        let signalsRead = signals.readEnd.rawValue
+        let ended = Flag()
         // A window-size change is not a stop: the work goes on and its result comes back.
         try Self.signalRecord(SIGWINCH).withUnsafeBytes { try signals.writeEnd.writeAll($0) }
-        let value = try blockingAsync(interruptions: signals.readEnd.rawValue) { () async throws(SwiftletError) -> Int in
-            try? await Task.sleep(nanoseconds: 50_000_000)
-            return 7
+        let value = try await OSThread.run(name: "test-blocking") { () throws(SwiftletError) in
+            try blockingAsync(interruptions: signalsRead) { () async throws(SwiftletError) -> Int in
+                try? await Task.sleep(nanoseconds: 50_000_000)
+                return 7
+            }
         }
         #expect(value == 7)
         // Ctrl-C: the call returns at once with the signal, and the work is cancelled.
         try Self.signalRecord(SIGINT).withUnsafeBytes { try signals.writeEnd.writeAll($0) }
         let start = MonotonicClock.now
-        #expect {
-            _ = try blockingAsync(interruptions: signals.readEnd.rawValue) { () async throws(SwiftletError) -> Int in
-                try? await Task.sleep(nanoseconds: 600_000_000_000)
-                ended.withLock { $0 = true }
-                return 0
+        let interrupted = try await OSThread.run(name: "test-blocking") { () -> Result<Int, SwiftletError> in
+            Result { () throws(SwiftletError) in
+                try blockingAsync(interruptions: signalsRead) { () async throws(SwiftletError) -> Int in
+                    try? await Task.sleep(nanoseconds: 600_000_000_000)
+                    ended.raised.store(true, ordering: .releasing)
+                    return 0
+                }
             }
-        } throws: { error in
-            let error = error as! SwiftletError
-            return error.code == .interrupted && error.signal == SIGINT
         }
-        while !ended.withLock({ $0 }) && MonotonicClock.now - start < 60_000_000_000 { usleep(1000) }
-        #expect(ended.withLock { $0 }, "the cancelled work ended instead of sleeping its ten minutes")
+        guard case .failure(let error) = interrupted else { Issue.record("not interrupted: \(interrupted)"); return }
+        #expect(error.code == .interrupted && error.signal == SIGINT, "\(error)")
+        while !ended.raised.load(ordering: .acquiring) && MonotonicClock.now - start < 60_000_000_000 {
+            try await Task.sleep(nanoseconds: 1_000_000)
+        }
+        let cancelledWorkEnded = ended.raised.load(ordering: .acquiring)
+        #expect(cancelledWorkEnded, "the cancelled work ended instead of sleeping its ten minutes")
         withExtendedLifetime(signals) {}
     }
 
