@@ -8,7 +8,7 @@ MODE:
   realm     /v2/... answers 401 with a Bearer challenge whose realm is TARGET ("self": this server's
             /token); /token answers a token.
   redirect  /v2/... over TLS answers 401 Basic without credentials and, with them, a 307 to TARGET
-            ("self-http": this same host and port over plain HTTP); plain-HTTP requests get 404.
+            ("self-http": the same host, as the request named it, over plain HTTP); plain-HTTP requests get 404.
   sink      /token answers a token; everything else 404.
 With CERT and KEY, connections that start with a TLS handshake are served over TLS (the same port
 also serves plain HTTP)."""
@@ -52,7 +52,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if MODE == "redirect" and self.path.startswith("/v2/") and tls:
             if auth == "-":
                 return self.send(401, b"{}", [("WWW-Authenticate", 'Basic realm="probe"')])
-            target = f"http://127.0.0.1:{PORT}{self.path}" if TARGET == "self-http" else TARGET
+            target = f"http://{self.headers.get('Host')}{self.path}" if TARGET == "self-http" else TARGET
             return self.send(307, b"", [("Location", target)])
         return self.send(404, b"{}")
 

@@ -108,8 +108,8 @@ enum CraftedTar {
     }
 
     @Test func paxRecordsWithBadLengthsAreRefused() {
-        // A length near Int.max overflowed `at + length` (a trap) before.
-        refused(CraftedTar.pax(body: Array("9223372036854775807 path=x\n".utf8)) + CraftedTar.file("a") + CraftedTar.end,
+        // A length near Int.max after a first record overflowed `at + length` (a trap) before.
+        refused(CraftedTar.pax(body: Array("8 a=bcd\n9223372036854775807 path=x\n".utf8)) + CraftedTar.file("a") + CraftedTar.end,
                 saying: "PAX header is malformed")
         for body in ["99999999999999999999999 path=x\n", "-5 path=x\n", "+12 path=ab\n", "3 path=x\n", "30 path=x\n", " 9 path=x\n"] {
             refused(CraftedTar.pax(body: Array(body.utf8)) + CraftedTar.file("a") + CraftedTar.end, saying: "PAX header is malformed")
@@ -136,7 +136,7 @@ enum CraftedTar {
     }
 
     @Test func namesPathsAndTreesAreBounded() {
-        // A 300-byte name (a 5000-byte one made a negative count, a trap, when the directory was written).
+        // Names over 255 bytes were accepted before and written into directory blocks they overflow.
         for length in [256, 5000] {
             let name = String(repeating: "n", count: length)
             refused(CraftedTar.pax([("path", name)]) + CraftedTar.file("ignored") + CraftedTar.end,
@@ -170,7 +170,7 @@ enum CraftedTar {
     @Test(.enabled(if: access("/usr/bin/fsck.erofs", X_OK) == 0, "needs erofs-utils"))
     func acceptedOddLayersPassFsck() throws {
         // Small data and symlinks beside attributes too large to share the inode's block with them
-        // (before, their data was pointed at block 0), names of exactly 255 bytes, a deep tree,
+        // (before, their data was pointed at block 0: the file read back the superblock), names of exactly 255 bytes, a deep tree,
         // pre-1970 and fractional times, a device at the top of Linux's range, whiteouts.
         let attributes = [("SCHILY.xattr.user.a", String(repeating: "a", count: 2500))]
         let long = String(repeating: "l", count: 255)
