@@ -159,6 +159,8 @@ enum CraftedTar {
         for name in [".wh.", "dir/.wh..", "dir/.wh..."] {
             refused(CraftedTar.header("dir/", type: "5") + CraftedTar.file(name) + CraftedTar.end, saying: "which names nothing")
         }
+        // An empty symlink target: fsck.erofs --extract (like Linux) cannot make it.
+        refused(CraftedTar.header("empty-link", type: "2") + CraftedTar.end, saying: "has an empty target")
     }
 
     @Test func attributesThatCannotFitAreRefused() {
@@ -184,6 +186,9 @@ enum CraftedTar {
         tar += CraftedTar.header("dev", type: "3", raw: [(329, Array("0007777\0".utf8)), (337, Array("3777777\0".utf8))])
         tar += CraftedTar.header("old", raw: [(136, [0xFF] + [UInt8](repeating: 0xFF, count: 11))])
         tar += CraftedTar.file(".wh.gone") + CraftedTar.header("o/", type: "5") + CraftedTar.file("o/.wh..wh..opq")
+        // A directory of many long names spans several blocks; an attribute named by its prefix alone.
+        for i in 0..<60 { tar += CraftedTar.pax([("path", "many/" + String(1000 + i) + String(repeating: "m", count: 251))]) + CraftedTar.file("m") }
+        tar += CraftedTar.pax([("SCHILY.xattr.user.", "v")]) + CraftedTar.file("bare-attribute", [9])
         tar += CraftedTar.end
         let image = try convert(tar)
         let result = fsck(image)
@@ -264,6 +269,8 @@ enum CraftedTar {
         try await refused([1 << 62, 1 << 62], saying: "add up to more than 2^63 bytes")
         try await refused([-5], saying: "declares a negative size (-5)")
         try await refused(Array(repeating: 1, count: 300), saying: "lists 300 layers")
+        // A layer declared larger than any layer may unpack to is not downloaded.
+        try await refused([1 << 40], saying: "is larger than a layer may be")
         #expect(ImagePuller.formatSize(Int64.max) == "8796093022207.9 MiB")
         #expect(ImagePuller.formatSize(3 << 19) == "1.5 MiB")
     }

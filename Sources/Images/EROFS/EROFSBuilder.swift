@@ -235,6 +235,9 @@ public final class EROFSBuilder {
             node = Node(kind: .symlink, mode: 0o777)
             node.inlineData = Array(target.utf8)
             node.size = UInt64(target.utf8.count)
+            if node.size == 0 {
+                throw SwiftletError(.invalidFormat, "symlink \(entry.path) has an empty target, which Linux does not allow")
+            }
             if node.size > UInt64(Self.inlineLimit) {
                 throw SwiftletError(.invalidFormat, "symlink \(entry.path) has a target of \(node.size) bytes")
             }

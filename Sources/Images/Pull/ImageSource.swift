@@ -64,9 +64,15 @@ public struct ImagePuller: Sendable {
         guard config.rootfs.diff_ids.count == manifest.layers.count else {
             throw SwiftletError(.invalidFormat, "\(source.displayName): the config lists \(config.rootfs.diff_ids.count) layers, the manifest \(manifest.layers.count)")
         }
+        let limits = ImportLimits.current
         for (number, layer) in manifest.layers.enumerated() {
             let what = "layer \(number + 1)/\(manifest.layers.count) (\(layer.digest.short), \(Self.formatSize(layer.size)))"
             if !store.hasBlob(layer.digest) {
+                // The declared size bounds the download: refuse what could never be a layer, or fill the disk.
+                guard UInt64(clamping: layer.size) <= limits.maxLayerBytes else {
+                    throw SwiftletError(.invalidFormat, "\(source.displayName): \(what) is larger than a layer may be (\(limits.maxLayerBytes) bytes; SWIFTLET_MAX_LAYER_SIZE raises it)")
+                }
+                try store.requireSpace(UInt64(clamping: layer.size), limits: limits, what: what)
                 progress("fetching \(what)")
                 try await source.fetch(layer, into: store, what: "layer \(layer.digest)")
             }
