@@ -10,6 +10,14 @@ import Synchronization
 /// Docker v2, indexes and manifest lists), blobs streamed into the store, anonymous or bearer-token
 /// auth (with credentials for the token service when given), and redirects to blob storage
 /// followed without the registry's credentials.
+///
+/// Credentials belong to the registry the user named, and only to it (see `mayAuthorize` and
+/// `realmMayReceiveCredentials`): the user's password and the registry's token go only to the
+/// registry's own origin (its host and port, over the scheme the user chose: HTTPS, or plain HTTP
+/// for a loopback registry or one named with --insecure-registry), never after a redirect to
+/// another host or to plain HTTP; the password goes to a token service the registry names only
+/// over HTTPS from an HTTPS registry (as Docker does), or to the registry's own origin. Other
+/// token services are asked anonymously. Redirects are followed only to http and https URLs.
 public final class RegistrySource: ImageSource, @unchecked Sendable {
     // SAFETY (Sendable): `token` is the only mutable state, guarded by `lock`.
     public let reference: ImageReference
@@ -20,10 +28,17 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
     private let timeout: TimeAmount
 
     /// `insecure`: plain HTTP (also the default for loopback registries, as Docker does).
-    public init(reference: ImageReference, insecure: Bool = false, credentials: (user: String, password: String)? = nil,
-                client: HTTPClient = RegistrySource.defaultClient, timeout: TimeAmount = .seconds(300)) {
+    public convenience init(reference: ImageReference, insecure: Bool = false, credentials: (user: String, password: String)? = nil,
+                            client: HTTPClient = RegistrySource.defaultClient, timeout: TimeAmount = .seconds(300)) {
+        self.init(reference: reference, scheme: insecure || reference.isLoopback ? "http" : "https", credentials: credentials,
+                  client: client, timeout: timeout)
+    }
+
+    /// `scheme` as given (tests reach a loopback registry over HTTPS this way).
+    package init(reference: ImageReference, scheme: String, credentials: (user: String, password: String)?,
+                 client: HTTPClient, timeout: TimeAmount) {
         self.reference = reference
-        self.scheme = insecure || reference.isLoopback ? "http" : "https"
+        self.scheme = scheme
         self.client = client
         self.credentials = credentials
         self.timeout = timeout
@@ -81,7 +96,7 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
         var challenged = false
         var redirects = 0
         while true {
-            let sameHost = Self.host(of: url) == reference.apiHost
+            let sameHost = mayAuthorize(url)
             var request = HTTPClientRequest(url: url)
             if !accept.isEmpty { request.headers.add(name: "Accept", value: accept.joined(separator: ", ")) }
             request.headers.add(name: "User-Agent", value: "swiftlet")
@@ -100,7 +115,11 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
                 guard redirects <= 5, let location = response.headers.first(name: "location") else {
                     throw SwiftletError(.invalidFormat, "the registry \(reference.registry) redirected \(what) too often or nowhere")
                 }
-                url = Self.resolve(location, against: url)
+                let next = Self.resolve(location, against: url)
+                guard ["http", "https"].contains(Self.scheme(of: next)) else {
+                    throw SwiftletError(.invalidFormat, "the registry \(reference.registry) redirected \(what) to \(next.prefix(200)), which is not an http or https URL")
+                }
+                url = next
             case 401 where sameHost && !challenged:
                 challenged = true
                 let challenge = response.headers.first(name: "www-authenticate") ?? ""
@@ -129,20 +148,25 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
             }
             lock.withLock { $0 = "Basic " + Self.base64("\(credentials.user):\(credentials.password)") }
         case "bearer":
-            guard let realm = parameters["realm"], realm.hasPrefix("http") else {
-                throw SwiftletError(.invalidFormat, "the registry \(reference.registry) sent a bearer challenge without a realm: \(challenge)")
+            guard let realm = parameters["realm"], ["http", "https"].contains(Self.scheme(of: realm)), !Self.host(of: realm).isEmpty else {
+                throw SwiftletError(.invalidFormat, "the registry \(reference.registry) sent a bearer challenge without an http or https realm: \(challenge)")
             }
+            let sendCredentials = credentials != nil && realmMayReceiveCredentials(realm)
             var query: [String] = []
             if let service = parameters["service"] { query.append("service=" + Self.percentEncode(service)) }
             query.append("scope=" + Self.percentEncode(parameters["scope"] ?? "repository:\(reference.repository):pull"))
             var request = HTTPClientRequest(url: realm + (realm.contains("?") ? "&" : "?") + query.joined(separator: "&"))
-            if let credentials { request.headers.add(name: "Authorization", value: "Basic " + Self.base64("\(credentials.user):\(credentials.password)")) }
+            if sendCredentials, let credentials {
+                request.headers.add(name: "Authorization", value: "Basic " + Self.base64("\(credentials.user):\(credentials.password)"))
+            }
             let response: HTTPClientResponse
             do { response = try await client.execute(request, timeout: timeout) } catch {
                 throw SwiftletError(.systemCall, "cannot reach the token service \(realm) of \(reference.registry): \(Self.describe(error))")
             }
             guard response.status.code == 200 else {
-                throw SwiftletError(.permissionDenied, "the token service \(realm) of \(reference.registry) refused a token for \(reference.repository) (HTTP \(response.status.code))")
+                let withheld = credentials != nil && !sendCredentials
+                    ? "; the credentials given were not sent to it: Swiftlet sends them to a token service only over HTTPS from an HTTPS registry, or to the registry itself" : ""
+                throw SwiftletError(.permissionDenied, "the token service \(realm) of \(reference.registry) refused a token for \(reference.repository) (HTTP \(response.status.code))\(withheld)")
             }
             var body: [UInt8] = []
             try await Self.collect(response, what: "a token from \(realm)", limit: 1 << 20) { body += $0 }
@@ -215,6 +239,29 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
         return (scheme, parameters)
     }
 
+    /// Whether a request to `url` may carry the registry's credentials or token: only to the
+    /// registry's own origin, the host and port the user named over the scheme chosen for it (so
+    /// not after a redirect to another host or from HTTPS to HTTP).
+    func mayAuthorize(_ url: String) -> Bool {
+        Self.scheme(of: url) == scheme && Self.host(of: url).lowercased() == reference.apiHost.lowercased()
+    }
+
+    /// Whether the user's password may go to the token service at `realm`, which the registry
+    /// named: over HTTPS when the registry itself is HTTPS (the registry, authenticated by TLS,
+    /// vouches for its token service, as Docker trusts it), or to the registry's own origin. Never
+    /// over plain HTTP to another host, and never to any other host from a plain-HTTP registry,
+    /// whose challenge anyone on the path could have written.
+    func realmMayReceiveCredentials(_ realm: String) -> Bool {
+        if mayAuthorize(realm) { return true }
+        return scheme == "https" && Self.scheme(of: realm) == "https"
+    }
+
+    /// The scheme of `url`, lowercased ("" if it has none).
+    static func scheme(of url: String) -> String {
+        guard let end = url.firstRange(of: "://")?.lowerBound else { return "" }
+        return url[..<end].lowercased()
+    }
+
     static func host(of url: String) -> String {
         guard let start = url.firstRange(of: "://")?.upperBound else { return "" }
         let rest = url[start...]
@@ -222,7 +269,10 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
     }
 
     static func resolve(_ location: String, against url: String) -> String {
-        if location.contains("://") { return location }
+        // Absolute when a scheme comes first ("?next=http://x" in a relative one does not count).
+        if let marker = location.firstRange(of: "://"), location[..<marker.lowerBound].allSatisfy({ $0.isLetter || $0.isNumber || "+-.".contains($0) }) {
+            return location
+        }
         guard let start = url.firstRange(of: "://")?.upperBound else { return location }
         let hostEnd = url[start...].firstIndex(of: "/") ?? url.endIndex
         return String(url[..<hostEnd]) + (location.hasPrefix("/") ? location : "/" + location)

@@ -89,11 +89,23 @@ public struct MemoryFile: Sendable {
             throw SwiftletError(.invalidFormat, "\(path) declares \(count) memory regions")
         }
         var regions: [(start: GuestAddress, size: UInt64)] = []
+        // The header is untrusted: every sum below is checked, so a crafted one is refused, never a trap.
+        var total: UInt64 = 0
         for i in 0..<count {
             let start = LittleEndian.read(h, at: 96 + 16 * i, count: 8), length = LittleEndian.read(h, at: 104 + 16 * i, count: 8)
             guard start % pageSize == 0, length % pageSize == 0, length > 0 else {
                 throw SwiftletError(.invalidFormat, "\(path) declares a memory region that is not page-aligned")
             }
+            let (_, endOverflow) = start.addingReportingOverflow(length)
+            let (sum, totalOverflow) = total.addingReportingOverflow(length)
+            // The data follows a header page and a bitmap of at most total/2^15 bytes: keep room for them.
+            guard !endOverflow, !totalOverflow, sum <= UInt64(Int64.max) / 2 else {
+                throw SwiftletError(.invalidFormat, "\(path) declares memory regions whose addresses or sizes overflow")
+            }
+            if let previous = regions.last, start < previous.start.rawValue + previous.size {
+                throw SwiftletError(.invalidFormat, "\(path) declares memory regions that overlap or are out of order")
+            }
+            total = sum
             regions.append((GuestAddress(start), length))
         }
         let parentBytes = Array(h[32..<48])

@@ -154,6 +154,15 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         return UInt64(info.st_size)
     }
 
+    /// Bytes an unprivileged user may still write to the file system holding `fd` (fstatvfs's
+    /// f_bavail times f_frsize, saturating).
+    public static func availableBytes(fd: Int32) throws(SwiftletError) -> UInt64 {
+        var info = statvfs()
+        try systemCall("cannot read the free space of a file system") { fstatvfs(fd, &info) }
+        let (bytes, overflow) = UInt64(info.f_bavail).multipliedReportingOverflow(by: UInt64(info.f_frsize))
+        return overflow ? .max : bytes
+    }
+
     /// Whether the descriptor refers to a regular file.
     public func isRegularFile() throws(SwiftletError) -> Bool {
         var info = stat()

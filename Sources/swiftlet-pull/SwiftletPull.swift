@@ -10,7 +10,10 @@ import SwiftletSystem
 //   swiftlet-pull [--insecure-registry] REFERENCE
 //
 // Progress lines and, on failure, one error line go to stderr (the error last); exit 0 or 1.
-// Credentials: SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD.
+// Credentials: SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD, for the registry REFERENCE
+// names only: they go to it over HTTPS (plain HTTP only for a loopback registry or with
+// --insecure-registry), never after a redirect to another host or to HTTP, and to the token
+// service it names only over HTTPS from an HTTPS registry (see RegistrySource).
 
 @main
 struct SwiftletPull {

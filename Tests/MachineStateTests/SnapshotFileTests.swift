@@ -206,3 +206,42 @@ struct Sample: Codable, Equatable {
         #expect(try StateFile.decode([SnapshotID].self, from: bytes, path: "s") == [id])
     }
 }
+
+/// Memory-file headers from a hostile snapshot: sizes and addresses that overflow are refused
+/// when the header is read (two regions of 2^63 bytes trapped the process before).
+@Suite struct HostileMemoryFileTests {
+    let dir = TemporaryDirectory()
+
+    /// A header page declaring `regions`, with the derived fields as given, and `extra` bytes after it.
+    func write(_ regions: [(UInt64, UInt64)], declared: [UInt64] = [0, 0, 0, 0, 0], extra: Int = 0) throws -> String {
+        var h = MemoryFile.magic + LittleEndian.bytes(1, 4) + LittleEndian.bytes(0, 4) + [UInt8](repeating: 7, count: 16)
+        h += [UInt8](repeating: 0, count: 16) + LittleEndian.bytes(4096, 4) + LittleEndian.bytes(UInt64(regions.count), 4)
+        for field in declared { h += LittleEndian.bytes(field, 8) }
+        for (start, size) in regions { h += LittleEndian.bytes(start, 8) + LittleEndian.bytes(size, 8) }
+        h += [UInt8](repeating: 0, count: 4096 - h.count + extra)
+        let path = dir.path + "/memory"
+        let fd = try OwnedFileDescriptor.open(path, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600, what: path)
+        try h.withBytes { b throws(SwiftletError) in try fd.write(from: b, at: 0, what: path) }
+        return path
+    }
+
+    func refused(_ path: String, saying text: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(sourceLocation: sourceLocation) { try MemoryFile.read(path) } throws: {
+            let message = ($0 as! SwiftletError).message
+            if !message.contains(text) { Issue.record("message: \(message)", sourceLocation: sourceLocation) }
+            return message.contains(text)
+        }
+    }
+
+    @Test func overflowingRegionsAreRefused() throws {
+        refused(try write([(0, 1 << 63), (1 << 63, 1 << 63)]), saying: "addresses or sizes overflow")
+        refused(try write([(0, 0xFFFF_FFFF_FFFF_F000), (0x1_0000_0000_0000, 0x2000)]), saying: "addresses or sizes overflow")
+        refused(try write([(0xFFFF_FFFF_FFFF_F000, 0x2000)]), saying: "addresses or sizes overflow")
+        refused(try write([(0, 0x2000), (0x1000, 0x1000)]), saying: "overlap or are out of order")
+        refused(try write([(0x10000, 0x1000), (0, 0x1000)]), saying: "overlap or are out of order")
+        // A consistent header whose file is short is still only "truncated".
+        let good: [UInt64] = [0, 0, 4096, 0x2000, 4096 + 0x2000]
+        refused(try write([(0, 0x2000)], declared: good), saying: "truncated")
+        #expect(try MemoryFile.read(try write([(0, 0x2000)], declared: good, extra: 0x2000)).dataBytes == 0x2000)
+    }
+}

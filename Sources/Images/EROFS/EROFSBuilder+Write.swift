@@ -50,7 +50,7 @@ extension EROFSBuilder {
             case .directory: placed[i].inline = dataSize <= Self.inlineLimit && fits
             default: placed[i].inline = false
             }
-            if node.kind == .file, node.inlineData != nil, !placed[i].inline, dataSize > 0 {
+            if node.kind == .file || node.kind == .symlink, node.inlineData != nil, !placed[i].inline, dataSize > 0 {
                 // Small data that cannot sit beside its inode (large xattrs): give it a block.
                 try moveToSpool(node)
             }
@@ -92,6 +92,7 @@ extension EROFSBuilder {
         for (ino, p) in placed.enumerated() { p.node.ino = UInt32(ino + 1) }
         let totalBlocks = nextExtra
         guard totalBlocks <= UInt64(UInt32.max) else { throw SwiftletError(.unsupported, "the image would exceed 16 TiB") }
+        try limits.requireSpace(totalBlocks * block, fd: fd, what: "an EROFS image of \(totalBlocks * block) bytes")
 
         // 4. Emit: superblock, metadata, spooled file data, directory blocks.
         var meta = [UInt8](repeating: 0, count: Int(metaBlocks) * Self.blockSize)

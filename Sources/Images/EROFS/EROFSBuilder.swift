@@ -15,6 +15,12 @@ import SwiftletSystem
 /// Several layers can be merged into one image (`beginLayer()` before each after the first): a
 /// later layer's entries replace earlier ones, its whiteouts hide them (and stay whiteouts, for
 /// the disks below), and its opaque directories drop what earlier layers put in them.
+///
+/// Entries are untrusted: `limits` bounds the entry count, the metadata kept in memory, path depth
+/// and name lengths, and file data is written only while the file system keeps its reserve free;
+/// an entry the image could not represent faithfully (a name over 255 bytes, attributes that do not
+/// fit beside their inode, a whiteout of nothing) is refused, so an image that is built passes
+/// `fsck.erofs`.
 public final class EROFSBuilder {
     public static let blockSize = 4096
     static let inodeSize = 64
@@ -79,6 +85,12 @@ public final class EROFSBuilder {
     public internal(set) var warnings: [String] = []
     /// The layer entries are being added for.
     private var currentLayer = 0
+    let limits: ImportLimits
+    /// Entries made so far and the metadata bytes they keep in memory (see `ImportLimits`).
+    private var entries = 0
+    private var metadataBytes: UInt64 = 0
+    /// What `ImportLimits.maxMetadataBytes` charges each entry besides its names and data.
+    static let entryCost: UInt64 = 256
 
     /// Starts the next layer: what it adds goes over everything added so far.
     public func beginLayer() { currentLayer += 1 }
@@ -90,16 +102,39 @@ public final class EROFSBuilder {
     }
 
     /// `scratchDirectory` holds an unlinked spool file for file data while the tree is built.
-    public init(scratchDirectory: String) throws(SwiftletError) {
+    public init(scratchDirectory: String, limits: ImportLimits = ImportLimits()) throws(SwiftletError) {
+        self.limits = limits
         spool = try OwnedFileDescriptor.unlinkedTemporaryFile(in: scratchDirectory, prefix: "erofs-spool")
+    }
+
+    /// Counts one more entry of `bytes` in-memory metadata against the limits.
+    private func charge(_ bytes: Int, for path: String) throws(SwiftletError) {
+        entries += 1
+        guard entries <= limits.maxEntries else {
+            throw SwiftletError(.invalidFormat, "the layer has more than \(limits.maxEntries) entries (at \(path))")
+        }
+        metadataBytes += Self.entryCost + UInt64(bytes)
+        guard metadataBytes <= limits.maxMetadataBytes else {
+            throw SwiftletError(.invalidFormat, "the layer's metadata (names, small files, attributes) exceeds \(limits.maxMetadataBytes >> 20) MiB (at \(path))")
+        }
     }
 
     // MARK: building the tree
 
-    /// Splits an archive path into safe components: no absolute paths, no `..`.
-    static func components(_ path: String) throws(SwiftletError) -> [String] {
+    /// Splits an archive path into safe components: no absolute paths, no `..`, no NUL, each
+    /// component at most `maxNameBytes` bytes and at most `maxDepth` of them.
+    static func components(_ path: String, limits: ImportLimits = ImportLimits()) throws(SwiftletError) -> [String] {
         let parts = path.split(separator: "/").map(String.init).filter { $0 != "." && !$0.isEmpty }
         guard !parts.contains("..") else { throw SwiftletError(.invalidFormat, "layer entry \(path) escapes the root with '..'") }
+        guard parts.count <= limits.maxDepth else {
+            throw SwiftletError(.invalidFormat, "layer entry \(path.prefix(200))... is more than \(limits.maxDepth) directories deep")
+        }
+        for part in parts {
+            guard part.utf8.count <= limits.maxNameBytes else {
+                throw SwiftletError(.invalidFormat, "layer entry \(path.prefix(200)) has a name of \(part.utf8.count) bytes; names are at most \(limits.maxNameBytes)")
+            }
+            guard !part.utf8.contains(0) else { throw SwiftletError(.invalidFormat, "layer entry \(path) has a NUL byte in its name") }
+        }
         return parts
     }
 
@@ -113,12 +148,14 @@ public final class EROFSBuilder {
                 throw SwiftletError(.invalidFormat, "layer path component \(part) is not a directory")
             } else if node.children[part] != nil {
                 // An earlier merged layer deleted this directory; this layer makes it anew.
+                try charge(part.utf8.count, for: part)
                 let child = Node(kind: .directory, mode: 0o755)
                 child.layer = currentLayer
                 markOpaque(child)
                 node.children[part] = child
                 node = child
             } else {
+                try charge(part.utf8.count, for: part)
                 let child = Node(kind: .directory, mode: 0o755)
                 child.layer = currentLayer
                 node.children[part] = child
@@ -130,7 +167,7 @@ public final class EROFSBuilder {
 
     private func lookup(_ path: String) throws(SwiftletError) -> Node? {
         var node = root
-        for part in try Self.components(path) {
+        for part in try Self.components(path, limits: limits) {
             guard let child = node.children[part] else { return nil }
             node = child
         }
@@ -139,7 +176,7 @@ public final class EROFSBuilder {
 
     /// Adds one entry; `readData` fills a buffer with the entry's data and returns how much it read.
     public func add(_ entry: TarEntry, readData: (UnsafeMutableRawBufferPointer) throws(SwiftletError) -> Int) throws(SwiftletError) {
-        let parts = try Self.components(entry.path)
+        let parts = try Self.components(entry.path, limits: limits)
         guard let name = parts.last else {
             // The root itself: take its attributes.
             root.mode = entry.mode; root.uid = entry.uid; root.gid = entry.gid; root.mtime = entry.mtime
@@ -153,11 +190,32 @@ public final class EROFSBuilder {
             return
         }
         if name.hasPrefix(".wh.") {
+            let hidden = String(name.dropFirst(4))
+            guard !hidden.isEmpty, hidden != ".", hidden != ".." else {
+                throw SwiftletError(.invalidFormat, "layer entry \(entry.path) is a whiteout of '\(hidden)', which names nothing")
+            }
+            try charge(name.utf8.count, for: entry.path)
             let whiteout = Node(kind: .characterDevice, mode: 0)
             whiteout.mtime = entry.mtime
             whiteout.layer = currentLayer
-            place(whiteout, at: String(name.dropFirst(4)), in: parent)
+            place(whiteout, at: hidden, in: parent)
             return
+        }
+        // What the entry keeps in memory: its name, extended attributes, small data, link target.
+        var kept = name.utf8.count + entry.xattrs.reduce(0) { $0 + $1.key.utf8.count + $1.value.count }
+        switch entry.kind {
+        case .file where entry.size <= UInt64(Self.inlineLimit): kept += Int(entry.size)
+        case .symlink(let target), .hardLink(let target): kept += target.utf8.count
+        default: break
+        }
+        try charge(kept, for: entry.path)
+        let xattrs = entry.xattrs.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+        if !xattrs.isEmpty {
+            // Attributes sit beside their inode, in its block: refuse what could never be laid out.
+            let body = try Self.xattrBody(xattrs + [("trusted.overlay.opaque", Array("y".utf8))], warn: { _ in })
+            guard Self.inodeSize + body.count <= Self.blockSize else {
+                throw SwiftletError(.invalidFormat, "layer entry \(entry.path) has \(body.count) bytes of extended attributes; at most \(Self.blockSize - Self.inodeSize) fit")
+            }
         }
         let node: Node
         switch entry.kind {
@@ -177,6 +235,9 @@ public final class EROFSBuilder {
             node = Node(kind: .symlink, mode: 0o777)
             node.inlineData = Array(target.utf8)
             node.size = UInt64(target.utf8.count)
+            if node.size == 0 {
+                throw SwiftletError(.invalidFormat, "symlink \(entry.path) has an empty target, which Linux does not allow")
+            }
             if node.size > UInt64(Self.inlineLimit) {
                 throw SwiftletError(.invalidFormat, "symlink \(entry.path) has a target of \(node.size) bytes")
             }
@@ -197,7 +258,7 @@ public final class EROFSBuilder {
         let opaque = node.xattrs.contains { $0.0 == "trusted.overlay.opaque" }
         node.mode = entry.mode
         node.uid = entry.uid; node.gid = entry.gid; node.mtime = entry.mtime
-        node.xattrs = entry.xattrs.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+        node.xattrs = xattrs
         if opaque { markOpaque(node) }
         node.layer = max(node.layer, currentLayer)
         place(node, at: name, in: parent)
@@ -221,8 +282,14 @@ public final class EROFSBuilder {
         (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
     }
 
-    func storeData(_ node: Node, size: UInt64, readData: (UnsafeMutableRawBufferPointer) throws(SwiftletError) -> Int) throws(SwiftletError) {
-        if size <= UInt64(Self.inlineLimit) {
+    /// Reads `size` bytes of `node`'s data: small data stays in memory (unless `spooled`), the rest
+    /// goes to the spool in whole blocks.
+    func storeData(_ node: Node, size: UInt64, spooled: Bool = false,
+                   readData: (UnsafeMutableRawBufferPointer) throws(SwiftletError) -> Int) throws(SwiftletError) {
+        guard size <= limits.maxLayerBytes else {
+            throw SwiftletError(.invalidFormat, "a layer file of \(size) bytes is larger than a layer may be (\(limits.maxLayerBytes) bytes)")
+        }
+        if size <= UInt64(Self.inlineLimit) && !spooled {
             var bytes = [UInt8](repeating: 0, count: Int(size))
             var done = 0
             while done < bytes.count {
@@ -233,6 +300,7 @@ public final class EROFSBuilder {
             node.inlineData = bytes
             return
         }
+        try limits.requireSpace(size, fd: spool.rawValue, what: "a layer file of \(size) bytes")
         node.spoolBlock = spoolBlocks
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
         var left = size
@@ -259,7 +327,7 @@ public final class EROFSBuilder {
         guard let data = node.inlineData else { return }
         node.inlineData = nil
         var at = 0
-        try storeData(node, size: UInt64(data.count)) { buffer throws(SwiftletError) in
+        try storeData(node, size: UInt64(data.count), spooled: true) { buffer throws(SwiftletError) in
             let n = min(buffer.count, data.count - at)
             buffer.copyBytes(from: data[at..<at + n])
             at += n

@@ -7,11 +7,11 @@ public enum LayerConverter {
     /// appears (by rename) only when complete, so a failure never leaves a half-written one.
     /// Returns the warnings (dropped attributes).
     @discardableResult
-    public static func convert(tarPath: String, to imagePath: String) throws(SwiftletError) -> [String] {
+    public static func convert(tarPath: String, to imagePath: String, limits: ImportLimits = .current) throws(SwiftletError) -> [String] {
         let input = try OwnedFileDescriptor.openInput(tarPath, role: "layer")
         let fd = input.rawValue
         let directory = imagePath.lastIndex(of: "/").map { String(imagePath[..<$0]) } ?? "."
-        return try convert(scratchDirectory: directory, to: imagePath) { buffer throws(SwiftletError) in
+        return try convert(scratchDirectory: directory, to: imagePath, limits: limits) { buffer throws(SwiftletError) in
             try systemCall("cannot read layer \(tarPath)") { read(fd, buffer.baseAddress, buffer.count) }
         }
     }
@@ -21,11 +21,11 @@ public enum LayerConverter {
     /// after the last entry and before the image appears: a check that throws leaves no image.
     @discardableResult
     public static func convert(
-        scratchDirectory: String, to imagePath: String,
+        scratchDirectory: String, to imagePath: String, limits: ImportLimits = .current,
         beforeCommit: () throws(SwiftletError) -> Void = {},
         source: @escaping TarReader.Source
     ) throws(SwiftletError) -> [String] {
-        try merge(layers: 1, scratchDirectory: scratchDirectory, to: imagePath,
+        try merge(layers: 1, scratchDirectory: scratchDirectory, to: imagePath, limits: limits,
                   source: { _ throws(SwiftletError) in source }, afterLayer: { _ throws(SwiftletError) in try beforeCommit() })
     }
 
@@ -34,14 +34,14 @@ public enum LayerConverter {
     /// that throws leaves no image).
     @discardableResult
     public static func merge(
-        layers: Int, scratchDirectory: String, to imagePath: String,
+        layers: Int, scratchDirectory: String, to imagePath: String, limits: ImportLimits = .current,
         source: (Int) throws(SwiftletError) -> TarReader.Source,
         afterLayer: (Int) throws(SwiftletError) -> Void
     ) throws(SwiftletError) -> [String] {
-        let builder = try EROFSBuilder(scratchDirectory: scratchDirectory)
+        let builder = try EROFSBuilder(scratchDirectory: scratchDirectory, limits: limits)
         for layer in 0..<layers {
             if layer > 0 { builder.beginLayer() }
-            var reader = TarReader(source: try source(layer))
+            var reader = TarReader(limits: limits, source: try source(layer))
             while let entry = try reader.next() {
                 try builder.add(entry) { buffer throws(SwiftletError) in try reader.read(into: buffer) }
             }

@@ -15,8 +15,11 @@ public enum LayerCompression: String, Sendable, Codable {
 
 /// Reads a layer blob from a file as its uncompressed tar stream (gzip, zstd or plain), and hashes
 /// what it yields, so the caller can check the layer's uncompressed digest (its OCI diff ID).
+/// A stream that yields more than `limit` bytes (a decompression bomb) fails at that point.
 public final class LayerStream {
     public let compression: LayerCompression
+    public let limit: UInt64
+    public private(set) var produced: UInt64 = 0
     private let fd: OwnedFileDescriptor
     private let path: String
     private var input = [UInt8](repeating: 0, count: 1 << 17)
@@ -27,8 +30,9 @@ public final class LayerStream {
     private var zlib: UnsafeMutablePointer<z_stream>?
     private var zstd: OpaquePointer?
 
-    public init(path: String) throws(SwiftletError) {
+    public init(path: String, limit: UInt64 = ImportLimits().maxLayerBytes) throws(SwiftletError) {
         self.path = path
+        self.limit = limit
         fd = try OwnedFileDescriptor.openInput(path, role: "layer")
         let magic = try fd.size() >= 4 ? try fd.read(count: 4, at: 0, what: "layer \(path)") : []
         compression = LayerCompression(magic: magic)
@@ -74,6 +78,10 @@ public final class LayerStream {
         case .zstd:
             produced = try decompressZstd(into: buffer)
         }
+        guard UInt64(produced) <= limit - self.produced else {
+            throw SwiftletError(.invalidFormat, "layer \(path) unpacks to more than \(limit) bytes, the most a layer may hold (SWIFTLET_MAX_LAYER_SIZE raises it)")
+        }
+        self.produced += UInt64(produced)
         hasher.update(UnsafeRawBufferPointer(rebasing: buffer[..<produced]))
         return produced
     }

@@ -48,6 +48,7 @@ public struct ImagePuller: Sendable {
         }
         try store.putBlob(manifestBytes, expected: manifestDigest, what: "manifest of \(source.displayName)")
         let manifest = try decodeDocument(ImageManifest.self, from: manifestBytes, what: "the manifest of \(source.displayName)")
+        let totalSize = try Self.checkSizes(manifest, manifestBytes: manifestBytes.count, what: "the manifest of \(source.displayName)")
         guard MediaType.configs.contains(manifest.config.mediaType) else {
             throw SwiftletError(.unsupported, "\(source.displayName) is not a container image: its config is \(manifest.config.mediaType)")
         }
@@ -63,9 +64,15 @@ public struct ImagePuller: Sendable {
         guard config.rootfs.diff_ids.count == manifest.layers.count else {
             throw SwiftletError(.invalidFormat, "\(source.displayName): the config lists \(config.rootfs.diff_ids.count) layers, the manifest \(manifest.layers.count)")
         }
+        let limits = ImportLimits.current
         for (number, layer) in manifest.layers.enumerated() {
             let what = "layer \(number + 1)/\(manifest.layers.count) (\(layer.digest.short), \(Self.formatSize(layer.size)))"
             if !store.hasBlob(layer.digest) {
+                // The declared size bounds the download: refuse what could never be a layer, or fill the disk.
+                guard UInt64(clamping: layer.size) <= limits.maxLayerBytes else {
+                    throw SwiftletError(.invalidFormat, "\(source.displayName): \(what) is larger than a layer may be (\(limits.maxLayerBytes) bytes; SWIFTLET_MAX_LAYER_SIZE raises it)")
+                }
+                try store.requireSpace(UInt64(clamping: layer.size), limits: limits, what: what)
                 progress("fetching \(what)")
                 try await source.fetch(layer, into: store, what: "layer \(layer.digest)")
             }
@@ -73,11 +80,32 @@ public struct ImagePuller: Sendable {
         let image = StoredImage(
             name: source.imageName, manifest: manifestDigest, config: manifest.config.digest,
             layers: manifest.layers.map(\.digest), diffIDs: config.rootfs.diff_ids, platform: config.platform.description,
-            size: Int64(manifestBytes.count) + manifest.config.size + manifest.layers.reduce(0) { $0 + $1.size },
+            size: totalSize,
             added: Int64(time(nil)))
         _ = try store.disks(for: image, progress: progress)
         try store.record(image)
         return image
+    }
+
+    /// Most layers an image may have (Docker's limit is 127; OCI sets none).
+    public static let maximumLayers = 256
+
+    /// Checks the sizes a manifest declares (none negative, the layer count bounded) and returns
+    /// the image's total size; declared sizes are untrusted, so the sum is checked too.
+    static func checkSizes(_ manifest: ImageManifest, manifestBytes: Int, what: String) throws(SwiftletError) -> Int64 {
+        guard manifest.layers.count <= maximumLayers else {
+            throw SwiftletError(.invalidFormat, "\(what) lists \(manifest.layers.count) layers; Swiftlet takes at most \(maximumLayers)")
+        }
+        var total = Int64(manifestBytes)
+        for descriptor in [manifest.config] + manifest.layers {
+            guard descriptor.size >= 0 else {
+                throw SwiftletError(.invalidFormat, "\(what) declares a negative size (\(descriptor.size)) for \(descriptor.digest)")
+            }
+            let (sum, overflow) = total.addingReportingOverflow(descriptor.size)
+            guard !overflow else { throw SwiftletError(.invalidFormat, "\(what) declares sizes that add up to more than 2^63 bytes") }
+            total = sum
+        }
+        return total
     }
 
     /// Picks the manifest for `platform` from an index.
@@ -123,7 +151,7 @@ public struct ImagePuller: Sendable {
     }
 
     public static func formatSize(_ bytes: Int64) -> String {
-        if bytes >= 1 << 20 { return "\(((bytes * 10) >> 20) / 10).\(((bytes * 10) >> 20) % 10) MiB" }
+        if bytes >= 1 << 20 { return "\(bytes >> 20).\(((bytes & 0xF_FFFF) * 10) >> 20) MiB" }
         if bytes >= 1 << 10 { return "\(bytes >> 10) KiB" }
         return "\(bytes) B"
     }

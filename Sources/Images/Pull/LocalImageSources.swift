@@ -97,7 +97,8 @@ public struct ArchiveSource: ImageSource {
                     continue
                 }
                 let expected: Digest? = path.hasPrefix("blobs/sha256/") ? try Digest(parsing: "sha256:" + path.dropFirst(13)) : nil
-                if let expected, store.hasBlob(expected) { files[path] = (expected, Int64(entry.size)); continue }
+                guard let size = Int64(exactly: entry.size) else { throw SwiftletError(.invalidFormat, "\(path) is implausibly large") }
+                if let expected, store.hasBlob(expected) { files[path] = (expected, size); continue }
                 let writer = try BlobWriter(store: store, what: "\(path) in \(displayName)")
                 var buffer = [UInt8](repeating: 0, count: 1 << 17)
                 while true {
@@ -105,11 +106,11 @@ public struct ArchiveSource: ImageSource {
                     if n == 0 { break }
                     try buffer.withBytes { raw throws(SwiftletError) in try writer.write(UnsafeRawBufferPointer(rebasing: raw[..<n])) }
                 }
-                guard writer.written == Int64(entry.size) else {
+                guard writer.written == size else {
                     throw SwiftletError(.invalidFormat, "\(displayName) is truncated in \(path)")
                 }
-                let digest = try writer.commit(expected: expected ?? writer.digestSoFar(), size: Int64(entry.size))
-                files[path] = (digest, Int64(entry.size))
+                let digest = try writer.commit(expected: expected ?? writer.digestSoFar(), size: size)
+                files[path] = (digest, size)
             }
         } catch {
             throw SwiftletError(error.code, "\(displayName) is not a readable image archive: \(error.message)", cause: error.cause)

@@ -55,8 +55,9 @@ extension ImageStore {
             throw SwiftletError(.notFound, "layer \(layer) is missing from the image store \(root): pull the image again")
         }
         var current: LayerStream?
-        return try LayerConverter.merge(layers: layers.count, scratchDirectory: root + "/tmp", to: path, source: { index throws(SwiftletError) in
-            let stream = try LayerStream(path: blobPath(layers[index]))
+        let limits = ImportLimits.current
+        return try LayerConverter.merge(layers: layers.count, scratchDirectory: root + "/tmp", to: path, limits: limits, source: { index throws(SwiftletError) in
+            let stream = try LayerStream(path: blobPath(layers[index]), limit: limits.maxLayerBytes)
             current = stream
             return { buffer throws(SwiftletError) in try stream.read(into: buffer) }
         }, afterLayer: { index throws(SwiftletError) in

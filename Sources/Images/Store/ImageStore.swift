@@ -66,6 +66,11 @@ public final class ImageStore: @unchecked Sendable {
 
     deinit { close(lockFD) }
 
+    /// Throws unless the store's file system has room for `bytes` more plus `limits`' reserve.
+    public func requireSpace(_ bytes: UInt64, limits: ImportLimits = .current, what: String) throws(SwiftletError) {
+        try limits.requireSpace(bytes, fd: lockFD, what: what)
+    }
+
     static func makeDirectory(_ path: String) throws(SwiftletError) {
         if mkdir(path, 0o755) != 0 && errno != EEXIST {
             throw SwiftletError.system("cannot create \(path) for the image store", errno: currentErrno)
