@@ -148,11 +148,17 @@ public enum MachineServer {
                 while SignalFD.next(from: signals) != nil {}
                 server.stop(timeoutMilliseconds: 10_000)
             }
-            if ready[0], let client = try? UnixSocket.accept(listener.rawValue) {
+            guard ready[0] else { continue }
+            do throws(SwiftletError) {
+                guard let client = try UnixSocket.accept(listener.rawValue) else { continue }
                 let channel = ControlChannel(client)
                 if (try? OSThread.start(name: "control", { server.handle(channel) }))?.detach() == nil {
                     try? channel.send(ControlReply.failed("the machine's VMM process cannot start a thread"))
                 }
+            } catch {
+                // No descriptor for the client (EMFILE, ENFILE) or no memory: it stays in the
+                // backlog and the listener stays readable. Back off instead of spinning.
+                _ = try? Poll.wait([machineThread.ended, signals], timeoutMilliseconds: 100)
             }
         }
         server.waitForStop()

@@ -163,6 +163,24 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         return overflow ? .max : bytes
     }
 
+    /// The size of the regular file open at `fd`, or nil when `fd` is something else (a pipe, a
+    /// terminal) or cannot be examined.
+    public static func regularFileSize(fd: Int32) -> UInt64? {
+        var info = stat()
+        guard fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFREG else { return nil }
+        return UInt64(info.st_size)
+    }
+
+    /// Cuts the file open at `fd` to `length` bytes and puts its offset there, so writes go on at
+    /// the new end.
+    public static func truncate(fd: Int32, to length: UInt64, what: String) throws(SwiftletError) {
+        guard let offset = off_t(exactly: length) else {
+            throw SwiftletError(.invalidArgument, "cannot truncate \(what) to \(length) bytes")
+        }
+        try systemCall("cannot truncate \(what)") { ftruncate(fd, offset) }
+        try systemCall("cannot seek in \(what)") { lseek(fd, offset, SEEK_SET) }
+    }
+
     /// Whether the descriptor refers to a regular file.
     public func isRegularFile() throws(SwiftletError) -> Bool {
         var info = stat()

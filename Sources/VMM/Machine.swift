@@ -150,6 +150,7 @@ public final class Machine: Sendable {
         }
 
         ConsoleIOLoop(console: parts.console, input: shape.consoleInput, serial: devices.serial, controller: controller).run()
+        devices.requestStop()
         for thread in threads { thread.join() }
         controller.detachAll()
         parts.console.flush()

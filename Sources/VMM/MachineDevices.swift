@@ -121,6 +121,12 @@ struct MachineDevices: Sendable {
         return (id, transport)
     }
 
+    /// Tells every virtio device to stop serving (the machine is ending): a vCPU thread kept busy
+    /// in a device by a guest that queues without end comes back, so the machine can end.
+    func requestStop() {
+        for transport in transports { transport.device.requestStop() }
+    }
+
     /// Every device's state, by id.
     func saveStates() throws(SwiftletError) -> [String: DeviceState] {
         var states: [String: DeviceState] = [:]

@@ -12,6 +12,8 @@ public final class DeviceQueue: Sendable {
         let interrupt: VirtioInterrupt
     }
     private let live = Mutex<Live?>(nil)
+    /// Set by `halt`: the queue is served no more, and a `serve` in progress ends at its next chain.
+    private let halted = Atomic<Bool>(false)
     private let name: String
     private let onError: @Sendable (SwiftletError) -> Void
 
@@ -33,6 +35,12 @@ public final class DeviceQueue: Sendable {
         live.withLock { $0 = nil }
     }
 
+    /// Stops serving for good (the machine is ending); callable from any thread, returns at once.
+    /// A driver that keeps queueing chains cannot keep `serve`, and the vCPU thread in it, busy.
+    public func halt() {
+        halted.store(true, ordering: .releasing)
+    }
+
     /// The queue as the device has it now (its ring positions included), or nil when it is not
     /// being served. For snapshots, taken while nothing serves it.
     public var current: Virtqueue? { live.withLock { $0?.queue } }
@@ -45,7 +53,7 @@ public final class DeviceQueue: Sendable {
             guard var s = state else { return nil }
             do throws(SwiftletError) {
                 var used = false
-                while let chain = try s.queue.next(memory: s.memory) {
+                while !halted.load(ordering: .acquiring), let chain = try s.queue.next(memory: s.memory) {
                     let length = handle(chain, s.memory)
                     try s.queue.addUsed(head: chain.head, length: length, memory: s.memory)
                     used = true
@@ -81,6 +89,10 @@ extension SingleQueueDevice {
 
     public func reset() {
         requestQueue.reset()
+    }
+
+    public func requestStop() {
+        requestQueue.halt()
     }
 
     public func queueNotified(_ index: Int) {

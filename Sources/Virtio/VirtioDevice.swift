@@ -34,12 +34,17 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// The device was just restored from a snapshot and is serving its queues again: it tells the
     /// driver what did not survive (vsock: every connection).
     func didRestore()
+    /// The machine is ending: stop serving, from any thread, without waiting. A loop in progress
+    /// (a vCPU thread inside `queueNotified` while the guest keeps queueing buffers, or a device
+    /// thread) ends at its next chain, and nothing is served afterwards.
+    func requestStop()
 }
 
 extension VirtioDevice {
     public var configurationGeneration: UInt32 { 0 }
     public func setQuiesced(_ quiesced: Bool) {}
     public func didRestore() {}
+    public func requestStop() {}
 }
 
 /// What a device gets when the driver sets DRIVER_OK.

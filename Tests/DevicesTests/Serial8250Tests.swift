@@ -108,6 +108,18 @@ extension PortIODevice {
         #expect((0..<5).map { _ in uart.inb(0) } == Array("early".utf8))
     }
 
+    @Test func loopbackKeepsSixteenBytesAndReportsTheOverrun() {
+        let uart = self.uart
+        uart.out(4, 0x10)
+        for i in 0..<10_000 { uart.out(0, UInt8(truncatingIfNeeded: i)) }
+        #expect(uart.state.pendingInput.count == 16)
+        #expect(uart.inb(5) & 0x03 == 0x03)  // data ready, overrun
+        #expect(uart.inb(5) & 0x02 == 0)     // reading LSR clears the overrun
+        #expect((0..<16).map { _ in uart.inb(0) } == (0..<16).map { UInt8($0) })
+        #expect(uart.inb(5) & 0x01 == 0)
+        #expect(sink.text.isEmpty)
+    }
+
     @Test func loopbackDivertsTransmitToReceive() {
         let uart = self.uart
         uart.out(4, 0x10)

@@ -74,4 +74,21 @@ import Virtio
                                                  interrupt: VirtioInterrupt(line: CountingLine())))
         }
     }
+
+    @Test func aHugeChainGetsAtMostTheRequestCap() throws {
+        let filled = Atomic<Int>(0)
+        let device = VirtioRNG(fill: { buffer throws(SwiftletError) in
+            filled.add(buffer.count, ordering: .relaxed)
+            buffer.initializeMemory(as: UInt8.self, repeating: 1)
+        })
+        var driver = VirtqueueDriver(memory: memory)
+        try activate(device, driver: driver, line: CountingLine())
+        // Sixteen descriptors on the same megabyte: a 16 MiB request (a full queue of 4 GiB
+        // descriptors would ask for a terabyte).
+        let a = try driver.buffer(1 << 20)
+        try driver.publish(try driver.chain(Array(repeating: (a, UInt32(1 << 20), true), count: 16)))
+        device.queueNotified(0)
+        #expect(try driver.used(0) == (0, UInt32(VirtioRNG.maximumBytesPerRequest)))
+        #expect(filled.load(ordering: .relaxed) == Int(VirtioRNG.maximumBytesPerRequest))
+    }
 }

@@ -36,11 +36,11 @@ struct VsockGuest {
     var buffers: [UInt16: (GuestAddress, GuestAddress)] = [:]
     var consumed: UInt16 = 0
 
-    init(receiveBuffers: Int = 32) throws {
+    init(receiveBuffers: Int = 32, requestTimeoutMilliseconds: UInt32 = 2000) throws {
         rx = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x10000))
         tx = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x200000))
         let warnings = self.warnings
-        device = try VirtioVsock(guestCID: Self.cid, hostPorts: ports, onError: { e in warnings.withLock { $0.append(e.description) } })
+        device = try VirtioVsock(guestCID: Self.cid, hostPorts: ports, requestTimeoutMilliseconds: requestTimeoutMilliseconds, onError: { e in warnings.withLock { $0.append(e.description) } })
         event = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x400000))
         for _ in 0..<4 {
             let buffer = try event.buffer(4)
@@ -56,6 +56,25 @@ struct VsockGuest {
             buffers[head] = (header, payload)
             try rx.publish(head)
         }
+    }
+
+    /// Gives the device `count` more receive buffers (header and 4 KiB of payload each) and
+    /// notifies the receive queue.
+    mutating func postReceiveBuffers(_ count: Int) throws {
+        for _ in 0..<count {
+            let header = try rx.buffer(44), payload = try rx.buffer(4096)
+            let head = try rx.chain([(header, 44, true), (payload, 4096, true)])
+            buffers[head] = (header, payload)
+            try rx.publish(head)
+        }
+        device.queueNotified(0)
+    }
+
+    /// The packets the device has put in the receive queue so far, without waiting.
+    mutating func receiveAvailable() throws -> [VsockHeader] {
+        var headers: [VsockHeader] = []
+        while try rx.usedIndex != consumed, let packet = try receive() { headers.append(packet.header) }
+        return headers
     }
 
     /// Sends a packet from guest port `from` to host port `to`.
@@ -314,4 +333,85 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
         // Connecting again works.
         close(try guest.connect())
     }
+}
+
+/// A hostile guest: the device's queues, connections and descriptors stay bounded.
+@Suite(.serialized) struct VirtioVsockBoundsTests {
+    @Test func theControlQueueStaysBoundedWhileTheGuestGivesNoReceiveBuffers() throws {
+        var guest = try VsockGuest(receiveBuffers: 0)
+        defer { guest.device.stop() }
+        let cap = VirtioVsock.maximumControlPackets
+        // Packets for connections that do not exist: each asks for a RST the guest has no buffer for.
+        for i in 0..<cap + 10 { try guest.send(.readWrite, from: UInt32(6000 + i)) }
+        #expect(guest.device.pendingControlPackets == cap)
+        // The packets past the cap wait in the guest's own transmit queue.
+        #expect(try guest.tx.usedIndex == UInt16(cap))
+        // Receive buffers drain the queue, and the packets left are taken then.
+        var resets = 0
+        for _ in 0..<20 where resets < cap + 10 {
+            try guest.postReceiveBuffers(16)
+            let headers = try guest.receiveAvailable()
+            #expect(headers.allSatisfy { $0.op == .reset })
+            resets += headers.count
+        }
+        #expect(resets == cap + 10)
+        #expect(try guest.tx.usedIndex == UInt16(cap + 10))
+        #expect(guest.device.pendingControlPackets == 0)
+    }
+
+    @Test func connectionsPastTheLimitAreResetAndHostDescriptorsStayBounded() throws {
+        var guest = try VsockGuest(receiveBuffers: 0)
+        let before = openDescriptorCount()
+        let limit = VirtioVsock.maximumConnections
+        // The device holds one host descriptor per connection (the test's ports one more): a
+        // guest must not be able to take a process's usual 1024.
+        let budget = 256
+        #expect(limit <= budget)
+        var responses = 0, resets = 0
+        for round in 0..<20 {
+            for i in 0..<16 { try guest.send(.request, from: UInt32(10_000 + round * 16 + i)) }
+            try guest.postReceiveBuffers(16)
+            for header in try guest.receiveAvailable() {
+                if header.op == .response { responses += 1 } else if header.op == .reset { resets += 1 }
+            }
+        }
+        #expect(responses == limit)
+        #expect(resets == 320 - limit)
+        #expect(guest.device.connectionCount == limit)
+        // Slack for descriptors that tests running beside this one open.
+        #expect(openDescriptorCount() - before <= 2 * budget + 32)
+        guest.device.stop()
+        for fd in guest.ports.accepted.withLock({ $0 }) { close(fd) }
+        #expect(openDescriptorCount() - before <= 32)
+    }
+
+    @Test func aConnectionTheGuestNeverAcceptsIsDropped() throws {
+        var guest = try VsockGuest(requestTimeoutMilliseconds: 50)
+        defer { guest.device.stop() }
+        let host = try guest.device.connect(toGuestPort: 80)
+        #expect(try guest.receive()?.header.op == .request)
+        // The guest never answers: the host's end reads end of file, the guest gets a RST.
+        try #require(try Poll.waitReadable(host.rawValue, timeoutMilliseconds: 10_000))
+        #expect(readAll(host.rawValue, count: 1).isEmpty)
+        let reset = try #require(try guest.receive())
+        #expect(reset.header.op == .reset && reset.header.destinationPort == 80)
+        #expect(guest.device.connectionCount == 0)
+        // An answer after that is refused.
+        try guest.send(.response, from: 80, to: reset.header.sourcePort)
+        #expect(try guest.receive()?.header.op == .reset)
+    }
+
+    @Test func afterRequestStopNothingIsServed() throws {
+        var guest = try VsockGuest()
+        defer { guest.device.stop() }
+        guest.device.requestStop()
+        try guest.send(.request)
+        #expect(try guest.tx.usedIndex == 0)
+        #expect(guest.ports.accepted.withLock { $0 }.isEmpty)
+    }
+}
+
+/// How many descriptors this process has open.
+func openDescriptorCount() -> Int {
+    OwnedFileDescriptor.directoryEntries("/proc/self/fd")?.count ?? 0
 }

@@ -10,6 +10,8 @@ import Synchronization
 /// interrupt controller and which Linux sets only when it opens the port) and the receive
 /// interrupt on. So the driver's probing and start-up (IER scratch test, FIFO resets, RBR reads)
 /// cannot eat early input. Then it moves to the receive queue the guest reads through RBR.
+/// In loopback (MCR LOOP) transmitted bytes go to the receive FIFO instead, which holds 16 bytes
+/// as the chip's does: more are lost and LSR reports an overrun.
 public final class Serial8250: PortIODevice {
     // Register offsets.
     static let data = 0, interruptEnable = 1, interruptIdentification = 2, lineControl = 3
@@ -28,8 +30,11 @@ public final class Serial8250: PortIODevice {
     static let mcrInterruptOutput: UInt8 = 0x08 // OUT2
     static let mcrLoopback: UInt8 = 0x10
     static let lsrDataReady: UInt8 = 0x01
+    static let lsrOverrun: UInt8 = 0x02
     static let lsrTransmitEmpty: UInt8 = 0x20 | 0x40 // THRE | TEMT
     static let msrIdle: UInt8 = 0xB0                  // DCD | DSR | CTS
+    /// The 16550A's receive FIFO: what loopback can hold before bytes are lost.
+    static let fifoSize = 16
 
     struct Registers {
         var divisorLow: UInt8 = 0x0C   // 9600 baud until the guest programs it
@@ -43,10 +48,13 @@ public final class Serial8250: PortIODevice {
         var receive: [UInt8] = []
         var receiveHead = 0
         var lineAsserted = false
+        /// A looped-back byte found the receive FIFO full and was lost (LSR OE, cleared when read).
+        var overrun = false
         /// Host input the guest is not listening for yet.
         var backlog: [UInt8] = []
 
         var hasReceivedData: Bool { receiveHead < receive.count }
+        var receivedCount: Int { receive.count - receiveHead }
 
         /// Hands the backlog to the guest once it listens: OUT2 up, receive interrupt on, no loopback.
         mutating func admitBacklog() {
@@ -140,7 +148,8 @@ public final class Serial8250: PortIODevice {
         case modemControl:
             return r.modemControl
         case lineStatus:
-            return lsrTransmitEmpty | (r.hasReceivedData ? lsrDataReady : 0)
+            defer { r.overrun = false }
+            return lsrTransmitEmpty | (r.hasReceivedData ? lsrDataReady : 0) | (r.overrun ? lsrOverrun : 0)
         case modemStatus:
             if r.modemControl & mcrLoopback != 0 {
                 // Loopback wires RTS->CTS, DTR->DSR, OUT1->RI, OUT2->DCD.
@@ -165,7 +174,8 @@ public final class Serial8250: PortIODevice {
             // The byte leaves at once, so THR is empty again: a new transmit-empty interrupt.
             r.transmitEmptyPending = true
             if r.modemControl & mcrLoopback != 0 {
-                r.receive.append(value)
+                // Looped back into the receive FIFO; a full FIFO loses the byte, as the chip does.
+                if r.receivedCount < fifoSize { r.receive.append(value) } else { r.overrun = true }
                 return nil
             }
             return value

@@ -8,6 +8,8 @@ import Virtio
 /// second instead of from timer jitter.
 public final class VirtioRNG: SingleQueueDevice {
     public static let queueSize: UInt16 = 256
+    /// The most bytes one request (chain) gets.
+    public static let maximumBytesPerRequest: UInt64 = 64 << 10
 
     public let requestQueue: DeviceQueue
     private let onError: @Sendable (SwiftletError) -> Void
@@ -27,21 +29,23 @@ public final class VirtioRNG: SingleQueueDevice {
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {}
     public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
 
-    /// Fills the chain's writable buffers; returns how many bytes were filled.
+    /// Fills the chain's writable buffers, at most `maximumBytesPerRequest` of them; returns how
+    /// many bytes were filled. A chain may describe gigabytes (every descriptor can point at the
+    /// same guest pages): the guest gets the first 64 KiB, as from other VMMs, and asks again.
     public func serve(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32 {
         var written: UInt64 = 0
-        for buffer in chain.writable {
+        for buffer in DescriptorChain.segments(chain.writable, skipping: 0, keeping: Self.maximumBytesPerRequest) {
             do throws(SwiftletError) {
-                let p = try memory.hostPointer(forWriting: buffer.address, length: UInt64(buffer.length))
+                let p = try memory.hostPointer(forWriting: buffer.address, length: buffer.length)
                 // SAFETY: hostPointer checked that the buffer lies in guest memory.
                 try fill(UnsafeMutableRawBufferPointer(start: p, count: Int(buffer.length)))
-                written += UInt64(buffer.length)
+                written += buffer.length
             } catch {
                 // Hand back what was filled; never pass unfilled bytes off as entropy.
                 onError(SwiftletError(error.code, "virtio-rng: \(error.message)", cause: error.cause))
                 break
             }
         }
-        return UInt32(truncatingIfNeeded: written)
+        return UInt32(written)
     }
 }

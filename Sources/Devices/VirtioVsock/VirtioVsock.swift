@@ -18,6 +18,13 @@ public protocol VsockHostPorts: Sendable {
 /// Threads: the guest's notifications arrive on vCPU threads; host sockets are watched by the
 /// device's own event-loop thread. Both work under one lock on the connection table.
 ///
+/// Bounds, so a guest can hurt only itself: at most `maximumConnections` connections (each holds
+/// one host descriptor and up to `bufferAllocation` bytes of guest data); at most
+/// `maximumControlPackets` control packets (RST, RESPONSE, REQUEST, CREDIT_UPDATE) wait for
+/// receive buffers, and while that many wait the device leaves the guest's further packets in its
+/// transmit queue; a connection the host opened and the guest did not answer within
+/// `requestTimeout` is dropped.
+///
 /// Snapshots hold the queues' positions but no connections: they are host sockets. A restored
 /// device tells the driver its transport was reset (the event queue's TRANSPORT_RESET), which
 /// resets every connected guest socket; guest programs connect again.
@@ -25,7 +32,10 @@ public final class VirtioVsock: VirtioDevice {
     public static let queueSize: UInt16 = 256
     /// Bytes of guest data the device buffers per connection when the host socket is slow.
     public static let bufferAllocation: UInt32 = 256 << 10
-    public static let maximumConnections = 1024
+    /// Connections per device, both directions: well under a process's usual 1024 descriptors.
+    public static let maximumConnections = 256
+    /// Control packets that may wait for receive buffers (Firecracker's bound too).
+    public static let maximumControlPackets = 256
     static let receiveQueue = 0, transmitQueue = 1, eventQueue = 2
     /// virtio 1.2, 5.10.6.5: the only event there is.
     static let transportResetEvent: UInt32 = 0
@@ -38,6 +48,10 @@ public final class VirtioVsock: VirtioDevice {
     private let muxer: Mutex<Muxer>
     private let loop = Mutex<OSThread?>(nil)
     private let stopping = Atomic<Bool>(false)
+    /// Set by `requestStop` (and `stop`): nothing is served any more.
+    private let halted = Atomic<Bool>(false)
+    /// How long a connection the host opens waits for the guest's RESPONSE (nanoseconds).
+    private let requestTimeout: UInt64
 
     struct Muxer {
         var receive: Virtqueue?
@@ -51,15 +65,23 @@ public final class VirtioVsock: VirtioDevice {
         var interrupt: VirtioInterrupt?
         var connections: [VsockConnection.Key: VsockConnection] = [:]
         var keysByDescriptor: [Int32: VsockConnection.Key] = [:]
-        /// Control packets waiting for receive buffers, oldest first.
+        /// Control packets waiting for receive buffers, oldest first; at most `maximumControlPackets`.
         var control: [(key: VsockConnection.Key, operation: VsockHeader.Operation, flags: UInt32)] = []
+        /// The guest's packets were left in its transmit queue because `control` was full: they
+        /// are taken once receive buffers drain it.
+        var transmitStalled = false
+        /// A credit update found `control` full: connections are checked again once it drains.
+        var creditUpdatesDropped = false
         var nextHostPort: UInt32 = 1 << 30
     }
 
-    public init(guestCID: UInt64 = 3, hostPorts: any VsockHostPorts,
+    /// `requestTimeoutMilliseconds`: how long a connection the host opens waits for the guest to
+    /// accept it (Linux's own connect timeout is 2 s).
+    public init(guestCID: UInt64 = 3, hostPorts: any VsockHostPorts, requestTimeoutMilliseconds: UInt32 = 2000,
                 onError: @escaping @Sendable (SwiftletError) -> Void = { _ in }) throws(SwiftletError) {
         precondition(guestCID > 2 && guestCID < UInt64(UInt32.max), "guest CIDs start at 3")
         self.guestCID = guestCID
+        self.requestTimeout = UInt64(requestTimeoutMilliseconds) * 1_000_000
         self.hostPorts = hostPorts
         self.onError = onError
         self.epoll = try Epoll()
@@ -86,10 +108,14 @@ public final class VirtioVsock: VirtioDevice {
         let interrupt: VirtioInterrupt? = muxer.withLock { m in
             m.quiesced = quiesced
             guard !quiesced else { return nil }
+            // The guest could not answer while paused: pending requests get their full time again.
+            let deadline = MonotonicClock.now + requestTimeout
+            for (key, c) in m.connections where !c.established { m.connections[key]?.requestDeadline = deadline }
             // Catch up with what the host sent meanwhile.
-            let received = pumpReceive(&m)
+            let received = service(&m, transmit: false)
             return deliverEvents(&m) || received ? m.interrupt : nil
         }
+        if !quiesced { wake.signal() } // the event loop's timeout changed
         interrupt?.signalUsedBuffer()
     }
 
@@ -136,14 +162,21 @@ public final class VirtioVsock: VirtioDevice {
     }
 
     public func queueNotified(_ index: Int) {
+        guard !halted.load(ordering: .acquiring) else { return }
         let interrupt: VirtioInterrupt? = muxer.withLock { m in
             var notify = false
-            if index == Self.transmitQueue { notify = processTransmit(&m) }
             if index == Self.eventQueue { notify = deliverEvents(&m) }
-            notify = pumpReceive(&m) || notify
+            notify = service(&m, transmit: index == Self.transmitQueue) || notify
             return notify ? m.interrupt : nil
         }
         interrupt?.signalUsedBuffer()
+    }
+
+    /// The machine is ending: loops in progress end at their next packet and nothing is served
+    /// any more; the connections stay open until `stop`. Returns at once, from any thread.
+    public func requestStop() {
+        halted.store(true, ordering: .releasing)
+        wake.signal()
     }
 
     // MARK: host side
@@ -156,16 +189,20 @@ public final class VirtioVsock: VirtioDevice {
         let device = pair.first.rawValue
         try? OwnedFileDescriptor.setNonBlocking(fd: device)
         let (accepted, interrupt) = muxer.withLock { m -> (Bool, VirtioInterrupt?) in
-            guard m.connections.count < Self.maximumConnections, m.memory != nil else { return (false, nil) }
+            guard m.connections.count < Self.maximumConnections, m.control.count < Self.maximumControlPackets,
+                  m.memory != nil, !halted.load(ordering: .acquiring) else { return (false, nil) }
             var hostPort = m.nextHostPort
             while m.connections.keys.contains(where: { $0.hostPort == hostPort }) { hostPort &+= 1 }
             m.nextHostPort = hostPort &+ 1 < 1 << 30 ? 1 << 30 : hostPort &+ 1
             let key = VsockConnection.Key(hostPort: hostPort, guestPort: port)
-            m.connections[key] = VsockConnection(fd: device, established: false)
+            var connection = VsockConnection(fd: device, established: false)
+            connection.requestDeadline = MonotonicClock.now + requestTimeout
+            m.connections[key] = connection
             m.keysByDescriptor[device] = key
-            m.control.append((key, .request, 0))
+            enqueueControl(key, .request, &m)
             return (true, pumpReceive(&m) ? m.interrupt : nil)
         }
+        wake.signal() // the event loop now has a request to time out
         // The connection owns the device's end now; a refused one closes it, and the caller's
         // end reads end of file.
         if accepted { _ = pair.first.release() }
@@ -177,7 +214,7 @@ public final class VirtioVsock: VirtioDevice {
     /// calls this when the machine ends).
     public func stop() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        wake.signal()
+        requestStop()
         let thread = loop.withLock { t -> OSThread? in defer { t = nil }; return t }
         thread?.join()
         muxer.withLock { m in
@@ -186,20 +223,28 @@ public final class VirtioVsock: VirtioDevice {
         }
     }
 
+    /// Control packets waiting for receive buffers, and open connections (for tests).
+    var pendingControlPackets: Int { muxer.withLock { $0.control.count } }
+    var connectionCount: Int { muxer.withLock { $0.connections.count } }
+
     private func startLoop() throws(SwiftletError) {
         try loop.withLock { t throws(SwiftletError) in
-            guard t == nil, !stopping.load(ordering: .acquiring) else { return }
+            guard t == nil, !halted.load(ordering: .acquiring) else { return }
             t = try OSThread.start(name: "vsock") { [self] in runLoop() }
         }
     }
 
-    /// The event loop: host sockets that became readable or writable feed the guest.
+    /// The event loop: host sockets that became readable or writable feed the guest, and
+    /// requests the guest leaves unanswered expire.
     private func runLoop() {
-        while !stopping.load(ordering: .acquiring) {
-            let ready = epoll.wait(timeoutMilliseconds: -1)
+        var timeout: Int32 = -1
+        while !halted.load(ordering: .acquiring) {
+            let ready = epoll.wait(timeoutMilliseconds: timeout)
             wake.drain()
-            guard !ready.isEmpty, !stopping.load(ordering: .acquiring) else { continue }
+            guard !halted.load(ordering: .acquiring) else { break }
             let interrupt: VirtioInterrupt? = muxer.withLock { m in
+                defer { timeout = nextRequestTimeout(m) }
+                expireRequests(&m)
                 for (fd, events) in ready where fd != wake.rawValue {
                     guard let key = m.keysByDescriptor[fd], m.connections[key] != nil else { continue }
                     if events.contains(.writable) { flushToHost(key, &m) }
@@ -214,16 +259,65 @@ public final class VirtioVsock: VirtioDevice {
         }
     }
 
+    /// Milliseconds until the first host-initiated request expires (at least 1), or -1 for none.
+    private func nextRequestTimeout(_ m: Muxer) -> Int32 {
+        guard !m.quiesced, let first = m.connections.values.compactMap({ $0.established ? nil : $0.requestDeadline }).min() else {
+            return -1
+        }
+        let now = MonotonicClock.now
+        return first <= now ? 1 : Int32(clamping: (first - now + 999_999) / 1_000_000)
+    }
+
+    /// Drops the connections the host opened that the guest did not accept in time: the host
+    /// peer reads end of file, the guest gets a RST should it answer after all.
+    private func expireRequests(_ m: inout Muxer) {
+        guard !m.quiesced else { return }
+        let now = MonotonicClock.now
+        for (key, c) in m.connections where !c.established && (c.requestDeadline ?? .max) <= now {
+            closeConnection(key, &m)
+            enqueueControl(key, .reset, &m)
+        }
+    }
+
+    /// Serves the queues: the guest's packets (when it notified the transmit queue, or when an
+    /// earlier pass left them because `control` was full), then the receive buffers, and again
+    /// while these make room for the packets left. Returns whether the guest wants an interrupt.
+    private func service(_ m: inout Muxer, transmit: Bool) -> Bool {
+        var notify = false
+        if transmit || m.transmitStalled { notify = processTransmit(&m) }
+        notify = pumpReceive(&m) || notify
+        while m.transmitStalled && m.control.count < Self.maximumControlPackets && !halted.load(ordering: .relaxed) {
+            notify = processTransmit(&m) || notify
+            notify = pumpReceive(&m) || notify
+        }
+        return notify
+    }
+
+    /// Queues a control packet for the guest. A full queue drops it: only a guest that gives no
+    /// receive buffers fills it, and the device then takes no more of its packets (dropped credit
+    /// updates are made up once the queue drains).
+    private func enqueueControl(_ key: VsockConnection.Key, _ operation: VsockHeader.Operation, _ m: inout Muxer) {
+        guard m.control.count < Self.maximumControlPackets else {
+            if operation == .creditUpdate { m.creditUpdatesDropped = true }
+            return
+        }
+        m.control.append((key, operation, 0))
+    }
+
     // MARK: guest → host
 
-    /// Handles every packet the guest queued; returns whether the guest wants an interrupt.
+    /// Handles the packets the guest queued, while `control` has room for what they answer (each
+    /// packet queues at most one control packet); returns whether the guest wants an interrupt.
     private func processTransmit(_ m: inout Muxer) -> Bool {
+        m.transmitStalled = false
         guard var queue = m.transmit, let memory = m.memory else { return false }
         var broken = false
         defer { m.transmit = broken ? nil : queue }
         do throws(SwiftletError) {
             var used = false
-            while let chain = try queue.next(memory: memory) {
+            defer { m.transmitStalled = m.control.count >= Self.maximumControlPackets }
+            while m.control.count < Self.maximumControlPackets, !halted.load(ordering: .relaxed),
+                  let chain = try queue.next(memory: memory) {
                 let head = try chain.readPrefix(VsockHeader.size, memory: memory)
                 if head.count == VsockHeader.size {
                     let header = VsockHeader(bytes: head)
@@ -249,11 +343,11 @@ public final class VirtioVsock: VirtioDevice {
         let key = VsockConnection.Key(hostPort: header.destinationPort, guestPort: header.sourcePort)
         guard let operation = header.op, header.type == VsockHeader.typeStream,
               header.sourceCID == guestCID, header.destinationCID == VsockHeader.hostCID else {
-            if header.op != .reset { m.control.append((key, .reset, 0)) }
+            if header.op != .reset { enqueueControl(key, .reset, &m) }
             return
         }
         if operation != .request, m.connections[key] == nil {
-            if operation != .reset { m.control.append((key, .reset, 0)) }
+            if operation != .reset { enqueueControl(key, .reset, &m) }
             return
         }
         m.connections[key]?.updatePeerCredit(header)
@@ -261,7 +355,7 @@ public final class VirtioVsock: VirtioDevice {
         case .request:
             guard m.connections[key] == nil, m.connections.count < Self.maximumConnections,
                   let fd = hostPorts.accept(port: header.destinationPort, from: header.sourcePort) else {
-                m.control.append((key, .reset, 0))
+                enqueueControl(key, .reset, &m)
                 return
             }
             try? OwnedFileDescriptor.setNonBlocking(fd: fd)
@@ -269,12 +363,12 @@ public final class VirtioVsock: VirtioDevice {
             connection.updatePeerCredit(header)
             m.connections[key] = connection
             m.keysByDescriptor[fd] = key
-            m.control.append((key, .response, 0))
+            enqueueControl(key, .response, &m)
             refreshInterest(key, &m)
         case .response:
             guard m.connections[key]?.established == false else {
                 closeConnection(key, &m)
-                m.control.append((key, .reset, 0))
+                enqueueControl(key, .reset, &m)
                 return
             }
             m.connections[key]?.established = true
@@ -282,7 +376,7 @@ public final class VirtioVsock: VirtioDevice {
         case .readWrite:
             guard let c = m.connections[key], c.established, c.guestShutdown & VsockHeader.shutdownSend == 0 else {
                 closeConnection(key, &m)
-                m.control.append((key, .reset, 0))
+                enqueueControl(key, .reset, &m)
                 return
             }
             let length = payload.reduce(0) { $0 + Int($1.length) }
@@ -290,7 +384,7 @@ public final class VirtioVsock: VirtioDevice {
                 // The guest ignored our credit: that stream cannot be trusted any more.
                 onError(SwiftletError(.invalidFormat, "virtio-vsock: guest port \(key.guestPort) overran its credit"))
                 closeConnection(key, &m)
-                m.control.append((key, .reset, 0))
+                enqueueControl(key, .reset, &m)
                 return
             }
             for segment in payload {
@@ -303,7 +397,7 @@ public final class VirtioVsock: VirtioDevice {
             if m.connections[key]?.guestShutdown == VsockHeader.shutdownReceive | VsockHeader.shutdownSend {
                 // Both directions closed: the guest waits for our RST to finish closing.
                 closeConnection(key, &m)
-                m.control.append((key, .reset, 0))
+                enqueueControl(key, .reset, &m)
                 return
             }
             flushToHost(key, &m)
@@ -313,7 +407,7 @@ public final class VirtioVsock: VirtioDevice {
         case .creditUpdate:
             refreshInterest(key, &m)
         case .creditRequest:
-            m.control.append((key, .creditUpdate, 0))
+            enqueueControl(key, .creditUpdate, &m)
         }
     }
 
@@ -331,7 +425,7 @@ public final class VirtioVsock: VirtioDevice {
                 // The host end is gone: reset the guest's side.
                 m.connections[key] = c
                 closeConnection(key, &m)
-                m.control.append((key, .reset, 0))
+                enqueueControl(key, .reset, &m)
                 return
             }
         }
@@ -340,7 +434,7 @@ public final class VirtioVsock: VirtioDevice {
             c.hostWriteShut = true
         }
         if c.needsCreditUpdate(bufferAllocation: Self.bufferAllocation) && !m.control.contains(where: { $0.key == key && $0.operation == .creditUpdate }) {
-            m.control.append((key, .creditUpdate, 0))
+            enqueueControl(key, .creditUpdate, &m)
         }
         m.connections[key] = c
         refreshInterest(key, &m)
@@ -356,7 +450,13 @@ public final class VirtioVsock: VirtioDevice {
         defer { m.receive = broken ? nil : queue }
         var used = false
         do throws(SwiftletError) {
-            while true {
+            while !halted.load(ordering: .relaxed) {
+                if m.control.isEmpty && m.creditUpdatesDropped {
+                    m.creditUpdatesDropped = false
+                    for (key, c) in m.connections where c.needsCreditUpdate(bufferAllocation: Self.bufferAllocation) {
+                        enqueueControl(key, .creditUpdate, &m)
+                    }
+                }
                 if let packet = m.control.first {
                     guard let chain = try queue.next(memory: memory) else { break }
                     m.control.removeFirst()

@@ -12,6 +12,8 @@ struct VsockConnection {
     let fd: Int32
     /// False while a host-initiated request waits for the guest's RESPONSE.
     var established: Bool
+    /// When an unanswered host-initiated request is dropped (monotonic nanoseconds).
+    var requestDeadline: UInt64?
 
     // The guest's receive window, from the last header it sent.
     var peerBufferAllocation: UInt32 = 0
