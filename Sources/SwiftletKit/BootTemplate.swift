@@ -66,7 +66,7 @@ public struct BootTemplate: Sendable {
     /// Saves `machine` (running, its agent ready and rootless) as this template. Concurrent runs
     /// may save the same template: each writes its own directory and the first rename wins.
     func save(_ machine: Machine) throws(SwiftletError) {
-        try makeDirectories(Self.root)
+        try makeDirectories(Self.root, mode: 0o700)
         // The snapshot goes to a name of its own, gets its `inputs`, and only then becomes the template.
         let partial = SnapshotDirectory(directory.path + ".partial-" + (try SnapshotID.random()).description)
         _ = try machine.snapshotBlocking(to: partial.path)

@@ -27,7 +27,7 @@ public func spawnChild(_ executable: String, arguments: [String], environment: [
     for (fd, stream) in [(Int32(0), input), (1, output), (2, error)] {
         switch stream {
         case .null: posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0)
-        case .file(let path): posix_spawn_file_actions_addopen(&actions, fd, path, fd == 0 ? O_RDONLY : O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        case .file(let path): posix_spawn_file_actions_addopen(&actions, fd, path, fd == 0 ? O_RDONLY : O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o600)
         case .descriptor(let source): posix_spawn_file_actions_adddup2(&actions, source, fd)
         }
     }

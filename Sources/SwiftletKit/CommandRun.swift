@@ -277,7 +277,8 @@ public struct CommandRun: Sendable {
         switch root {
         case .snapshot(let directory):
             let vm = try Machine.restoring(from: directory, consoleOutput: consoleOutput, kvmPath: AgentPort.kvmPath,
-                                           allowPVM: allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true)
+                                           allowPVM: allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true,
+                                           readOnlyDisks: SnapshotPaths.resolver)
             let defaults = try AgentSnapshot.defaults(of: vm, directory: directory)
             return (vm, try defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: directory), nil)
         case .defaultImage: (image, rootfs, policy, insecure) = (nil, nil, .missing, false)

@@ -104,7 +104,7 @@ public enum MachineServer {
         try OwnedFileDescriptor.writeSmallFileAtomically(directory.pidPath, Array("\(getpid())\n".utf8))
         unlink(directory.socketPath)
         let listener = try UnixSocket.listen(at: directory.socketPath)
-        let console = try OwnedFileDescriptor.open(directory.consolePath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644,
+        let console = try OwnedFileDescriptor.open(directory.consolePath, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600,
                                                    what: directory.consolePath)
         // A noncopyable value may end at its last use: the guest writes to the console until the run ends.
         defer { withExtendedLifetime(console) {} }
@@ -114,7 +114,8 @@ public enum MachineServer {
             // The snapshot's writable disk is the machine's own disk, already copied (restore) or
             // shared copy-on-write (fork) by the command that made the machine.
             vm = try Machine.restoring(from: snapshot, consoleOutput: console.rawValue, vsockPorts: port, diffable: diffable,
-                                       writableDisks: [DiskConfig(path: directory.diskPath, base: record.diskBase)])
+                                       writableDisks: [DiskConfig(path: directory.diskPath, base: record.diskBase)],
+                                       readOnlyDisks: SnapshotPaths.resolver(trusting: record))
         } else {
             vm = Machine(config: try config(record, directory: directory, console: console.rawValue), vsockPorts: port)
         }

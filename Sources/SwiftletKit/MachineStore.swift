@@ -89,7 +89,7 @@ public struct MachineDirectory: Sendable {
     /// A directory without its record is a create in progress or one that died, which the next
     /// one under the lock may clear.
     public static func withLock<T>(_ body: () throws(SwiftletError) -> T) throws(SwiftletError) -> T {
-        try makeDirectories(root)
+        try makeDirectories(root, mode: 0o700)
         let lock = try OwnedFileDescriptor.open(root + "/.lock", flags: O_RDWR | O_CREAT, mode: 0o600, what: "the machines lock")
         flock(lock.rawValue, LOCK_EX)
         defer { flock(lock.rawValue, LOCK_UN) }

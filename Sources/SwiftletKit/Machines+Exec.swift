@@ -104,16 +104,11 @@ extension Machines {
         if stat(target, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR {
             target += "/" + (path.split(separator: "/").last.map(String.init) ?? "file")
         }
-        let temporary = target + ".swiftlet-cp"
-        let output = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644, what: temporary)
-        do throws(SwiftletError) {
+        // A private temporary file beside the target (O_EXCL, mode 0600: a symbolic link planted
+        // there is never followed), renamed over it once complete.
+        try OwnedFileDescriptor.writeIntoPlace(target) { output throws(SwiftletError) in
             try copyExec(name, ["cat", path], input: nil, output: output.rawValue)
-            withExtendedLifetime(output) {}
-        } catch {
-            unlink(temporary)
-            throw error
         }
-        guard rename(temporary, target) == 0 else { throw SwiftletError.system("cannot rename \(temporary) to \(target)", errno: currentErrno) }
     }
 
     /// Runs `arguments` as root in / with the given streams (error: this process's stderr).

@@ -17,7 +17,10 @@ enum MachineSnapshotRecord {
     }
 
     /// The record in the snapshot in `directory`, and the file holding the machine's own disk.
-    static func read(_ directory: String) throws(SwiftletError) -> (record: MachineRecord, disk: String) {
+    /// The record's layers and kernel are resolved on this host (`SnapshotPaths`): the snapshot
+    /// directory is untrusted input. Without `checkingPaths` (a fork's own snapshot of a running
+    /// machine, whose record comes from the machine store), the record is as the snapshot has it.
+    static func read(_ directory: String, checkingPaths: Bool = true) throws(SwiftletError) -> (record: MachineRecord, disk: String) {
         let annotations = try Machine.annotations(ofSnapshot: directory)
         guard let text = annotations[recordAnnotation] else {
             throw SwiftletError(.invalidArgument, "the snapshot in \(directory) is not of a machine: `swiftlet machine snapshot` makes those (`swiftlet run --from` starts the others)")
@@ -30,7 +33,10 @@ enum MachineSnapshotRecord {
         guard disks.count == 1 else {
             throw SwiftletError(.invalidFormat, "the snapshot in \(directory) holds \(disks.count) writable disks; a machine has one")
         }
-        return (record, disks[0])
+        guard checkingPaths else { return (record, disks[0]) }
+        do { return (try SnapshotPaths.checked(record), disks[0]) } catch {
+            throw SwiftletError(error.code, "cannot use the snapshot in \(directory): \(error.message)")
+        }
     }
 }
 
@@ -149,7 +155,7 @@ struct Fork {
                 request.path = snapshot
                 _ = try MachineLifecycle.request(source, request)
                 let taken = MonotonicClock.now
-                let (_, disk) = try MachineSnapshotRecord.read(snapshot)
+                let (_, disk) = try MachineSnapshotRecord.read(snapshot, checkingPaths: false)
                 return (try launchClones(clones, record: record, disk: disk, snapshot: snapshot), snapshot, taken)
             } catch {
                 try? MachineDirectory.removeTree(snapshot)

@@ -49,6 +49,48 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         return owned
     }
 
+    /// Opens the regular file at `path`, a path made from outside input (a snapshot's disk file):
+    /// a symbolic link in its last component is refused (`O_NOFOLLOW`), and so is anything but a
+    /// regular file (a device's size says nothing, and it may be a host disk). `what` names it in errors.
+    public static func openRegularFile(_ path: String, flags: Int32, what: String) throws(SwiftletError) -> OwnedFileDescriptor {
+        // O_NONBLOCK: opening a FIFO must not wait for a writer; it changes nothing for a regular file.
+        let fd = swiftlet_open(path, flags | O_NOFOLLOW | O_NONBLOCK, 0)
+        guard fd >= 0 else {
+            let failure = currentErrno
+            if failure == .tooManySymbolicLinkLevels {
+                throw SwiftletError(.invalidFormat, "\(what) \(path) is a symbolic link, which is refused: it must be a regular file", cause: failure)
+            }
+            throw SwiftletError.system("cannot open \(what) \(path)", errno: failure)
+        }
+        let owned = OwnedFileDescriptor(taking: fd)
+        guard try owned.isRegularFile() else {
+            throw SwiftletError(.invalidFormat, "\(what) \(path) is not a regular file (a device, FIFO, socket or directory), which is refused")
+        }
+        try systemCall("cannot clear O_NONBLOCK on \(path)") { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) }
+        return owned
+    }
+
+    /// Writes a new file at `path` through `body` and renames it into place once `body`
+    /// returns: written first to a private temporary file beside it (mode 0600, created with
+    /// `O_EXCL`, so a symbolic link planted at any name is never followed), which replaces
+    /// whatever `path` was (a symbolic link there is replaced, not followed). If `body` throws,
+    /// nothing at `path` changes and the temporary file goes.
+    public static func writeIntoPlace(_ path: String, _ body: (borrowing OwnedFileDescriptor) throws(SwiftletError) -> Void) throws(SwiftletError) {
+        let slash = path.lastIndex(of: "/")
+        let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        let temporary = try temporaryFile(in: directory, prefix: "." + name + ".swiftlet")
+        let temporaryPath = temporary.path
+        let file = temporary.take()
+        do throws(SwiftletError) {
+            try body(file)
+            try systemCall("cannot replace \(path)") { rename(temporaryPath, path) }
+        } catch {
+            unlink(temporaryPath)
+            throw error
+        }
+    }
+
     deinit { Glibc.close(rawValue) }
 
     /// Gives up ownership without closing.
@@ -238,7 +280,7 @@ extension OwnedFileDescriptor {
         try random.withMutableBytes { buffer throws(SwiftletError) in try SystemRandom.fill(buffer) }
         let temporary = path + ".tmp-" + Hex.encode(random)
         do throws(SwiftletError) {
-            let file = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o644, what: temporary)
+            let file = try OwnedFileDescriptor.open(temporary, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: temporary)
             try bytes.withUnsafeBytes { raw in Result { () throws(SwiftletError) in try file.writeAll(raw) } }.get()
             let fd = file.rawValue
             try systemCall("cannot flush \(temporary)") { fsync(fd) }

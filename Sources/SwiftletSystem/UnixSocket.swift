@@ -12,7 +12,8 @@ public enum UnixSocket {
     /// The longest path a socket can be bound or connected at, in bytes (sun_path, less its NUL).
     public static let maximumPathLength = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
 
-    /// A socket listening at `path` (which must not exist) with room for `backlog` pending connections.
+    /// A socket listening at `path` (which must not exist) with room for `backlog` pending
+    /// connections; only its owner may connect (mode 0600).
     public static func listen(at path: String, backlog: Int32 = 16) throws(SwiftletError) -> OwnedFileDescriptor {
         try checkLength(path)
         let fd = swiftlet_unix_listen(path, backlog)

@@ -95,13 +95,15 @@ extension Machine {
                              options: (Int) -> ForkOptions = { _ in ForkOptions() }) throws(SwiftletError) -> [Machine] {
         guard count >= 1 else { throw SwiftletError(.invalidArgument, "a fork makes at least one copy (asked for \(count))") }
         _ = try snapshotBlocking(to: directory)
+        // The copies open the read-only disks this machine has, and nothing else the state may name.
+        let ownDisks = SnapshotDiskResolver.only(try liveMachine().hardware.disks.filter(\.readOnly).map(\.path))
         var copies: [Machine] = []
         for index in 0..<count {
             let o = options(index)
             copies.append(try Self.restoring(from: directory, consoleOutput: o.consoleOutput, kvmPath: shape.kvmPath,
                                              allowPVM: shape.allowPVM, vsockPorts: o.vsockPorts,
                                              vsockForwards: shape.vsock?.forwards ?? [:], diffable: false, writableDisks: o.writableDisks,
-                                             hypervisor: openHypervisor))
+                                             readOnlyDisks: ownDisks, hypervisor: openHypervisor))
         }
         return copies
     }

@@ -59,6 +59,46 @@ struct RestorePlan: Sendable {
         }
     }
 
+    /// The file in the snapshot's directory that holds writable disk `disk`, checked: a `disk-N`
+    /// name, a regular file (not a symbolic link or a device) of the size the state records.
+    func checkedWritableDisk(_ disk: SnapshotDisk) throws(SwiftletError) -> String {
+        guard let name = disk.file, !disk.readOnly else {
+            throw SwiftletError(.invalidFormat, "\(directory.statePath) describes a read-only disk with a file in the snapshot: only writable disks have one")
+        }
+        let path = try directory.diskPath(named: name)
+        let size = try OwnedFileDescriptor.openRegularFile(path, flags: O_RDONLY, what: "the snapshot's disk file").size()
+        guard size == disk.size else {
+            throw SwiftletError(.invalidFormat, "\(path) is \(size) bytes, but the disk it holds was \(disk.size): the snapshot is damaged")
+        }
+        return path
+    }
+
+    /// The file to open for read-only disk `disk`, which the state names by the path it had:
+    /// what `resolver` makes of that path, a regular file of the size the state records. A
+    /// writable disk named by path is refused: a restore never opens one from a path the state names.
+    func checkedReadOnlyDisk(_ disk: SnapshotDisk, resolver: SnapshotDiskResolver) throws(SwiftletError) -> String {
+        guard disk.readOnly else {
+            throw SwiftletError(.invalidFormat, "the snapshot in \(directory) names a writable disk by a host path (\(disk.path)), which is refused: a snapshot holds its writable disks' contents in its own directory")
+        }
+        let path: String
+        do { path = try resolver.resolve(disk.path) } catch {
+            throw SwiftletError(error.code, "cannot restore the snapshot in \(directory): \(error.message)")
+        }
+        let file: OwnedFileDescriptor
+        do { file = try OwnedFileDescriptor.open(path, flags: O_RDONLY | O_NONBLOCK, what: "disk") } catch {
+            guard error.cause == .noSuchFileOrDirectory else { throw error }
+            throw SwiftletError(.notFound, "the disk \(path) that the snapshot in \(directory) was taken with is gone (an image layer removed from the image store? Pulling the image again brings it back)")
+        }
+        guard try file.isRegularFile() else {
+            throw SwiftletError(.invalidFormat, "the disk \(path) that the snapshot in \(directory) names is not a regular file (a device or FIFO), which is refused")
+        }
+        let size = try file.size()
+        guard size == disk.size else {
+            throw SwiftletError(.invalidFormat, "disk \(path) is \(size) bytes, but was \(disk.size) when the snapshot in \(directory) was taken: the guest would see another disk")
+        }
+        return path
+    }
+
     /// Reads the state file in `directory` and those of the snapshots it is a diff of.
     static func load(_ directory: SnapshotDirectory) throws(SwiftletError) -> RestorePlan {
         let snapshot = try readState(directory)
@@ -111,6 +151,10 @@ extension Machine {
     /// The snapshot's writable disks come back as `writableDisks` (one per writable disk, in order:
     /// copies of `writableDiskFiles(inSnapshot:)`, or copy-on-write overlays with those as their
     /// base); without them, as overlays in temporary files, whose writes are lost when the machine ends.
+    /// The snapshot is untrusted input: its writable disks must be `disk-N` regular files in its
+    /// directory, of the sizes it recorded, and its read-only disks (named by the paths they had)
+    /// are opened only where `readOnlyDisks` says, read-only; a snapshot that names a writable
+    /// disk by path is refused.
     /// With `prefetchWorkingSet`, the pages a restore of this snapshot wrote before (recorded by
     /// `saveWorkingSet()`) are copied out of the snapshot by a thread beside the starting guest,
     /// so that its writes there do not each fault in the host; for short runs that repeat the same
@@ -119,7 +163,7 @@ extension Machine {
                                  kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
                                  vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
                                  diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
-                                 prefetchWorkingSet: Bool = false,
+                                 prefetchWorkingSet: Bool = false, readOnlyDisks: SnapshotDiskResolver = .none,
                                  hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) throws(SwiftletError) -> Machine {
         var plan = try RestorePlan.load(SnapshotDirectory(directory))
         plan.diffable = diffable
@@ -135,22 +179,13 @@ extension Machine {
                 disks.append(.empty)
                 continue
             }
-            let source = try disk.file.map { name throws(SwiftletError) in try plan.directory.diskPath(named: name) } ?? disk.path
-            if disk.file == nil && access(source, F_OK) != 0 && errno == ENOENT {
-                throw SwiftletError(.notFound, "the disk \(source) that the snapshot in \(directory) was taken with is gone (an image layer removed from the image store? Pulling the image again brings it back at the same path)")
-            }
-            let size = try OwnedFileDescriptor.open(source, flags: O_RDONLY, what: "disk").size()
-            guard size == disk.size else {
-                throw SwiftletError(.invalidFormat, disk.file == nil
-                    ? "disk \(disk.path) is \(size) bytes, but was \(disk.size) when the snapshot in \(directory) was taken: the guest would see another disk"
-                    : "\(source) is \(size) bytes, but the disk it holds was \(disk.size): the snapshot is damaged")
-            }
-            if disk.file == nil {
-                disks.append(DiskConfig(path: disk.path, readOnly: disk.readOnly))
-            } else {
+            if disk.file != nil {
+                let source = try plan.checkedWritableDisk(disk)
                 var given = writableDisks?[disks.count(where: { !$0.readOnly })] ?? DiskConfig(path: "", base: source)
                 given.readOnly = false
                 disks.append(given)
+            } else {
+                disks.append(DiskConfig(path: try plan.checkedReadOnlyDisk(disk, resolver: readOnlyDisks), readOnly: true))
             }
         }
         let shape = MachineShape(cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, disks: disks,
@@ -236,8 +271,8 @@ extension Machine {
 
     static func writableDiskFiles(_ plan: RestorePlan) throws(SwiftletError) -> [String] {
         var files: [String] = []
-        for disk in plan.snapshot.hardware.disks {
-            if let name = disk.file { files.append(try plan.directory.diskPath(named: name)) }
+        for disk in plan.snapshot.hardware.disks where disk.file != nil {
+            files.append(try plan.checkedWritableDisk(disk))
         }
         return files
     }

@@ -1,5 +1,6 @@
 import Hypervisor
 import MachineState
+import SwiftletSystem
 
 /// The hardware a snapshot was taken of; a restore builds the same.
 public struct SnapshotHardware: Codable, Sendable, Equatable {
@@ -72,4 +73,37 @@ public struct SnapshotReport: Sendable {
     public var bytesWritten: UInt64
     /// How long the guest was paused for the snapshot (ns), pausing and resuming included.
     public var pausedNanoseconds: UInt64
+}
+
+/// Where a restore finds the read-only disks a snapshot was taken with. A snapshot names them by
+/// the paths they had, and a snapshot made elsewhere (or altered) can name any host file there:
+/// a restore opens only what its resolver returns for a recorded path, and the resolver throws
+/// (with a clear message) for a path it does not vouch for. Writable disks never go through it:
+/// their contents are files in the snapshot's own directory.
+public struct SnapshotDiskResolver: Sendable {
+    /// The file to open for a recorded path; throws to refuse it.
+    public let resolve: @Sendable (String) throws(SwiftletError) -> String
+
+    /// `resolve` maps a recorded path to the file to open, or throws to refuse it.
+    public init(_ resolve: @escaping @Sendable (String) throws(SwiftletError) -> String) {
+        self.resolve = resolve
+    }
+
+    /// Refuses every read-only disk the snapshot names (the default: a caller that restores
+    /// snapshots with read-only disks says which files those may be).
+    public static let none = SnapshotDiskResolver { path throws(SwiftletError) in
+        throw SwiftletError(.invalidArgument, "the snapshot names the read-only disk \(path), and this restore was given no disks that a snapshot may name")
+    }
+
+    /// Only the paths in `paths`, as they are (say, the disks the caller gave the machine it
+    /// snapshotted itself).
+    public static func only(_ paths: some Sequence<String>) -> SnapshotDiskResolver {
+        let allowed = Set(paths)
+        return SnapshotDiskResolver { path throws(SwiftletError) in
+            guard allowed.contains(path) else {
+                throw SwiftletError(.invalidArgument, "the snapshot names the read-only disk \(path), which is not one of the disks this restore may open")
+            }
+            return path
+        }
+    }
 }

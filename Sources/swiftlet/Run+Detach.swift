@@ -24,7 +24,7 @@ extension Run {
         try bytes.withMutableBytes { raw throws(SwiftletError) in try SystemRandom.fill(raw) }
         let id = Digest(bytes: bytes).hex
         let directory = Self.runDirectory(id)
-        try makeDirectories(directory)
+        try makeDirectories(directory, mode: 0o700) // private: the run's output is the user's
         var environment = [Self.detachedChildVariable + "=" + id]
         if let image = source.image {
             let store = try ImageStore()

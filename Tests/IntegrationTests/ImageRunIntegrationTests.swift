@@ -86,5 +86,12 @@ struct ImageRunIntegrationTests {
         #expect(status == "5\n")
         #expect((try? OwnedFileDescriptor.readSmallFile(directory + "/stdout")).map { String(decoding: $0, as: UTF8.self) } == "in-the-background\n")
         #expect((try? OwnedFileDescriptor.readSmallFile(directory + "/stderr")).map { String(decoding: $0, as: UTF8.self) } == "err\n")
+        // The run's output is the user's alone.
+        func mode(_ path: String) -> mode_t {
+            var info = stat()
+            return lstat(path, &info) == 0 ? info.st_mode & 0o7777 : 0
+        }
+        #expect(mode(home.path + "/runs") == 0o700 && mode(directory) == 0o700)
+        #expect(mode(directory + "/stdout") == 0o600 && mode(directory + "/stderr") == 0o600 && mode(directory + "/status") == 0o600)
     }
 }

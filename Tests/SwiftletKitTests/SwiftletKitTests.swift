@@ -132,6 +132,13 @@ import TestSupport
         #expect(currentEnvironment().filter { $0.hasPrefix("SWIFTLET_HOME=") } == ["SWIFTLET_HOME=" + home.path])
         try Machines.create(Machines.Creation(name: "homed", root: .rootfs(rootfs)))
         #expect(access(home.path + "/machines/homed", F_OK) == 0)
+        // What Swiftlet keeps there is the user's alone.
+        func mode(_ path: String) -> mode_t {
+            var info = stat()
+            return stat(home.path + path, &info) == 0 ? info.st_mode & 0o7777 : 0
+        }
+        #expect(mode("/machines") == 0o700 && mode("/machines/homed") == 0o700)
+        #expect(mode("/machines/homed/machine.json") == 0o600 && mode("/machines/homed/disk.img") == 0o600)
         #expect(Machines.list().map(\.name) == ["homed"])
         try Machines.remove("homed", force: false)
         #expect(access(home.path + "/machines/homed", F_OK) != 0)

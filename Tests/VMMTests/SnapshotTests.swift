@@ -304,19 +304,19 @@ struct CountingGuest {
         let restoredOut = guest.dir.path + "/restored.out"
         let fd = open(restoredOut, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         defer { close(fd) }
-        let restored = try Machine.restoring(from: snapshot, consoleOutput: fd)
+        let restored = try Machine.restoring(from: snapshot, consoleOutput: fd, readOnlyDisks: .only([disk]))
         #expect(restored.shape.disks == config.disks && restored.shape.entropyDevice)
         _ = try CountingGuest.whileRunning(restored) { _ in try CountingGuest.waitForOutput(restoredOut) }
         CountingGuest.expectConsecutive(try CountingGuest.output(restoredOut), startingAt: try CountingGuest.savedCount(snapshot).next)
 
         // The disk changed size since: the guest would see another disk.
         guest.dir.write("disk.img", [UInt8](repeating: 7, count: 2 << 20))
-        #expect { try Machine.restoring(from: snapshot) } throws: {
+        #expect { try Machine.restoring(from: snapshot, readOnlyDisks: .only([disk])) } throws: {
             ($0 as! SwiftletError).message.contains("but was 1048576 when the snapshot")
         }
         // The disk is gone (an image layer removed from the store): said so, with the way back.
         #expect(unlink(disk) == 0)
-        #expect { try Machine.restoring(from: snapshot) } throws: {
+        #expect { try Machine.restoring(from: snapshot, readOnlyDisks: .only([disk])) } throws: {
             let message = ($0 as! SwiftletError).message
             return message.contains("the disk \(disk) that the snapshot in") && message.contains("is gone")
         }
@@ -418,7 +418,8 @@ struct CountingGuest {
         }
         #expect(try RestorePlan.load(SnapshotDirectory(after)).snapshot.hardware.disks
                     == [SnapshotDisk(path: "", readOnly: true, size: 0, file: nil), SnapshotDisk(path: disk, readOnly: true, size: 1 << 20, file: nil)])
-        #expect(try Machine.restoring(from: after, consoleOutput: nil).shape.disks == [.empty, DiskConfig(path: disk, readOnly: true)])
+        #expect(try Machine.restoring(from: after, consoleOutput: nil, readOnlyDisks: .only([disk])).shape.disks
+                    == [.empty, DiskConfig(path: disk, readOnly: true)])
     }
 
     @Test func forkedCopiesContinueTheCountAndDivergeOnTheirOwnDisks() throws {

@@ -56,11 +56,11 @@ public final class ImageStore: @unchecked Sendable {
     /// Opens (creating when needed, with its missing parents) the store at `root` and takes its lock shared.
     public init(root: String = ImageStore.defaultRoot()) throws(SwiftletError) {
         self.root = root
-        try makeDirectories(root)
+        try makeDirectories(root, mode: 0o700) // everything Swiftlet keeps is the user's alone
         for directory in [root + "/blobs", root + "/blobs/sha256", root + "/disks", root + "/disks/sha256", root + "/tmp"] {
             try Self.makeDirectory(directory)
         }
-        lockFD = try systemCall("cannot open the image store's lock \(root)/lock") { open(root + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644) }
+        lockFD = try systemCall("cannot open the image store's lock \(root)/lock") { open(root + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
         try lock(LOCK_SH)
     }
 
@@ -72,7 +72,7 @@ public final class ImageStore: @unchecked Sendable {
     }
 
     static func makeDirectory(_ path: String) throws(SwiftletError) {
-        if mkdir(path, 0o755) != 0 && errno != EEXIST {
+        if mkdir(path, 0o700) != 0 && errno != EEXIST {
             throw SwiftletError.system("cannot create \(path) for the image store", errno: currentErrno)
         }
     }
@@ -163,7 +163,7 @@ public final class ImageStore: @unchecked Sendable {
 
     /// Rewrites the index under an exclusive lock of its own, atomically (temporary file and rename).
     func updateIndex(_ change: (inout [StoredImage]) throws(SwiftletError) -> Void) throws(SwiftletError) {
-        let indexLock = try OwnedFileDescriptor.open(root + "/images.lock", flags: O_RDWR | O_CREAT, what: "the image index lock")
+        let indexLock = try OwnedFileDescriptor.open(root + "/images.lock", flags: O_RDWR | O_CREAT, mode: 0o600, what: "the image index lock")
         let fd = indexLock.rawValue
         try systemCall("cannot lock the image index") { flock(fd, LOCK_EX) }
         var all = try images()
