@@ -29,7 +29,7 @@ let package = Package(
         .target(name: "GuestMemory", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
         .target(name: "MachineState", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
-        .target(name: "AgentProtocol", swiftSettings: strict),
+        .target(name: "AgentProtocol", dependencies: ["SwiftletSystem"], swiftSettings: strict),
         .target(
             name: "CCompression",
             linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]),
@@ -90,6 +90,6 @@ let package = Package(
         .testTarget(name: "VMMTests", dependencies: ["VMM", "Hypervisor", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem", "VMM", "Hypervisor"], swiftSettings: strict),
+        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem", "VMM", "Hypervisor", "AgentProtocol"], swiftSettings: strict),
     ]
 )

@@ -49,12 +49,35 @@ int guest_set_window_size(int fd, unsigned short rows, unsigned short columns) {
     return ioctl(fd, TIOCSWINSZ, &size);
 }
 
+// The local ports the agent connects from: Linux's vsock lets only a process with
+// CAP_NET_BIND_SERVICE bind a port at or below 1023 (LAST_RESERVED_PORT in net/vmw_vsock/af_vsock.c)
+// and gives unbound sockets ports above it, so the host knows a connection from one of these is
+// not an ordinary guest process's.
+enum { AGENT_PORT_LOWEST = 512, AGENT_PORT_HIGHEST = 1023 };
+
 int guest_vsock_connect(unsigned int cid, unsigned int port) {
-    int s = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (s < 0) return -1;
-    struct sockaddr_vm address = { .svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port };
-    if (connect(s, (struct sockaddr *)&address, sizeof address) != 0) { close(s); return -1; }
-    return s;
+    // Where the search starts moves on with every attempt: a port whose old connection the host
+    // has not let go of yet is passed over when the caller tries again.
+    static unsigned int next = AGENT_PORT_HIGHEST;
+    for (int tries = 0; tries <= AGENT_PORT_HIGHEST - AGENT_PORT_LOWEST; tries++) {
+        unsigned int local = next;
+        next = next <= AGENT_PORT_LOWEST ? AGENT_PORT_HIGHEST : next - 1;
+        int s = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (s < 0) return -1;
+        struct sockaddr_vm source = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = local };
+        if (bind(s, (struct sockaddr *)&source, sizeof source) != 0) {
+            int saved = errno;
+            close(s);
+            if (saved == EADDRINUSE) continue; // another session's, or a listener's
+            errno = saved;
+            return -1;
+        }
+        struct sockaddr_vm address = { .svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port };
+        if (connect(s, (struct sockaddr *)&address, sizeof address) != 0) { close(s); return -1; }
+        return s;
+    }
+    errno = EADDRINUSE;
+    return -1;
 }
 
 int guest_unix_connect(const char *path) {

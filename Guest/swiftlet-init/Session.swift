@@ -16,10 +16,15 @@ struct Session {
     let signals: Int32
     /// Opens a new connection to the host (for `openSession`).
     let connect: () -> Int32
+    /// The machine's agent key: the first one the host sent (on the machine's first session, at
+    /// boot), kept for the agent's life. It lives only in the memory of the agent's processes,
+    /// which a snapshot keeps and no other unprivileged guest process can read.
+    var key: [UInt8]?
 
-    init(connection: Int32, connect: @escaping () -> Int32) {
+    init(connection: Int32, connect: @escaping () -> Int32, key: [UInt8]? = nil) {
         self.connection = connection
         self.connect = connect
+        self.key = key
         guest_block_signal(SIGCHLD)
         signals = guest_signalfd(SIGCHLD)
         send(.ready(version: AgentMessage.version))
@@ -124,6 +129,18 @@ struct Session {
             }
             let result = seed.withUnsafeBufferPointer { guest_reseed_random($0.baseAddress, Int32($0.count)) }
             if result != 0 { Log.write("cannot reseed the kernel's random generator: \(String(cString: strerror(-result)))") }
+        case .agentKey(let bytes):
+            if key == nil && bytes.count == AgentAuthentication.keyLength {
+                key = bytes
+            } else if key != bytes {
+                Log.write("ignoring an agent key: the agent keeps the first one it was given")
+            }
+        case .challenge(let nonce):
+            if let key {
+                send(.proof(AgentAuthentication.proof(key: key, nonce: nonce)))
+            } else {
+                send(.failed(status: 1, message: "the agent was given no key to prove"))
+            }
         case .mountRoot(let devices):
             if let failure = GuestSetup.rootSwitchRefusal ?? GuestSetup.waitForDisks(devices)
                 ?? GuestSetup.switchRoot(to: devices, type: nil, upper: nil) {
@@ -131,7 +148,7 @@ struct Session {
             } else {
                 send(.rootMounted)
             }
-        case .ready, .started, .stdout, .stderr, .exited, .failed, .rootMounted:
+        case .ready, .started, .stdout, .stderr, .exited, .failed, .rootMounted, .proof:
             Log.write("ignoring a host message meant for the host")
         }
     }
@@ -147,7 +164,7 @@ struct Session {
         close(connection)
         close(signals)
         if let c = command { for fd in Set([c.input, c.output, c.error].compactMap({ $0 })) { close(fd) } }
-        var session = Session(connection: connect(), connect: connect)
+        var session = Session(connection: connect(), connect: connect, key: key)
         _ = session.run()
         session.stopCommand()
         exit(0)

@@ -6,8 +6,8 @@ public enum AgentFrame {
     public static let maximumLength = 1 << 20
 
     enum Tag: UInt8 {
-        case ready = 1, started, stdout, stderr, exited, failed, rootMounted
-        case exec = 32, stdin, closeStdin, signal, resize, openSession, identity, mountRoot
+        case ready = 1, started, stdout, stderr, exited, failed, rootMounted, proof
+        case exec = 32, stdin, closeStdin, signal, resize, openSession, identity, mountRoot, agentKey, challenge
     }
 
     public static func encode(_ message: AgentMessage) -> [UInt8] {
@@ -31,6 +31,9 @@ public enum AgentFrame {
         case .identity(let hostname, let seed): w.tag(.identity); w.string(hostname); w.bytes(seed)
         case .rootMounted: w.tag(.rootMounted)
         case .mountRoot(let devices): w.tag(.mountRoot); w.strings(devices)
+        case .proof(let bytes): w.tag(.proof); w.bytes(bytes)
+        case .agentKey(let bytes): w.tag(.agentKey); w.bytes(bytes)
+        case .challenge(let nonce): w.tag(.challenge); w.bytes(nonce)
         }
         let length = UInt32(w.out.count)
         return [UInt8(truncatingIfNeeded: length), UInt8(truncatingIfNeeded: length >> 8),
@@ -64,6 +67,9 @@ public enum AgentFrame {
         case .identity: message = .identity(hostname: try r.string(), seed: try r.bytes())
         case .rootMounted: message = .rootMounted
         case .mountRoot: message = .mountRoot(devices: try r.strings())
+        case .proof: message = .proof(try r.bytes())
+        case .agentKey: message = .agentKey(try r.bytes())
+        case .challenge: message = .challenge(nonce: try r.bytes())
         }
         guard r.isAtEnd else { throw AgentProtocolError("\(tag) message has \(r.remaining) trailing bytes") }
         return message

@@ -16,6 +16,8 @@ public enum AgentMessage: Equatable, Sendable {
     case failed(status: Int32, message: String)
     /// The root the host asked for (`mountRoot`) is mounted and is the agent's root now.
     case rootMounted
+    /// The answer to `challenge`: `AgentAuthentication.proof(key:nonce:)`.
+    case proof([UInt8])
 
     // host → guest
     case exec(ExecRequest)
@@ -39,8 +41,14 @@ public enum AgentMessage: Equatable, Sendable {
     /// have just gone into empty drives: the agent waits until the kernel sees them. Answered with
     /// `rootMounted`, or `failed` (the agent stays in its initramfs).
     case mountRoot(devices: [String])
+    /// The machine's agent key (`AgentAuthentication.keyLength` bytes), sent on the first session
+    /// of a booted machine, before any other process runs in the guest: the agent keeps the first
+    /// it is given, for its life and every copy of the machine.
+    case agentKey([UInt8])
+    /// Show that you hold the machine's agent key: answered with `proof`.
+    case challenge(nonce: [UInt8])
 
-    public static let version: UInt32 = 4
+    public static let version: UInt32 = 5
 }
 
 /// What to run and how.

@@ -206,18 +206,18 @@ public struct CommandRun: Sendable {
             machineThread.stop()
             return TemplateRestoreFailure(template: pendingRoot.template)
         }
-        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else {
-            if let failure = templateFailed() { throw failure }
-            throw machineFailure()
-        }
-        marks.append(("connected", MonotonicClock.now))
-        let session = AgentSession(socket: connection)
-        let ready: Bool
-        do { ready = try session.waitUntilReady() } catch {
+        // The agent's first session (after a restore, the one its new random seed goes to): only a
+        // connection that proves it is the agent's is taken.
+        let opened: AgentSession?
+        do {
+            opened = try AgentSession.open(on: port, for: vm, cancel: machineThread.ended, connected: {
+                if !marks.contains(where: { $0.name == "connected" }) { marks.append(("connected", MonotonicClock.now)) }
+            })
+        } catch {
             if let failure = templateFailed() { throw failure }
             throw Failure(reason: .guest, message: error.description)
         }
-        guard ready else {
+        guard let session = opened else {
             if let failure = templateFailed() { throw failure }
             throw machineFailure()
         }

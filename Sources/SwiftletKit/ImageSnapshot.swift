@@ -61,13 +61,12 @@ public struct ImageSnapshot: Sendable {
             case .success(let report): return CommandRun.Failure(reason: .guest, message: "\(reason) (\(report.exit))", consoleTail: consoleLog?.tail())
             }
         }
-        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else {
-            throw failure("the guest stopped before its agent connected")
+        // Once the agent proved it holds its key (given to it here), the snapshot keeps the key.
+        guard let session = try setup({ () throws(SwiftletError) in try AgentSession.open(on: port, for: vm, cancel: machineThread.ended) }) else {
+            throw failure("the guest stopped before its agent was ready")
         }
-        let session = AgentSession(socket: connection)
-        guard try setup({ () throws(SwiftletError) in try session.waitUntilReady() }) else {
-            throw failure("the guest agent hung up before it was ready")
-        }
+        // The session stays open while the snapshot is taken: an agent whose connection closed powers off.
+        defer { withExtendedLifetime(session) {} }
         return try setup { () throws(SwiftletError) in
             try vm.snapshotBlocking(to: directory, annotations: [AgentSnapshot.annotation: try AgentSnapshot.encode(root.defaults)])
         }

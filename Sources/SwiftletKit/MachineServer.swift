@@ -129,14 +129,11 @@ public enum MachineServer {
                 return report.exit.isClean ? (0, "stopped: " + report.exit.description) : (ExitStatus.guestCrashed, "crashed: " + report.exit.description)
             }
         }
-        guard let connection = port.next(timeoutMilliseconds: -1, cancel: machineThread.ended) else {
+        // The agent's first session: after a restore, the only one its identity (hostname, random
+        // seed) goes to, so it must be the agent's own.
+        guard let agent = try AgentSession.open(on: port, for: vm, cancel: machineThread.ended, dropped: log) else {
             let (_, text) = ending()
-            throw SwiftletError(.guestFailure, "the guest stopped before its agent connected (\(text)); its console is in \(directory.consolePath)")
-        }
-        let agent = AgentSession(socket: connection)
-        guard try agent.waitUntilReady() else {
-            let (_, text) = ending()
-            throw SwiftletError(.guestFailure, "the guest agent hung up before it was ready (\(text)); its console is in \(directory.consolePath)")
+            throw SwiftletError(.guestFailure, "the guest stopped before its agent was ready (\(text)); its console is in \(directory.consolePath)")
         }
         if snapshot != nil { try agent.announceNewIdentity(hostname: record.name) }
         let server = ControlServer(vm: vm, agent: agent, port: port, ended: machineThread.ended, record: record)
@@ -266,11 +263,10 @@ final class ControlServer: Sendable {
         let session: AgentSession
         do {
             try agent.send(.openSession)
-            guard let connection = port.next(timeoutMilliseconds: 30_000, cancel: ended) else {
+            guard let opened = try AgentSession.open(on: port, for: vm, timeoutMilliseconds: 30_000, cancel: ended, dropped: log) else {
                 return .failed("the guest agent did not open a session for the command")
             }
-            session = AgentSession(socket: connection)
-            guard try session.waitUntilReady() else { return .failed("the guest agent closed the command's session") }
+            session = opened
         } catch {
             return .failed(error.description)
         }

@@ -18,16 +18,85 @@ public final class AgentSession: @unchecked Sendable {
         self.socket = socket
     }
 
-    /// Waits for the agent's `ready`; returns false if the connection ends first.
-    public func waitUntilReady() throws(SwiftletError) -> Bool {
-        while true {
-            guard let message = try receive() else { return false }
-            if case .ready(let version) = message {
-                guard version == AgentMessage.version else {
-                    throw SwiftletError(.unsupported, "the guest agent speaks protocol version \(version), this Swiftlet speaks \(AgentMessage.version): rebuild the guest image")
+    /// How long a new connection has to say `ready` and prove it is the agent.
+    public static let handshakeTimeoutMilliseconds = 5_000
+
+    /// The next session with `machine`'s guest agent on `port`. Connections are taken as they
+    /// come; the first whose peer says `ready` and proves it holds the machine's agent key
+    /// (`AgentKey`; on a booted machine's first session it is given the key first) is the
+    /// session. Any other (closed, silent for `handshakeTimeoutMilliseconds`, malformed, without
+    /// the proof) is dropped, `dropped` is told why, and the next one is tried. (Tests shorten
+    /// `handshakeTimeoutMilliseconds`.)
+    ///
+    /// Returns nil when `cancel` becomes readable, or `timeoutMilliseconds` (-1: no limit) pass,
+    /// before a session opens. Throws when no connection can be trusted (a machine restored from
+    /// a snapshot without a key) or the agent speaks another protocol version. `connected` is
+    /// called as each connection is taken.
+    public static func open(on port: InProcessPort, for machine: Machine, timeoutMilliseconds: Int = -1, cancel: Int32? = nil,
+                            handshakeTimeoutMilliseconds: Int = AgentSession.handshakeTimeoutMilliseconds,
+                            connected: () -> Void = {}, dropped: (String) -> Void = { _ in }) throws(SwiftletError) -> AgentSession? {
+        let (key, give) = try machine.agentKeyForSession()
+        let deadline = timeoutMilliseconds < 0 ? nil : MonotonicClock.now + UInt64(timeoutMilliseconds) * 1_000_000
+        while let connection = port.next(deadline: deadline, cancel: cancel) {
+            connected()
+            let session = AgentSession(socket: connection)
+            let handshake = Deadline(milliseconds: handshakeTimeoutMilliseconds, before: deadline)
+            do {
+                guard try session.waitUntilReady(handshake) else {
+                    dropped("a connection to the agent's port closed before it said it was ready")
+                    continue
                 }
-                return true
+                try session.authenticate(key: key, give: give, handshake)
+            } catch where error.code == .unsupported {
+                throw error
+            } catch {
+                dropped("dropped a connection to the agent's port: \(error.message)")
+                continue
             }
+            if give { machine.agentHolds(key) }
+            return session
+        }
+        return nil
+    }
+
+    /// Waits up to `timeoutMilliseconds` (nil: no limit) for the agent's `ready`; returns false
+    /// if the connection ends first, and throws when the time runs out or the agent speaks another
+    /// protocol version.
+    public func waitUntilReady(timeoutMilliseconds: Int? = AgentSession.handshakeTimeoutMilliseconds) throws(SwiftletError) -> Bool {
+        try waitUntilReady(timeoutMilliseconds.map { Deadline(milliseconds: $0) })
+    }
+
+    func waitUntilReady(_ deadline: Deadline?) throws(SwiftletError) -> Bool {
+        // The agent's first message on a connection is always `ready`.
+        switch try receive(deadline, failure: "the guest agent did not say it was ready") {
+        case .ready(let version)?:
+            guard version == AgentMessage.version else {
+                throw SwiftletError(.unsupported, "the guest agent speaks protocol version \(version), this Swiftlet speaks \(AgentMessage.version): rebuild the guest image")
+            }
+            return true
+        case _?: throw SwiftletError(.invalidFormat, "the connection's first message is not the agent's `ready`")
+        case nil: return false
+        }
+    }
+
+    /// Makes the peer show it is the machine's agent: gives it `key` first when `give`, then sends
+    /// a fresh random challenge, which only a holder of the key can answer. Throws unless the
+    /// right answer comes before `deadline`.
+    func authenticate(key: AgentKey, give: Bool, _ deadline: Deadline?) throws(SwiftletError) {
+        if give { try send(.agentKey(key.bytes)) }
+        let nonce = try AgentKey.randomBytes(AgentAuthentication.nonceLength)
+        try send(.challenge(nonce: nonce))
+        switch try receive(deadline, failure: "its peer did not prove it is the guest agent") {
+        case .proof(let proof)?:
+            guard AgentAuthentication.verify(proof, key: key.bytes, nonce: nonce) else {
+                throw SwiftletError(.permissionDenied, "its peer's proof does not match the machine's agent key: it is not the guest agent")
+            }
+        case .failed(_, let text)?:
+            throw SwiftletError(.permissionDenied, "its peer could not prove it is the guest agent: \(text)")
+        case _?:
+            throw SwiftletError(.invalidFormat, "its peer answered the agent's challenge with another message than a proof")
+        case nil:
+            throw SwiftletError(.guestFailure, "its peer closed the connection instead of proving it is the guest agent")
         }
     }
 
@@ -115,13 +184,9 @@ public final class AgentSession: @unchecked Sendable {
 
     /// Tells the agent its machine is a new copy of another (restored under a new name, or forked):
     /// it takes `hostname` (nil: keeps its own) and reseeds the kernel's random generator with fresh host randomness,
-    /// so copies do not share random numbers. Sent on the first connection, after `ready`.
+    /// so copies do not share random numbers. Sent on the first session (`open`) after the restore.
     public func announceNewIdentity(hostname: String?) throws(SwiftletError) {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 32, alignment: 8)
-        defer { buffer.deallocate() }
-        try SystemRandom.fill(buffer)
-        let seed = Array(buffer.bindMemory(to: UInt8.self))
-        try send(.identity(hostname: hostname ?? "", seed: seed))
+        try send(.identity(hostname: hostname ?? "", seed: try AgentKey.randomBytes(32)))
     }
 
     /// Asks an agent that booted without a root filesystem to make `devices` (read-only layer
@@ -163,10 +228,29 @@ public final class AgentSession: @unchecked Sendable {
         return messages
     }
 
-    /// The next message, reading as much as it takes; nil at end of stream.
-    private func receive() throws(SwiftletError) -> AgentMessage? {
+    /// A time limit: when it ends (a `MonotonicClock.now` reading), and how long it was, for messages.
+    struct Deadline {
+        var end: UInt64
+        var milliseconds: Int
+
+        /// `milliseconds` from now, or `outer` if that comes first.
+        init(milliseconds: Int, before outer: UInt64? = nil) {
+            let milliseconds = max(0, milliseconds)
+            self.end = min(outer ?? .max, MonotonicClock.now + UInt64(milliseconds) * 1_000_000)
+            self.milliseconds = milliseconds
+        }
+    }
+
+    /// The next message, reading as much as it takes; nil at end of stream. With a `deadline`,
+    /// throws `failure` once it passes before a whole message came.
+    private func receive(_ deadline: Deadline? = nil, failure: String = "") throws(SwiftletError) -> AgentMessage? {
         while true {
             if let m = try decodeNext() { return m }
+            if let deadline {
+                // Checked even while bytes keep coming: a peer that never completes a message runs out of time too.
+                let inTime = MonotonicClock.now < deadline.end
+                guard inTime, try Poll.wait([socket.rawValue], deadline: deadline.end)[0] else { throw SwiftletError(.guestFailure, "\(failure) within \(deadline.milliseconds) ms") }
+            }
             guard try readMore() else { return nil }
         }
     }

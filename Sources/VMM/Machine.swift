@@ -41,6 +41,8 @@ public final class Machine: Sendable {
     let operations = Mutex<Void>(())
     /// Whether the restore found the snapshot's working set (or this machine recorded it).
     let workingSetLoaded = Mutex<Bool>(false)
+    /// The key its guest agent proves it holds on every session (`AgentKey`, `AgentSession.open`).
+    let agentKey: Mutex<AgentKeyState>
 
     /// A machine that boots `config`. `hypervisor` opens what it runs on (KVM at `config.kvmPath`
     /// by default; a test double or another backend otherwise).
@@ -50,6 +52,7 @@ public final class Machine: Sendable {
         self.shape = config.shape
         self.vsockPorts = vsockPorts
         self.openHypervisor = hypervisor
+        self.agentKey = Mutex(.toGive(nil))
     }
 
     init(restoring plan: RestorePlan, shape: MachineShape, vsockPorts: (any VsockHostPorts)?, hypervisor: @escaping HypervisorProvider) {
@@ -57,6 +60,7 @@ public final class Machine: Sendable {
         self.shape = shape
         self.vsockPorts = vsockPorts
         self.openHypervisor = hypervisor
+        self.agentKey = Mutex(plan.snapshot.agentKey.map { .held($0) } ?? .missing)
     }
 
     /// The configuration a booted machine boots; nil for a restored one.

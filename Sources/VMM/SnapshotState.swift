@@ -54,6 +54,8 @@ struct MachineSnapshot: Codable, Sendable {
     var devices: [String: DeviceState]
     /// What the snapshot's maker recorded with it (the CLI: the image's command defaults).
     var annotations: [String: String]
+    /// The key the machine's guest agent holds (`AgentKey`); absent when it held none.
+    var agentKey: AgentKey? = nil
 }
 
 /// A full snapshot holds all of guest memory; a diff only the pages written since the machine's

@@ -10,6 +10,7 @@ import Testing
         .stdin(Array(repeating: 0xFF, count: 70_000)), .closeStdin, .signal(2), .resize(rows: 10, columns: 20), .openSession,
         .identity(hostname: "clone-1", seed: Array(0..<32)),
         .mountRoot(devices: ["/dev/vda", "/dev/vdb"]), .mountRoot(devices: []), .rootMounted,
+        .agentKey(Array(0..<32)), .challenge(nonce: Array(32..<64)), .proof(Array(64..<96)),
     ]
 
     @Test(arguments: samples)

@@ -135,6 +135,32 @@ struct AgentTests {
         #expect(ends(first), "the first connection's end ends its command")
     }
 
+    /// The agent keeps the first key it is given, proves it on every challenge (in the sessions it
+    /// opens later too), and cannot prove a key it was not given.
+    @Test func theAgentProvesTheFirstKeyItWasGiven() throws {
+        let listener = try #require(UnixSocketListener(path: dir.path + "/agent.sock"))
+        let agent = TestHost.agentBinary, path = listener.path
+        let thread = try OSThread.start(name: "agent") { _ = Subprocess.run([agent, "--unix", path], timeout: 120) }
+        defer { thread.join() }
+        let main = AgentSession(socket: OwnedFileDescriptor(taking: try #require(listener.accept(), "the agent did not connect")))
+        #expect(try main.waitUntilReady())
+        let key = try AgentKey.random(), other = try AgentKey.random()
+        let keyless = #expect(throws: SwiftletError.self) { try main.authenticate(key: key, give: false, nil) }
+        #expect(keyless?.message.contains("could not prove") == true, "\(String(describing: keyless))")
+        try main.authenticate(key: key, give: true, nil)
+        let second = #expect(throws: SwiftletError.self) { try main.authenticate(key: other, give: true, nil) }
+        #expect(second?.message.contains("does not match") == true, "the agent keeps its first key: \(String(describing: second))")
+        try main.authenticate(key: key, give: false, nil)
+
+        try main.send(.openSession)
+        let extra = AgentSession(socket: OwnedFileDescriptor(taking: try #require(listener.accept(), "no second connection")))
+        #expect(try extra.waitUntilReady())
+        try extra.authenticate(key: key, give: false, nil)
+        #expect(try run(extra, ExecRequest(arguments: ["true"])).outcome.status == 0)
+        extra.shutdown()
+        main.shutdown()
+    }
+
     /// `identity` with no hostname reseeds the kernel's generator (here the host's: RNDADDENTROPY
     /// needs root, so an unprivileged run must report that it could not) and keeps the hostname.
     @Test func anIdentityWithoutHostnameReseedsAndKeepsTheName() throws {

@@ -12,7 +12,8 @@ int guest_read_signal(int fd);
 int guest_open_pty(int *controller, int *terminal, unsigned short rows, unsigned short columns);
 /// Sets a terminal's window size.
 int guest_set_window_size(int fd, unsigned short rows, unsigned short columns);
-/// Connects a stream socket to vsock `cid`:`port`; returns the descriptor or -1.
+/// Connects a stream socket to vsock `cid`:`port` from a privileged local port (at most 1023,
+/// which only a process with CAP_NET_BIND_SERVICE may bind); returns the descriptor or -1.
 int guest_vsock_connect(unsigned int cid, unsigned int port);
 /// Connects a stream socket to a Unix socket path (for running the agent as an ordinary process).
 int guest_unix_connect(const char *path);

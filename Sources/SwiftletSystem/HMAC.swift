@@ -1,0 +1,27 @@
+/// HMAC-SHA256 (RFC 2104 with SHA-256, as in FIPS 198-1) over Swiftlet's own `SHA256`.
+public enum HMACSHA256 {
+    /// SHA-256's block size: longer keys are hashed first, shorter ones padded with zeros.
+    static let blockSize = 64
+
+    /// The 32-byte authentication code of `message` under `key`.
+    public static func authenticationCode(of message: [UInt8], key: [UInt8]) -> [UInt8] {
+        var block = key.count > blockSize ? SHA256.hash(key) : key
+        block += [UInt8](repeating: 0, count: blockSize - block.count)
+        var inner = SHA256()
+        inner.update(block.map { $0 ^ 0x36 })
+        inner.update(message)
+        var outer = SHA256()
+        outer.update(block.map { $0 ^ 0x5c })
+        outer.update(inner.finalize())
+        return outer.finalize()
+    }
+
+    /// Whether `a` and `b` are equal, in a time that does not depend on where they first differ
+    /// (for comparing a code someone sent with the expected one).
+    public static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+        guard a.count == b.count else { return false }
+        var difference: UInt8 = 0
+        for i in a.indices { difference |= a[i] ^ b[i] }
+        return difference == 0
+    }
+}
