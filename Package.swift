@@ -20,7 +20,7 @@ let package = Package(
         .target(name: "CLinux"),
         .target(
             name: "SwiftletSystem",
-            dependencies: ["CLinux", "CDigest", .product(name: "SystemPackage", package: "swift-system")],
+            dependencies: ["CLinux", "SwiftletDigest", .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: strict),
         // The seam between the VMM and a hypervisor: protocols and plain architectural values, no system calls.
         .target(name: "Hypervisor", dependencies: ["SwiftletSystem"], swiftSettings: strict),
@@ -29,7 +29,8 @@ let package = Package(
         .target(name: "GuestMemory", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
         .target(name: "MachineState", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
-        .target(name: "AgentProtocol", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        .target(name: "SwiftletDigest", dependencies: ["CDigest"], swiftSettings: strict),
+        .target(name: "AgentProtocol", dependencies: ["SwiftletDigest"], swiftSettings: strict),
         .target(
             name: "CCompression",
             linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]),

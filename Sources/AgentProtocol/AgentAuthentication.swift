@@ -1,4 +1,4 @@
-import SwiftletSystem
+import SwiftletDigest
 
 /// How the agent shows the host that a connection is its own and not another guest process's
 /// (docs/agent-protocol.md, "Authentication"): it holds the machine's agent key, a secret the host
