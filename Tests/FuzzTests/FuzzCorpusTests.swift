@@ -2,10 +2,10 @@ import FuzzTargets
 import Glibc
 import Testing
 
-/// The fuzz targets' committed inputs, replayed through the same entry points libFuzzer drives:
-/// the seed corpus (Fuzz/corpus/<target>) and every input that once crashed a target
-/// (Fuzz/regressions/<target>). A target that traps ends the test run.
-@Suite struct FuzzCorpusTests {
+/// The fuzz targets' committed seed corpus (Fuzz/corpus/<target>), replayed through the same
+/// entry points libFuzzer drives. A target that traps ends the test run. Serialized: the device
+/// targets share one guest memory and one vsock device.
+@Suite(.serialized) struct FuzzCorpusTests {
     static let root = String(#filePath.dropLast("/Tests/FuzzTests/FuzzCorpusTests.swift".count)) + "/Fuzz"
 
     static func inputs(_ kind: String, _ target: FuzzTarget) -> [(name: String, bytes: [UInt8])] {
@@ -34,11 +34,6 @@ import Testing
         let seeds = Self.inputs("corpus", target)
         #expect(!seeds.isEmpty, "Fuzz/corpus/\(target.rawValue) has no seeds: run `swiftlet-fuzz seeds Fuzz/corpus`")
         for seed in seeds { target.run(seed.bytes) }
-    }
-
-    @Test(arguments: FuzzTarget.allCases)
-    func pastCrashesStayFixed(_ target: FuzzTarget) {
-        for input in Self.inputs("regressions", target) { target.run(input.bytes) }
     }
 
     /// The seed generators still produce inputs the targets accept without trapping (the corpus

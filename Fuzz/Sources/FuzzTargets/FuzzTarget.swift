@@ -4,8 +4,8 @@ import SwiftletSystem
 /// The fuzz targets: each takes arbitrary bytes and feeds them to one piece of code that reads
 /// outside input (guest memory, device registers, agent and control messages, images, snapshots),
 /// checking that it never crashes and that what it keeps stays bounded. libFuzzer drives them
-/// through `swiftlet-fuzz` (`make fuzz`); Tests/FuzzTests replays the seed corpus and every crash
-/// found so far through the same entry points.
+/// through `swiftlet-fuzz` (`make fuzz`); Tests/FuzzTests replays the seed corpus through the same
+/// entry points (and is where a crashing input becomes a regression test).
 public enum FuzzTarget: String, CaseIterable, Sendable {
     case virtqueue, virtioBlock = "virtio-blk", virtioVsock = "virtio-vsock", virtioRNG = "virtio-rng"
     case mmio, serial8250 = "serial-8250", agentFrames = "agent-frames", controlJSON = "control-json"

@@ -2,9 +2,7 @@ import FuzzTargets
 import Glibc
 import SwiftletSystem
 
-// libFuzzer's entry points when built for fuzzing (`make fuzz`: SwiftPM's --sanitize=fuzzer
-// compiles with -parse-as-library and links libFuzzer's own main, so this file has no top-level
-// code then): SWIFTLET_FUZZ_TARGET names the target; SWIFTLET_FUZZ_SEEDS=DIR writes the seed
+// libFuzzer's entry points when built for fuzzing (`make fuzz`, -sanitize=fuzzer): SWIFTLET_FUZZ_TARGET names the target; SWIFTLET_FUZZ_SEEDS=DIR writes the seed
 // corpus instead. Otherwise, a small tool that replays inputs and writes the seed corpus.
 #if SWIFTLET_LIBFUZZER
 /// The target this process fuzzes: SWIFTLET_FUZZ_TARGET, read once.
@@ -23,6 +21,18 @@ func fuzzerInitialize(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutable
     }
     selected = target
     return 0
+}
+
+@_silgen_name("LLVMFuzzerRunDriver")
+func runFuzzerDriver(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>>,
+                     _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> Int32) -> Int32
+
+/// The program's entry point: SwiftPM links executables with `main` renamed to this symbol, so it
+/// starts libFuzzer's driver itself.
+@_cdecl("swiftlet_fuzz_main")
+func fuzzerMain(_ argc: Int32, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>) -> Int32 {
+    var count = argc, arguments = argv
+    return runFuzzerDriver(&count, &arguments, fuzzerTestOneInput)
 }
 
 @_cdecl("LLVMFuzzerTestOneInput")
