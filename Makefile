@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
 DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
 
-.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested bench bench-boot bench-run bench-pull bench-snapshot bench-library clean
+.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested fuzz fuzz-ci fuzz-long bench bench-boot bench-run bench-pull bench-snapshot bench-library clean
 
 all: build
 
@@ -42,8 +42,9 @@ demo: guest
 	  .build/release/swiftlet run -- $(DEMO_COMMAND); \
 	fi
 
-# Every test: unit tests on this host, then the Linux-guest integration suite.
-test: unit-test test-nested
+# Every test: unit tests on this host, the fuzz targets for their CI budget, then the Linux-guest
+# integration suite.
+test: unit-test fuzz-ci test-nested
 
 # Unit tests on this host; lists the skipped ones and fails on a skip that must not happen here (scripts/unit-test).
 unit-test: guest build-tests
@@ -51,6 +52,17 @@ unit-test: guest build-tests
 
 test-nested: guest build-tests
 	@scripts/test-nested
+
+# libFuzzer targets (Fuzz/, built with -sanitize=fuzzer,address in .build-fuzz), each run from its
+# seed corpus (Fuzz/corpus) for a fixed number of iterations: a few minutes in all (scripts/fuzz).
+fuzz: setup
+	@scripts/fuzz
+
+fuzz-ci: fuzz
+
+# A million iterations per target, niced (hours on two cores).
+fuzz-long: setup
+	@FUZZ_RUNS=1000000 FUZZ_NICE=10 scripts/fuzz
 
 bench: bench-boot bench-run bench-pull bench-snapshot bench-library
 

@@ -75,6 +75,15 @@ let package = Package(
             dependencies: ["SwiftletSystem", "CLinux", "VMM", "TestSupport"],
             path: "bench/Sources/swiftlet-bench",
             swiftSettings: strict),
+        // Fuzz targets (`make fuzz`): entry points over the code that reads outside input, and the
+        // libFuzzer driver (a replay tool when not built with -sanitize=fuzzer). Debug builds only:
+        // the targets reach internals through @testable imports.
+        .target(
+            name: "FuzzTargets",
+            dependencies: ["Virtio", "Devices", "GuestMemory", "MachineState", "AgentProtocol", "Images", "VMM", "Hypervisor", "SwiftletKit", "SwiftletSystem"],
+            path: "Fuzz/Sources/FuzzTargets",
+            swiftSettings: strict),
+        .executableTarget(name: "swiftlet-fuzz", dependencies: ["FuzzTargets", "SwiftletSystem"], path: "Fuzz/Sources/swiftlet-fuzz", swiftSettings: strict),
 
         .target(name: "TestSupport", dependencies: ["GuestMemory", "Virtio", "SwiftletSystem"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem"], swiftSettings: strict),
@@ -91,6 +100,7 @@ let package = Package(
         .testTarget(name: "VMMTests", dependencies: ["VMM", "Hypervisor", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "FuzzTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
         .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem", "VMM", "Hypervisor", "AgentProtocol"], swiftSettings: strict),
     ]
 )

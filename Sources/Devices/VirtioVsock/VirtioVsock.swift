@@ -94,6 +94,12 @@ public final class VirtioVsock: VirtioDevice {
         stop()
     }
 
+    /// Open connections and control packets waiting for receive buffers (for bound checks in
+    /// the fuzz target).
+    package var queuedCounts: (connections: Int, control: Int) {
+        muxer.withLock { ($0.connections.count, $0.control.count) }
+    }
+
     // MARK: VirtioDevice
 
     public var deviceType: VirtioDeviceType { .vsock }
