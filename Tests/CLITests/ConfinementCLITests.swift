@@ -48,8 +48,9 @@ import TestSupport
     /// `swiftlet-pull` confines itself before it talks to a registry (here the test hook's call
     /// ends it before it connects anywhere).
     @Test func thePullHelperConfinesItselfBeforeTheRegistry() throws {
-        let helper = String(swiftlet[..<try #require(swiftlet.lastIndex(of: "/"))]) + "/swiftlet-pull"
-        try #require(access(helper, X_OK) == 0, "no swiftlet-pull beside \(swiftlet)")
+        let slash = try #require(swiftlet.lastIndex(of: "/"))
+        let helper = String(swiftlet[..<slash]) + "/swiftlet-pull"
+        try #require(access(helper, X_OK) == 0)
         let home = TemporaryDirectory()
         let r = Subprocess.run([helper, "--insecure-registry", "127.0.0.1:9/nothing:1"],
                                environment: ["SWIFTLET_HOME": home.path, "SWIFTLET_SECCOMP_TEST_FORBIDDEN_CALL": "1"], timeout: 60)
