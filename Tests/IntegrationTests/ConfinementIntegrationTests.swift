@@ -48,9 +48,9 @@ struct ConfinementIntegrationTests {
         #expect(taken.status == 0, "\(taken.stderr)")
         let forked = machine(["fork", "--from", "box", "--name", "kid", "--count", "1"])
         #expect(forked.status == 0, "\(forked.stderr)")
-        #expect(status(of: vmmPID("kid-1", home: home.path)).contains("Seccomp: 2"))
-        #expect(machine(["exec", "kid-1", "--", "true"]).status == 0)
-        #expect(machine(["stop", "kid-1"]).status == 0)
+        #expect(status(of: vmmPID("kid", home: home.path)).contains("Seccomp: 2"))
+        #expect(machine(["exec", "kid", "--", "true"]).status == 0)
+        #expect(machine(["stop", "kid"]).status == 0)
         #expect(machine(["stop", "box"]).status == 0)
         let log = (try? OwnedFileDescriptor.readSmallTextFile(home.path + "/machines/box/vmm.log")) ?? ""
         #expect(!log.contains("seccomp"), "\(log)")
@@ -110,8 +110,8 @@ struct ConfinementIntegrationTests {
         #expect(exec.status == 0 && exec.stdout == "typed\n", "\(exec.stderr)")
         let forked = asUser(["machine", "fork", "--from", "mine", "--name", "kid", "--count", "1"])
         #expect(forked.status == 0, "\(forked.stderr)")
-        #expect(asUser(["machine", "exec", "kid-1", "--", "true"]).status == 0)
-        #expect(asUser(["machine", "stop", "kid-1"]).status == 0)
+        #expect(asUser(["machine", "exec", "kid", "--", "true"]).status == 0)
+        #expect(asUser(["machine", "stop", "kid"]).status == 0)
         #expect(asUser(["machine", "stop", "mine"]).status == 0)
     }
 }
