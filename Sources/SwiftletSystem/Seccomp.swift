@@ -208,13 +208,4 @@ public enum Seccomp {
         try systemCall("sigaction(SIGSYS)") { swiftlet_install_sigsys_reporter() }
         try systemCall("pthread_sigmask(SIGSYS)") { swiftlet_unblock_sigsys() }
     }
-
-    /// The process's seccomp mode from /proc/self/status (0 none, 1 strict, 2 filter), or nil.
-    public static func currentMode() -> Int? {
-        guard let text = try? OwnedFileDescriptor.readSmallTextFile("/proc/self/status") else { return nil }
-        for line in text.split(separator: "\n") where line.hasPrefix("Seccomp:") {
-            return Int(line.dropFirst("Seccomp:".count).trimmingPrefix { $0 == " " || $0 == "\t" })
-        }
-        return nil
-    }
 }
