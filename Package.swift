@@ -86,7 +86,7 @@ let package = Package(
         .executableTarget(name: "swiftlet-fuzz", dependencies: ["FuzzTargets", "SwiftletSystem"], path: "Fuzz/Sources/swiftlet-fuzz", swiftSettings: strict),
 
         .target(name: "TestSupport", dependencies: ["GuestMemory", "Virtio", "SwiftletSystem"], path: "Tests/TestSupport", swiftSettings: strict),
-        .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
         .testTarget(name: "MachineStateTests", dependencies: ["MachineState", "GuestMemory", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),

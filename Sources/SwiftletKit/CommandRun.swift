@@ -45,6 +45,10 @@ public struct CommandRun: Sendable {
     public var showConsole = false
     /// Give the command a terminal.
     public var terminal = false
+    /// This process exists to run this command (the `swiftlet` CLI's `run`): it confines itself
+    /// once the machine is built, before the guest runs (`Confinement.confine(.vmm)`), for the
+    /// rest of its life. Leave it off in a program that goes on to do other work.
+    public var confined = false
 
     public init(root: Root) {
         self.root = root
@@ -144,7 +148,11 @@ public struct CommandRun: Sendable {
         } catch {
             throw Failure.setup(error)
         }
-        do { return try runOnce(io: io, templates: .save) } catch let failure as Failure { throw failure } catch {
+        // The image was resolved (and pulled) for the first attempt: the second does not pull
+        // again (a confined process cannot start swiftlet-pull once its guest has run).
+        var retry = self
+        if case .image(let reference, .always, let insecure) = root { retry.root = .image(reference, policy: .missing, insecureRegistry: insecure) }
+        do { return try retry.runOnce(io: io, templates: .save) } catch let failure as Failure { throw failure } catch {
             throw Failure.setup(error)
         }
     }
@@ -177,7 +185,7 @@ public struct CommandRun: Sendable {
 
         let machineThread: MachineThread, watchdog: Watchdog
         do throws(SwiftletError) {
-            machineThread = try MachineThread(vm)
+            machineThread = try MachineThread(vm, confined: confined)
             watchdog = try Watchdog(milliseconds: timeoutMilliseconds) { vm.stop() }
         } catch {
             throw Failure.setup(error)

@@ -119,7 +119,7 @@ public enum MachineServer {
         } else {
             vm = Machine(config: try config(record, directory: directory, console: console.rawValue), vsockPorts: port)
         }
-        let machineThread = try MachineThread(vm)
+        let machineThread = try MachineThread(vm, confined: true)
         defer { machineThread.stop() }
 
         func ending() -> (status: Int32, text: String) {

@@ -11,9 +11,14 @@ public final class MachineThread: Sendable {
     /// Readable once the machine has stopped.
     public var ended: Int32 { worker.ended }
 
-    public init(_ machine: Machine) throws(SwiftletError) {
+    /// Starts `machine`. `confined`: this process is the machine's VMM process, and confines
+    /// itself (`Confinement.confine(.vmm)`: seccomp, no new privileges, descriptor limit) once the
+    /// machine is built and before its guest runs. Never in a process that goes on to do other work.
+    public init(_ machine: Machine, confined: Bool = false) throws(SwiftletError) {
         self.machine = machine
-        worker = try WorkerThread(name: "machine", stackSize: 1 << 20) { () throws(SwiftletError) in try machine.runBlocking() }
+        worker = try WorkerThread(name: "machine", stackSize: 1 << 20) { () throws(SwiftletError) in
+            try machine.runBlocking(beforeGuestRuns: confined ? { () throws(SwiftletError) in try Confinement.confine(.vmm) } : nil)
+        }
     }
 
     /// Stops the machine (if it still runs), waits for it, and returns how its run ended.

@@ -91,7 +91,10 @@ public final class Machine: Sendable {
     /// Builds the machine and blocks the calling thread until it stops. Machine's public API is
     /// the async one (`run`, `pause`, `resume`, `snapshot`, `fork`); these blocking forms are the
     /// package's own, for the use cases (SwiftletKit), which call them from threads of their own.
-    package func runBlocking(onBootMarker: (@Sendable (UInt64) -> Void)? = nil) throws(SwiftletError) -> MachineRunReport {
+    /// `beforeGuestRuns` is called once the machine is built, on this thread, just before the
+    /// vCPU threads start: where a VMM process confines itself (`Confinement`); its error ends the run.
+    package func runBlocking(onBootMarker: (@Sendable (UInt64) -> Void)? = nil,
+                             beforeGuestRuns: (() throws(SwiftletError) -> Void)? = nil) throws(SwiftletError) -> MachineRunReport {
         var phases: [(name: String, end: UInt64)] = [("start", MonotonicClock.now)]
         let controller = try MachineController()
         running.withLock { $0 = controller }
@@ -105,6 +108,7 @@ public final class Machine: Sendable {
             built = try buildFromSnapshot(plan, controller: controller, phases: &phases, onBootMarker: onBootMarker)
         }
         defer { built.parts.tearDown() }
+        try beforeGuestRuns?()
         return try run(built, controller: controller, phases: phases)
     }
 
@@ -133,6 +137,11 @@ public final class Machine: Sendable {
         var threads: [OSThread] = []
         for vcpu in built.vcpus {
             let thread = try OSThread.start(name: "vcpu\(vcpu.id)") {
+                // In a confined VMM process, the vCPU thread's own filter on top of the process's.
+                do throws(SwiftletError) { try Confinement.confineVCPUThread() } catch {
+                    controller.stop(.vmmError(error.description))
+                    return
+                }
                 let trace = Self.runVCPU(vcpu, devices: devices, memory: memory, controller: controller, tracePorts: tracePorts)
                 if tracePorts { traces.withLock { t in t.merge(trace) { $0 + $1 } } }
             }

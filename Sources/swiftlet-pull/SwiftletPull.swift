@@ -45,6 +45,9 @@ struct SwiftletPull {
             credentials = (user, getenv("SWIFTLET_REGISTRY_PASSWORD").map { String(cString: $0) } ?? "")
         }
         do {
+            // Confined before any byte from a registry arrives: its own seccomp list (files,
+            // sockets, no processes), no new privileges, a descriptor bound.
+            try Confinement.confine(.pull)
             print(try await pull(reference, insecure: insecure, credentials: credentials))
         } catch {
             fail(error.description)

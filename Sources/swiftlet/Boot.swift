@@ -110,12 +110,12 @@ struct Boot: ParsableCommand {
         let machine = Machine(config: config)
         let showTiming = bootTiming
         let outcome = try exitingOnSetupFailure { () throws(SwiftletError) in
-            try machine.runBlocking { time in
+            try machine.runBlocking(onBootMarker: { time in
                 if showTiming {
                     let ms = MonotonicClock.milliseconds(from: MonotonicClock.processStart, to: time)
                     printError("boot marker after \(format(ms)) ms (process start to marker)")
                 }
-            }
+            }, beforeGuestRuns: { () throws(SwiftletError) in try Confinement.confine(.vmm) })
         }
         for warning in outcome.warnings { printError("warning: \(warning)") }
         if showTiming { printTiming(outcome) }

@@ -111,6 +111,7 @@ struct Run: ParsableCommand {
         run.cold = cold
         run.showConsole = console
         run.terminal = exec.tty
+        run.confined = true
         let terminal = TerminalSession(enabled: exec.tty && isatty(0) == 1)
         defer { terminal.restore() }
         let io = CommandRun.IO(input: exec.interactive || exec.tty ? 0 : nil, signals: signals?.rawValue,

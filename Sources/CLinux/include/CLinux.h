@@ -149,4 +149,33 @@ static inline __u32 swiftlet_run_system_event_type(const struct kvm_run *r) { re
 static inline __u64 swiftlet_run_fail_entry_reason(const struct kvm_run *r) { return r->fail_entry.hardware_entry_failure_reason; }
 static inline __u32 swiftlet_run_exception(const struct kvm_run *r) { return r->ex.exception; }
 
+// MARK: seccomp and privileges (Seccomp.c, SyscallNames.c)
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+
+/// AUDIT_ARCH_X86_64 (a macro Swift cannot import): seccomp_data.arch on x86_64.
+extern const uint32_t SWIFTLET_AUDIT_ARCH_X86_64;
+/// prctl(PR_SET_NO_NEW_PRIVS, 1): no execve(2) of this process gains privileges again.
+int swiftlet_set_no_new_privileges(void);
+/// seccomp(SECCOMP_SET_MODE_FILTER, flags, program of `count` sock_filter instructions).
+long swiftlet_seccomp_install(const void *instructions, unsigned short count, unsigned int flags);
+/// Installs the SIGSYS handler that reports a call a SECCOMP_RET_TRAP filter refused
+/// ("swiftlet: seccomp: forbidden system call N (name)" on standard error) and ends the process.
+int swiftlet_install_sigsys_reporter(void);
+/// Unblocks SIGSYS on the calling thread.
+int swiftlet_unblock_sigsys(void);
+/// Clears the calling thread's effective, permitted and inheritable capabilities (threads it
+/// starts afterwards inherit the empty sets).
+int swiftlet_drop_capabilities(void);
+/// 1 when the calling thread has any effective or permitted capability, 0 when none, -1 on error.
+int swiftlet_has_capabilities(void);
+/// personality(0xffffffff): a query with no effect, which the VMM's filter does not allow (a test hook).
+long swiftlet_forbidden_call_for_tests(void);
+/// The ioctl requests a VMM makes (KVM, terminals, FIO*, BLKGETSIZE64); `count` is set to their number.
+const unsigned long *swiftlet_vmm_ioctl_requests(int *count);
+/// The x86_64 system call named `number`, or NULL.
+const char *swiftlet_syscall_name(long number);
+/// The x86_64 number of the system call `name`, or -1.
+long swiftlet_syscall_number(const char *name);
+
 #endif

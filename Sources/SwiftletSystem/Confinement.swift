@@ -1,0 +1,215 @@
+import CLinux
+import Glibc
+import Synchronization
+
+/// How Swiftlet's processes confine themselves once their setup is done: a VMM process (a
+/// machine's, or `swiftlet run`'s) before its guest first runs, `swiftlet-pull` before it talks
+/// to a registry. Each gets a seccomp allow-list filter (`SeccompFilter`) on all its threads,
+/// PR_SET_NO_NEW_PRIVS, and a bound on its descriptors; a call outside the list ends the process
+/// with "swiftlet: seccomp: forbidden system call N (name)" on standard error (the machine's
+/// `vmm.log` for a machine).
+///
+/// `SWIFTLET_SECCOMP` in the environment: unset or `on`, the filter as above; `off`, no filter
+/// (for debugging; the rest still applies); `log`, calls outside the list are allowed and the
+/// kernel logs them (audit, `dmesg`), for finding what a change needs.
+public enum Confinement {
+    /// Which list a process gets.
+    public enum Role: String, Sendable {
+        case vmm
+        case pull
+    }
+
+    public enum Mode: String, Sendable {
+        case on, off, log
+    }
+
+    /// The mode `SWIFTLET_SECCOMP` asks for.
+    public static func mode(_ value: String? = getenv("SWIFTLET_SECCOMP").map { String(cString: $0) }) throws(SwiftletError) -> Mode {
+        guard let value, !value.isEmpty else { return .on }
+        guard let mode = Mode(rawValue: value) else {
+            throw SwiftletError(.invalidArgument, "SWIFTLET_SECCOMP=\(value): expected on, off or log")
+        }
+        return mode
+    }
+
+    /// Set once this process is confined: a process confines itself once (`swiftlet run` may run
+    /// a second machine after a first, under the same filter).
+    private static let confined = Atomic<Bool>(false)
+
+    /// The most descriptors a confined process may have open (RLIMIT_NOFILE, soft and hard):
+    /// a machine's disks, eventfds, sockets and its guest's vsock connections stay far below.
+    public static let descriptorLimit: rlim_t = 4096
+
+    /// Confines this process for `role` (once; later calls do nothing): no new privileges,
+    /// capabilities dropped when it has any (on this thread, and so on the threads it starts
+    /// afterwards), at most `descriptorLimit` descriptors, and the seccomp filter on every thread.
+    /// Call it where setup (opening files and devices, mapping memory) is done and before
+    /// untrusted input (the guest, a registry) gets a say.
+    public static func confine(_ role: Role) throws(SwiftletError) {
+        guard !confined.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        let mode = try mode()
+        try systemCall("prctl(PR_SET_NO_NEW_PRIVS)") { swiftlet_set_no_new_privileges() }
+        if swiftlet_has_capabilities() == 1 {
+            try systemCall("capset (dropping capabilities)") { swiftlet_drop_capabilities() }
+        }
+        try limitDescriptors()
+        guard mode != .off else { return }
+        try Seccomp.reportForbiddenCalls()
+        try Seccomp.install(filter(role, defaultAction: mode == .log ? .log : .trap))
+        filterMode.withLock { $0 = mode }
+        // A test hook: a call the filter refuses, made once it is in place (the process ends
+        // with the message above). Harmless without the filter: personality(0xffffffff) only asks.
+        if getenv("SWIFTLET_SECCOMP_TEST_FORBIDDEN_CALL") != nil { _ = swiftlet_forbidden_call_for_tests() }
+    }
+
+    /// Sets RLIMIT_NOFILE, soft and hard, to `descriptorLimit` (or to the hard limit if that is lower).
+    static func limitDescriptors() throws(SwiftletError) {
+        var limit = rlimit()
+        try systemCall("getrlimit(RLIMIT_NOFILE)") { getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) }
+        let bound = min(limit.rlim_max, descriptorLimit)
+        limit = rlimit(rlim_cur: bound, rlim_max: bound)
+        try systemCall("setrlimit(RLIMIT_NOFILE)") { setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) }
+    }
+
+    /// Whether this process confined itself with a filter (mode `on` or `log`), and which.
+    private static let filterMode = Mutex<Mode?>(nil)
+
+    /// Adds the vCPU threads' own, narrower filter to the calling thread (filters stack: a call
+    /// must pass both), when this process confined itself with a filter; otherwise does nothing
+    /// (a unit test's machine, a program that embeds the library). A vCPU thread runs the guest
+    /// and emulates its devices: it reads and writes descriptors it has, maps memory and talks
+    /// to KVM, and needs no file by name, no listening socket and no new descriptor but a Unix
+    /// socket for vsock forwarding (and threads: the vsock device starts its event loop from
+    /// the vCPU thread that activates it).
+    public static func confineVCPUThread() throws(SwiftletError) {
+        guard let mode = filterMode.withLock({ $0 }) else { return }
+        let filter = vcpuFilter(defaultAction: mode == .log ? .log : .trap)
+        let program = filter.program().map { sock_filter(code: $0.code, jt: $0.jt, jf: $0.jf, k: $0.k) }
+        let result = program.withUnsafeBufferPointer { swiftlet_seccomp_install($0.baseAddress, UInt16($0.count), 0) }
+        if result != 0 { throw SwiftletError.system("seccomp(SECCOMP_SET_MODE_FILTER) on a vCPU thread", errno: currentErrno) }
+    }
+
+    /// The filter a process of `role` gets. The hot calls come first (a rule that does not
+    /// match costs one instruction; the first ioctl rule is KVM_RUN).
+    public static func filter(_ role: Role, defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
+        switch role {
+        case .vmm:
+            SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(common + vmmCalls) + prctlRules + threadRules + vmmSocketRules + seccompRules,
+                          defaultAction: defaultAction)
+        case .pull:
+            SeccompFilter(rules: ioctlRules(terminalIoctls) + rules(common + pullCalls + ["socket"]) + prctlRules + threadRules,
+                          defaultAction: defaultAction)
+        }
+    }
+
+    /// The vCPU threads' filter, on top of the VMM's.
+    public static func vcpuFilter(defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
+        SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(vcpuCalls) + prctlRules + threadRules + vmmSocketRules, defaultAction: defaultAction)
+    }
+
+    static func rules(_ names: [String]) -> [SeccompFilter.Rule] {
+        names.map { name in
+            guard let rule = SeccompFilter.Rule(name) else { preconditionFailure("no x86_64 system call named \(name)") }
+            return rule
+        }
+    }
+
+    /// ioctl with one of `requests` (the kernel reads the request as 32 bits).
+    static func ioctlRules(_ requests: [UInt32]) -> [SeccompFilter.Rule] {
+        requests.map { SeccompFilter.Rule("ioctl", conditions: [.equals(argument: 1, $0)])! }
+    }
+
+    /// The requests a VMM makes (every KVM request CLinux exports, terminals, FIO*, BLKGETSIZE64), KVM_RUN first.
+    static let vmmIoctls: [UInt32] = {
+        var count: Int32 = 0
+        let pointer = swiftlet_vmm_ioctl_requests(&count)
+        let all = (0..<Int(count)).map { UInt32(truncatingIfNeeded: pointer![$0]) }
+        let hot = [SWIFTLET_KVM_RUN, SWIFTLET_KVM_IRQ_LINE].map { UInt32(truncatingIfNeeded: $0) }
+        return hot + all.filter { !hot.contains($0) }
+    }()
+
+    /// What the pull helper asks of a terminal or a socket.
+    static let terminalIoctls: [UInt32] = [UInt32(TCGETS), UInt32(TIOCGWINSZ), UInt32(FIONREAD), UInt32(FIONBIO), UInt32(FIOCLEX)]
+
+    /// prctl only to name threads (Dispatch, NIO) and read the name.
+    static let prctlRules: [SeccompFilter.Rule] = [15 /* PR_SET_NAME */, 16 /* PR_GET_NAME */].map {
+        SeccompFilter.Rule("prctl", conditions: [.equals(argument: 0, $0)])!
+    }
+
+    /// What any Swift program of Swiftlet's needs once running: memory, threads and their
+    /// synchronization, signals, time, descriptors it already has, files (the VMM writes
+    /// snapshots, consoles and logs; the pull helper writes blobs), and its own exit.
+    static let common = [
+        // the hottest first
+        "read", "write", "pread64", "pwrite64", "futex", "epoll_wait", "epoll_pwait", "poll", "ppoll",
+        "readv", "writev", "preadv", "pwritev", "preadv2", "pwritev2",
+        "lseek", "close", "dup", "dup2", "dup3", "fcntl", "pipe2", "select", "pselect6",
+        "epoll_create", "epoll_create1", "epoll_ctl", "eventfd2", "signalfd4",
+        "sendfile", "copy_file_range", "fsync", "fdatasync", "ftruncate", "fallocate", "flock",
+        // files by name (inside the directories the process was given)
+        "openat", "open", "newfstatat", "fstat", "stat", "lstat", "statx", "statfs", "fstatfs", "access", "faccessat", "faccessat2",
+        "readlink", "readlinkat", "getdents64", "mkdir", "mkdirat", "rename", "renameat", "renameat2", "unlink", "unlinkat",
+        "rmdir", "fchmod", "fchmodat", "utimensat", "getcwd", "umask",
+        // memory
+        "mmap", "munmap", "mprotect", "madvise", "mremap", "brk", "mincore", "membarrier",
+        // threads, synchronization, signals
+        "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "sched_yield", "sched_getaffinity",
+        "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigtimedwait", "rt_sigsuspend", "sigaltstack", "tgkill", "tkill",
+        "setpriority", "getpriority",
+        "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getrandom", "uname",
+        "getrlimit", "prlimit64", "getrusage", "sysinfo", "restart_syscall",
+        // time
+        "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time",
+        "timerfd_create", "timerfd_settime", "timerfd_gettime",
+        // the end
+        "exit", "exit_group",
+    ]
+
+    /// A vCPU thread's: the guest's exits and the devices it emulates on the way (reads and
+    /// writes of disks and sockets it has, eventfds, entropy; a guest's vsock connection becomes
+    /// a socket pair or a connected Unix socket, and the vsock device's event loop a thread that
+    /// inherits this filter), memory, waiting, its own end.
+    static let vcpuCalls = [
+        "socketpair", "eventfd2", "sched_getaffinity", "set_tid_address",
+        "read", "write", "pread64", "pwrite64", "futex", "poll", "ppoll", "epoll_wait", "epoll_pwait", "epoll_ctl",
+        "readv", "writev", "preadv", "pwritev", "preadv2", "pwritev2", "lseek", "close", "fcntl",
+        "fsync", "fdatasync", "fallocate", "ftruncate", "copy_file_range", "sendfile", "fstat", "newfstatat",
+        "connect", "sendmsg", "recvmsg", "sendto", "recvfrom", "shutdown", "getsockopt", "setsockopt",
+        "mmap", "munmap", "mprotect", "madvise", "mremap", "brk", "mincore",
+        "set_robust_list", "rseq", "sched_yield", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "tgkill", "tkill",
+        "getpid", "gettid", "getrandom", "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",
+        "restart_syscall", "exit", "exit_group",
+    ]
+
+    /// The VMM's own: sockets it already has or accepts (the control socket, vsock forwarding to
+    /// Unix sockets) and the descriptors it passes (SCM_RIGHTS).
+    static let vmmCalls = [
+        "accept", "accept4", "connect", "bind", "listen", "shutdown", "recvmsg", "sendmsg", "recvfrom", "sendto",
+        "getsockopt", "setsockopt", "getsockname", "getpeername", "socketpair",
+    ]
+
+    /// The registry helper's: TCP and TLS to registries, name resolution.
+    static let pullCalls = [
+        "accept", "accept4", "connect", "bind", "listen", "shutdown", "recvmsg", "sendmsg", "recvfrom", "sendto",
+        "recvmmsg", "sendmmsg", "getsockopt", "setsockopt", "getsockname", "getpeername", "socketpair",
+    ]
+
+    /// Threads, but no processes: clone only with CLONE_THREAD (what pthread_create passes),
+    /// and clone3 (whose flags sit in memory a filter cannot read) fails with ENOSYS, on which
+    /// glibc's pthread_create falls back to clone.
+    static let threadRules: [SeccompFilter.Rule] = [
+        SeccompFilter.Rule("clone", conditions: [.hasBits(argument: 0, 0x0001_0000 /* CLONE_THREAD */)])!,
+        SeccompFilter.Rule("clone3", action: .errno(ENOSYS))!,
+    ]
+
+    /// The VMM makes Unix sockets only (its control socket and vsock forwarding).
+    static let vmmSocketRules: [SeccompFilter.Rule] = [
+        SeccompFilter.Rule("socket", conditions: [.equals(argument: 0, UInt32(AF_UNIX))])!,
+    ]
+
+    /// A vCPU thread adds its own filter once the process's is in place (a filter only ever
+    /// takes away: allowing this gives nothing back).
+    static let seccompRules: [SeccompFilter.Rule] = [
+        SeccompFilter.Rule("seccomp", conditions: [.equals(argument: 0, 1 /* SECCOMP_SET_MODE_FILTER */)])!,
+    ]
+}
