@@ -75,11 +75,17 @@ struct RegistryCredentialTests {
         #expect(lines.contains { $0.hasPrefix("http /v2/") && $0.contains("Bearer probe-token") }, "\(lines)")
     }
 
-    @Test func credentialsDoNotSurviveARedirectToPlainHTTP() async throws {
+    /// A self-signed certificate for 127.0.0.1 and its key, made with openssl in the test's directory.
+    func selfSignedCertificate() throws -> (cert: String, key: String) {
         let cert = dir.path + "/cert.pem", key = dir.path + "/key.pem"
         let made = Subprocess.run(["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
                                    "-days", "1", "-keyout", key, "-out", cert])
         try #require(made.status == 0, "\(made.stderr)")
+        return (cert, key)
+    }
+
+    @Test func credentialsDoNotSurviveARedirectToPlainHTTP() async throws {
+        let (cert, key) = try selfSignedCertificate()
         let registry = try #require(Probe(mode: "redirect", target: "self-http", log: dir.path + "/registry.log", tls: (cert, key)))
         var configuration = HTTPClient.Configuration(certificateVerification: .none, redirectConfiguration: .disallow)
         configuration.connectionPool.retryConnectionEstablishment = false
@@ -97,10 +103,7 @@ struct RegistryCredentialTests {
     }
 
     @Test func redirectsOnlyGoToHTTPAndHTTPS() async throws {
-        let cert = dir.path + "/cert.pem", key = dir.path + "/key.pem"
-        let made = Subprocess.run(["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-                                   "-days", "1", "-keyout", key, "-out", cert])
-        try #require(made.status == 0, "\(made.stderr)")
+        let (cert, key) = try selfSignedCertificate()
         let registry = try #require(Probe(mode: "redirect", target: "file:///etc/passwd", log: dir.path + "/registry.log", tls: (cert, key)))
         let client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup,
                                 configuration: HTTPClient.Configuration(certificateVerification: .none, redirectConfiguration: .disallow))
