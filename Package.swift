@@ -43,7 +43,9 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(name: "swiftlet-pull", dependencies: ["ImageRegistry", "Images", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "Virtio", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
-        .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletSystem"], swiftSettings: strict),
+        // Frames, DNS messages, the network policy and the egress filter between a guest's NIC and passt.
+        .target(name: "SwiftletNet", dependencies: ["SwiftletSystem"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletNet", "SwiftletSystem"], swiftSettings: strict),
         .target(
             name: "VMM",
             dependencies: ["Hypervisor", "KVM", "GuestMemory", "MachineState", "LinuxBoot", "Virtio", "Devices", "AgentProtocol", "SwiftletSystem", "CLinux"],
@@ -95,6 +97,7 @@ let package = Package(
                                                       .product(name: "AsyncHTTPClient", package: "async-http-client")], swiftSettings: strict),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], swiftSettings: strict),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "SwiftletNetTests", dependencies: ["SwiftletNet", "SwiftletSystem"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Virtio", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "Hypervisor", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "Hypervisor", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
