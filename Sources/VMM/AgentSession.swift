@@ -42,11 +42,16 @@ public final class AgentSession: @unchecked Sendable {
             let session = AgentSession(socket: connection)
             let handshake = Deadline(milliseconds: handshakeTimeoutMilliseconds, before: deadline)
             do {
+                // The key (on a booted machine's first session) and the challenge go out at once,
+                // before `ready` comes: the agent reads them after it has sent `ready`, so the
+                // handshake costs the guest one round trip, not two. `ready` proves nothing, so
+                // nothing is given away that waiting for it would have kept.
+                let nonce = try session.challenge(key: key, give: give)
                 guard try session.waitUntilReady(handshake) else {
                     dropped("a connection to the agent's port closed before it said it was ready")
                     continue
                 }
-                try session.authenticate(key: key, give: give, handshake)
+                try session.checkProof(key: key, nonce: nonce, handshake)
             } catch where error.code == .unsupported {
                 throw error
             } catch {
@@ -79,13 +84,24 @@ public final class AgentSession: @unchecked Sendable {
         }
     }
 
-    /// Makes the peer show it is the machine's agent: gives it `key` first when `give`, then sends
-    /// a fresh random challenge, which only a holder of the key can answer. Throws unless the
-    /// right answer comes before `deadline`.
-    func authenticate(key: AgentKey, give: Bool, _ deadline: Deadline?) throws(SwiftletError) {
+    /// Asks the peer to show it is the machine's agent: gives it `key` first when `give`, then
+    /// sends a fresh random challenge, which only a holder of the key can answer. Returns the
+    /// challenge's nonce, for `checkProof`.
+    func challenge(key: AgentKey, give: Bool) throws(SwiftletError) -> [UInt8] {
         if give { try send(.agentKey(key.bytes)) }
         let nonce = try AgentKey.randomBytes(AgentAuthentication.nonceLength)
         try send(.challenge(nonce: nonce))
+        return nonce
+    }
+
+    /// `challenge` and `checkProof` one after the other (a session already past `ready`).
+    func authenticate(key: AgentKey, give: Bool, _ deadline: Deadline?) throws(SwiftletError) {
+        try checkProof(key: key, nonce: try challenge(key: key, give: give), deadline)
+    }
+
+    /// Throws unless the peer's answer to the challenge with `nonce` is the right proof and comes
+    /// before `deadline`.
+    func checkProof(key: AgentKey, nonce: [UInt8], _ deadline: Deadline?) throws(SwiftletError) {
         switch try receive(deadline, failure: "its peer did not prove it is the guest agent") {
         case .proof(let proof)?:
             guard AgentAuthentication.verify(proof, key: key.bytes, nonce: nonce) else {

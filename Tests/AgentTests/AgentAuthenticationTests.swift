@@ -22,9 +22,11 @@ final class GuestEnd: Sendable {
 
     /// Sends `ready`, then answers the host until it hangs up: a challenge with a proof under
     /// `key` (nil: under the key the host gave, if any), a command with `output` and status 0.
-    func playAgent(key: [UInt8]?, output: String = "real\n", version: UInt32 = AgentMessage.version) throws -> OSThread {
+    /// With `readyAfterChallenge`, says `ready` only once the challenge has come.
+    func playAgent(key: [UInt8]?, output: String = "real\n", version: UInt32 = AgentMessage.version,
+                   readyAfterChallenge: Bool = false) throws -> OSThread {
         try OSThread.start(name: "guest-end") { [self] in
-            send(.ready(version: version))
+            if !readyAfterChallenge { send(.ready(version: version)) }
             var reader = AgentFrameReader()
             var given: [UInt8]?
             var buffer = [UInt8](repeating: 0, count: 4096)
@@ -36,7 +38,9 @@ final class GuestEnd: Sendable {
                     received.withLock { $0.append(message) }
                     switch message {
                     case .agentKey(let bytes): given = given ?? bytes
-                    case .challenge(let nonce): send(.proof(AgentAuthentication.proof(key: key ?? given ?? [], nonce: nonce)))
+                    case .challenge(let nonce):
+                        if readyAfterChallenge { send(.ready(version: version)) }
+                        send(.proof(AgentAuthentication.proof(key: key ?? given ?? [], nonce: nonce)))
                     case .exec: send(.stdout(Array(output.utf8))); send(.exited(status: 0))
                     default: break
                     }
@@ -148,6 +152,23 @@ final class GuestEnd: Sendable {
         let error = #expect(throws: SwiftletError.self) { try session.waitUntilReady(timeoutMilliseconds: 100) }
         #expect(error?.message == "the guest agent did not say it was ready within 100 ms", "\(String(describing: error))")
         withExtendedLifetime(silentPeer) {}
+    }
+
+    /// The key and the challenge go out as soon as a connection is taken, not after its `ready`,
+    /// so the handshake costs the guest one round trip: a peer that says `ready` only once the
+    /// challenge is there opens a session (a host that waited for `ready` first would wait for it
+    /// until the handshake's time ran out).
+    @Test func theChallengeDoesNotWaitForReady() throws {
+        let port = try InProcessPort(port: Self.agentPort)
+        let key = try AgentKey.random()
+        let vm = machine(holding: key)
+        let agent = try connect(port)
+        let agentThread = try agent.playAgent(key: key.bytes, readyAfterChallenge: true)
+        let session = try #require(try AgentSession.open(on: port, for: vm, timeoutMilliseconds: 5_000, handshakeTimeoutMilliseconds: 2_000))
+        let (outcome, output) = try run(session)
+        #expect(outcome.status == 0 && output == "real\n")
+        session.shutdown()
+        agentThread.join()
     }
 
     @Test func aBootedMachineGivesItsKeyOnceThenOnlyAsksForTheProof() throws {
