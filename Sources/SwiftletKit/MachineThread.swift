@@ -12,12 +12,14 @@ public final class MachineThread: Sendable {
     public var ended: Int32 { worker.ended }
 
     /// Starts `machine`. `confined`: this process is the machine's VMM process, and confines
-    /// itself (`Confinement.confine(.vmm)`: seccomp, no new privileges, descriptor limit) once the
+    /// itself (`Confinement.confine(.vmm)`: seccomp, no new privileges, descriptor and file-size limits) once the
     /// machine is built and before its guest runs. Never in a process that goes on to do other work.
     public init(_ machine: Machine, confined: Bool = false) throws(SwiftletError) {
         self.machine = machine
         worker = try WorkerThread(name: "machine", stackSize: 1 << 20) { () throws(SwiftletError) in
-            try machine.runBlocking(beforeGuestRuns: confined ? { () throws(SwiftletError) in try Confinement.confine(.vmm) } : nil)
+            try machine.runBlocking(beforeGuestRuns: confined ? { largestFile throws(SwiftletError) in
+                try Confinement.confine(.vmm, largestFile: largestFile)
+            } : nil)
         }
     }
 

@@ -42,10 +42,11 @@ public enum Confinement {
 
     /// Confines this process for `role` (once; later calls do nothing): no new privileges,
     /// capabilities dropped when it has any (on this thread, and so on the threads it starts
-    /// afterwards), at most `descriptorLimit` descriptors, and the seccomp filter on every thread.
+    /// afterwards), at most `descriptorLimit` descriptors, files no larger than `largestFile`
+    /// bytes when given, and the seccomp filter on every thread.
     /// Call it where setup (opening files and devices, mapping memory) is done and before
     /// untrusted input (the guest, a registry) gets a say.
-    public static func confine(_ role: Role) throws(SwiftletError) {
+    public static func confine(_ role: Role, largestFile: UInt64? = nil) throws(SwiftletError) {
         guard !confined.exchange(true, ordering: .acquiringAndReleasing) else { return }
         let mode = try mode()
         try systemCall("prctl(PR_SET_NO_NEW_PRIVS)") { swiftlet_set_no_new_privileges() }
@@ -53,6 +54,7 @@ public enum Confinement {
             try systemCall("capset (dropping capabilities)") { swiftlet_drop_capabilities() }
         }
         try limitDescriptors()
+        if let largestFile { try limitFileSize(largestFile) }
         guard mode != .off else { return }
         try Seccomp.reportForbiddenCalls()
         try Seccomp.install(filter(role, defaultAction: mode == .log ? .log : .trap))
@@ -69,6 +71,18 @@ public enum Confinement {
         let bound = min(limit.rlim_max, descriptorLimit)
         limit = rlimit(rlim_cur: bound, rlim_max: bound)
         try systemCall("setrlimit(RLIMIT_NOFILE)") { setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) }
+    }
+
+    /// Sets RLIMIT_FSIZE, soft and hard, to `bytes` (or to the hard limit if that is lower), and
+    /// ignores SIGXFSZ: a write past the limit fails with EFBIG (an error the writer reports)
+    /// instead of killing the process.
+    static func limitFileSize(_ bytes: UInt64) throws(SwiftletError) {
+        var limit = rlimit()
+        try systemCall("getrlimit(RLIMIT_FSIZE)") { getrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit) }
+        let bound = min(limit.rlim_max, rlim_t(bytes))
+        limit = rlimit(rlim_cur: bound, rlim_max: bound)
+        try systemCall("setrlimit(RLIMIT_FSIZE)") { setrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit) }
+        signal(SIGXFSZ, SIG_IGN)
     }
 
     /// Whether this process confined itself with a filter (mode `on` or `log`), and which.

@@ -92,9 +92,10 @@ public final class Machine: Sendable {
     /// the async one (`run`, `pause`, `resume`, `snapshot`, `fork`); these blocking forms are the
     /// package's own, for the use cases (SwiftletKit), which call them from threads of their own.
     /// `beforeGuestRuns` is called once the machine is built, on this thread, just before the
-    /// vCPU threads start: where a VMM process confines itself (`Confinement`); its error ends the run.
+    /// vCPU threads start, with the size of the largest file the running machine may write (see
+    /// `largestFileBytes`): where a VMM process confines itself (`Confinement`); its error ends the run.
     package func runBlocking(onBootMarker: (@Sendable (UInt64) -> Void)? = nil,
-                             beforeGuestRuns: (() throws(SwiftletError) -> Void)? = nil) throws(SwiftletError) -> MachineRunReport {
+                             beforeGuestRuns: ((UInt64) throws(SwiftletError) -> Void)? = nil) throws(SwiftletError) -> MachineRunReport {
         var phases: [(name: String, end: UInt64)] = [("start", MonotonicClock.now)]
         let controller = try MachineController()
         running.withLock { $0 = controller }
@@ -108,8 +109,16 @@ public final class Machine: Sendable {
             built = try buildFromSnapshot(plan, controller: controller, phases: &phases, onBootMarker: onBootMarker)
         }
         defer { built.parts.tearDown() }
-        try beforeGuestRuns?()
+        try beforeGuestRuns?(Self.largestFileBytes(memoryMiB: shape.memoryMiB, diskSizes: built.parts.diskSizes))
         return try run(built, controller: controller, phases: phases)
+    }
+
+    /// The largest file a running machine writes is a snapshot's memory file (its memory and a
+    /// header) or the copy of a writable disk (its size; the disk itself never grows): a VMM
+    /// process bounds the files it writes by the larger of the two, plus room for the memory file's
+    /// header and a diff's page bitmap (32 MiB at 1 TiB) (`Confinement`'s file-size limit), so no bug can fill the host's disk through one file.
+    static func largestFileBytes(memoryMiB: Int, diskSizes: [UInt64]) -> UInt64 {
+        max(UInt64(memoryMiB) << 20, diskSizes.max() ?? 0) + (64 << 20)
     }
 
     /// Runs a built machine: its vCPU threads, the working-set copy beside them, and the console

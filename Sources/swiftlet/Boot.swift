@@ -115,7 +115,7 @@ struct Boot: ParsableCommand {
                     let ms = MonotonicClock.milliseconds(from: MonotonicClock.processStart, to: time)
                     printError("boot marker after \(format(ms)) ms (process start to marker)")
                 }
-            }, beforeGuestRuns: { () throws(SwiftletError) in try Confinement.confine(.vmm) })
+            }, beforeGuestRuns: { largestFile throws(SwiftletError) in try Confinement.confine(.vmm, largestFile: largestFile) })
         }
         for warning in outcome.warnings { printError("warning: \(warning)") }
         if showTiming { printTiming(outcome) }

@@ -18,13 +18,16 @@ import TestSupport
         let r = Subprocess.run(["/bin/sh", "-c", """
             "$0" boot --kernel "$1" --no-initrd > /dev/null & pid=$!
             for i in $(seq 100); do grep -q '^Seccomp:[[:space:]]*2' /proc/$pid/status && break; sleep 0.1; done
-            grep -E '^(Seccomp|NoNewPrivs):' /proc/$pid/status; grep 'Max open files' /proc/$pid/limits
+            grep -E '^(Seccomp|NoNewPrivs):' /proc/$pid/status; grep -E 'Max (open files|file size)' /proc/$pid/limits
             kill -KILL $pid
             """, swiftlet, spin], timeout: 60)
         let fields = r.stdout.split(separator: "\n").map { $0.split(whereSeparator: \.isWhitespace).joined(separator: " ") }
         #expect(fields.contains("Seccomp: 2"), "\(r.stdout)|\(r.stderr)")
         #expect(fields.contains("NoNewPrivs: 1"), "\(r.stdout)")
         #expect(fields.contains("Max open files 4096 4096 files"), "\(r.stdout)")
+        // Its files are bounded by the largest it writes: a snapshot's memory file of the
+        // machine's 256 MiB (boot's default), plus 64 MiB for headers and indexes.
+        #expect(fields.contains("Max file size \((256 + 64) << 20) \((256 + 64) << 20) bytes"), "\(r.stdout)")
     }
 
     @Test(.enabled(if: TestHost.hasKVM, "needs /dev/kvm"))
