@@ -137,6 +137,10 @@ public struct CommandRun: Sendable {
 
     /// Runs the command and waits for it.
     public func run(io: IO) throws(Failure) -> Outcome {
+        if confined {
+            // Before the machine's threads start: none of them keeps a root's capabilities.
+            do { try Confinement.dropCapabilities() } catch { throw Failure.setup(error) }
+        }
         let isSnapshot = if case .snapshot = root { true } else { false }
         do {
             return try runOnce(io: io, templates: cold || isSnapshot ? .none : .restoreOrSave)

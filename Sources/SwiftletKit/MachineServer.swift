@@ -54,6 +54,8 @@ public enum MachineServer {
         }
         let record: MachineRecord, lock: OwnedFileDescriptor
         do {
+            // Before any other thread starts: no thread of a VMM process keeps a root's capabilities.
+            try Confinement.dropCapabilities()
             record = try directory.record()
             lock = try OwnedFileDescriptor.open(directory.lockPath, flags: O_RDWR | O_CREAT, mode: 0o600, what: directory.lockPath)
         } catch {

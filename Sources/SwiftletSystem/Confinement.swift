@@ -50,9 +50,7 @@ public enum Confinement {
         guard !confined.exchange(true, ordering: .acquiringAndReleasing) else { return }
         let mode = try mode()
         try systemCall("prctl(PR_SET_NO_NEW_PRIVS)") { swiftlet_set_no_new_privileges() }
-        if swiftlet_has_capabilities() == 1 {
-            try systemCall("capset (dropping capabilities)") { swiftlet_drop_capabilities() }
-        }
+        try dropCapabilities()
         try limitDescriptors()
         if let largestFile { try limitFileSize(largestFile) }
         guard mode != .off else { return }
@@ -62,6 +60,18 @@ public enum Confinement {
         // A test hook: a call the filter refuses, made once it is in place (the process ends
         // with the message above). Harmless without the filter: personality(0xffffffff) only asks.
         if getenv("SWIFTLET_SECCOMP_TEST_FORBIDDEN_CALL") != nil { _ = swiftlet_forbidden_call_for_tests() }
+    }
+
+    /// Drops the calling thread's capabilities, when it has any: threads it starts afterwards have
+    /// none either. Capabilities belong to threads, not processes, and `confine` runs on the
+    /// machine's thread: a process that becomes a VMM (a machine's `machine serve`, a confined
+    /// `run`) calls this first, on its main thread, before it starts any other, so no thread of
+    /// it keeps a root's capabilities. Files it opens are its user's own (a root's files are
+    /// root's), and helpers it executes (passt, mkfs) get a root's capabilities back from execve.
+    public static func dropCapabilities() throws(SwiftletError) {
+        if swiftlet_has_capabilities() == 1 {
+            try systemCall("capset (dropping capabilities)") { swiftlet_drop_capabilities() }
+        }
     }
 
     /// Sets RLIMIT_NOFILE, soft and hard, to `descriptorLimit` (or to the hard limit if that is lower).

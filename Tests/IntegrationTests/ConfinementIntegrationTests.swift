@@ -38,6 +38,10 @@ struct ConfinementIntegrationTests {
         let limits = (try? OwnedFileDescriptor.readSmallTextFile("/proc/\(pid)/limits")) ?? ""
         let openFiles = limits.split(separator: "\n").first { $0.hasPrefix("Max open files") }?.split(whereSeparator: \.isWhitespace)
         #expect(openFiles.map { Array($0.dropFirst(3).prefix(2)) } == ["4096", "4096"], "\(limits)")
+        // No thread of it keeps a capability (the tests run as root): capabilities are per thread.
+        let caps = Subprocess.run(["/bin/sh", "-c", "grep -H -E '^Cap(Eff|Prm):' /proc/$0/task/*/status", pid], timeout: 30)
+        let capLines = caps.stdout.split(separator: "\n")
+        #expect(capLines.count >= 4 && capLines.allSatisfy { $0.hasSuffix("0000000000000000") }, "\(caps.stdout)")
         // What a machine does, under the filter: exec with input, pause, snapshot, a fork's new VMMs.
         let exec = Subprocess.run(["/bin/sh", "-c", "echo hello | \"$0\" machine exec box -i -- cat", swiftlet], environment: ["SWIFTLET_HOME": home.path], timeout: 300)
         #expect(exec.status == 0 && exec.stdout == "hello\n", "\(exec.stderr)")
