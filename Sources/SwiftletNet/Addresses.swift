@@ -138,12 +138,13 @@ public enum IPAddress: Hashable, Sendable, Codable, CustomStringConvertible {
             guard !tail.contains("::"), !tail.hasPrefix(":") else { return nil }
             halves = [String(text[..<gap.lowerBound]), tail]
         }
-        func groups(_ part: String) -> [UInt16]? {
+        // A dotted quad may only end the address: the last field of the last part.
+        func groups(_ part: String, quadAllowed: Bool) -> [UInt16]? {
             if part.isEmpty { return [] }
             var result: [UInt16] = []
             let fields = part.split(separator: ":", omittingEmptySubsequences: false)
             for (i, field) in fields.enumerated() {
-                if i == fields.count - 1, field.contains("."), let v4 = parseV4(field) {
+                if quadAllowed, i == fields.count - 1, field.contains("."), let v4 = parseV4(field) {
                     result += [UInt16(v4 >> 16), UInt16(truncatingIfNeeded: v4)]
                 } else {
                     guard (1...4).contains(field.count), field.allSatisfy(\.isHexDigit), let group = UInt16(field, radix: 16) else { return nil }
@@ -152,10 +153,10 @@ public enum IPAddress: Hashable, Sendable, Codable, CustomStringConvertible {
             }
             return result
         }
-        guard let head = groups(halves[0]) else { return nil }
+        guard let head = groups(halves[0], quadAllowed: halves.count == 1) else { return nil }
         var all = head
         if halves.count == 2 {
-            guard let tail = groups(halves[1]), head.count + tail.count <= 7 else { return nil }
+            guard let tail = groups(halves[1], quadAllowed: true), head.count + tail.count <= 7 else { return nil }
             all += [UInt16](repeating: 0, count: 8 - head.count - tail.count) + tail
         }
         guard all.count == 8 else { return nil }
