@@ -82,7 +82,7 @@ let package = Package(
         // the targets reach internals through @testable imports.
         .target(
             name: "FuzzTargets",
-            dependencies: ["Virtio", "Devices", "GuestMemory", "MachineState", "AgentProtocol", "Images", "VMM", "Hypervisor", "SwiftletKit", "SwiftletSystem"],
+            dependencies: ["Virtio", "Devices", "GuestMemory", "MachineState", "AgentProtocol", "Images", "VMM", "Hypervisor", "SwiftletKit", "SwiftletNet", "SwiftletSystem"],
             path: "Fuzz/Sources/FuzzTargets",
             swiftSettings: strict),
         .executableTarget(name: "swiftlet-fuzz", dependencies: ["FuzzTargets", "SwiftletSystem"], path: "Fuzz/Sources/swiftlet-fuzz", swiftSettings: strict),
