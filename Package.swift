@@ -82,7 +82,7 @@ let package = Package(
         // the targets reach internals through @testable imports.
         .target(
             name: "FuzzTargets",
-            dependencies: ["Virtio", "Devices", "GuestMemory", "MachineState", "AgentProtocol", "Images", "VMM", "Hypervisor", "SwiftletKit", "SwiftletSystem"],
+            dependencies: ["Virtio", "Devices", "GuestMemory", "MachineState", "AgentProtocol", "Images", "VMM", "Hypervisor", "SwiftletKit", "SwiftletNet", "SwiftletSystem"],
             path: "Fuzz/Sources/FuzzTargets",
             swiftSettings: strict),
         .executableTarget(name: "swiftlet-fuzz", dependencies: ["FuzzTargets", "SwiftletSystem"], path: "Fuzz/Sources/swiftlet-fuzz", swiftSettings: strict),
@@ -98,7 +98,7 @@ let package = Package(
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], swiftSettings: strict),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SwiftletNetTests", dependencies: ["SwiftletNet", "SwiftletSystem"], swiftSettings: strict),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Virtio", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Virtio", "SwiftletNet", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "Hypervisor", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "Hypervisor", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),

@@ -11,6 +11,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case mmio, serial8250 = "serial-8250", agentFrames = "agent-frames", controlJSON = "control-json"
     case tarEROFS = "tar-erofs", snapshotState = "snapshot-state", memoryFile = "memory-file"
     case workingSet = "working-set", ociDocuments = "oci-documents"
+    case virtioNet = "virtio-net"
 
     /// Runs one input. Errors the code reports are expected outcomes; a violated invariant traps.
     public func run(_ input: [UInt8]) {
@@ -28,6 +29,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .memoryFile: MemoryFileFuzz.run(input)
         case .workingSet: WorkingSetFuzz.run(input)
         case .ociDocuments: OCIDocumentsFuzz.run(input)
+        case .virtioNet: VirtioNetFuzz.run(input)
         }
     }
 
@@ -48,6 +50,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .memoryFile: try MemoryFileFuzz.seeds()
         case .workingSet: try WorkingSetFuzz.seeds()
         case .ociDocuments: OCIDocumentsFuzz.seeds()
+        case .virtioNet: try VirtioNetFuzz.seeds()
         }
     }
 
@@ -56,7 +59,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         switch self {
         case .tarEROFS: 64 << 10
         case .memoryFile: 20 << 10
-        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .mmio: 8 << 10
+        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .mmio, .virtioNet: 8 << 10
         default: 4 << 10
         }
     }
