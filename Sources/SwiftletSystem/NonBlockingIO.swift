@@ -34,6 +34,12 @@ extension OwnedFileDescriptor {
         return NonBlockingIO(retryingOnInterrupt { vectors.withUnsafeBufferPointer { readv(fd, $0.baseAddress, Int32($0.count)) } })
     }
 
+    /// One read(2) into `buffer`, EINTR retried; allocates nothing (for loops that read often).
+    public static func readSome(fd: Int32, into buffer: UnsafeMutableRawBufferPointer) -> NonBlockingIO {
+        // SAFETY: read(2) writes at most `buffer.count` bytes into `buffer`.
+        NonBlockingIO(retryingOnInterrupt { Glibc.read(fd, buffer.baseAddress, buffer.count) })
+    }
+
     /// Closes a descriptor held by number (one whose `OwnedFileDescriptor` was released into a
     /// table). Not retried on EINTR: Linux has closed it either way.
     public static func close(raw fd: Int32) {

@@ -12,6 +12,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case tarEROFS = "tar-erofs", snapshotState = "snapshot-state", memoryFile = "memory-file"
     case workingSet = "working-set", ociDocuments = "oci-documents"
     case egressFilter = "egress-filter"
+    case virtioNet = "virtio-net"
 
     /// Runs one input. Errors the code reports are expected outcomes; a violated invariant traps.
     public func run(_ input: [UInt8]) {
@@ -30,6 +31,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .workingSet: WorkingSetFuzz.run(input)
         case .ociDocuments: OCIDocumentsFuzz.run(input)
         case .egressFilter: EgressFilterFuzz.run(input)
+        case .virtioNet: VirtioNetFuzz.run(input)
         }
     }
 
@@ -51,6 +53,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .workingSet: try WorkingSetFuzz.seeds()
         case .ociDocuments: OCIDocumentsFuzz.seeds()
         case .egressFilter: EgressFilterFuzz.seeds()
+        case .virtioNet: try VirtioNetFuzz.seeds()
         }
     }
 
@@ -59,7 +62,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         switch self {
         case .tarEROFS: 64 << 10
         case .memoryFile: 20 << 10
-        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .mmio: 8 << 10
+        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .mmio, .virtioNet: 8 << 10
         default: 4 << 10
         }
     }
