@@ -7,7 +7,9 @@ import Virtio
 /// A virtio network device (virtio 1.2, section 5.1) whose other end is a stream socket speaking
 /// passt's "qemu" framing: each Ethernet frame is a 4-byte big-endian length, then the frame
 /// (what QEMU's `-netdev stream` speaks). An optional `FrameFilter` sees every frame in both
-/// directions and may drop it, or answer a guest's frame on the host.
+/// directions and may drop it, or answer a guest's frame on the host (its replies go to the
+/// guest's receive queue; a `.reply` verdict on an inbound frame drops the frame). The filter is
+/// called with the direction's lock held: it must not call into the device (but `requestStop`).
 ///
 /// Features: VERSION_1, MAC, STATUS (the link is always up), MTU, MRG_RXBUF, CSUM (the device
 /// completes a partial checksum before the frame leaves), GUEST_CSUM (frames to the guest are
