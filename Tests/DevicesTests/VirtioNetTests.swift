@@ -674,3 +674,75 @@ func pseudoHeader(proto: UInt8, length: Int) -> [UInt8] {
         #expect(received.frame == numberedFrame(200) && received.numBuffers == 1)
     }
 }
+
+/// The device behind the virtio-mmio transport, brought up the way Linux's driver does it, with
+/// a driver that takes only some of the features.
+@Suite struct VirtioNetTransportTests {
+    typealias R = VirtioMMIOTransport.Register
+
+    func write(_ t: VirtioMMIOTransport, _ offset: UInt64, _ value: UInt32) {
+        withUnsafeBytes(of: value.littleEndian) { t.write(offset: offset, data: $0) }
+    }
+
+    func read(_ t: VirtioMMIOTransport, _ offset: UInt64, count: Int = 4) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        bytes.withUnsafeMutableBytes { t.read(offset: offset, into: $0) }
+        return bytes
+    }
+
+    @Test func aDriverWithFewerFeaturesGetsOneChainPerFrameAndTheTransportSavesTheQueues() throws {
+        let memory = try GuestMemory(anonymous: [(GuestAddress(0), 16 << 20)])
+        let pair = try UnixSocket.pair()
+        let peer = pair.second
+        let device = try VirtioNet(mac: NetGuest.mac, backend: pair.first, filter: nil)
+        defer { device.stop() }
+        let transport = VirtioMMIOTransport(device: device, memory: memory, interrupt: VirtioInterrupt(line: CountingLine()))
+        #expect(read(transport, R.deviceID) == [1, 0, 0, 0])
+        #expect((0..<6).map { read(transport, R.configuration + UInt64($0), count: 1)[0] } == NetGuest.mac.bytes)
+
+        var rx = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x100000))
+        let tx = VirtqueueDriver(memory: memory, size: 64, base: GuestAddress(0x800000))
+        let features = VirtioFeature.version1 | VirtioNetFeature.mac
+        let ok = VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK
+        write(transport, R.status, VirtioStatus.acknowledge | VirtioStatus.driver)
+        write(transport, R.driverFeaturesSelect, 0)
+        write(transport, R.driverFeatures, UInt32(truncatingIfNeeded: features))
+        write(transport, R.driverFeaturesSelect, 1)
+        write(transport, R.driverFeatures, UInt32(truncatingIfNeeded: features >> 32))
+        write(transport, R.status, ok)
+        #expect(transport.status & VirtioStatus.featuresOK != 0)
+        for (index, driver) in [rx, tx].enumerated() {
+            write(transport, R.queueSelect, UInt32(index))
+            write(transport, R.queueSize, UInt32(driver.size))
+            write(transport, R.queueDescriptorLow, UInt32(driver.descriptorTable.rawValue))
+            write(transport, R.queueDriverLow, UInt32(driver.availableRing.rawValue))
+            write(transport, R.queueDeviceLow, UInt32(driver.usedRing.rawValue))
+            write(transport, R.queueReady, 1)
+        }
+        write(transport, R.status, ok | VirtioStatus.driverOK)
+
+        // Linux's small receive buffers without MRG_RXBUF: header and 1518 bytes in one descriptor.
+        var buffers: [UInt16: GuestAddress] = [:]
+        for _ in 0..<4 {
+            let buffer = try rx.buffer(1530)
+            let head = try rx.chain([(buffer, 1530, true)])
+            buffers[head] = buffer
+            try rx.publish(head)
+        }
+        write(transport, R.queueNotify, 0)
+        let frame = numberedFrame(1514)
+        writeAll(peer.rawValue, NetGuest.prefix(frame.count) + frame)
+        for _ in 0..<400 where try rx.usedIndex == 0 { usleep(5000) }
+        let (head, length) = try rx.used(0)
+        #expect(length == 1526)
+        let bytes = try memory.read(count: Int(length), at: buffers[head]!)
+        #expect(bytes[0] == 0 && bytes[10] == 1 && bytes[11] == 0, "no DATA_VALID, num_buffers 1")
+        #expect(Array(bytes[12...]) == frame)
+
+        device.setQuiesced(true)
+        #expect(transport.canSaveState)
+        let state = try transport.saveState()
+        #expect(state.queues[0].nextUsed == 1 && state.queues[0].eventIndex == false)
+        device.setQuiesced(false)
+    }
+}
