@@ -692,6 +692,9 @@ public final class VirtioNet: VirtioDevice {
             r.end -= r.start
             r.start = 0
         }
+        // Only a partial frame is left when the device reads (shorter than the buffer by far), so
+        // there is room; a read of nothing would look like end of file.
+        guard capacity > r.end else { return false }
         switch OwnedFileDescriptor.readSome(fd: backend.rawValue, into: UnsafeMutableRawBufferPointer(start: base + r.end, count: capacity - r.end)) {
         case .moved(let n) where n > 0:
             r.end += n
