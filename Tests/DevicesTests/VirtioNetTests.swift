@@ -746,3 +746,47 @@ func pseudoHeader(proto: UInt8, length: Int) -> [UInt8] {
         device.setQuiesced(false)
     }
 }
+
+/// The device with SwiftletNet's `EgressFilter` between it and passt, as a machine has them:
+/// what the policy refuses never reaches the socket, and its answers reach the guest.
+@Suite struct VirtioNetEgressFilterTests {
+    /// A UDP datagram from the guest (10.0.2.15) to `destination` (four bytes) in an Ethernet frame.
+    static func udpFrame(to destination: [UInt8], port: UInt16, payload: [UInt8]) -> [UInt8] {
+        let length = 8 + payload.count
+        var udp: [UInt8] = [0x82, 0x35, UInt8(port >> 8), UInt8(port & 0xFF), UInt8(length >> 8), UInt8(length & 0xFF), 0, 0] + payload
+        let pseudo: [UInt8] = [10, 0, 2, 15] + destination + [0, 17, UInt8(length >> 8), UInt8(length & 0xFF)]
+        let sum = referenceChecksum(pseudo + udp)
+        udp[6] = UInt8(sum >> 8); udp[7] = UInt8(sum & 0xFF)
+        let total = 20 + udp.count
+        var ip: [UInt8] = [0x45, 0, UInt8(total >> 8), UInt8(total & 0xFF), 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 0, 2, 15] + destination
+        let check = referenceChecksum(ip)
+        ip[10] = UInt8(check >> 8); ip[11] = UInt8(check & 0xFF)
+        return [0x02, 0x53, 0x57, 0, 0, 0x02] + NetGuest.mac.bytes + [0x08, 0x00] + ip + udp
+    }
+
+    /// A DNS query for an A record of `name`.
+    static func query(_ name: String, id: UInt16) -> [UInt8] {
+        var message: [UInt8] = [UInt8(id >> 8), UInt8(id & 0xFF), 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]
+        for label in name.split(separator: ".") { message += [UInt8(label.utf8.count)] + Array(label.utf8) }
+        return message + [0, 0, 1, 0, 1]
+    }
+
+    @Test func aQueryForANameNotAllowedIsAnsweredOnTheHostAndNeverReachesPasst() throws {
+        let configuration = NetworkConfiguration(allowedHosts: [try HostPattern(parsing: "example.com")])
+        let filter = EgressFilter(configuration: configuration, log: { _ in })
+        let guest = try NetGuest(filter: filter, receiveBuffers: 8)
+        let dns: [UInt8] = [10, 0, 2, 3]
+        try guest.send(Self.udpFrame(to: dns, port: 53, payload: Self.query("blocked.test", id: 0x4242)))
+        let answer = try #require(try guest.receive())
+        // Ethernet, IPv4 (20), UDP (8), then DNS: the query's id, a response with NXDOMAIN (rcode 3).
+        let message = Array(answer.frame[42...])
+        #expect(message[0] == 0x42 && message[1] == 0x42)
+        #expect(message[2] & 0x80 != 0 && message[3] & 0x0F == 3)
+        #expect(Array(answer.frame[26..<30]) == dns, "from the DNS address")
+        // An allowed name goes to passt: the first frame on the socket is that query.
+        let allowed = Self.udpFrame(to: dns, port: 53, payload: Self.query("example.com", id: 7))
+        try guest.send(allowed)
+        #expect(try guest.readFromPeer() == allowed)
+        #expect(guest.device.statistics.droppedByFilter == 1 && guest.device.statistics.transmittedFrames == 1)
+    }
+}
