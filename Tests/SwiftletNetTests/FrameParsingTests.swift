@@ -150,6 +150,22 @@ import Testing
         }
     }
 
+    @Test func expiringTablesDropExpiredThenOldestWhenFull() {
+        var table = ExpiringTable<Int, String>(capacity: 3)
+        table.insert(1, "a", expiry: 10, now: 0)
+        table.insert(2, "b", expiry: 30, now: 0)
+        table.insert(3, "c", expiry: 20, now: 0)
+        table.insert(4, "d", expiry: 40, now: 0)  // full: 1 expires first and goes
+        #expect(table.count == 3 && table.value(1, now: 0) == nil && table.value(4, now: 0) == "d")
+        #expect(table.value(3, now: 19) == "c" && table.value(3, now: 20) == nil)
+        let extended = table.extend(2, to: 50, now: 0)
+        #expect(extended && table.value(2, now: 45) == "b")
+        let revived = table.extend(3, to: 90, now: 25)
+        #expect(!revived)  // expired entries are not revived
+        table.insert(5, "e", expiry: 60, now: 25)  // full: the expired 3 goes, nothing live
+        #expect(table.count == 3 && table.value(2, now: 25) == "b" && table.value(4, now: 25) == "d")
+    }
+
     @Test func checksumsMatchAnIndependentRoutine() {
         var random = SystemRandomNumberGenerator()
         for length in [0, 1, 2, 3, 20, 21, 1499] {
