@@ -16,6 +16,10 @@
 #include <termios.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <linux/random.h>
 #include <errno.h>
 
@@ -182,4 +186,80 @@ long guest_filesystem_type(const char *path) {
     struct statfs info;
     if (statfs(path, &info) != 0) return -errno;
     return (long)info.f_type;
+}
+
+// Fills `request` with the interface name; -EINVAL unless it is a valid name.
+static int interface_request(const char *name, struct ifreq *request) {
+    if (name == NULL) return -EINVAL;
+    size_t length = strnlen(name, IFNAMSIZ);
+    if (length == 0 || length >= IFNAMSIZ || strchr(name, '/') != NULL) return -EINVAL;
+    memset(request, 0, sizeof *request);
+    memcpy(request->ifr_name, name, length);
+    return 0;
+}
+
+// One ioctl on a fresh AF_INET datagram socket; 0 or -errno.
+static int inet_ioctl(unsigned long request, void *argument) {
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    int result = ioctl(fd, request, argument) == 0 ? 0 : -errno;
+    close(fd);
+    return result;
+}
+
+static void set_inet_address(struct sockaddr *target, uint32_t address) {
+    struct sockaddr_in in;
+    memset(&in, 0, sizeof in);
+    in.sin_family = AF_INET;
+    in.sin_addr.s_addr = htonl(address);
+    memcpy(target, &in, sizeof in);
+}
+
+int guest_net_set_mtu(const char *name, unsigned int mtu) {
+    struct ifreq request;
+    int e = interface_request(name, &request);
+    if (e != 0) return e;
+    if (mtu < 68 || mtu > 65535) return -EINVAL;
+    request.ifr_mtu = (int)mtu;
+    return inet_ioctl(SIOCSIFMTU, &request);
+}
+
+int guest_net_set_ipv4(const char *name, uint32_t address, unsigned int prefix_length) {
+    struct ifreq request;
+    int e = interface_request(name, &request);
+    if (e != 0) return e;
+    if (prefix_length < 1 || prefix_length > 32 || address == 0) return -EINVAL;
+    set_inet_address(&request.ifr_addr, address);
+    if ((e = inet_ioctl(SIOCSIFADDR, &request)) != 0) return e;
+    interface_request(name, &request);
+    set_inet_address(&request.ifr_netmask, prefix_length == 32 ? 0xFFFFFFFFu : ~(0xFFFFFFFFu >> prefix_length));
+    return inet_ioctl(SIOCSIFNETMASK, &request);
+}
+
+int guest_net_up(const char *name) {
+    struct ifreq request;
+    int e = interface_request(name, &request);
+    if (e != 0) return e;
+    if ((e = inet_ioctl(SIOCGIFFLAGS, &request)) != 0) return e;
+    if (request.ifr_flags & IFF_UP) return 0;
+    request.ifr_flags |= IFF_UP;
+    return inet_ioctl(SIOCSIFFLAGS, &request);
+}
+
+int guest_net_add_default_route(const char *name, uint32_t gateway) {
+    struct ifreq check;
+    int e = interface_request(name, &check);
+    if (e != 0) return e;
+    if (gateway == 0) return -EINVAL;
+    char device[IFNAMSIZ];
+    memcpy(device, check.ifr_name, IFNAMSIZ);
+    struct rtentry route;
+    memset(&route, 0, sizeof route);
+    set_inet_address(&route.rt_dst, 0);
+    set_inet_address(&route.rt_genmask, 0);
+    set_inet_address(&route.rt_gateway, gateway);
+    route.rt_flags = RTF_UP | RTF_GATEWAY;
+    route.rt_dev = device;
+    e = inet_ioctl(SIOCADDRT, &route);
+    return e == -EEXIST ? 0 : e;
 }

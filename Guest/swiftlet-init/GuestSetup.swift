@@ -47,6 +47,10 @@ enum GuestSetup {
             symlink(target, link)
         }
         _ = options.hostname.withCString { sethostname($0, strlen($0)) }
+        // The loopback interface, for programs that talk to themselves over localhost, with or
+        // without a network (the kernel gives it 127.0.0.1 and ::1 as it comes up).
+        let loopback = guest_net_up("lo")
+        if loopback != 0 { Log.write("cannot bring up lo: \(String(cString: strerror(-loopback)))") }
         // Children are reaped through a signalfd; block the signal so it queues there.
         guest_block_signal(SIGCHLD)
     }

@@ -148,7 +148,13 @@ struct Session {
             } else {
                 send(.rootMounted)
             }
-        case .ready, .started, .stdout, .stderr, .exited, .failed, .rootMounted, .proof:
+        case .configureNetwork(let setup):
+            if let failure = Network.configure(setup) {
+                send(.failed(status: 1, message: failure))
+            } else {
+                send(.networkConfigured)
+            }
+        case .ready, .started, .stdout, .stderr, .exited, .failed, .rootMounted, .proof, .networkConfigured:
             Log.write("ignoring a host message meant for the host")
         }
     }

@@ -6,8 +6,8 @@ public enum AgentFrame {
     public static let maximumLength = 1 << 20
 
     enum Tag: UInt8 {
-        case ready = 1, started, stdout, stderr, exited, failed, rootMounted, proof
-        case exec = 32, stdin, closeStdin, signal, resize, openSession, identity, mountRoot, agentKey, challenge
+        case ready = 1, started, stdout, stderr, exited, failed, rootMounted, proof, networkConfigured
+        case exec = 32, stdin, closeStdin, signal, resize, openSession, identity, mountRoot, agentKey, challenge, configureNetwork
     }
 
     public static func encode(_ message: AgentMessage) -> [UInt8] {
@@ -34,6 +34,11 @@ public enum AgentFrame {
         case .proof(let bytes): w.tag(.proof); w.bytes(bytes)
         case .agentKey(let bytes): w.tag(.agentKey); w.bytes(bytes)
         case .challenge(let nonce): w.tag(.challenge); w.bytes(nonce)
+        case .networkConfigured: w.tag(.networkConfigured)
+        case .configureNetwork(let setup):
+            w.tag(.configureNetwork)
+            w.string(setup.address); w.u8(setup.prefixLength); w.string(setup.gateway); w.strings(setup.dns)
+            w.u32(setup.mtu); w.string(setup.hostName); w.bytes(setup.mac)
         }
         let length = UInt32(w.out.count)
         return [UInt8(truncatingIfNeeded: length), UInt8(truncatingIfNeeded: length >> 8),
@@ -70,6 +75,14 @@ public enum AgentFrame {
         case .proof: message = .proof(try r.bytes())
         case .agentKey: message = .agentKey(try r.bytes())
         case .challenge: message = .challenge(nonce: try r.bytes())
+        case .networkConfigured: message = .networkConfigured
+        case .configureNetwork:
+            let address = try r.string(), prefixLength = try r.u8(), gateway = try r.string(), dns = try r.strings()
+            let mtu = try r.u32(), hostName = try r.string(), mac = try r.bytes()
+            let setup = NetworkSetup(address: address, prefixLength: prefixLength, gateway: gateway, dns: dns, mtu: mtu,
+                                     hostName: hostName, mac: mac)
+            try setup.validate()
+            message = .configureNetwork(setup)
         }
         guard r.isAtEnd else { throw AgentProtocolError("\(tag) message has \(r.remaining) trailing bytes") }
         return message

@@ -220,6 +220,27 @@ public final class AgentSession: @unchecked Sendable {
         }
     }
 
+    /// Asks the agent to set up the guest's network interface (the one whose MAC is `setup.mac`):
+    /// address, MTU, default route, /etc/resolv.conf and /etc/hosts; returns once it has. The
+    /// agent waits briefly for the interface to appear. Idempotent: a restored machine that was
+    /// set up before may be sent it again. Sent after `ready` (and `mountRoot`), before any command.
+    public func configureNetwork(_ setup: NetworkSetup) throws(SwiftletError) {
+        do {
+            try setup.validate()
+        } catch {
+            throw SwiftletError(.invalidArgument, "cannot set up the guest's network: \(error.description)")
+        }
+        try send(.configureNetwork(setup))
+        while true {
+            switch try receive() {
+            case .networkConfigured?: return
+            case .failed(_, let message)?: throw SwiftletError(.guestFailure, "the guest could not set up its network: \(message)")
+            case nil: throw SwiftletError(.guestFailure, "the guest agent hung up while setting up its network")
+            default: continue
+            }
+        }
+    }
+
     /// Sends one message; safe from any thread while another runs a command (for signals).
     public func send(_ message: AgentMessage) throws(SwiftletError) {
         let frame = AgentFrame.encode(message)

@@ -57,3 +57,16 @@ int guest_reseed_random(const unsigned char *bytes, int length);
 
 // The filesystem type (statfs f_type) of the file system holding `path`; -errno on failure.
 long guest_filesystem_type(const char *path);
+
+// Network interface set-up with ioctls on an AF_INET socket (no `ip` binary in the guest).
+// `name` is an interface name (shorter than IFNAMSIZ); addresses are IPv4 in host byte order.
+// Each returns 0 or -errno (-EINVAL for arguments out of range, before any system call).
+
+/// Sets the interface's MTU (68 to 65535).
+int guest_net_set_mtu(const char *name, unsigned int mtu);
+/// Gives the interface `address`/`prefix_length` (1 to 32) as its IPv4 address; the same address again is no change.
+int guest_net_set_ipv4(const char *name, uint32_t address, unsigned int prefix_length);
+/// Brings the interface up (IFF_UP).
+int guest_net_up(const char *name);
+/// Adds the IPv4 default route via `gateway` on the interface; a route that is already there is success.
+int guest_net_add_default_route(const char *name, uint32_t gateway);
