@@ -200,6 +200,17 @@ struct AgentTests {
         }
     }
 
+    @Test func anAgentThatIsNoGuestInitRefusesToSetUpTheNetworkAndCarriesOn() throws {
+        try withAgent { session throws in
+            let error = #expect(throws: SwiftletError.self) { try session.configureNetwork(AgentSessionNetworkTests.setup) }
+            #expect(error?.code == .guestFailure)
+            #expect(error?.message.contains("the agent is not the guest's init: it does not set up this system's network") == true,
+                    "\(String(describing: error))")
+            #expect(try run(session, ExecRequest(arguments: ["sh", "-c", "echo still here"])).stdout == Array("still here\n".utf8))
+            session.shutdown()
+        }
+    }
+
     @Test func missingAndUnrunnableCommands() throws {
         let script = dir.write("not-executable", Array("echo hi\n".utf8), mode: 0o644)
         try withAgent { session in
@@ -299,5 +310,71 @@ struct AgentTests {
             #expect(text.contains("to-stderr"), "\(text)")
             #expect(r.stderr.isEmpty)
         }
+    }
+}
+
+/// `AgentSession.configureNetwork` against a scripted peer on a socket pair.
+@Suite struct AgentSessionNetworkTests {
+    static let setup = NetworkSetup(address: "10.0.2.15", prefixLength: 24, gateway: "10.0.2.2", dns: ["10.0.2.3"], mtu: 65520,
+                                    hostName: "host.swiftlet.internal", mac: [0x02, 0x53, 0x57, 0, 0, 1])
+
+    /// Runs `configureNetwork(setup)` with a peer that reads one message and answers `answers`
+    /// (then hangs up); returns what the peer read and what the call threw.
+    func configure(_ setup: NetworkSetup = Self.setup, answers: [AgentMessage]) throws -> (received: AgentMessage?, error: SwiftletError?) {
+        var fds: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0)
+        let session = AgentSession(socket: OwnedFileDescriptor(taking: fds[0]))
+        let peer = fds[1]
+        let received = Mutex<AgentMessage?>(nil)
+        let thread = try OSThread.start(name: "peer") {
+            var reader = AgentFrameReader()
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while true {
+                if let message = try? reader.next() { received.withLock { $0 = message }; break }
+                let n = read(peer, &buffer, buffer.count)
+                if n <= 0 { break }
+                reader.append(buffer[0..<n])
+            }
+            for answer in answers {
+                let frame = AgentFrame.encode(answer)
+                _ = frame.withUnsafeBytes { write(peer, $0.baseAddress, $0.count) }
+            }
+            close(peer)
+        }
+        var caught: SwiftletError?
+        do { try session.configureNetwork(setup) } catch { caught = error }
+        session.shutdown()
+        thread.join()
+        return (received.withLock { $0 }, caught)
+    }
+
+    @Test func theSetupGoesOutAndTheAnswerEndsTheCall() throws {
+        // Output of an earlier command still on its way is passed over.
+        let r = try configure(answers: [.stdout([1]), .networkConfigured])
+        #expect(r.received == .configureNetwork(Self.setup))
+        #expect(r.error == nil)
+    }
+
+    @Test func theGuestsFailureIsReportedWithItsMessage() throws {
+        let r = try configure(answers: [.failed(status: 1, message: "no interface with MAC 02:53:57:00:00:01")])
+        #expect(r.error?.code == .guestFailure)
+        #expect(r.error?.message == "the guest could not set up its network: no interface with MAC 02:53:57:00:00:01")
+        let hungUp = try configure(answers: [])
+        #expect(hungUp.error?.code == .guestFailure)
+        #expect(hungUp.error?.message.contains("hung up while setting up its network") == true)
+    }
+
+    @Test func aMalformedSetupIsNeverSent() throws {
+        var setup = Self.setup
+        setup.hostName = "host\n0.0.0.0 example.com"
+        var fds: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        defer { close(fds[1]) }
+        let session = AgentSession(socket: OwnedFileDescriptor(taking: fds[0]))
+        let error = #expect(throws: SwiftletError.self) { try session.configureNetwork(setup) }
+        #expect(error?.code == .invalidArgument)
+        #expect(error?.message.contains("is not a host name") == true, "\(String(describing: error))")
+        var byte: UInt8 = 0
+        #expect(recv(fds[1], &byte, 1, Int32(MSG_DONTWAIT)) == -1 && errno == EAGAIN, "nothing was sent")
     }
 }

@@ -33,6 +33,9 @@ enum AgentFrameFuzz {
             .failed(status: 127, message: "no such file"), .rootMounted, .openSession, .identity(hostname: "box", seed: [1, 2, 3]),
             .mountRoot(devices: ["/dev/vda", "/dev/vdb"]), .exec(ExecRequest(arguments: ["/bin/sh", "-c", "echo hi"], environment: ["A=b"], terminal: true, rows: 24, columns: 80)),
             .stdin(Array("input".utf8)), .closeStdin, .signal(15), .resize(rows: 50, columns: 132),
+            .configureNetwork(NetworkSetup(address: "10.0.2.15", prefixLength: 24, gateway: "10.0.2.2", dns: ["10.0.2.3"], mtu: 65520,
+                                           hostName: "host.swiftlet.internal", mac: [0x02, 0x53, 0x57, 0, 0, 1])),
+            .networkConfigured,
         ]
         return [[0xFF] + messages.flatMap(AgentFrame.encode), [3] + messages.prefix(4).flatMap(AgentFrame.encode)]
             + messages.map { [0xFF] + AgentFrame.encode($0) }
