@@ -132,7 +132,7 @@ public struct NetworkSetup: Equatable, Sendable {
     }
 
     /// A dotted-decimal IPv4 address (four numbers 0-255, no leading zeros) as a number, or nil.
-    static func ipv4(_ text: String) -> UInt32? {
+    public static func ipv4(_ text: String) -> UInt32? {
         let parts = text.utf8.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
         guard parts.count == 4 else { return nil }
         var value: UInt32 = 0
