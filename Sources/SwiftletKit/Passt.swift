@@ -34,7 +34,8 @@ public final class PasstProcess: Sendable {
         helper.stop()
     }
 
-    /// Starts passt on one end of a new socket pair; the returned descriptor is the other end (for VirtioNet).
+    /// Starts passt on one end of a new socket pair; the returned `socket` is the other end (for VirtioNet).
+    /// (A tuple cannot hold the noncopyable descriptor: `StartedPasst` is that pair.)
     ///
     /// passt tells the guest the addresses of `network`, answers ARP and NDP as the gateway
     /// (`gatewayMAC`), forwards DNS sent to `network.dns` to the host's resolver, maps
@@ -47,7 +48,7 @@ public final class PasstProcess: Sendable {
     /// and port when a publication cannot be bound (in use, or below 1024 without privileges),
     /// and an error with the last lines of passt's log when it ends at start for another reason.
     public static func start(network: GuestNetwork = .default, configuration: NetworkConfiguration,
-                             logFile: String?, executable: String? = nil) throws(SwiftletError) -> (PasstProcess, OwnedFileDescriptor) {
+                             logFile: String?, executable: String? = nil) throws(SwiftletError) -> StartedPasst {
         let path = executable ?? defaultExecutable
         guard access(path, X_OK) == 0 else {
             if executable == nil {
@@ -71,7 +72,7 @@ public final class PasstProcess: Sendable {
             helper.stop()
             throw error
         }
-        return (PasstProcess(helper: helper), pair.first)
+        return StartedPasst(process: PasstProcess(helper: helper), socket: pair.first)
     }
 
     /// passt's process id.
@@ -185,6 +186,14 @@ public final class PasstProcess: Sendable {
         let last = lines.suffix(5)
         return last.isEmpty ? " (passt said nothing)" : ": " + last.joined(separator: "; ")
     }
+}
+
+/// A started passt and the VMM's end of its socket (`let started = try PasstProcess.start(...)`,
+/// then `started.process` and `started.socket`, each taken once).
+@frozen public struct StartedPasst: ~Copyable, Sendable {
+    public let process: PasstProcess
+    /// The stream socket for `VirtioNet(backend:)`, close-on-exec.
+    public let socket: OwnedFileDescriptor
 }
 
 extension Substring {
