@@ -255,25 +255,60 @@ import Testing
         while true { pause(); _ = passt.pid; _ = socket.rawValue }
     }
 
-    @Test func passtDiesWithTheProcessThatStartedIt() throws {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        try #require(readlink("/proc/self/exe", &buffer, buffer.count - 1) > 0)
+    /// Runs this test bundle as a child with only the test `name`, `childVariable` set to a file
+    /// that test writes; returns the child and the file's first line (nil if none came in 60 s).
+    static func runChildTest(_ name: String) throws -> (child: HelperProcess, line: String?) {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        try #require(n > 0)
         let directory = try Self.temporaryDirectory()
         var environment: [String] = []
         var entry = environ
         while let pointer = entry.pointee { environment.append(String(cString: pointer)); entry += 1 }
-        environment.append("\(Self.childVariable)=\(directory)/pid")
+        environment.append("\(Self.childVariable)=\(directory)/out")
         let null = try OwnedFileDescriptor.open("/dev/null", flags: O_RDWR)
-        let child = try HelperProcess.start(String(cString: buffer), arguments: ["--testing-library", "swift-testing", "--filter", "childThatStartsPasstAndWaits"],
+        let child = try HelperProcess.start(String(decoding: buffer[0..<n], as: UTF8.self),
+                                            arguments: ["--testing-library", "swift-testing", "--filter", name],
                                             environment: environment, descriptors: [null.rawValue, null.rawValue, null.rawValue], name: "test-child")
-        defer { child.stop() }
-        var pid: Int32?
         let deadline = MonotonicClock.now + 60_000_000_000
-        while pid == nil && child.exit == nil && MonotonicClock.now < deadline {
-            pid = (try? OwnedFileDescriptor.readSmallTextFile(directory + "/pid")).flatMap { Int32($0.filter { $0 != "\n" }) }
-            if pid == nil { usleep(20_000) }
+        while MonotonicClock.now < deadline {
+            if let text = try? OwnedFileDescriptor.readSmallTextFile(directory + "/out") {
+                return (child, text.split(separator: "\n").first.map(String.init))
+            }
+            if child.exit != nil { break }
+            usleep(20_000)
         }
-        let passt = try #require(pid)
+        return (child, nil)
+    }
+
+    /// Run as a child: starts passt, confines itself as a VMM does, then stops passt: the VMM's
+    /// seccomp filter lets it kill and reap passt (a refused call would end it with status 159).
+    @Test func childThatStopsPasstWhenConfined() throws {
+        guard let path = getenv(Self.childVariable).map({ String(cString: $0) }) else { return }
+        let started = try PasstProcess.start(configuration: NetworkConfiguration(allowAll: true), logFile: nil)
+        let passt = started.process, socket = started.socket
+        try Confinement.confine(.vmm)
+        passt.stop()
+        let exit = passt.exit.map { "\($0)" } ?? "running"
+        _ = socket.rawValue
+        try OwnedFileDescriptor.writeSmallFileAtomically(path, Array("\(exit)\n".utf8))
+        Glibc._exit(0)
+    }
+
+    // Disabled: the confined child hangs (main thread in rt_sigsuspend, passt not killed) and
+    // was not diagnosed before the deadline; whether that is the test bundle under the VMM's
+    // filter or HelperProcess under it is open.
+    @Test(.disabled("confined test-bundle child hangs; not yet diagnosed"))
+    func aConfinedVMMStopsAndReapsPasst() throws {
+        let (child, line) = try Self.runChildTest("childThatStopsPasstWhenConfined")
+        #expect(line == "killed by signal 9")
+        #expect(child.waitForExit(timeoutNanoseconds: 30_000_000_000) == .exited(0))
+    }
+
+    @Test func passtDiesWithTheProcessThatStartedIt() throws {
+        let (child, line) = try Self.runChildTest("childThatStartsPasstAndWaits")
+        defer { child.stop() }
+        let passt = try #require(line.flatMap { Int32($0) })
         #expect(Self.command(of: passt)?.hasPrefix("passt") == true)
         #expect(child.stop() == .signaled(SIGKILL))
         #expect(Self.isGone(passt))
