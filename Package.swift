@@ -54,7 +54,7 @@ let package = Package(
         // boot templates, image resolution and `run`. The public Swift API (product Swiftlet).
         .target(
             name: "SwiftletKit",
-            dependencies: ["VMM", "Devices", "MachineState", "AgentProtocol", "Images", "SwiftletSystem", "CLinux"],
+            dependencies: ["VMM", "Devices", "MachineState", "AgentProtocol", "Images", "SwiftletNet", "SwiftletSystem", "CLinux"],
             swiftSettings: strict),
         // Argument parsing and presentation only.
         .executableTarget(
@@ -102,7 +102,7 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "Hypervisor", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "Hypervisor", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),
-        .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletNet", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "FuzzTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
         .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem", "VMM", "Hypervisor", "AgentProtocol"], swiftSettings: strict),
     ]

@@ -118,7 +118,8 @@ public enum Confinement {
     public static func filter(_ role: Role, defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
         switch role {
         case .vmm:
-            SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(common + vmmCalls) + prctlRules + threadRules + vmmSocketRules + seccompRules,
+            SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(common + vmmCalls) + prctlRules + threadRules + vmmSocketRules + seccompRules
+                            + helperRules,
                           defaultAction: defaultAction)
         case .pull:
             SeccompFilter(rules: ioctlRules(terminalIoctls) + rules(common + pullCalls + ["socket"]) + prctlRules + threadRules,
@@ -229,6 +230,17 @@ public enum Confinement {
     /// The VMM makes Unix sockets only (its control socket and vsock forwarding).
     static let vmmSocketRules: [SeccompFilter.Rule] = [
         SeccompFilter.Rule("socket", conditions: [.equals(argument: 0, UInt32(AF_UNIX))])!,
+    ]
+
+    /// A VMM process starts its helpers (passt, `HelperProcess`) before it confines itself, and
+    /// afterwards only ends and reaps them: the thread that started a helper waits for it
+    /// (waitid without reaping, then wait4), and `HelperProcess.stop` sends SIGKILL, to that
+    /// one process (kill with another signal, or to a group, stays refused; forking and
+    /// executing stay refused too).
+    static let helperRules: [SeccompFilter.Rule] = [
+        SeccompFilter.Rule("waitid", conditions: [.equals(argument: 0, 1 /* P_PID */)])!,
+        SeccompFilter.Rule("wait4")!,
+        SeccompFilter.Rule("kill", conditions: [.equals(argument: 1, UInt32(SIGKILL))])!,
     ]
 
     /// A vCPU thread adds its own filter once the process's is in place (a filter only ever

@@ -139,6 +139,12 @@ import Testing
         #expect(evaluate(program, number: number("socket"), arguments: [UInt64(AF_UNIX)]) == SECCOMP_RET_ALLOW)
         #expect(evaluate(program, number: number("socket"), arguments: [UInt64(AF_INET)]) == SECCOMP_RET_TRAP)
         #expect(evaluate(program, number: number("clone"), arguments: [UInt64(SIGCHLD)]) == SECCOMP_RET_TRAP)
+        // Helpers (passt): SIGKILL to one process, waiting for one process and reaping it; no other signal to another process.
+        #expect(evaluate(program, number: number("kill"), arguments: [1234, UInt64(SIGKILL)]) == SECCOMP_RET_ALLOW)
+        #expect(evaluate(program, number: number("kill"), arguments: [1234, UInt64(SIGTERM)]) == SECCOMP_RET_TRAP)
+        #expect(evaluate(program, number: number("waitid"), arguments: [1 /* P_PID */]) == SECCOMP_RET_ALLOW)
+        #expect(evaluate(program, number: number("waitid"), arguments: [0 /* P_ALL */]) == SECCOMP_RET_TRAP)
+        #expect(evaluate(program, number: number("wait4")) == SECCOMP_RET_ALLOW)
         // ioctl for KVM and terminals, not TIOCSTI (typing into the user's terminal); prctl to name threads only.
         let ioctl = number("ioctl")
         for request in [SWIFTLET_KVM_RUN, SWIFTLET_KVM_IRQ_LINE, SWIFTLET_KVM_CREATE_VM, SWIFTLET_KVM_GET_TSC_KHZ, SWIFTLET_TIOCGWINSZ, UInt(TCGETS)] {

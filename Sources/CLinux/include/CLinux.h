@@ -15,6 +15,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <termios.h>
+#include "Spawn.h"
 
 // MARK: ioctl request numbers (the _IO* macros do not import into Swift)
 extern const unsigned long SWIFTLET_KVM_GET_API_VERSION;
