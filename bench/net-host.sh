@@ -53,7 +53,7 @@ qemu_net_run() {
   passt -f -q -s "$sock" -a 10.0.2.15 -n 24 -g 10.0.2.2 --dns-forward 10.0.2.3 -t 127.0.0.1/18081:7777 \
     > "$out/passt-$1.log" 2>&1 &
   passt=$!
-  i=0; while [ ! -S "$sock" ] && [ "$i" -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+  i=0; while [ ! -S "$sock" ] && [ "$i" -lt 600 ]; do usleep 100000; i=$((i + 1)); done
   [ -S "$sock" ] || { cat "$out/passt-$1.log" >&2; fail "passt did not create $sock"; }
   "$QEMU" -M microvm,x-option-roms=off,rtc=off,acpi=off,pit=off,pic=off,isa-serial=on -enable-kvm -cpu host \
     -m "$memory" -smp 1 -nodefaults -no-user-config -display none -no-reboot -serial stdio -device i8042 \
