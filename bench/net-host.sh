@@ -16,7 +16,7 @@
 # default 3), BENCH_RR_N (default 1000), BENCH_ONLY=qemu (the QEMU half alone).
 set -u
 runs=${BENCH_RUNS:-5} secs=${BENCH_SECONDS:-3} rrn=${BENCH_RR_N:-1000}
-out=$(mktemp -d /tmp/bench-net.XXXXXX)
+out=$(mktemp -d /tmp/bench-net.XXXXXX); chmod 755 "$out"
 fail() { echo "bench-net: $*" >&2; exit 1; }
 memory=256
 
@@ -48,7 +48,7 @@ swiftlet_net_run() {
 }
 
 qemu_net_run() {
-  log=$out/qemu-$1.log sock=$out/passt.sock
+  log=$out/qemu-$1.log sock=/tmp/passt-bench-$$.sock
   rm -f "$sock"
   passt -f -q -s "$sock" -a 10.0.2.15 -n 24 -g 10.0.2.2 --dns-forward 10.0.2.3 -t 127.0.0.1/18081:7777 \
     > "$out/passt-$1.log" 2>&1 &
