@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
 DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
 
-.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested fuzz fuzz-ci fuzz-long bench bench-boot bench-run bench-pull bench-snapshot bench-library clean
+.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested fuzz fuzz-ci fuzz-long bench bench-boot bench-run bench-pull bench-snapshot bench-library bench-net clean
 
 all: build
 
@@ -64,7 +64,7 @@ fuzz-ci: fuzz
 fuzz-long: setup
 	@FUZZ_RUNS=1000000 FUZZ_NICE=10 scripts/fuzz
 
-bench: bench-boot bench-run bench-pull bench-snapshot bench-library
+bench: bench-boot bench-run bench-pull bench-snapshot bench-library bench-net
 
 bench-boot: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
@@ -84,6 +84,11 @@ bench-snapshot: guest
 bench-library: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
 	@scripts/bench-library
+
+# Networking (iperf3 both ways, latency through a published port) against QEMU microvm on the same
+# passt, and the time --net adds to `run`.
+bench-net: guest
+	@scripts/bench-net
 
 # First pull of new images from a loopback registry (no KVM needed).
 bench-pull: build

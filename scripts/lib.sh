@@ -108,3 +108,39 @@ summarize_tests() {
   echo "$label: $passed passed, $failed failed, $skipped skipped"
   [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ] && [ "$refused" -eq 0 ]
 }
+
+# The network benchmark's image (`make bench-net`): bench_busybox_image's busybox plus Debian's
+# iperf3 with the libraries it loads (at their Debian paths), bench/netbench.c built static as
+# /bin/netbench, and bench/net-guest.sh as /bench/guest; an OCI layout made with umoci, cached by
+# the packages' versions and those files. Prints its path.
+bench_net_image() {
+  need_packages umoci busybox-static iperf3 gcc libc6-dev >&2
+  image=$SWIFTLET_CACHE/bench-net/$(cache_key "$(dpkg-query -W -f='${Version}' busybox-static umoci iperf3 libiperf0 libc6)$(declare -f bench_net_image)" \
+    "$SWIFTLET_ROOT/bench/netbench.c" "$SWIFTLET_ROOT/bench/net-guest.sh")
+  make_net_image() {
+    [ -f "$image/oci-layout" ] && return 0
+    local work; work=$(mktemp -d)
+    umoci init --layout "$work/L" >&2; umoci new --image "$work/L:latest" >&2
+    umoci unpack --rootless --image "$work/L:latest" "$work/b" >/dev/null
+    local r=$work/b/rootfs
+    mkdir -p "$r"/{bin,etc,tmp,root,proc,sys,dev,bench}; chmod 1777 "$r/tmp"
+    cp /bin/busybox "$r/bin/"
+    for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$r/bin/$a"; done
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$r/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' > "$r/etc/group"
+    mkdir -p "$r/usr/bin"; cp /usr/bin/iperf3 "$r/usr/bin/iperf3"
+    local lib
+    for lib in $(ldd /usr/bin/iperf3 | grep -o '/[^ ]*'); do
+      mkdir -p "$r$(dirname "$lib")"; cp -L "$lib" "$r$lib"
+    done
+    gcc -static -O2 -o "$r/bin/netbench" "$SWIFTLET_ROOT/bench/netbench.c"
+    cp "$SWIFTLET_ROOT/bench/net-guest.sh" "$r/bench/guest"; chmod 755 "$r/bench/guest"
+    umoci repack --image "$work/L:latest" "$work/b" >/dev/null
+    umoci config --image "$work/L:latest" --os linux --architecture amd64 --config.cmd /bench/guest >&2
+    umoci gc --layout "$work/L" >&2
+    chmod -R a+rX "$work/L"
+    mkdir -p "$(dirname "$image")"; rm -rf "$image"; mv "$work/L" "$image"; rm -rf "$work"
+  }
+  with_lock "$SWIFTLET_CACHE/bench-net.lock" make_net_image >&2
+  echo "$image"
+}
