@@ -9,7 +9,7 @@ let package = Package(
     products: [
         .executable(name: "swiftlet", targets: ["swiftlet"]),
         .executable(name: "swiftlet-pull", targets: ["swiftlet-pull"]),
-        .library(name: "Swiftlet", targets: ["SwiftletKit", "VMM", "Hypervisor"]),
+        .library(name: "Swiftlet", targets: ["SwiftletKit", "VMM", "SwiftletNet", "Hypervisor"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -48,7 +48,7 @@ let package = Package(
         .target(name: "Devices", dependencies: ["Virtio", "GuestMemory", "SwiftletNet", "SwiftletSystem"], swiftSettings: strict),
         .target(
             name: "VMM",
-            dependencies: ["Hypervisor", "KVM", "GuestMemory", "MachineState", "LinuxBoot", "Virtio", "Devices", "AgentProtocol", "SwiftletSystem", "CLinux"],
+            dependencies: ["Hypervisor", "KVM", "GuestMemory", "MachineState", "LinuxBoot", "Virtio", "Devices", "AgentProtocol", "SwiftletNet", "SwiftletSystem", "CLinux"],
             swiftSettings: strict),
         // The use cases: machine store and lifecycle, the VMM process and its control protocol,
         // boot templates, image resolution and `run`. The public Swift API (product Swiftlet).
@@ -59,7 +59,7 @@ let package = Package(
         // Argument parsing and presentation only.
         .executableTarget(
             name: "swiftlet",
-            dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletNet", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet-example",

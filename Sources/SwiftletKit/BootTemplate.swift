@@ -14,7 +14,8 @@ import VMM
 /// Which image is run does not matter to the template: only its number of layers does.
 ///
 /// KEY digests everything the saved machine depends on: the kernel, initramfs and this executable
-/// (path, size, modification time, inode), the command line, vCPUs, memory and drives. A template
+/// (path, size, modification time, inode), the command line, vCPUs, memory, drives and whether it
+/// has a network device. A template
 /// that cannot be restored is deleted and the run boots instead (and saves a new one); saving a
 /// template deletes those made from files that have since been replaced.
 ///
@@ -38,6 +39,9 @@ public struct BootTemplate: Sendable {
         var key = "swiftlet-boot-template \(Self.format)\n" + inputs
         key += "\(config.commandLine)\ncpus \(config.cpuCount) memory \(config.memoryMiB) drives \(config.disks.count)"
         key += " entropy \(config.entropyDevice) vsock \(config.vsock.map { String($0.guestCID) } ?? "none")\n"
+        // The NIC is part of the saved hardware (its MAC and MTU are in the guest's driver); its
+        // policy and backend are not: a restore joins it to the run's own.
+        key += "network \(config.network.map { "\($0.guest.guestMAC) mtu \($0.guest.mtu)" } ?? "none")\n"
         directory = SnapshotDirectory(Self.root + "/" + SnapshotID(bytes: Array(SHA256.hash(Array(key.utf8)).prefix(16))).description)
     }
 

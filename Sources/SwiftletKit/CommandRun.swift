@@ -1,6 +1,7 @@
 import AgentProtocol
 import Glibc
 import Images
+import SwiftletNet
 import SwiftletSystem
 import VMM
 
@@ -49,6 +50,10 @@ public struct CommandRun: Sendable {
     /// once the machine is built, before the guest runs (`Confinement.confine(.vmm)`), for the
     /// rest of its life. Leave it off in a program that goes on to do other work.
     public var confined = false
+    /// What the machine's network may reach; the default (nothing asked for) gives it no network
+    /// device. A run from a snapshot whose machine had one uses the snapshot's policy unless this
+    /// asks for a network.
+    public var network = NetworkConfiguration()
 
     public init(root: Root) {
         self.root = root
@@ -175,14 +180,16 @@ public struct CommandRun: Sendable {
         var marks: [(name: String, time: UInt64)] = [("process", MonotonicClock.now)]
         let consoleLog = showConsole ? nil : ConsoleLog()
         let port: InProcessPort
-        let (vm, defaultRequest, pendingRoot): (Machine, ExecRequest, PendingRoot?)
+        let (vm, defaultRequest, pendingRoot, network): (Machine, ExecRequest, PendingRoot?, MachineNetwork?)
         do throws(SwiftletError) {
             port = try InProcessPort(port: AgentPort.number)
-            (vm, defaultRequest, pendingRoot) = try makeMachine(io: io, consoleOutput: showConsole ? 2 : consoleLog?.fd, port: port,
-                                                              templates: templates)
+            (vm, defaultRequest, pendingRoot, network) = try makeMachine(io: io, consoleOutput: showConsole ? 2 : consoleLog?.fd, port: port,
+                                                                       templates: templates)
         } catch {
             throw Failure.setup(error)
         }
+        // passt lives as long as the run (and no longer: it is stopped with this value).
+        defer { withExtendedLifetime(network) {} }
         var request = defaultRequest
         let fromSnapshot = if case .snapshot = root { true } else { false }
         marks.append((!fromSnapshot && pendingRoot?.restored != true ? "image" : "snapshot", MonotonicClock.now))
@@ -254,6 +261,12 @@ public struct CommandRun: Sendable {
             }
             marks.append(("root", MonotonicClock.now))
         }
+        if let network {
+            do throws(SwiftletError) { try session.configureNetwork(network.setup) } catch {
+                throw Failure(reason: .guest, message: error.description, consoleTail: consoleLog?.tail())
+            }
+            marks.append(("network", MonotonicClock.now))
+        }
 
         io.beforeCommand()
         let size = terminal ? io.windowSize?() : nil
@@ -284,15 +297,20 @@ public struct CommandRun: Sendable {
     /// image (or restored from their boot template), or restored from a snapshot; and the
     /// command as it runs there.
     private func makeMachine(io: IO, consoleOutput: Int32?, port: InProcessPort,
-                             templates: TemplateUse) throws(SwiftletError) -> (Machine, ExecRequest, PendingRoot?) {
+                             templates: TemplateUse) throws(SwiftletError) -> (Machine, ExecRequest, PendingRoot?, MachineNetwork?) {
         let image: String?, rootfs: String?, policy: PullPolicy, insecure: Bool
+        let log = io.log
         switch root {
         case .snapshot(let directory):
+            var policy = network
+            if !policy.hasNetwork, let saved = try Machine.network(ofSnapshot: directory) { policy = saved.policy }
+            let attached = policy.hasNetwork ? try MachineNetwork(policy: policy, logFile: nil) : nil
             let vm = try Machine.restoring(from: directory, consoleOutput: consoleOutput, kvmPath: AgentPort.kvmPath,
                                            allowPVM: allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true,
-                                           readOnlyDisks: SnapshotPaths.resolver)
+                                           readOnlyDisks: SnapshotPaths.resolver, network: attached?.device(log: log))
             let defaults = try AgentSnapshot.defaults(of: vm, directory: directory)
-            return (vm, try defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: directory), nil)
+            return (vm, try defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: directory),
+                    nil, attached)
         case .defaultImage: (image, rootfs, policy, insecure) = (nil, nil, .missing, false)
         case .rootfs(let path): (image, rootfs, policy, insecure) = (nil, path, .missing, false)
         case .image(let reference, let pull, let insecureRegistry): (image, rootfs, policy, insecure) = (reference, nil, pull, insecureRegistry)
@@ -300,22 +318,27 @@ public struct CommandRun: Sendable {
         let root = try RootFilesystem.resolve(image: image, rootfs: rootfs, insecure: insecure, policy: policy,
                                               signals: io.signals ?? -1, progress: io.log)
         let request = try root.defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: root.name)
+        // passt starts before the machine is built: it gets ready while the machine is made.
+        let attached = network.hasNetwork ? try MachineNetwork(policy: network, logFile: nil) : nil
         guard templates != .none else {
-            let config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput)
-            return (Machine(config: config, vsockPorts: port), request, nil)
+            var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput)
+            config.network = attached?.device(log: log)
+            return (Machine(config: config, vsockPorts: port), request, nil, attached)
         }
-        let config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB,
+        var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB,
                                                  allowPVM: allowPVM, consoleOutput: consoleOutput, emptyDrives: true)
+        config.network = attached?.device(log: log)
         let template = BootTemplate(config: config)
         if templates == .restoreOrSave && template.exists {
             do {
                 let vm = try Machine.restoring(from: template.directory.path, consoleOutput: consoleOutput, kvmPath: AgentPort.kvmPath,
-                                               allowPVM: allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true)
-                return (vm, request, PendingRoot(disks: root.disks, template: template, restored: true))
+                                               allowPVM: allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true,
+                                               network: config.network)
+                return (vm, request, PendingRoot(disks: root.disks, template: template, restored: true), attached)
             } catch {
                 template.remove() // damaged or from another Swiftlet: boot and save a new one
             }
         }
-        return (Machine(config: config, vsockPorts: port), request, PendingRoot(disks: root.disks, template: template, restored: false))
+        return (Machine(config: config, vsockPorts: port), request, PendingRoot(disks: root.disks, template: template, restored: false), attached)
     }
 }

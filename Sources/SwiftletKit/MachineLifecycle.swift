@@ -1,4 +1,5 @@
 import Glibc
+import SwiftletNet
 import SwiftletSystem
 
 /// Starting a machine's VMM process, talking to it, and stopping it.
@@ -141,9 +142,21 @@ public struct MachineSummary: Codable, Sendable {
     public var uptimeMilliseconds: Int?
     public var lastExit: String?
     public var problem: String?
+    /// The outbound policy: "none" (no network device), "open", "allow NAME, CIDR, ..." or
+    /// "inbound only" (published ports and nothing out).
+    public var network: String
+    /// The published ports, as `-p` takes them.
+    public var ports: [String]
 
     init(_ directory: MachineDirectory, record: MachineRecord) {
         name = record.name; image = record.source; cpus = record.cpus; memoryMiB = record.memoryMiB; diskMiB = record.diskMiB
+        network = {
+            guard let policy = record.network, policy.hasNetwork else { return "none" }
+            var outbound = policy
+            outbound.published = []
+            return outbound.hasNetwork ? outbound.summary : "inbound only"
+        }()
+        ports = record.network?.published.map(\.description) ?? []
         lastExit = directory.lastExit
         switch directory.state {
         case .stopped: state = "stopped"

@@ -111,15 +111,23 @@ public enum MachineServer {
         // A noncopyable value may end at its last use: the guest writes to the console until the run ends.
         defer { withExtendedLifetime(console) {} }
         let port = try InProcessPort(port: AgentPort.number)
+        // The machine's own passt (its log in the machine's directory), ended with this process.
+        let network = try record.network.flatMap { policy throws(SwiftletError) in
+            policy.hasNetwork ? try MachineNetwork(policy: policy, logFile: directory.passtLogPath) : nil
+        }
+        defer { network?.stop() }
+        let nic = network?.device(log: log)
         let vm: Machine
         if let snapshot {
             // The snapshot's writable disk is the machine's own disk, already copied (restore) or
             // shared copy-on-write (fork) by the command that made the machine.
             vm = try Machine.restoring(from: snapshot, consoleOutput: console.rawValue, vsockPorts: port, diffable: diffable,
                                        writableDisks: [DiskConfig(path: directory.diskPath, base: record.diskBase)],
-                                       readOnlyDisks: SnapshotPaths.resolver(trusting: record))
+                                       readOnlyDisks: SnapshotPaths.resolver(trusting: record), network: nic)
         } else {
-            vm = Machine(config: try config(record, directory: directory, console: console.rawValue), vsockPorts: port)
+            var config = try config(record, directory: directory, console: console.rawValue)
+            config.network = nic
+            vm = Machine(config: config, vsockPorts: port)
         }
         let machineThread = try MachineThread(vm, confined: true)
         defer { machineThread.stop() }
@@ -138,6 +146,7 @@ public enum MachineServer {
             throw SwiftletError(.guestFailure, "the guest stopped before its agent was ready (\(text)); its console is in \(directory.consolePath)")
         }
         if snapshot != nil { try agent.announceNewIdentity(hostname: record.name) }
+        if let network { try agent.configureNetwork(network.setup) }
         let server = ControlServer(vm: vm, agent: agent, port: port, ended: machineThread.ended, record: record)
         ready()
 

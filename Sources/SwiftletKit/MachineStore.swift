@@ -1,6 +1,7 @@
 import FoundationEssentials
 import Glibc
 import Images
+import SwiftletNet
 import SwiftletSystem
 
 /// What `swiftlet machine create` recorded about a machine: its root, its shape, and how commands
@@ -23,6 +24,9 @@ public struct MachineRecord: Codable, Equatable, Sendable {
     public var diskBase: String? = nil
     /// Seconds since the epoch.
     public var created: Int
+    /// What the machine's network may reach; nil (or a policy that asks for nothing): no network
+    /// device.
+    public var network: NetworkConfiguration? = nil
 }
 
 /// One machine's directory, `$SWIFTLET_HOME/machines/NAME`:
@@ -34,6 +38,7 @@ public struct MachineRecord: Codable, Equatable, Sendable {
 ///   process died without cleaning up (crashed or was killed);
 /// - `control.sock`: the VMM process's control socket;
 /// - `console.log`, `vmm.log`: the guest console and the VMM process's own messages, last run;
+/// - `passt.log`: the machine's network stack's log (a machine with a network), last run;
 /// - `last-exit`: how the last run ended.
 public struct MachineDirectory: Sendable {
     public let name: String
@@ -66,6 +71,7 @@ public struct MachineDirectory: Sendable {
     public var socketPath: String { path + "/control.sock" }
     public var consolePath: String { path + "/console.log" }
     public var logPath: String { path + "/vmm.log" }
+    public var passtLogPath: String { path + "/passt.log" }
     public var lastExitPath: String { path + "/last-exit" }
 
     public var exists: Bool { access(recordPath, F_OK) == 0 }

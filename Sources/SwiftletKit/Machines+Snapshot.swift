@@ -61,6 +61,9 @@ public struct ForkReport: Codable, Sendable {
     /// Until the copies start: the running source's snapshot, or the copy of a snapshot's disk.
     public var snapshotMilliseconds: Double
     public var totalMilliseconds: Double
+    /// The source's published ports, which the copies do not take (one host port serves one
+    /// machine): empty when it had none.
+    public var unpublished: [String] = []
 }
 
 extension Machines {
@@ -162,7 +165,8 @@ struct Fork {
                 throw error
             }
         }
-        return try awaitClones(launches, clones, started: started, snapshotTaken: snapshotTaken, memoryDirectory: snapshot)
+        return try awaitClones(launches, clones, started: started, snapshotTaken: snapshotTaken, memoryDirectory: snapshot,
+                               unpublished: record.network?.published.map(\.description) ?? [])
     }
 
     /// Copies of the machine in a snapshot directory (`machine snapshot -o DIR`): they map its
@@ -183,7 +187,8 @@ struct Fork {
                 throw error
             }
         }
-        return try awaitClones(launches, clones, started: started, snapshotTaken: copied, memoryDirectory: nil)
+        return try awaitClones(launches, clones, started: started, snapshotTaken: copied, memoryDirectory: nil,
+                               unpublished: record.network?.published.map(\.description) ?? [])
     }
 
     static func refuseTaken(_ clones: [MachineDirectory]) throws(SwiftletError) {
@@ -216,6 +221,8 @@ struct Fork {
                 record.name = clone.name
                 record.created = Int(time(nil))
                 record.diskBase = disk
+                // A host port serves one machine: the copies keep the source's policy, not its ports.
+                record.network?.published = []
                 try clone.writeRecord(record)
                 launches.append(try MachineLifecycle.Launch(clone, from: snapshot))
             }
@@ -231,7 +238,7 @@ struct Fork {
     /// shared. `memoryDirectory`: a snapshot of the fork's own whose memory file goes once every
     /// copy has it mapped.
     func awaitClones(_ launches: [MachineLifecycle.Launch], _ clones: [MachineDirectory], started: UInt64,
-                     snapshotTaken: UInt64, memoryDirectory: String?) throws(SwiftletError) -> ForkReport {
+                     snapshotTaken: UInt64, memoryDirectory: String?, unpublished: [String]) throws(SwiftletError) -> ForkReport {
         var failure: SwiftletError?
         for launch in launches {
             do throws(SwiftletError) { try launch.waitUntilReady(milliseconds: timeoutMilliseconds) } catch {
@@ -249,7 +256,8 @@ struct Fork {
         if let memoryDirectory { unlink(SnapshotDirectory(memoryDirectory).memoryPath) }
         return ForkReport(source: from, clones: clones.map(\.name),
                       snapshotMilliseconds: MonotonicClock.milliseconds(from: started, to: snapshotTaken),
-                      totalMilliseconds: MonotonicClock.milliseconds(from: started, to: MonotonicClock.now))
+                      totalMilliseconds: MonotonicClock.milliseconds(from: started, to: MonotonicClock.now),
+                      unpublished: unpublished)
     }
 
     /// Stops (by force) and removes `machines`.

@@ -1,6 +1,7 @@
 import FoundationEssentials
 import Glibc
 import Images
+import SwiftletNet
 import SwiftletSystem
 import VMM
 
@@ -32,6 +33,8 @@ public enum Machines {
         public var memoryMiB = 256
         /// The writable disk's size (sparse: it takes what is written).
         public var diskMiB = 2048
+        /// What the machine's network may reach (the default: no network device).
+        public var network = NetworkConfiguration()
 
         public init(name: String, root: CommandRun.Root = .defaultImage) {
             self.name = name; self.root = root
@@ -71,7 +74,8 @@ public enum Machines {
                 try makeWritableDisk(directory.diskPath, megabytes: creation.diskMiB)
                 let record = MachineRecord(
                     name: creation.name, source: image ?? rootfs ?? "default", layers: root.disks, defaults: root.defaults, cpus: creation.cpus,
-                    memoryMiB: creation.memoryMiB, kernel: creation.kernel.map(absolute), diskMiB: creation.diskMiB, created: Int(time(nil)))
+                    memoryMiB: creation.memoryMiB, kernel: creation.kernel.map(absolute), diskMiB: creation.diskMiB, created: Int(time(nil)),
+                    network: creation.network.hasNetwork ? creation.network : nil)
                 try directory.writeRecord(record)
                 return record
             } catch {

@@ -18,6 +18,11 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         return OwnedFileDescriptor(taking: fd)
     }
 
+    /// A new descriptor (close-on-exec) for what `fd` refers to, owned by the caller.
+    public static func duplicate(_ fd: Int32, what: String) throws(SwiftletError) -> OwnedFileDescriptor {
+        OwnedFileDescriptor(taking: try systemCall("cannot duplicate \(what) (descriptor \(fd))") { fcntl(fd, F_DUPFD_CLOEXEC, 0) })
+    }
+
     /// Creates a file in `directory` and unlinks it at once: scratch space that disappears with
     /// the descriptor (close-on-exec, like every descriptor Swiftlet opens).
     public static func unlinkedTemporaryFile(in directory: String, prefix: String) throws(SwiftletError) -> OwnedFileDescriptor {

@@ -66,14 +66,18 @@ extension Machine {
     }
 
     /// How one copy made by `fork` is set up: where its console goes, who answers its guest's
-    /// vsock connections, and where its writable disks keep what it writes (see `restoring`).
+    /// vsock connections, where its writable disks keep what it writes, and (for a machine with a
+    /// network device) the backend its NIC is joined to, each copy its own (see `restoring`).
     public struct ForkOptions: Sendable {
         public var consoleOutput: Int32?
         public var vsockPorts: (any VsockHostPorts)?
         public var writableDisks: [DiskConfig]?
+        public var network: NetworkDeviceConfig?
 
-        public init(consoleOutput: Int32? = nil, vsockPorts: (any VsockHostPorts)? = nil, writableDisks: [DiskConfig]? = nil) {
+        public init(consoleOutput: Int32? = nil, vsockPorts: (any VsockHostPorts)? = nil, writableDisks: [DiskConfig]? = nil,
+                    network: NetworkDeviceConfig? = nil) {
             self.consoleOutput = consoleOutput; self.vsockPorts = vsockPorts; self.writableDisks = writableDisks
+            self.network = network
         }
     }
 
@@ -103,7 +107,7 @@ extension Machine {
             copies.append(try Self.restoring(from: directory, consoleOutput: o.consoleOutput, kvmPath: shape.kvmPath,
                                              allowPVM: shape.allowPVM, vsockPorts: o.vsockPorts,
                                              vsockForwards: shape.vsock?.forwards ?? [:], diffable: false, writableDisks: o.writableDisks,
-                                             readOnlyDisks: ownDisks, hypervisor: openHypervisor))
+                                             readOnlyDisks: ownDisks, network: o.network, hypervisor: openHypervisor))
         }
         return copies
     }

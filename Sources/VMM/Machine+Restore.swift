@@ -4,6 +4,7 @@ import GuestMemory
 import Hypervisor
 import LinuxBoot
 import MachineState
+import SwiftletNet
 import SwiftletSystem
 
 /// A snapshot to start a machine from, read and checked.
@@ -56,6 +57,25 @@ struct RestorePlan: Sendable {
                 let bits = (0..<32).filter { missing >> $0 & 1 != 0 }.map(String.init).joined(separator: ", ")
                 throw SwiftletError(.unsupported, "the snapshot in \(directory) was taken on a CPU with features this host's KVM does not offer (CPUID 0x\(String(feature.function, radix: 16)).\(feature.index) \(feature.name) bit \(bits)): restore it on a host with the same or a newer CPU")
             }
+        }
+    }
+
+    /// The network device the restored machine gets: `given` with the snapshot's MAC and MTU.
+    /// A snapshot with a NIC needs a backend for it, and one without takes none.
+    func checkedNetwork(_ given: NetworkDeviceConfig?) throws(SwiftletError) -> NetworkDeviceConfig? {
+        switch (snapshot.hardware.network, given) {
+        case (nil, nil): return nil
+        case (nil, _?):
+            throw SwiftletError(.invalidArgument, "the machine in the snapshot in \(directory.path) has no network device: it cannot be given a network when restored")
+        case (_?, nil):
+            throw SwiftletError(.invalidArgument, "the machine in the snapshot in \(directory.path) has a network device: restore it with a network backend for it")
+        case (let saved?, var config?):
+            guard saved.mtu >= Int(VirtioNet.minimumMTU), saved.mtu <= Int(UInt16.max) else {
+                throw SwiftletError(.invalidFormat, "the snapshot in \(directory.path) records a network MTU of \(saved.mtu)")
+            }
+            config.guest.guestMAC = saved.mac
+            config.guest.mtu = saved.mtu
+            return config
         }
     }
 
@@ -155,6 +175,9 @@ extension Machine {
     /// directory, of the sizes it recorded, and its read-only disks (named by the paths they had)
     /// are opened only where `readOnlyDisks` says, read-only; a snapshot that names a writable
     /// disk by path is refused.
+    /// A machine that had a network device gets one again, joined to `network`'s backend under
+    /// `network`'s policy (its MAC and MTU stay the snapshot's: the guest's driver knows them);
+    /// its open flows are gone. One without gets none (`network` must be nil).
     /// With `prefetchWorkingSet`, the pages a restore of this snapshot wrote before (recorded by
     /// `saveWorkingSet()`) are copied out of the snapshot by a thread beside the starting guest,
     /// so that its writes there do not each fault in the host; for short runs that repeat the same
@@ -164,8 +187,10 @@ extension Machine {
                                  vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
                                  diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
                                  prefetchWorkingSet: Bool = false, readOnlyDisks: SnapshotDiskResolver = .none,
+                                 network: NetworkDeviceConfig? = nil,
                                  hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) throws(SwiftletError) -> Machine {
         var plan = try RestorePlan.load(SnapshotDirectory(directory))
+        let nic = try plan.checkedNetwork(network)
         plan.diffable = diffable
         plan.prefetchesWorkingSet = prefetchWorkingSet
         let hardware = plan.snapshot.hardware
@@ -191,7 +216,7 @@ extension Machine {
         let shape = MachineShape(cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, disks: disks,
                                  entropyDevice: hardware.entropyDevice,
                                  vsock: hardware.vsockGuestCID.map { VsockConfig(guestCID: $0, forwards: vsockForwards) },
-                                 kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
+                                 network: nic, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
         return Machine(restoring: plan, shape: shape, vsockPorts: vsockPorts, hypervisor: hypervisor)
     }
 
@@ -275,6 +300,12 @@ extension Machine {
             files.append(try plan.checkedWritableDisk(disk))
         }
         return files
+    }
+
+    /// The network device of the machine in the snapshot in `directory` (nil: it had none), read
+    /// and checked without restoring it: its policy is what the machine ran under.
+    public static func network(ofSnapshot directory: String) throws(SwiftletError) -> SnapshotNetwork? {
+        try RestorePlan.load(SnapshotDirectory(directory)).snapshot.hardware.network
     }
 
     /// What the snapshot in `directory` recorded (`snapshot(to:annotations:)`), read and checked

@@ -4,6 +4,7 @@ import Glibc
 import GuestMemory
 import Hypervisor
 import LinuxBoot
+import SwiftletNet
 import SwiftletSystem
 import Virtio
 
@@ -21,10 +22,11 @@ struct AssembledMachine: Sendable {
     let msrIndices: [UInt32]
     let supportedCPUID: [CPUIDEntry]
 
-    /// Ends what runs beside the guest (the vsock device's host side): the machine is done, or
-    /// its build failed after this step.
+    /// Ends what runs beside the guest (the vsock and network devices' host sides): the machine
+    /// is done, or its build failed after this step.
     func tearDown() {
         devices.vsock?.stop()
+        devices.network?.stop()
     }
 }
 
@@ -104,6 +106,20 @@ extension Machine {
             let ports = ChainedPorts(first: vsockPorts, then: UnixSocketPorts(forwards: vsock.forwards))
             let device = try VirtioVsock(guestCID: vsock.guestCID, hostPorts: ports, onError: { controller.warn($0.description) })
             devices.attachVsock(device, makeTransport: makeTransport)
+        }
+        if let network = shape.network {
+            // The last slot: adding the NIC shifts no other device's slot or interrupt.
+            do throws(SwiftletError) {
+                let backend = try OwnedFileDescriptor.duplicate(network.backend, what: "the network device's socket")
+                let log = network.log ?? { controller.warn("network: " + $0) }
+                let filter = EgressFilter(configuration: network.policy, network: network.guest, log: log)
+                let device = try VirtioNet(mac: network.guest.guestMAC, mtu: UInt16(network.guest.mtu), backend: backend, filter: filter,
+                                           onError: { controller.warn($0.description) })
+                devices.attachNetwork(device, makeTransport: makeTransport)
+            } catch {
+                devices.vsock?.stop()
+                throw error
+            }
         }
         return AssembledMachine(hypervisor: hypervisor, vm: vm, memory: memory, devices: devices, console: console, diskSizes: diskSizes,
                                 msrIndices: msrIndices, supportedCPUID: supportedCPUID)

@@ -1,4 +1,6 @@
+import Devices
 import LinuxBoot
+import SwiftletNet
 import SwiftletSystem
 
 /// Everything needed to boot a machine. Plain values: a config can be stored, compared and sent.
@@ -23,6 +25,8 @@ public struct MachineConfig: Sendable, Equatable {
     public var entropyDevice: Bool
     /// A virtio socket device, or nil for none.
     public var vsock: VsockConfig?
+    /// A virtio network device, or nil for none (the guest has only `lo`).
+    public var network: NetworkDeviceConfig?
 
     /// The default kernel command line: console on the first UART, reboot through the i8042,
     /// reboot at once on panic (after pvpanic has told the VMM), no PCI bus scan, and only critical
@@ -40,12 +44,13 @@ public struct MachineConfig: Sendable, Equatable {
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = MachineConfig.defaultCommandLine,
                 cpuCount: Int = 1, memoryMiB: Int = 256, kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
                 consoleOutput: Int32? = 1, consoleInput: Int32? = nil, disks: [DiskConfig] = [],
-                entropyDevice: Bool = false, vsock: VsockConfig? = nil) {
+                entropyDevice: Bool = false, vsock: VsockConfig? = nil, network: NetworkDeviceConfig? = nil) {
         self.kernelPath = kernelPath; self.initrdPath = initrdPath; self.commandLine = commandLine
         self.cpuCount = cpuCount; self.memoryMiB = memoryMiB; self.kvmPath = kvmPath; self.allowPVM = allowPVM
         self.consoleOutput = consoleOutput; self.consoleInput = consoleInput; self.disks = disks
         self.entropyDevice = entropyDevice
         self.vsock = vsock
+        self.network = network
     }
 
     /// Checks the values that do not depend on the host.
@@ -67,15 +72,17 @@ public struct MachineShape: Sendable, Equatable {
     public var disks: [DiskConfig]
     public var entropyDevice: Bool
     public var vsock: VsockConfig?
+    public var network: NetworkDeviceConfig?
     public var kvmPath: String
     public var allowPVM: Bool
     public var consoleOutput: Int32?
     public var consoleInput: Int32?
 
     public init(cpuCount: Int, memoryMiB: Int, disks: [DiskConfig], entropyDevice: Bool, vsock: VsockConfig?,
+                network: NetworkDeviceConfig? = nil,
                 kvmPath: String = "/dev/kvm", allowPVM: Bool = false, consoleOutput: Int32? = nil, consoleInput: Int32? = nil) {
         self.cpuCount = cpuCount; self.memoryMiB = memoryMiB; self.disks = disks; self.entropyDevice = entropyDevice
-        self.vsock = vsock; self.kvmPath = kvmPath; self.allowPVM = allowPVM
+        self.vsock = vsock; self.network = network; self.kvmPath = kvmPath; self.allowPVM = allowPVM
         self.consoleOutput = consoleOutput; self.consoleInput = consoleInput
     }
 
@@ -99,6 +106,14 @@ public struct MachineShape: Sendable, Equatable {
         guard disks.count <= MachineConfig.maximumDisks else {
             throw SwiftletError(.invalidArgument, "\(disks.count) disks are more than Swiftlet supports (\(MachineConfig.maximumDisks))")
         }
+        if let network {
+            guard network.backend >= 0 else {
+                throw SwiftletError(.invalidArgument, "the network device has no backend socket")
+            }
+            guard network.guest.mtu >= Int(VirtioNet.minimumMTU), network.guest.mtu <= Int(UInt16.max) else {
+                throw SwiftletError(.invalidArgument, "a network MTU of \(network.guest.mtu) is outside \(VirtioNet.minimumMTU)...\(UInt16.max)")
+            }
+        }
     }
 
     /// Checks the values against what this host can give.
@@ -117,7 +132,7 @@ extension MachineConfig {
     /// The machine this configuration boots.
     public var shape: MachineShape {
         MachineShape(cpuCount: cpuCount, memoryMiB: memoryMiB, disks: disks, entropyDevice: entropyDevice, vsock: vsock,
-                     kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
+                     network: network, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
     }
 }
 
@@ -143,4 +158,31 @@ public struct DiskConfig: Sendable, Equatable {
 
     /// Whether this is an empty drive.
     public var isEmpty: Bool { path.isEmpty && base == nil }
+}
+
+/// A virtio network device: the guest's NIC, joined to a user-mode network stack (passt) by a
+/// stream socket in passt's framing, with the host's egress policy enforced between the two
+/// (`EgressFilter`), where the guest cannot change it.
+public struct NetworkDeviceConfig: Sendable, Equatable {
+    /// The guest's addresses (its MAC and MTU are the device's; the rest is what the policy and
+    /// the agent's configuration use).
+    public var guest: GuestNetwork
+    /// What the guest may reach.
+    public var policy: NetworkConfiguration
+    /// A connected stream socket to the network stack, in passt's framing (a 4-byte big-endian
+    /// length, then the Ethernet frame). The caller keeps it open until the machine's run has
+    /// started; the machine works on a duplicate of its own.
+    public var backend: Int32
+    /// Where the filter's lines go (blocked attempts, at most one per destination every 10 s);
+    /// nil: the run's warnings.
+    public var log: (@Sendable (String) -> Void)?
+
+    public init(guest: GuestNetwork = .default, policy: NetworkConfiguration, backend: Int32,
+                log: (@Sendable (String) -> Void)? = nil) {
+        self.guest = guest; self.policy = policy; self.backend = backend; self.log = log
+    }
+
+    public static func == (a: NetworkDeviceConfig, b: NetworkDeviceConfig) -> Bool {
+        a.guest == b.guest && a.policy == b.policy && a.backend == b.backend
+    }
 }

@@ -75,6 +75,7 @@ struct MachineDevices: Sendable {
     private(set) var drives: [Drive] = []
     private(set) var transports: [VirtioMMIOTransport] = []
     private(set) var vsock: VirtioVsock?
+    private(set) var network: VirtioNet?
     /// Every device whose state a snapshot holds, in the order they were made.
     private(set) var snapshottable: [(id: DeviceID, device: any Snapshottable)] = []
     /// The virtio devices' windows and interrupts, for the firmware tables.
@@ -99,6 +100,11 @@ struct MachineDevices: Sendable {
     mutating func attachVsock(_ device: VirtioVsock, makeTransport: TransportMaker) {
         attach(device, kind: "virtio-vsock", makeTransport: makeTransport)
         vsock = device
+    }
+
+    mutating func attachNetwork(_ device: VirtioNet, makeTransport: TransportMaker) {
+        attach(device, kind: "virtio-net", makeTransport: makeTransport)
+        network = device
     }
 
     mutating func attachEntropy(_ device: VirtioRNG, makeTransport: TransportMaker) {

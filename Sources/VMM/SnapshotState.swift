@@ -1,5 +1,6 @@
 import Hypervisor
 import MachineState
+import SwiftletNet
 import SwiftletSystem
 
 /// The hardware a snapshot was taken of; a restore builds the same.
@@ -13,6 +14,9 @@ public struct SnapshotHardware: Codable, Sendable, Equatable {
     /// The vsock device's guest CID, if the machine has one. Its connections are not kept: the
     /// guest is told they were reset.
     public var vsockGuestCID: UInt64?
+    /// The network device, if the machine has one. Its backend (passt) and open flows are not
+    /// kept: a restore joins the device to a new backend, and the guest's connections are reset.
+    public var network: SnapshotNetwork? = nil
 
     init(_ shape: MachineShape, diskSizes: [UInt64]) {
         cpuCount = shape.cpuCount
@@ -20,7 +24,16 @@ public struct SnapshotHardware: Codable, Sendable, Equatable {
         disks = zip(shape.disks, diskSizes).map { SnapshotDisk(path: $0.path, readOnly: $0.readOnly, size: $1, file: nil) }
         entropyDevice = shape.entropyDevice
         vsockGuestCID = shape.vsock?.guestCID
+        network = shape.network.map { SnapshotNetwork(mac: $0.guest.guestMAC, mtu: $0.guest.mtu, policy: $0.policy) }
     }
+}
+
+/// The network device of a snapshotted machine: what its guest driver knows (MAC, MTU), and the
+/// policy it ran under (a restore may run it under another).
+public struct SnapshotNetwork: Codable, Sendable, Equatable {
+    public var mac: MACAddress
+    public var mtu: Int
+    public var policy: NetworkConfiguration
 }
 
 /// A disk of a snapshotted machine.

@@ -78,6 +78,8 @@ extension MachineCommand {
         @Option(help: "Size of the machine's writable disk in MiB (sparse: it takes what is written).")
         var diskSize: Int = 2048
 
+        @OptionGroup(title: "Network") var network: NetworkOptions
+
         func validate() throws {
             if cpus < 1 || cpus > MachineConfig.maximumCPUs { throw ValidationError("--cpus must be 1 to \(MachineConfig.maximumCPUs)") }
             if memory < MachineConfig.minimumMemoryMiB { throw ValidationError("--memory must be at least \(MachineConfig.minimumMemoryMiB) MiB") }
@@ -91,9 +93,11 @@ extension MachineCommand {
                 creation.cpus = cpus
                 creation.memoryMiB = memory
                 creation.diskMiB = diskSize
+                creation.network = try network.configuration()
                 try Machines.create(creation, progress: { printError($0) })
             }
-            printError("created machine \(name) (\(source.image ?? source.rootfs ?? "default image"), \(cpus) vCPU, \(memory) MiB, \(diskSize) MiB disk)")
+            let net = (try? network.configuration())?.summary ?? "none"
+            printError("created machine \(name) (\(source.image ?? source.rootfs ?? "default image"), \(cpus) vCPU, \(memory) MiB, \(diskSize) MiB disk, network: \(net))")
         }
     }
 
@@ -156,7 +160,9 @@ extension MachineCommand {
                 print(try jsonText(summaries))
                 return
             }
-            let rows = [["NAME", "STATE", "IMAGE", "CPUS", "MEMORY"]] + summaries.map { [$0.name, $0.state, $0.image, "\($0.cpus)", "\($0.memoryMiB) MiB"] }
+            let rows = [["NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "NETWORK", "PORTS"]] + summaries.map {
+                [$0.name, $0.state, $0.image, "\($0.cpus)", "\($0.memoryMiB) MiB", $0.network, $0.ports.isEmpty ? "-" : $0.ports.joined(separator: ",")]
+            }
             let widths = (0..<5).map { column in rows.map { $0[column].count }.max() ?? 0 }
             for row in rows {
                 print(row.enumerated().map { $0.offset == 4 ? $0.element : $0.element.padding(to: widths[$0.offset] + 2) }.joined())
@@ -221,7 +227,9 @@ extension MachineCommand {
 
 extension MachineSummary {
     var text: String {
-        var lines = ["name: \(name)", "state: \(state)", "image: \(image)", "cpus: \(cpus)", "memory: \(memoryMiB) MiB", "disk: \(diskMiB) MiB"]
+        var lines = ["name: \(name)", "state: \(state)", "image: \(image)", "cpus: \(cpus)", "memory: \(memoryMiB) MiB", "disk: \(diskMiB) MiB",
+                     "network: \(network)"]
+        if !ports.isEmpty { lines.append("ports: " + ports.joined(separator: ", ")) }
         if let pid { lines.append("pid: \(pid)") }
         if let uptimeMilliseconds { lines.append("uptime: \(format(Double(uptimeMilliseconds) / 1000, digits: 1)) s") }
         if let lastExit, state == "stopped" { lines.append("last run: \(lastExit)") }

@@ -117,6 +117,9 @@ extension MachineCommand {
                 print(try jsonText(report))
             } else {
                 printError("forked \(from) into \(report.clones.joined(separator: ", ")) in \(format(report.totalMilliseconds, digits: 1)) ms (snapshot \(format(report.snapshotMilliseconds, digits: 1)) ms)")
+                if !report.unpublished.isEmpty {
+                    printError("note: the copies do not publish \(from)'s ports (\(report.unpublished.joined(separator: ", "))): a host port serves one machine")
+                }
             }
         }
     }

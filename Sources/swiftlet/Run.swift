@@ -30,6 +30,14 @@ struct Run: ParsableCommand {
 
               swiftlet snapshot --image alpine:3.20 -o alpine.snap
               swiftlet run --from alpine.snap -- cat /etc/os-release
+
+            The machine has no network unless asked: --net gives it outbound access through \
+            user-mode NAT (the host is host.swiftlet.internal), --allow-host and --allow-cidr \
+            only to those names and ranges (other names do not resolve), -p publishes a guest \
+            port on the host's loopback (docs/networking.md).
+
+              swiftlet run --net -- wget -qO- http://example.com
+              swiftlet run --allow-host pypi.org --allow-host '*.pythonhosted.org' --image python:3.12 -- pip install requests
             """)
 
     @OptionGroup var exec: CommandOptions
@@ -55,6 +63,8 @@ struct Run: ParsableCommand {
     var cold = false
 
     @OptionGroup var machine: MachineOptions
+
+    @OptionGroup(title: "Network") var network: NetworkOptions
 
     /// Parses 30s, 500ms, 2m, 1h or a plain number of seconds into milliseconds: nil when it is
     /// not a positive duration of at most a year ("inf", "1e300s" and "-1s" among them).
@@ -112,6 +122,7 @@ struct Run: ParsableCommand {
         run.showConsole = console
         run.terminal = exec.tty
         run.confined = true
+        run.network = try network.configuration()
         let terminal = TerminalSession(enabled: exec.tty && isatty(0) == 1)
         defer { terminal.restore() }
         let io = CommandRun.IO(input: exec.interactive || exec.tty ? 0 : nil, signals: signals?.rawValue,
