@@ -163,9 +163,10 @@ extension MachineCommand {
             let rows = [["NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "NETWORK", "PORTS"]] + summaries.map {
                 [$0.name, $0.state, $0.image, "\($0.cpus)", "\($0.memoryMiB) MiB", $0.network, $0.ports.isEmpty ? "-" : $0.ports.joined(separator: ",")]
             }
-            let widths = (0..<5).map { column in rows.map { $0[column].count }.max() ?? 0 }
+            let last = rows[0].count - 1
+            let widths = (0..<last).map { column in rows.map { $0[column].count }.max() ?? 0 }
             for row in rows {
-                print(row.enumerated().map { $0.offset == 4 ? $0.element : $0.element.padding(to: widths[$0.offset] + 2) }.joined())
+                print(row.enumerated().map { $0.offset == last ? $0.element : $0.element.padding(to: widths[$0.offset] + 2) }.joined())
             }
         }
     }
