@@ -82,7 +82,10 @@ import Testing
             return (String(line[..<colon]), line[line.index(after: colon)...].trimmingCharacters())
         }, uniquingKeysWith: { a, _ in a })
         #expect(fields["SigBlk"] == "0000000000000000")
-        #expect(fields["SigIgn"] == "0000000000000000")
+        // Signals 32 and 33 are the C library's own (NPTL): their dispositions are not ours to
+        // reset, and a parent started by make may pass one on ignored.
+        let ignored = UInt64(fields["SigIgn"] ?? "", radix: 16)
+        #expect(ignored.map { $0 & ~(UInt64(3) << 31) } == 0, "SigIgn \(fields["SigIgn"] ?? "?")")
     }
 
     @Test func aMissingProgramIsAClearError() throws {
