@@ -32,17 +32,23 @@ wait_for() {
   done
 }
 
+# Once the guest's echo server is up (its line in $log), times request/response round trips
+# through published port $3 and prints them as RESULT $1 ...; else shows $log and stops $pid.
+measure_rr() {
+  if wait_for "$log" 600 netbench-echo-ready; then
+    "$NETBENCH" rr 127.0.0.1 "$3" "$rrn" 64 | sed -n "s/^rr_us p50=\([0-9.]*\) p90=\([0-9.]*\).*/RESULT $1 rr_p50_us \1\nRESULT $1 rr_p90_us \2/p"
+  else
+    echo "bench-net: the $2 guest's echo server did not start; its output:" >&2; cat "$log" >&2
+    kill "$pid" 2>/dev/null
+  fi
+}
+
 swiftlet_net_run() {
   log=$out/swiftlet-$1.log
   "$SWIFTLET" run --net -p 127.0.0.1:18080:7777 --memory "$memory" --kernel "$KERNEL" --image "$digest" \
     -e BENCH_MODE=swiftlet -e "BENCH_SECONDS=$secs" -- /bench/guest > "$log" 2>&1 &
   pid=$!
-  if wait_for "$log" 600 netbench-echo-ready; then
-    "$NETBENCH" rr 127.0.0.1 18080 "$rrn" 64 | sed -n 's/^rr_us p50=\([0-9.]*\) p90=\([0-9.]*\).*/RESULT swiftlet rr_p50_us \1\nRESULT swiftlet rr_p90_us \2/p'
-  else
-    echo "bench-net: the Swiftlet guest's echo server did not start; its output:" >&2; cat "$log" >&2
-    kill "$pid" 2>/dev/null
-  fi
+  measure_rr swiftlet Swiftlet 18080
   wait "$pid" || { echo "bench-net: swiftlet run failed; its output:" >&2; cat "$log" >&2; }
   sed -n 's/^RESULT /RESULT swiftlet /p' "$log"
 }
@@ -63,12 +69,7 @@ qemu_net_run() {
     -append "console=ttyS0 reboot=k panic=-1 pci=off loglevel=3 root=/dev/vda rootfstype=erofs ro init=/bench/guest BENCH_MODE=qemu BENCH_SECONDS=$secs" \
     > "$log" 2>&1 < /dev/null &
   pid=$!
-  if wait_for "$log" 600 netbench-echo-ready; then
-    "$NETBENCH" rr 127.0.0.1 18081 "$rrn" 64 | sed -n 's/^rr_us p50=\([0-9.]*\) p90=\([0-9.]*\).*/RESULT qemu rr_p50_us \1\nRESULT qemu rr_p90_us \2/p'
-  else
-    echo "bench-net: the QEMU guest's echo server did not start; its output:" >&2; cat "$log" >&2
-    kill "$pid" 2>/dev/null
-  fi
+  measure_rr qemu QEMU 18081
   wait "$pid" || { echo "bench-net: qemu failed; its output:" >&2; cat "$log" >&2; }
   kill "$passt" 2>/dev/null; wait "$passt" 2>/dev/null
   sed -n 's/^RESULT /RESULT qemu /p' "$log" | tr -d '\r'

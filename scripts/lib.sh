@@ -48,6 +48,17 @@ with_lock() {
   exec 9>&-
 }
 
+# Packs the rootfs unpacked at $1/b back into the OCI layout $1/L with command $3, and moves the
+# layout to $2 (replacing it); $1 goes.
+finish_image() {
+  local work=$1 image=$2
+  umoci repack --image "$work/L:latest" "$work/b" >/dev/null
+  umoci config --image "$work/L:latest" --os linux --architecture amd64 --config.cmd "$3" >&2
+  umoci gc --layout "$work/L" >&2
+  chmod -R a+rX "$work/L"
+  mkdir -p "$(dirname "$image")"; rm -rf "$image"; mv "$work/L" "$image"; rm -rf "$work"
+}
+
 # The benchmarks' image: busybox and its applets in one layer, an OCI layout made with umoci,
 # cached by the packages' versions. Prints its path.
 bench_busybox_image() {
@@ -63,11 +74,7 @@ bench_busybox_image() {
     cp /bin/busybox "$r/bin/"
     for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$r/bin/$a"; done
     printf 'root:x:0:0:root:/root:/bin/sh\n' > "$r/etc/passwd"; printf 'root:x:0:\n' > "$r/etc/group"
-    umoci repack --image "$work/L:latest" "$work/b" >/dev/null
-    umoci config --image "$work/L:latest" --os linux --architecture amd64 --config.cmd /bin/sh >&2
-    umoci gc --layout "$work/L" >&2
-    chmod -R a+rX "$work/L"
-    mkdir -p "$(dirname "$image")"; rm -rf "$image"; mv "$work/L" "$image"; rm -rf "$work"
+    finish_image "$work" "$image" /bin/sh
   }
   with_lock "$SWIFTLET_CACHE/bench-run.lock" make_image >&2
   echo "$image"
@@ -135,11 +142,7 @@ bench_net_image() {
     done
     gcc -static -O2 -o "$r/bin/netbench" "$SWIFTLET_ROOT/bench/netbench.c"
     cp "$SWIFTLET_ROOT/bench/net-guest.sh" "$r/bench/guest"; chmod 755 "$r/bench/guest"
-    umoci repack --image "$work/L:latest" "$work/b" >/dev/null
-    umoci config --image "$work/L:latest" --os linux --architecture amd64 --config.cmd /bench/guest >&2
-    umoci gc --layout "$work/L" >&2
-    chmod -R a+rX "$work/L"
-    mkdir -p "$(dirname "$image")"; rm -rf "$image"; mv "$work/L" "$image"; rm -rf "$work"
+    finish_image "$work" "$image" /bench/guest
   }
   with_lock "$SWIFTLET_CACHE/bench-net.lock" make_net_image >&2
   echo "$image"

@@ -209,15 +209,7 @@ public final class AgentSession: @unchecked Sendable {
     /// disks, bottom first, under a writable tmpfs) its root; returns once it has. Sent after
     /// `ready`, before any command.
     public func mountRoot(devices: [String]) throws(SwiftletError) {
-        try send(.mountRoot(devices: devices))
-        while true {
-            switch try receive() {
-            case .rootMounted?: return
-            case .failed(_, let message)?: throw SwiftletError(.guestFailure, "the guest could not mount its root filesystem: \(message)")
-            case nil: throw SwiftletError(.guestFailure, "the guest agent hung up while mounting its root filesystem")
-            default: continue
-            }
-        }
+        try request(.mountRoot(devices: devices), answer: .rootMounted, task: "mount its root filesystem", doing: "mounting its root filesystem")
     }
 
     /// Asks the agent to set up the guest's network interface (the one whose MAC is `setup.mac`):
@@ -230,12 +222,18 @@ public final class AgentSession: @unchecked Sendable {
         } catch {
             throw SwiftletError(.invalidArgument, "cannot set up the guest's network: \(error.description)")
         }
-        try send(.configureNetwork(setup))
+        try request(.configureNetwork(setup), answer: .networkConfigured, task: "set up its network", doing: "setting up its network")
+    }
+
+    /// Sends `message` and waits for `answer` (other messages meanwhile are passed over); the
+    /// agent's `failed` and a hang-up are errors saying what it could not `task` / was `doing`.
+    private func request(_ message: AgentMessage, answer: AgentMessage, task: String, doing: String) throws(SwiftletError) {
+        try send(message)
         while true {
             switch try receive() {
-            case .networkConfigured?: return
-            case .failed(_, let message)?: throw SwiftletError(.guestFailure, "the guest could not set up its network: \(message)")
-            case nil: throw SwiftletError(.guestFailure, "the guest agent hung up while setting up its network")
+            case answer?: return
+            case .failed(_, let text)?: throw SwiftletError(.guestFailure, "the guest could not \(task): \(text)")
+            case nil: throw SwiftletError(.guestFailure, "the guest agent hung up while \(doing)")
             default: continue
             }
         }
