@@ -139,6 +139,6 @@ struct MachineIntegrationTests {
         #expect(machine(["exec", "box", "--", "true"]).status == 0, "a refused rm leaves the machine running")
         #expect(machine(["rm", "-f", "box"]).status == 0)
         #expect(access(home.path + "/machines/box", F_OK) != 0)
-        #expect(machine(["ls"]).stdout == "NAME  STATE  IMAGE  CPUS  MEMORY\n")
+        #expect(machine(["ls"]).stdout == "NAME  STATE  IMAGE  CPUS  MEMORY  NETWORK  PORTS\n")
     }
 }
