@@ -262,7 +262,8 @@ public struct CommandRun: Sendable {
             marks.append(("root", MonotonicClock.now))
         }
         if let network {
-            do throws(SwiftletError) { try session.configureNetwork(network.setup) } catch {
+            do throws(SwiftletError) { try network.ready() } catch { throw Failure.setup(error) }
+            do throws(SwiftletError) { try network.configureGuest(through: session) } catch {
                 throw Failure(reason: .guest, message: error.description, consoleTail: consoleLog?.tail())
             }
             marks.append(("network", MonotonicClock.now))
@@ -318,7 +319,7 @@ public struct CommandRun: Sendable {
         let root = try RootFilesystem.resolve(image: image, rootfs: rootfs, insecure: insecure, policy: policy,
                                               signals: io.signals ?? -1, progress: io.log)
         let request = try root.defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: root.name)
-        // passt starts before the machine is built: it gets ready while the machine is made.
+        // passt starts before the machine is built: it sets itself up while the machine is made and boots.
         let attached = network.hasNetwork ? try MachineNetwork(policy: network, logFile: nil) : nil
         guard templates != .none else {
             var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput)

@@ -13,8 +13,10 @@ final class MachineNetwork: Sendable {
     private let socket: OwnedFileDescriptor
 
     /// Starts passt for `policy` (which must ask for a network); `logFile`: passt's own log.
+    /// Returns while passt still sets itself up: the machine is built meanwhile, and
+    /// `configureGuest` waits for passt before the guest's interface comes up.
     init(policy: NetworkConfiguration, guest: GuestNetwork = .default, logFile: String?) throws(SwiftletError) {
-        let started = try PasstProcess.start(network: guest, configuration: policy, logFile: logFile)
+        let started = try PasstProcess.launch(network: guest, configuration: policy, logFile: logFile)
         self.policy = policy
         self.guest = guest
         self.passt = started.process
@@ -34,6 +36,17 @@ final class MachineNetwork: Sendable {
     func stop() {
         UnixSocket.shutdown(socket.rawValue, .both)
         passt.stop()
+    }
+
+    /// Waits until passt is ready; throws why it is not (a port it could not bind, by name).
+    func ready() throws(SwiftletError) {
+        try passt.waitUntilReady()
+    }
+
+    /// Once passt is ready (`ready`), has the guest's agent configure its interface.
+    func configureGuest(through agent: AgentSession) throws(SwiftletError) {
+        try ready()
+        try agent.configureNetwork(setup)
     }
 
     /// What the guest's agent is told to configure.

@@ -146,7 +146,7 @@ public enum MachineServer {
             throw SwiftletError(.guestFailure, "the guest stopped before its agent was ready (\(text)); its console is in \(directory.consolePath)")
         }
         if snapshot != nil { try agent.announceNewIdentity(hostname: record.name) }
-        if let network { try agent.configureNetwork(network.setup) }
+        if let network { try network.configureGuest(through: agent) }
         let server = ControlServer(vm: vm, agent: agent, port: port, ended: machineThread.ended, record: record)
         ready()
 

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import SwiftletNet
 import SwiftletSystem
 
@@ -25,30 +26,59 @@ public final class PasstProcess: Sendable {
     static let socketDescriptor: Int32 = 3
 
     private let helper: HelperProcess
+    private let configuration: NetworkConfiguration
+    private let logFile: String?
+    /// passt's standard output and error, and its log when there is no log file.
+    private let output: OwnedFileDescriptor
+    /// The seccomp filters passt inherited (this process's when it started passt): passt is
+    /// ready when it has more. (Taken at the start: this process may confine itself later.)
+    private let inheritedFilters: Int
+    /// Set once `waitUntilReady` has seen passt ready.
+    private let ready = Atomic<Bool>(false)
 
-    private init(helper: HelperProcess) {
+    private init(helper: HelperProcess, inheritedFilters: Int, configuration: NetworkConfiguration, logFile: String?,
+                 output: consuming OwnedFileDescriptor) {
         self.helper = helper
+        self.inheritedFilters = inheritedFilters
+        self.configuration = configuration
+        self.logFile = logFile
+        self.output = output
     }
 
     deinit {
         helper.stop()
     }
 
-    /// Starts passt on one end of a new socket pair; the returned `socket` is the other end (for VirtioNet).
+    /// Starts passt on one end of a new socket pair and returns once it is ready (its ports
+    /// bound, its sandbox in place): `launch`, then `waitUntilReady`. Throws as both do.
+    public static func start(network: GuestNetwork = .default, configuration: NetworkConfiguration,
+                             logFile: String?, executable: String? = nil) throws(SwiftletError) -> StartedPasst {
+        let started = try launch(network: network, configuration: configuration, logFile: logFile, executable: executable)
+        do throws(SwiftletError) {
+            try started.process.waitUntilReady()
+        } catch {
+            started.process.stop()
+            throw error
+        }
+        return started
+    }
+
+    /// Starts passt on one end of a new socket pair and returns at once; the returned `socket`
+    /// is the other end (for VirtioNet). passt sets itself up (some tens of milliseconds) while
+    /// the caller builds its machine: frames the guest sends meanwhile wait in the socket.
+    /// `waitUntilReady` then says whether passt came up (and names a port it could not bind).
     /// (A tuple cannot hold the noncopyable descriptor: `StartedPasst` is that pair.)
     ///
     /// passt tells the guest the addresses of `network`, answers ARP and NDP as the gateway
     /// (`gatewayMAC`), forwards DNS sent to `network.dns` to the host's resolver, maps
     /// `network.gateway` to the host's loopback and binds every publication of `configuration`
-    /// on the host. Returns once passt is ready (its ports bound, its sandbox in place). Logs go
-    /// to `logFile` (at most `logSizeLimit` bytes; created 0600 by passt), else to memory, kept
-    /// only to explain a failed start. `executable` replaces `/usr/bin/passt` (tests).
+    /// on the host. Logs go to `logFile` (at most `logSizeLimit` bytes; created 0600 by passt),
+    /// else to memory, kept only to explain a failed start. `executable` replaces
+    /// `/usr/bin/passt` (tests).
     ///
-    /// Throws `.notFound` when passt is not installed, `.invalidArgument` naming the address
-    /// and port when a publication cannot be bound (in use, or below 1024 without privileges),
-    /// and an error with the last lines of passt's log when it ends at start for another reason.
-    public static func start(network: GuestNetwork = .default, configuration: NetworkConfiguration,
-                             logFile: String?, executable: String? = nil) throws(SwiftletError) -> StartedPasst {
+    /// Throws `.notFound` when passt is not installed.
+    public static func launch(network: GuestNetwork = .default, configuration: NetworkConfiguration,
+                              logFile: String?, executable: String? = nil) throws(SwiftletError) -> StartedPasst {
         let path = executable ?? defaultExecutable
         guard access(path, X_OK) == 0 else {
             if executable == nil {
@@ -63,16 +93,38 @@ public final class PasstProcess: Sendable {
         let output = try OwnedFileDescriptor.memoryFile(name: "passt-output")
         let arguments = Self.arguments(network: network, configuration: configuration,
                                        logFile: logFile ?? "/proc/self/fd/2")
+        let inheritedFilters = seccompFilters(of: "self") ?? 0
         let helper = try HelperProcess.start(path, arguments: arguments, environment: [],
                                              descriptors: [input.rawValue, output.rawValue, output.rawValue, pair.second.rawValue],
                                              newSession: true, name: "passt")
-        do throws(SwiftletError) {
-            try waitUntilReady(helper, configuration: configuration, logFile: logFile, output: output)
-        } catch {
-            helper.stop()
-            throw error
+        let process = PasstProcess(helper: helper, inheritedFilters: inheritedFilters, configuration: configuration, logFile: logFile, output: output)
+        return StartedPasst(process: process, socket: pair.first)
+    }
+
+    /// Waits until passt is ready: it has installed its own seccomp filter (the last step of its
+    /// setup, after binding ports and opening its log, just before its event loop). Returns at
+    /// once when it was ready before. Throws `.invalidArgument` naming the address and port when
+    /// a publication could not be bound (in use, or below 1024 without privileges), and an
+    /// error with the last lines of passt's log when it ended for another reason or did not get
+    /// ready within `startTimeoutNanoseconds`. passt keeps running on a timeout: `stop` ends it.
+    public func waitUntilReady() throws(SwiftletError) {
+        if ready.load(ordering: .acquiring) { return }
+        let deadline = MonotonicClock.now + Self.startTimeoutNanoseconds
+        var pause: UInt64 = 500_000
+        while true {
+            if let exit = helper.waitForExit(timeoutNanoseconds: pause) {
+                throw Self.startFailure(exit, configuration: configuration, logFile: logFile, output: output)
+            }
+            if let filters = Self.seccompFilters(of: "\(helper.pid)"), filters > inheritedFilters {
+                ready.store(true, ordering: .releasing)
+                return
+            }
+            if MonotonicClock.now > deadline {
+                throw SwiftletError(.systemCall, "passt did not get ready within \(Self.startTimeoutNanoseconds / 1_000_000_000) s"
+                                    + Self.lastLines(logFile: logFile, output: output))
+            }
+            pause = min(pause * 2, 20_000_000)
         }
-        return StartedPasst(process: PasstProcess(helper: helper), socket: pair.first)
     }
 
     /// passt's process id.
@@ -110,26 +162,6 @@ public final class PasstProcess: Sendable {
     /// passt's spec for one publication: `ADDRESS/HOST_PORT:GUEST_PORT`.
     static func portSpec(_ publication: PortPublication) -> String {
         "\(publication.hostAddress)/\(publication.hostPort):\(publication.guestPort)"
-    }
-
-    /// Waits until passt has installed its own seccomp filter (the last step of its setup, after
-    /// binding ports and opening its log, just before its event loop), or has ended.
-    private static func waitUntilReady(_ helper: HelperProcess, configuration: NetworkConfiguration,
-                                       logFile: String?, output: borrowing OwnedFileDescriptor) throws(SwiftletError) {
-        let ownFilters = seccompFilters(of: "self") ?? 0
-        let deadline = MonotonicClock.now + startTimeoutNanoseconds
-        var pause: UInt64 = 500_000
-        while true {
-            if let exit = helper.waitForExit(timeoutNanoseconds: pause) {
-                throw startFailure(exit, configuration: configuration, logFile: logFile, output: output)
-            }
-            if let filters = seccompFilters(of: "\(helper.pid)"), filters > ownFilters { return }
-            if MonotonicClock.now > deadline {
-                throw SwiftletError(.systemCall, "passt did not get ready within \(startTimeoutNanoseconds / 1_000_000_000) s"
-                                    + lastLines(logFile: logFile, output: output))
-            }
-            pause = min(pause * 2, 20_000_000)
-        }
     }
 
     /// How many seccomp filters the process `pid` ("self" for this one) has, from
