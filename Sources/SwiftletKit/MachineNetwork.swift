@@ -30,11 +30,8 @@ final class MachineNetwork: Sendable {
         NetworkDeviceConfig(guest: guest, policy: policy, backend: socket.rawValue, log: log)
     }
 
-    /// Ends passt (the machine's NIC sees its backend close). The socket is shut down first:
-    /// passt ends by itself when it closes, which is what ends a root-started passt that runs
-    /// as `nobody` once this process has confined itself (it may no longer signal it).
+    /// Ends passt (`PasstProcess.stop`: the machine's NIC sees its backend close).
     func stop() {
-        UnixSocket.shutdown(socket.rawValue, .both)
         passt.stop()
     }
 

@@ -30,6 +30,8 @@ public final class PasstProcess: Sendable {
     private let logFile: String?
     /// passt's standard output and error, and its log when there is no log file.
     private let output: OwnedFileDescriptor
+    /// A duplicate of the caller's end of passt's socket, for `stop` to shut the socket down.
+    private let socket: OwnedFileDescriptor
     /// The seccomp filters passt inherited (this process's when it started passt): passt is
     /// ready when it has more. (Taken at the start: this process may confine itself later.)
     private let inheritedFilters: Int
@@ -37,8 +39,9 @@ public final class PasstProcess: Sendable {
     private let ready = Atomic<Bool>(false)
 
     private init(helper: HelperProcess, inheritedFilters: Int, configuration: NetworkConfiguration, logFile: String?,
-                 output: consuming OwnedFileDescriptor) {
+                 output: consuming OwnedFileDescriptor, socket: consuming OwnedFileDescriptor) {
         self.helper = helper
+        self.socket = socket
         self.inheritedFilters = inheritedFilters
         self.configuration = configuration
         self.logFile = logFile
@@ -97,7 +100,8 @@ public final class PasstProcess: Sendable {
         let helper = try HelperProcess.start(path, arguments: arguments, environment: [],
                                              descriptors: [input.rawValue, output.rawValue, output.rawValue, pair.second.rawValue],
                                              newSession: true, name: "passt")
-        let process = PasstProcess(helper: helper, inheritedFilters: inheritedFilters, configuration: configuration, logFile: logFile, output: output)
+        let process = PasstProcess(helper: helper, inheritedFilters: inheritedFilters, configuration: configuration, logFile: logFile,
+                                   output: output, socket: try OwnedFileDescriptor.duplicate(pair.first.rawValue, what: "passt's socket"))
         return StartedPasst(process: process, socket: pair.first)
     }
 
@@ -133,8 +137,14 @@ public final class PasstProcess: Sendable {
     /// How passt ended, nil while it runs.
     public var exit: HelperExit? { helper.exit }
 
-    /// Kills passt (SIGKILL) and reaps it. Idempotent; also done when the object goes away.
+    /// Ends passt and reaps it: shuts its socket down (passt ends by itself when the socket
+    /// closes), then kills it (SIGKILL). Both, because each may be all that works: a passt that
+    /// is busy or stuck does not look at its socket, and a passt started as root runs as
+    /// `nobody`, which this process can no longer signal once it has dropped its capabilities
+    /// (`Confinement`). The socket (and the device on it) sees end of file. Idempotent; also
+    /// done when the object goes away.
     public func stop() {
+        UnixSocket.shutdown(socket.rawValue, .both)
         helper.stop()
     }
 

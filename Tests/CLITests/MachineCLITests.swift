@@ -22,6 +22,19 @@ import TestSupport
 
     func machineDirectory(_ name: String) -> String { home.path + "/machines/" + name }
 
+    /// A row of `machine ls`'s table: its columns are apart by two spaces or more.
+    func columns(_ line: Substring) -> [String] {
+        var cells: [String] = [], cell = "", spaces = 0
+        for character in line {
+            if character == " " { spaces += 1; continue }
+            if spaces >= 2, !cell.isEmpty { cells.append(cell); cell = "" } else if spaces == 1 { cell += " " }
+            spaces = 0
+            cell.append(character)
+        }
+        if !cell.isEmpty { cells.append(cell) }
+        return cells
+    }
+
     @Test func createRecordsTheMachineAndRefusesBadOrTakenNames() throws {
         let made = create("web-1")
         #expect(made.status == 0 && made.stderr.contains("created machine web-1"), "\(made.stderr)")
@@ -57,6 +70,47 @@ import TestSupport
         #expect(list.stdout.contains("\"name\":\"web-1\"") && list.stdout.contains("\"state\":\"stopped\"") && list.stdout.contains("\"cpus\":2"), "\(list.stdout)")
         let status = run(["status", "web-1"])
         #expect(status.status == 0 && status.stdout.contains("state: stopped") && status.stdout.contains("memory: 64 MiB"), "\(status.stdout)")
+    }
+
+    @Test func networkFlagsAreRecordedAndShownAndBadOnesLeaveNothingBehind() throws {
+        let rootfs = home.write("root-net.img", Array(repeating: 0, count: 4096))
+        func create(_ name: String, _ flags: [String]) -> Subprocess {
+            run(["create", "--name", name, "--rootfs", rootfs, "--memory", "64", "--disk-size", "64"] + flags)
+        }
+        let made = create("api", ["--allow-host", "api.example.com", "--allow-cidr", "10.1.0.0/16", "-p", "8080:80", "-p", "0.0.0.0:5353:53/udp"])
+        #expect(made.status == 0 && made.stderr.contains("network: allow api.example.com, 10.1.0.0/16; ports 127.0.0.1:8080:80/tcp, 0.0.0.0:5353:53/udp"),
+                "\(made.stderr)")
+        #expect(create("open", ["--net"]).status == 0)
+        #expect(create("inbound", ["-p", "9090:90"]).status == 0)
+        #expect(create("plain", []).status == 0)
+
+        // The table: one row per machine, NETWORK and PORTS last.
+        let table = run(["ls"]).stdout.split(separator: "\n").map(columns)
+        #expect(table.first == ["NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "NETWORK", "PORTS"], "\(table)")
+        let rows = Dictionary(table.dropFirst().map { ($0[0], Array($0.suffix(2))) }, uniquingKeysWith: { a, _ in a })
+        #expect(rows["api"] == ["allow api.example.com, 10.1.0.0/16", "127.0.0.1:8080:80/tcp,0.0.0.0:5353:53/udp"], "\(table)")
+        #expect(rows["open"] == ["open", "-"] && rows["inbound"] == ["inbound only", "127.0.0.1:9090:90/tcp"] && rows["plain"] == ["none", "-"], "\(table)")
+        let status = run(["status", "api"]).stdout
+        #expect(status.contains("network: allow api.example.com, 10.1.0.0/16\nports: 127.0.0.1:8080:80/tcp, 0.0.0.0:5353:53/udp"), "\(status)")
+        #expect(run(["status", "plain"]).stdout.contains("network: none\n"))
+        let json = run(["ls", "--json"]).stdout
+        #expect(json.contains("\"network\":\"inbound only\"") && json.contains("\"ports\":[\"127.0.0.1:9090:90/tcp\"]"), "\(json)")
+
+        // Bad flags: one clear line each, and no machine left behind.
+        for (flags, text) in [(["-p", "8080:80", "-p", "127.0.0.1:8080:81"], "host port 8080/tcp is published twice"),
+                              (["--allow-host", "192.0.2.1"], "is an address, not a host name"),
+                              (["--allow-cidr", "10.0.0.0/33"], "10.0.0.0/33"),
+                              (["-p", "70000:80"], "70000"),
+                              (["-p", "8080"], "8080")] {
+            let r = create("bad", flags)
+            #expect(r.status != 0 && r.stderr.contains(text), "\(flags): \(r.stderr)")
+            #expect(access(machineDirectory("bad"), F_OK) != 0, "\(flags): a refused create leaves nothing behind")
+        }
+        // The same check on `run`, before anything boots.
+        let twice = Subprocess.run([swiftlet, "run", "-p", "8080:80", "-p", "8080:80", "--", "true"], environment: ["SWIFTLET_HOME": home.path])
+        #expect(twice.status != 0 && twice.stderr.contains("host port 8080/tcp is published twice"), "\(twice.stderr)")
+        #expect(Subprocess.run([swiftlet, "run", "-p", "8080:80/udp", "-p", "8080:80", "--", "true"], environment: ["SWIFTLET_HOME": home.path])
+                    .stderr.contains("published twice") == false, "one port over TCP and UDP is two publications")
     }
 
     @Test func commandsOnMissingOrStoppedMachinesSaySo() {
