@@ -121,8 +121,8 @@ summarize_tests() {
 # /bin/netbench, and bench/net-guest.sh as /bench/guest; an OCI layout made with umoci, cached by
 # the packages' versions and those files. Prints its path.
 bench_net_image() {
-  need_packages umoci busybox-static iperf3 gcc libc6-dev >&2
-  image=$SWIFTLET_CACHE/bench-net/$(cache_key "$(dpkg-query -W -f='${Version}' busybox-static umoci iperf3 libiperf0 libc6)$(declare -f bench_net_image)" \
+  need_packages umoci busybox-static iperf3 ethtool gcc libc6-dev >&2
+  image=$SWIFTLET_CACHE/bench-net/$(cache_key "$(dpkg-query -W -f='${Version}' busybox-static umoci iperf3 libiperf0 ethtool libc6)$(declare -f bench_net_image)" \
     "$SWIFTLET_ROOT/bench/netbench.c" "$SWIFTLET_ROOT/bench/net-guest.sh")
   make_net_image() {
     [ -f "$image/oci-layout" ] && return 0
@@ -135,9 +135,9 @@ bench_net_image() {
     for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$r/bin/$a"; done
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$r/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' > "$r/etc/group"
-    mkdir -p "$r/usr/bin"; cp /usr/bin/iperf3 "$r/usr/bin/iperf3"
+    mkdir -p "$r/usr/bin"; cp /usr/bin/iperf3 "$r/usr/bin/iperf3"; cp /usr/sbin/ethtool "$r/usr/bin/ethtool"
     local lib
-    for lib in $(ldd /usr/bin/iperf3 | grep -o '/[^ ]*'); do
+    for lib in $({ ldd /usr/bin/iperf3; ldd /usr/sbin/ethtool; } | grep -o '/[^ ]*' | sort -u); do
       mkdir -p "$r$(dirname "$lib")"; cp -L "$lib" "$r$lib"
     done
     gcc -static -O2 -o "$r/bin/netbench" "$SWIFTLET_ROOT/bench/netbench.c"
