@@ -17,6 +17,9 @@
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 #include <net/if.h>
+#include <linux/if_packet.h>
+#include <linux/if_ether.h>
+#include <linux/if_arp.h>
 #include <net/route.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
@@ -262,4 +265,40 @@ int guest_net_add_default_route(const char *name, uint32_t gateway) {
     route.rt_dev = device;
     e = inet_ioctl(SIOCADDRT, &route);
     return e == -EEXIST ? 0 : e;
+}
+
+int guest_net_announce(const char *name, const unsigned char *mac, uint32_t address) {
+    struct ifreq request;
+    int e = interface_request(name, &request);
+    if (e != 0) return e;
+    if (mac == NULL || address == 0) return -EINVAL;
+    if ((e = inet_ioctl(SIOCGIFINDEX, &request)) != 0) return e;
+    // Ethernet header (14 bytes), then the ARP request (28 bytes): 42 bytes.
+    unsigned char frame[42];
+    memset(frame, 0xFF, 6);                     // destination: broadcast
+    memcpy(frame + 6, mac, 6);                  // source: the guest
+    frame[12] = ETH_P_ARP >> 8; frame[13] = ETH_P_ARP & 0xFF;
+    unsigned char *arp = frame + 14;
+    arp[0] = 0; arp[1] = ARPHRD_ETHER;          // hardware type: Ethernet
+    arp[2] = ETH_P_IP >> 8; arp[3] = ETH_P_IP & 0xFF;
+    arp[4] = 6; arp[5] = 4;                     // address lengths
+    arp[6] = 0; arp[7] = ARPOP_REQUEST;
+    uint32_t network_address = htonl(address);
+    memcpy(arp + 8, mac, 6);                    // sender hardware address
+    memcpy(arp + 14, &network_address, 4);      // sender protocol address
+    memset(arp + 18, 0, 6);                     // target hardware address: unknown
+    memcpy(arp + 24, &network_address, 4);      // target protocol address: the same (gratuitous)
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_ARP));
+    if (fd < 0) return -errno;
+    struct sockaddr_ll link;
+    memset(&link, 0, sizeof link);
+    link.sll_family = AF_PACKET;
+    link.sll_protocol = htons(ETH_P_ARP);
+    link.sll_ifindex = request.ifr_ifindex;
+    link.sll_halen = 6;
+    memset(link.sll_addr, 0xFF, 6);
+    ssize_t sent = sendto(fd, frame, sizeof frame, 0, (struct sockaddr *)&link, sizeof link);
+    int result = sent == (ssize_t)sizeof frame ? 0 : (sent < 0 ? -errno : -EIO);
+    close(fd);
+    return result;
 }

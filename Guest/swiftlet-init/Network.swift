@@ -6,8 +6,10 @@ import Glibc
 /// MTU, IPv4 address and the default route, `lo` comes up, /etc/resolv.conf names the name
 /// servers and /etc/hosts the gateway's host name. IPv6 needs nothing here: with the interface
 /// up, the kernel takes an address from the network's router advertisements (SLAAC), as it does
-/// by default (`accept_ra` 1, no forwarding). Every step may be done again (a restored machine is
-/// sent the message again).
+/// by default (`accept_ra` 1, no forwarding). Last, one gratuitous ARP announces the guest (see
+/// `guest_net_announce`: without it, passt cannot deliver a published port's first connections
+/// to a guest that has sent nothing yet, which after a restore may be never). Every step may be
+/// done again (a restored machine is sent the message again, and announces itself again).
 enum Network {
     /// How long the interface may take to appear (the driver may still be probing the device).
     static let interfaceTimeoutMilliseconds = 1_000
@@ -31,7 +33,8 @@ enum Network {
             ?? step("give \(interface) the address \(setup.address)/\(setup.prefixLength)",
                     guest_net_set_ipv4(interface, address, UInt32(setup.prefixLength)))
             ?? step("bring up \(interface)", guest_net_up(interface))
-            ?? step("add the default route via \(setup.gateway)", guest_net_add_default_route(interface, gateway)) {
+            ?? step("add the default route via \(setup.gateway)", guest_net_add_default_route(interface, gateway))
+            ?? step("announce \(setup.address) on \(interface)", setup.mac.withUnsafeBufferPointer { guest_net_announce(interface, $0.baseAddress, address) }) {
             return failure
         }
         // Best effort: a kernel without IPv6 has no such file.

@@ -70,3 +70,9 @@ int guest_net_set_ipv4(const char *name, uint32_t address, unsigned int prefix_l
 int guest_net_up(const char *name);
 /// Adds the IPv4 default route via `gateway` on the interface; a route that is already there is success.
 int guest_net_add_default_route(const char *name, uint32_t gateway);
+/// Announces the interface's `address` with one gratuitous ARP request (broadcast, sender and
+/// target address both `address`, sender hardware address `mac`, 6 bytes), over an AF_PACKET
+/// socket. The network learns where the guest is without waiting for it to speak: passt, which
+/// otherwise sends to the broadcast address until it has seen a frame from the guest (a TCP
+/// segment the guest then drops), and anything that cached another MAC before a restore.
+int guest_net_announce(const char *name, const unsigned char *mac, uint32_t address);
