@@ -1,5 +1,6 @@
 import FoundationEssentials
 import Glibc
+import SwiftletNet
 import SwiftletSystem
 import VMM
 
@@ -13,6 +14,9 @@ public struct ImageSnapshot: Sendable {
     public var allowPVM = false
     /// The guest console goes to standard error (else to a log shown when the guest fails).
     public var showConsole = false
+    /// The machine's network (none by default): the snapshot keeps its NIC and this policy,
+    /// which `run --from` uses unless it is given network options of its own.
+    public var network = NetworkConfiguration()
 
     public init(root: CommandRun.Root) {
         self.root = root
@@ -47,10 +51,16 @@ public struct ImageSnapshot: Sendable {
         }
         let consoleLog = showConsole ? nil : ConsoleLog()
         let port = try setup { () throws(SwiftletError) in try InProcessPort(port: AgentPort.number) }
-        let config = try setup { () throws(SwiftletError) in
+        // The machine's passt, for as long as the snapshot is being made.
+        let network = try setup { () throws(SwiftletError) in
+            self.network.hasNetwork ? try MachineNetwork(policy: self.network, logFile: nil) : nil
+        }
+        defer { network?.stop() }
+        var config = try setup { () throws(SwiftletError) in
             try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM,
                                         consoleOutput: showConsole ? 2 : consoleLog?.fd)
         }
+        config.network = network?.device(log: nil)
         let vm = Machine(config: config, vsockPorts: port)
         let machineThread = try setup { () throws(SwiftletError) in try MachineThread(vm) }
         defer { machineThread.stop() }
@@ -67,6 +77,11 @@ public struct ImageSnapshot: Sendable {
         }
         // The session stays open while the snapshot is taken: an agent whose connection closed powers off.
         defer { withExtendedLifetime(session) {} }
+        if let network {
+            // A port that cannot be bound is the caller's error; a guest that cannot configure its interface is the guest's.
+            try setup { () throws(SwiftletError) in try network.ready() }
+            do throws(SwiftletError) { try network.configureGuest(through: session) } catch { throw failure(error.description) }
+        }
         return try setup { () throws(SwiftletError) in
             try vm.snapshotBlocking(to: directory, annotations: [AgentSnapshot.annotation: try AgentSnapshot.encode(root.defaults)])
         }

@@ -14,7 +14,9 @@ struct Snapshot: ParsableCommand {
             output directory: vCPU, device and interrupt-controller state, and guest memory (a \
             sparse file: pages the guest never wrote take no space). `swiftlet run --from DIR -- CMD` \
             then starts from there instead of booting, as many times as wanted; the snapshot is never \
-            modified. The image's disks are referenced, not copied: keep the image in the store.
+            modified. The image's disks are referenced, not copied: keep the image in the store. \
+            With network options the machine has a NIC, and `run --from` gives it a network under \
+            the snapshot's policy (or under its own network options, when given).
 
               swiftlet snapshot --image alpine:3.20 --memory 512 -o alpine.snap
               swiftlet run --from alpine.snap -- echo hi
@@ -33,6 +35,8 @@ struct Snapshot: ParsableCommand {
 
     @OptionGroup var machine: MachineOptions
 
+    @OptionGroup(title: "Network") var network: NetworkOptions
+
     func validate() throws {
         if output.isEmpty { throw ValidationError("-o needs a directory") }
     }
@@ -45,6 +49,7 @@ struct Snapshot: ParsableCommand {
         snapshot.memoryMiB = machine.memory
         snapshot.allowPVM = machine.allowPVM
         snapshot.showConsole = console
+        snapshot.network = try exitingOnSetupFailure { () throws(SwiftletError) in try network.configuration() }
         let report = try exitingOnFailure { () throws(CommandRun.Failure) in
             var failure: CommandRun.Failure
             do throws(CommandRun.Failure) { return try snapshot.make(to: output, log: { printError($0) }) } catch { failure = error }
