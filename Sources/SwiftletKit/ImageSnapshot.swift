@@ -17,6 +17,10 @@ public struct ImageSnapshot: Sendable {
     /// The machine's network (none by default): the snapshot keeps its NIC and this policy,
     /// which `run --from` uses unless it is given network options of its own.
     public var network = NetworkConfiguration()
+    /// This process is only the snapshot's VMM process (the CLI's): it drops its capabilities
+    /// before the machine's threads start and confines itself before the guest runs, as a `run`
+    /// does (`CommandRun.confined`). Never in a process that goes on to do other work.
+    public var confined = false
 
     public init(root: CommandRun.Root) {
         self.root = root
@@ -62,7 +66,11 @@ public struct ImageSnapshot: Sendable {
         }
         config.network = network?.device(log: nil)
         let vm = Machine(config: config, vsockPorts: port)
-        let machineThread = try setup { () throws(SwiftletError) in try MachineThread(vm) }
+        let machineThread = try setup { () throws(SwiftletError) in
+            // Before the machine's threads start: none of them keeps a root's capabilities.
+            if confined { try Confinement.dropCapabilities() }
+            return try MachineThread(vm, confined: confined)
+        }
         defer { machineThread.stop() }
 
         func failure(_ reason: String) -> CommandRun.Failure {

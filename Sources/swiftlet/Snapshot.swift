@@ -49,6 +49,7 @@ struct Snapshot: ParsableCommand {
         snapshot.memoryMiB = machine.memory
         snapshot.allowPVM = machine.allowPVM
         snapshot.showConsole = console
+        snapshot.confined = true
         snapshot.network = try exitingOnSetupFailure { () throws(SwiftletError) in try network.configuration() }
         let report = try exitingOnFailure { () throws(CommandRun.Failure) in
             var failure: CommandRun.Failure

@@ -5,8 +5,8 @@ import TestSupport
 import VMM
 
 /// Confinement with real guests: a machine's VMM process runs under its seccomp filter (and
-/// serves exec, snapshot and fork under it), a forbidden call ends `swiftlet run` and a machine's
-/// VMM with a clear message, and an ordinary user in the group that owns /dev/kvm runs
+/// serves exec, snapshot and fork under it), a forbidden call ends `swiftlet run`, `swiftlet
+/// snapshot` and a machine's VMM with a clear message, and an ordinary user in the group that owns /dev/kvm runs
 /// machines without root.
 @Suite(.serialized, .enabled(if: TestHost.integration, "Linux-guest integration tests run in the nested test host: make test-nested"))
 struct ConfinementIntegrationTests {
@@ -65,6 +65,11 @@ struct ConfinementIntegrationTests {
         let run = Subprocess.run([swiftlet, "run", "--", "echo", "ran"], environment: env, timeout: 300)
         #expect(run.status == 128 + SIGSYS && !run.stdout.contains("ran"), "\(run.status) \(run.stdout)")
         #expect(run.stderr.contains("swiftlet: seccomp: forbidden system call 135 (personality)"), "\(run.stderr)")
+        // `swiftlet snapshot`'s machine is confined the same way (and leaves no snapshot).
+        let snapshot = Subprocess.run([swiftlet, "snapshot", "-o", home.path + "/doomed.snap"], environment: env, timeout: 300)
+        #expect(snapshot.status == 128 + SIGSYS && snapshot.stderr.contains("forbidden system call 135 (personality)"),
+                "\(snapshot.status) \(snapshot.stderr)")
+        #expect(access(home.path + "/doomed.snap", F_OK) != 0)
 
         #expect(machine(["create", "--name", "doomed", "--memory", "128"]).status == 0)
         let started = machine(["start", "doomed"], environment: ["SWIFTLET_SECCOMP_TEST_FORBIDDEN_CALL": "1"])
