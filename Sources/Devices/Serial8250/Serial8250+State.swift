@@ -10,6 +10,9 @@ public struct SerialState: Codable, Sendable, Equatable {
     public var transmitEmptyPending: Bool
     public var pendingInput: [UInt8]
     public var lineAsserted: Bool
+    /// A byte was lost to a full receive FIFO and LSR has not been read since (its OE bit).
+    /// Optional so that states written before it was kept still read (as no overrun).
+    public var overrun: Bool? = nil
 
     /// A port as after reset: nothing programmed, nothing pending.
     public static let reset = SerialState(divisorLow: 0, divisorHigh: 0, interruptEnable: 0, fifoControl: 0, lineControl: 0,
@@ -24,7 +27,8 @@ extension Serial8250 {
             SerialState(divisorLow: r.divisorLow, divisorHigh: r.divisorHigh, interruptEnable: r.interruptEnable,
                         fifoControl: r.fifoControl, lineControl: r.lineControl, modemControl: r.modemControl,
                         scratch: r.scratch, transmitEmptyPending: r.transmitEmptyPending,
-                        pendingInput: Array(r.receive[r.receiveHead...]) + r.backlog, lineAsserted: r.lineAsserted)
+                        pendingInput: Array(r.receive[r.receiveHead...]) + r.backlog, lineAsserted: r.lineAsserted,
+                        overrun: r.overrun)
         }
     }
 
@@ -35,6 +39,7 @@ extension Serial8250 {
                           fifoControl: s.fifoControl, lineControl: s.lineControl, modemControl: s.modemControl,
                           scratch: s.scratch, transmitEmptyPending: s.transmitEmptyPending, receive: [],
                           receiveHead: 0, lineAsserted: s.lineAsserted, backlog: s.pendingInput)
+            r.overrun = s.overrun ?? false
             r.admitBacklog()
         }
     }
