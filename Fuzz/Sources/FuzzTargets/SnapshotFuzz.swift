@@ -2,6 +2,7 @@ import Glibc
 import GuestMemory
 import Hypervisor
 import MachineState
+import SwiftletNet
 import SwiftletSystem
 import Virtio
 @testable import Devices
@@ -18,13 +19,29 @@ enum SnapshotStateFuzz {
         guard let snapshot = try? RestorePlan.readState(SnapshotDirectory(directory)) else { return }
         let plan = RestorePlan(snapshot: snapshot, directory: SnapshotDirectory(directory), memoryChain: [])
         _ = try? plan.checkCPU(supported: [])
+        // The NIC a restore would build (with a backend when the state has a NIC, and without):
+        // never one with an MTU a device cannot have.
+        let given = NetworkDeviceConfig(policy: NetworkConfiguration(allowAll: true), backend: -1)
+        for backend in [given, nil] {
+            if let nic = try? plan.checkedNetwork(backend) {
+                precondition(nic.guest.mtu >= Int(VirtioNet.minimumMTU) && nic.guest.mtu <= Int(UInt16.max), "a NIC with MTU \(nic.guest.mtu) was accepted")
+            }
+        }
+        // A writable disk's file is only ever a file in the snapshot's own directory.
+        for disk in snapshot.hardware.disks where disk.file != nil {
+            if let path = try? plan.checkedWritableDisk(disk) {
+                precondition(path.hasPrefix(directory + "/") && !path.dropFirst(directory.count + 1).contains("/"),
+                             "a writable disk outside the snapshot's directory was accepted: \(path)")
+            }
+        }
     }
 
     /// States written by the code (`StateFile.encode` drops the header the target adds back).
     static func seeds() throws -> [[UInt8]] {
-        func state(cpus: Int, disks: [SnapshotDisk], devices: [String: DeviceState], diff: Bool) throws -> [UInt8] {
+        func state(cpus: Int, disks: [SnapshotDisk], devices: [String: DeviceState], diff: Bool, network: SnapshotNetwork? = nil) throws -> [UInt8] {
             var hardware = SnapshotHardware(MachineShape(cpuCount: cpus, memoryMiB: 64, disks: [], entropyDevice: true, vsock: nil), diskSizes: [])
             hardware.disks = disks
+            hardware.network = network
             let snapshot = MachineSnapshot(
                 id: SnapshotID(bytes: Array(repeating: 7, count: 16)), kind: diff ? .diff : .full, parent: diff ? SnapshotID(bytes: Array(repeating: 6, count: 16)) : nil,
                 parentDirectory: diff ? "/nonexistent/parent" : nil, createdAt: 1_700_000_000_000_000_000, hardware: hardware, guestIsLinux: true,
@@ -35,10 +52,14 @@ enum SnapshotStateFuzz {
         }
         let transport = VirtioMMIOTransport(device: VirtioRNG(), memory: GuestImage.memory, interrupt: VirtioInterrupt(line: NullLine()))
         let devices = ["serial0": DeviceState(serial: .reset), "virtio-rng0": DeviceState(virtio: try transport.saveState())]
+        let network = SnapshotNetwork(mac: try MACAddress(parsing: "02:53:57:00:00:01"), mtu: 65520,
+                                      policy: NetworkConfiguration(allowedHosts: [try HostPattern(parsing: "example.com")],
+                                                                   published: [PortPublication(hostPort: 8080, guestPort: 80)]))
         return [try state(cpus: 0, disks: [], devices: devices, diff: false),
                 try state(cpus: 0, disks: [SnapshotDisk(path: "/images/layer.erofs", readOnly: true, size: 4096, file: nil),
                                            SnapshotDisk(path: "/machines/a/disk", readOnly: false, size: 1 << 20, file: "disk-1")], devices: devices, diff: true),
-                try state(cpus: 1, disks: [], devices: [:], diff: false)]
+                try state(cpus: 1, disks: [], devices: [:], diff: false),
+                try state(cpus: 1, disks: [], devices: devices, diff: false, network: network)]
     }
 }
 
