@@ -49,7 +49,7 @@ public final class PasstProcess: Sendable {
     }
 
     deinit {
-        helper.stop()
+        stop()
     }
 
     /// Starts passt on one end of a new socket pair and returns once it is ready (its ports
@@ -96,12 +96,13 @@ public final class PasstProcess: Sendable {
         let output = try OwnedFileDescriptor.memoryFile(name: "passt-output")
         let arguments = Self.arguments(network: network, configuration: configuration,
                                        logFile: logFile ?? "/proc/self/fd/2")
+        let socket = try OwnedFileDescriptor.duplicate(pair.first.rawValue, what: "passt's socket")
         let inheritedFilters = seccompFilters(of: "self") ?? 0
         let helper = try HelperProcess.start(path, arguments: arguments, environment: [],
                                              descriptors: [input.rawValue, output.rawValue, output.rawValue, pair.second.rawValue],
                                              newSession: true, name: "passt")
         let process = PasstProcess(helper: helper, inheritedFilters: inheritedFilters, configuration: configuration, logFile: logFile,
-                                   output: output, socket: try OwnedFileDescriptor.duplicate(pair.first.rawValue, what: "passt's socket"))
+                                   output: output, socket: socket)
         return StartedPasst(process: process, socket: pair.first)
     }
 
