@@ -167,6 +167,11 @@ struct NetworkIntegrationTests {
         #expect(fetch().contains("machine-page"))
         let ls = machine(["ls", "--json"])
         #expect(ls.stdout.contains("18080"), "machine ls --json shows the port: \(ls.stdout)")
+        // Publishing gives no outbound access; a blocked attempt is refused at once and logged in the machine's log.
+        let out = machine(["exec", "web", "--", "sh", "-c", "nc -w 5 192.0.2.1 \(port) < /dev/null; echo \"nc-status $?\""])
+        #expect(out.stdout.contains("nc-status 1"), "\(out.stdout)|\(out.stderr)")
+        let vmmLog = shell("cat \"$SWIFTLET_HOME/machines/web/vmm.log\"").stdout
+        #expect(vmmLog.contains("blocked tcp to 192.0.2.1:\(port)"), "vmm.log: \(vmmLog)")
 
         // A second machine cannot take the port: a clear error naming it.
         #expect(machine(["create", "--name", "clash", "--memory", "128", "-p", "127.0.0.1:18080:80"]).status == 0)
