@@ -2,8 +2,8 @@
 # The host side of `make bench-net` (scripts/bench-net runs it inside the nested test host, or
 # directly on hardware KVM). Prints "RESULT VMM KEY VALUE" lines; scripts/bench-net sums them up.
 #
-# Per run, alternating which goes first, with the guest's checksum offload on, then off: Swiftlet (`swiftlet run --net -p 127.0.0.1:18080:7777`)
-# and QEMU microvm (virtio-net-device, `-netdev stream` to a passt of its own started with
+# Per run, alternating which goes first, with the guest's checksum offload on, then off: Swiftlet
+# (`swiftlet run --net -p 127.0.0.1:18080:7777`) and QEMU microvm (virtio-net-device, `-netdev stream` to a passt of its own started with
 # `--socket`, `-t 127.0.0.1/18081:7777`) boot the same kernel and the same EROFS root disk (the
 # layer of the benchmark image as Swiftlet converted it); the guest (bench/net-guest.sh) runs
 # iperf3 guest→host and host→guest against the iperf3 server on this host's 127.0.0.1:5201
@@ -70,10 +70,10 @@ qemu_net_run() {
   log=$out/qemu-$1-$2.log sock=/tmp/passt-bench-$$.sock name=$(label qemu "$2")
   rm -f "$sock"
   passt -f -q -s "$sock" -a 10.0.2.15 -n 24 -g 10.0.2.2 --dns-forward 10.0.2.3 -t 127.0.0.1/18081:7777 \
-    > "$out/passt-$1.log" 2>&1 &
+    > "$out/passt-$1-$2.log" 2>&1 &
   passt=$!
   polls=0; while [ ! -S "$sock" ] && [ "$polls" -lt 600 ]; do usleep 100000; polls=$((polls + 1)); done
-  [ -S "$sock" ] || { cat "$out/passt-$1.log" >&2; fail "passt did not create $sock"; }
+  [ -S "$sock" ] || { cat "$out/passt-$1-$2.log" >&2; fail "passt did not create $sock"; }
   "$QEMU" -M microvm,x-option-roms=off,rtc=off,acpi=off,pit=off,pic=off,isa-serial=on -enable-kvm -cpu host \
     -m "$memory" -smp 1 -nodefaults -no-user-config -display none -no-reboot -serial stdio -device i8042 \
     -drive "id=root,file=$erofs,format=raw,if=none,readonly=on" -device virtio-blk-device,drive=root \
