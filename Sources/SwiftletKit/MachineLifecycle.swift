@@ -33,11 +33,10 @@ enum MachineLifecycle {
             let text = Self.readAll(answer.rawValue, milliseconds: milliseconds).map(trimmed)
             if text == "ready" { return }
             guard let text else {
-                kill(pid, SIGKILL)
+                ChildProcess.signal(pid, SIGKILL)
                 throw SwiftletError(.guestFailure, "machine \(directory.name) was not ready within \(formatDuration(milliseconds)); its console is in \(directory.consolePath)")
             }
-            var status: Int32 = 0
-            waitpid(pid, &status, 0)
+            ChildProcess.wait(pid)
             if text.hasPrefix("error: ") { throw SwiftletError(.guestFailure, String(text.dropFirst(7))) }
             throw SwiftletError(.guestFailure, "the machine's VMM process ended before the machine was ready:\n" + directory.logTail())
         }
@@ -108,7 +107,7 @@ enum MachineLifecycle {
             let asked = (try? Self.request(directory, request)) != nil
             // The VMM process releases the lock as it exits.
             if !waitUntilStopped(directory, milliseconds: asked ? timeoutMilliseconds + 10_000 : 0), pid > 0 {
-                kill(pid, SIGKILL)
+                ChildProcess.signal(pid, SIGKILL)
                 guard waitUntilStopped(directory, milliseconds: 5_000) else {
                     throw SwiftletError(.systemCall, "machine \(directory.name)'s VMM process (pid \(pid)) did not end")
                 }

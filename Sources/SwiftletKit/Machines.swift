@@ -99,8 +99,7 @@ public enum Machines {
         let pid = try spawnChild(mke2fs, arguments: ["mke2fs", "-q", "-F", "-t", "ext4", "-m", "0", "-L", "swiftlet-rw",
                                                      "-E", "lazy_itable_init=1,lazy_journal_init=1", path],
                                  output: .null, error: .descriptor(2), what: "mke2fs")
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let status = ChildProcess.wait(pid)
         guard status == 0 else { throw SwiftletError(.systemCall, "mke2fs could not format the machine's disk (status \(status))") }
     }
 

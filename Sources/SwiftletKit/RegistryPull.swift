@@ -46,9 +46,8 @@ struct RegistryPull {
             if ready[2], let interruptions {
                 try throwIfInterrupted(interruptions) {
                     // The helper ends its pull (its half-fetched blobs stay in tmp/) and is reaped.
-                    kill(pid, SIGTERM)
-                    var status: Int32 = 0
-                    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                    ChildProcess.signal(pid, SIGTERM)
+                    ChildProcess.wait(pid)
                 }
             }
             for i in 0..<2 where reading[i] >= 0 && ready[i] {
@@ -66,8 +65,7 @@ struct RegistryPull {
                 }
             }
         }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let status = ChildProcess.wait(pid)
         guard status == 0 else {
             let message = lastLine.hasPrefix("swiftlet: ") ? String(lastLine.dropFirst(10)) : lastLine
             throw SwiftletError(.systemCall, message.isEmpty ? "\(helper) failed (status \(status))" : message)
