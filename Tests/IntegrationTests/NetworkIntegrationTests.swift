@@ -32,6 +32,22 @@ struct NetworkIntegrationTests {
         Subprocess.run(["/bin/sh", "-c", line], environment: ["SWIFTLET_HOME": home.path, "S": swiftlet], timeout: 300)
     }
 
+    /// Guest shell lines that try a TCP connection to `address` port 80 (5 s at most) and print
+    /// "nc-status N" and how long it took, "elapsed-ms N" (busybox `date` has no %N: /proc/uptime).
+    static func timedConnection(to address: String) -> String {
+        """
+        read t0 rest < /proc/uptime
+        nc -w 5 \(address) 80 < /dev/null; echo "nc-status $?"
+        read t1 rest < /proc/uptime
+        awk -v a="$t0" -v b="$t1" 'BEGIN { print "elapsed-ms", int((b - a) * 1000) }'
+        """
+    }
+
+    /// The milliseconds `timedConnection` printed.
+    static func elapsedMilliseconds(_ output: String) -> Int? {
+        output.split(separator: "\n").first { $0.hasPrefix("elapsed-ms ") }.flatMap { Int($0.dropFirst(11)) }
+    }
+
     func dnsLogText() -> String {
         usleep(300_000)  // dnsmasq writes its log a moment after answering
         return shell("cat '\(dnsLog)'").stdout
@@ -69,16 +85,13 @@ struct NetworkIntegrationTests {
     @Test func aDeniedAddressIsRefusedFastAndOtherResolversAndMetadataAreBlocked() {
         // 192.0.2.99 is a black hole behind the test host's dummy0: only a refusal ends it fast.
         let r = run(["--allow-host", "allowed.swiftlet.test"], """
-            read t0 rest < /proc/uptime
-            nc -w 5 192.0.2.99 80 < /dev/null; echo "nc-status $?"
-            read t1 rest < /proc/uptime
-            awk -v a="$t0" -v b="$t1" 'BEGIN { print "elapsed-ms", int((b - a) * 1000) }'
+            \(Self.timedConnection(to: "192.0.2.99"))
             nslookup allowed.swiftlet.test 192.0.2.53 > /dev/null 2>&1; echo "other-dns $?"
             nslookup allowed.swiftlet.test 8.8.8.8 > /dev/null 2>&1; echo "google-dns $?"
             wget -q -O - http://169.254.169.254/ > /dev/null 2>&1; echo "metadata $?"
             """)
         #expect(!r.stdout.contains("nc-status 0"), "\(r.stdout)|\(r.stderr)")
-        let elapsed = r.stdout.split(separator: "\n").first { $0.hasPrefix("elapsed-ms ") }.flatMap { Int($0.dropFirst(11)) }
+        let elapsed = Self.elapsedMilliseconds(r.stdout)
         #expect(elapsed != nil && elapsed! < 1000, "a blocked connection must be refused in under 1 s: \(r.stdout)")
         #expect(r.stdout.contains("other-dns 1") && r.stdout.contains("google-dns 1"), "\(r.stdout)")
         #expect(r.stdout.contains("metadata 1"), "\(r.stdout)")
@@ -116,14 +129,11 @@ struct NetworkIntegrationTests {
         let listed = run(["--allow-cidr", gateway + "/128"], waitForAddress + """
 
             timeout 20 wget -q -O - 'http://[\(gateway)]:\(port)/'; echo "v6-fetch $?"
-            read t0 rest < /proc/uptime
-            nc -w 5 2001:db8:1::99 80 < /dev/null; echo "nc-status $?"
-            read t1 rest < /proc/uptime
-            awk -v a="$t0" -v b="$t1" 'BEGIN { print "elapsed-ms", int((b - a) * 1000) }'
+            \(Self.timedConnection(to: "2001:db8:1::99"))
             timeout 20 wget -q -O - http://10.0.2.2:\(port)/ > /dev/null 2>&1; echo "v4-host $?"
             """)
         #expect(listed.stdout.contains(page) && listed.stdout.contains("v6-fetch 0"), "\(listed.stdout)|\(listed.stderr)")
-        let elapsed = listed.stdout.split(separator: "\n").first { $0.hasPrefix("elapsed-ms ") }.flatMap { Int($0.dropFirst(11)) }
+        let elapsed = Self.elapsedMilliseconds(listed.stdout)
         #expect(listed.stdout.contains("nc-status 1") && elapsed != nil && elapsed! < 1000, "refused in under 1 s: \(listed.stdout)")
         #expect(listed.stdout.contains("v4-host 1"), "\(listed.stdout)")
         #expect(listed.stderr.contains("blocked tcp to [2001:db8:1::99]:80"), "the blocked attempt is logged: \(listed.stderr)")
