@@ -10,10 +10,20 @@ import Virtio
 /// Host ports for tests: port 1024 accepts (the test keeps the other end), others refuse.
 final class TestPorts: VsockHostPorts {
     let accepted = Mutex<[Int32]>([])
+    /// When set, each new connection's host socket starts full (the device can write nothing
+    /// to it until the test reads); `prefilled` counts the filler bytes the test must read first.
+    let startFull = Atomic<Bool>(false)
+    let prefilled = Atomic<Int>(0)
     func accept(port: UInt32, from guestPort: UInt32) -> Int32? {
         guard port == 1024 else { return nil }
         var pair: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0 else { return nil }
+        if startFull.load(ordering: .relaxed) {
+            let filler = [UInt8](repeating: 0xee, count: 4096)
+            while case let n = filler.withUnsafeBytes({ send(pair[0], $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }), n > 0 {
+                prefilled.add(n, ordering: .relaxed)
+            }
+        }
         accepted.withLock { $0.append(pair[1]) }
         return pair[0]
     }
@@ -357,6 +367,37 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
         #expect(resets == cap + 10)
         #expect(try guest.tx.usedIndex == UInt16(cap + 10))
         #expect(guest.device.pendingControlPackets == 0)
+    }
+
+    @Test func aCreditUpdateTheFullControlQueueDroppedIsSentOnceItDrains() throws {
+        // One receive buffer: the connection's RESPONSE takes it, and then the guest gives none.
+        var guest = try VsockGuest(receiveBuffers: 1)
+        defer { guest.device.stop() }
+        guest.ports.startFull.store(true, ordering: .relaxed)
+        let host = try guest.connect()
+        defer { close(host) }
+        // 160 KiB of guest data wait in the device (the host socket is full): past half the
+        // device's buffer, but none reached the host, so no credit update is due yet.
+        let chunk = [UInt8](repeating: 7, count: 4096)
+        let sent = 40 * chunk.count
+        for _ in 0..<40 { try guest.send(.readWrite, payload: chunk) }
+        // Fill the control queue with RSTs (packets for connections that do not exist).
+        let cap = VirtioVsock.maximumControlPackets
+        for i in 0..<cap { try guest.send(.readWrite, from: UInt32(6000 + i)) }
+        #expect(guest.device.pendingControlPackets == cap)
+        // The host reads: the data reaches it, and the credit update that is now due finds the
+        // control queue full.
+        let filler = guest.ports.prefilled.load(ordering: .relaxed)
+        #expect(readAll(host, count: filler + sent).count == filler + sent)
+        #expect(guest.device.pendingControlPackets == cap)
+        // Receive buffers drain the RSTs, and the update follows with everything forwarded.
+        var update: VsockHeader?
+        for _ in 0..<40 where update == nil {
+            try guest.postReceiveBuffers(16)
+            update = try guest.receiveAvailable().first { $0.op == .creditUpdate }
+        }
+        let header = try #require(update, "the guest hears how much of its data reached the host")
+        #expect(header.destinationPort == 5000 && header.forwardCount == UInt32(sent))
     }
 
     @Test func connectionsPastTheLimitAreResetAndHostDescriptorsStayBounded() throws {
