@@ -104,6 +104,6 @@ let package = Package(
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletNet", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "FuzzTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
-        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "SwiftletSystem", "VMM", "Hypervisor", "AgentProtocol"], swiftSettings: strict),
+        .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "CLinux", "SwiftletSystem", "VMM", "Hypervisor", "AgentProtocol"], swiftSettings: strict),
     ]
 )

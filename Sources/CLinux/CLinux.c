@@ -7,6 +7,7 @@
 #include <cpuid.h>
 #include <sys/random.h>
 #include <sys/signalfd.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -217,3 +218,11 @@ int swiftlet_accept(int listener) {
 }
 
 int swiftlet_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+int swiftlet_swap_descriptor_limit(int pid, unsigned long long *soft, unsigned long long *hard) {
+    struct rlimit wanted = { .rlim_cur = *soft, .rlim_max = *hard }, old;
+    if (prlimit(pid, RLIMIT_NOFILE, &wanted, &old) != 0) return -1;
+    *soft = old.rlim_cur;
+    *hard = old.rlim_max;
+    return 0;
+}

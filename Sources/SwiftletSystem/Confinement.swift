@@ -103,14 +103,29 @@ public enum Confinement {
     /// (a unit test's machine, a program that embeds the library). A vCPU thread runs the guest
     /// and emulates its devices: it reads and writes descriptors it has, maps memory and talks
     /// to KVM, and needs no file by name, no listening socket and no new descriptor but a Unix
-    /// socket for vsock forwarding (and threads: the vsock device starts its event loop from
-    /// the vCPU thread that activates it).
+    /// socket for vsock forwarding (and threads: a device's event loop may start on the vCPU
+    /// thread that activates the device, and then adds its own filter).
     public static func confineVCPUThread() throws(SwiftletError) {
-        guard let mode = filterMode.withLock({ $0 }) else { return }
-        let filter = vcpuFilter(defaultAction: mode == .log ? .log : .trap)
-        let program = filter.program().map { sock_filter(code: $0.code, jt: $0.jt, jf: $0.jf, k: $0.k) }
+        _ = try confineThread(vcpuFilter, "a vCPU thread")
+    }
+
+    /// Adds the device threads' filter to the calling thread (a virtio device's event loop,
+    /// which moves the guest's packets between its queues and host sockets), like
+    /// `confineVCPUThread`: what a vCPU thread may do less KVM (only KVM_IRQ_LINE, the device's
+    /// interrupt), threads and filters. A device thread started by a vCPU thread has both filters.
+    /// Returns false, doing nothing, while this process has not confined itself: a device's thread
+    /// may start before that (at a restore), and calls again (`DeviceThreadConfinement`).
+    public static func confineDeviceThread() throws(SwiftletError) -> Bool {
+        try confineThread(deviceFilter, "a device thread")
+    }
+
+    /// Whether it installed the filter (false: this process has no filter, yet or at all).
+    private static func confineThread(_ filter: (SeccompFilter.Action) -> SeccompFilter, _ what: String) throws(SwiftletError) -> Bool {
+        guard let mode = filterMode.withLock({ $0 }) else { return false }
+        let program = filter(mode == .log ? .log : .trap).program().map { sock_filter(code: $0.code, jt: $0.jt, jf: $0.jf, k: $0.k) }
         let result = program.withUnsafeBufferPointer { swiftlet_seccomp_install($0.baseAddress, UInt16($0.count), 0) }
-        if result != 0 { throw SwiftletError.system("seccomp(SECCOMP_SET_MODE_FILTER) on a vCPU thread", errno: currentErrno) }
+        if result != 0 { throw SwiftletError.system("seccomp(SECCOMP_SET_MODE_FILTER) on \(what)", errno: currentErrno) }
+        return true
     }
 
     /// The filter a process of `role` gets. The hot calls come first (a rule that does not
@@ -129,8 +144,17 @@ public enum Confinement {
 
     /// The vCPU threads' filter, on top of the VMM's.
     public static func vcpuFilter(defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
-        SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(vcpuCalls) + prctlRules + threadRules + vmmSocketRules, defaultAction: defaultAction)
+        SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(vcpuCalls) + prctlRules + threadRules + vmmSocketRules + seccompRules,
+                      defaultAction: defaultAction)
     }
+
+    /// The device threads' filter, on top of the VMM's.
+    public static func deviceFilter(defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
+        SeccompFilter(rules: ioctlRules(deviceIoctls) + rules(vcpuCalls) + prctlRules + vmmSocketRules, defaultAction: defaultAction)
+    }
+
+    /// A device thread's ioctls: its interrupt, and non-blocking mode and queued bytes of its sockets.
+    static let deviceIoctls: [UInt32] = [UInt32(truncatingIfNeeded: SWIFTLET_KVM_IRQ_LINE), UInt32(FIONBIO), UInt32(FIONREAD)]
 
     static func rules(_ names: [String]) -> [SeccompFilter.Rule] {
         names.map { name in
@@ -248,4 +272,19 @@ public enum Confinement {
     static let seccompRules: [SeccompFilter.Rule] = [
         SeccompFilter.Rule("seccomp", conditions: [.equals(argument: 0, 1 /* SECCOMP_SET_MODE_FILTER */)])!,
     ]
+}
+
+/// A device thread's side of `Confinement.confineDeviceThread`: `apply()` before each batch of
+/// guest work adds the device filter as soon as the process has confined itself. A thread that
+/// starts before then (a device restored from a snapshot starts its loop while the machine is
+/// built) has no guest work until the guest runs, and the process confines itself before that.
+public struct DeviceThreadConfinement: ~Copyable {
+    private var installed = false
+
+    public init() {}
+
+    public mutating func apply() throws(SwiftletError) {
+        guard !installed else { return }
+        installed = try Confinement.confineDeviceThread()
+    }
 }

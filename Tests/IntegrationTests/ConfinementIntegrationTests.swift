@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import SwiftletSystem
 import Testing
@@ -23,6 +24,17 @@ struct ConfinementIntegrationTests {
             .map { $0.split(whereSeparator: \.isWhitespace).joined(separator: " ") }
     }
 
+    /// Each thread's name and how many seccomp filters it has (filters stack per thread).
+    func filtersByThread(of pid: String) -> [String: Int] {
+        let listing = Subprocess.run(["/bin/sh", "-c", "for t in /proc/$0/task/*; do echo \"$(cat $t/comm) $(grep Seccomp_filters: $t/status | cut -f2)\"; done", pid], timeout: 30)
+        var filters: [String: Int] = [:]
+        for line in listing.stdout.split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            if parts.count == 2, let count = Int(parts[1]) { filters[String(parts[0]), default: count] = max(filters[String(parts[0])] ?? 0, count) }
+        }
+        return filters
+    }
+
     func vmmPID(_ name: String, home: String) -> String {
         ((try? OwnedFileDescriptor.readSmallTextFile(home + "/machines/\(name)/vmm.pid")) ?? "").trimmingPrefix(" ").split(separator: "\n").first.map(String.init) ?? ""
     }
@@ -35,6 +47,10 @@ struct ConfinementIntegrationTests {
         let fields = status(of: pid)
         #expect(fields.contains("Seccomp: 2"), "VMM \(pid): \(fields)")
         #expect(fields.contains("NoNewPrivs: 1"), "\(fields)")
+        // Per thread kind: the process's filter everywhere; vCPU threads add theirs, device
+        // threads (vsock's event loop) theirs, and the vCPU's (a vCPU thread started them).
+        let filters = filtersByThread(of: pid)
+        #expect(filters["swiftlet"] == 1 && filters["vcpu0"] == 2 && filters["vsock"] == 3, "\(filters)")
         let limits = (try? OwnedFileDescriptor.readSmallTextFile("/proc/\(pid)/limits")) ?? ""
         let openFiles = limits.split(separator: "\n").first { $0.hasPrefix("Max open files") }?.split(whereSeparator: \.isWhitespace)
         #expect(openFiles.map { Array($0.dropFirst(3).prefix(2)) } == ["4096", "4096"], "\(limits)")
@@ -53,11 +69,50 @@ struct ConfinementIntegrationTests {
         let forked = machine(["fork", "--from", "box", "--name", "kid", "--count", "1"])
         #expect(forked.status == 0, "\(forked.stderr)")
         #expect(status(of: vmmPID("kid", home: home.path)).contains("Seccomp: 2"))
+        let kidFilters = filtersByThread(of: vmmPID("kid", home: home.path))
+        // A restored device's thread starts before the process confines itself and adds its
+        // filter before its first guest work.
+        #expect(kidFilters["vcpu0"] == 2 && kidFilters["vsock"] == 2, "\(kidFilters)")
         #expect(machine(["exec", "kid", "--", "true"]).status == 0)
         #expect(machine(["stop", "kid"]).status == 0)
         #expect(machine(["stop", "box"]).status == 0)
         let log = (try? OwnedFileDescriptor.readSmallTextFile(home.path + "/machines/box/vmm.log")) ?? ""
         #expect(!log.contains("seccomp"), "\(log)")
+    }
+
+    /// CPU time (user + system, clock ticks) thread `tid` of process `pid` has used.
+    func cpuTicks(_ pid: pid_t, thread tid: pid_t) -> Int {
+        let stat = (try? OwnedFileDescriptor.readSmallTextFile("/proc/\(pid)/task/\(tid)/stat")) ?? ""
+        guard let end = stat.lastIndex(of: ")") else { return -1 }
+        let fields = stat[stat.index(after: end)...].split(separator: " ") // fields[0] is the state, field 3
+        guard fields.count > 12, let user = Int(fields[11]), let system = Int(fields[12]) else { return -1 }
+        return user + system
+    }
+
+    @Test func aVMMOutOfDescriptorsBacksOffAndServesClientsOnceItHasSomeAgain() throws {
+        #expect(machine(["create", "--name", "full", "--memory", "128"]).status == 0)
+        let started = machine(["start", "full"])
+        try #require(started.status == 0, "\(started.stderr)")
+        defer { _ = machine(["stop", "full"]) }
+        let pid = try #require(pid_t(vmmPID("full", home: home.path)))
+        // The descriptor limit at the lowest free number: the VMM's next accept fails with EMFILE.
+        let open = Set((OwnedFileDescriptor.directoryEntries("/proc/\(pid)/fd") ?? []).compactMap { Int($0.name) })
+        let lowestFree = (0...).first { !open.contains($0) }!
+        var soft = UInt64(lowestFree), hard = UInt64(Confinement.descriptorLimit)
+        try #require(swiftlet_swap_descriptor_limit(pid, &soft, &hard) == 0)
+        // Clients wait in the control socket's backlog; the accept loop (the main thread) waits
+        // for descriptors instead of spinning on its readable listener.
+        let socket = home.path + "/machines/full/control.sock"
+        var clients = try (0..<4).map { _ throws(SwiftletError) in try UnixSocket.connect(to: socket) }
+        let before = cpuTicks(pid, thread: pid)
+        usleep(2_000_000)
+        let spent = cpuTicks(pid, thread: pid) - before
+        #expect(before >= 0 && spent < 50, "the accept loop used \(spent) clock ticks in 2 s")
+        clients.removeAll()
+        try #require(swiftlet_swap_descriptor_limit(pid, &soft, &hard) == 0)
+        let status = machine(["status", "full"])
+        #expect(status.status == 0 && status.stdout.contains("running"), "\(status.stdout) \(status.stderr)")
+        #expect(machine(["exec", "full", "--", "true"]).status == 0)
     }
 
     @Test func aForbiddenCallEndsTheVMMWithAClearMessage() {

@@ -168,6 +168,25 @@ import Testing
         }
     }
 
+    @Test func aDeviceThreadsFilterRefusesKVMButTheInterruptThreadsAndFilesByName() {
+        let program = Confinement.deviceFilter().program()
+        for name in ["read", "write", "epoll_wait", "futex", "mmap", "socketpair", "connect", "sendmsg", "exit"] {
+            #expect(evaluate(program, number: number(name)) == SECCOMP_RET_ALLOW, "\(name)")
+        }
+        let ioctl = number("ioctl")
+        #expect(evaluate(program, number: ioctl, arguments: [3, UInt64(SWIFTLET_KVM_IRQ_LINE)]) == SECCOMP_RET_ALLOW)
+        for request in [SWIFTLET_KVM_RUN, SWIFTLET_KVM_SET_USER_MEMORY_REGION, SWIFTLET_KVM_CREATE_VCPU, SWIFTLET_KVM_SET_REGS] {
+            #expect(evaluate(program, number: ioctl, arguments: [3, UInt64(request)]) == SECCOMP_RET_TRAP, "ioctl \(request)")
+        }
+        #expect(evaluate(program, number: number("socket"), arguments: [UInt64(AF_UNIX)]) == SECCOMP_RET_ALLOW)
+        #expect(evaluate(program, number: number("socket"), arguments: [UInt64(AF_INET)]) == SECCOMP_RET_TRAP)
+        for name in ["clone", "seccomp", "openat", "bind", "listen", "accept4", "execve", "kill"] {
+            #expect(evaluate(program, number: number(name), arguments: [0x0001_0000]) == SECCOMP_RET_TRAP, "\(name)")
+        }
+        // A vCPU thread may add it (the device's loop may start there).
+        #expect(evaluate(Confinement.vcpuFilter().program(), number: number("seccomp"), arguments: [1]) == SECCOMP_RET_ALLOW)
+    }
+
     @Test func theModeComesFromTheEnvironmentAndABadValueIsAnError() throws {
         #expect(try Confinement.mode(nil) == .on)
         #expect(try Confinement.mode("") == .on)

@@ -170,6 +170,9 @@ int swiftlet_unblock_sigsys(void);
 int swiftlet_drop_capabilities(void);
 /// 1 when the calling thread has any effective or permitted capability, 0 when none, -1 on error.
 int swiftlet_has_capabilities(void);
+/// prlimit(2) on RLIMIT_NOFILE of process `pid`: sets soft and hard to `*soft` and `*hard`
+/// and returns the old values in them (tests lower another process's limit).
+int swiftlet_swap_descriptor_limit(int pid, unsigned long long *soft, unsigned long long *hard);
 /// personality(0xffffffff): a query with no effect, which the VMM's filter does not allow (a test hook).
 long swiftlet_forbidden_call_for_tests(void);
 /// The ioctl requests a VMM makes (KVM, terminals, FIO*, BLKGETSIZE64); `count` is set to their number.

@@ -380,10 +380,19 @@ public final class VirtioNet: VirtioDevice {
     /// Waits for the socket or a wakeup, then sends what the socket can now take (and the
     /// guest's frames left for it), and fills the receive buffers.
     private func runLoop() {
+        // In a confined VMM process, the device threads' own filter on top of the process's,
+        // before the guest's first packet (a device that cannot have it serves nothing: its
+        // guest sees a dead device).
+        var confinement = DeviceThreadConfinement()
         while !halted.load(ordering: .acquiring) {
             let ready = epoll.wait(timeoutMilliseconds: -1)
             wake.drain()
             guard !halted.load(ordering: .acquiring) else { break }
+            do throws(SwiftletError) { try confinement.apply() } catch {
+                onError(SwiftletError(error.code, "virtio-net: \(error.message)"))
+                requestStop()
+                return
+            }
             for (fd, events) in ready where fd == backend.rawValue && !events.isDisjoint(with: [.hangUp, .error]) {
                 // Level-triggered, a hung-up socket would be ready forever: reads and writes find
                 // out what is left (the rest of the input, then end of file).

@@ -243,11 +243,20 @@ public final class VirtioVsock: VirtioDevice {
     /// The event loop: host sockets that became readable or writable feed the guest, and
     /// requests the guest leaves unanswered expire.
     private func runLoop() {
+        // In a confined VMM process, the device threads' own filter on top of the process's,
+        // before the guest's first packet (a device that cannot have it serves nothing: its
+        // guest sees a dead device).
+        var confinement = DeviceThreadConfinement()
         var timeout: Int32 = -1
         while !halted.load(ordering: .acquiring) {
             let ready = epoll.wait(timeoutMilliseconds: timeout)
             wake.drain()
             guard !halted.load(ordering: .acquiring) else { break }
+            do throws(SwiftletError) { try confinement.apply() } catch {
+                onError(SwiftletError(error.code, "vsock: \(error.message)"))
+                requestStop()
+                return
+            }
             let interrupt: VirtioInterrupt? = muxer.withLock { m in
                 defer { timeout = nextRequestTimeout(m) }
                 expireRequests(&m)
