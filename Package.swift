@@ -36,6 +36,8 @@ let package = Package(
             linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]),
         .target(name: "CDigest"),
         .target(name: "Images", dependencies: ["SwiftletSystem", "CCompression"], swiftSettings: strict),
+        // The portable single-file format (docs/pack-format.md): writer, reader, checks.
+        .target(name: "Pack", dependencies: ["SwiftletSystem", "SwiftletDigest", "CCompression"], swiftSettings: strict),
         // The registry client, kept out of the VMM's executable: `swiftlet` runs `swiftlet-pull`.
         .target(
             name: "ImageRegistry",
@@ -54,7 +56,7 @@ let package = Package(
         // boot templates, image resolution and `run`. The public Swift API (product Swiftlet).
         .target(
             name: "SwiftletKit",
-            dependencies: ["VMM", "Devices", "MachineState", "AgentProtocol", "Images", "SwiftletNet", "SwiftletSystem", "CLinux"],
+            dependencies: ["VMM", "Devices", "MachineState", "AgentProtocol", "Images", "Pack", "SwiftletNet", "SwiftletSystem", "CLinux"],
             swiftSettings: strict),
         // Argument parsing and presentation only.
         .executableTarget(
@@ -89,6 +91,7 @@ let package = Package(
 
         .target(name: "TestSupport", dependencies: ["GuestMemory", "Virtio", "SwiftletSystem"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
+        .testTarget(name: "PackTests", dependencies: ["Pack", "SwiftletDigest", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "MachineStateTests", dependencies: ["MachineState", "GuestMemory", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),

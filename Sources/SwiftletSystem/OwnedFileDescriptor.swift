@@ -128,8 +128,12 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
 
     /// Reads the whole of `count` bytes from `offset` straight into `destination` (pread), failing on a short file.
     public func read(into destination: UnsafeMutableRawBufferPointer, at offset: UInt64, what: String) throws(SwiftletError) {
+        try Self.read(fd: rawValue, into: destination, at: offset, what: what)
+    }
+
+    /// `read(into:at:what:)` from a descriptor this value does not own.
+    public static func read(fd: Int32, into destination: UnsafeMutableRawBufferPointer, at offset: UInt64, what: String) throws(SwiftletError) {
         var done = 0
-        let fd = rawValue
         while done < destination.count {
             // SAFETY: the range [done, destination.count) lies inside `destination`.
             let n = try systemCall("cannot read \(what)") {
