@@ -61,7 +61,7 @@ let package = Package(
         // Argument parsing and presentation only.
         .executableTarget(
             name: "swiftlet",
-            dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletNet", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SwiftletKit", "VMM", "Images", "Pack", "SwiftletNet", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet-example",

@@ -1,4 +1,6 @@
 import FoundationEssentials
+import Synchronization
+import SwiftletDigest
 import SwiftletSystem
 
 /// What a pack holds (docs/pack-format.md): its kind, its parts and where each part's chunks are,
@@ -80,7 +82,9 @@ public struct PackPart: Codable, Sendable, Equatable {
     public var name: String
     /// The contents' size in bytes (a sparse disk's logical size).
     public var size: UInt64
-    /// SHA-256 of the whole contents (zeros included).
+    /// The part's digest: SHA-256 over its chunks' SHA-256s in order, a chunk of zeros counting
+    /// as the SHA-256 of that many zero bytes (`zeroChunkDigest`). It identifies the contents
+    /// (with `chunkSize`) without hashing a sparse disk's holes byte by byte.
     @HexBytes public var sha256: [UInt8]
     public var chunkSize: UInt32
     public var chunks: [PackChunk]
@@ -88,6 +92,17 @@ public struct PackPart: Codable, Sendable, Equatable {
     public init(name: String, size: UInt64, sha256: [UInt8], chunkSize: UInt32, chunks: [PackChunk]) {
         self.name = name; self.size = size; self.sha256 = sha256; self.chunkSize = chunkSize; self.chunks = chunks
     }
+
+    /// SHA-256 of `length` zero bytes, for the chunk sizes a part has (one full size, one last).
+    static func zeroChunkDigest(length: Int) -> [UInt8] {
+        zeroDigests.withLock { cache in
+            if let digest = cache[length] { return digest }
+            let digest = SHA256.hash([UInt8](repeating: 0, count: length))
+            if cache.count < 64 { cache[length] = digest }
+            return digest
+        }
+    }
+    private static let zeroDigests = Mutex<[Int: [UInt8]]>([:])
 
     /// The number of chunks a part of `size` bytes has.
     static func chunkCount(size: UInt64, chunkSize: UInt32) -> UInt64 {

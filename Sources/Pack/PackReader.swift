@@ -73,38 +73,42 @@ public final class PackReader {
     public func extract(_ part: PackPart, to output: borrowing OwnedFileDescriptor) throws(SwiftletError) {
         try OwnedFileDescriptor.truncate(fd: output.rawValue, to: part.size, what: "the \(part.name) of \(path)")
         let fd = output.rawValue
-        try forEachChunk(of: part) { index, contents throws(SwiftletError) in
-            guard part.chunks[index].encoding != .zero else { return }
+        try forEachStoredChunk(of: part) { index, contents throws(SwiftletError) in
             try OwnedFileDescriptor.write(fd: fd, from: contents, at: UInt64(index) * UInt64(part.chunkSize), what: "the \(part.name) of \(path)")
         }
     }
 
-    /// Reads and checks every chunk of every part and each part's whole digest; writes nothing.
+    /// Reads and checks every chunk of every part and each part's digest; writes nothing.
     /// Returns the bytes of contents checked.
     public func verify() throws(SwiftletError) -> UInt64 {
         var total: UInt64 = 0
         for part in manifest.parts {
-            try forEachChunk(of: part) { _, _ in }
+            try forEachStoredChunk(of: part) { _, _ in }
             total += part.size
         }
         return total
     }
 
-    /// Reads `part`'s chunks in order, each checked, hands each to `body`, and checks the whole.
-    private func forEachChunk(of part: PackPart, _ body: (Int, UnsafeRawBufferPointer) throws(SwiftletError) -> Void) throws(SwiftletError) {
+    /// Reads `part`'s stored chunks in order, each checked, hands each to `body`, and checks the
+    /// part's digest (chunks of zeros are not read: their digest is known).
+    private func forEachStoredChunk(of part: PackPart, _ body: (Int, UnsafeRawBufferPointer) throws(SwiftletError) -> Void) throws(SwiftletError) {
         var buffer = [UInt8](repeating: 0, count: Int(min(UInt64(part.chunkSize), part.size)))
         var whole = SHA256()
-        for index in part.chunks.indices {
+        for (index, chunk) in part.chunks.enumerated() {
             let length = part.length(ofChunk: index)
+            guard chunk.encoding != .zero else {
+                whole.update(PackPart.zeroChunkDigest(length: length))
+                continue
+            }
             try buffer.withMutableBytes { raw throws(SwiftletError) in
                 let contents = UnsafeMutableRawBufferPointer(rebasing: raw[0..<length])
                 try readChunk(index, of: part, into: contents)
-                whole.update(UnsafeRawBufferPointer(contents))
                 try body(index, UnsafeRawBufferPointer(contents))
             }
+            whole.update(chunk.sha256)
         }
         guard whole.finalize() == part.sha256 else {
-            throw SwiftletError(.invalidFormat, "part \(part.name) of \(path) is damaged: its contents do not match its SHA-256")
+            throw SwiftletError(.invalidFormat, "part \(part.name) of \(path) is damaged: its chunks do not match its SHA-256")
         }
     }
 }

@@ -19,7 +19,6 @@ public final class PackWriter {
     private let compression: PackCompression
     private var chunk: [UInt8]
     private var compressed: [UInt8]
-    private static let zeros = [UInt8](repeating: 0, count: Int(chunkSize))
 
     /// A writer of a pack into the file `fd` (which it does not own), starting at byte `start`.
     public init(fd: Int32, start: UInt64 = 0) throws(SwiftletError) {
@@ -73,10 +72,12 @@ public final class PackWriter {
                 isZero = Self.allZero(chunk, count: length)
             }
             if isZero {
-                Self.zeros.withUnsafeBytes { whole.update(UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+                whole.update(PackPart.zeroChunkDigest(length: length))
                 chunks.append(.zero)
             } else {
-                chunks.append(try store(length: length, hashInto: &whole))
+                let stored = try store(length: length)
+                whole.update(stored.sha256)
+                chunks.append(stored)
             }
             offset += UInt64(length)
         }
@@ -84,11 +85,10 @@ public final class PackWriter {
     }
 
     /// Stores the first `length` bytes of `chunk`, compressed if that saves space.
-    private func store(length: Int, hashInto whole: inout SHA256) throws(SwiftletError) -> PackChunk {
+    private func store(length: Int) throws(SwiftletError) -> PackChunk {
         let compression = self.compression
         let (digest, compressedLength) = try chunk.withBytes { raw throws(SwiftletError) -> ([UInt8], Int) in
             let contents = UnsafeRawBufferPointer(rebasing: raw[0..<length])
-            whole.update(contents)
             var own = SHA256()
             own.update(contents)
             let count = try compressed.withMutableBytes { out throws(SwiftletError) in try compression.compress(contents, into: out) }

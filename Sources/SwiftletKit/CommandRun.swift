@@ -25,6 +25,9 @@ public struct CommandRun: Sendable {
         case image(String, policy: PullPolicy, insecureRegistry: Bool)
         /// A snapshot made by `ImageSnapshot` (`swiftlet snapshot`): its image and hardware.
         case snapshot(String)
+        /// A snapshot pack (`MachinePack`): unpacked into a private directory for the run, which
+        /// leaves the file untouched.
+        case pack(String)
     }
 
     public var root: Root
@@ -58,6 +61,10 @@ public struct CommandRun: Sendable {
     public init(root: Root) {
         self.root = root
     }
+
+    /// The read-only disks a `.snapshot` root may name (a pack's own copies); nil: image layers
+    /// in this user's store and the default image (`SnapshotPaths.resolver`).
+    var snapshotDisks: SnapshotDiskResolver?
 
     /// Where the command's streams go, and what the caller hears while it runs.
     public struct IO: Sendable {
@@ -145,6 +152,15 @@ public struct CommandRun: Sendable {
         if confined {
             // Before the machine's threads start: none of them keeps a root's capabilities.
             do { try Confinement.dropCapabilities() } catch { throw Failure.setup(error) }
+        }
+        if case .pack(let path) = root {
+            let unpacked: MachinePack.Unpacked
+            do { unpacked = try MachinePack.unpack(path) } catch { throw Failure.setup(error) }
+            defer { withExtendedLifetime(unpacked) {} }
+            var run = self
+            run.root = .snapshot(unpacked.snapshotDirectory)
+            run.snapshotDisks = unpacked.readOnlyDisks
+            return try run.run(io: io)
         }
         let isSnapshot = if case .snapshot = root { true } else { false }
         do {
@@ -308,10 +324,11 @@ public struct CommandRun: Sendable {
             let attached = policy.hasNetwork ? try MachineNetwork(policy: policy, logFile: nil) : nil
             let vm = try Machine.restoring(from: directory, consoleOutput: consoleOutput, kvmPath: AgentPort.kvmPath,
                                            allowPVM: allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true,
-                                           readOnlyDisks: SnapshotPaths.resolver, network: attached?.device(log: log))
+                                           readOnlyDisks: snapshotDisks ?? SnapshotPaths.resolver, network: attached?.device(log: log))
             let defaults = try AgentSnapshot.defaults(of: vm, directory: directory)
             return (vm, try defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: directory),
                     nil, attached)
+        case .pack: preconditionFailure("run(io:) unpacks a pack and runs its snapshot")
         case .defaultImage: (image, rootfs, policy, insecure) = (nil, nil, .missing, false)
         case .rootfs(let path): (image, rootfs, policy, insecure) = (nil, path, .missing, false)
         case .image(let reference, let pull, let insecureRegistry): (image, rootfs, policy, insecure) = (reference, nil, pull, insecureRegistry)

@@ -36,7 +36,7 @@ public struct ImageSnapshot: Sendable {
             }
             let resolved: RootFilesystem
             switch self.root {
-            case .snapshot: throw SwiftletError(.invalidArgument, "a snapshot is made from an image, not from another snapshot")
+            case .snapshot, .pack: throw SwiftletError(.invalidArgument, "a snapshot is made from an image, not from another snapshot or a pack")
             case .defaultImage: resolved = try RootFilesystem.resolve(image: nil, rootfs: nil, progress: log)
             case .rootfs(let path): resolved = try RootFilesystem.resolve(image: nil, rootfs: path, progress: log)
             case .image(let reference, let policy, let insecure):

@@ -59,7 +59,7 @@ public enum Machines {
         case .defaultImage: (image, rootfs, policy, insecure) = (nil, nil, .missing, false)
         case .rootfs(let path): (image, rootfs, policy, insecure) = (nil, FileTree.absolute(path), .missing, false)
         case .image(let reference, let pull, let insecureRegistry): (image, rootfs, policy, insecure) = (reference, nil, pull, insecureRegistry)
-        case .snapshot: throw SwiftletError(.invalidArgument, "a machine is created from an image; `restore` makes one of a machine's snapshot")
+        case .snapshot, .pack: throw SwiftletError(.invalidArgument, "a machine is created from an image; `restore` makes one of a machine's snapshot")
         }
         let directory = try MachineDirectory(name: creation.name)
         return try MachineDirectory.withLock { () throws(SwiftletError) -> MachineRecord in

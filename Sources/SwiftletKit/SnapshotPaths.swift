@@ -21,23 +21,46 @@ enum SnapshotPaths {
         return SnapshotDiskResolver { path throws(SwiftletError) in own.contains(path) ? path : try layerDisk(path) }
     }
 
+    /// What a read-only disk path a snapshot recorded names, by its form alone: an image layer
+    /// (`.../disks/sha256/HEX.erofs`, by its diff ID) or Swiftlet's default image; nil for
+    /// anything else.
+    enum RecordedDisk: Equatable {
+        case layer(Digest)
+        case defaultImage
+
+        init?(_ recorded: String) {
+            let parts = recorded.split(separator: "/", omittingEmptySubsequences: false)
+            if parts.count >= 3, parts[parts.count - 3] == "disks", parts[parts.count - 2] == "sha256", parts.last!.hasSuffix(".erofs"),
+               let diffID = try? Digest(parsing: "sha256:" + parts.last!.dropLast(".erofs".count)) {
+                self = .layer(diffID)
+            } else if recorded.hasSuffix("/images/default/rootfs.erofs"), !recorded.contains("/../") {
+                self = .defaultImage
+            } else {
+                return nil
+            }
+        }
+    }
+
+    /// The error for a recorded read-only disk that is neither a layer nor the default image.
+    static func unknownDisk(_ recorded: String) -> SwiftletError {
+        SwiftletError(.invalidArgument, "the snapshot names the disk \(recorded), which is neither an image layer in the image store nor Swiftlet's default image: a snapshot may come from elsewhere, so it cannot make Swiftlet open other host files (a root filesystem given with --rootfs cannot be restored from a snapshot)")
+    }
+
     /// This host's file for the read-only disk a snapshot recorded at `recorded`: the layer disk
     /// of the same digest in the image store at `storeRoot`, or the default image; else an error.
     static func layerDisk(_ recorded: String, storeRoot: String = ImageStore.defaultRoot()) throws(SwiftletError) -> String {
-        let parts = recorded.split(separator: "/", omittingEmptySubsequences: false)
-        if parts.count >= 3, parts[parts.count - 3] == "disks", parts[parts.count - 2] == "sha256", parts.last!.hasSuffix(".erofs"),
-           let diffID = try? Digest(parsing: "sha256:" + parts.last!.dropLast(".erofs".count)) {
+        switch RecordedDisk(recorded) {
+        case .layer(let diffID):
             let store = try ImageStore(root: storeRoot)
             guard store.hasDisk(diffID: diffID) else {
                 throw SwiftletError(.notFound, "the image layer \(diffID) that the snapshot was taken with is not in the image store (pull the image it belongs to, and try again)")
             }
             return store.diskPath(diffID: diffID)
-        }
-        let defaultImage = "/images/default/rootfs.erofs"
-        if recorded.hasSuffix(defaultImage), !recorded.contains("/../") {
+        case .defaultImage:
             return GuestAssets.defaultImage
+        case nil:
+            throw unknownDisk(recorded)
         }
-        throw SwiftletError(.invalidArgument, "the snapshot names the disk \(recorded), which is neither an image layer in the image store nor Swiftlet's default image: a snapshot may come from elsewhere, so it cannot make Swiftlet open other host files (a root filesystem given with --rootfs cannot be restored from a snapshot)")
     }
 
     /// This host's kernel for the one a snapshot's machine record names: none (the default

@@ -302,6 +302,19 @@ extension Machine {
         return files
     }
 
+    /// The files that make up the (full) snapshot in `directory`, read and checked without
+    /// restoring it, for copying it whole (a pack): its writable disks' files (`disk-N` in the
+    /// directory), and its read-only disks by the paths it recorded, which are untrusted (resolve
+    /// them as a restore would, `SnapshotDiskResolver`) and in disk order. A diff is refused: it
+    /// needs its parent, which it names by a path on the host that made it.
+    public static func files(ofSnapshot directory: String) throws(SwiftletError) -> (writable: [String], readOnly: [String]) {
+        let plan = try RestorePlan.load(SnapshotDirectory(directory))
+        guard plan.snapshot.kind == .full else {
+            throw SwiftletError(.invalidArgument, "the snapshot in \(directory) is a diff of another: only a full snapshot can be copied whole (restore it and take a full snapshot)")
+        }
+        return (try writableDiskFiles(plan), plan.snapshot.hardware.disks.filter(\.readOnly).map(\.path))
+    }
+
     /// The network device of the machine in the snapshot in `directory` (nil: it had none), read
     /// and checked without restoring it: its policy is what the machine ran under.
     public static func network(ofSnapshot directory: String) throws(SwiftletError) -> SnapshotNetwork? {

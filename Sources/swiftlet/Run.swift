@@ -26,7 +26,9 @@ struct Run: ParsableCommand {
               skopeo copy docker://debian:12 oci:debian:12 && swiftlet run --image debian:12 -- ls
 
             --from DIR starts from a snapshot made by `swiftlet snapshot` instead of booting: the \
-            machine continues where its agent was ready, with the snapshot's image and hardware.
+            machine continues where its agent was ready, with the snapshot's image and hardware. \
+            --image FILE does the same with a pack of one (`swiftlet pack create`), which need \
+            not come from this host.
 
               swiftlet snapshot --image alpine:3.20 -o alpine.snap
               swiftlet run --from alpine.snap -- cat /etc/os-release
@@ -81,6 +83,9 @@ struct Run: ParsableCommand {
         }
         if from != nil && (source.image != nil || source.rootfs != nil || machine.shapesTheMachine || cold) {
             throw ValidationError("--from starts the machine a snapshot holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory or --cold")
+        }
+        if let image = source.image, MachinePack.looksLikePack(image), machine.shapesTheMachine || cold {
+            throw ValidationError("--image \(image) is a pack, which holds its machine: it cannot be combined with --kernel, --cpus, --memory or --cold")
         }
         if detach && (exec.interactive || exec.tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
     }
@@ -140,9 +145,10 @@ struct Run: ParsableCommand {
         throw ExitCode(outcome.status)
     }
 
-    /// The machine's root, from --from, --image, --rootfs or neither.
+    /// The machine's root, from --from, --image (a pack among them), --rootfs or neither.
     var root: CommandRun.Root {
         if let from { return .snapshot(from) }
+        if let image = source.image, MachinePack.looksLikePack(image) { return .pack(image) }
         // A detached run's image was resolved by the process that started it.
         if let image = getenv(Self.resolvedImageVariable).map({ String(cString: $0) }) ?? source.image {
             return .image(image, policy: source.pull, insecureRegistry: source.insecureRegistry)

@@ -8,7 +8,7 @@ struct Swiftlet: ParsableCommand {
         commandName: "swiftlet",
         abstract: "Run Linux in microVMs on KVM.",
         version: "0.1.0",
-        subcommands: [Run.self, MachineCommand.self, Snapshot.self, Boot.self, Image.self, Kernel.self])
+        subcommands: [Run.self, MachineCommand.self, Snapshot.self, PackCommand.self, Boot.self, Image.self, Kernel.self])
 
     /// The commands whose start-up latency counts, parsed as themselves alone: building the whole
     /// command tree first (every subcommand's arguments, found by reflection) was a third of a

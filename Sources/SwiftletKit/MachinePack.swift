@@ -1,0 +1,157 @@
+import Glibc
+import Images
+import MachineState
+import Pack
+import SwiftletSystem
+import VMM
+
+/// A machine in one file (docs/pack-format.md): `create(fromSnapshot:to:)` packs a full snapshot
+/// (state, memory, writable disks, recorded working set) with the read-only disks it was taken
+/// with (image layers, or the default image), so that it restores on a host that has none of
+/// them; `unpack` makes a private snapshot directory of a pack for a restore.
+///
+/// Part names: `state`, `memory`, `working-set`, `disk-N` (the snapshot directory's files),
+/// `layer-sha256-HEX` (an image layer's disk, by its diff ID) and `default-image`.
+public enum MachinePack {
+    static let stateFiles = [SnapshotDirectory.stateFileName, SnapshotDirectory.memoryFileName]
+    static let defaultImagePart = "default-image"
+    static let layerPrefix = "layer-sha256-"
+
+    /// What packing wrote.
+    public struct Report: Sendable {
+        public var manifest: PackManifest
+        public var path: String
+        /// The pack file's size.
+        public var bytes: UInt64
+    }
+
+    /// Packs the full snapshot in `directory` into a new file at `output` (written beside it
+    /// and renamed into place: a failure leaves nothing there). Its read-only disks are found as
+    /// a restore finds them (image layers in this user's store by digest, the default image);
+    /// one that cannot be found is an error naming it.
+    public static func create(fromSnapshot directory: String, to output: String) throws(SwiftletError) -> Report {
+        let snapshot = SnapshotDirectory(directory)
+        let files = try Machine.files(ofSnapshot: snapshot.path)
+        // Every part's source, opened before anything is written.
+        var sources: [(name: String, path: String)] = stateFiles.map { ($0, snapshot.path + "/" + $0) }
+        if access(snapshot.workingSetPath, F_OK) == 0 { sources.append((SnapshotDirectory.workingSetFileName, snapshot.workingSetPath)) }
+        for path in files.writable { sources.append((String(path.split(separator: "/").last!), path)) }
+        for recorded in files.readOnly {
+            guard let disk = SnapshotPaths.RecordedDisk(recorded) else { throw SnapshotPaths.unknownDisk(recorded) }
+            let name = partName(disk)
+            guard !sources.contains(where: { $0.name == name }) else { continue }
+            sources.append((name, try SnapshotPaths.layerDisk(recorded)))
+        }
+        var result: Report?
+        try OwnedFileDescriptor.writeIntoPlace(FileTree.absolute(output)) { file throws(SwiftletError) in
+            let writer = try PackWriter(fd: file.rawValue)
+            for source in sources {
+                let input = try OwnedFileDescriptor.openRegularFile(source.path, flags: O_RDONLY | O_CLOEXEC, what: "the snapshot's file")
+                try writer.add(name: source.name, contentsOf: input, size: try input.size(), what: source.path)
+            }
+            let (manifest, length) = try writer.finish(kind: .snapshot, createdBy: "swiftlet")
+            try systemCall("cannot write \(output) to disk") { fsync(file.rawValue) }
+            result = Report(manifest: manifest, path: FileTree.absolute(output), bytes: length)
+        }
+        return result!
+    }
+
+    static func partName(_ disk: SnapshotPaths.RecordedDisk) -> String {
+        switch disk {
+        case .layer(let diffID): layerPrefix + diffID.hex
+        case .defaultImage: defaultImagePart
+        }
+    }
+
+    /// A snapshot pack unpacked into a private directory (mode 0700, under
+    /// `$SWIFTLET_HOME/unpacked`), removed when this value goes.
+    public final class Unpacked: Sendable {
+        /// The snapshot directory (state, memory, disks, working set).
+        public let snapshotDirectory: String
+        /// The pack's read-only disks for a restore of it: the disks the snapshot recorded,
+        /// mapped by their form (layer digest, default image) to the pack's own copies.
+        public let readOnlyDisks: SnapshotDiskResolver
+        let root: String
+
+        init(root: String, layers: [String: String]) {
+            self.root = root
+            self.snapshotDirectory = root + "/snapshot"
+            let pack = root
+            readOnlyDisks = SnapshotDiskResolver { recorded throws(SwiftletError) in
+                guard let disk = SnapshotPaths.RecordedDisk(recorded) else { throw SnapshotPaths.unknownDisk(recorded) }
+                guard let file = layers[MachinePack.partName(disk)] else {
+                    throw SwiftletError(.invalidFormat, "the pack's snapshot names the disk \(recorded), which the pack does not hold (\(pack))")
+                }
+                return file
+            }
+        }
+
+        deinit { try? FileTree.remove(root) }
+    }
+
+    /// Where packs are unpacked to run: `$SWIFTLET_HOME/unpacked`.
+    static var unpackRoot: String { ImageStore.defaultRoot() + "/unpacked" }
+
+    /// Checks the pack at `path` (a snapshot pack: its state and memory, and only parts a
+    /// snapshot pack has) and unpacks it, every chunk checked, into a new private directory.
+    /// A damaged pack is refused with an error naming the part, and leaves nothing behind.
+    public static func unpack(_ path: String) throws(SwiftletError) -> Unpacked {
+        let reader = try PackReader(path: path)
+        guard reader.manifest.kind == .snapshot else {
+            throw SwiftletError(.invalidArgument, "\(path) is a \(reader.manifest.kind.rawValue) pack, not a snapshot")
+        }
+        // Where each part goes; anything else is refused before a byte is written.
+        var destinations: [(part: PackPart, file: String)] = []
+        var layers: [String: String] = [:]
+        for name in stateFiles { _ = try reader.part(name) }
+        try makeDirectories(unpackRoot, mode: 0o700)
+        let root = unpackRoot + "/" + (try SnapshotID.random()).description
+        for part in reader.manifest.parts {
+            let name = part.name
+            if stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || isDiskName(name) {
+                destinations.append((part, root + "/snapshot/" + name))
+            } else if name == defaultImagePart || (name.hasPrefix(layerPrefix) && (try? Digest(parsing: "sha256:" + name.dropFirst(layerPrefix.count))) != nil) {
+                let file = root + "/disks/" + name
+                destinations.append((part, file))
+                layers[name] = file
+            } else {
+                throw SwiftletError(.invalidFormat, "\(path) holds a part \(name), which a snapshot pack does not have")
+            }
+        }
+        try systemCall("cannot create \(root)") { mkdir(root, 0o700) }
+        let unpacked = Unpacked(root: root, layers: layers) // removes the directory again if what follows fails
+        try systemCall("cannot create \(root)/snapshot") { mkdir(root + "/snapshot", 0o700) }
+        try systemCall("cannot create \(root)/disks") { mkdir(root + "/disks", 0o700) }
+        for (part, file) in destinations {
+            let output = try OwnedFileDescriptor.open(file, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600, what: "the unpacked \(part.name)")
+            try reader.extract(part, to: output)
+        }
+        return unpacked
+    }
+
+    /// What the pack at `path` holds: its manifest, checked (not its parts: `verify`), and where
+    /// in the file it starts (after an executable: its size).
+    public static func inspect(_ path: String) throws(SwiftletError) -> (manifest: PackManifest, start: UInt64, fileSize: UInt64) {
+        let reader = try PackReader(path: path)
+        return (reader.manifest, reader.start, reader.fileSize)
+    }
+
+    /// Reads and checks every byte of every part of the pack at `path`; returns the bytes checked.
+    public static func verify(_ path: String) throws(SwiftletError) -> UInt64 {
+        try PackReader(path: path).verify()
+    }
+
+    /// Whether `path` is a regular file that ends in a pack footer's magic (a cheap test, for
+    /// telling a pack from an image archive; opening it checks the rest).
+    public static func looksLikePack(_ path: String) -> Bool {
+        guard let file = try? OwnedFileDescriptor.openRegularFile(path, flags: O_RDONLY | O_CLOEXEC, what: "file"),
+              let size = try? file.size(), size >= UInt64(PackFooter.size),
+              let magic = try? file.read(count: PackFooter.magic.count, at: size - UInt64(PackFooter.size), what: path) else { return false }
+        return magic == PackFooter.magic
+    }
+
+    /// `disk-N`, N a plain decimal number.
+    static func isDiskName(_ name: String) -> Bool {
+        name.hasPrefix("disk-") && Int(name.dropFirst(5)).map { SnapshotDirectory.diskFileName($0) == name && $0 >= 0 } == true
+    }
+}

@@ -1,0 +1,90 @@
+import ArgumentParser
+import Glibc
+import Images
+import Pack
+import SwiftletKit
+import SwiftletSystem
+
+struct PackCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pack",
+        abstract: "Pack a machine into one file that runs on any host with Swiftlet; inspect and verify packs.",
+        discussion: """
+            A pack holds a snapshot whole: its state, memory and writable disks, and the image \
+            layers it was taken with, each part in checked, compressed chunks (docs/pack-format.md). \
+            `swiftlet run --image FILE` restores it and runs a command in a copy (the file is left \
+            as it is).
+
+              swiftlet snapshot --image alpine:3.20 -o alpine.snap
+              swiftlet pack create --from alpine.snap -o alpine.swiftlet
+              swiftlet run --image alpine.swiftlet -- cat /etc/os-release
+            """,
+        subcommands: [Create.self, Inspect.self, Verify.self])
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "create",
+            abstract: "Pack a snapshot (`swiftlet snapshot`, `machine snapshot`) and the image layers it uses into one file.")
+
+        @Option(help: ArgumentHelp("The snapshot directory to pack (a full snapshot).", valueName: "dir"))
+        var from: String
+
+        @Option(name: .shortAndLong, help: ArgumentHelp("The pack file to write (replaced if it exists).", valueName: "file"))
+        var output: String
+
+        func run() throws {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
+                let report = try MachinePack.create(fromSnapshot: from, to: output)
+                let contents = report.manifest.parts.reduce(0) { $0 + $1.size }
+                print("\(report.path): \(report.manifest.parts.count) parts, \(size(contents)) packed into \(size(report.bytes))")
+            }
+        }
+    }
+
+    struct Inspect: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "inspect", abstract: "Show what a pack holds.")
+
+        @Argument(help: "The pack file.")
+        var file: String
+
+        @Flag(help: "Print the pack's manifest as JSON.")
+        var json = false
+
+        func run() throws {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
+                let (manifest, start, fileSize) = try MachinePack.inspect(file)
+                if json {
+                    print(String(decoding: try manifest.encoded(), as: UTF8.self))
+                    return
+                }
+                print("kind: \(manifest.kind.rawValue), format \(manifest.format), made by \(manifest.createdBy)")
+                print(start == 0 ? "size: \(size(fileSize))" : "size: \(size(fileSize - start)) after an executable of \(size(start))")
+                var rows = [["PART", "SIZE", "STORED", "SHA256"]]
+                for part in manifest.parts {
+                    rows.append([part.name, size(part.size), size(part.storedBytes), Hex.encode(part.sha256)])
+                }
+                let widths = rows[0].indices.map { column in rows.map { $0[column].count }.max() ?? 0 }
+                for row in rows {
+                    print(zip(row, widths).map { $0.0.padding(to: $0.1) }.joined(separator: "  ").trimmingTrailingSpaces)
+                }
+            }
+        }
+    }
+
+    struct Verify: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "verify", abstract: "Read every part of a pack and check it against its SHA-256.")
+
+        @Argument(help: "The pack file.")
+        var file: String
+
+        func run() throws {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
+                let checked = try MachinePack.verify(file)
+                print("\(file): intact (\(size(checked)) checked)")
+            }
+        }
+    }
+}
+
+private func size(_ bytes: UInt64) -> String { ImagePuller.formatSize(Int64(clamping: bytes)) }

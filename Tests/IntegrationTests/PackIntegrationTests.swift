@@ -1,0 +1,113 @@
+import FoundationEssentials
+import Glibc
+import SwiftletSystem
+import Testing
+import TestSupport
+
+/// `swiftlet pack`: a snapshot packed into one file runs from another `SWIFTLET_HOME` (an empty
+/// image store: nothing of the first home is used), with its memory, disks and image; the file
+/// is left as it was; a damaged or cut pack is refused and leaves nothing behind.
+@Suite(.serialized, .enabled(if: TestHost.integration, "Linux-guest integration tests run in the nested test host: make test-nested"))
+struct PackIntegrationTests {
+    let swiftlet = TestHost.swiftletBinary
+    let dir = TemporaryDirectory()
+    var home: String { dir.path + "/home" }
+    /// Where the packs run: a home that has never pulled or made anything.
+    var elsewhere: String { dir.path + "/elsewhere" }
+
+    func swiftlet(_ arguments: [String], home: String, stdin: String? = nil) -> Subprocess {
+        Subprocess.run([swiftlet] + arguments, environment: ["SWIFTLET_HOME": home], stdin: stdin, timeout: 600)
+    }
+
+    func digest(_ path: String) -> String {
+        String(Subprocess.run(["/bin/sh", "-c", "sha256sum \"$0\"", path]).stdout.prefix(64))
+    }
+
+    /// Nothing left in `home`'s unpack area, and no image in its store.
+    func leftNothing(in home: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect((OwnedFileDescriptor.directoryEntries(home + "/unpacked") ?? []).isEmpty, "unpacked packs are removed", sourceLocation: sourceLocation)
+        #expect((OwnedFileDescriptor.directoryEntries(home + "/disks/sha256") ?? []).isEmpty, "nothing of a pack goes into the image store",
+                sourceLocation: sourceLocation)
+    }
+
+    @Test(.enabled(if: TestImages.directory != nil, "needs the test images"))
+    func anImageSnapshotsPackRunsElsewhereWithTheImagesCommand() throws {
+        let snapshot = dir.path + "/image.snap", pack = dir.path + "/image.swiftlet"
+        let made = swiftlet(["snapshot", "--image", TestImages.path("layout"), "-o", snapshot], home: home)
+        try #require(made.status == 0, "\(made.stderr)")
+        let packed = swiftlet(["pack", "create", "--from", snapshot, "-o", pack], home: home)
+        #expect(packed.status == 0 && packed.stdout.contains("parts"), "\(packed.stderr)")
+        let inspected = swiftlet(["pack", "inspect", pack], home: elsewhere)
+        #expect(inspected.status == 0 && inspected.stdout.contains("kind: snapshot") && inspected.stdout.contains("layer-sha256-")
+                    && inspected.stdout.contains("memory") && inspected.stdout.contains("state"), "\(inspected.stdout)\(inspected.stderr)")
+        let before = digest(pack)
+
+        let run = swiftlet(["run", "--image", pack], home: elsewhere)
+        #expect(run.status == 0 && run.stdout == "cwd=/srv from_image=yes\nhello from the image\n", "\(run.stdout)\(run.stderr)")
+        let environment = swiftlet(["run", "--image", pack, "-e", "FROM_RUN=yes"], home: elsewhere)
+        #expect(environment.status == 0 && environment.stdout.hasPrefix("cwd=/srv"), "\(environment.stdout)\(environment.stderr)")
+        #expect(digest(pack) == before, "a run leaves the pack as it was")
+        let verified = swiftlet(["pack", "verify", pack], home: elsewhere)
+        #expect(verified.status == 0 && verified.stdout.contains("intact"), "\(verified.stderr)")
+        leftNothing(in: elsewhere)
+        // The machine a pack holds is its own: shaping it is refused.
+        let shaped = swiftlet(["run", "--image", pack, "--memory", "512", "--", "true"], home: elsewhere)
+        #expect(shaped.status != 0 && shaped.stderr.contains("is a pack"), "\(shaped.stderr)")
+    }
+
+    @Test func aRunningMachinesPackCarriesItsMemoryDiskAndProcessesElsewhere() throws {
+        func machine(_ arguments: [String]) -> Subprocess { swiftlet(["machine"] + arguments, home: home) }
+        func exec(_ line: String) -> Subprocess { machine(["exec", "src", "--", "sh", "-c", line]) }
+        try #require(machine(["create", "--name", "src", "--memory", "128"]).status == 0)
+        try #require(machine(["start", "src"]).status == 0)
+        defer { _ = machine(["stop", "src"]) }
+        // A counter in its own session, a file on the disk, 4 MiB in guest memory (tmpfs).
+        #expect(exec("setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i >> /root/log; usleep 200000; done' </dev/null >/dev/null 2>&1 &").status == 0)
+        #expect(exec("echo on-disk > /root/file; head -c 4194304 /dev/urandom > /dev/shm/blob").status == 0)
+        let blob = exec("sha256sum /dev/shm/blob").stdout
+        usleep(1_000_000)
+        let snapshot = dir.path + "/machine.snap", pack = dir.path + "/machine.swiftlet"
+        let taken = machine(["snapshot", "src", "-o", snapshot])
+        try #require(taken.status == 0, "\(taken.stderr)")
+        let packed = swiftlet(["pack", "create", "--from", snapshot, "-o", pack], home: home)
+        try #require(packed.status == 0, "\(packed.stderr)")
+        #expect(swiftlet(["pack", "inspect", pack], home: elsewhere).stdout.contains("disk-"))
+
+        let run = swiftlet(["run", "--image", pack, "--", "sh", "-c",
+                            "cat /root/file; sha256sum /dev/shm/blob; a=$(tail -n1 /root/log); sleep 1; b=$(tail -n1 /root/log); test $b -gt $a && echo counting"],
+                           home: elsewhere)
+        #expect(run.status == 0, "\(run.stderr)")
+        #expect(run.stdout == "on-disk\n" + blob + "counting\n", "\(run.stdout)")
+        leftNothing(in: elsewhere)
+    }
+
+    @Test func aDamagedOrCutPackIsRefusedNamingThePartAndLeavesNothing() throws {
+        let snapshot = dir.path + "/busybox.snap", pack = dir.path + "/busybox.swiftlet"
+        try #require(swiftlet(["snapshot", "--memory", "128", "-o", snapshot], home: home).status == 0)
+        try #require(swiftlet(["pack", "create", "--from", snapshot, "-o", pack], home: home).status == 0)
+        // Arguments, input and exit status, as `run` has them.
+        let arguments = swiftlet(["run", "--image", pack, "-i", "--", "sh", "-c", "read line; echo $line $0 $1; exit 3", "a", "b"],
+                                 home: elsewhere, stdin: "input\n")
+        #expect(arguments.status == 3 && arguments.stdout == "input a b\n", "\(arguments.stdout)\(arguments.stderr)")
+        let good = try OwnedFileDescriptor.readSmallFile(pack, limit: 512 << 20)
+        // A byte inside a stored chunk of the memory.
+        let json = swiftlet(["pack", "inspect", "--json", pack], home: elsewhere).stdout
+        struct Chunk: Decodable { var encoding: String; var offset: UInt64; var length: UInt64 }
+        struct Part: Decodable { var name: String; var chunks: [Chunk] }
+        struct Manifest: Decodable { var parts: [Part] }
+        let manifest = try JSONDecoder().decode(Manifest.self, from: Data(json.utf8))
+        let chunk = try #require(manifest.parts.first { $0.name == "memory" }?.chunks.first { $0.encoding != "zero" })
+        var damaged = good
+        damaged[Int(chunk.offset + chunk.length / 2)] ^= 0x01
+        let bad = dir.write("damaged.swiftlet", damaged)
+        let refused = swiftlet(["run", "--image", bad, "--", "echo", "ran"], home: elsewhere)
+        #expect(refused.status == 1 && !refused.stdout.contains("ran") && refused.stderr.contains("part memory") && refused.stderr.contains("damaged"),
+                "\(refused.stderr)")
+        let verify = swiftlet(["pack", "verify", bad], home: elsewhere)
+        #expect(verify.status == 1 && verify.stderr.contains("part memory"), "\(verify.stderr)")
+        let cut = dir.write("cut.swiftlet", Array(good.prefix(good.count / 2)))
+        let short = swiftlet(["pack", "inspect", cut], home: elsewhere)
+        #expect(short.status == 1 && short.stderr.contains("not a Swiftlet pack"), "\(short.stderr)")
+        leftNothing(in: elsewhere)
+    }
+}
