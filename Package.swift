@@ -84,7 +84,7 @@ let package = Package(
         // the targets reach internals through @testable imports.
         .target(
             name: "FuzzTargets",
-            dependencies: ["Virtio", "Devices", "GuestMemory", "MachineState", "AgentProtocol", "Images", "VMM", "Hypervisor", "SwiftletKit", "SwiftletNet", "SwiftletSystem"],
+            dependencies: ["Virtio", "Devices", "GuestMemory", "MachineState", "AgentProtocol", "Images", "Pack", "VMM", "Hypervisor", "SwiftletKit", "SwiftletNet", "SwiftletSystem"],
             path: "Fuzz/Sources/FuzzTargets",
             swiftSettings: strict),
         .executableTarget(name: "swiftlet-fuzz", dependencies: ["FuzzTargets", "SwiftletSystem"], path: "Fuzz/Sources/swiftlet-fuzz", swiftSettings: strict),
@@ -104,7 +104,7 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Virtio", "SwiftletNet", "MachineState", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "Hypervisor", "GuestMemory", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "Hypervisor", "MachineState", "KVM", "Devices", "GuestMemory", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "CLITests", dependencies: ["TestSupport", "SwiftletSystem"], swiftSettings: strict),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport", "Pack", "SwiftletSystem"], swiftSettings: strict),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "VMM", "Images", "SwiftletNet", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "FuzzTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
         .testTarget(name: "IntegrationTests", dependencies: ["TestSupport", "CLinux", "SwiftletSystem", "VMM", "Hypervisor", "AgentProtocol"], swiftSettings: strict),

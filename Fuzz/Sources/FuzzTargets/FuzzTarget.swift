@@ -13,6 +13,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case workingSet = "working-set", ociDocuments = "oci-documents"
     case egressFilter = "egress-filter"
     case virtioNet = "virtio-net"
+    case pack
 
     /// Runs one input. Errors the code reports are expected outcomes; a violated invariant traps.
     public func run(_ input: [UInt8]) {
@@ -32,6 +33,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .ociDocuments: OCIDocumentsFuzz.run(input)
         case .egressFilter: EgressFilterFuzz.run(input)
         case .virtioNet: VirtioNetFuzz.run(input)
+        case .pack: PackFuzz.run(input)
         }
     }
 
@@ -54,6 +56,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .ociDocuments: OCIDocumentsFuzz.seeds()
         case .egressFilter: EgressFilterFuzz.seeds()
         case .virtioNet: try VirtioNetFuzz.seeds()
+        case .pack: try PackFuzz.seeds()
         }
     }
 
@@ -62,7 +65,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         switch self {
         case .tarEROFS: 64 << 10
         case .memoryFile: 20 << 10
-        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .mmio, .virtioNet: 8 << 10
+        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .mmio, .virtioNet, .pack: 8 << 10
         default: 4 << 10
         }
     }

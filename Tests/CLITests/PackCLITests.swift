@@ -1,0 +1,72 @@
+import Glibc
+import Pack
+import SwiftletSystem
+import Testing
+import TestSupport
+
+/// `swiftlet pack` and `run --image FILE` on packs this host can judge without a guest: what a
+/// pack holds, a damaged or foreign one, a pack that is not a snapshot's, and bad flags; each
+/// with one line on stderr and nothing left in the home.
+@Suite struct PackCLITests {
+    let swiftlet = TestHost.swiftletBinary
+    let dir = TemporaryDirectory()
+    var home: String { dir.path + "/home" }
+
+    func run(_ arguments: [String]) -> Subprocess {
+        Subprocess.run([swiftlet] + arguments, environment: ["SWIFTLET_HOME": home])
+    }
+
+    /// A pack of `parts` (name, contents).
+    func pack(_ name: String, _ parts: [(String, [UInt8])]) throws -> String {
+        let path = dir.path + "/" + name
+        let file = try OwnedFileDescriptor.open(path, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600)
+        let writer = try PackWriter(fd: file.rawValue)
+        for (part, bytes) in parts { try writer.add(name: part, bytes: bytes) }
+        _ = try writer.finish(kind: .snapshot, createdBy: "PackCLITests")
+        return path
+    }
+
+    func expectOneLine(_ r: Subprocess, status: Int32 = 1, contains text: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(r.status == status, "status \(r.status): \(r.stderr)", sourceLocation: sourceLocation)
+        #expect(r.stderr.contains(text), "stderr: \(r.stderr)", sourceLocation: sourceLocation)
+        let lines = r.stderr.split(separator: "\n").filter { !$0.isEmpty && !$0.hasPrefix("Usage:") && !$0.hasPrefix("  See") }
+        #expect(lines.count == 1, "expected one line, got: \(r.stderr)", sourceLocation: sourceLocation)
+    }
+
+    @Test func inspectAndVerifyShowAndCheckThePartsAndNameWhatIsDamaged() throws {
+        let memory = [UInt8](repeating: 0, count: 3 << 20) + Array(repeating: 9, count: 100)
+        let path = try pack("a.swiftlet", [("state", Array("state".utf8)), ("memory", memory)])
+        let inspected = run(["pack", "inspect", path])
+        #expect(inspected.status == 0, "\(inspected.stderr)")
+        #expect(inspected.stdout.contains("kind: snapshot, format 1, made by PackCLITests"), "\(inspected.stdout)")
+        #expect(inspected.stdout.split(separator: "\n").contains { $0.hasPrefix("memory") && $0.contains("3.0 MiB") }, "\(inspected.stdout)")
+        let json = run(["pack", "inspect", "--json", path])
+        #expect(json.status == 0 && json.stdout.contains("\"parts\"") && json.stdout.contains("\"encoding\":\"zero\""), "\(json.stdout)")
+        let verified = run(["pack", "verify", path])
+        #expect(verified.status == 0 && verified.stdout.contains("intact"), "\(verified.stderr)")
+
+        var bytes = try OwnedFileDescriptor.readSmallFile(path, limit: 16 << 20)
+        bytes[2] ^= 0xff // in the state's chunk, the first one stored (5 bytes at 0)
+        let damaged = dir.write("damaged.swiftlet", bytes)
+        expectOneLine(run(["pack", "verify", damaged]), contains: "part state of \(damaged) is damaged")
+        expectOneLine(run(["pack", "inspect", dir.write("text", Array("not a pack at all, but long enough to hold a footer's worth of bytes; and more of it".utf8))]),
+                      contains: "is not a Swiftlet pack")
+        expectOneLine(run(["pack", "verify", dir.path + "/missing.swiftlet"]), contains: "missing.swiftlet")
+    }
+
+    @Test func runRefusesAPackWithoutASnapshotOrWithShapingFlagsAndLeavesNothing() throws {
+        // A pack with a state and memory but an unknown part: refused before anything is unpacked.
+        let odd = try pack("odd.swiftlet", [("state", [1]), ("memory", [2]), ("kernel", [3])])
+        expectOneLine(run(["run", "--image", odd, "--", "true"]), contains: "holds a part kernel, which a snapshot pack does not have")
+        let noState = try pack("nostate.swiftlet", [("memory", [2])])
+        expectOneLine(run(["run", "--image", noState, "--", "true"]), contains: "has no part state")
+        // A pack with a state that is not one: the snapshot's own checks refuse it.
+        let fake = try pack("fake.swiftlet", [("state", Array("no state".utf8)), ("memory", [2])])
+        let r = run(["run", "--image", fake, "--", "true"])
+        #expect(r.status == 1 && r.stderr.contains("state"), "\(r.stderr)")
+        #expect((OwnedFileDescriptor.directoryEntries(home + "/unpacked") ?? []).isEmpty, "nothing left unpacked")
+        expectOneLine(run(["run", "--image", fake, "--cpus", "2", "--", "true"]), status: 64, contains: "is a pack, which holds its machine")
+        expectOneLine(run(["pack", "create", "--from", dir.path + "/none", "-o", dir.path + "/out.swiftlet"]), contains: "does not exist")
+        #expect(access(dir.path + "/out.swiftlet", F_OK) != 0)
+    }
+}
