@@ -62,6 +62,10 @@ public struct CommandRun: Sendable {
         self.root = root
     }
 
+    /// A `.pack` root is unpacked into a temporary directory (`$TMPDIR`, else /var/tmp) instead
+    /// of `$SWIFTLET_HOME/unpacked`: for a packed program, which has no home of its own.
+    public var unpacksOutsideHome = false
+
     /// The read-only disks a `.snapshot` root may name (a pack's own copies); nil: image layers
     /// in this user's store and the default image (`SnapshotPaths.resolver`).
     var snapshotDisks: SnapshotDiskResolver?
@@ -155,7 +159,7 @@ public struct CommandRun: Sendable {
         }
         if case .pack(let path) = root {
             let unpacked: MachinePack.Unpacked
-            do { unpacked = try MachinePack.unpack(path) } catch { throw Failure.setup(error) }
+            do { unpacked = try MachinePack.unpack(path, outsideHome: unpacksOutsideHome) } catch { throw Failure.setup(error) }
             defer { withExtendedLifetime(unpacked) {} }
             var run = self
             run.root = .snapshot(unpacked.snapshotDirectory)

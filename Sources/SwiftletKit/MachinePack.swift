@@ -2,6 +2,7 @@ import Glibc
 import Images
 import MachineState
 import Pack
+import Synchronization
 import SwiftletSystem
 import VMM
 
@@ -29,7 +30,11 @@ public enum MachinePack {
     /// and renamed into place: a failure leaves nothing there). Its read-only disks are found as
     /// a restore finds them (image layers in this user's store by digest, the default image);
     /// one that cannot be found is an error naming it.
-    public static func create(fromSnapshot directory: String, to output: String) throws(SwiftletError) -> Report {
+    ///
+    /// With `executable` (a program's file, Swiftlet's own static executable), the output is that
+    /// program with the pack appended, executable (mode 0755): started, it runs the packed
+    /// machine (`PackedProgram`).
+    public static func create(fromSnapshot directory: String, to output: String, executable: String? = nil) throws(SwiftletError) -> Report {
         let snapshot = SnapshotDirectory(directory)
         let files = try Machine.files(ofSnapshot: snapshot.path)
         // Every part's source, opened before anything is written.
@@ -44,7 +49,12 @@ public enum MachinePack {
         }
         var result: Report?
         try OwnedFileDescriptor.writeIntoPlace(FileTree.absolute(output)) { file throws(SwiftletError) in
-            let writer = try PackWriter(fd: file.rawValue)
+            var start: UInt64 = 0
+            if let executable {
+                start = try writeProgram(executable, to: file)
+                try systemCall("cannot make \(output) executable") { fchmod(file.rawValue, 0o755) }
+            }
+            let writer = try PackWriter(fd: file.rawValue, start: start)
             for source in sources {
                 let input = try OwnedFileDescriptor.openRegularFile(source.path, flags: O_RDONLY | O_CLOEXEC, what: "the snapshot's file")
                 try writer.add(name: source.name, contentsOf: input, size: try input.size(), what: source.path)
@@ -54,6 +64,26 @@ public enum MachinePack {
             result = Report(manifest: manifest, path: FileTree.absolute(output), bytes: length)
         }
         return result!
+    }
+
+    /// Writes the program a packed executable starts with to the start of `destination`:
+    /// `path`'s file, up to a pack it already carries (Swiftlet started as a packed program packs
+    /// with itself, not its machine). Returns the bytes written, where the pack is to start.
+    static func writeProgram(_ path: String, to destination: borrowing OwnedFileDescriptor) throws(SwiftletError) -> UInt64 {
+        let source = try OwnedFileDescriptor.openRegularFile(path, flags: O_RDONLY | O_CLOEXEC, what: "the program")
+        let bytes = looksLikePack(path) ? try PackReader(path: path).start : try source.size()
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var offset: UInt64 = 0
+        while offset < bytes {
+            let count = Int(min(UInt64(buffer.count), bytes - offset))
+            try buffer.withMutableBytes { raw throws(SwiftletError) in
+                let piece = UnsafeMutableRawBufferPointer(rebasing: raw[0..<count])
+                try source.read(into: piece, at: offset, what: "the program")
+                try destination.write(from: UnsafeRawBufferPointer(piece), at: offset, what: "the packed program")
+            }
+            offset += UInt64(count)
+        }
+        return bytes
     }
 
     static func partName(_ disk: SnapshotPaths.RecordedDisk) -> String {
@@ -72,9 +102,12 @@ public enum MachinePack {
         /// mapped by their form (layer digest, default image) to the pack's own copies.
         public let readOnlyDisks: SnapshotDiskResolver
         let root: String
+        /// Whether the directory stays when this value goes (a machine's `pack/`).
+        private let kept: Atomic<Bool>
 
-        init(root: String, layers: [String: String]) {
+        init(root: String, layers: [String: String], kept: Bool = false) {
             self.root = root
+            self.kept = Atomic(kept)
             self.snapshotDirectory = root + "/snapshot"
             let pack = root
             readOnlyDisks = SnapshotDiskResolver { recorded throws(SwiftletError) in
@@ -86,16 +119,37 @@ public enum MachinePack {
             }
         }
 
-        deinit { try? FileTree.remove(root) }
+        deinit { if !kept.load(ordering: .acquiring) { try? FileTree.remove(root) } }
+
+        /// Leaves the directory in place when this value goes.
+        func keep() { kept.store(true, ordering: .releasing) }
+
+        /// The directory's read-only disks for a pack unpacked earlier at `root` (a machine's
+        /// `pack/`): the same mapping `unpack` gave, over the files that are there.
+        static func readOnlyDisks(unpackedAt root: String) -> SnapshotDiskResolver {
+            var layers: [String: String] = [:]
+            for (name, isDirectory) in OwnedFileDescriptor.directoryEntries(root + "/disks") ?? [] where !isDirectory {
+                layers[name] = root + "/disks/" + name
+            }
+            return Unpacked(root: root, layers: layers, kept: true).readOnlyDisks
+        }
     }
 
     /// Where packs are unpacked to run: `$SWIFTLET_HOME/unpacked`.
     static var unpackRoot: String { ImageStore.defaultRoot() + "/unpacked" }
 
     /// Checks the pack at `path` (a snapshot pack: its state and memory, and only parts a
-    /// snapshot pack has) and unpacks it, every chunk checked, into a new private directory.
+    /// snapshot pack has) and unpacks it, every chunk checked, into a new private directory:
+    /// under `$SWIFTLET_HOME/unpacked`, or with `outsideHome` a new temporary directory
+    /// (`$TMPDIR`, else /var/tmp: a packed program has no home of its own).
     /// A damaged pack is refused with an error naming the part, and leaves nothing behind.
-    public static func unpack(_ path: String) throws(SwiftletError) -> Unpacked {
+    public static func unpack(_ path: String, outsideHome: Bool = false) throws(SwiftletError) -> Unpacked {
+        try unpack(path, into: nil, outsideHome: outsideHome)
+    }
+
+    /// `unpack`, into `directory` (which must not exist; it is made, 0700) when given, and kept
+    /// there when the value goes (removed on a failure).
+    static func unpack(_ path: String, into directory: String?, outsideHome: Bool = false) throws(SwiftletError) -> Unpacked {
         let reader = try PackReader(path: path)
         guard reader.manifest.kind == .snapshot else {
             throw SwiftletError(.invalidArgument, "\(path) is a \(reader.manifest.kind.rawValue) pack, not a snapshot")
@@ -104,8 +158,15 @@ public enum MachinePack {
         var destinations: [(part: PackPart, file: String)] = []
         var layers: [String: String] = [:]
         for name in stateFiles { _ = try reader.part(name) }
-        try makeDirectories(unpackRoot, mode: 0o700)
-        let root = unpackRoot + "/" + (try SnapshotID.random()).description
+        let root: String
+        if let directory {
+            root = directory
+        } else if outsideHome {
+            root = try FileTree.makeTemporaryDirectory(prefix: "swiftlet-pack")
+        } else {
+            try makeDirectories(unpackRoot, mode: 0o700)
+            root = unpackRoot + "/" + (try SnapshotID.random()).description
+        }
         for part in reader.manifest.parts {
             let name = part.name
             if stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || isDiskName(name) {
@@ -118,15 +179,16 @@ public enum MachinePack {
                 throw SwiftletError(.invalidFormat, "\(path) holds a part \(name), which a snapshot pack does not have")
             }
         }
-        try systemCall("cannot create \(root)") { mkdir(root, 0o700) }
-        let unpacked = Unpacked(root: root, layers: layers) // removes the directory again if what follows fails
+        if directory != nil || !outsideHome { try systemCall("cannot create \(root)") { mkdir(root, 0o700) } }
+        let unpacking = Unpacked(root: root, layers: layers) // removes the directory again if what follows fails
         try systemCall("cannot create \(root)/snapshot") { mkdir(root + "/snapshot", 0o700) }
         try systemCall("cannot create \(root)/disks") { mkdir(root + "/disks", 0o700) }
         for (part, file) in destinations {
             let output = try OwnedFileDescriptor.open(file, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600, what: "the unpacked \(part.name)")
             try reader.extract(part, to: output)
         }
-        return unpacked
+        if directory != nil { unpacking.keep() } // complete: it stays
+        return unpacking
     }
 
     /// What the pack at `path` holds: its manifest, checked (not its parts: `verify`), and where

@@ -123,7 +123,8 @@ public enum MachineServer {
             // shared copy-on-write (fork) by the command that made the machine.
             vm = try Machine.restoring(from: snapshot, consoleOutput: console.rawValue, vsockPorts: port, diffable: diffable,
                                        writableDisks: [DiskConfig(path: directory.diskPath, base: record.diskBase)],
-                                       readOnlyDisks: SnapshotPaths.resolver(trusting: record), network: nic)
+                                       readOnlyDisks: SnapshotPaths.resolver(trusting: record, pack: access(directory.packPath, F_OK) == 0 ? directory.packPath : nil),
+                                       network: nic)
         } else {
             var config = try config(record, directory: directory, console: console.rawValue)
             config.network = nic

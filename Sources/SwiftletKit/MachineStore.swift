@@ -27,6 +27,9 @@ public struct MachineRecord: Codable, Equatable, Sendable {
     /// What the machine's network may reach; nil (or a policy that asks for nothing): no network
     /// device.
     public var network: NetworkConfiguration? = nil
+    /// A machine made from a pack (`Machines.create(fromPack:as:)`): its next start restores the
+    /// packed snapshot (`pack/snapshot` in its directory) instead of booting; cleared once it has.
+    public var restoresPack: Bool? = nil
 }
 
 /// One machine's directory, `$SWIFTLET_HOME/machines/NAME`:
@@ -39,7 +42,9 @@ public struct MachineRecord: Codable, Equatable, Sendable {
 /// - `control.sock`: the VMM process's control socket;
 /// - `console.log`, `vmm.log`: the guest console and the VMM process's own messages, last run;
 /// - `passt.log`: the machine's network stack's log (a machine with a network), last run;
-/// - `last-exit`: how the last run ended.
+/// - `last-exit`: how the last run ended;
+/// - `pack/`: a machine made from a pack: the pack's snapshot (`pack/snapshot`) and read-only
+///   disks (`pack/disks`), checked and unpacked, kept while the machine exists.
 public struct MachineDirectory: Sendable {
     public let name: String
     public let path: String
@@ -73,6 +78,7 @@ public struct MachineDirectory: Sendable {
     public var logPath: String { path + "/vmm.log" }
     public var passtLogPath: String { path + "/passt.log" }
     public var lastExitPath: String { path + "/last-exit" }
+    public var packPath: String { path + "/pack" }
 
     public var exists: Bool { access(recordPath, F_OK) == 0 }
 

@@ -112,6 +112,34 @@ extension Machines {
         }
     }
 
+    /// Makes a stopped machine `name` of the pack at `pack`, a machine snapshot's pack
+    /// (`machine snapshot`, then `pack create`): the pack is checked and unpacked into the
+    /// machine's directory (`pack/`, kept while the machine exists), its disk copied out, its
+    /// layers the pack's own. The machine's first `start` goes on where the packed machine was
+    /// (its processes and memory); after a stop it boots from its disk. A pack that is damaged or
+    /// not a machine's leaves nothing behind.
+    public static func create(fromPack pack: String, as name: String) throws(SwiftletError) {
+        let directory = try MachineDirectory(name: name)
+        try MachineDirectory.withLock { () throws(SwiftletError) in
+            try directory.makeNew()
+            do throws(SwiftletError) {
+                let unpacked = try MachinePack.unpack(absolute(pack), into: directory.packPath)
+                var (record, disk) = try MachineSnapshotRecord.read(unpacked.snapshotDirectory, checkingPaths: false)
+                record.layers = try record.layers.map { path throws(SwiftletError) in try unpacked.readOnlyDisks.resolve(path) }
+                record.kernel = try SnapshotPaths.kernel(record.kernel)
+                try FileBlockBackend(path: disk, readOnly: true).copy(to: directory.diskPath)
+                record.name = name
+                record.created = Int(time(nil))
+                record.diskBase = nil
+                record.restoresPack = true
+                try directory.writeRecord(record)
+            } catch {
+                try? directory.remove()
+                throw error
+            }
+        }
+    }
+
     /// Deletes a snapshot directory (one with a snapshot's state file: anything else is refused).
     /// Machines restored from it keep running; diffs of it can no longer be restored.
     public static func removeSnapshot(_ directory: String) throws(SwiftletError) {

@@ -116,7 +116,16 @@ public enum Machines {
             note = "machine \(directory.name)'s last VMM process (pid \(pid)) ended without stopping the machine; starting it again"
         case .stopped: break
         }
-        try MachineLifecycle.Launch(directory).waitUntilReady(milliseconds: timeoutMilliseconds)
+        var record = try directory.record()
+        guard record.restoresPack == true else {
+            try MachineLifecycle.Launch(directory).waitUntilReady(milliseconds: timeoutMilliseconds)
+            return note
+        }
+        // Made from a pack: this start goes on where the pack's machine was; later ones boot.
+        try MachineLifecycle.Launch(directory, from: directory.packPath + "/snapshot", diffable: true)
+            .waitUntilReady(milliseconds: timeoutMilliseconds)
+        record.restoresPack = nil
+        try directory.writeRecord(record)
         return note
     }
 

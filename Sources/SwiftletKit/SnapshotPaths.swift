@@ -15,10 +15,16 @@ enum SnapshotPaths {
     /// The read-only disks of a snapshot, resolved as `layerDisk` does.
     static let resolver = SnapshotDiskResolver { path throws(SwiftletError) in try layerDisk(path) }
 
-    /// `resolver`, and also the layers of a machine's own (trusted) record as they are.
-    static func resolver(trusting record: MachineRecord) -> SnapshotDiskResolver {
+    /// `resolver`, and also the layers of a machine's own (trusted) record as they are; for a
+    /// machine made from a pack (`pack` its unpacked directory), the pack's disks first.
+    static func resolver(trusting record: MachineRecord, pack: String? = nil) -> SnapshotDiskResolver {
         let own = Set(record.layers)
-        return SnapshotDiskResolver { path throws(SwiftletError) in own.contains(path) ? path : try layerDisk(path) }
+        let packed = pack.map { MachinePack.Unpacked.readOnlyDisks(unpackedAt: $0) }
+        return SnapshotDiskResolver { path throws(SwiftletError) in
+            if own.contains(path) { return path }
+            if let packed, let file = try? packed.resolve(path) { return file }
+            return try layerDisk(path)
+        }
     }
 
     /// What a read-only disk path a snapshot recorded names, by its form alone: an image layer

@@ -25,6 +25,26 @@ public enum FileTree {
         fsync(directory.rawValue)
     }
 
+    /// A new directory of this user's alone (mode 0700, a name no one else had: mkdtemp) in
+    /// `$TMPDIR`, else /var/tmp (on disk where /tmp is memory), else /tmp; returns its path.
+    public static func makeTemporaryDirectory(prefix: String) throws(SwiftletError) -> String {
+        let parent = getenv("TMPDIR").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+            ?? (access("/var/tmp", W_OK) == 0 ? "/var/tmp" : "/tmp")
+        var template = Array((parent + "/" + prefix + ".XXXXXX").utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw SwiftletError.system("cannot create a directory in \(parent)", errno: currentErrno)
+        }
+        return String(cString: made)
+    }
+
+    /// The path of this process's executable (`/proc/self/exe` resolved).
+    public static func currentExecutable() throws(SwiftletError) -> String {
+        var buffer = [CChar](repeating: 0, count: 4097)
+        let count = readlink("/proc/self/exe", &buffer, 4096)
+        guard count > 0 else { throw SwiftletError.system("cannot find this program's file (/proc/self/exe)", errno: currentErrno) }
+        return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     /// `path` made absolute against the working directory (not resolved: symlinks stay).
     public static func absolute(_ path: String) -> String {
         if path.hasPrefix("/") { return path }

@@ -59,10 +59,13 @@ struct MachineNameOptions: ParsableArguments {
 
 extension MachineCommand {
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a machine from an image (not started).")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a machine from an image or a pack (not started).")
 
         @Option(help: "The machine's name: letters, digits, '-', '_', '.'; it is also the guest's hostname.")
         var name: String
+
+        @Option(help: ArgumentHelp("Make the machine of a pack of a machine's snapshot (`machine snapshot`, then `pack create`): its first start goes on where the packed machine was.", valueName: "file"))
+        var from: String?
 
         @OptionGroup var source: RootOptions
 
@@ -84,9 +87,18 @@ extension MachineCommand {
             if cpus < 1 || cpus > MachineConfig.maximumCPUs { throw ValidationError("--cpus must be 1 to \(MachineConfig.maximumCPUs)") }
             if memory < MachineConfig.minimumMemoryMiB { throw ValidationError("--memory must be at least \(MachineConfig.minimumMemoryMiB) MiB") }
             if diskSize < 64 || diskSize > 16 << 20 { throw ValidationError("--disk-size must be 64 MiB to 16 TiB") }
+            let shaped = source.image != nil || source.rootfs != nil || kernel != nil || cpus != 1 || memory != 256 || diskSize != 2048
+            if from != nil && (shaped || network.asksForNetwork) {
+                throw ValidationError("--from makes the machine a pack holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory, --disk-size or network options")
+            }
         }
 
         func run() throws {
+            if let from {
+                try exitingOnSetupFailure { () throws(SwiftletError) in try Machines.create(fromPack: from, as: name) }
+                printError("created machine \(name) from \(from) (its first start goes on where it was packed)")
+                return
+            }
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 var creation = Machines.Creation(name: name, root: source.root)
                 creation.kernel = kernel

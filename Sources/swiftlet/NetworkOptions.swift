@@ -20,6 +20,9 @@ struct NetworkOptions: ParsableArguments {
     var published: [String] = []
 
     /// The policy the options ask for (no network when none is given).
+    /// Whether any network option was given.
+    var asksForNetwork: Bool { net || !allowedHosts.isEmpty || !allowedCIDRs.isEmpty || !published.isEmpty }
+
     func configuration() throws(SwiftletError) -> NetworkConfiguration {
         var configuration = NetworkConfiguration(allowAll: net)
         for host in allowedHosts { configuration.allowedHosts.append(try HostPattern(parsing: host)) }

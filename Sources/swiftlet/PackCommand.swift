@@ -18,6 +18,8 @@ struct PackCommand: ParsableCommand {
               swiftlet snapshot --image alpine:3.20 -o alpine.snap
               swiftlet pack create --from alpine.snap -o alpine.swiftlet
               swiftlet run --image alpine.swiftlet -- cat /etc/os-release
+              swiftlet pack create --from alpine.snap -o alpine --executable
+              ./alpine -- cat /etc/os-release
             """,
         subcommands: [Create.self, Inspect.self, Verify.self])
 
@@ -32,9 +34,13 @@ struct PackCommand: ParsableCommand {
         @Option(name: .shortAndLong, help: ArgumentHelp("The pack file to write (replaced if it exists).", valueName: "file"))
         var output: String
 
+        @Flag(help: "Write a program: Swiftlet's executable with the pack appended; `./FILE -- ARGS` runs the machine's command on any host with /dev/kvm.")
+        var executable = false
+
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
-                let report = try MachinePack.create(fromSnapshot: from, to: output)
+                let program = executable ? try FileTree.currentExecutable() : nil
+                let report = try MachinePack.create(fromSnapshot: from, to: output, executable: program)
                 let contents = report.manifest.parts.reduce(0) { $0 + $1.size }
                 print("\(report.path): \(report.manifest.parts.count) parts, \(size(contents)) packed into \(size(report.bytes))")
             }

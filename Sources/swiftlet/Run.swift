@@ -128,6 +128,7 @@ struct Run: ParsableCommand {
         run.terminal = exec.tty
         run.confined = true
         run.network = try network.configuration()
+        run.unpacksOutsideHome = PackedProgram.path != nil
         let terminal = TerminalSession(enabled: exec.tty && isatty(0) == 1)
         defer { terminal.restore() }
         let io = CommandRun.IO(input: exec.interactive || exec.tty ? 0 : nil, signals: signals?.rawValue,

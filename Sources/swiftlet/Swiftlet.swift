@@ -21,6 +21,7 @@ struct Swiftlet: ParsableCommand {
     /// that the messages and usage are the tree's.
     static func main() {
         let arguments = Array(CommandLine.arguments.dropFirst())
+        if let packed = PackedProgram.path { PackedProgram.main(path: packed, arguments: arguments) }
         if let entry = parsedAlone.first(where: { arguments.starts(with: $0.path) }),
            var command = try? entry.command.parse(Array(arguments.dropFirst(entry.path.count))) as any ParsableCommand {
             do { try command.run() } catch { Swiftlet.exit(withError: error) }

@@ -54,6 +54,32 @@ import TestSupport
         expectOneLine(run(["pack", "verify", dir.path + "/missing.swiftlet"]), contains: "missing.swiftlet")
     }
 
+    @Test func aPackedProgramSaysWhatItIsAndTakesOnlyRunsOptions() throws {
+        // Swiftlet's executable with a pack appended (one without a snapshot: its runs fail early).
+        let program = dir.path + "/tool"
+        let swiftletBytes = try OwnedFileDescriptor.readSmallFile(swiftlet, limit: 1 << 30)
+        do { // closed before it runs (ETXTBSY)
+            let file = try OwnedFileDescriptor.open(program, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o755)
+            try file.write(swiftletBytes, at: 0, what: program)
+            let writer = try PackWriter(fd: file.rawValue, start: UInt64(swiftletBytes.count))
+            try writer.add(name: "memory", bytes: [1])
+            _ = try writer.finish(kind: .snapshot, createdBy: "PackCLITests")
+        }
+        let help = Subprocess.run([program, "--help"], environment: ["SWIFTLET_HOME": home])
+        #expect(help.status == 0 && help.stdout.contains("tool: a machine packed into one program by Swiftlet (snapshot, 1 parts")
+                    && help.stdout.contains("USAGE: tool [options] [-- COMMAND [ARG]...]"), "\(help.stdout)\(help.stderr)")
+        for option in ["-d", "--memory=512", "--image"] {
+            let refused = Subprocess.run([program, option, "--", "true"], environment: ["SWIFTLET_HOME": home])
+            expectOneLine(refused, status: 64, contains: "\(option): tool is a packed machine")
+        }
+        // It runs its pack as `run --image` does (this one has no state), unpacking outside any home.
+        let run = Subprocess.run([program, "--", "true"], environment: ["TMPDIR": dir.path])
+        expectOneLine(run, contains: "has no part state")
+        #expect(!(OwnedFileDescriptor.directoryEntries(dir.path) ?? []).contains { $0.name.hasPrefix("swiftlet-pack") }, "nothing left unpacked")
+        // `swiftlet` itself is no packed program.
+        #expect(!Subprocess.run([swiftlet, "--help"]).stdout.contains("packed"))
+    }
+
     @Test func runRefusesAPackWithoutASnapshotOrWithShapingFlagsAndLeavesNothing() throws {
         // A pack with a state and memory but an unknown part: refused before anything is unpacked.
         let odd = try pack("odd.swiftlet", [("state", [1]), ("memory", [2]), ("kernel", [3])])

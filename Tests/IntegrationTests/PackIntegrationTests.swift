@@ -79,6 +79,31 @@ struct PackIntegrationTests {
         #expect(run.status == 0, "\(run.stderr)")
         #expect(run.stdout == "on-disk\n" + blob + "counting\n", "\(run.stdout)")
         leftNothing(in: elsewhere)
+
+        // A machine of its own elsewhere: its first start goes on where the packed one was, a
+        // later start boots from its disk.
+        func copy(_ arguments: [String]) -> Subprocess { swiftlet(["machine"] + arguments, home: elsewhere) }
+        let created = copy(["create", "--name", "copy", "--from", pack])
+        #expect(created.status == 0 && created.stderr.contains("created machine copy"), "\(created.stderr)")
+        let started = copy(["start", "copy"])
+        #expect(started.status == 0, "\(started.stderr)")
+        let resumed = copy(["exec", "copy", "--", "sh", "-c",
+                            "hostname; cat /root/file; sha256sum /dev/shm/blob; a=$(tail -n1 /root/log); sleep 1; b=$(tail -n1 /root/log); test $b -gt $a && echo counting"])
+        #expect(resumed.status == 0 && resumed.stdout == "copy\non-disk\n" + blob + "counting\n", "\(resumed.stdout)\(resumed.stderr)")
+        #expect(copy(["stop", "copy"]).status == 0)
+        #expect(copy(["start", "copy"]).status == 0)
+        let booted = copy(["exec", "copy", "--", "sh", "-c", "cat /root/file; test -e /dev/shm/blob || echo booted"])
+        #expect(booted.stdout == "on-disk\nbooted\n", "\(booted.stdout)\(booted.stderr)")
+        #expect(copy(["rm", "--force", "copy"]).status == 0)
+        #expect(access(elsewhere + "/machines/copy", F_OK) != 0)
+        leftNothing(in: elsewhere)
+        // Not a machine's pack, or a damaged one: refused, and no machine is left.
+        let image = dir.path + "/busybox-for-machine.snap", imagePack = dir.path + "/busybox-for-machine.swiftlet"
+        #expect(swiftlet(["snapshot", "--memory", "128", "-o", image], home: home).status == 0)
+        #expect(swiftlet(["pack", "create", "--from", image, "-o", imagePack], home: home).status == 0)
+        let notMachine = copy(["create", "--name", "nope", "--from", imagePack])
+        #expect(notMachine.status == 1 && notMachine.stderr.contains("is not of a machine"), "\(notMachine.stderr)")
+        #expect(access(elsewhere + "/machines/nope", F_OK) != 0)
     }
 
     @Test func aDamagedOrCutPackIsRefusedNamingThePartAndLeavesNothing() throws {
@@ -89,6 +114,23 @@ struct PackIntegrationTests {
         let arguments = swiftlet(["run", "--image", pack, "-i", "--", "sh", "-c", "read line; echo $line $0 $1; exit 3", "a", "b"],
                                  home: elsewhere, stdin: "input\n")
         #expect(arguments.status == 3 && arguments.stdout == "input a b\n", "\(arguments.stdout)\(arguments.stderr)")
+        // The same as a program of its own: another name, another directory, an empty
+        // environment (no HOME, no SWIFTLET_HOME, no PATH), started from elsewhere.
+        let program = dir.path + "/busybox-app"
+        let made = swiftlet(["pack", "create", "--from", snapshot, "-o", program, "--executable"], home: home)
+        try #require(made.status == 0, "\(made.stderr)")
+        #expect(access(program, X_OK) == 0)
+        try makeDirectories(dir.path + "/bin")
+        let moved = dir.path + "/bin/renamed"
+        #expect(rename(program, moved) == 0)
+        let ran = Subprocess.run(["/bin/sh", "-c", "cd / && exec env -i \"$0\" -i -- sh -c 'read line; echo $line $0 $1; exit 4' x y", moved],
+                                 stdin: "in\n", timeout: 600)
+        #expect(ran.status == 4 && ran.stdout == "in x y\n", "\(ran.stdout)\(ran.stderr)")
+        let help = Subprocess.run([moved, "--help"], timeout: 60)
+        #expect(help.status == 0 && help.stdout.contains("renamed: a machine packed into one program"), "\(help.stdout)")
+        for scratch in ["/var/tmp", "/tmp"] {
+            #expect(!(OwnedFileDescriptor.directoryEntries(scratch) ?? []).contains { $0.name.hasPrefix("swiftlet-pack") }, "\(scratch): nothing left unpacked")
+        }
         let good = try OwnedFileDescriptor.readSmallFile(pack, limit: 512 << 20)
         // A byte inside a stored chunk of the memory.
         let json = swiftlet(["pack", "inspect", "--json", pack], home: elsewhere).stdout
