@@ -10,6 +10,9 @@ public struct PackManifest: Codable, Sendable, Equatable {
         /// A machine snapshot: its state, memory and writable disks, and the read-only disks
         /// (image layers) it was taken with; it restores on the other side.
         case snapshot
+        /// A stopped machine without its memory: its description (`machine`, JSON), its
+        /// writable disk (`disk`) and read-only disks; it boots on the other side.
+        case machine
     }
 
     /// The format version; the same as the footer's.
@@ -51,7 +54,7 @@ public struct PackManifest: Codable, Sendable, Equatable {
     }
 
     /// `[a-z0-9._-]`, 1 to 128 bytes, not starting with a dot: never a path.
-    static func isPlainName(_ name: String) -> Bool {
+    public static func isPlainName(_ name: String) -> Bool {
         let bytes = Array(name.utf8)
         guard (1...128).contains(bytes.count), bytes[0] != UInt8(ascii: ".") else { return false }
         return bytes.allSatisfy { byte in

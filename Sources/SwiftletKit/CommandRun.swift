@@ -159,7 +159,15 @@ public struct CommandRun: Sendable {
         }
         if case .pack(let path) = root {
             let unpacked: MachinePack.Unpacked
-            do { unpacked = try MachinePack.unpack(path, outsideHome: unpacksOutsideHome) } catch { throw Failure.setup(error) }
+            do throws(SwiftletError) {
+                unpacked = try MachinePack.unpack(path, outsideHome: unpacksOutsideHome)
+                // A pack is untrusted: its maker's network policy is not taken.
+                if !network.hasNetwork, try Machine.network(ofSnapshot: unpacked.snapshotDirectory) != nil {
+                    throw SwiftletError(.invalidArgument, "the machine in \(path) has a network device: give it a network policy of your own (--net, --allow-host, --allow-cidr, -p); a pack's is not taken")
+                }
+            } catch {
+                throw Failure.setup(error)
+            }
             defer { withExtendedLifetime(unpacked) {} }
             var run = self
             run.root = .snapshot(unpacked.snapshotDirectory)

@@ -1,7 +1,9 @@
+import FoundationEssentials
 import Glibc
 import Images
 import MachineState
 import Pack
+import SwiftletNet
 import Synchronization
 import SwiftletSystem
 import VMM
@@ -47,6 +49,13 @@ public enum MachinePack {
             guard !sources.contains(where: { $0.name == name }) else { continue }
             sources.append((name, try SnapshotPaths.layerDisk(recorded)))
         }
+        return try write(kind: .snapshot, to: output, executable: executable, parts: sources)
+    }
+
+    /// Writes a pack of `kind` holding the files `parts` and the byte strings `bytes` to
+    /// `output`, after `executable` when given (written beside `output` and renamed into place).
+    static func write(kind: PackManifest.Kind, to output: String, executable: String?, parts: [(name: String, path: String)],
+                      bytes: [(name: String, bytes: [UInt8])] = []) throws(SwiftletError) -> Report {
         var result: Report?
         try OwnedFileDescriptor.writeIntoPlace(FileTree.absolute(output)) { file throws(SwiftletError) in
             var start: UInt64 = 0
@@ -55,11 +64,12 @@ public enum MachinePack {
                 try systemCall("cannot make \(output) executable") { fchmod(file.rawValue, 0o755) }
             }
             let writer = try PackWriter(fd: file.rawValue, start: start)
-            for source in sources {
-                let input = try OwnedFileDescriptor.openRegularFile(source.path, flags: O_RDONLY | O_CLOEXEC, what: "the snapshot's file")
+            for (name, contents) in bytes { try writer.add(name: name, bytes: contents) }
+            for source in parts {
+                let input = try OwnedFileDescriptor.openRegularFile(source.path, flags: O_RDONLY | O_CLOEXEC, what: "the file of part \(source.name)")
                 try writer.add(name: source.name, contentsOf: input, size: try input.size(), what: source.path)
             }
-            let (manifest, length) = try writer.finish(kind: .snapshot, createdBy: "swiftlet")
+            let (manifest, length) = try writer.finish(kind: kind, createdBy: "swiftlet")
             try systemCall("cannot write \(output) to disk") { fsync(file.rawValue) }
             result = Report(manifest: manifest, path: FileTree.absolute(output), bytes: length)
         }
@@ -84,6 +94,86 @@ public enum MachinePack {
             offset += UInt64(count)
         }
         return bytes
+    }
+
+    /// A machine's description in a machine pack (`machine` part): its record without host
+    /// paths, its read-only disks by part name.
+    struct PackedMachine: Codable {
+        var source: String
+        var layers: [String]
+        var defaults: ExecDefaults
+        var cpus: Int
+        var memoryMiB: Int
+        var diskMiB: Int
+        var network: NetworkConfiguration?
+    }
+
+    static let machinePart = "machine", machineDiskPart = "disk"
+
+    /// Packs the machine `name` into a new file at `output`. With `withMemory` (the machine must
+    /// run), a snapshot of it, which keeps running: a snapshot pack (`create(fromSnapshot:)`).
+    /// Without (the machine must be stopped: its disk is read as it is), a machine pack: its
+    /// description, disk and read-only disks, which boots where it is made a machine again.
+    public static func create(machine name: String, withMemory: Bool, to output: String, executable: String? = nil) throws(SwiftletError) -> Report {
+        let directory = try MachineDirectory(name: name)
+        let record = try directory.record()
+        if withMemory {
+            let scratch = ImageStore.defaultRoot() + "/unpacked/snapshot-" + (try SnapshotID.random()).description
+            try makeDirectories(ImageStore.defaultRoot() + "/unpacked", mode: 0o700)
+            defer { try? FileTree.remove(scratch) }
+            _ = try Machines.snapshot(name, to: scratch)
+            return try create(fromSnapshot: scratch, to: output, executable: executable)
+        }
+        guard directory.state == .stopped else {
+            throw SwiftletError(.invalidArgument, "machine \(name) is running: stop it to pack its disk, or pack it running with --with-memory")
+        }
+        guard record.diskBase == nil else {
+            throw SwiftletError(.invalidArgument, "machine \(name) is a fork, whose disk is an overlay over its siblings': pack it running with --with-memory")
+        }
+        guard record.kernel == nil || (try? SnapshotPaths.kernel(record.kernel)) != nil else {
+            throw SwiftletError(.invalidArgument, "machine \(name) boots the kernel \(record.kernel!), which a pack does not carry: only machines with the default kernel can be packed")
+        }
+        var sources: [(name: String, path: String)] = [(machineDiskPart, directory.diskPath)]
+        var layers: [String] = []
+        for path in record.layers {
+            guard let disk = SnapshotPaths.RecordedDisk(path) else { throw SnapshotPaths.unknownDisk(path) }
+            let part = partName(disk)
+            layers.append(part)
+            if !sources.contains(where: { $0.name == part }) { sources.append((part, try SnapshotPaths.layerDisk(path))) }
+        }
+        let description = PackedMachine(source: record.source, layers: layers, defaults: record.defaults, cpus: record.cpus,
+                                        memoryMiB: record.memoryMiB, diskMiB: record.diskMiB, network: record.network)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let bytes: [UInt8]
+        do { bytes = Array(try encoder.encode(description)) } catch {
+            throw SwiftletError(.invalidFormat, "cannot encode machine \(name)'s description: \(error)")
+        }
+        return try write(kind: .machine, to: output, executable: executable, parts: sources, bytes: [(machinePart, bytes)])
+    }
+
+    /// The record of a machine pack unpacked at `root` (its `machine` part, untrusted: every
+    /// field checked, its layers the pack's own disks). `what` names the pack in errors.
+    static func bootRecord(unpackedAt root: String, what: String) throws(SwiftletError) -> MachineRecord {
+        let bytes = try OwnedFileDescriptor.readSmallFile(root + "/" + machinePart, limit: 1 << 20)
+        let machine: PackedMachine
+        do { machine = try JSONDecoder().decode(PackedMachine.self, from: Data(bytes)) } catch {
+            throw SwiftletError(.invalidFormat, "\(what) holds an unreadable machine description: \(error)")
+        }
+        guard (1...MachineConfig.maximumCPUs).contains(machine.cpus), machine.memoryMiB >= MachineConfig.minimumMemoryMiB,
+              machine.memoryMiB <= 16 << 20, (64...(16 << 20)).contains(machine.diskMiB), machine.layers.count <= 64,
+              machine.source.utf8.count <= 4096 else {
+            throw SwiftletError(.invalidFormat, "\(what) describes a machine Swiftlet cannot make (\(machine.cpus) vCPUs, \(machine.memoryMiB) MiB, a \(machine.diskMiB) MiB disk, \(machine.layers.count) layers)")
+        }
+        let layers = try machine.layers.map { part throws(SwiftletError) -> String in
+            let file = root + "/disks/" + part
+            guard PackManifest.isPlainName(part), access(file, F_OK) == 0 else {
+                throw SwiftletError(.invalidFormat, "\(what) names the layer \(part.debugDescription), which it does not hold")
+            }
+            return file
+        }
+        return MachineRecord(name: "", source: machine.source, layers: layers, defaults: machine.defaults, cpus: machine.cpus,
+                             memoryMiB: machine.memoryMiB, kernel: nil, diskMiB: machine.diskMiB, created: 0)
     }
 
     static func partName(_ disk: SnapshotPaths.RecordedDisk) -> String {
@@ -151,13 +241,14 @@ public enum MachinePack {
     /// there when the value goes (removed on a failure).
     static func unpack(_ path: String, into directory: String?, outsideHome: Bool = false) throws(SwiftletError) -> Unpacked {
         let reader = try PackReader(path: path)
-        guard reader.manifest.kind == .snapshot else {
-            throw SwiftletError(.invalidArgument, "\(path) is a \(reader.manifest.kind.rawValue) pack, not a snapshot")
+        let kind = reader.manifest.kind
+        guard kind == .snapshot || directory != nil else {
+            throw SwiftletError(.invalidArgument, "\(path) is a pack of a stopped machine, without its memory: make a machine of it (`swiftlet machine create --name NAME --from \(path)`)")
         }
         // Where each part goes; anything else is refused before a byte is written.
         var destinations: [(part: PackPart, file: String)] = []
         var layers: [String: String] = [:]
-        for name in stateFiles { _ = try reader.part(name) }
+        for name in kind == .snapshot ? stateFiles : [machinePart, machineDiskPart] { _ = try reader.part(name) }
         let root: String
         if let directory {
             root = directory
@@ -169,14 +260,16 @@ public enum MachinePack {
         }
         for part in reader.manifest.parts {
             let name = part.name
-            if stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || isDiskName(name) {
+            if kind == .snapshot && (stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || isDiskName(name)) {
                 destinations.append((part, root + "/snapshot/" + name))
+            } else if kind == .machine && (name == machinePart || name == machineDiskPart) {
+                destinations.append((part, root + "/" + name))
             } else if name == defaultImagePart || (name.hasPrefix(layerPrefix) && (try? Digest(parsing: "sha256:" + name.dropFirst(layerPrefix.count))) != nil) {
                 let file = root + "/disks/" + name
                 destinations.append((part, file))
                 layers[name] = file
             } else {
-                throw SwiftletError(.invalidFormat, "\(path) holds a part \(name), which a snapshot pack does not have")
+                throw SwiftletError(.invalidFormat, "\(path) holds a part \(name), which a \(kind.rawValue) pack does not have")
             }
         }
         if directory != nil || !outsideHome { try systemCall("cannot create \(root)") { mkdir(root, 0o700) } }

@@ -2,6 +2,7 @@ import Devices
 import FoundationEssentials
 import Glibc
 import MachineState
+import SwiftletNet
 import SwiftletSystem
 import VMM
 
@@ -112,26 +113,45 @@ extension Machines {
         }
     }
 
-    /// Makes a stopped machine `name` of the pack at `pack`, a machine snapshot's pack
-    /// (`machine snapshot`, then `pack create`): the pack is checked and unpacked into the
-    /// machine's directory (`pack/`, kept while the machine exists), its disk copied out, its
-    /// layers the pack's own. The machine's first `start` goes on where the packed machine was
-    /// (its processes and memory); after a stop it boots from its disk. A pack that is damaged or
-    /// not a machine's leaves nothing behind.
-    public static func create(fromPack pack: String, as name: String) throws(SwiftletError) {
+    /// Makes a stopped machine `name` of the pack at `pack`: a machine snapshot's pack
+    /// (`machine snapshot`, then `pack create`, or `pack create --machine --with-memory`), whose
+    /// first `start` goes on where the packed machine was (its processes and memory) and later
+    /// starts boot; or a stopped machine's pack (`pack create --machine`), which boots. The pack
+    /// is checked and unpacked into the machine's directory (`pack/`, kept while the machine
+    /// exists), its disk copied out, its layers the pack's own. A pack is untrusted: its maker's
+    /// network policy is not taken; the machine gets `network`, the caller's (a packed machine
+    /// that had a network device needs one). A pack that is damaged or not a machine's leaves
+    /// nothing behind.
+    public static func create(fromPack pack: String, as name: String, network: NetworkConfiguration = NetworkConfiguration()) throws(SwiftletError) {
         let directory = try MachineDirectory(name: name)
         try MachineDirectory.withLock { () throws(SwiftletError) in
             try directory.makeNew()
             do throws(SwiftletError) {
                 let unpacked = try MachinePack.unpack(absolute(pack), into: directory.packPath)
-                var (record, disk) = try MachineSnapshotRecord.read(unpacked.snapshotDirectory, checkingPaths: false)
-                record.layers = try record.layers.map { path throws(SwiftletError) in try unpacked.readOnlyDisks.resolve(path) }
-                record.kernel = try SnapshotPaths.kernel(record.kernel)
-                try FileBlockBackend(path: disk, readOnly: true).copy(to: directory.diskPath)
+                var record: MachineRecord
+                if access(unpacked.snapshotDirectory + "/" + SnapshotDirectory.stateFileName, F_OK) == 0 {
+                    let disk: String
+                    (record, disk) = try MachineSnapshotRecord.read(unpacked.snapshotDirectory, checkingPaths: false)
+                    record.layers = try record.layers.map { path throws(SwiftletError) in try unpacked.readOnlyDisks.resolve(path) }
+                    record.kernel = try SnapshotPaths.kernel(record.kernel)
+                    let hadNetwork = try Machine.network(ofSnapshot: unpacked.snapshotDirectory) != nil
+                    if hadNetwork && !network.hasNetwork {
+                        throw SwiftletError(.invalidArgument, "the machine in \(pack) has a network device: give it a network policy of your own (--net, --allow-host, --allow-cidr, -p); a pack's is not taken")
+                    }
+                    if !hadNetwork && network.hasNetwork {
+                        throw SwiftletError(.invalidArgument, "the machine in \(pack) has no network device, and a machine that goes on where it was cannot get one")
+                    }
+                    try FileBlockBackend(path: disk, readOnly: true).copy(to: directory.diskPath)
+                    record.restoresPack = true
+                } else {
+                    record = try MachinePack.bootRecord(unpackedAt: directory.packPath, what: pack)
+                    try FileBlockBackend(path: directory.packPath + "/" + MachinePack.machineDiskPart, readOnly: true).copy(to: directory.diskPath)
+                    unlink(directory.packPath + "/" + MachinePack.machineDiskPart)
+                }
                 record.name = name
                 record.created = Int(time(nil))
                 record.diskBase = nil
-                record.restoresPack = true
+                record.network = network.hasNetwork ? network : nil
                 try directory.writeRecord(record)
             } catch {
                 try? directory.remove()

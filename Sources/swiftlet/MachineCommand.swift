@@ -64,7 +64,7 @@ extension MachineCommand {
         @Option(help: "The machine's name: letters, digits, '-', '_', '.'; it is also the guest's hostname.")
         var name: String
 
-        @Option(help: ArgumentHelp("Make the machine of a pack of a machine's snapshot (`machine snapshot`, then `pack create`): its first start goes on where the packed machine was.", valueName: "file"))
+        @Option(help: ArgumentHelp("Make the machine of a machine's pack (`pack create --machine`, or of a `machine snapshot`): one with memory goes on where it was on its first start, one without boots. Network options apply; the pack's own policy is not taken.", valueName: "file"))
         var from: String?
 
         @OptionGroup var source: RootOptions
@@ -88,14 +88,16 @@ extension MachineCommand {
             if memory < MachineConfig.minimumMemoryMiB { throw ValidationError("--memory must be at least \(MachineConfig.minimumMemoryMiB) MiB") }
             if diskSize < 64 || diskSize > 16 << 20 { throw ValidationError("--disk-size must be 64 MiB to 16 TiB") }
             let shaped = source.image != nil || source.rootfs != nil || kernel != nil || cpus != 1 || memory != 256 || diskSize != 2048
-            if from != nil && (shaped || network.asksForNetwork) {
-                throw ValidationError("--from makes the machine a pack holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory, --disk-size or network options")
+            if from != nil && shaped {
+                throw ValidationError("--from makes the machine a pack holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory or --disk-size")
             }
         }
 
         func run() throws {
             if let from {
-                try exitingOnSetupFailure { () throws(SwiftletError) in try Machines.create(fromPack: from, as: name) }
+                try exitingOnSetupFailure { () throws(SwiftletError) in
+                    try Machines.create(fromPack: from, as: name, network: try network.configuration())
+                }
                 printError("created machine \(name) from \(from) (its first start goes on where it was packed)")
                 return
             }

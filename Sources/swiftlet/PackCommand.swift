@@ -26,10 +26,16 @@ struct PackCommand: ParsableCommand {
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "create",
-            abstract: "Pack a snapshot (`swiftlet snapshot`, `machine snapshot`) and the image layers it uses into one file.")
+            abstract: "Pack a snapshot (`swiftlet snapshot`, `machine snapshot`) or a machine, and the image layers it uses, into one file.")
 
         @Option(help: ArgumentHelp("The snapshot directory to pack (a full snapshot).", valueName: "dir"))
-        var from: String
+        var from: String?
+
+        @Option(help: ArgumentHelp("The machine to pack: stopped, its disk (it boots where it is made a machine again); with --with-memory, running, a snapshot of it (it goes on where it was).", valueName: "name"))
+        var machine: String?
+
+        @Flag(help: "With --machine: pack the running machine's memory and processes too (the machine keeps running).")
+        var withMemory = false
 
         @Option(name: .shortAndLong, help: ArgumentHelp("The pack file to write (replaced if it exists).", valueName: "file"))
         var output: String
@@ -37,10 +43,22 @@ struct PackCommand: ParsableCommand {
         @Flag(help: "Write a program: Swiftlet's executable with the pack appended; `./FILE -- ARGS` runs the machine's command on any host with /dev/kvm.")
         var executable = false
 
+        func validate() throws {
+            guard (from == nil) != (machine == nil) else { throw ValidationError("give one of --from DIR and --machine NAME") }
+            if withMemory && machine == nil { throw ValidationError("--with-memory goes with --machine (a snapshot holds its memory already)") }
+            if executable && machine != nil && !withMemory {
+                throw ValidationError("a packed program runs a snapshot: pack the machine --with-memory")
+            }
+        }
+
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 let program = executable ? try FileTree.currentExecutable() : nil
-                let report = try MachinePack.create(fromSnapshot: from, to: output, executable: program)
+                let report = if let machine {
+                    try MachinePack.create(machine: machine, withMemory: withMemory, to: output, executable: program)
+                } else {
+                    try MachinePack.create(fromSnapshot: from!, to: output, executable: program)
+                }
                 let contents = report.manifest.parts.reduce(0) { $0 + $1.size }
                 print("\(report.path): \(report.manifest.parts.count) parts, \(size(contents)) packed into \(size(report.bytes))")
             }

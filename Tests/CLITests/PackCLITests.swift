@@ -93,6 +93,14 @@ import TestSupport
         #expect((OwnedFileDescriptor.directoryEntries(home + "/unpacked") ?? []).isEmpty, "nothing left unpacked")
         expectOneLine(run(["run", "--image", fake, "--cpus", "2", "--", "true"]), status: 64, contains: "is a pack, which holds its machine")
         expectOneLine(run(["pack", "create", "--from", dir.path + "/none", "-o", dir.path + "/out.swiftlet"]), contains: "does not exist")
+        expectOneLine(run(["pack", "create", "-o", dir.path + "/out.swiftlet"]), status: 64, contains: "give one of --from DIR and --machine NAME")
+        expectOneLine(run(["pack", "create", "--from", "a", "--machine", "b", "-o", dir.path + "/out.swiftlet"]), status: 64, contains: "give one of")
+        expectOneLine(run(["pack", "create", "--from", "a", "--with-memory", "-o", dir.path + "/out.swiftlet"]), status: 64, contains: "--with-memory goes with --machine")
+        expectOneLine(run(["pack", "create", "--machine", "b", "--executable", "-o", dir.path + "/out.swiftlet"]), status: 64, contains: "pack the machine --with-memory")
+        expectOneLine(run(["pack", "create", "--machine", "nope", "-o", dir.path + "/out.swiftlet"]), contains: "nope")
+        expectOneLine(run(["machine", "create", "--name", "m", "--from", fake, "--cpus", "2"]), status: 64, contains: "--from makes the machine a pack holds")
+        expectOneLine(run(["machine", "create", "--name", "m", "--from", odd]), contains: "holds a part kernel")
+        #expect(access(home + "/machines/m", F_OK) != 0, "no machine is left of a refused pack")
         #expect(access(dir.path + "/out.swiftlet", F_OK) != 0)
     }
 }

@@ -97,6 +97,31 @@ struct PackIntegrationTests {
         #expect(copy(["rm", "--force", "copy"]).status == 0)
         #expect(access(elsewhere + "/machines/copy", F_OK) != 0)
         leftNothing(in: elsewhere)
+        // A pack's maker's network policy is never taken; one this machine cannot have is refused.
+        let networked = copy(["create", "--name", "networked", "--from", pack, "--net"])
+        #expect(networked.status == 1 && networked.stderr.contains("has no network device"), "\(networked.stderr)")
+
+        // The machine packed straight from the store: running, with its memory; then stopped,
+        // its disk alone, which boots where it is made a machine.
+        let live = dir.path + "/live.swiftlet", cold = dir.path + "/cold.swiftlet"
+        let packedLive = swiftlet(["pack", "create", "--machine", "src", "--with-memory", "-o", live], home: home)
+        #expect(packedLive.status == 0, "\(packedLive.stderr)")
+        let fromLive = swiftlet(["run", "--image", live, "--", "sh", "-c", "cat /root/file; sha256sum /dev/shm/blob"], home: elsewhere)
+        #expect(fromLive.stdout == "on-disk\n" + blob, "\(fromLive.stdout)\(fromLive.stderr)")
+        let running = swiftlet(["pack", "create", "--machine", "src", "-o", cold], home: home)
+        #expect(running.status == 1 && running.stderr.contains("is running"), "\(running.stderr)")
+        #expect(machine(["stop", "src"]).status == 0)
+        let packedCold = swiftlet(["pack", "create", "--machine", "src", "-o", cold], home: home)
+        #expect(packedCold.status == 0, "\(packedCold.stderr)")
+        let notRunnable = swiftlet(["run", "--image", cold, "--", "true"], home: elsewhere)
+        #expect(notRunnable.status == 1 && notRunnable.stderr.contains("make a machine of it"), "\(notRunnable.stderr)")
+        #expect(copy(["create", "--name", "booted", "--from", cold]).status == 0)
+        let bootedStart = copy(["start", "booted"])
+        #expect(bootedStart.status == 0, "\(bootedStart.stderr)")
+        let fresh = copy(["exec", "booted", "--", "sh", "-c", "hostname; cat /root/file; test -e /dev/shm/blob || echo booted"])
+        #expect(fresh.stdout == "booted\non-disk\nbooted\n", "\(fresh.stdout)\(fresh.stderr)")
+        #expect(copy(["rm", "--force", "booted"]).status == 0)
+        leftNothing(in: elsewhere)
         // Not a machine's pack, or a damaged one: refused, and no machine is left.
         let image = dir.path + "/busybox-for-machine.snap", imagePack = dir.path + "/busybox-for-machine.swiftlet"
         #expect(swiftlet(["snapshot", "--memory", "128", "-o", image], home: home).status == 0)
