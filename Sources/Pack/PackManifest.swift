@@ -13,6 +13,10 @@ public struct PackManifest: Codable, Sendable, Equatable {
         /// A stopped machine without its memory: its description (`machine`, JSON), its
         /// writable disk (`disk`) and read-only disks; it boots on the other side.
         case machine
+        /// An image: its description (`image`, JSON: name, how commands run, layers by part
+        /// name), its layers, and the kernel and agent initramfs it boots with (`kernel`,
+        /// `agent`), so it boots the same everywhere.
+        case image
     }
 
     /// The format version; the same as the footer's.

@@ -66,6 +66,9 @@ public struct CommandRun: Sendable {
     /// of `$SWIFTLET_HOME/unpacked`: for a packed program, which has no home of its own.
     public var unpacksOutsideHome = false
 
+    /// An image pack's root, kernel and agent initramfs, once unpacked (a `.pack` root).
+    var packedImage: (root: RootFilesystem, kernel: String, agent: String)?
+
     /// The read-only disks a `.snapshot` root may name (a pack's own copies); nil: image layers
     /// in this user's store and the default image (`SnapshotPaths.resolver`).
     var snapshotDisks: SnapshotDiskResolver?
@@ -157,21 +160,27 @@ public struct CommandRun: Sendable {
             // Before the machine's threads start: none of them keeps a root's capabilities.
             do { try Confinement.dropCapabilities() } catch { throw Failure.setup(error) }
         }
-        if case .pack(let path) = root {
+        if case .pack(let path) = root, packedImage == nil {
             let unpacked: MachinePack.Unpacked
+            var run = self
             do throws(SwiftletError) {
                 unpacked = try MachinePack.unpack(path, outsideHome: unpacksOutsideHome)
-                // A pack is untrusted: its maker's network policy is not taken.
-                if !network.hasNetwork, try Machine.network(ofSnapshot: unpacked.snapshotDirectory) != nil {
-                    throw SwiftletError(.invalidArgument, "the machine in \(path) has a network device: give it a network policy of your own (--net, --allow-host, --allow-cidr, -p); a pack's is not taken")
+                if unpacked.kind == .image {
+                    // Booted with the pack's kernel and agent (no boot template of them yet).
+                    run.packedImage = try unpacked.image(what: path)
+                    run.cold = true
+                } else {
+                    // A pack is untrusted: its maker's network policy is not taken.
+                    if !network.hasNetwork, try Machine.network(ofSnapshot: unpacked.snapshotDirectory) != nil {
+                        throw SwiftletError(.invalidArgument, "the machine in \(path) has a network device: give it a network policy of your own (--net, --allow-host, --allow-cidr, -p); a pack's is not taken")
+                    }
+                    run.root = .snapshot(unpacked.snapshotDirectory)
+                    run.snapshotDisks = unpacked.readOnlyDisks
                 }
             } catch {
                 throw Failure.setup(error)
             }
             defer { withExtendedLifetime(unpacked) {} }
-            var run = self
-            run.root = .snapshot(unpacked.snapshotDirectory)
-            run.snapshotDisks = unpacked.readOnlyDisks
             return try run.run(io: io)
         }
         let isSnapshot = if case .snapshot = root { true } else { false }
@@ -340,23 +349,30 @@ public struct CommandRun: Sendable {
             let defaults = try AgentSnapshot.defaults(of: vm, directory: directory)
             return (vm, try defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: directory),
                     nil, attached)
-        case .pack: preconditionFailure("run(io:) unpacks a pack and runs its snapshot")
+        case .pack: (image, rootfs, policy, insecure) = (nil, nil, .never, false) // an image pack (run(io:) unpacked it)
         case .defaultImage: (image, rootfs, policy, insecure) = (nil, nil, .missing, false)
         case .rootfs(let path): (image, rootfs, policy, insecure) = (nil, path, .missing, false)
         case .image(let reference, let pull, let insecureRegistry): (image, rootfs, policy, insecure) = (reference, nil, pull, insecureRegistry)
         }
-        let root = try RootFilesystem.resolve(image: image, rootfs: rootfs, insecure: insecure, policy: policy,
+        let root: RootFilesystem
+        if let packed = packedImage?.root {
+            root = packed
+        } else {
+            root = try RootFilesystem.resolve(image: image, rootfs: rootfs, insecure: insecure, policy: policy,
                                               signals: io.signals ?? -1, progress: io.log)
+        }
+        let kernel = packedImage?.kernel ?? self.kernel
         let request = try root.defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: root.name)
         // passt starts before the machine is built: it sets itself up while the machine is made and boots.
         let attached = network.hasNetwork ? try MachineNetwork(policy: network, logFile: nil) : nil
         guard templates != .none else {
-            var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput)
+            var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput,
+                                                     agentInitrd: packedImage?.agent)
             config.network = attached?.device(log: log)
             return (Machine(config: config, vsockPorts: port), request, nil, attached)
         }
         var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB,
-                                                 allowPVM: allowPVM, consoleOutput: consoleOutput, emptyDrives: true)
+                                                 allowPVM: allowPVM, consoleOutput: consoleOutput, emptyDrives: true, agentInitrd: packedImage?.agent)
         config.network = attached?.device(log: log)
         let template = BootTemplate(config: config)
         if templates == .restoreOrSave && template.exists {

@@ -143,13 +143,7 @@ public enum MachinePack {
         }
         let description = PackedMachine(source: record.source, layers: layers, defaults: record.defaults, cpus: record.cpus,
                                         memoryMiB: record.memoryMiB, diskMiB: record.diskMiB, network: record.network)
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
-        let bytes: [UInt8]
-        do { bytes = Array(try encoder.encode(description)) } catch {
-            throw SwiftletError(.invalidFormat, "cannot encode machine \(name)'s description: \(error)")
-        }
-        return try write(kind: .machine, to: output, executable: executable, parts: sources, bytes: [(machinePart, bytes)])
+        return try write(kind: .machine, to: output, executable: executable, parts: sources, bytes: [(machinePart, try encode(description))])
     }
 
     /// The record of a machine pack unpacked at `root` (its `machine` part, untrusted: every
@@ -176,6 +170,41 @@ public enum MachinePack {
                              memoryMiB: machine.memoryMiB, kernel: nil, diskMiB: machine.diskMiB, created: 0)
     }
 
+    /// An image's description in an image pack (`image` part): its layers by part name.
+    struct PackedImage: Codable {
+        var name: String
+        var defaults: ExecDefaults
+        var layers: [String]
+    }
+
+    static let imagePart = "image", kernelPart = "kernel", agentPart = "agent"
+
+    /// Packs an image (a registry reference, layout, archive or store digest, pulled when needed;
+    /// nil: the default image) with the kernel and agent initramfs this Swiftlet boots, into a
+    /// new file at `output`: it boots the same on any host with Swiftlet.
+    public static func create(image: String?, insecureRegistry: Bool = false, to output: String, executable: String? = nil,
+                              progress: @escaping @Sendable (String) -> Void = { _ in }) throws(SwiftletError) -> Report {
+        let root = try RootFilesystem.resolve(image: image, rootfs: nil, insecure: insecureRegistry, progress: progress)
+        var sources: [(name: String, path: String)] = [(kernelPart, GuestAssets.defaultKernel()), (agentPart, GuestAssets.agentInitrd)]
+        var layers: [String] = []
+        for path in root.disks {
+            guard let disk = SnapshotPaths.RecordedDisk(path) else { throw SnapshotPaths.unknownDisk(path) }
+            let part = partName(disk)
+            layers.append(part)
+            if !sources.contains(where: { $0.name == part }) { sources.append((part, path)) }
+        }
+        let description = PackedImage(name: image ?? "default", defaults: root.defaults, layers: layers)
+        return try write(kind: .image, to: output, executable: executable, parts: sources, bytes: [(imagePart, try encode(description))])
+    }
+
+    static func encode(_ value: some Encodable) throws(SwiftletError) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        do { return Array(try encoder.encode(value)) } catch {
+            throw SwiftletError(.invalidFormat, "cannot encode a pack's description: \(error)")
+        }
+    }
+
     static func partName(_ disk: SnapshotPaths.RecordedDisk) -> String {
         switch disk {
         case .layer(let diffID): layerPrefix + diffID.hex
@@ -188,6 +217,8 @@ public enum MachinePack {
     public final class Unpacked: Sendable {
         /// The snapshot directory (state, memory, disks, working set).
         public let snapshotDirectory: String
+        /// What the pack holds.
+        public let kind: PackManifest.Kind
         /// The pack's read-only disks for a restore of it: the disks the snapshot recorded,
         /// mapped by their form (layer digest, default image) to the pack's own copies.
         public let readOnlyDisks: SnapshotDiskResolver
@@ -195,8 +226,9 @@ public enum MachinePack {
         /// Whether the directory stays when this value goes (a machine's `pack/`).
         private let kept: Atomic<Bool>
 
-        init(root: String, layers: [String: String], kept: Bool = false) {
+        init(root: String, layers: [String: String], kind: PackManifest.Kind = .snapshot, kept: Bool = false) {
             self.root = root
+            self.kind = kind
             self.kept = Atomic(kept)
             self.snapshotDirectory = root + "/snapshot"
             let pack = root
@@ -210,6 +242,28 @@ public enum MachinePack {
         }
 
         deinit { if !kept.load(ordering: .acquiring) { try? FileTree.remove(root) } }
+
+        /// An image pack's root, kernel and agent initramfs (untrusted: its description is
+        /// checked; the kernel and initramfs are only ever the guest's).
+        func image(what: String) throws(SwiftletError) -> (root: RootFilesystem, kernel: String, agent: String) {
+            let bytes = try OwnedFileDescriptor.readSmallFile(root + "/" + MachinePack.imagePart, limit: 1 << 20)
+            let image: PackedImage
+            do { image = try JSONDecoder().decode(PackedImage.self, from: Data(bytes)) } catch {
+                throw SwiftletError(.invalidFormat, "\(what) holds an unreadable image description: \(error)")
+            }
+            guard (1...ImageStore.maximumLayerDisks).contains(image.layers.count), image.name.utf8.count <= 4096 else {
+                throw SwiftletError(.invalidFormat, "\(what) describes an image of \(image.layers.count) layers")
+            }
+            let disks = try image.layers.map { part throws(SwiftletError) -> String in
+                let file = root + "/disks/" + part
+                guard PackManifest.isPlainName(part), access(file, F_OK) == 0 else {
+                    throw SwiftletError(.invalidFormat, "\(what) names the layer \(part.debugDescription), which it does not hold")
+                }
+                return file
+            }
+            return (RootFilesystem(disks: disks, defaults: image.defaults, name: image.name), root + "/" + MachinePack.kernelPart,
+                    root + "/" + MachinePack.agentPart)
+        }
 
         /// Leaves the directory in place when this value goes.
         func keep() { kept.store(true, ordering: .releasing) }
@@ -242,13 +296,21 @@ public enum MachinePack {
     static func unpack(_ path: String, into directory: String?, outsideHome: Bool = false) throws(SwiftletError) -> Unpacked {
         let reader = try PackReader(path: path)
         let kind = reader.manifest.kind
-        guard kind == .snapshot || directory != nil else {
+        guard kind != .machine || directory != nil else {
             throw SwiftletError(.invalidArgument, "\(path) is a pack of a stopped machine, without its memory: make a machine of it (`swiftlet machine create --name NAME --from \(path)`)")
+        }
+        guard kind != .image || directory == nil else {
+            throw SwiftletError(.invalidArgument, "\(path) is a pack of an image: run it (`swiftlet run --image \(path)`); a machine is made of a machine's pack")
         }
         // Where each part goes; anything else is refused before a byte is written.
         var destinations: [(part: PackPart, file: String)] = []
         var layers: [String: String] = [:]
-        for name in kind == .snapshot ? stateFiles : [machinePart, machineDiskPart] { _ = try reader.part(name) }
+        let required = switch kind {
+        case .snapshot: stateFiles
+        case .machine: [machinePart, machineDiskPart]
+        case .image: [imagePart, kernelPart, agentPart]
+        }
+        for name in required { _ = try reader.part(name) }
         let root: String
         if let directory {
             root = directory
@@ -262,7 +324,8 @@ public enum MachinePack {
             let name = part.name
             if kind == .snapshot && (stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || isDiskName(name)) {
                 destinations.append((part, root + "/snapshot/" + name))
-            } else if kind == .machine && (name == machinePart || name == machineDiskPart) {
+            } else if (kind == .machine && (name == machinePart || name == machineDiskPart))
+                        || (kind == .image && [imagePart, kernelPart, agentPart].contains(name)) {
                 destinations.append((part, root + "/" + name))
             } else if name == defaultImagePart || (name.hasPrefix(layerPrefix) && (try? Digest(parsing: "sha256:" + name.dropFirst(layerPrefix.count))) != nil) {
                 let file = root + "/disks/" + name
@@ -273,7 +336,7 @@ public enum MachinePack {
             }
         }
         if directory != nil || !outsideHome { try systemCall("cannot create \(root)") { mkdir(root, 0o700) } }
-        let unpacking = Unpacked(root: root, layers: layers) // removes the directory again if what follows fails
+        let unpacking = Unpacked(root: root, layers: layers, kind: kind) // removes the directory again if what follows fails
         try systemCall("cannot create \(root)/snapshot") { mkdir(root + "/snapshot", 0o700) }
         try systemCall("cannot create \(root)/disks") { mkdir(root + "/disks", 0o700) }
         for (part, file) in destinations {

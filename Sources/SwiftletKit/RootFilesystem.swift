@@ -93,8 +93,8 @@ public struct RootFilesystem: Sendable {
     /// With `emptyDrives`, the machine boots with as many empty drives as the root has disks and
     /// no root on its command line: its agent waits in the initramfs for `mountRoot` (see `BootTemplate`).
     public func agentMachineConfig(kernel: String?, cpus: Int, memoryMiB: Int, allowPVM: Bool, consoleOutput: Int32?,
-                            emptyDrives: Bool = false) throws(SwiftletError) -> MachineConfig {
-        let agent = GuestAssets.agentInitrd
+                            emptyDrives: Bool = false, agentInitrd: String? = nil) throws(SwiftletError) -> MachineConfig {
+        let agent = agentInitrd ?? GuestAssets.agentInitrd
         guard access(agent, R_OK) == 0 else {
             throw SwiftletError(.notFound, "no guest agent initramfs at \(agent): build it with `make build`")
         }

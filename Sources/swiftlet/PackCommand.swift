@@ -10,10 +10,12 @@ struct PackCommand: ParsableCommand {
         commandName: "pack",
         abstract: "Pack a machine into one file that runs on any host with Swiftlet; inspect and verify packs.",
         discussion: """
-            A pack holds a snapshot whole: its state, memory and writable disks, and the image \
-            layers it was taken with, each part in checked, compressed chunks (docs/pack-format.md). \
-            `swiftlet run --image FILE` restores it and runs a command in a copy (the file is left \
-            as it is).
+            A pack holds an image with the kernel and agent it boots with (--image), a snapshot \
+            whole (--from: its state, memory and writable disks, and the image layers it was taken \
+            with) or a machine (--machine), each part in checked, compressed chunks \
+            (docs/pack-format.md). `swiftlet run --image FILE` boots or restores it and runs a \
+            command in a copy (the file is left as it is); `machine create --from FILE` makes a \
+            machine of a machine's pack.
 
               swiftlet snapshot --image alpine:3.20 -o alpine.snap
               swiftlet pack create --from alpine.snap -o alpine.swiftlet
@@ -27,6 +29,12 @@ struct PackCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "create",
             abstract: "Pack a snapshot (`swiftlet snapshot`, `machine snapshot`) or a machine, and the image layers it uses, into one file.")
+
+        @Option(help: ArgumentHelp("The image to pack (a registry reference, OCI layout, archive or digest; pulled when needed) with the kernel and agent it boots with. Without --image, --from or --machine: the default image.", valueName: "ref"))
+        var image: String?
+
+        @Flag(help: "With --image: reach the registry over plain HTTP (loopback registries always are).")
+        var insecureRegistry = false
 
         @Option(help: ArgumentHelp("The snapshot directory to pack (a full snapshot).", valueName: "dir"))
         var from: String?
@@ -44,7 +52,9 @@ struct PackCommand: ParsableCommand {
         var executable = false
 
         func validate() throws {
-            guard (from == nil) != (machine == nil) else { throw ValidationError("give one of --from DIR and --machine NAME") }
+            guard [image != nil, from != nil, machine != nil].filter({ $0 }).count <= 1 else {
+                throw ValidationError("give one of --image REF, --from DIR and --machine NAME (none: the default image)")
+            }
             if withMemory && machine == nil { throw ValidationError("--with-memory goes with --machine (a snapshot holds its memory already)") }
             if executable && machine != nil && !withMemory {
                 throw ValidationError("a packed program runs a snapshot: pack the machine --with-memory")
@@ -56,8 +66,11 @@ struct PackCommand: ParsableCommand {
                 let program = executable ? try FileTree.currentExecutable() : nil
                 let report = if let machine {
                     try MachinePack.create(machine: machine, withMemory: withMemory, to: output, executable: program)
+                } else if let from {
+                    try MachinePack.create(fromSnapshot: from, to: output, executable: program)
                 } else {
-                    try MachinePack.create(fromSnapshot: from!, to: output, executable: program)
+                    try MachinePack.create(image: image, insecureRegistry: insecureRegistry, to: output, executable: program,
+                                           progress: { printError($0) })
                 }
                 let contents = report.manifest.parts.reduce(0) { $0 + $1.size }
                 print("\(report.path): \(report.manifest.parts.count) parts, \(size(contents)) packed into \(size(report.bytes))")

@@ -55,6 +55,30 @@ struct PackIntegrationTests {
         #expect(shaped.status != 0 && shaped.stderr.contains("is a pack"), "\(shaped.stderr)")
     }
 
+    @Test(.enabled(if: TestImages.directory != nil, "needs the test images"))
+    func anImagesPackBootsElsewhereWithItsOwnKernelAndCommand() throws {
+        let pack = dir.path + "/layout.swiftlet"
+        let made = swiftlet(["pack", "create", "--image", TestImages.path("layout"), "-o", pack], home: home)
+        try #require(made.status == 0, "\(made.stderr)")
+        let inspected = swiftlet(["pack", "inspect", pack], home: elsewhere).stdout
+        #expect(inspected.contains("kind: image") && inspected.contains("kernel") && inspected.contains("agent")
+                    && inspected.contains("layer-sha256-"), "\(inspected)")
+        let run = swiftlet(["run", "--image", pack], home: elsewhere)
+        #expect(run.status == 0 && run.stdout == "cwd=/srv from_image=yes\nhello from the image\n", "\(run.stdout)\(run.stderr)")
+        let environment = swiftlet(["run", "--image", pack, "-e", "FROM_RUN=1"], home: elsewhere)
+        #expect(environment.status == 0 && environment.stdout.hasPrefix("cwd=/srv"), "\(environment.stdout)\(environment.stderr)")
+        // Without a source: the default image. As a program, in an empty environment.
+        let program = dir.path + "/default-image-app"
+        let packed = swiftlet(["pack", "create", "-o", program, "--executable"], home: home)
+        try #require(packed.status == 0, "\(packed.stderr)")
+        let ran = Subprocess.run(["/bin/sh", "-c", "cd / && exec env -i \"$0\" -- sh -c 'echo $0; exit 2' packed", program], timeout: 600)
+        #expect(ran.status == 2 && ran.stdout == "packed\n", "\(ran.stdout)\(ran.stderr)")
+        let machine = swiftlet(["machine", "create", "--name", "img", "--from", pack], home: elsewhere)
+        #expect(machine.status == 1 && machine.stderr.contains("is a pack of an image"), "\(machine.stderr)")
+        #expect(access(elsewhere + "/machines/img", F_OK) != 0)
+        leftNothing(in: elsewhere)
+    }
+
     @Test func aRunningMachinesPackCarriesItsMemoryDiskAndProcessesElsewhere() throws {
         func machine(_ arguments: [String]) -> Subprocess { swiftlet(["machine"] + arguments, home: home) }
         func exec(_ line: String) -> Subprocess { machine(["exec", "src", "--", "sh", "-c", line]) }
