@@ -14,7 +14,7 @@
 # Environment: SWIFTLET (binary), QEMU, KERNEL (vmlinux), IMAGE (OCI layout), NETBENCH (this
 # host's netbench), SWIFTLET_HOME, BENCH_RUNS (default 5), BENCH_SECONDS (per iperf3 run,
 # default 3), BENCH_RR_N (default 1000), BENCH_RUN_REPEATS (default 10), BENCH_ONLY=qemu (the
-# QEMU half alone).
+# QEMU half alone) or BENCH_ONLY=run (the --net overhead alone).
 set -u
 runs=${BENCH_RUNS:-5} secs=${BENCH_SECONDS:-3} rrn=${BENCH_RR_N:-1000}
 out=$(mktemp -d /tmp/bench-net.XXXXXX); chmod 755 "$out"
@@ -90,9 +90,10 @@ qemu_net_run() {
 }
 
 # One warm-up run (imports the disk, saves the --net boot template), then the root disk's path.
-# BENCH_ONLY=qemu: the QEMU half alone (a Swiftlet without networking still makes the disk).
+# BENCH_ONLY=qemu: the QEMU half alone (a Swiftlet without networking still makes the disk);
+# BENCH_ONLY=run: only the time --net adds to `run`.
 only=${BENCH_ONLY:-}
-if [ "$only" = qemu ]; then
+if [ "$only" = qemu ] || [ "$only" = run ]; then
   "$SWIFTLET" run --memory "$memory" --kernel "$KERNEL" --image "$digest" -- true || fail "swiftlet run (warm-up) failed"
 else
   swiftlet_net_run warmup on > /dev/null
@@ -102,6 +103,7 @@ erofs=$SWIFTLET_HOME/disks/sha256/$hex.erofs
 [ -f "$erofs" ] || fail "no root disk at $erofs"
 echo "ROOTFS $erofs"
 i=1
+[ "$only" = run ] && i=$((runs + 1))
 while [ "$i" -le "$runs" ]; do
   for offload in on off; do
     if [ "$only" = qemu ]; then qemu_net_run "$i" $offload
