@@ -149,25 +149,37 @@ public enum MachinePack {
     /// The record of a machine pack unpacked at `root` (its `machine` part, untrusted: every
     /// field checked, its layers the pack's own disks). `what` names the pack in errors.
     static func bootRecord(unpackedAt root: String, what: String) throws(SwiftletError) -> MachineRecord {
-        let bytes = try OwnedFileDescriptor.readSmallFile(root + "/" + machinePart, limit: 1 << 20)
-        let machine: PackedMachine
-        do { machine = try JSONDecoder().decode(PackedMachine.self, from: Data(bytes)) } catch {
-            throw SwiftletError(.invalidFormat, "\(what) holds an unreadable machine description: \(error)")
-        }
+        let machine = try description(PackedMachine.self, in: root + "/" + machinePart, what: what, kind: "machine")
         guard (1...MachineConfig.maximumCPUs).contains(machine.cpus), machine.memoryMiB >= MachineConfig.minimumMemoryMiB,
-              machine.memoryMiB <= 16 << 20, (64...(16 << 20)).contains(machine.diskMiB), machine.layers.count <= 64,
-              machine.source.utf8.count <= 4096 else {
-            throw SwiftletError(.invalidFormat, "\(what) describes a machine Swiftlet cannot make (\(machine.cpus) vCPUs, \(machine.memoryMiB) MiB, a \(machine.diskMiB) MiB disk, \(machine.layers.count) layers)")
+              machine.memoryMiB <= 16 << 20, (64...(16 << 20)).contains(machine.diskMiB), machine.source.utf8.count <= 4096 else {
+            throw SwiftletError(.invalidFormat, "\(what) describes a machine Swiftlet cannot make (\(machine.cpus) vCPUs, \(machine.memoryMiB) MiB, a \(machine.diskMiB) MiB disk)")
         }
-        let layers = try machine.layers.map { part throws(SwiftletError) -> String in
+        return MachineRecord(name: "", source: machine.source, layers: try layerFiles(machine.layers, unpackedAt: root, what: what),
+                             defaults: machine.defaults, cpus: machine.cpus, memoryMiB: machine.memoryMiB, kernel: nil,
+                             diskMiB: machine.diskMiB, created: 0)
+    }
+
+    /// A pack's JSON description part, unpacked at `path` (`kind` names it in errors).
+    static func description<T: Decodable>(_ type: T.Type, in path: String, what: String, kind: String) throws(SwiftletError) -> T {
+        let bytes = try OwnedFileDescriptor.readSmallFile(path, limit: 1 << 20)
+        do { return try JSONDecoder().decode(T.self, from: Data(bytes)) } catch {
+            throw SwiftletError(.invalidFormat, "\(what) holds an unreadable \(kind) description: \(error)")
+        }
+    }
+
+    /// The unpacked files of the layer parts a description names, bottom first: 1 to
+    /// `ImageStore.maximumLayerDisks` plain part names the pack holds.
+    static func layerFiles(_ parts: [String], unpackedAt root: String, what: String) throws(SwiftletError) -> [String] {
+        guard (1...ImageStore.maximumLayerDisks).contains(parts.count) else {
+            throw SwiftletError(.invalidFormat, "\(what) describes a root of \(parts.count) layers")
+        }
+        return try parts.map { part throws(SwiftletError) -> String in
             let file = root + "/disks/" + part
             guard PackManifest.isPlainName(part), access(file, F_OK) == 0 else {
                 throw SwiftletError(.invalidFormat, "\(what) names the layer \(part.debugDescription), which it does not hold")
             }
             return file
         }
-        return MachineRecord(name: "", source: machine.source, layers: layers, defaults: machine.defaults, cpus: machine.cpus,
-                             memoryMiB: machine.memoryMiB, kernel: nil, diskMiB: machine.diskMiB, created: 0)
     }
 
     /// An image's description in an image pack (`image` part): its layers by part name.
@@ -246,21 +258,9 @@ public enum MachinePack {
         /// An image pack's root, kernel and agent initramfs (untrusted: its description is
         /// checked; the kernel and initramfs are only ever the guest's).
         func image(what: String) throws(SwiftletError) -> (root: RootFilesystem, kernel: String, agent: String) {
-            let bytes = try OwnedFileDescriptor.readSmallFile(root + "/" + MachinePack.imagePart, limit: 1 << 20)
-            let image: PackedImage
-            do { image = try JSONDecoder().decode(PackedImage.self, from: Data(bytes)) } catch {
-                throw SwiftletError(.invalidFormat, "\(what) holds an unreadable image description: \(error)")
-            }
-            guard (1...ImageStore.maximumLayerDisks).contains(image.layers.count), image.name.utf8.count <= 4096 else {
-                throw SwiftletError(.invalidFormat, "\(what) describes an image of \(image.layers.count) layers")
-            }
-            let disks = try image.layers.map { part throws(SwiftletError) -> String in
-                let file = root + "/disks/" + part
-                guard PackManifest.isPlainName(part), access(file, F_OK) == 0 else {
-                    throw SwiftletError(.invalidFormat, "\(what) names the layer \(part.debugDescription), which it does not hold")
-                }
-                return file
-            }
+            let image = try MachinePack.description(PackedImage.self, in: root + "/" + MachinePack.imagePart, what: what, kind: "image")
+            guard image.name.utf8.count <= 4096 else { throw SwiftletError(.invalidFormat, "\(what) names its image with \(image.name.utf8.count) bytes") }
+            let disks = try MachinePack.layerFiles(image.layers, unpackedAt: root, what: what)
             return (RootFilesystem(disks: disks, defaults: image.defaults, name: image.name), root + "/" + MachinePack.kernelPart,
                     root + "/" + MachinePack.agentPart)
         }
