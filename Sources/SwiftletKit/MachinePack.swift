@@ -8,12 +8,15 @@ import Synchronization
 import SwiftletSystem
 import VMM
 
-/// A machine in one file (docs/pack-format.md): `create(fromSnapshot:to:)` packs a full snapshot
-/// (state, memory, writable disks, recorded working set) with the read-only disks it was taken
-/// with (image layers, or the default image), so that it restores on a host that has none of
-/// them; `unpack` makes a private snapshot directory of a pack for a restore.
+/// A machine in one file (docs/pack-format.md), of three kinds: `create(fromSnapshot:)` packs a
+/// full snapshot (state, memory, writable disks, recorded working set) with the read-only disks
+/// it was taken with (image layers, or the default image), so that it restores on a host that
+/// has none of them; `create(machine:)` a machine (stopped: its description and disks; running,
+/// with `withMemory`: a snapshot of it); `create(image:)` an image with the kernel and agent it
+/// boots with. `unpack` makes a private directory of a pack for a run or a machine.
 ///
-/// Part names: `state`, `memory`, `working-set`, `disk-N` (the snapshot directory's files),
+/// Part names: `state`, `memory`, `working-set`, `disk-N` (a snapshot directory's files);
+/// `machine`, `disk` (a machine's description and disk); `image`, `kernel`, `agent`;
 /// `layer-sha256-HEX` (an image layer's disk, by its diff ID) and `default-image`.
 public enum MachinePack {
     static let stateFiles = [SnapshotDirectory.stateFileName, SnapshotDirectory.memoryFileName]
@@ -39,7 +42,7 @@ public enum MachinePack {
     public static func create(fromSnapshot directory: String, to output: String, executable: String? = nil) throws(SwiftletError) -> Report {
         let snapshot = SnapshotDirectory(directory)
         let files = try Machine.files(ofSnapshot: snapshot.path)
-        // Every part's source, opened before anything is written.
+        // Every part's source, found before anything is written.
         var sources: [(name: String, path: String)] = stateFiles.map { ($0, snapshot.path + "/" + $0) }
         if access(snapshot.workingSetPath, F_OK) == 0 { sources.append((SnapshotDirectory.workingSetFileName, snapshot.workingSetPath)) }
         for path in files.writable { sources.append((String(path.split(separator: "/").last!), path)) }
@@ -61,7 +64,7 @@ public enum MachinePack {
             var start: UInt64 = 0
             if let executable {
                 start = try writeProgram(executable, to: file)
-                try systemCall("cannot make \(output) executable") { fchmod(file.rawValue, 0o755) }
+                try file.setMode(0o755, what: output)
             }
             let writer = try PackWriter(fd: file.rawValue, start: start)
             for (name, contents) in bytes { try writer.add(name: name, bytes: contents) }
@@ -335,10 +338,10 @@ public enum MachinePack {
                 throw SwiftletError(.invalidFormat, "\(path) holds a part \(name), which a \(kind.rawValue) pack does not have")
             }
         }
-        if directory != nil || !outsideHome { try systemCall("cannot create \(root)") { mkdir(root, 0o700) } }
+        if directory != nil || !outsideHome { try FileTree.makeDirectory(root) }
         let unpacking = Unpacked(root: root, layers: layers, kind: kind) // removes the directory again if what follows fails
-        try systemCall("cannot create \(root)/snapshot") { mkdir(root + "/snapshot", 0o700) }
-        try systemCall("cannot create \(root)/disks") { mkdir(root + "/disks", 0o700) }
+        try FileTree.makeDirectory(root + "/snapshot")
+        try FileTree.makeDirectory(root + "/disks")
         for (part, file) in destinations {
             let output = try OwnedFileDescriptor.open(file, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600, what: "the unpacked \(part.name)")
             try reader.extract(part, to: output)

@@ -25,6 +25,11 @@ public enum FileTree {
         fsync(directory.rawValue)
     }
 
+    /// Makes the directory `path` (not its parents), mode `mode`; one that exists is an error.
+    public static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws(SwiftletError) {
+        try systemCall("cannot create \(path)") { mkdir(path, mode) }
+    }
+
     /// A new directory of this user's alone (mode 0700, a name no one else had: mkdtemp) in
     /// `$TMPDIR`, else /var/tmp (on disk where /tmp is memory), else /tmp; returns its path.
     public static func makeTemporaryDirectory(prefix: String) throws(SwiftletError) -> String {

@@ -105,6 +105,12 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         return fd
     }
 
+    /// Sets the file's permission bits (fchmod).
+    public func setMode(_ mode: mode_t, what: String) throws(SwiftletError) {
+        let fd = rawValue
+        try systemCall("cannot change the mode of \(what)") { fchmod(fd, mode) }
+    }
+
     /// Reads exactly `count` bytes at `offset` (pread), failing on a short file.
     public func read(count: Int, at offset: UInt64, what: String) throws(SwiftletError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
