@@ -285,8 +285,8 @@ public enum MachinePack {
     /// Where packs are unpacked to run: `$SWIFTLET_HOME/unpacked`.
     static var unpackRoot: String { ImageStore.defaultRoot() + "/unpacked" }
 
-    /// Checks the pack at `path` (a snapshot pack: its state and memory, and only parts a
-    /// snapshot pack has) and unpacks it, every chunk checked, into a new private directory:
+    /// Checks the pack at `path` (a snapshot's or an image's: the parts its kind needs, and only
+    /// parts it has) and unpacks it, every chunk checked, into a new private directory:
     /// under `$SWIFTLET_HOME/unpacked`, or with `outsideHome` a new temporary directory
     /// (`$TMPDIR`, else /var/tmp: a packed program has no home of its own).
     /// A damaged pack is refused with an error naming the part, and leaves nothing behind.
@@ -314,32 +314,34 @@ public enum MachinePack {
         case .image: [imagePart, kernelPart, agentPart]
         }
         for name in required { _ = try reader.part(name) }
+        for part in reader.manifest.parts {
+            let name = part.name
+            if kind == .snapshot && (stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || isDiskName(name)) {
+                destinations.append((part, "/snapshot/" + name))
+            } else if (kind == .machine && (name == machinePart || name == machineDiskPart))
+                        || (kind == .image && [imagePart, kernelPart, agentPart].contains(name)) {
+                destinations.append((part, "/" + name))
+            } else if name == defaultImagePart || (name.hasPrefix(layerPrefix) && (try? Digest(parsing: "sha256:" + name.dropFirst(layerPrefix.count))) != nil) {
+                destinations.append((part, "/disks/" + name))
+                layers[name] = "/disks/" + name
+            } else {
+                throw SwiftletError(.invalidFormat, "\(path) holds a part \(name), which a \(kind.rawValue) pack does not have")
+            }
+        }
+        // Checked: the directory is made, and removed again if what follows fails.
         let root: String
         if let directory {
             root = directory
+            try FileTree.makeDirectory(root)
         } else if outsideHome {
             root = try FileTree.makeTemporaryDirectory(prefix: "swiftlet-pack")
         } else {
             try makeDirectories(unpackRoot, mode: 0o700)
             root = unpackRoot + "/" + (try SnapshotID.random()).description
+            try FileTree.makeDirectory(root)
         }
-        for part in reader.manifest.parts {
-            let name = part.name
-            if kind == .snapshot && (stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || isDiskName(name)) {
-                destinations.append((part, root + "/snapshot/" + name))
-            } else if (kind == .machine && (name == machinePart || name == machineDiskPart))
-                        || (kind == .image && [imagePart, kernelPart, agentPart].contains(name)) {
-                destinations.append((part, root + "/" + name))
-            } else if name == defaultImagePart || (name.hasPrefix(layerPrefix) && (try? Digest(parsing: "sha256:" + name.dropFirst(layerPrefix.count))) != nil) {
-                let file = root + "/disks/" + name
-                destinations.append((part, file))
-                layers[name] = file
-            } else {
-                throw SwiftletError(.invalidFormat, "\(path) holds a part \(name), which a \(kind.rawValue) pack does not have")
-            }
-        }
-        if directory != nil || !outsideHome { try FileTree.makeDirectory(root) }
-        let unpacking = Unpacked(root: root, layers: layers, kind: kind) // removes the directory again if what follows fails
+        destinations = destinations.map { ($0.part, root + $0.file) }
+        let unpacking = Unpacked(root: root, layers: layers.mapValues { root + $0 }, kind: kind)
         try FileTree.makeDirectory(root + "/snapshot")
         try FileTree.makeDirectory(root + "/disks")
         for (part, file) in destinations {

@@ -76,6 +76,17 @@ import TestSupport
         let run = Subprocess.run([program, "--", "true"], environment: ["TMPDIR": dir.path])
         expectOneLine(run, contains: "has no part state")
         #expect(!(OwnedFileDescriptor.directoryEntries(dir.path) ?? []).contains { $0.name.hasPrefix("swiftlet-pack") }, "nothing left unpacked")
+        // One whose pack has a part its kind has not: refused before its temporary directory is made.
+        let odd = dir.path + "/odd-tool"
+        do {
+            let file = try OwnedFileDescriptor.open(odd, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o755)
+            try file.write(swiftletBytes, at: 0, what: odd)
+            let writer = try PackWriter(fd: file.rawValue, start: UInt64(swiftletBytes.count))
+            for (name, bytes) in [("state", [UInt8(1)]), ("memory", [2]), ("kernel", [3])] { try writer.add(name: name, bytes: bytes) }
+            _ = try writer.finish(kind: .snapshot, createdBy: "PackCLITests")
+        }
+        expectOneLine(Subprocess.run([odd, "--", "true"], environment: ["TMPDIR": dir.path]), contains: "holds a part kernel")
+        #expect(!(OwnedFileDescriptor.directoryEntries(dir.path) ?? []).contains { $0.name.hasPrefix("swiftlet-pack") }, "nothing left unpacked")
         // `swiftlet` itself is no packed program.
         #expect(!Subprocess.run([swiftlet, "--help"]).stdout.contains("packed"))
     }
