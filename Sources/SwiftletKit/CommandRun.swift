@@ -25,8 +25,9 @@ public struct CommandRun: Sendable {
         case image(String, policy: PullPolicy, insecureRegistry: Bool)
         /// A snapshot made by `ImageSnapshot` (`swiftlet snapshot`): its image and hardware.
         case snapshot(String)
-        /// A snapshot pack (`MachinePack`): unpacked into a private directory for the run, which
-        /// leaves the file untouched.
+        /// A pack (`MachinePack`) of a snapshot, restored, or of an image, booted cold with the
+        /// pack's kernel and agent: unpacked into a private directory for the run, which leaves
+        /// the file untouched.
         case pack(String)
     }
 
@@ -62,8 +63,8 @@ public struct CommandRun: Sendable {
         self.root = root
     }
 
-    /// A `.pack` root is unpacked into a temporary directory (`$TMPDIR`, else /var/tmp) instead
-    /// of `$SWIFTLET_HOME/unpacked`: for a packed program, which has no home of its own.
+    /// A `.pack` root is unpacked into a temporary directory (`$TMPDIR`, else /var/tmp or /tmp)
+    /// instead of `$SWIFTLET_HOME/unpacked`: for a packed program, which has no home of its own.
     public var unpacksOutsideHome = false
 
     /// An image pack's root, kernel and agent initramfs, once unpacked (a `.pack` root).

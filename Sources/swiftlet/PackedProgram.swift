@@ -14,9 +14,10 @@ enum PackedProgram {
         return path
     }()
 
-    /// The options that name a machine's root or run it in the background, which a packed
-    /// program does not take: its machine is its own, and it runs in the foreground.
-    static let refused = ["--image", "--rootfs", "--from", "--kernel", "--cpus", "--memory", "--cold", "-d", "--detach"]
+    /// The options that name a machine's root or kernel or run it in the background, which a
+    /// packed program does not take: its machine is its own, and it runs in the foreground
+    /// (`--cpus` and `--memory` go to `run`, which refuses them for a snapshot's pack).
+    static let refused = ["--image", "--rootfs", "--from", "--kernel", "--cold", "-d", "--detach"]
 
     static func main(path: String, arguments: [String]) -> Never {
         let name = CommandLine.arguments.first.map { String($0.split(separator: "/").last ?? "program") } ?? "program"
@@ -61,6 +62,7 @@ enum PackedProgram {
               -w, --workdir DIR     run in DIR
               -u, --user USER       run as USER
               --timeout DURATION    stop the machine after DURATION (exit status 124)
+              --cpus N, --memory MIB  the machine's shape (a packed image's only)
               --net, --allow-host NAME, --allow-cidr CIDR, -p [IP:]HOST:GUEST
                                     network access, as `swiftlet run` has it (none by default)
               --console             show the guest's console on standard error

@@ -1,6 +1,7 @@
 import AgentProtocol
 import ArgumentParser
 import Glibc
+import Pack
 import Synchronization
 import SwiftletSystem
 import SwiftletKit
@@ -84,8 +85,13 @@ struct Run: ParsableCommand {
         if from != nil && (source.image != nil || source.rootfs != nil || machine.shapesTheMachine || cold) {
             throw ValidationError("--from starts the machine a snapshot holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory or --cold")
         }
-        if let image = source.image, MachinePack.looksLikePack(image), machine.shapesTheMachine || cold {
-            throw ValidationError("--image \(image) is a pack, which holds its machine: it cannot be combined with --kernel, --cpus, --memory or --cold")
+        if let image = source.image, MachinePack.looksLikePack(image) {
+            // A snapshot's pack holds its machine; an image's boots a machine of run's shape, with its own kernel.
+            let isImage = (try? MachinePack.inspect(image))?.manifest.kind == .image
+            if isImage ? machine.kernel != nil : (machine.shapesTheMachine || cold) {
+                throw ValidationError(isImage ? "--image \(image) is a pack of an image, which boots the kernel it holds: --kernel cannot be combined with it"
+                                              : "--image \(image) is a pack, which holds its machine: it cannot be combined with --kernel, --cpus, --memory or --cold")
+            }
         }
         if detach && (exec.interactive || exec.tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
     }

@@ -17,12 +17,12 @@ import TestSupport
     }
 
     /// A pack of `parts` (name, contents).
-    func pack(_ name: String, _ parts: [(String, [UInt8])]) throws -> String {
+    func pack(_ name: String, _ parts: [(String, [UInt8])], kind: PackManifest.Kind = .snapshot) throws -> String {
         let path = dir.path + "/" + name
         let file = try OwnedFileDescriptor.open(path, flags: O_RDWR | O_CREAT | O_TRUNC, mode: 0o600)
         let writer = try PackWriter(fd: file.rawValue)
         for (part, bytes) in parts { try writer.add(name: part, bytes: bytes) }
-        _ = try writer.finish(kind: .snapshot, createdBy: "PackCLITests")
+        _ = try writer.finish(kind: kind, createdBy: "PackCLITests")
         return path
     }
 
@@ -68,7 +68,7 @@ import TestSupport
         let help = Subprocess.run([program, "--help"], environment: ["SWIFTLET_HOME": home])
         #expect(help.status == 0 && help.stdout.contains("tool: a machine packed into one program by Swiftlet (snapshot, 1 parts")
                     && help.stdout.contains("USAGE: tool [options] [-- COMMAND [ARG]...]"), "\(help.stdout)\(help.stderr)")
-        for option in ["-d", "--memory=512", "--image"] {
+        for option in ["-d", "--kernel=/vmlinux", "--image"] {
             let refused = Subprocess.run([program, option, "--", "true"], environment: ["SWIFTLET_HOME": home])
             expectOneLine(refused, status: 64, contains: "\(option): tool is a packed machine")
         }
@@ -103,6 +103,10 @@ import TestSupport
         #expect(r.status == 1 && r.stderr.contains("state"), "\(r.stderr)")
         #expect((OwnedFileDescriptor.directoryEntries(home + "/unpacked") ?? []).isEmpty, "nothing left unpacked")
         expectOneLine(run(["run", "--image", fake, "--cpus", "2", "--", "true"]), status: 64, contains: "is a pack, which holds its machine")
+        // An image's pack takes run's shape, not another kernel.
+        let image = try pack("image.swiftlet", [("image", Array("{}".utf8))], kind: .image)
+        expectOneLine(run(["run", "--image", image, "--kernel", "/vmlinux", "--", "true"]), status: 64, contains: "--kernel cannot be combined")
+        expectOneLine(run(["run", "--image", image, "--memory", "512", "--", "true"]), contains: "has no part kernel")
         expectOneLine(run(["pack", "create", "--from", dir.path + "/none", "-o", dir.path + "/out.swiftlet"]), contains: "does not exist")
         expectOneLine(run(["pack", "create", "--from", "a", "--machine", "b", "-o", dir.path + "/out.swiftlet"]), status: 64, contains: "give one of")
         expectOneLine(run(["pack", "create", "--image", "a", "--from", "b", "-o", dir.path + "/out.swiftlet"]), status: 64, contains: "give one of")
