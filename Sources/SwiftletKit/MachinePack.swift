@@ -153,13 +153,20 @@ public enum MachinePack {
     /// field checked, its layers the pack's own disks). `what` names the pack in errors.
     static func bootRecord(unpackedAt root: String, what: String) throws(SwiftletError) -> MachineRecord {
         let machine = try description(PackedMachine.self, in: root + "/" + machinePart, what: what, kind: "machine")
-        guard (1...MachineConfig.maximumCPUs).contains(machine.cpus), machine.memoryMiB >= MachineConfig.minimumMemoryMiB,
-              machine.memoryMiB <= 16 << 20, (64...(16 << 20)).contains(machine.diskMiB), machine.source.utf8.count <= 4096 else {
-            throw SwiftletError(.invalidFormat, "\(what) describes a machine Swiftlet cannot make (\(machine.cpus) vCPUs, \(machine.memoryMiB) MiB, a \(machine.diskMiB) MiB disk)")
+        let record = MachineRecord(name: "", source: machine.source, layers: try layerFiles(machine.layers, unpackedAt: root, what: what),
+                                   defaults: machine.defaults, cpus: machine.cpus, memoryMiB: machine.memoryMiB, kernel: nil,
+                                   diskMiB: machine.diskMiB, created: 0)
+        try checkShape(record, what: what)
+        return record
+    }
+
+    /// Refuses a machine record from a pack (untrusted) that Swiftlet could not run: vCPUs,
+    /// memory and disk size out of range, a source name longer than a name should be.
+    static func checkShape(_ record: MachineRecord, what: String) throws(SwiftletError) {
+        guard (1...MachineConfig.maximumCPUs).contains(record.cpus), record.memoryMiB >= MachineConfig.minimumMemoryMiB,
+              record.memoryMiB <= 16 << 20, (64...(16 << 20)).contains(record.diskMiB), record.source.utf8.count <= 4096 else {
+            throw SwiftletError(.invalidFormat, "\(what) describes a machine Swiftlet cannot make (\(record.cpus) vCPUs, \(record.memoryMiB) MiB, a \(record.diskMiB) MiB disk)")
         }
-        return MachineRecord(name: "", source: machine.source, layers: try layerFiles(machine.layers, unpackedAt: root, what: what),
-                             defaults: machine.defaults, cpus: machine.cpus, memoryMiB: machine.memoryMiB, kernel: nil,
-                             diskMiB: machine.diskMiB, created: 0)
     }
 
     /// A pack's JSON description part, unpacked at `path` (`kind` names it in errors).

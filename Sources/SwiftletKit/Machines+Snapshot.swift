@@ -134,6 +134,7 @@ extension Machines {
                     (record, disk) = try MachineSnapshotRecord.read(unpacked.snapshotDirectory, checkingPaths: false)
                     record.layers = try record.layers.map { path throws(SwiftletError) in try unpacked.readOnlyDisks.resolve(path) }
                     record.kernel = try SnapshotPaths.kernel(record.kernel)
+                    try MachinePack.checkShape(record, what: pack)
                     let hadNetwork = try Machine.network(ofSnapshot: unpacked.snapshotDirectory) != nil
                     if hadNetwork && !network.hasNetwork {
                         throw SwiftletError(.invalidArgument, "the machine in \(pack) has a network device: give it a network policy of your own (--net, --allow-host, --allow-cidr, -p); a pack's is not taken")
