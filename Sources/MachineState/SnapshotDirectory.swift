@@ -33,11 +33,17 @@ public struct SnapshotDirectory: Sendable, Equatable, CustomStringConvertible {
     /// The name of the file that holds writable disk `index`.
     public static func diskFileName(_ index: Int) -> String { "disk-\(index)" }
 
+    /// Whether `name` is a disk file's name, `disk-N` (N as `diskFileName` writes it), and no path.
+    public static func isDiskFileName(_ name: String) -> Bool {
+        guard name.hasPrefix("disk-"), let index = Int(name.dropFirst(5)), index >= 0 else { return false }
+        return diskFileName(index) == name
+    }
+
     /// The path of a disk file that a state file names. The name comes from the file, so it is
     /// checked: only `disk-N` names, never a path (a crafted state must not point a restore at a
     /// file outside the snapshot).
     public func diskPath(named name: String) throws(SwiftletError) -> String {
-        guard name.hasPrefix("disk-"), let index = Int(name.dropFirst(5)), index >= 0, Self.diskFileName(index) == name else {
+        guard Self.isDiskFileName(name) else {
             throw SwiftletError(.invalidFormat, "\(statePath) names a disk file \(name.debugDescription), which is not a disk file of a snapshot")
         }
         return path + "/" + name

@@ -52,11 +52,7 @@ public struct BootTemplate: Sendable {
 
     /// This swiftlet executable's path (the link /proc/self/exe would name another executable when
     /// the stale templates are looked for by another swiftlet).
-    static var executablePath: String {
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        return n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "/proc/self/exe"
-    }
+    static var executablePath: String { (try? FileTree.currentExecutable()) ?? "/proc/self/exe" }
 
     /// `path`, and what tells this version of the file from another: device, inode, size, mtime.
     static func fileLine(_ path: String) -> String {

@@ -3,7 +3,6 @@ import Glibc
 import Images
 import MachineState
 import Pack
-import SwiftletNet
 import Synchronization
 import SwiftletSystem
 import VMM
@@ -46,13 +45,22 @@ public enum MachinePack {
         var sources: [(name: String, path: String)] = stateFiles.map { ($0, snapshot.path + "/" + $0) }
         if access(snapshot.workingSetPath, F_OK) == 0 { sources.append((SnapshotDirectory.workingSetFileName, snapshot.workingSetPath)) }
         for path in files.writable { sources.append((String(path.split(separator: "/").last!), path)) }
-        for recorded in files.readOnly {
-            guard let disk = SnapshotPaths.RecordedDisk(recorded) else { throw SnapshotPaths.unknownDisk(recorded) }
-            let name = partName(disk)
-            guard !sources.contains(where: { $0.name == name }) else { continue }
-            sources.append((name, try SnapshotPaths.layerDisk(recorded)))
-        }
+        _ = try addReadOnlyDisks(files.readOnly, to: &sources)
         return try write(kind: .snapshot, to: output, executable: executable, parts: sources)
+    }
+
+    /// Adds the read-only disks at `recorded` (image layers in the store, the default image;
+    /// anything else is an error naming it) to `sources` as parts, each once, found as a restore
+    /// finds them; returns their part names in order.
+    static func addReadOnlyDisks(_ recorded: [String], to sources: inout [(name: String, path: String)]) throws(SwiftletError) -> [String] {
+        var names: [String] = []
+        for path in recorded {
+            guard let disk = SnapshotPaths.RecordedDisk(path) else { throw SnapshotPaths.unknownDisk(path) }
+            let name = partName(disk)
+            names.append(name)
+            if !sources.contains(where: { $0.name == name }) { sources.append((name, try SnapshotPaths.layerDisk(path))) }
+        }
+        return names
     }
 
     /// Writes a pack of `kind` holding the files `parts` and the byte strings `bytes` to
@@ -100,7 +108,7 @@ public enum MachinePack {
     }
 
     /// A machine's description in a machine pack (`machine` part): its record without host
-    /// paths, its read-only disks by part name.
+    /// paths or network policy (a pack's is never applied), its read-only disks by part name.
     struct PackedMachine: Codable {
         var source: String
         var layers: [String]
@@ -108,7 +116,6 @@ public enum MachinePack {
         var cpus: Int
         var memoryMiB: Int
         var diskMiB: Int
-        var network: NetworkConfiguration?
     }
 
     static let machinePart = "machine", machineDiskPart = "disk"
@@ -121,8 +128,8 @@ public enum MachinePack {
         let directory = try MachineDirectory(name: name)
         let record = try directory.record()
         if withMemory {
-            let scratch = ImageStore.defaultRoot() + "/unpacked/snapshot-" + (try SnapshotID.random()).description
-            try makeDirectories(ImageStore.defaultRoot() + "/unpacked", mode: 0o700)
+            let scratch = unpackRoot + "/snapshot-" + (try SnapshotID.random()).description
+            try makeDirectories(unpackRoot, mode: 0o700)
             defer { try? FileTree.remove(scratch) }
             _ = try Machines.snapshot(name, to: scratch)
             return try create(fromSnapshot: scratch, to: output, executable: executable)
@@ -137,15 +144,9 @@ public enum MachinePack {
             throw SwiftletError(.invalidArgument, "machine \(name) boots the kernel \(record.kernel!), which a pack does not carry: only machines with the default kernel can be packed")
         }
         var sources: [(name: String, path: String)] = [(machineDiskPart, directory.diskPath)]
-        var layers: [String] = []
-        for path in record.layers {
-            guard let disk = SnapshotPaths.RecordedDisk(path) else { throw SnapshotPaths.unknownDisk(path) }
-            let part = partName(disk)
-            layers.append(part)
-            if !sources.contains(where: { $0.name == part }) { sources.append((part, try SnapshotPaths.layerDisk(path))) }
-        }
+        let layers = try addReadOnlyDisks(record.layers, to: &sources)
         let description = PackedMachine(source: record.source, layers: layers, defaults: record.defaults, cpus: record.cpus,
-                                        memoryMiB: record.memoryMiB, diskMiB: record.diskMiB, network: record.network)
+                                        memoryMiB: record.memoryMiB, diskMiB: record.diskMiB)
         return try write(kind: .machine, to: output, executable: executable, parts: sources, bytes: [(machinePart, try encode(description))])
     }
 
@@ -208,13 +209,7 @@ public enum MachinePack {
                               progress: @escaping @Sendable (String) -> Void = { _ in }) throws(SwiftletError) -> Report {
         let root = try RootFilesystem.resolve(image: image, rootfs: nil, insecure: insecureRegistry, progress: progress)
         var sources: [(name: String, path: String)] = [(kernelPart, GuestAssets.defaultKernel()), (agentPart, GuestAssets.agentInitrd)]
-        var layers: [String] = []
-        for path in root.disks {
-            guard let disk = SnapshotPaths.RecordedDisk(path) else { throw SnapshotPaths.unknownDisk(path) }
-            let part = partName(disk)
-            layers.append(part)
-            if !sources.contains(where: { $0.name == part }) { sources.append((part, path)) }
-        }
+        let layers = try addReadOnlyDisks(root.disks, to: &sources)
         let description = PackedImage(name: image ?? "default", defaults: root.defaults, layers: layers)
         return try write(kind: .image, to: output, executable: executable, parts: sources, bytes: [(imagePart, try encode(description))])
     }
@@ -234,8 +229,9 @@ public enum MachinePack {
         }
     }
 
-    /// A snapshot pack unpacked into a private directory (mode 0700, under
-    /// `$SWIFTLET_HOME/unpacked`), removed when this value goes.
+    /// A pack unpacked into a private directory (mode 0700): `snapshot/` (a snapshot pack's
+    /// files), `disks/` (read-only disks) and a machine's or image's own parts. Removed when this
+    /// value goes, unless kept (a machine's `pack/`).
     public final class Unpacked: Sendable {
         /// The snapshot directory (state, memory, disks, working set).
         public let snapshotDirectory: String
@@ -253,11 +249,16 @@ public enum MachinePack {
             self.kind = kind
             self.kept = Atomic(kept)
             self.snapshotDirectory = root + "/snapshot"
-            let pack = root
-            readOnlyDisks = SnapshotDiskResolver { recorded throws(SwiftletError) in
+            readOnlyDisks = Self.resolver(layers: layers, root: root)
+        }
+
+        /// Maps a snapshot's recorded read-only disks, by their form (layer digest, default
+        /// image), to `layers` (part name → file) and nothing else.
+        static func resolver(layers: [String: String], root: String) -> SnapshotDiskResolver {
+            SnapshotDiskResolver { recorded throws(SwiftletError) in
                 guard let disk = SnapshotPaths.RecordedDisk(recorded) else { throw SnapshotPaths.unknownDisk(recorded) }
                 guard let file = layers[MachinePack.partName(disk)] else {
-                    throw SwiftletError(.invalidFormat, "the pack's snapshot names the disk \(recorded), which the pack does not hold (\(pack))")
+                    throw SwiftletError(.invalidFormat, "the pack's snapshot names the disk \(recorded), which the pack does not hold (\(root))")
                 }
                 return file
             }
@@ -285,7 +286,7 @@ public enum MachinePack {
             for (name, isDirectory) in OwnedFileDescriptor.directoryEntries(root + "/disks") ?? [] where !isDirectory {
                 layers[name] = root + "/disks/" + name
             }
-            return Unpacked(root: root, layers: layers, kept: true).readOnlyDisks
+            return resolver(layers: layers, root: root)
         }
     }
 
@@ -323,7 +324,7 @@ public enum MachinePack {
         for name in required { _ = try reader.part(name) }
         for part in reader.manifest.parts {
             let name = part.name
-            if kind == .snapshot && (stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || isDiskName(name)) {
+            if kind == .snapshot && (stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || SnapshotDirectory.isDiskFileName(name)) {
                 destinations.append((part, "/snapshot/" + name))
             } else if (kind == .machine && (name == machinePart || name == machineDiskPart))
                         || (kind == .image && [imagePart, kernelPart, agentPart].contains(name)) {
@@ -380,8 +381,4 @@ public enum MachinePack {
         return magic == PackFooter.magic
     }
 
-    /// `disk-N`, N a plain decimal number.
-    static func isDiskName(_ name: String) -> Bool {
-        name.hasPrefix("disk-") && Int(name.dropFirst(5)).map { SnapshotDirectory.diskFileName($0) == name && $0 >= 0 } == true
-    }
 }
