@@ -37,7 +37,7 @@ let package = Package(
         .target(name: "CDigest"),
         .target(name: "Images", dependencies: ["SwiftletSystem", "CCompression"], swiftSettings: strict),
         // The portable single-file format (docs/pack-format.md): writer, reader, checks.
-        .target(name: "Pack", dependencies: ["SwiftletSystem", "SwiftletDigest", "CCompression"], swiftSettings: strict),
+        .target(name: "Pack", dependencies: ["Hypervisor", "SwiftletSystem", "SwiftletDigest", "CCompression"], swiftSettings: strict),
         // The registry client, kept out of the VMM's executable: `swiftlet` runs `swiftlet-pull`.
         .target(
             name: "ImageRegistry",
@@ -56,12 +56,12 @@ let package = Package(
         // boot templates, image resolution and `run`. The public Swift API (product Swiftlet).
         .target(
             name: "SwiftletKit",
-            dependencies: ["VMM", "Devices", "MachineState", "AgentProtocol", "Images", "Pack", "SwiftletNet", "SwiftletSystem", "CLinux"],
+            dependencies: ["VMM", "Hypervisor", "Devices", "MachineState", "AgentProtocol", "Images", "Pack", "SwiftletNet", "SwiftletSystem", "CLinux"],
             swiftSettings: strict),
         // Argument parsing and presentation only.
         .executableTarget(
             name: "swiftlet",
-            dependencies: ["SwiftletKit", "VMM", "Images", "Pack", "SwiftletNet", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SwiftletKit", "VMM", "Hypervisor", "Images", "Pack", "SwiftletNet", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet-example",
@@ -91,7 +91,7 @@ let package = Package(
 
         .target(name: "TestSupport", dependencies: ["GuestMemory", "Virtio", "SwiftletSystem"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
-        .testTarget(name: "PackTests", dependencies: ["Pack", "SwiftletDigest", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "PackTests", dependencies: ["Pack", "Hypervisor", "SwiftletDigest", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "MachineStateTests", dependencies: ["MachineState", "GuestMemory", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),

@@ -63,6 +63,7 @@ const unsigned long SWIFTLET_KVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
 const unsigned long SWIFTLET_KVM_TRANSLATE = KVM_TRANSLATE;
 const unsigned long SWIFTLET_KVM_KVMCLOCK_CTRL = KVM_KVMCLOCK_CTRL;
 const unsigned long SWIFTLET_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+const unsigned long SWIFTLET_KVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
 const unsigned long SWIFTLET_TIOCGWINSZ = TIOCGWINSZ;
 
 int swiftlet_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }

@@ -24,6 +24,8 @@ public enum HypervisorFeature: Sendable, Hashable, CaseIterable, CustomStringCon
     case tscDeadlineTimer
     /// Saving and restoring the full XSAVE state (AVX and later registers) of a vCPU.
     case xsave
+    /// Running a vCPU's TSC at another frequency than the host's (`setTSCKHz`).
+    case tscScaling
 
     public var description: String {
         switch self {
@@ -33,6 +35,7 @@ public enum HypervisorFeature: Sendable, Hashable, CaseIterable, CustomStringCon
         case .immediateExit: return "immediate vCPU exits"
         case .tscDeadlineTimer: return "the TSC-deadline timer"
         case .xsave: return "XSAVE state"
+        case .tscScaling: return "TSC scaling"
         }
     }
 }
@@ -135,6 +138,10 @@ public protocol HypervisorVCPU: AnyObject, Sendable {
     func setFPU(_ state: FPUState) throws(SwiftletError)
     /// Sets the CPUID leaves the guest sees on this vCPU.
     func setCPUID(_ entries: [CPUIDEntry]) throws(SwiftletError)
+    /// The frequency of the guest's TSC on this vCPU, in kHz.
+    func tscKHz() throws(SwiftletError) -> UInt64
+    /// Runs the guest's TSC on this vCPU at `khz` (needs `.tscScaling` unless it is the host's).
+    func setTSCKHz(_ khz: UInt64) throws(SwiftletError)
     /// Reads `indices`; returns the MSRs that could be read (up to the first that could not).
     func msrs(_ indices: [UInt32]) throws(SwiftletError) -> [MSREntry]
     /// Writes `entries`, failing unless every one was accepted.

@@ -167,6 +167,7 @@ extension KVMSystem: Hypervisor {
         case .immediateExit: return (KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT")
         case .tscDeadlineTimer: return (KVM_CAP_TSC_DEADLINE_TIMER, "the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER)")
         case .xsave: return (KVM_CAP_XSAVE, "XSAVE state (KVM_CAP_XSAVE)")
+        case .tscScaling: return (KVM_CAP_TSC_CONTROL, "TSC scaling (KVM_CAP_TSC_CONTROL)")
         }
     }
 

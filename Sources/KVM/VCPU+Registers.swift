@@ -98,6 +98,15 @@ extension VCPU {
         return UInt64(try systemCall("KVM_GET_TSC_KHZ failed on vCPU \(id)") { swiftlet_ioctl_int(fd, SWIFTLET_KVM_GET_TSC_KHZ, 0) })
     }
 
+    /// Sets the guest's TSC frequency (KVM_SET_TSC_KHZ).
+    public func setTSCKHz(_ khz: UInt64) throws(SwiftletError) {
+        let fd = descriptor.rawValue
+        guard khz > 0, khz <= UInt64(UInt32.max) else {
+            throw SwiftletError(.invalidArgument, "a TSC frequency of \(khz) kHz is out of range")
+        }
+        _ = try systemCall("KVM_SET_TSC_KHZ (\(khz) kHz) failed on vCPU \(id)") { swiftlet_ioctl_int(fd, SWIFTLET_KVM_SET_TSC_KHZ, UInt(khz)) }
+    }
+
     public func mpState() throws(SwiftletError) -> MPState {
         let k = try get(kvm_mp_state.self, "KVM_GET_MP_STATE", SWIFTLET_KVM_GET_MP_STATE, initial: kvm_mp_state())
         return MPState(rawValue: k.mp_state) ?? .runnable

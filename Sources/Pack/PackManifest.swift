@@ -1,4 +1,5 @@
 import FoundationEssentials
+import Hypervisor
 import Synchronization
 import SwiftletDigest
 import SwiftletSystem
@@ -25,12 +26,17 @@ public struct PackManifest: Codable, Sendable, Equatable {
     /// The Swiftlet that wrote it, for people ("swiftlet 0.x"); never interpreted.
     public var createdBy: String
     public var parts: [PackPart]
+    /// A pack with memory (a snapshot pack): the CPU the memory depends on (features, vendor,
+    /// TSC frequency), so a host that cannot run it says so before unpacking anything. Only a
+    /// first, early check: a restore checks the snapshot's own CPUID again.
+    public var cpu: CPUContract?
 
-    public init(kind: Kind, createdBy: String, parts: [PackPart]) {
+    public init(kind: Kind, createdBy: String, parts: [PackPart], cpu: CPUContract? = nil) {
         self.format = PackFooter.currentVersion
         self.kind = kind
         self.createdBy = createdBy
         self.parts = parts
+        self.cpu = cpu
     }
 
     public func part(named name: String) -> PackPart? { parts.first { $0.name == name } }
@@ -49,6 +55,11 @@ public struct PackManifest: Codable, Sendable, Equatable {
         }
         guard format == PackFooter.currentVersion else { throw damaged("format \(format), and its footer says \(PackFooter.currentVersion)") }
         guard parts.count <= Self.maximumParts else { throw damaged("\(parts.count) parts, more than \(Self.maximumParts)") }
+        if let cpu {
+            guard cpu.vendor.utf8.count <= 12, cpu.words.count <= CPUContract.featureRegisters.count else {
+                throw damaged("its CPU contract names a \(cpu.vendor.utf8.count)-byte vendor and \(cpu.words.count) feature registers")
+            }
+        }
         var names: Set<String> = []
         for part in parts {
             guard Self.isPlainName(part.name) else { throw damaged("a part is named \(part.name.debugDescription)") }

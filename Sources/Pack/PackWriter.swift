@@ -1,3 +1,4 @@
+import Hypervisor
 import SwiftletDigest
 import SwiftletSystem
 
@@ -122,8 +123,8 @@ public final class PackWriter {
 
     /// Writes the manifest and the footer; returns the manifest and the pack's length (from
     /// `start` to the end of the file). The writer cannot be used afterwards.
-    public func finish(kind: PackManifest.Kind, createdBy: String) throws(SwiftletError) -> (manifest: PackManifest, packLength: UInt64) {
-        let manifest = PackManifest(kind: kind, createdBy: createdBy, parts: parts)
+    public func finish(kind: PackManifest.Kind, createdBy: String, cpu: CPUContract? = nil) throws(SwiftletError) -> (manifest: PackManifest, packLength: UInt64) {
+        let manifest = PackManifest(kind: kind, createdBy: createdBy, parts: parts, cpu: cpu)
         let bytes = try manifest.encoded()
         let manifestOffset = position
         let packLength = manifestOffset + UInt64(bytes.count) + UInt64(PackFooter.size)

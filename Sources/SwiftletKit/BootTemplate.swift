@@ -42,6 +42,7 @@ public struct BootTemplate: Sendable {
         // The NIC is part of the saved hardware (its MAC and MTU are in the guest's driver); its
         // policy and backend are not: a restore joins it to the run's own.
         key += "network \(config.network.map { "\($0.guest.guestMAC) mtu \($0.guest.mtu)" } ?? "none")\n"
+        if let template = config.cpuTemplate { key += "cpu-template \(template.rawValue)\n" }
         directory = SnapshotDirectory(Self.root + "/" + SnapshotID(bytes: Array(SHA256.hash(Array(key.utf8)).prefix(16))).description)
     }
 

@@ -1,4 +1,5 @@
 import AgentProtocol
+import Hypervisor
 import Glibc
 import Images
 import SwiftletNet
@@ -58,6 +59,9 @@ public struct CommandRun: Sendable {
     /// device. A run from a snapshot whose machine had one uses the snapshot's policy unless this
     /// asks for a network.
     public var network = NetworkConfiguration()
+    /// The CPU baseline a booted machine's guest is shown (nil: the host's CPU, or an image
+    /// pack's template). A snapshot keeps the CPU it was taken with: a restore refuses one.
+    public var cpuTemplate: CPUTemplate?
 
     public init(root: Root) {
         self.root = root
@@ -68,7 +72,7 @@ public struct CommandRun: Sendable {
     public var unpacksOutsideHome = false
 
     /// An image pack's root, kernel and agent initramfs, once unpacked (a `.pack` root).
-    var packedImage: (root: RootFilesystem, kernel: String, agent: String)?
+    var packedImage: MachinePack.PackedImageRoot?
 
     /// The read-only disks a `.snapshot` root may name (a pack's own copies); nil: image layers
     /// in this user's store and the default image (`SnapshotPaths.resolver`).
@@ -341,6 +345,9 @@ public struct CommandRun: Sendable {
         let log = io.log
         switch root {
         case .snapshot(let directory):
+            if cpuTemplate != nil {
+                throw SwiftletError(.invalidArgument, "--cpu-template shapes a machine that boots: the snapshot's machine keeps the CPU it was made with")
+            }
             var policy = network
             if !policy.hasNetwork, let saved = try Machine.network(ofSnapshot: directory) { policy = saved.policy }
             let attached = policy.hasNetwork ? try MachineNetwork(policy: policy, logFile: nil) : nil
@@ -368,12 +375,13 @@ public struct CommandRun: Sendable {
         let attached = network.hasNetwork ? try MachineNetwork(policy: network, logFile: nil) : nil
         guard templates != .none else {
             var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput,
-                                                     agentInitrd: packedImage?.agent)
+                                                     agentInitrd: packedImage?.agent, cpuTemplate: cpuTemplate ?? packedImage?.cpuTemplate)
             config.network = attached?.device(log: log)
             return (Machine(config: config, vsockPorts: port), request, nil, attached)
         }
         var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB,
-                                                 allowPVM: allowPVM, consoleOutput: consoleOutput, emptyDrives: true, agentInitrd: packedImage?.agent)
+                                                 allowPVM: allowPVM, consoleOutput: consoleOutput, emptyDrives: true, agentInitrd: packedImage?.agent,
+                                                 cpuTemplate: cpuTemplate ?? packedImage?.cpuTemplate)
         config.network = attached?.device(log: log)
         let template = BootTemplate(config: config)
         if templates == .restoreOrSave && template.exists {

@@ -1,4 +1,5 @@
 import FoundationEssentials
+import Hypervisor
 import Glibc
 import SwiftletNet
 import SwiftletSystem
@@ -11,6 +12,9 @@ public struct ImageSnapshot: Sendable {
     public var kernel: String?
     public var cpus = 1
     public var memoryMiB = 256
+    /// The CPU baseline the machine's guest is shown (`--cpu-template`): a snapshot that moves
+    /// to hosts of other CPU generations.
+    public var cpuTemplate: CPUTemplate?
     public var allowPVM = false
     /// The guest console goes to standard error (else to a log shown when the guest fails).
     public var showConsole = false
@@ -62,7 +66,7 @@ public struct ImageSnapshot: Sendable {
         defer { network?.stop() }
         var config = try setup { () throws(SwiftletError) in
             try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM,
-                                        consoleOutput: showConsole ? 2 : consoleLog?.fd)
+                                        consoleOutput: showConsole ? 2 : consoleLog?.fd, cpuTemplate: cpuTemplate)
         }
         config.network = network?.device(log: nil)
         let vm = Machine(config: config, vsockPorts: port)

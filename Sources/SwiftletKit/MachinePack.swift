@@ -1,4 +1,5 @@
 import FoundationEssentials
+import Hypervisor
 import Glibc
 import Images
 import MachineState
@@ -38,15 +39,28 @@ public enum MachinePack {
     /// With `executable` (a program's file, Swiftlet's own static executable), the output is that
     /// program with the pack appended, executable (mode 0755): started, it runs the packed
     /// machine (`PackedProgram`).
-    public static func create(fromSnapshot directory: String, to output: String, executable: String? = nil) throws(SwiftletError) -> Report {
+    ///
+    /// The manifest carries the CPU contract of the snapshot's memory (`CPUContract`). With
+    /// `cpuTemplate`, the snapshot's guest must have been shown no more than that template's
+    /// features (its machine made with it), or the pack is refused: a running guest's CPU cannot
+    /// be cut down after it has looked.
+    public static func create(fromSnapshot directory: String, to output: String, executable: String? = nil,
+                              cpuTemplate: CPUTemplate? = nil) throws(SwiftletError) -> Report {
         let snapshot = SnapshotDirectory(directory)
         let files = try Machine.files(ofSnapshot: snapshot.path)
+        let contract = try Machine.cpuContract(ofSnapshot: snapshot.path)
+        if let cpuTemplate {
+            let beyond = contract.features(beyond: cpuTemplate)
+            guard beyond.isEmpty else {
+                throw SwiftletError(.invalidArgument, "the machine in the snapshot in \(directory) was shown CPU features the \(cpuTemplate.rawValue) template does not have (\(beyond.joined(separator: ", "))): make the machine with --cpu-template \(cpuTemplate.rawValue); a running guest's CPU cannot be changed")
+            }
+        }
         // Every part's source, found before anything is written.
         var sources: [(name: String, path: String)] = stateFiles.map { ($0, snapshot.path + "/" + $0) }
         if access(snapshot.workingSetPath, F_OK) == 0 { sources.append((SnapshotDirectory.workingSetFileName, snapshot.workingSetPath)) }
         for path in files.writable { sources.append((String(path.split(separator: "/").last!), path)) }
         _ = try addReadOnlyDisks(files.readOnly, to: &sources)
-        return try write(kind: .snapshot, to: output, executable: executable, parts: sources)
+        return try write(kind: .snapshot, to: output, executable: executable, parts: sources, cpu: contract)
     }
 
     /// Adds the read-only disks at `recorded` (image layers in the store, the default image;
@@ -66,7 +80,7 @@ public enum MachinePack {
     /// Writes a pack of `kind` holding the files `parts` and the byte strings `bytes` to
     /// `output`, after `executable` when given (written beside `output` and renamed into place).
     static func write(kind: PackManifest.Kind, to output: String, executable: String?, parts: [(name: String, path: String)],
-                      bytes: [(name: String, bytes: [UInt8])] = []) throws(SwiftletError) -> Report {
+                      bytes: [(name: String, bytes: [UInt8])] = [], cpu: CPUContract? = nil) throws(SwiftletError) -> Report {
         var result: Report?
         try OwnedFileDescriptor.writeIntoPlace(FileTree.absolute(output)) { file throws(SwiftletError) in
             var start: UInt64 = 0
@@ -80,7 +94,7 @@ public enum MachinePack {
                 let input = try OwnedFileDescriptor.openRegularFile(source.path, flags: O_RDONLY | O_CLOEXEC, what: "the file of part \(source.name)")
                 try writer.add(name: source.name, contentsOf: input, size: try input.size(), what: source.path)
             }
-            let (manifest, length) = try writer.finish(kind: kind, createdBy: "swiftlet")
+            let (manifest, length) = try writer.finish(kind: kind, createdBy: "swiftlet", cpu: cpu)
             try systemCall("cannot write \(output) to disk") { fsync(file.rawValue) }
             result = Report(manifest: manifest, path: FileTree.absolute(output), bytes: length)
         }
@@ -116,6 +130,8 @@ public enum MachinePack {
         var cpus: Int
         var memoryMiB: Int
         var diskMiB: Int
+        /// The CPU baseline it boots with (nil: the host's CPU).
+        var cpuTemplate: CPUTemplate?
     }
 
     static let machinePart = "machine", machineDiskPart = "disk"
@@ -124,7 +140,11 @@ public enum MachinePack {
     /// run), a snapshot of it, which keeps running: a snapshot pack (`create(fromSnapshot:)`).
     /// Without (the machine must be stopped: its disk is read as it is), a machine pack: its
     /// description, disk and read-only disks, which boots where it is made a machine again.
-    public static func create(machine name: String, withMemory: Bool, to output: String, executable: String? = nil) throws(SwiftletError) -> Report {
+    /// `cpuTemplate`: with memory, the machine must have been made with it (see
+    /// `create(fromSnapshot:)`); without, the packed machine boots with it (else with the
+    /// machine's own).
+    public static func create(machine name: String, withMemory: Bool, to output: String, executable: String? = nil,
+                              cpuTemplate: CPUTemplate? = nil) throws(SwiftletError) -> Report {
         let directory = try MachineDirectory(name: name)
         let record = try directory.record()
         if withMemory {
@@ -132,7 +152,7 @@ public enum MachinePack {
             try makeDirectories(unpackRoot, mode: 0o700)
             defer { try? FileTree.remove(scratch) }
             _ = try Machines.snapshot(name, to: scratch)
-            return try create(fromSnapshot: scratch, to: output, executable: executable)
+            return try create(fromSnapshot: scratch, to: output, executable: executable, cpuTemplate: cpuTemplate)
         }
         guard directory.state == .stopped else {
             throw SwiftletError(.invalidArgument, "machine \(name) is running: stop it to pack its disk, or pack it running with --with-memory")
@@ -146,7 +166,7 @@ public enum MachinePack {
         var sources: [(name: String, path: String)] = [(machineDiskPart, directory.diskPath)]
         let layers = try addReadOnlyDisks(record.layers, to: &sources)
         let description = PackedMachine(source: record.source, layers: layers, defaults: record.defaults, cpus: record.cpus,
-                                        memoryMiB: record.memoryMiB, diskMiB: record.diskMiB)
+                                        memoryMiB: record.memoryMiB, diskMiB: record.diskMiB, cpuTemplate: cpuTemplate ?? record.cpuTemplate)
         return try write(kind: .machine, to: output, executable: executable, parts: sources, bytes: [(machinePart, try encode(description))])
     }
 
@@ -156,7 +176,7 @@ public enum MachinePack {
         let machine = try description(PackedMachine.self, in: root + "/" + machinePart, what: what, kind: "machine")
         let record = MachineRecord(name: "", source: machine.source, layers: try layerFiles(machine.layers, unpackedAt: root, what: what),
                                    defaults: machine.defaults, cpus: machine.cpus, memoryMiB: machine.memoryMiB, kernel: nil,
-                                   diskMiB: machine.diskMiB, created: 0)
+                                   diskMiB: machine.diskMiB, created: 0, cpuTemplate: machine.cpuTemplate)
         try checkShape(record, what: what)
         return record
     }
@@ -198,6 +218,8 @@ public enum MachinePack {
         var name: String
         var defaults: ExecDefaults
         var layers: [String]
+        /// The CPU baseline its machines boot with (nil: the host's CPU; a run may say otherwise).
+        var cpuTemplate: CPUTemplate?
     }
 
     static let imagePart = "image", kernelPart = "kernel", agentPart = "agent"
@@ -205,12 +227,14 @@ public enum MachinePack {
     /// Packs an image (a registry reference, layout, archive or store digest, pulled when needed;
     /// nil: the default image) with the kernel and agent initramfs this Swiftlet boots, into a
     /// new file at `output`: it boots the same on any host with Swiftlet.
+    /// With `cpuTemplate`, its machines boot with that CPU baseline (unless a run names another).
     public static func create(image: String?, insecureRegistry: Bool = false, to output: String, executable: String? = nil,
+                              cpuTemplate: CPUTemplate? = nil,
                               progress: @escaping @Sendable (String) -> Void = { _ in }) throws(SwiftletError) -> Report {
         let root = try RootFilesystem.resolve(image: image, rootfs: nil, insecure: insecureRegistry, progress: progress)
         var sources: [(name: String, path: String)] = [(kernelPart, GuestAssets.defaultKernel()), (agentPart, GuestAssets.agentInitrd)]
         let layers = try addReadOnlyDisks(root.disks, to: &sources)
-        let description = PackedImage(name: image ?? "default", defaults: root.defaults, layers: layers)
+        let description = PackedImage(name: image ?? "default", defaults: root.defaults, layers: layers, cpuTemplate: cpuTemplate)
         return try write(kind: .image, to: output, executable: executable, parts: sources, bytes: [(imagePart, try encode(description))])
     }
 
@@ -268,12 +292,13 @@ public enum MachinePack {
 
         /// An image pack's root, kernel and agent initramfs (untrusted: its description is
         /// checked; the kernel and initramfs are only ever the guest's).
-        func image(what: String) throws(SwiftletError) -> (root: RootFilesystem, kernel: String, agent: String) {
+        func image(what: String) throws(SwiftletError) -> PackedImageRoot {
             let image = try MachinePack.description(PackedImage.self, in: root + "/" + MachinePack.imagePart, what: what, kind: "image")
             guard image.name.utf8.count <= 4096 else { throw SwiftletError(.invalidFormat, "\(what) names its image with \(image.name.utf8.count) bytes") }
             let disks = try MachinePack.layerFiles(image.layers, unpackedAt: root, what: what)
-            return (RootFilesystem(disks: disks, defaults: image.defaults, name: image.name), root + "/" + MachinePack.kernelPart,
-                    root + "/" + MachinePack.agentPart)
+            return PackedImageRoot(root: RootFilesystem(disks: disks, defaults: image.defaults, name: image.name),
+                                   kernel: root + "/" + MachinePack.kernelPart, agent: root + "/" + MachinePack.agentPart,
+                                   cpuTemplate: image.cpuTemplate)
         }
 
         /// Leaves the directory in place when this value goes.
@@ -288,6 +313,15 @@ public enum MachinePack {
             }
             return resolver(layers: layers, root: root)
         }
+    }
+
+    /// An unpacked image pack: the root, kernel and agent initramfs its machines boot, and the
+    /// CPU baseline they boot with.
+    struct PackedImageRoot: Sendable {
+        var root: RootFilesystem
+        var kernel: String
+        var agent: String
+        var cpuTemplate: CPUTemplate?
     }
 
     /// Where packs are unpacked to run: `$SWIFTLET_HOME/unpacked`.
@@ -322,6 +356,11 @@ public enum MachinePack {
         case .image: [imagePart, kernelPart, agentPart]
         }
         for name in required { _ = try reader.part(name) }
+        // A host whose CPU cannot run the packed memory says so before a byte is unpacked (the
+        // restore checks the snapshot's own CPUID again: the manifest is only a first look).
+        if let contract = reader.manifest.cpu, let host = Machine.hostCPUID(kvmPath: AgentPort.kvmPath) {
+            try contract.check(supported: host, what: "the machine in \(path)")
+        }
         for part in reader.manifest.parts {
             let name = part.name
             if kind == .snapshot && (stateFiles.contains(name) || name == SnapshotDirectory.workingSetFileName || SnapshotDirectory.isDiskFileName(name)) {

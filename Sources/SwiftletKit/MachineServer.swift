@@ -94,7 +94,7 @@ public enum MachineServer {
     static func config(_ record: MachineRecord, directory: MachineDirectory, console: Int32) throws(SwiftletError) -> MachineConfig {
         let root = RootFilesystem(disks: record.layers, defaults: record.defaults, name: record.source)
         var config = try root.agentMachineConfig(kernel: record.kernel, cpus: record.cpus, memoryMiB: record.memoryMiB,
-                                                 allowPVM: false, consoleOutput: console)
+                                                 allowPVM: false, consoleOutput: console, cpuTemplate: record.cpuTemplate)
         let upper = RootFilesystem.deviceName(record.layers.count)
         config.commandLine += " swiftlet.upper=\(upper) swiftlet.hostname=\(record.name)"
         config.disks.append(DiskConfig(path: directory.diskPath, readOnly: false, base: record.diskBase))

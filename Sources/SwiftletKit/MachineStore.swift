@@ -1,4 +1,5 @@
 import FoundationEssentials
+import Hypervisor
 import Glibc
 import Images
 import SwiftletNet
@@ -30,6 +31,8 @@ public struct MachineRecord: Codable, Equatable, Sendable {
     /// A machine made from a pack (`Machines.create(fromPack:as:)`): its next start restores the
     /// packed snapshot (`pack/snapshot` in its directory) instead of booting; cleared once it has.
     public var restoresPack: Bool? = nil
+    /// The CPU baseline the machine's guest is shown (`--cpu-template`); nil: the host's CPU.
+    public var cpuTemplate: CPUTemplate? = nil
 }
 
 /// One machine's directory, `$SWIFTLET_HOME/machines/NAME`:

@@ -1,4 +1,5 @@
 import FoundationEssentials
+import Hypervisor
 import Glibc
 import Images
 import SwiftletNet
@@ -35,6 +36,8 @@ public enum Machines {
         public var diskMiB = 2048
         /// What the machine's network may reach (the default: no network device).
         public var network = NetworkConfiguration()
+        /// The CPU baseline its guest is shown (nil: the host's CPU as KVM offers it).
+        public var cpuTemplate: CPUTemplate?
 
         public init(name: String, root: CommandRun.Root = .defaultImage) {
             self.name = name; self.root = root
@@ -75,7 +78,7 @@ public enum Machines {
                 let record = MachineRecord(
                     name: creation.name, source: image ?? rootfs ?? "default", layers: root.disks, defaults: root.defaults, cpus: creation.cpus,
                     memoryMiB: creation.memoryMiB, kernel: creation.kernel.map(absolute), diskMiB: creation.diskMiB, created: Int(time(nil)),
-                    network: creation.network.hasNetwork ? creation.network : nil)
+                    network: creation.network.hasNetwork ? creation.network : nil, cpuTemplate: creation.cpuTemplate)
                 try directory.writeRecord(record)
                 return record
             } catch {

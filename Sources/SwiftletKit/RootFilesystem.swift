@@ -1,4 +1,5 @@
 import AgentProtocol
+import Hypervisor
 import Glibc
 import Images
 import SwiftletSystem
@@ -93,7 +94,7 @@ public struct RootFilesystem: Sendable {
     /// With `emptyDrives`, the machine boots with as many empty drives as the root has disks and
     /// no root on its command line: its agent waits in the initramfs for `mountRoot` (see `BootTemplate`).
     public func agentMachineConfig(kernel: String?, cpus: Int, memoryMiB: Int, allowPVM: Bool, consoleOutput: Int32?,
-                            emptyDrives: Bool = false, agentInitrd: String? = nil) throws(SwiftletError) -> MachineConfig {
+                            emptyDrives: Bool = false, agentInitrd: String? = nil, cpuTemplate: CPUTemplate? = nil) throws(SwiftletError) -> MachineConfig {
         let agent = agentInitrd ?? GuestAssets.agentInitrd
         guard access(agent, R_OK) == 0 else {
             throw SwiftletError(.notFound, "no guest agent initramfs at \(agent): build it with `make build`")
@@ -105,6 +106,7 @@ public struct RootFilesystem: Sendable {
             consoleInput: nil, disks: disks.map { emptyDrives ? .empty : DiskConfig(path: $0, readOnly: true) }, entropyDevice: true,
             vsock: VsockConfig())
         config.kvmPath = AgentPort.kvmPath
+        config.cpuTemplate = cpuTemplate
         return config
     }
 }

@@ -17,6 +17,12 @@ extension Machine {
         try KVMSystem(path: shape.kvmPath)
     }
 
+    /// The CPUID the KVM at `kvmPath` offers its guests on this host; nil when it cannot be
+    /// opened (the machine's own start then says why).
+    public static func hostCPUID(kvmPath: String = "/dev/kvm") -> [CPUIDEntry]? {
+        try? KVMSystem(path: kvmPath).supportedCPUID()
+    }
+
     /// Runs `vcpu`'s loop on the calling thread (its vCPU thread) until the machine stops.
     ///
     /// The loop is generic over the vCPU type: for KVM's vCPU it is specialized here, so each exit

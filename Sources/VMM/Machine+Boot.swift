@@ -28,13 +28,20 @@ extension Machine {
             }
             phases.append(("load", MonotonicClock.now))
 
+            if let template = config.cpuTemplate {
+                let missing = template.missing(from: parts.supportedCPUID)
+                guard missing.isEmpty else {
+                    throw SwiftletError(.unsupported, "this host's CPU (as its KVM offers it) lacks \(missing.joined(separator: ", ")) of the \(template.rawValue) CPU template: use a lower one (\(CPUTemplate.allCases.map(\.rawValue).joined(separator: ", "))) or none")
+                }
+            }
             let tscDeadline = hypervisor.supports(.tscDeadlineTimer)
             let msrs = Set(parts.msrIndices)
             var vcpus: [any HypervisorVCPU] = []
             var cpuids: [[CPUIDEntry]] = []
             for id in 0..<UInt32(config.cpuCount) {
                 let vcpu = try parts.vm.createVCPU(id: id)
-                let cpuid = CPUIDSetup.entries(from: parts.supportedCPUID, cpu: id, count: config.cpuCount, tscDeadline: tscDeadline)
+                var cpuid = CPUIDSetup.entries(from: parts.supportedCPUID, cpu: id, count: config.cpuCount, tscDeadline: tscDeadline)
+                if let template = config.cpuTemplate { cpuid = template.apply(to: cpuid) }
                 try VCPUBootSetup.configure(vcpu, cpuid: cpuid, supportedMSRs: msrs, boot: id == 0 ? plan.cpu : nil)
                 vcpus.append(vcpu)
                 cpuids.append(cpuid)

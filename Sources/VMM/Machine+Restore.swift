@@ -35,28 +35,22 @@ struct RestorePlan: Sendable {
         return memory
     }
 
-    /// Refuses a snapshot whose guest saw CPU features this host cannot give it.
+    /// Refuses a snapshot whose guest saw CPU features this host cannot give it, or a CPU of
+    /// another vendor (`CPUContract`).
     func checkCPU(supported: [CPUIDEntry]) throws(SwiftletError) {
-        guard let guest = snapshot.cpuid.first else { return }
-        // The feature registers (not identification or sizes), and the bits Swiftlet sets itself
-        // whatever the host (hypervisor, TSC deadline and HTT in leaf 1), which are not host features.
-        let features: [(function: UInt32, index: UInt32, name: String, register: KeyPath<CPUIDEntry, UInt32>, ignored: UInt32)] = [
-            (0x1, 0, "ECX", \.ecx, CPUIDSetup.leaf1HypervisorBit | CPUIDSetup.leaf1TSCDeadlineBit),
-            (0x1, 0, "EDX", \.edx, CPUIDSetup.leaf1HTTBit),
-            (0x7, 0, "EBX", \.ebx, 0), (0x7, 0, "ECX", \.ecx, 0), (0x7, 0, "EDX", \.edx, 0),
-            (0xD, 1, "EAX", \.eax, 0),
-            (0x8000_0001, 0, "ECX", \.ecx, 0), (0x8000_0001, 0, "EDX", \.edx, 0),
-        ]
-        for feature in features {
-            func leaf(_ entries: [CPUIDEntry]) -> CPUIDEntry? {
-                entries.first { $0.function == feature.function && $0.index == feature.index }
-            }
-            guard let saved = leaf(guest) else { continue }
-            let missing = saved[keyPath: feature.register] & ~feature.ignored & ~(leaf(supported)?[keyPath: feature.register] ?? 0)
-            guard missing == 0 else {
-                let bits = (0..<32).filter { missing >> $0 & 1 != 0 }.map(String.init).joined(separator: ", ")
-                throw SwiftletError(.unsupported, "the snapshot in \(directory) was taken on a CPU with features this host's KVM does not offer (CPUID 0x\(String(feature.function, radix: 16)).\(feature.index) \(feature.name) bit \(bits)): restore it on a host with the same or a newer CPU")
-            }
+        try snapshot.cpuContract.check(supported: supported, what: "the snapshot in \(directory)")
+    }
+
+    /// Runs `vcpu`'s TSC at the frequency the guest calibrated against when the host's differs
+    /// by more than `CPUContract.tscTolerancePPM` and the hypervisor can scale it; when it cannot,
+    /// the machine runs on with a warning (its clock, kvmclock, is right; timers it programs
+    /// in TSC cycles fire early or late by the ratio).
+    func matchTSC(_ vcpu: any HypervisorVCPU, scaling: Bool, warn: (String) -> Void) throws(SwiftletError) {
+        guard let saved = snapshot.tscKHz, saved > 0, let here = try? vcpu.tscKHz(), !CPUContract.sameTSC(saved, here) else { return }
+        if scaling {
+            try vcpu.setTSCKHz(saved)
+        } else {
+            warn("the snapshot's guest ran with a \(saved) kHz TSC and this host's is \(here) kHz, which its KVM cannot scale: timers the guest sets in TSC cycles run \(here > saved ? "early" : "late")")
         }
     }
 
@@ -250,6 +244,7 @@ extension Machine {
             for id in 0..<shape.cpuCount {
                 let vcpu = try parts.vm.createVCPU(id: UInt32(id))
                 try vcpu.setCPUID(plan.snapshot.cpuid[id])
+                try plan.matchTSC(vcpu, scaling: hypervisor.supports(.tscScaling)) { controller.warn($0) }
                 try vcpu.restoreState(plan.snapshot.vcpus[id], advancingTSCBy: sinceSnapshot)
                 vcpus.append(vcpu)
             }
@@ -325,6 +320,12 @@ extension Machine {
     /// (a damaged or foreign snapshot throws) without restoring it.
     public static func annotations(ofSnapshot directory: String) throws(SwiftletError) -> [String: String] {
         try RestorePlan.load(SnapshotDirectory(directory)).snapshot.annotations
+    }
+
+    /// The CPU the memory of the snapshot in `directory` depends on (its guest's features and
+    /// vendor, its TSC frequency), read and checked without restoring it.
+    public static func cpuContract(ofSnapshot directory: String) throws(SwiftletError) -> CPUContract {
+        try RestorePlan.load(SnapshotDirectory(directory)).snapshot.cpuContract
     }
 
     /// What the snapshot this machine was restored from recorded (`snapshot(to:annotations:)`).

@@ -96,7 +96,8 @@ extension Machine {
         let memoryStats: MemoryWriteStats
         var snapshot = MachineSnapshot(id: id, kind: .full, parent: nil, parentDirectory: nil, createdAt: Self.realtimeNow(),
                                        hardware: hardware, guestIsLinux: machine.guestIsLinux, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
-                                       devices: devices, annotations: annotations, agentKey: heldAgentKey)
+                                       devices: devices, annotations: annotations, agentKey: heldAgentKey,
+                                       tscKHz: (try? machine.vcpus.first?.tscKHz()) ?? nil)
         if kind == .diff, let last = machine.lastSnapshot, let dirty {
             snapshot.kind = .diff
             snapshot.parent = last.id

@@ -1,4 +1,5 @@
 import Devices
+import Hypervisor
 import LinuxBoot
 import SwiftletNet
 import SwiftletSystem
@@ -27,6 +28,8 @@ public struct MachineConfig: Sendable, Equatable {
     public var vsock: VsockConfig?
     /// A virtio network device, or nil for none (the guest has only `lo`).
     public var network: NetworkDeviceConfig?
+    /// The CPU baseline the guest is shown (nil: all the host's KVM offers).
+    public var cpuTemplate: CPUTemplate? = nil
 
     /// The default kernel command line: console on the first UART, reboot through the i8042,
     /// reboot at once on panic (after pvpanic has told the VMM), no PCI bus scan, and only critical

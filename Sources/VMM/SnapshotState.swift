@@ -69,6 +69,12 @@ struct MachineSnapshot: Codable, Sendable {
     var annotations: [String: String]
     /// The key the machine's guest agent holds (`AgentKey`); absent when it held none.
     var agentKey: AgentKey? = nil
+    /// The frequency of the guest's TSC (vCPU 0's), which it calibrated its timers against;
+    /// absent in snapshots from before it was recorded.
+    var tscKHz: UInt64? = nil
+
+    /// The CPU this snapshot's memory depends on: vCPU 0's features, the vendor, the TSC frequency.
+    var cpuContract: CPUContract { CPUContract(guest: cpuid.first ?? [], tscKHz: tscKHz) }
 }
 
 /// A full snapshot holds all of guest memory; a diff only the pages written since the machine's

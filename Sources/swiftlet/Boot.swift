@@ -106,6 +106,7 @@ struct Boot: ParsableCommand {
             disks: try disks.map { disk throws(ValidationError) in try Self.diskConfig(disk) }, entropyDevice: rng,
             vsock: try Self.vsockConfig(vsockForwards))
         if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
+        config.cpuTemplate = machine.cpuTemplate
 
         let machine = Machine(config: config)
         let showTiming = bootTiming

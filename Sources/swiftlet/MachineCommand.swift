@@ -1,4 +1,5 @@
 import ArgumentParser
+import Hypervisor
 import FoundationEssentials
 import Glibc
 import SwiftletKit
@@ -81,15 +82,18 @@ extension MachineCommand {
         @Option(help: "Size of the machine's writable disk in MiB (sparse: it takes what is written).")
         var diskSize: Int = 2048
 
+        @Option(help: ArgumentHelp("Show the guest only this CPU baseline's features, so the machine's snapshots and packs restore on hosts of other CPU generations: \(CPUTemplate.allCases.map(\.rawValue).joined(separator: ", ")).", valueName: "name"))
+        var cpuTemplate: CPUTemplate?
+
         @OptionGroup(title: "Network") var network: NetworkOptions
 
         func validate() throws {
             if cpus < 1 || cpus > MachineConfig.maximumCPUs { throw ValidationError("--cpus must be 1 to \(MachineConfig.maximumCPUs)") }
             if memory < MachineConfig.minimumMemoryMiB { throw ValidationError("--memory must be at least \(MachineConfig.minimumMemoryMiB) MiB") }
             if diskSize < 64 || diskSize > 16 << 20 { throw ValidationError("--disk-size must be 64 MiB to 16 TiB") }
-            let shaped = source.image != nil || source.rootfs != nil || kernel != nil || cpus != 1 || memory != 256 || diskSize != 2048
+            let shaped = source.image != nil || source.rootfs != nil || kernel != nil || cpus != 1 || memory != 256 || diskSize != 2048 || cpuTemplate != nil
             if from != nil && shaped {
-                throw ValidationError("--from makes the machine a pack holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory or --disk-size")
+                throw ValidationError("--from makes the machine a pack holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory, --disk-size or --cpu-template")
             }
         }
 
@@ -107,11 +111,13 @@ extension MachineCommand {
                 creation.cpus = cpus
                 creation.memoryMiB = memory
                 creation.diskMiB = diskSize
+                creation.cpuTemplate = cpuTemplate
                 creation.network = try network.configuration()
                 try Machines.create(creation, progress: { printError($0) })
             }
             let net = (try? network.configuration())?.summary ?? "none"
-            printError("created machine \(name) (\(source.image ?? source.rootfs ?? "default image"), \(cpus) vCPU, \(memory) MiB, \(diskSize) MiB disk, network: \(net))")
+            let cpu = cpuTemplate.map { ", CPU \($0.rawValue)" } ?? ""
+            printError("created machine \(name) (\(source.image ?? source.rootfs ?? "default image"), \(cpus) vCPU\(cpu), \(memory) MiB, \(diskSize) MiB disk, network: \(net))")
         }
     }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import Hypervisor
 import Images
 import Pack
 import SwiftletKit
@@ -23,7 +24,7 @@ struct PackCommand: ParsableCommand {
               swiftlet pack create --from alpine.snap -o alpine --executable
               ./alpine -- cat /etc/os-release
             """,
-        subcommands: [Create.self, Inspect.self, Verify.self])
+        subcommands: [Create.self, RunPack.self, Inspect.self, Verify.self])
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -51,6 +52,9 @@ struct PackCommand: ParsableCommand {
         @Flag(help: "Write a program: Swiftlet's executable with the pack appended; `./FILE -- ARGS` runs the machine's command on any host with /dev/kvm.")
         var executable = false
 
+        @Option(help: ArgumentHelp("With --image (or a stopped --machine): the machines it makes boot showing only this CPU baseline's features (\(CPUTemplate.allCases.map(\.rawValue).joined(separator: ", "))). With memory: the machine must have been made with it.", valueName: "name"))
+        var cpuTemplate: CPUTemplate?
+
         func validate() throws {
             guard [image != nil, from != nil, machine != nil].filter({ $0 }).count <= 1 else {
                 throw ValidationError("give one of --image REF, --from DIR and --machine NAME (none: the default image)")
@@ -65,16 +69,47 @@ struct PackCommand: ParsableCommand {
             try exitingOnSetupFailure { () throws(SwiftletError) in
                 let program = executable ? try FileTree.currentExecutable() : nil
                 let report = if let machine {
-                    try MachinePack.create(machine: machine, withMemory: withMemory, to: output, executable: program)
+                    try MachinePack.create(machine: machine, withMemory: withMemory, to: output, executable: program, cpuTemplate: cpuTemplate)
                 } else if let from {
-                    try MachinePack.create(fromSnapshot: from, to: output, executable: program)
+                    try MachinePack.create(fromSnapshot: from, to: output, executable: program, cpuTemplate: cpuTemplate)
                 } else {
                     try MachinePack.create(image: image, insecureRegistry: insecureRegistry, to: output, executable: program,
-                                           progress: { printError($0) })
+                                           cpuTemplate: cpuTemplate, progress: { printError($0) })
                 }
                 let contents = report.manifest.parts.reduce(0) { $0 + $1.size }
                 print("\(report.path): \(report.manifest.parts.count) parts, \(size(contents)) packed into \(size(report.bytes))")
             }
+        }
+    }
+
+    struct RunPack: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "run",
+            abstract: "Run a command in a pack's machine: `swiftlet run --image FILE`, with run's options.",
+            discussion: """
+                A snapshot's pack restores and runs the command in a copy (the file is left as it is); \
+                an image's pack boots its image with the kernel it holds. Everything after FILE is \
+                `swiftlet run`'s: options, then -- and the command.
+
+                  swiftlet pack run app.swiftlet -- python3 -c 'print(1)'
+                  swiftlet pack run app.swiftlet --net -e DEBUG=1 -- ./serve
+                """)
+
+        @Argument(help: "The pack file.")
+        var file: String
+
+        @Argument(parsing: .captureForPassthrough, help: ArgumentHelp("`swiftlet run`'s options, then -- and the command.", valueName: "run-options"))
+        var arguments: [String] = []
+
+        func validate() throws {
+            guard MachinePack.looksLikePack(file) else {
+                throw ValidationError("\(file) is not a pack (`swiftlet pack create` makes one; `swiftlet run --image` runs images)")
+            }
+        }
+
+        func run() throws {
+            var run = try Run.parse(["--image", file] + arguments)
+            try run.run()
         }
     }
 
@@ -96,6 +131,11 @@ struct PackCommand: ParsableCommand {
                 }
                 print("kind: \(manifest.kind.rawValue), format \(manifest.format), made by \(manifest.createdBy)")
                 print(start == 0 ? "size: \(size(fileSize))" : "size: \(size(fileSize - start)) after an executable of \(size(start))")
+                if let cpu = manifest.cpu {
+                    let (names, unnamed) = cpu.featureNames
+                    let tsc = cpu.tscKHz.map { ", TSC \($0) kHz" } ?? ""
+                    print("cpu: \(cpu.vendor.isEmpty ? "any vendor" : cpu.vendor)\(tsc); its memory needs \(names.joined(separator: " "))\(unnamed > 0 ? " and \(unnamed) more feature bits" : "")")
+                }
                 var rows = [["PART", "SIZE", "STORED", "SHA256"]]
                 for part in manifest.parts {
                     rows.append([part.name, size(part.size), size(part.storedBytes), Hex.encode(part.sha256)])

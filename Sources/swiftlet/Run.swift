@@ -83,14 +83,14 @@ struct Run: ParsableCommand {
             throw ValidationError("--timeout \(timeout): expected a duration such as 30s, 500ms or 2m")
         }
         if from != nil && (source.image != nil || source.rootfs != nil || machine.shapesTheMachine || cold) {
-            throw ValidationError("--from starts the machine a snapshot holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory or --cold")
+            throw ValidationError("--from starts the machine a snapshot holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory, --cpu-template or --cold")
         }
         if let image = source.image, MachinePack.looksLikePack(image) {
             // A snapshot's pack holds its machine; an image's boots a machine of run's shape, with its own kernel.
             let isImage = (try? MachinePack.inspect(image))?.manifest.kind == .image
             if isImage ? machine.kernel != nil : (machine.shapesTheMachine || cold) {
                 throw ValidationError(isImage ? "--image \(image) is a pack of an image, which boots the kernel it holds: --kernel cannot be combined with it"
-                                              : "--image \(image) is a pack, which holds its machine: it cannot be combined with --kernel, --cpus, --memory or --cold")
+                                              : "--image \(image) is a pack, which holds its machine: it cannot be combined with --kernel, --cpus, --memory, --cpu-template or --cold")
             }
         }
         if detach && (exec.interactive || exec.tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
@@ -128,6 +128,7 @@ struct Run: ParsableCommand {
         run.cpus = machine.cpus
         run.memoryMiB = machine.memory
         run.allowPVM = machine.allowPVM
+        run.cpuTemplate = machine.cpuTemplate
         run.timeoutMilliseconds = timeout.flatMap(Self.milliseconds)
         run.cold = cold
         run.showConsole = console

@@ -46,6 +46,7 @@ struct Snapshot: ParsableCommand {
         var snapshot = ImageSnapshot(root: source.root)
         snapshot.kernel = machine.kernel
         snapshot.cpus = machine.cpus
+        snapshot.cpuTemplate = machine.cpuTemplate
         snapshot.memoryMiB = machine.memory
         snapshot.allowPVM = machine.allowPVM
         snapshot.showConsole = console

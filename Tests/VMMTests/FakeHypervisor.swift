@@ -99,6 +99,7 @@ final class FakeVCPU: HypervisorVCPU, @unchecked Sendable {
         var msrs: [UInt32: UInt64] = [:]
         var localAPIC = [UInt8](repeating: 0, count: 1024)
         var mpState = MPState.runnable
+        var tscKHz: UInt64 = 2_000_000
         var exitCount: UInt64 = 0
         var next = 0
     }
@@ -149,6 +150,8 @@ final class FakeVCPU: HypervisorVCPU, @unchecked Sendable {
     func fpu() throws(SwiftletError) -> FPUState { state.withLock { $0.fpu } }
     func setFPU(_ fpu: FPUState) throws(SwiftletError) { state.withLock { $0.fpu = fpu } }
     func setCPUID(_ entries: [CPUIDEntry]) throws(SwiftletError) { state.withLock { $0.cpuid = entries } }
+    func tscKHz() throws(SwiftletError) -> UInt64 { state.withLock { $0.tscKHz } }
+    func setTSCKHz(_ khz: UInt64) throws(SwiftletError) { state.withLock { $0.tscKHz = khz } }
 
     func msrs(_ indices: [UInt32]) throws(SwiftletError) -> [MSREntry] {
         state.withLock { s in indices.compactMap { i in s.msrs[i].map { MSREntry(index: i, value: $0) } } }

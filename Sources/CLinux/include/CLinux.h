@@ -67,6 +67,7 @@ extern const unsigned long SWIFTLET_KVM_SET_DEBUGREGS;
 extern const unsigned long SWIFTLET_KVM_TRANSLATE;
 extern const unsigned long SWIFTLET_KVM_KVMCLOCK_CTRL;
 extern const unsigned long SWIFTLET_KVM_GET_TSC_KHZ;
+extern const unsigned long SWIFTLET_KVM_SET_TSC_KHZ;
 extern const unsigned long SWIFTLET_TIOCGWINSZ;
 
 // MARK: calls Swift cannot make directly
