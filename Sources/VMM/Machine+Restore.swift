@@ -41,17 +41,8 @@ struct RestorePlan: Sendable {
         try snapshot.cpuContract.check(supported: supported, what: "the snapshot in \(directory)")
     }
 
-    /// Runs `vcpu`'s TSC at the frequency the guest calibrated against when the host's differs
-    /// by more than `CPUContract.tscTolerancePPM` and the hypervisor can scale it; when it cannot,
-    /// the machine runs on with a warning (its clock, kvmclock, is right; timers it programs
-    /// in TSC cycles fire early or late by the ratio).
     func matchTSC(_ vcpu: any HypervisorVCPU, scaling: Bool, warn: (String) -> Void) throws(SwiftletError) {
-        guard let saved = snapshot.tscKHz, saved > 0, let here = try? vcpu.tscKHz(), !CPUContract.sameTSC(saved, here) else { return }
-        if scaling {
-            try vcpu.setTSCKHz(saved)
-        } else {
-            warn("the snapshot's guest ran with a \(saved) kHz TSC and this host's is \(here) kHz, which its KVM cannot scale: timers the guest sets in TSC cycles run \(here > saved ? "early" : "late")")
-        }
+        try Machine.matchTSC(vcpu, guestKHz: snapshot.tscKHz, scaling: scaling, warn: warn)
     }
 
     /// The network device the restored machine gets: `given` with the snapshot's MAC and MTU.
@@ -330,4 +321,19 @@ extension Machine {
 
     /// What the snapshot this machine was restored from recorded (`snapshot(to:annotations:)`).
     public var restoredAnnotations: [String: String] { restore?.snapshot.annotations ?? [:] }
+}
+
+extension Machine {
+    /// Runs `vcpu`'s TSC at `guestKHz`, the frequency the guest calibrated against, when the
+    /// host's differs by more than `CPUContract.tscTolerancePPM` and the hypervisor can scale
+    /// it (`scaling`); when it cannot, the machine runs on with a warning (its clock, kvmclock,
+    /// is right; timers it programs in TSC cycles fire early or late by the ratio).
+    static func matchTSC(_ vcpu: any HypervisorVCPU, guestKHz: UInt64?, scaling: Bool, warn: (String) -> Void) throws(SwiftletError) {
+        guard let saved = guestKHz, saved > 0, let here = try? vcpu.tscKHz(), !CPUContract.sameTSC(saved, here) else { return }
+        if scaling {
+            try vcpu.setTSCKHz(saved)
+        } else {
+            warn("the snapshot's guest ran with a \(saved) kHz TSC and this host's is \(here) kHz, which its KVM cannot scale: timers the guest sets in TSC cycles run \(here > saved ? "early" : "late")")
+        }
+    }
 }

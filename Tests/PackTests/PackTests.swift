@@ -1,4 +1,5 @@
 import Glibc
+import Hypervisor
 import SwiftletDigest
 import SwiftletSystem
 import TestSupport
@@ -200,6 +201,12 @@ func refusal(_ path: String) -> SwiftletError? {
             let error = try #require(refusal(path), "\(part)")
             #expect(error.message.contains("damaged pack manifest") && error.message.contains(message), "\(error.message)")
         }
+        let vendor = try forged(PackManifest(kind: .snapshot, createdBy: "forger", parts: [part()],
+                                             cpu: CPUContract(vendor: String(repeating: "x", count: 13), words: [])))
+        #expect(refusal(vendor)?.message.contains("its CPU contract names a 13-byte vendor") == true)
+        let words = try forged(PackManifest(kind: .snapshot, createdBy: "forger", parts: [part()],
+                                            cpu: CPUContract(vendor: "", words: Array(repeating: .init(function: 1, register: .ecx, bits: 1), count: 1000))))
+        #expect(refusal(words)?.message.contains("1000 feature registers") == true)
         let twice = try forged(PackManifest(kind: .snapshot, createdBy: "forger", parts: [part(), part()]))
         #expect(refusal(twice)?.message.contains("two parts are named memory") == true)
         // A chunk whose bytes do not match its digest.
