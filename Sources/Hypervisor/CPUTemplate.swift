@@ -15,8 +15,10 @@ public enum CPUTemplate: String, Codable, Sendable, CaseIterable {
     /// The template `name` names; nil for an unknown one.
     public init?(named name: String) { self.init(rawValue: name) }
 
+    /// VME (virtual-8086 mode extensions) is left out: a 64-bit guest has no use for it, and
+    /// some virtualized hosts' KVM does not offer it.
     static let platform = [
-        "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca", "cmov",
+        "fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca", "cmov",
         "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "x2apic", "syscall", "nx", "lm",
     ]
     static let v2 = ["cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"]

@@ -31,7 +31,9 @@ extension Machine {
             if let template = config.cpuTemplate {
                 let missing = template.missing(from: parts.supportedCPUID)
                 guard missing.isEmpty else {
-                    throw SwiftletError(.unsupported, "this host's CPU (as its KVM offers it) lacks \(missing.joined(separator: ", ")) of the \(template.rawValue) CPU template: use a lower one (\(CPUTemplate.allCases.map(\.rawValue).joined(separator: ", "))) or none")
+                    let lower = CPUTemplate.allCases.prefix { $0 != template }.map(\.rawValue)
+                    throw SwiftletError(.unsupported, "this host's CPU (as its KVM offers it) lacks \(missing.joined(separator: ", ")) of the \(template.rawValue) CPU template: "
+                                        + (lower.isEmpty ? "run without --cpu-template" : "use a lower one (\(lower.joined(separator: ", "))) or none"))
                 }
             }
             let tscDeadline = hypervisor.supports(.tscDeadlineTimer)
