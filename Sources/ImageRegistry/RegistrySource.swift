@@ -22,10 +22,10 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
     // SAFETY (Sendable): `token` is the only mutable state, guarded by `lock`.
     public let reference: ImageReference
     public let scheme: String
-    private let client: HTTPClient
-    private let credentials: (user: String, password: String)?
-    private let lock = Mutex<String?>(nil)
-    private let timeout: TimeAmount
+    let client: HTTPClient
+    let credentials: (user: String, password: String)?
+    let lock = Mutex<String?>(nil)
+    let timeout: TimeAmount
 
     /// `insecure`: plain HTTP (also the default for loopback registries, as Docker does).
     public convenience init(reference: ImageReference, insecure: Bool = false, credentials: (user: String, password: String)? = nil,
@@ -56,7 +56,7 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
     public var displayName: String { reference.description }
     public var imageName: String? { reference.description }
 
-    private var base: String { "\(scheme)://\(reference.apiHost)/v2/\(reference.repository)" }
+    var base: String { "\(scheme)://\(reference.apiHost)/v2/\(reference.repository)" }
 
     static let acceptedManifests = [MediaType.ociIndex, MediaType.dockerManifestList, MediaType.ociManifest, MediaType.dockerManifest]
 
@@ -91,7 +91,7 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
 
     /// GET with the current token, answering one auth challenge and following redirects (without
     /// the Authorization header once the host changes). Fails on any status but 200.
-    private func get(_ url: String, accept: [String], what: String) async throws(SwiftletError) -> HTTPClientResponse {
+    func get(_ url: String, accept: [String], what: String) async throws(SwiftletError) -> HTTPClientResponse {
         var url = url
         var challenged = false
         var redirects = 0
@@ -139,7 +139,7 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
 
     /// Answers a `WWW-Authenticate` challenge: fetches a bearer token from the realm it names, or
     /// uses HTTP basic auth when that is what the registry asks for.
-    private func authenticate(challenge: String, what: String) async throws(SwiftletError) {
+    func authenticate(challenge: String, what: String) async throws(SwiftletError) {
         let (scheme, parameters) = Self.parseChallenge(challenge)
         switch scheme.lowercased() {
         case "basic":
@@ -182,7 +182,7 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
     }
 
     /// Streams a response body to `sink`, failing when it exceeds `limit` bytes (unless `truncate`).
-    private static func collect(_ response: HTTPClientResponse, what: String, limit: Int64, truncate: Bool = false,
+    static func collect(_ response: HTTPClientResponse, what: String, limit: Int64, truncate: Bool = false,
                                 _ sink: ([UInt8]) throws(SwiftletError) -> Void) async throws(SwiftletError) {
         var total: Int64 = 0
         do {
