@@ -89,7 +89,7 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(name: "swiftlet-fuzz", dependencies: ["FuzzTargets", "SwiftletSystem"], path: "Fuzz/Sources/swiftlet-fuzz", swiftSettings: strict),
 
-        .target(name: "TestSupport", dependencies: ["GuestMemory", "Virtio", "SwiftletSystem"], path: "Tests/TestSupport", swiftSettings: strict),
+        .target(name: "TestSupport", dependencies: ["GuestMemory", "Virtio", "SwiftletSystem", "CLinux"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
         .testTarget(name: "PackTests", dependencies: ["Pack", "Hypervisor", "SwiftletDigest", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "MachineStateTests", dependencies: ["MachineState", "GuestMemory", "SwiftletSystem", "TestSupport"], swiftSettings: strict),

@@ -421,3 +421,36 @@ public enum MachinePack {
     }
 
 }
+
+extension MachinePack {
+    /// Pushes the pack at `path` to the registry `reference` names (a tag) as an OCI artifact
+    /// (docs/pack-format.md, Registries), through `swiftlet-pull` with the registry auth image
+    /// pulls have. The file is checked to be a pack first. Returns the manifest's digest.
+    public static func push(_ path: String, to reference: String, insecureRegistry: Bool = false,
+                            progress: @escaping @Sendable (String) -> Void = { _ in }, interruptions: Int32? = nil) throws(SwiftletError) -> String {
+        let parsed = try ImageReference(parsing: reference)
+        guard parsed.digest == nil else { throw SwiftletError(.invalidArgument, "\(reference): a pack is pushed to a tag, not a digest") }
+        _ = try PackReader(path: path)
+        let out = try RegistryPull.runHelper((insecureRegistry ? ["--insecure-registry"] : []) + ["--push-pack", FileTree.absolute(path), parsed.description],
+                                             what: "push \(path)", progress: progress, interruptions: interruptions)
+        return String(decoding: out, as: UTF8.self).filter { !$0.isWhitespace }
+    }
+
+    /// Pulls the pack `reference` names from its registry into `output` (replaced; written
+    /// beside it and renamed into place once its digest matched), then checks that it is a pack
+    /// (a file that is not is removed). Returns the manifest's digest.
+    public static func pull(_ reference: String, to output: String, insecureRegistry: Bool = false,
+                            progress: @escaping @Sendable (String) -> Void = { _ in }, interruptions: Int32? = nil) throws(SwiftletError) -> String {
+        let parsed = try ImageReference(parsing: reference)
+        let path = FileTree.absolute(output)
+        let out = try RegistryPull.runHelper((insecureRegistry ? ["--insecure-registry"] : []) + ["--pull-pack", parsed.description, path],
+                                             what: "pull \(reference)", progress: progress, interruptions: interruptions)
+        do throws(SwiftletError) {
+            _ = try PackReader(path: path)
+        } catch {
+            try? FileTree.remove(path)
+            throw SwiftletError(error.code, "\(reference) holds no Swiftlet pack that this Swiftlet reads (removed \(output)): \(error.message)")
+        }
+        return String(decoding: out, as: UTF8.self).filter { !$0.isWhitespace }
+    }
+}

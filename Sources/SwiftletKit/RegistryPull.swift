@@ -18,15 +18,27 @@ struct RegistryPull {
         return directory + "/swiftlet-pull"
     }
 
-    private func relay(_ line: String) { progress(line) }
-
     func run(store: ImageStore) throws(SwiftletError) -> StoredImage {
+        let out = try Self.runHelper((insecure ? ["--insecure-registry"] : []) + [reference.description], what: "pull \(reference)",
+                                     progress: progress, interruptions: interruptions)
+        let digest = String(decoding: out, as: UTF8.self).filter { !$0.isWhitespace }
+        guard let image = try store.find(digest) else {
+            throw SwiftletError(.notFound, "\(Self.helperPath) reported \(digest), which is not in the image store")
+        }
+        return image
+    }
+
+    /// Runs `swiftlet-pull` with `arguments` (`what` names the job in errors: "pull REF"),
+    /// relaying its progress lines; returns its standard output. Its last stderr line is the
+    /// error when it fails; a forwarded signal on `interruptions` stops it.
+    static func runHelper(_ arguments: [String], what: String, progress: @Sendable (String) -> Void,
+                          interruptions: Int32?) throws(SwiftletError) -> [UInt8] {
         let helper = Self.helperPath
         guard access(helper, X_OK) == 0 else {
-            throw SwiftletError(.notFound, "cannot pull \(reference): no \(helper) (build it with `make build`)")
+            throw SwiftletError(.notFound, "cannot \(what): no \(helper) (build it with `make build`)")
         }
         let outPipe = try OwnedFileDescriptor.pipe(), errPipe = try OwnedFileDescriptor.pipe()
-        let arguments = [helper] + (insecure ? ["--insecure-registry"] : []) + [reference.description]
+        let arguments = [helper] + arguments
         let pid: pid_t
         do {
             // The write ends go to the helper, and are closed here after the spawn, so the reads
@@ -45,7 +57,7 @@ struct RegistryPull {
             let ready = try Poll.wait(reading + [interruptions ?? -1])
             if ready[2], let interruptions {
                 try throwIfInterrupted(interruptions) {
-                    // The helper ends its pull (its half-fetched blobs stay in tmp/) and is reaped.
+                    // The helper ends its transfer (half-written files are removed or stay in tmp/) and is reaped.
                     ChildProcess.signal(pid, SIGTERM)
                     ChildProcess.wait(pid)
                 }
@@ -57,9 +69,9 @@ struct RegistryPull {
                 if n <= 0 { reading[i] = -1; continue }
                 if i == 0 { out += buffer[0..<n]; continue }
                 err += buffer[0..<n]
-                // Relay progress lines one behind: the last line is the error if the pull fails.
+                // Relay progress lines one behind: the last line is the error if the helper fails.
                 while let newline = err.firstIndex(of: 10) {
-                    if !lastLine.isEmpty { relay(lastLine) }
+                    if !lastLine.isEmpty { progress(Self.withoutPrefix(lastLine)) }
                     lastLine = String(decoding: err[..<newline], as: UTF8.self)
                     err.removeSubrange(...newline)
                 }
@@ -67,14 +79,16 @@ struct RegistryPull {
         }
         let status = ChildProcess.wait(pid)
         guard status == 0 else {
-            let message = lastLine.hasPrefix("swiftlet: ") ? String(lastLine.dropFirst(10)) : lastLine
+            let message = withoutPrefix(lastLine)
             throw SwiftletError(.systemCall, message.isEmpty ? "\(helper) failed (status \(status))" : message)
         }
-        if !lastLine.isEmpty { relay(lastLine) }
-        let digest = String(decoding: out, as: UTF8.self).filter { !$0.isWhitespace }
-        guard let image = try store.find(digest) else {
-            throw SwiftletError(.notFound, "\(helper) reported \(digest), which is not in the image store")
-        }
-        return image
+        if !lastLine.isEmpty { progress(withoutPrefix(lastLine)) }
+        return out
+    }
+
+    /// A line of the helper's without the `swiftlet: ` it starts with (the caller's own
+    /// reporting adds one).
+    static func withoutPrefix(_ line: String) -> String {
+        line.hasPrefix("swiftlet: ") ? String(line.dropFirst(10)) : line
     }
 }

@@ -81,10 +81,7 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
     /// whatever `path` was (a symbolic link there is replaced, not followed). If `body` throws,
     /// nothing at `path` changes and the temporary file goes.
     public static func writeIntoPlace(_ path: String, _ body: (borrowing OwnedFileDescriptor) throws(SwiftletError) -> Void) throws(SwiftletError) {
-        let slash = path.lastIndex(of: "/")
-        let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
-        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
-        let temporary = try temporaryFile(in: directory, prefix: "." + name + ".swiftlet")
+        let temporary = try temporaryFile(beside: path)
         let temporaryPath = temporary.path
         let file = temporary.take()
         do throws(SwiftletError) {
@@ -94,6 +91,28 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
             unlink(temporaryPath)
             throw error
         }
+    }
+
+    /// `writeIntoPlace` with an asynchronous `body` (a download streamed into place).
+    public static func writeIntoPlace(_ path: String, _ body: (borrowing OwnedFileDescriptor) async throws(SwiftletError) -> Void) async throws(SwiftletError) {
+        let temporary = try temporaryFile(beside: path)
+        let temporaryPath = temporary.path
+        let file = temporary.take()
+        do throws(SwiftletError) {
+            try await body(file)
+            try systemCall("cannot replace \(path)") { rename(temporaryPath, path) }
+        } catch {
+            unlink(temporaryPath)
+            throw error
+        }
+    }
+
+    /// A new private file beside `path`, for `writeIntoPlace`.
+    private static func temporaryFile(beside path: String) throws(SwiftletError) -> NamedFile {
+        let slash = path.lastIndex(of: "/")
+        let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        return try temporaryFile(in: directory, prefix: "." + name + ".swiftlet")
     }
 
     deinit { Glibc.close(rawValue) }
@@ -177,6 +196,11 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
     /// Writes all of `bytes`, retrying short writes and EINTR.
     public func writeAll(_ bytes: UnsafeRawBufferPointer) throws(SwiftletError) {
         try Self.writeAll(fd: rawValue, bytes)
+    }
+
+    /// `writeAll(fd:_:)` of an array.
+    public static func writeAll(fd: Int32, _ bytes: [UInt8]) throws(SwiftletError) {
+        try bytes.withBytes { raw throws(SwiftletError) in try writeAll(fd: fd, raw) }
     }
 
     /// Writes all of `bytes` to a descriptor this value does not own (stdout, say).

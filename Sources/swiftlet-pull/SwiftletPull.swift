@@ -8,7 +8,10 @@ import SwiftletSystem
 // (HTTP, TLS) lives in a short-lived process of its own, not in the VMM's.
 //
 //   swiftlet-pull [--insecure-registry] REFERENCE
+//   swiftlet-pull [--insecure-registry] --push-pack FILE REFERENCE
+//   swiftlet-pull [--insecure-registry] --pull-pack REFERENCE OUTPUT
 //
+// The last two move a Swiftlet pack as an OCI artifact (PackArtifact) and print the manifest digest.
 // Progress lines and, on failure, one error line go to stderr (the error last); exit 0 or 1.
 // Credentials: SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD, for the registry REFERENCE
 // names only: they go to it over HTTPS (plain HTTP only for a loopback registry or with
@@ -31,15 +34,19 @@ struct SwiftletPull {
 
     static func main() async {
         var insecure = false
-        var reference: String?
+        var mode: String?
+        var operands: [String] = []
         for argument in CommandLine.arguments.dropFirst() {
             switch argument {
             case "--insecure-registry": insecure = true
+            case "--push-pack", "--pull-pack": mode = argument
             case _ where argument.hasPrefix("-"): fail("swiftlet-pull: unknown option \(argument)")
-            default: reference = argument
+            default: operands.append(argument)
             }
         }
-        guard let reference else { fail("usage: swiftlet-pull [--insecure-registry] REFERENCE") }
+        guard operands.count == (mode == nil ? 1 : 2) else {
+            fail("usage: swiftlet-pull [--insecure-registry] (REFERENCE | --push-pack FILE REFERENCE | --pull-pack REFERENCE OUTPUT)")
+        }
         var credentials: (user: String, password: String)?
         if let user = getenv("SWIFTLET_REGISTRY_USER").map({ String(cString: $0) }), !user.isEmpty {
             credentials = (user, getenv("SWIFTLET_REGISTRY_PASSWORD").map { String(cString: $0) } ?? "")
@@ -48,10 +55,45 @@ struct SwiftletPull {
             // Confined before any byte from a registry arrives: its own seccomp list (files,
             // sockets, no processes), no new privileges, a descriptor bound.
             try Confinement.confine(.pull)
-            print(try await pull(reference, insecure: insecure, credentials: credentials))
+            switch mode {
+            case "--push-pack":
+                print(try await pushPack(operands[0], to: operands[1], insecure: insecure, credentials: credentials))
+            case "--pull-pack":
+                let source = RegistrySource(reference: try ImageReference(parsing: operands[0]), insecure: insecure, credentials: credentials)
+                print(try await source.pullPack(to: operands[1], progress: report))
+            default:
+                print(try await pull(operands[0], insecure: insecure, credentials: credentials))
+            }
         } catch {
             fail(error.description)
         }
+    }
+
+    static func pushPack(_ path: String, to reference: String, insecure: Bool,
+                         credentials: (user: String, password: String)?) async throws(SwiftletError) -> Digest {
+        let parsed = try ImageReference(parsing: reference)
+        let (digest, size) = try digestOfFile(path)
+        let source = RegistrySource(reference: parsed, insecure: insecure, credentials: credentials)
+        return try await source.pushPack(path, digest: digest, size: size, progress: report)
+    }
+
+    /// The SHA-256 and size of the regular file at `path`.
+    static func digestOfFile(_ path: String) throws(SwiftletError) -> (Digest, Int64) {
+        let file = try OwnedFileDescriptor.openRegularFile(path, flags: O_RDONLY | O_CLOEXEC, what: "the pack")
+        let size = try file.size()
+        var hasher = SHA256()
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var offset: UInt64 = 0
+        while offset < size {
+            let count = Int(min(UInt64(buffer.count), size - offset))
+            try buffer.withMutableBytes { raw throws(SwiftletError) in
+                let piece = UnsafeMutableRawBufferPointer(rebasing: raw[0..<count])
+                try file.read(into: piece, at: offset, what: path)
+                hasher.update(UnsafeRawBufferPointer(piece))
+            }
+            offset += UInt64(count)
+        }
+        return (Digest(bytes: hasher.finalize()), Int64(size))
     }
 
     static func pull(_ reference: String, insecure: Bool, credentials: (user: String, password: String)?) async throws(SwiftletError) -> Digest {

@@ -23,8 +23,10 @@ struct PackCommand: ParsableCommand {
               swiftlet run --image alpine.swiftlet -- cat /etc/os-release
               swiftlet pack create --from alpine.snap -o alpine --executable
               ./alpine -- cat /etc/os-release
+              swiftlet pack push alpine.swiftlet registry.example.com/me/alpine:snap
+              swiftlet pack pull registry.example.com/me/alpine:snap -o alpine.swiftlet
             """,
-        subcommands: [Create.self, RunPack.self, Inspect.self, Verify.self])
+        subcommands: [Create.self, RunPack.self, Inspect.self, Verify.self, Push.self, Pull.self])
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -144,6 +146,52 @@ struct PackCommand: ParsableCommand {
                 for row in rows {
                     print(zip(row, widths).map { $0.0.padding(to: $0.1) }.joined(separator: "  ").trimmingTrailingSpaces)
                 }
+            }
+        }
+    }
+
+    struct Push: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "push",
+            abstract: "Push a pack to an OCI registry (as an artifact of type application/vnd.swiftlet.pack.v1).",
+            discussion: "Credentials: SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD, as for image pulls (sent only to the registry named, over HTTPS unless it is on loopback or --insecure-registry is given).")
+
+        @Argument(help: "The pack file.")
+        var file: String
+
+        @Argument(help: ArgumentHelp("Where: REGISTRY/REPOSITORY:TAG.", valueName: "ref"))
+        var reference: String
+
+        @Flag(help: "Reach the registry over plain HTTP (loopback registries always are).")
+        var insecureRegistry = false
+
+        func run() throws {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
+                let digest = try MachinePack.push(file, to: reference, insecureRegistry: insecureRegistry, progress: { printError($0) })
+                print("\(reference)@\(digest)")
+            }
+        }
+    }
+
+    struct Pull: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "pull",
+            abstract: "Pull a pack from an OCI registry into a file (`pack push` put it there).",
+            discussion: "The file is written beside its place and renamed there once its digest matched the registry's manifest; anything but a Swiftlet pack is refused.")
+
+        @Argument(help: ArgumentHelp("REGISTRY/REPOSITORY:TAG or @sha256:DIGEST.", valueName: "ref"))
+        var reference: String
+
+        @Option(name: .shortAndLong, help: ArgumentHelp("The pack file to write (replaced if it exists).", valueName: "file"))
+        var output: String
+
+        @Flag(help: "Reach the registry over plain HTTP (loopback registries always are).")
+        var insecureRegistry = false
+
+        func run() throws {
+            try exitingOnSetupFailure { () throws(SwiftletError) in
+                let digest = try MachinePack.pull(reference, to: output, insecureRegistry: insecureRegistry, progress: { printError($0) })
+                print("\(output): \(reference)@\(digest)")
             }
         }
     }

@@ -97,7 +97,7 @@ final class GuestEnd: Sendable {
 
     func run(_ session: AgentSession) throws -> (AgentSession.Outcome, String) {
         var fds: [Int32] = [0, 0]
-        pipe(&fds)
+        _ = closeOnExecPipe(&fds)
         defer { close(fds[0]) }
         let outcome = try session.run(ExecRequest(arguments: ["true"]), streams: .init(input: nil, output: fds[1], error: fds[1]))
         close(fds[1])

@@ -143,4 +143,31 @@ import TestSupport
         let r = run(["run", "--image", met, "--", "true"])
         #expect(r.status == 1 && !r.stderr.contains("CPU") && r.stderr.contains("state"), "\(r.stderr)")
     }
+
+    /// `pack push` and `pack pull` through a real registry with basic auth: the pack comes back
+    /// byte for byte and verifies; a file that is no pack is not pushed; without credentials the
+    /// registry's refusal is one clear line.
+    @Test(.enabled(if: access("/usr/bin/docker-registry", X_OK) == 0, "needs docker-registry"))
+    func packsGoThroughARegistryWithItsAuth() throws {
+        let registry = try #require(LocalRegistry(authenticated: true))
+        let memory = [UInt8](repeating: 0, count: 2 << 20) + Array(repeating: 7, count: 3 << 20)
+        let path = try pack("app.swiftlet", [("state", Array("state".utf8)), ("memory", memory)])
+        let reference = "\(registry.host)/packs/app:v1"
+        let credentials = ["SWIFTLET_HOME": home, "SWIFTLET_REGISTRY_USER": LocalRegistry.user, "SWIFTLET_REGISTRY_PASSWORD": LocalRegistry.password]
+        let anonymous = run(["pack", "push", path, reference])
+        #expect(anonymous.status == 1 && anonymous.stderr.split(separator: "\n").last?.contains("requires a user name and password") == true, "\(anonymous.stderr)")
+        let pushed = Subprocess.run([swiftlet, "pack", "push", path, reference], environment: credentials)
+        #expect(pushed.status == 0 && pushed.stdout.hasPrefix("\(reference)@sha256:") && pushed.stderr.hasPrefix("swiftlet: pushing app.swiftlet (13 KiB) to \(reference)\n"),
+                "\(pushed.stdout)\(pushed.stderr)")
+        let output = dir.path + "/pulled.swiftlet"
+        let pulled = Subprocess.run([swiftlet, "pack", "pull", reference, "-o", output], environment: credentials)
+        #expect(pulled.status == 0 && pulled.stdout.contains(reference), "\(pulled.stdout)\(pulled.stderr)")
+        #expect(try OwnedFileDescriptor.readSmallFile(output, limit: 8 << 20) == OwnedFileDescriptor.readSmallFile(path, limit: 8 << 20))
+        #expect(run(["pack", "verify", output]).status == 0)
+        expectOneLine(Subprocess.run([swiftlet, "pack", "push", dir.write("text", Array("no pack".utf8)), reference], environment: credentials),
+                      contains: "is not a Swiftlet pack")
+        expectOneLine(Subprocess.run([swiftlet, "pack", "pull", "\(registry.host)/packs/none:v1", "-o", dir.path + "/none.swiftlet"], environment: credentials),
+                      contains: "not found in the registry")
+        #expect(access(dir.path + "/none.swiftlet", F_OK) != 0)
+    }
 }

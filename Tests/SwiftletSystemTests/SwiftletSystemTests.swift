@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import SystemPackage
 import Testing
@@ -61,7 +62,7 @@ import Testing
 
     @Test func threadsRunAndCanBeInterrupted() throws {
         var blocking: [Int32] = [0, 0], results: [Int32] = [0, 0]
-        #expect(pipe(&blocking) == 0 && pipe(&results) == 0)
+        #expect(swiftlet_pipe(&blocking) == 0 && swiftlet_pipe(&results) == 0)
         let readEnd = blocking[0], resultEnd = results[1]
         // A thread blocked in read(2) returns EINTR when interrupted.
         let thread = try OSThread.start(name: "blocked-reader") {

@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 
 /// Runs a program and collects its exit status, stdout and stderr (for CLI and integration tests).
@@ -11,7 +12,9 @@ public struct Subprocess: Sendable {
     public static func run(_ arguments: [String], environment: [String: String] = [:], stdin: String? = nil,
                            timeout: Double? = nil) -> Subprocess {
         var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0], inPipe: [Int32] = [0, 0]
-        pipe(&outPipe); pipe(&errPipe); pipe(&inPipe)
+        // Close-on-exec: a child another thread spawns meanwhile (a registry left running) must not
+        // inherit these ends, or the reads below would never see the end of the stream.
+        _ = closeOnExecPipe(&outPipe); _ = closeOnExecPipe(&errPipe); _ = closeOnExecPipe(&inPipe)
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         posix_spawn_file_actions_adddup2(&actions, inPipe[0], 0)
@@ -101,4 +104,11 @@ public struct Subprocess: Sendable {
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
+}
+
+/// pipe(2) with both ends close-on-exec (pipe2 with O_CLOEXEC): tests run in parallel, and a
+/// child another test spawns must not inherit a pipe end (its reader would never see the end).
+/// Returns 0, or -1 with errno set.
+public func closeOnExecPipe(_ fds: inout [Int32]) -> Int32 {
+    fds.withUnsafeMutableBufferPointer { swiftlet_pipe($0.baseAddress!) }
 }

@@ -24,7 +24,7 @@ import TestSupport
 
     @Test func pipesAreNotLimited() throws {
         var ends: [Int32] = [0, 0]
-        #expect(pipe(&ends) == 0)
+        #expect(closeOnExecPipe(&ends) == 0)
         defer { close(ends[0]); close(ends[1]) }
         let console = ConsoleOutput(fd: ends[1], fileLimit: 64)
         for byte in Array(String(repeating: "x", count: 199).utf8) + [UInt8(ascii: "\n")] { console.write(byte) }

@@ -21,7 +21,7 @@ struct TinyMachine {
     init(code: [UInt8], linuxNote: Bool = false, cpus: Int = 1) {
         let kernel = dir.write("guest.elf", TinyGuest.elf(code: code, address: 0x100000, linuxNote: linuxNote))
         var fds: [Int32] = [0, 0]
-        pipe(&fds)
+        _ = closeOnExecPipe(&fds)
         outputRead = fds[0]
         _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
         config = MachineConfig(kernelPath: kernel, initrdPath: nil, commandLine: "test", cpuCount: cpus, memoryMiB: 64,
