@@ -6,6 +6,9 @@
 #include <stdlib.h>
 #include <cpuid.h>
 #include <sys/random.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <linux/userfaultfd.h>
 #include <sys/signalfd.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -226,4 +229,71 @@ int swiftlet_swap_descriptor_limit(int pid, unsigned long long *soft, unsigned l
     *soft = old.rlim_cur;
     *hard = old.rlim_max;
     return 0;
+}
+
+int swiftlet_uffd_open(void) {
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0 && (errno == EPERM || errno == ENOSYS)) {
+#ifdef USERFAULTFD_IOC_NEW
+        int saved = errno;
+        int device = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+        if (device < 0) { errno = saved; return -1; }
+        fd = ioctl(device, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+        saved = errno;
+        close(device);
+        errno = saved;
+#endif
+        if (fd < 0) return -1;
+    }
+    struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+    if (ioctl(fd, UFFDIO_API, &api) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int swiftlet_uffd_register(int fd, uint64_t start, uint64_t length) {
+    struct uffdio_register reg = { .range = { .start = start, .len = length }, .mode = UFFDIO_REGISTER_MODE_MISSING };
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) != 0) return -1;
+    uint64_t needed = (1ULL << _UFFDIO_COPY) | (1ULL << _UFFDIO_ZEROPAGE) | (1ULL << _UFFDIO_WAKE);
+    if ((reg.ioctls & needed) != needed) {
+        struct uffdio_range range = { .start = start, .len = length };
+        ioctl(fd, UFFDIO_UNREGISTER, &range);
+        errno = ENOTSUP;
+        return -1;
+    }
+    return 0;
+}
+
+int swiftlet_uffd_read_fault(int fd, uint64_t *address) {
+    struct uffd_msg message;
+    ssize_t n;
+    do { n = read(fd, &message, sizeof message); } while (n < 0 && errno == EINTR);
+    if (n < 0) return -1;
+    if (n != sizeof message) { errno = EIO; return -1; }
+    if (message.event != UFFD_EVENT_PAGEFAULT) return 0;
+    *address = message.arg.pagefault.address;
+    return 1;
+}
+
+int swiftlet_uffd_copy(int fd, uint64_t destination, const void *source, uint64_t length) {
+    struct uffdio_copy copy = { .dst = destination, .src = (uint64_t)(uintptr_t)source, .len = length, .mode = 0 };
+    int result;
+    do { result = ioctl(fd, UFFDIO_COPY, &copy); } while (result != 0 && errno == EINTR);
+    return result;
+}
+
+int swiftlet_uffd_zero(int fd, uint64_t destination, uint64_t length) {
+    struct uffdio_zeropage zero = { .range = { .start = destination, .len = length }, .mode = 0 };
+    int result;
+    do { result = ioctl(fd, UFFDIO_ZEROPAGE, &zero); } while (result != 0 && errno == EINTR);
+    return result;
+}
+
+int swiftlet_uffd_wake(int fd, uint64_t start, uint64_t length) {
+    struct uffdio_range range = { .start = start, .len = length };
+    return ioctl(fd, UFFDIO_WAKE, &range);
 }

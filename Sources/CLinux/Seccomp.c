@@ -12,6 +12,7 @@
 #include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <linux/userfaultfd.h>
 
 const uint32_t SWIFTLET_AUDIT_ARCH_X86_64 = AUDIT_ARCH_X86_64;
 
@@ -71,6 +72,8 @@ static const unsigned long ioctl_requests[] = {
     TIOCGWINSZ,
     TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGPGRP, FIONREAD, FIONBIO, FIOCLEX, FIONCLEX,
     BLKGETSIZE64,
+    // A lazily restored machine's memory is filled by a thread of the VMM's (LazyMemory).
+    UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE,
 };
 
 const unsigned long *swiftlet_vmm_ioctl_requests(int *count) {

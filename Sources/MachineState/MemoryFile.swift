@@ -74,7 +74,14 @@ public struct MemoryFile: Sendable {
             throw SwiftletError(.invalidFormat, "\(path) is not a Swiftlet snapshot memory file (\(size) bytes)")
         }
         let h = try fd.read(count: Int(pageSize), at: 0, what: path)
-        guard Array(h[0..<8]) == magic else {
+        return Opened(file: try parse(header: h, size: size, path: path), descriptor: fd)
+    }
+
+    /// The memory file whose first page is `h` and whose size is `size`, checked as `open`
+    /// checks a file's (for a memory file that is not a file: a pack's memory part). `path`
+    /// names it in errors.
+    public static func parse(header h: [UInt8], size: UInt64, path: String) throws(SwiftletError) -> MemoryFile {
+        guard h.count >= Int(pageSize), Array(h[0..<8]) == magic else {
             throw SwiftletError(.invalidFormat, "\(path) is not a Swiftlet snapshot memory file")
         }
         let version = UInt32(LittleEndian.read(h, at: 8, count: 4))
@@ -118,7 +125,7 @@ public struct MemoryFile: Sendable {
         guard size == file.fileBytes else {
             throw SwiftletError(.invalidFormat, "\(path) is \(size < file.fileBytes ? "truncated" : "longer than its header says"): \(size) bytes, expected \(file.fileBytes)")
         }
-        return Opened(file: file, descriptor: fd)
+        return file
     }
 
     /// The diff's bitmap of present pages.

@@ -122,6 +122,28 @@ long swiftlet_send_with_fds(int socket, const void *bytes, unsigned long length,
 /// them is closed, `*count` is 0, and the call fails with EMSGSIZE.
 long swiftlet_receive_with_fds(int socket, void *bytes, unsigned long length, int *fds, int capacity, int *count);
 
+// MARK: userfaultfd (lazily filled memory)
+
+/// A userfaultfd (close-on-exec, non-blocking) that has done its API handshake and can report
+/// missing-page faults and fill them (UFFDIO_COPY, UFFDIO_ZEROPAGE): the userfaultfd(2) system
+/// call, else /dev/userfaultfd (Linux 6.1+) when the call is refused. Faults the kernel takes
+/// on the process's behalf (KVM, read(2) into the memory) are reported too. -1 with errno.
+int swiftlet_uffd_open(void);
+/// Registers [start, start + length) (page-aligned, anonymous memory) for missing-page faults;
+/// 0, or -1 with errno (ENOTSUP when the range cannot be filled by copy and zero page).
+int swiftlet_uffd_register(int fd, uint64_t start, uint64_t length);
+/// Reads the next event: 1 with the faulting address in `*address` for a page fault, 0 for
+/// another event, -1 with errno (EAGAIN: none pending).
+int swiftlet_uffd_read_fault(int fd, uint64_t *address);
+/// Fills the missing pages of [destination, destination + length) with a copy of `source` and
+/// wakes the threads waiting on them; 0, or -1 with errno (EEXIST: a page was already there).
+int swiftlet_uffd_copy(int fd, uint64_t destination, const void *source, uint64_t length);
+/// Maps the zero page over the missing pages of [destination, destination + length) and wakes
+/// the threads waiting on them; 0, or -1 with errno.
+int swiftlet_uffd_zero(int fd, uint64_t destination, uint64_t length);
+/// Wakes the threads waiting on [start, start + length) (pages another fill made present).
+int swiftlet_uffd_wake(int fd, uint64_t start, uint64_t length);
+
 /// Installs a do-nothing handler (without SA_RESTART) for `signo`, so that sending it to a thread
 /// interrupts a blocking system call such as KVM_RUN with EINTR.
 int swiftlet_install_wakeup_signal(int signo);
