@@ -43,6 +43,19 @@ public final class PackReader {
         return part
     }
 
+    /// Checks that `part`'s digest is the digest of its chunks' digests, as the manifest gives
+    /// them (no chunk is read): for a part read a chunk at a time, whose chunks are then checked
+    /// one by one as they are read.
+    public func checkChunkDigests(of part: PackPart) throws(SwiftletError) {
+        var whole = SHA256()
+        for (index, chunk) in part.chunks.enumerated() {
+            whole.update(chunk.encoding == .zero ? PackPart.zeroChunkDigest(length: part.length(ofChunk: index)) : chunk.sha256)
+        }
+        guard whole.finalize() == part.sha256 else {
+            throw SwiftletError(.invalidFormat, "part \(part.name) of \(path) is damaged: its SHA-256 is not that of its chunks")
+        }
+    }
+
     /// Reads chunk `index` of `part` into `buffer` (exactly `part.length(ofChunk: index)` bytes)
     /// and checks it against its digest.
     public func readChunk(_ index: Int, of part: PackPart, into buffer: UnsafeMutableRawBufferPointer) throws(SwiftletError) {

@@ -2,6 +2,7 @@ import AgentProtocol
 import Hypervisor
 import Glibc
 import Images
+import MachineState
 import SwiftletNet
 import SwiftletSystem
 import VMM
@@ -77,6 +78,8 @@ public struct CommandRun: Sendable {
     /// The read-only disks a `.snapshot` root may name (a pack's own copies); nil: image layers
     /// in this user's store and the default image (`SnapshotPaths.resolver`).
     var snapshotDisks: SnapshotDiskResolver?
+    /// A `.snapshot` root's memory read lazily from a pack (nil: its memory file).
+    var snapshotMemory: (any MemoryImageSource)?
 
     /// Where the command's streams go, and what the caller hears while it runs.
     public struct IO: Sendable {
@@ -169,7 +172,7 @@ public struct CommandRun: Sendable {
             let unpacked: MachinePack.Unpacked
             var run = self
             do throws(SwiftletError) {
-                unpacked = try MachinePack.unpack(path, outsideHome: unpacksOutsideHome)
+                unpacked = try MachinePack.unpack(path, outsideHome: unpacksOutsideHome, lazyMemory: true)
                 if unpacked.kind == .image {
                     // Booted with the pack's kernel and agent (no boot template of them yet).
                     run.packedImage = try unpacked.image(what: path)
@@ -181,6 +184,7 @@ public struct CommandRun: Sendable {
                     }
                     run.root = .snapshot(unpacked.snapshotDirectory)
                     run.snapshotDisks = unpacked.readOnlyDisks
+                    run.snapshotMemory = unpacked.lazyMemory
                 }
             } catch {
                 throw Failure.setup(error)
@@ -353,7 +357,8 @@ public struct CommandRun: Sendable {
             let attached = policy.hasNetwork ? try MachineNetwork(policy: policy, logFile: nil) : nil
             let vm = try Machine.restoring(from: directory, consoleOutput: consoleOutput, kvmPath: AgentPort.kvmPath,
                                            allowPVM: allowPVM, vsockPorts: port, diffable: false, prefetchWorkingSet: true,
-                                           readOnlyDisks: snapshotDisks ?? SnapshotPaths.resolver, network: attached?.device(log: log))
+                                           readOnlyDisks: snapshotDisks ?? SnapshotPaths.resolver, network: attached?.device(log: log),
+                                           lazyMemory: snapshotMemory)
             let defaults = try AgentSnapshot.defaults(of: vm, directory: directory)
             return (vm, try defaults.request(command: command, environment: environment, workdir: workingDirectory, user: user, what: directory),
                     nil, attached)

@@ -264,13 +264,18 @@ public enum MachinePack {
         /// The pack's read-only disks for a restore of it: the disks the snapshot recorded,
         /// mapped by their form (layer digest, default image) to the pack's own copies.
         public let readOnlyDisks: SnapshotDiskResolver
+        /// A snapshot pack unpacked without its memory: the memory, read from the pack a chunk
+        /// at a time as the restored guest touches it (`Machine.restoring(lazyMemory:)`).
+        public let lazyMemory: (any MemoryImageSource)?
         let root: String
         /// Whether the directory stays when this value goes (a machine's `pack/`).
         private let kept: Atomic<Bool>
 
-        init(root: String, layers: [String: String], kind: PackManifest.Kind = .snapshot, kept: Bool = false) {
+        init(root: String, layers: [String: String], kind: PackManifest.Kind = .snapshot, kept: Bool = false,
+             lazyMemory: (any MemoryImageSource)? = nil) {
             self.root = root
             self.kind = kind
+            self.lazyMemory = lazyMemory
             self.kept = Atomic(kept)
             self.snapshotDirectory = root + "/snapshot"
             readOnlyDisks = Self.resolver(layers: layers, root: root)
@@ -332,13 +337,18 @@ public enum MachinePack {
     /// under `$SWIFTLET_HOME/unpacked`, or with `outsideHome` a new temporary directory
     /// (`$TMPDIR`, else /var/tmp: a packed program has no home of its own).
     /// A damaged pack is refused with an error naming the part, and leaves nothing behind.
-    public static func unpack(_ path: String, outsideHome: Bool = false) throws(SwiftletError) -> Unpacked {
-        try unpack(path, into: nil, outsideHome: outsideHome)
+    ///
+    /// With `lazyMemory`, a snapshot pack's memory is not unpacked where this process may use a
+    /// userfaultfd: `Unpacked.lazyMemory` reads it from the pack as the restored guest touches
+    /// it (each chunk checked then). Elsewhere it is unpacked with the rest.
+    public static func unpack(_ path: String, outsideHome: Bool = false, lazyMemory: Bool = false) throws(SwiftletError) -> Unpacked {
+        try unpack(path, into: nil, outsideHome: outsideHome, lazyMemory: lazyMemory)
     }
 
     /// `unpack`, into `directory` (which must not exist; it is made, 0700) when given, and kept
     /// there when the value goes (removed on a failure).
-    static func unpack(_ path: String, into directory: String?, outsideHome: Bool = false) throws(SwiftletError) -> Unpacked {
+    static func unpack(_ path: String, into directory: String?, outsideHome: Bool = false,
+                       lazyMemory: Bool = false) throws(SwiftletError) -> Unpacked {
         let reader = try PackReader(path: path)
         let kind = reader.manifest.kind
         guard kind != .machine || directory != nil else {
@@ -388,7 +398,13 @@ public enum MachinePack {
             try FileTree.makeDirectory(root)
         }
         destinations = destinations.map { ($0.part, root + $0.file) }
-        let unpacking = Unpacked(root: root, layers: layers.mapValues { root + $0 }, kind: kind)
+        var memorySource: PackMemorySource?
+        if lazyMemory, kind == .snapshot, UserFaultFD.isAvailable, let index = destinations.firstIndex(where: { $0.part.name == SnapshotDirectory.memoryFileName }) {
+            let memory = destinations.remove(at: index).part
+            try reader.checkChunkDigests(of: memory)
+            memorySource = PackMemorySource(reader: reader, part: memory)
+        }
+        let unpacking = Unpacked(root: root, layers: layers.mapValues { root + $0 }, kind: kind, lazyMemory: memorySource)
         try FileTree.makeDirectory(root + "/snapshot")
         try FileTree.makeDirectory(root + "/disks")
         for (part, file) in destinations {
@@ -452,5 +468,31 @@ extension MachinePack {
             throw SwiftletError(error.code, "\(reference) holds no Swiftlet pack that this Swiftlet reads (removed \(output)): \(error.message)")
         }
         return String(decoding: out, as: UTF8.self).filter { !$0.isWhitespace }
+    }
+}
+
+/// A snapshot pack's `memory` part as the source of a lazily restored machine's memory: each
+/// chunk read, decompressed and checked against its digest when the guest first touches it.
+final class PackMemorySource: MemoryImageSource, @unchecked Sendable {
+    // SAFETY (Sendable): the reader (a descriptor and a decompression context) is used under `lock`.
+    private let reader: PackReader
+    private let part: PackPart
+    private let lock = Mutex<Void>(())
+
+    init(reader: PackReader, part: PackPart) {
+        self.reader = reader
+        self.part = part
+    }
+
+    var size: UInt64 { part.size }
+    var chunkSize: Int { Int(part.chunkSize) }
+
+    func isZero(chunk index: Int) -> Bool { part.chunks[index].encoding == .zero }
+
+    func read(chunk index: Int, into buffer: UnsafeMutableRawBufferPointer) throws(SwiftletError) {
+        guard index >= 0, index < part.chunks.count, buffer.count == part.length(ofChunk: index) else {
+            throw SwiftletError(.invalidArgument, "chunk \(index) of part \(part.name) of \(reader.path) was asked for with \(buffer.count) bytes")
+        }
+        try lock.withLock { _ throws(SwiftletError) in try reader.readChunk(index, of: part, into: buffer) }
     }
 }

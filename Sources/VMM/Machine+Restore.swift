@@ -18,6 +18,9 @@ struct RestorePlan: Sendable {
     var diffable = true
     /// Whether the restore makes private copies of the snapshot's recorded working set up front.
     var prefetchesWorkingSet = false
+    /// Where the memory comes from when it is not the snapshot's memory file: a source read
+    /// lazily, a chunk as the guest first touches it (`LazyMemory`).
+    var lazyMemory: (any MemoryImageSource)?
 
     /// The working set recorded beside the snapshot, if there is one that belongs to it: a hint,
     /// so anything unreadable counts as none.
@@ -172,12 +175,18 @@ extension Machine {
                                  vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
                                  diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
                                  prefetchWorkingSet: Bool = false, readOnlyDisks: SnapshotDiskResolver = .none,
-                                 network: NetworkDeviceConfig? = nil,
+                                 network: NetworkDeviceConfig? = nil, lazyMemory: (any MemoryImageSource)? = nil,
                                  hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) throws(SwiftletError) -> Machine {
         var plan = try RestorePlan.load(SnapshotDirectory(directory))
         let nic = try plan.checkedNetwork(network)
         plan.diffable = diffable
         plan.prefetchesWorkingSet = prefetchWorkingSet
+        if let lazyMemory {
+            guard plan.snapshot.kind == .full else {
+                throw SwiftletError(.invalidArgument, "the snapshot in \(directory) is a diff: only a full snapshot's memory can be read lazily")
+            }
+            plan.lazyMemory = lazyMemory
+        }
         let hardware = plan.snapshot.hardware
         let copies = try writableDiskFiles(plan)
         if let writableDisks, writableDisks.count != copies.count {
@@ -218,7 +227,15 @@ extension Machine {
         try shape.validate()
         let parts = try Self.assemble(shape, hypervisor: hypervisor, controller: controller, vsockPorts: vsockPorts,
                                       logDirtyPages: plan.diffable, phases: &phases, onBootMarker: onBootMarker) { ranges throws(SwiftletError) in
-            try plan.mapMemory(expecting: ranges)
+            guard let source = plan.lazyMemory else { return try plan.mapMemory(expecting: ranges) }
+            let lazy = try LazyMemory(source: source, id: plan.snapshot.id, what: "the memory of the snapshot in \(plan.directory)") { error in
+                controller.stop(.vmmError("the machine's memory could not be read: \(error.message)"))
+            }
+            guard lazy.memory.regions.map(\.start) == ranges.map(\.0), lazy.memory.regions.map(\.size) == ranges.map(\.1) else {
+                throw SwiftletError(.invalidFormat, "the memory of the snapshot in \(plan.directory) does not have the layout of a \(plan.snapshot.hardware.memoryMiB) MiB machine")
+            }
+            lazyMemory.withLock { $0 = lazy }
+            return lazy.memory
         }
         do throws(SwiftletError) {
             var prefetch: [Range<Int>] = []

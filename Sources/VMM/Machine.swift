@@ -3,6 +3,7 @@ import Devices
 import Glibc
 import GuestMemory
 import Hypervisor
+import MachineState
 import Synchronization
 import SwiftletSystem
 
@@ -41,6 +42,9 @@ public final class Machine: Sendable {
     let operations = Mutex<Void>(())
     /// Whether the restore found the snapshot's working set (or this machine recorded it).
     let workingSetLoaded = Mutex<Bool>(false)
+    /// A machine restored with lazy memory: what fills it (kept as long as the machine, whose
+    /// memory it holds).
+    let lazyMemory = Mutex<LazyMemory?>(nil)
     /// The key its guest agent proves it holds on every session (`AgentKey`, `AgentSession.open`).
     let agentKey: Mutex<AgentKeyState>
 

@@ -55,6 +55,28 @@ struct PackIntegrationTests {
         #expect(shaped.status != 0 && shaped.stderr.contains("is a pack"), "\(shaped.stderr)")
     }
 
+    /// A snapshot pack's memory is not unpacked for a run: the restored guest's pages come from
+    /// the pack as it touches them (userfaultfd; the nested host's test process is root), and the
+    /// run reads and writes its memory as before.
+    @Test func aPacksMemoryIsReadLazilyNotUnpacked() throws {
+        let snapshot = dir.path + "/lazy.snap", pack = dir.path + "/lazy.swiftlet"
+        try #require(swiftlet(["snapshot", "--memory", "512", "-o", snapshot], home: home).status == 0)
+        try #require(swiftlet(["pack", "create", "--from", snapshot, "-o", pack], home: home).status == 0)
+        // While a run sleeps: what its unpacked directory holds, and how much of the VMM's memory is anonymous.
+        let script = """
+            "$0" run --image "$1" -- sh -c 'head -c 16000000 /dev/zero | md5sum; sleep 4' &
+            for i in $(seq 600); do ls "$2"/unpacked/*/snapshot 2>/dev/null | grep -q state && break; sleep 0.1; done
+            sleep 2; ls "$2"/unpacked/*/snapshot; grep RssAnon /proc/$!/status; wait $!
+            """
+        let r = Subprocess.run(["/bin/sh", "-c", script, swiftlet, pack, elsewhere], environment: ["SWIFTLET_HOME": elsewhere], timeout: 600)
+        #expect(r.status == 0 && r.stdout.contains("state") && !r.stdout.contains("memory"), "\(r.stdout)\(r.stderr)")
+        #expect(r.stdout.contains("d8cb860ac8d564afab54d6dbebecd746  -"), "the guest computes as before: \(r.stdout)")
+        let anonymous = r.stdout.split(separator: "\n").first { $0.hasPrefix("RssAnon:") }
+            .flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? Int.max
+        #expect(anonymous < 400 << 10, "a 512 MiB machine's untouched memory is not resident: \(anonymous) kB")
+        leftNothing(in: elsewhere)
+    }
+
     @Test(.enabled(if: TestImages.directory != nil, "needs the test images"))
     func anImagesPackBootsElsewhereWithItsOwnKernelAndCommand() throws {
         let pack = dir.path + "/layout.swiftlet"
