@@ -6,9 +6,14 @@
 # (`pack create --from`, and once more as a program with --executable), and the image itself
 # (`pack create --image`); sizes and creation times are reported. Then, BENCH_RUNS times in
 # rotation, the time to the first output of `echo hi`: `run --from DIR` (the snapshot as it is),
-# `run --image SNAPSHOT.swiftlet` (unpacked, then restored), the program, `run --image
+# `run --image SNAPSHOT.swiftlet` (unpacked but for its memory, which the guest's faults bring in
+# lazily), the program, `run --image
 # IMAGE.swiftlet` (unpacked, then booted cold) and `run --image DIGEST` (the image from the
 # store, its boot template restored), each a new process timed from its start to its exit.
+#
+# Then, 3 times each, the host memory of the process running `echo hi` from the snapshot pack and
+# from the directory, once `hi` is out (RssAnon: the guest memory brought in, and the VMM's own;
+# RssFile: pages of mapped files, the snapshot's memory file for `--from`).
 #
 # Environment: SWIFTLET (binary), IMAGE (OCI layout), NETBENCH (this host's timer), SWIFTLET_HOME,
 # BENCH_RUNS (default 10).
@@ -59,5 +64,22 @@ while [ "$i" -le "$runs" ]; do
   echo "RESULT first_output_image_pack_ms $(timed "$SWIFTLET" run --image "$work/image.swiftlet" -- echo hi)"
   echo "RESULT first_output_image_template_ms $(timed "$SWIFTLET" run --image "$digest" -- echo hi)"
   i=$((i + 1))
+done
+
+# "anon file" (kB) of a run of "$@" -- sh -c 'echo hi; sleep 3', read once `hi` is out.
+resident() {
+  "$@" -- sh -c 'echo hi; sleep 3' > "$work/resident.out" &
+  pid=$!
+  for _ in $(seq 1200); do grep -q hi "$work/resident.out" 2>/dev/null && break; sleep 0.05; done
+  anon=$(sed -n 's/^RssAnon: *\([0-9]*\).*/\1/p' /proc/$pid/status)
+  file=$(sed -n 's/^RssFile: *\([0-9]*\).*/\1/p' /proc/$pid/status)
+  wait $pid || fail "$* failed"
+  echo "$anon $file"
+}
+for _ in 1 2 3; do
+  set -- $(resident "$SWIFTLET" run --image "$work/snap.swiftlet")
+  echo "RESULT rss_anon_snapshot_pack_kb $1"; echo "RESULT rss_file_snapshot_pack_kb $2"
+  set -- $(resident "$SWIFTLET" run --from "$work/snap")
+  echo "RESULT rss_anon_from_dir_kb $1"; echo "RESULT rss_file_from_dir_kb $2"
 done
 rm -rf "$work"

@@ -75,6 +75,21 @@ struct PackIntegrationTests {
             .flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? Int.max
         #expect(anonymous < 400 << 10, "a 512 MiB machine's untouched memory is not resident: \(anonymous) kB")
         leftNothing(in: elsewhere)
+
+        // Every stored memory chunk but the first (the header's) damaged: the first page the guest
+        // touches in one ends the run, naming the chunk; nothing it would have printed is printed.
+        let json = swiftlet(["pack", "inspect", "--json", pack], home: elsewhere).stdout
+        struct Chunk: Decodable { var encoding: String; var offset: UInt64; var length: UInt64 }
+        struct Part: Decodable { var name: String; var chunks: [Chunk] }
+        struct Manifest: Decodable { var parts: [Part] }
+        let memory = try #require(try JSONDecoder().decode(Manifest.self, from: Data(json.utf8)).parts.first { $0.name == "memory" })
+        var bytes = try OwnedFileDescriptor.readSmallFile(pack, limit: 512 << 20)
+        for chunk in memory.chunks.filter({ $0.encoding != "zero" }).dropFirst() { bytes[Int(chunk.offset + chunk.length / 2)] ^= 0x01 }
+        let damaged = dir.write("lazy-damaged.swiftlet", bytes)
+        let refused = swiftlet(["run", "--image", damaged, "--", "echo", "ran"], home: elsewhere)
+        #expect(refused.status != 0 && !refused.stdout.contains("ran") && refused.stderr.contains("the machine's memory could not be read: chunk ")
+                    && refused.stderr.contains("of part memory of \(damaged) is damaged"), "\(refused.status) \(refused.stdout)\(refused.stderr)")
+        leftNothing(in: elsewhere)
     }
 
     @Test(.enabled(if: TestImages.directory != nil, "needs the test images"))
