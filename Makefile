@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
 DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
 
-.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested test-net fuzz fuzz-ci fuzz-long bench bench-boot bench-run bench-pull bench-snapshot bench-library bench-net bench-pack clean
+.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested test-two-hosts test-net fuzz fuzz-ci fuzz-long bench bench-boot bench-run bench-pull bench-snapshot bench-library bench-net bench-pack clean
 
 all: build
 
@@ -43,8 +43,8 @@ demo: guest
 	fi
 
 # Every test: unit tests on this host, the fuzz targets for their CI budget, then the Linux-guest
-# integration suite.
-test: unit-test fuzz-ci test-nested
+# integration suite, and a running machine's pack carried from one test host boot to another.
+test: unit-test fuzz-ci test-nested test-two-hosts
 
 # Unit tests on this host; lists the skipped ones and fails on a skip that must not happen here (scripts/unit-test).
 unit-test: guest build-tests
@@ -52,6 +52,9 @@ unit-test: guest build-tests
 
 test-nested: guest build-tests
 	@scripts/test-nested
+
+test-two-hosts: guest build
+	@scripts/test-two-hosts
 
 # The network integration suite (issue 18; not yet part of `make test`: it does not pass yet).
 test-net: guest build-tests

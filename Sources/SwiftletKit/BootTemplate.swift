@@ -34,8 +34,13 @@ public struct BootTemplate: Sendable {
     let inputs: String
 
     /// The template for machines booted with `config` (whose disks are all empty drives).
-    init(config: MachineConfig) {
-        inputs = [config.kernelPath, config.initrdPath ?? "", Self.executablePath].map(Self.fileLine).joined()
+    /// `contents` names files by their contents instead of by where they are (an image pack's
+    /// kernel and agent, unpacked anew for each run: by their part's digest), so the template
+    /// serves every run of them.
+    init(config: MachineConfig, contents: [String: String] = [:]) {
+        inputs = [config.kernelPath, config.initrdPath ?? "", Self.executablePath].map { path in
+            contents[path].map { Self.contentLine($0) } ?? Self.fileLine(path)
+        }.joined()
         var key = "swiftlet-boot-template \(Self.format)\n" + inputs
         key += "\(config.commandLine)\ncpus \(config.cpuCount) memory \(config.memoryMiB) drives \(config.disks.count)"
         key += " entropy \(config.entropyDevice) vsock \(config.vsock.map { String($0.guestCID) } ?? "none")\n"
@@ -61,6 +66,9 @@ public struct BootTemplate: Sendable {
         guard stat(path, &info) == 0 else { return "\(path) missing\n" }
         return "\(path) \(info.st_dev) \(info.st_ino) \(info.st_size) \(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec)\n"
     }
+
+    /// A file known by its contents' digest: it cannot become stale.
+    static func contentLine(_ digest: String) -> String { "contents \(digest)\n" }
 
     var exists: Bool { directory.exists }
 
@@ -89,7 +97,7 @@ public struct BootTemplate: Sendable {
             let template = BootTemplate(directory: root + "/" + name)
             guard let recorded = try? OwnedFileDescriptor.readSmallTextFile(template.directory.path + "/inputs") else { continue }
             let current = recorded.split(separator: "\n").map { line in
-                fileLine(String(line.split(separator: " ").dropLast(4).joined(separator: " ")))
+                line.hasPrefix("contents ") ? String(line) + "\n" : fileLine(String(line.split(separator: " ").dropLast(4).joined(separator: " ")))
             }.joined()
             if current != recorded { template.remove() }
         }

@@ -174,9 +174,10 @@ public struct CommandRun: Sendable {
             do throws(SwiftletError) {
                 unpacked = try MachinePack.unpack(path, outsideHome: unpacksOutsideHome, lazyMemory: true)
                 if unpacked.kind == .image {
-                    // Booted with the pack's kernel and agent (no boot template of them yet).
+                    // Booted with the pack's kernel and agent, through a boot template keyed by their
+                    // digests; a packed program (no home of its own) boots cold.
                     run.packedImage = try unpacked.image(what: path)
-                    run.cold = true
+                    run.cold = cold || unpacksOutsideHome
                 } else {
                     // A pack is untrusted: its maker's network policy is not taken.
                     if !network.hasNetwork, try Machine.network(ofSnapshot: unpacked.snapshotDirectory) != nil {
@@ -388,7 +389,7 @@ public struct CommandRun: Sendable {
                                                  allowPVM: allowPVM, consoleOutput: consoleOutput, emptyDrives: true, agentInitrd: packedImage?.agent,
                                                  cpuTemplate: cpuTemplate ?? packedImage?.cpuTemplate)
         config.network = attached?.device(log: log)
-        let template = BootTemplate(config: config)
+        let template = BootTemplate(config: config, contents: packedImage?.contents ?? [:])
         if templates == .restoreOrSave && template.exists {
             do {
                 let vm = try Machine.restoring(from: template.directory.path, consoleOutput: consoleOutput, kvmPath: AgentPort.kvmPath,

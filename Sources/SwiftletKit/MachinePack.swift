@@ -267,15 +267,18 @@ public enum MachinePack {
         /// A snapshot pack unpacked without its memory: the memory, read from the pack a chunk
         /// at a time as the restored guest touches it (`Machine.restoring(lazyMemory:)`).
         public let lazyMemory: (any MemoryImageSource)?
+        /// Each part's digest (`PackPart.sha256`), by name.
+        let partDigests: [String: [UInt8]]
         let root: String
         /// Whether the directory stays when this value goes (a machine's `pack/`).
         private let kept: Atomic<Bool>
 
         init(root: String, layers: [String: String], kind: PackManifest.Kind = .snapshot, kept: Bool = false,
-             lazyMemory: (any MemoryImageSource)? = nil) {
+             lazyMemory: (any MemoryImageSource)? = nil, partDigests: [String: [UInt8]] = [:]) {
             self.root = root
             self.kind = kind
             self.lazyMemory = lazyMemory
+            self.partDigests = partDigests
             self.kept = Atomic(kept)
             self.snapshotDirectory = root + "/snapshot"
             readOnlyDisks = Self.resolver(layers: layers, root: root)
@@ -301,9 +304,13 @@ public enum MachinePack {
             let image = try MachinePack.description(PackedImage.self, in: root + "/" + MachinePack.imagePart, what: what, kind: "image")
             guard image.name.utf8.count <= 4096 else { throw SwiftletError(.invalidFormat, "\(what) names its image with \(image.name.utf8.count) bytes") }
             let disks = try MachinePack.layerFiles(image.layers, unpackedAt: root, what: what)
+            let kernel = root + "/" + MachinePack.kernelPart, agent = root + "/" + MachinePack.agentPart
+            var contents: [String: String] = [:]
+            for (path, name) in [(kernel, MachinePack.kernelPart), (agent, MachinePack.agentPart)] {
+                if let digest = partDigests[name] { contents[path] = "pack-part-sha256:" + Hex.encode(digest) }
+            }
             return PackedImageRoot(root: RootFilesystem(disks: disks, defaults: image.defaults, name: image.name),
-                                   kernel: root + "/" + MachinePack.kernelPart, agent: root + "/" + MachinePack.agentPart,
-                                   cpuTemplate: image.cpuTemplate)
+                                   kernel: kernel, agent: agent, cpuTemplate: image.cpuTemplate, contents: contents)
         }
 
         /// Leaves the directory in place when this value goes.
@@ -327,6 +334,9 @@ public enum MachinePack {
         var kernel: String
         var agent: String
         var cpuTemplate: CPUTemplate?
+        /// The kernel's and the agent's part digests, by their unpacked paths: what a boot
+        /// template of them is keyed by (`BootTemplate(config:contents:)`).
+        var contents: [String: String] = [:]
     }
 
     /// Where packs are unpacked to run: `$SWIFTLET_HOME/unpacked`.
@@ -404,7 +414,8 @@ public enum MachinePack {
             try reader.checkChunkDigests(of: memory)
             memorySource = PackMemorySource(reader: reader, part: memory)
         }
-        let unpacking = Unpacked(root: root, layers: layers.mapValues { root + $0 }, kind: kind, lazyMemory: memorySource)
+        let unpacking = Unpacked(root: root, layers: layers.mapValues { root + $0 }, kind: kind, lazyMemory: memorySource,
+                                 partDigests: Dictionary(reader.manifest.parts.map { ($0.name, $0.sha256) }, uniquingKeysWith: { first, _ in first }))
         try FileTree.makeDirectory(root + "/snapshot")
         try FileTree.makeDirectory(root + "/disks")
         for (part, file) in destinations {

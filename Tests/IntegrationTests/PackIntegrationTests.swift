@@ -104,6 +104,12 @@ struct PackIntegrationTests {
         #expect(run.status == 0 && run.stdout == "cwd=/srv from_image=yes\nhello from the image\n", "\(run.stdout)\(run.stderr)")
         let environment = swiftlet(["run", "--image", pack, "-e", "FROM_RUN=1"], home: elsewhere)
         #expect(environment.status == 0 && environment.stdout.hasPrefix("cwd=/srv"), "\(environment.stdout)\(environment.stderr)")
+        // The first run saved a boot template of the pack's kernel and agent, keyed by their
+        // digests (each run unpacks them anew), which the second restored.
+        let templates = (OwnedFileDescriptor.directoryEntries(elsewhere + "/templates") ?? []).filter { $0.isDirectory && !$0.name.contains(".") }
+        #expect(templates.count == 1, "\(templates)")
+        let inputs = templates.first.flatMap { try? OwnedFileDescriptor.readSmallTextFile(elsewhere + "/templates/" + $0.name + "/inputs") } ?? ""
+        #expect(inputs.components(separatedBy: "contents pack-part-sha256:").count == 3, "the kernel and the agent by digest: \(inputs)")
         // Without a source: the default image. As a program, in an empty environment.
         let program = dir.path + "/default-image-app"
         let packed = swiftlet(["pack", "create", "-o", program, "--executable"], home: home)
