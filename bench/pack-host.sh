@@ -71,8 +71,8 @@ resident() {
   "$@" -- sh -c 'echo hi; sleep 3' > "$work/resident.out" &
   pid=$!
   for _ in $(seq 1200); do grep -q hi "$work/resident.out" 2>/dev/null && break; sleep 0.05; done
-  anon=$(sed -n 's/^RssAnon: *\([0-9]*\).*/\1/p' /proc/$pid/status)
-  file=$(sed -n 's/^RssFile: *\([0-9]*\).*/\1/p' /proc/$pid/status)
+  anon=$(sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status)
+  file=$(sed -n 's/^RssFile:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status)
   wait $pid || fail "$* failed"
   echo "$anon $file"
 }
