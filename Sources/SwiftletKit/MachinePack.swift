@@ -107,16 +107,9 @@ public enum MachinePack {
     static func writeProgram(_ path: String, to destination: borrowing OwnedFileDescriptor) throws(SwiftletError) -> UInt64 {
         let source = try OwnedFileDescriptor.openRegularFile(path, flags: O_RDONLY | O_CLOEXEC, what: "the program")
         let bytes = looksLikePack(path) ? try PackReader(path: path).start : try source.size()
-        var buffer = [UInt8](repeating: 0, count: 1 << 20)
-        var offset: UInt64 = 0
-        while offset < bytes {
-            let count = Int(min(UInt64(buffer.count), bytes - offset))
-            try buffer.withMutableBytes { raw throws(SwiftletError) in
-                let piece = UnsafeMutableRawBufferPointer(rebasing: raw[0..<count])
-                try source.read(into: piece, at: offset, what: "the program")
-                try destination.write(from: UnsafeRawBufferPointer(piece), at: offset, what: "the packed program")
-            }
-            offset += UInt64(count)
+        let fd = destination.rawValue
+        try source.forEachPiece(upTo: bytes, what: "the program") { piece, offset throws(SwiftletError) in
+            try OwnedFileDescriptor.write(fd: fd, from: piece, at: offset, what: "the packed program")
         }
         return bytes
     }

@@ -198,6 +198,23 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         try Self.writeAll(fd: rawValue, bytes)
     }
 
+    /// Reads the file's first `length` bytes in pieces of up to `pieceSize` bytes, handing each
+    /// to `body` with its offset (for streaming a large file through a digest or a copy).
+    public func forEachPiece(upTo length: UInt64, pieceSize: Int = 1 << 20, what: String,
+                             _ body: (UnsafeRawBufferPointer, UInt64) throws(SwiftletError) -> Void) throws(SwiftletError) {
+        var buffer = [UInt8](repeating: 0, count: Int(min(UInt64(pieceSize), max(length, 1))))
+        var offset: UInt64 = 0
+        while offset < length {
+            let count = Int(min(UInt64(buffer.count), length - offset))
+            try buffer.withMutableBytes { raw throws(SwiftletError) in
+                let piece = UnsafeMutableRawBufferPointer(rebasing: raw[0..<count])
+                try read(into: piece, at: offset, what: what)
+                try body(UnsafeRawBufferPointer(piece), offset)
+            }
+            offset += UInt64(count)
+        }
+    }
+
     /// `writeAll(fd:_:)` of an array.
     public static func writeAll(fd: Int32, _ bytes: [UInt8]) throws(SwiftletError) {
         try bytes.withBytes { raw throws(SwiftletError) in try writeAll(fd: fd, raw) }

@@ -82,17 +82,7 @@ struct SwiftletPull {
         let file = try OwnedFileDescriptor.openRegularFile(path, flags: O_RDONLY | O_CLOEXEC, what: "the pack")
         let size = try file.size()
         var hasher = SHA256()
-        var buffer = [UInt8](repeating: 0, count: 1 << 20)
-        var offset: UInt64 = 0
-        while offset < size {
-            let count = Int(min(UInt64(buffer.count), size - offset))
-            try buffer.withMutableBytes { raw throws(SwiftletError) in
-                let piece = UnsafeMutableRawBufferPointer(rebasing: raw[0..<count])
-                try file.read(into: piece, at: offset, what: path)
-                hasher.update(UnsafeRawBufferPointer(piece))
-            }
-            offset += UInt64(count)
-        }
+        try file.forEachPiece(upTo: size, what: path) { piece, _ in hasher.update(piece) }
         return (Digest(bytes: hasher.finalize()), Int64(size))
     }
 
