@@ -85,7 +85,10 @@ public enum MachinePack {
         try OwnedFileDescriptor.writeIntoPlace(FileTree.absolute(output)) { file throws(SwiftletError) in
             var start: UInt64 = 0
             if let executable {
-                start = try writeProgram(executable, to: file)
+                // The pack starts on a page boundary, so its stored chunks are page-aligned in the
+                // file too (a reader can map them); the gap is a hole.
+                let programBytes = try writeProgram(executable, to: file)
+                start = (programBytes + PackWriter.alignment - 1) / PackWriter.alignment * PackWriter.alignment
                 try file.setMode(0o755, what: output)
             }
             let writer = try PackWriter(fd: file.rawValue, start: start)
