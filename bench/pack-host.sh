@@ -7,8 +7,8 @@
 # (`pack create --image`); sizes and creation times are reported. Then, BENCH_RUNS times in
 # rotation, the time to the first output of `echo hi`: `run --from DIR` (the snapshot as it is),
 # `run --image SNAPSHOT.swiftlet` (unpacked but for its memory, which the guest's faults bring in
-# lazily), the program, `run --image
-# IMAGE.swiftlet` (unpacked, then booted cold) and `run --image DIGEST` (the image from the
+# lazily), the program, the image's pack as a program (disk only: booted cold, no home), `run --image
+# IMAGE.swiftlet` (unpacked, then its boot template restored) and `run --image DIGEST` (the image from the
 # store, its boot template restored), each a new process timed from its start to its exit.
 #
 # Then, 3 times each, the host memory of the process running `echo hi` from the snapshot pack and
@@ -36,6 +36,7 @@ bytes() { wc -c < "$1" | tr -d ' '; }
 echo "RESULT create_snapshot_ms $(timed "$SWIFTLET" pack create --from "$work/snap" -o "$work/snap.swiftlet")"
 echo "RESULT create_program_ms $(timed "$SWIFTLET" pack create --from "$work/snap" -o "$work/app" --executable)"
 echo "RESULT create_image_ms $(timed "$SWIFTLET" pack create --image "$digest" -o "$work/image.swiftlet")"
+"$SWIFTLET" pack create --image "$digest" -o "$work/image-app" --executable > /dev/null || fail "pack create --image --executable failed"
 echo "RESULT snapshot_pack_bytes $(bytes "$work/snap.swiftlet")"
 echo "RESULT program_bytes $(bytes "$work/app")"
 echo "RESULT image_pack_bytes $(bytes "$work/image.swiftlet")"
@@ -55,12 +56,14 @@ for args in "--from $work/snap" "--image $work/snap.swiftlet" "--image $work/ima
   "$SWIFTLET" run $args -- echo hi > /dev/null || fail "swiftlet run $args failed"
 done
 "$work/app" -- echo hi > /dev/null || fail "the packed program failed"
+"$work/image-app" -- echo hi > /dev/null || fail "the packed image program failed"
 
 i=1
 while [ "$i" -le "$runs" ]; do
   echo "RESULT first_output_from_dir_ms $(timed "$SWIFTLET" run --from "$work/snap" -- echo hi)"
   echo "RESULT first_output_snapshot_pack_ms $(timed "$SWIFTLET" run --image "$work/snap.swiftlet" -- echo hi)"
   echo "RESULT first_output_program_ms $(timed "$work/app" -- echo hi)"
+  echo "RESULT first_output_image_program_ms $(timed "$work/image-app" -- echo hi)"
   echo "RESULT first_output_image_pack_ms $(timed "$SWIFTLET" run --image "$work/image.swiftlet" -- echo hi)"
   echo "RESULT first_output_image_template_ms $(timed "$SWIFTLET" run --image "$digest" -- echo hi)"
   i=$((i + 1))
