@@ -15,7 +15,7 @@ public enum MachineServer {
     public static let invocation = ["machine", "serve"]
 
     /// The program started as a machine's VMM process: this one.
-    static var executable: String { GuestAssets.resolve("/proc/self/exe") ?? CommandLine.arguments[0] }
+    static var executable: String { (try? FileTree.currentExecutable()) ?? CommandLine.arguments[0] }
 
     /// For a program that embeds this library: when `arguments` (without the program's name)
     /// start a machine's VMM process, runs it and returns its exit status; otherwise nil. Call

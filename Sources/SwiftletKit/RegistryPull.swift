@@ -13,7 +13,7 @@ struct RegistryPull {
     var interruptions: Int32?
 
     static var helperPath: String {
-        let executable = GuestAssets.resolve("/proc/self/exe") ?? CommandLine.arguments[0]
+        let executable = (try? FileTree.currentExecutable()) ?? CommandLine.arguments[0]
         let directory = executable.lastIndex(of: "/").map { String(executable[..<$0]) } ?? "."
         return directory + "/swiftlet-pull"
     }

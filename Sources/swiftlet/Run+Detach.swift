@@ -31,7 +31,7 @@ extension Run {
             let resolved = try ImageResolver(store: store, insecure: source.insecureRegistry, policy: source.pull).resolve(image)
             environment.append(Self.resolvedImageVariable + "=" + resolved.image.manifest.description)
         }
-        let executable = GuestAssets.resolve("/proc/self/exe") ?? CommandLine.arguments[0]
+        let executable = (try? FileTree.currentExecutable()) ?? CommandLine.arguments[0]
         let pid = try spawnChild(executable, arguments: CommandLine.arguments, environment: currentEnvironment() + environment,
                                  output: .file(directory + "/stdout"), error: .file(directory + "/stderr"), newSession: true,
                                  what: "the background run")
