@@ -144,9 +144,9 @@ public enum MachinePack {
         let directory = try MachineDirectory(name: name)
         let record = try directory.record()
         if withMemory {
-            let scratch = unpackRoot + "/snapshot-" + (try SnapshotID.random()).description
-            try makeDirectories(unpackRoot, mode: 0o700)
-            defer { try? FileTree.remove(scratch) }
+            let reservation = try UnpackArea.reserve(prefix: "snapshot-")
+            let scratch = reservation.path
+            defer { UnpackArea.release(scratch); _ = reservation.lock.rawValue } // the lock is held until here
             _ = try Machines.snapshot(name, to: scratch)
             return try create(fromSnapshot: scratch, to: output, executable: executable, cpuTemplate: cpuTemplate)
         }
@@ -268,9 +268,12 @@ public enum MachinePack {
         let root: String
         /// Whether the directory stays when this value goes (a machine's `pack/`).
         private let kept: Atomic<Bool>
+        /// An entry of `UnpackArea`: its lock, held for as long as this value lives (-1: none).
+        private let areaLock: Int32
 
         init(root: String, layers: [String: String], kind: PackManifest.Kind = .snapshot, kept: Bool = false,
-             lazyMemory: (any MemoryImageSource)? = nil, partDigests: [String: [UInt8]] = [:]) {
+             lazyMemory: (any MemoryImageSource)? = nil, partDigests: [String: [UInt8]] = [:], areaLock: consuming OwnedFileDescriptor? = nil) {
+            self.areaLock = areaLock?.release() ?? -1
             self.root = root
             self.kind = kind
             self.lazyMemory = lazyMemory
@@ -292,7 +295,13 @@ public enum MachinePack {
             }
         }
 
-        deinit { if !kept.load(ordering: .acquiring) { try? FileTree.remove(root) } }
+        deinit {
+            if !kept.load(ordering: .acquiring) { try? FileTree.remove(root) }
+            if areaLock >= 0 {
+                UnpackArea.release(root)
+                _ = OwnedFileDescriptor(taking: areaLock)
+            }
+        }
 
         /// An image pack's root, kernel and agent initramfs (untrusted: its description is
         /// checked; the kernel and initramfs are only ever the guest's).
@@ -335,8 +344,6 @@ public enum MachinePack {
         var contents: [String: String] = [:]
     }
 
-    /// Where packs are unpacked to run: `$SWIFTLET_HOME/unpacked`.
-    static var unpackRoot: String { ImageStore.defaultRoot() + "/unpacked" }
 
     /// Checks the pack at `path` (a snapshot's or an image's: the parts its kind needs, and only
     /// parts it has) and unpacks it, every chunk checked, into a new private directory:
@@ -393,15 +400,20 @@ public enum MachinePack {
         }
         // Checked: the directory is made, and removed again if what follows fails.
         let root: String
+        var areaLock: OwnedFileDescriptor? = nil
         if let directory {
             root = directory
             try FileTree.makeDirectory(root)
         } else if outsideHome {
             root = try FileTree.makeTemporaryDirectory(prefix: "swiftlet-pack")
         } else {
-            try makeDirectories(unpackRoot, mode: 0o700)
-            root = unpackRoot + "/" + (try SnapshotID.random()).description
-            try FileTree.makeDirectory(root)
+            let reserved = try UnpackArea.reserve()
+            root = reserved.path
+            areaLock = reserved.takeLock()
+            do throws(SwiftletError) { try FileTree.makeDirectory(root) } catch {
+                UnpackArea.release(root)
+                throw error
+            }
         }
         destinations = destinations.map { ($0.part, root + $0.file) }
         var memorySource: PackMemorySource?
@@ -411,7 +423,8 @@ public enum MachinePack {
             memorySource = PackMemorySource(reader: reader, part: memory)
         }
         let unpacking = Unpacked(root: root, layers: layers.mapValues { root + $0 }, kind: kind, lazyMemory: memorySource,
-                                 partDigests: Dictionary(reader.manifest.parts.map { ($0.name, $0.sha256) }, uniquingKeysWith: { first, _ in first }))
+                                 partDigests: Dictionary(reader.manifest.parts.map { ($0.name, $0.sha256) }, uniquingKeysWith: { first, _ in first }),
+                                 areaLock: areaLock.take())
         try FileTree.makeDirectory(root + "/snapshot")
         try FileTree.makeDirectory(root + "/disks")
         for (part, file) in destinations {

@@ -279,6 +279,11 @@ public struct OwnedFileDescriptor: ~Copyable, @unchecked Sendable {
         try systemCall("cannot seek in \(what)") { lseek(fd, offset, SEEK_SET) }
     }
 
+    /// Takes an exclusive flock(2) on the file without waiting; false when another open file
+    /// description holds one (a lock goes when every descriptor of its description is closed,
+    /// also when its process dies).
+    public func tryLock() -> Bool { flock(rawValue, LOCK_EX | LOCK_NB) == 0 }
+
     /// Whether the descriptor refers to a regular file.
     public func isRegularFile() throws(SwiftletError) -> Bool {
         var info = stat()
