@@ -76,6 +76,18 @@ struct PackIntegrationTests {
         #expect(anonymous < 400 << 10, "a 512 MiB machine's untouched memory is not resident: \(anonymous) kB")
         leftNothing(in: elsewhere)
 
+        // A run killed outright leaves its unpacked copy; the next run removes it.
+        let killed = """
+            "$0" run --image "$1" -- sleep 120 &
+            pid=$!
+            for i in $(seq 600); do ls "$2"/unpacked/*/snapshot 2>/dev/null | grep -q state && break; sleep 0.1; done
+            kill -KILL $pid; wait $pid
+            echo "left: $(ls "$2"/unpacked | wc -l)"
+            "$0" run --image "$1" -- true && echo "after: $(ls "$2"/unpacked | wc -l)"
+            """
+        let k = Subprocess.run(["/bin/sh", "-c", killed, swiftlet, pack, elsewhere], environment: ["SWIFTLET_HOME": elsewhere], timeout: 600)
+        #expect(k.stdout.contains("left: 2\n") && k.stdout.contains("after: 0\n"), "\(k.stdout)\(k.stderr)")
+
         // Every stored memory chunk but the first (the header's) damaged: the first page the guest
         // touches in one ends the run, naming the chunk; nothing it would have printed is printed.
         let json = swiftlet(["pack", "inspect", "--json", pack], home: elsewhere).stdout
