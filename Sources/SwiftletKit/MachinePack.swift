@@ -404,10 +404,9 @@ public enum MachinePack {
         if let directory {
             root = directory
             try FileTree.makeDirectory(root)
-        } else if outsideHome {
-            root = try FileTree.makeTemporaryDirectory(prefix: "swiftlet-pack")
         } else {
-            let reserved = try UnpackArea.reserve()
+            let reserved = outsideHome ? try UnpackArea.reserve(prefix: "swiftlet-pack-", in: FileTree.temporaryParent, shared: true)
+                                       : try UnpackArea.reserve()
             root = reserved.path
             areaLock = reserved.takeLock()
             do throws(SwiftletError) { try FileTree.makeDirectory(root) } catch {

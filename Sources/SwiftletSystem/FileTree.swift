@@ -33,13 +33,19 @@ public enum FileTree {
     /// A new directory of this user's alone (mode 0700, a name no one else had: mkdtemp) in
     /// `$TMPDIR`, else /var/tmp (on disk where /tmp is memory), else /tmp; returns its path.
     public static func makeTemporaryDirectory(prefix: String) throws(SwiftletError) -> String {
-        let parent = getenv("TMPDIR").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
-            ?? (access("/var/tmp", W_OK) == 0 ? "/var/tmp" : "/tmp")
+        let parent = temporaryParent
         var template = Array((parent + "/" + prefix + ".XXXXXX").utf8CString)
         guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
             throw SwiftletError.system("cannot create a directory in \(parent)", errno: currentErrno)
         }
         return String(cString: made)
+    }
+
+    /// Where temporary directories go: `$TMPDIR`, else /var/tmp (on disk where /tmp is memory),
+    /// else /tmp.
+    public static var temporaryParent: String {
+        getenv("TMPDIR").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+            ?? (access("/var/tmp", W_OK) == 0 ? "/var/tmp" : "/tmp")
     }
 
     /// The path of this process's executable (`/proc/self/exe` resolved).

@@ -41,4 +41,22 @@ import TestSupport
         UnpackArea.release(next.path)
         #expect(access(next.path + ".lock", F_OK) != 0)
     }
+
+    /// In a shared temporary directory: only the prefix's names, and never through a link.
+    @Test func aSharedDirectoryIsSweptOnlyForItsPrefixAndNeverThroughALink() throws {
+        let root = dir.path
+        try FileTree.makeDirectory(root + "/victim")
+        _ = dir.write("victim/keep", [1])
+        #expect(symlink(root + "/victim", root + "/swiftlet-pack-link") == 0)
+        _ = dir.write("swiftlet-pack-link.lock", [])
+        try FileTree.makeDirectory(root + "/other")
+        _ = dir.write("other.lock", [])
+        try FileTree.makeDirectory(root + "/swiftlet-pack-dead")
+        _ = dir.write("swiftlet-pack-dead.lock", [])
+        let reservation = try UnpackArea.reserve(prefix: "swiftlet-pack-", in: root, shared: true)
+        #expect(exists("victim/keep"), "a link's target is never swept")
+        #expect(exists("other") && exists("other.lock"), "names without the prefix are not this sweep's")
+        #expect(!exists("swiftlet-pack-dead") && !exists("swiftlet-pack-dead.lock"))
+        UnpackArea.release(reservation.path)
+    }
 }
