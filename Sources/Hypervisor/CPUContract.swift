@@ -15,7 +15,7 @@ public struct CPUContract: Codable, Sendable, Equatable {
     public var tscKHz: UInt64?
 
     /// One feature register of one CPUID leaf.
-    public struct Word: Codable, Sendable, Equatable, Hashable {
+    public struct Word: Codable, Sendable, Equatable {
         public var function: UInt32
         public var index: UInt32
         public var register: CPUIDRegister
@@ -77,12 +77,9 @@ public struct CPUContract: Codable, Sendable, Equatable {
 
     /// The features this contract holds that `template` does not show, by name and place.
     public func features(beyond template: CPUTemplate) -> [String] {
-        var shown: [Word: UInt32] = [:]
-        for feature in template.features {
-            shown[Word(function: feature.function, index: feature.index, register: feature.register, bits: 0), default: 0] |= 1 << feature.bit
-        }
+        let shown = template.shownBits
         return words.flatMap { word in
-            let allowed = shown[Word(function: word.function, index: word.index, register: word.register, bits: 0)] ?? 0
+            let allowed = shown[CPUIDRegisterPlace(word.function, word.index, word.register)] ?? 0
             return CPUFeature.describe(Word(function: word.function, index: word.index, register: word.register, bits: word.bits & ~allowed))
         }
     }
@@ -120,6 +117,15 @@ public struct CPUContract: Codable, Sendable, Equatable {
 /// A CPUID register.
 public enum CPUIDRegister: String, Codable, Sendable, Hashable {
     case eax, ebx, ecx, edx
+}
+
+/// One register of one CPUID leaf and subleaf.
+public struct CPUIDRegisterPlace: Sendable, Hashable {
+    public var function: UInt32, index: UInt32, register: CPUIDRegister
+
+    public init(_ function: UInt32, _ index: UInt32, _ register: CPUIDRegister) {
+        self.function = function; self.index = index; self.register = register
+    }
 }
 
 extension CPUIDEntry {

@@ -41,6 +41,14 @@ public enum CPUTemplate: String, Codable, Sendable, CaseIterable {
         }
     }
 
+    /// The bits this template shows in each feature register (registers it shows nothing of
+    /// are absent).
+    public var shownBits: [CPUIDRegisterPlace: UInt32] {
+        var shown: [CPUIDRegisterPlace: UInt32] = [:]
+        for feature in features { shown[CPUIDRegisterPlace(feature.function, feature.index, feature.register), default: 0] |= 1 << feature.bit }
+        return shown
+    }
+
     /// The features of this template a host offering `supported` lacks, by name.
     public func missing(from supported: [CPUIDEntry]) -> [String] {
         features.filter { feature in
@@ -53,16 +61,12 @@ public enum CPUTemplate: String, Codable, Sendable, CaseIterable {
     /// to the state components the template shows: no component, size or supervisor state of
     /// one it hides.
     public func apply(to entries: [CPUIDEntry]) -> [CPUIDEntry] {
-        var allowed: [CPUContract.Word: UInt32] = [:]
-        func key(_ function: UInt32, _ index: UInt32, _ register: CPUIDRegister) -> CPUContract.Word {
-            CPUContract.Word(function: function, index: index, register: register, bits: 0)
-        }
-        for feature in features { allowed[key(feature.function, feature.index, feature.register), default: 0] |= 1 << feature.bit }
-        let components = allowed[key(0xD, 0, .eax)] ?? 0
+        let shown = shownBits
+        let components = shown[CPUIDRegisterPlace(0xD, 0, .eax)] ?? 0
         return entries.map { entry in
             var e = entry
             for register in CPUContract.featureRegisters where register.function == e.function && register.index == e.index {
-                e[register.register] &= (allowed[key(e.function, e.index, register.register)] ?? 0) | register.vmmBits
+                e[register.register] &= (shown[CPUIDRegisterPlace(e.function, e.index, register.register)] ?? 0) | register.vmmBits
             }
             if e.function == 0xD {
                 switch e.index {
