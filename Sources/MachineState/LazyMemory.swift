@@ -68,10 +68,11 @@ public final class LazyMemory: Sendable {
         for region in memory.regions { try userFault.register(region.hostAddress, length: region.size) }
         self.memory = memory
         self.file = file
-        let filler = Filler(memory: memory, file: file, userFault: userFault, source: source, firstChunk: first,
+        let filler = Filler(memory: memory, file: file, userFault: userFault, source: source,
                             stopEvent: try EventFD(nonBlocking: true), onFailure: onFailure)
         self.filler = filler
-        thread = Mutex(try OSThread.start(name: "lazy-memory") { filler.serve() })
+        let firstChunk = first
+        thread = Mutex(try OSThread.start(name: "lazy-memory") { filler.serve(firstChunk: firstChunk) })
     }
 
     deinit { stop() }
@@ -84,9 +85,6 @@ public final class LazyMemory: Sendable {
     }
 
     public var progress: Progress { filler.progress.withLock { $0 } }
-
-    /// The source chunk that holds the page at host `address` (nil outside the memory).
-    func chunk(holding address: UInt64) -> Int? { filler.chunk(holding: address) }
 }
 
 /// The filling thread's side of a `LazyMemory` (the thread holds it, not the `LazyMemory`).
@@ -95,20 +93,20 @@ private final class Filler: Sendable {
     let file: MemoryFile
     let userFault: UserFaultFD
     let source: any MemoryImageSource
-    /// Chunk 0, read (and checked) for the header: not read again.
-    let firstChunk: [UInt8]
     let stopEvent: EventFD
     let progress = Mutex(LazyMemory.Progress())
     let onFailure: @Sendable (SwiftletError) -> Void
 
-    init(memory: GuestMemory, file: MemoryFile, userFault: UserFaultFD, source: any MemoryImageSource, firstChunk: [UInt8],
+    init(memory: GuestMemory, file: MemoryFile, userFault: UserFaultFD, source: any MemoryImageSource,
          stopEvent: consuming EventFD, onFailure: @escaping @Sendable (SwiftletError) -> Void) {
-        self.memory = memory; self.file = file; self.userFault = userFault; self.source = source; self.firstChunk = firstChunk
+        self.memory = memory; self.file = file; self.userFault = userFault; self.source = source
         self.stopEvent = stopEvent; self.onFailure = onFailure
     }
 
-    /// The thread: waits for faults (or the stop event) and fills their chunks.
-    func serve() {
+    /// The thread: waits for faults (or the stop event) and fills their chunks. `firstChunk`:
+    /// chunk 0, read (and checked) for the header, not read again, and let go once filled.
+    func serve(firstChunk: [UInt8]) {
+        var firstChunk: [UInt8]? = firstChunk
         var buffer = [UInt8](repeating: 0, count: source.chunkSize)
         while true {
             guard let ready = try? Poll.wait([userFault.rawValue, stopEvent.rawValue]) else { return }
@@ -121,7 +119,7 @@ private final class Filler: Sendable {
                     try? userFault.wake(pageStart(address), length: MemoryFile.pageSize)
                     continue
                 }
-                fill(chunk, buffer: &buffer)
+                fill(chunk, buffer: &buffer, firstChunk: chunk == 0 ? firstChunk.take() : nil)
             }
         }
     }
@@ -160,14 +158,15 @@ private final class Filler: Sendable {
         return pieces
     }
 
-    func fill(_ index: Int, buffer: inout [UInt8]) {
+    /// Fills chunk `index` (read from the source into `buffer`, or taken from `readAlready`).
+    func fill(_ index: Int, buffer: inout [UInt8], firstChunk readAlready: [UInt8]?) {
         let pieces = pieces(ofChunk: index)
         var zero = source.isZero(chunk: index)
         if !zero {
             let length = Int(min(UInt64(source.chunkSize), file.fileBytes - UInt64(index) * UInt64(source.chunkSize)))
             do throws(SwiftletError) {
-                if index == 0 {
-                    buffer.replaceSubrange(0..<length, with: firstChunk.prefix(length))
+                if let readAlready {
+                    buffer.replaceSubrange(0..<length, with: readAlready.prefix(length))
                 } else {
                     try buffer.withMutableBytes { raw throws(SwiftletError) in
                         try source.read(chunk: index, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]))

@@ -296,10 +296,11 @@ public enum MachinePack {
         }
 
         deinit {
-            if !kept.load(ordering: .acquiring) { try? FileTree.remove(root) }
             if areaLock >= 0 {
-                UnpackArea.release(root)
+                UnpackArea.release(root) // the directory and its lock file; then the lock goes
                 _ = OwnedFileDescriptor(taking: areaLock)
+            } else if !kept.load(ordering: .acquiring) {
+                try? FileTree.remove(root)
             }
         }
 
@@ -460,11 +461,11 @@ public enum MachinePack {
 extension MachinePack {
     /// Pushes the pack at `path` to the registry `reference` names (a tag) as an OCI artifact
     /// (docs/pack-format.md, Registries), through `swiftlet-pull` with the registry auth image
-    /// pulls have. The file is checked to be a pack first. Returns the manifest's digest.
+    /// pulls have (which refuses a reference by digest). The file is checked to be a pack first.
+    /// Returns the manifest's digest.
     public static func push(_ path: String, to reference: String, insecureRegistry: Bool = false,
                             progress: @escaping @Sendable (String) -> Void = { _ in }, interruptions: Int32? = nil) throws(SwiftletError) -> String {
         let parsed = try ImageReference(parsing: reference)
-        guard parsed.digest == nil else { throw SwiftletError(.invalidArgument, "\(reference): a pack is pushed to a tag, not a digest") }
         _ = try PackReader(path: path)
         let out = try RegistryPull.runHelper((insecureRegistry ? ["--insecure-registry"] : []) + ["--push-pack", FileTree.absolute(path), parsed.description],
                                              what: "push \(path)", progress: progress, interruptions: interruptions)
