@@ -74,16 +74,21 @@ extension RegistrySource {
             throw SwiftletError(.invalidFormat, "cannot encode the pack's manifest: \(error)")
         }
         _ = try await send("PUT", "\(base)/manifests/\(reference.manifestReference)", expecting: [201],
-                           headers: [("Content-Type", MediaType.ociManifest)], what: "the manifest of \(displayName)", body: .bytes(bytes))
+                           headers: [("Content-Type", MediaType.ociManifest)], what: "the manifest of \(displayName)", refusal: pushRefusal, body: .bytes(bytes))
         return Digest.of(bytes)
+    }
+
+    /// What a refused push says it was refused, and what to do.
+    private var pushRefusal: (target: String, hint: String) {
+        ("to push to \(reference.repository)", "set SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD to a user that may")
     }
 
     /// Uploads a blob unless the registry has it: a POST for an upload session, then one PUT of
     /// the whole (a monolithic upload).
     private func pushBlob(digest: Digest, what: String, body: RequestBody) async throws(SwiftletError) {
-        let existing = try await send("HEAD", "\(base)/blobs/\(digest)", expecting: [200, 404], what: "\(what) in \(displayName)")
+        let existing = try await send("HEAD", "\(base)/blobs/\(digest)", expecting: [200, 404], what: "\(what) in \(displayName)", refusal: pushRefusal)
         if existing.status.code == 200 { return }
-        let session = try await send("POST", "\(base)/blobs/uploads/", expecting: [202], what: "an upload of \(what) to \(displayName)")
+        let session = try await send("POST", "\(base)/blobs/uploads/", expecting: [202], what: "an upload of \(what) to \(displayName)", refusal: pushRefusal)
         guard let location = session.headers.first(name: "location"), !location.isEmpty else {
             throw SwiftletError(.invalidFormat, "the registry \(reference.registry) opened an upload without saying where (no Location)")
         }
@@ -93,16 +98,13 @@ extension RegistrySource {
         }
         url += (url.contains("?") ? "&" : "?") + "digest=" + Self.percentEncode(digest.description)
         _ = try await send("PUT", url, expecting: [201], headers: [("Content-Type", "application/octet-stream")],
-                           what: "\(what) to \(displayName)", body: body)
+                           what: "\(what) to \(displayName)", refusal: pushRefusal, body: body)
     }
 
     /// Pulls this reference's pack into a new file beside `output` (streamed, its SHA-256 and
     /// size checked against the manifest), then renames it to `output`. Returns the manifest's digest.
     public func pullPack(to output: String, progress: @Sendable (String) -> Void) async throws(SwiftletError) -> Digest {
-        let (bytes, _) = try await manifest(reference.manifestReference)
-        if let digest = reference.digest, Digest.of(bytes) != digest {
-            throw SwiftletError(.invalidFormat, "\(displayName): the registry's manifest does not match the digest asked for (got \(Digest.of(bytes)))")
-        }
+        let (bytes, _) = try await root()
         let layer = try PackArtifact.packLayer(of: bytes, what: displayName)
         progress("pulling \(displayName) (\(ImagePuller.formatSize(layer.size)))")
         let response = try await get("\(base)/blobs/\(layer.digest)", accept: [], what: "the pack of \(displayName)")
@@ -122,45 +124,6 @@ extension RegistrySource {
             try systemCall("cannot write \(output) to disk") { fsync(fd) }
         }
         return Digest.of(bytes)
-    }
-
-    /// One request to the registry's own origin with its token (answering one auth challenge);
-    /// fails unless the status is one of `expecting`.
-    func send(_ method: String, _ url: String, expecting: Set<UInt>, headers: [(String, String)] = [], what: String,
-              body: RequestBody? = nil) async throws(SwiftletError) -> HTTPClientResponse {
-        var challenged = false
-        while true {
-            var request = HTTPClientRequest(url: url)
-            request.method = .init(rawValue: method)
-            request.headers.add(name: "User-Agent", value: "swiftlet")
-            for (name, value) in headers { request.headers.add(name: name, value: value) }
-            if mayAuthorize(url), let token = lock.withLock({ $0 }) { request.headers.add(name: "Authorization", value: token) }
-            switch body {
-            case .bytes(let bytes)?: request.body = .bytes(ByteBuffer(bytes: bytes))
-            case .file(let path, let size)?: request.body = .stream(try FileChunks(path: path, size: size), length: .known(size))
-            case nil: break
-            }
-            let response: HTTPClientResponse
-            do {
-                response = try await client.execute(request, timeout: timeout)
-            } catch {
-                throw SwiftletError(.systemCall, "cannot reach the registry \(reference.registry) (\(scheme)) for \(what): \(Self.describe(error))\(scheme == "https" ? "; for a plain-HTTP registry pass --insecure-registry" : "")")
-            }
-            let code = response.status.code
-            if expecting.contains(code) { return response }
-            switch code {
-            case 401 where mayAuthorize(url) && !challenged:
-                challenged = true
-                try await authenticate(challenge: response.headers.first(name: "www-authenticate") ?? "", what: what)
-            case 401, 403:
-                let who = credentials == nil ? "anonymous access" : "the credentials given"
-                throw SwiftletError(.permissionDenied, "the registry \(reference.registry) refused \(who) to push to \(reference.repository) (HTTP \(code)); set SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD to a user that may")
-            default:
-                var text: [UInt8] = []
-                try? await Self.collect(response, what: what, limit: 4096, truncate: true) { text += $0 }
-                throw SwiftletError(.systemCall, "the registry \(reference.registry) answered HTTP \(code) for \(what): \(String(decoding: text.prefix(300), as: UTF8.self))")
-            }
-        }
     }
 }
 

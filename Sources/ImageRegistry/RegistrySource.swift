@@ -89,50 +89,67 @@ public final class RegistrySource: ImageSource, @unchecked Sendable {
 
     // MARK: HTTP
 
-    /// GET with the current token, answering one auth challenge and following redirects (without
+    /// GET with the current token, answering an auth challenge and following redirects (without
     /// the Authorization header once the host changes). Fails on any status but 200.
     func get(_ url: String, accept: [String], what: String) async throws(SwiftletError) -> HTTPClientResponse {
         var url = url
-        var challenged = false
         var redirects = 0
         while true {
-            let sameHost = mayAuthorize(url)
+            let response = try await send("GET", url, expecting: [200, 301, 302, 303, 307, 308], accept: accept, what: what,
+                                          refusal: ("to \(reference.repository)", "if the image is private, set SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD"))
+            if response.status.code == 200 { return response }
+            redirects += 1
+            guard redirects <= 5, let location = response.headers.first(name: "location") else {
+                throw SwiftletError(.invalidFormat, "the registry \(reference.registry) redirected \(what) too often or nowhere")
+            }
+            let next = Self.resolve(location, against: url)
+            guard ["http", "https"].contains(Self.scheme(of: next)) else {
+                throw SwiftletError(.invalidFormat, "the registry \(reference.registry) redirected \(what) to \(next.prefix(200)), which is not an http or https URL")
+            }
+            url = next
+        }
+    }
+
+    /// One request, with the current token when it goes to the registry's own origin (answering
+    /// one auth challenge from there); returns the response when its status is one of
+    /// `expecting`, else throws what the status means (`refusal`: what access was refused to,
+    /// and what to do about it).
+    func send(_ method: String, _ url: String, expecting: Set<UInt>, accept: [String] = [], headers: [(String, String)] = [],
+              what: String, refusal: (target: String, hint: String), body: RequestBody? = nil) async throws(SwiftletError) -> HTTPClientResponse {
+        var challenged = false
+        while true {
             var request = HTTPClientRequest(url: url)
+            request.method = .init(rawValue: method)
             if !accept.isEmpty { request.headers.add(name: "Accept", value: accept.joined(separator: ", ")) }
             request.headers.add(name: "User-Agent", value: "swiftlet")
-            if sameHost, let token = lock.withLock({ $0 }) { request.headers.add(name: "Authorization", value: token) }
+            for (name, value) in headers { request.headers.add(name: name, value: value) }
+            if mayAuthorize(url), let token = lock.withLock({ $0 }) { request.headers.add(name: "Authorization", value: token) }
+            switch body {
+            case .bytes(let bytes)?: request.body = .bytes(ByteBuffer(bytes: bytes))
+            case .file(let path, let size)?: request.body = .stream(try FileChunks(path: path, size: size), length: .known(size))
+            case nil: break
+            }
             let response: HTTPClientResponse
             do {
                 response = try await client.execute(request, timeout: timeout)
             } catch {
                 throw SwiftletError(.systemCall, "cannot reach the registry \(reference.registry) (\(scheme)) for \(what): \(Self.describe(error))\(scheme == "https" ? "; for a plain-HTTP registry pass --insecure-registry" : "")")
             }
-            switch response.status.code {
-            case 200:
-                return response
-            case 301, 302, 303, 307, 308:
-                redirects += 1
-                guard redirects <= 5, let location = response.headers.first(name: "location") else {
-                    throw SwiftletError(.invalidFormat, "the registry \(reference.registry) redirected \(what) too often or nowhere")
-                }
-                let next = Self.resolve(location, against: url)
-                guard ["http", "https"].contains(Self.scheme(of: next)) else {
-                    throw SwiftletError(.invalidFormat, "the registry \(reference.registry) redirected \(what) to \(next.prefix(200)), which is not an http or https URL")
-                }
-                url = next
-            case 401 where sameHost && !challenged:
+            let code = response.status.code
+            if expecting.contains(code) { return response }
+            switch code {
+            case 401 where mayAuthorize(url) && !challenged:
                 challenged = true
-                let challenge = response.headers.first(name: "www-authenticate") ?? ""
-                try await authenticate(challenge: challenge, what: what)
+                try await authenticate(challenge: response.headers.first(name: "www-authenticate") ?? "", what: what)
             case 401, 403:
                 let who = credentials == nil ? "anonymous access" : "the credentials given"
-                throw SwiftletError(.permissionDenied, "the registry \(reference.registry) refused \(who) to \(reference.repository) (HTTP \(response.status.code)); if the image is private, set SWIFTLET_REGISTRY_USER and SWIFTLET_REGISTRY_PASSWORD")
+                throw SwiftletError(.permissionDenied, "the registry \(reference.registry) refused \(who) \(refusal.target) (HTTP \(code)); \(refusal.hint)")
             case 404:
                 throw SwiftletError(.notFound, "\(what): not found in the registry \(reference.registry) (HTTP 404): check the name and tag")
             default:
-                var body: [UInt8] = []
-                try? await Self.collect(response, what: what, limit: 4096, truncate: true) { body += $0 }
-                throw SwiftletError(.systemCall, "the registry \(reference.registry) answered HTTP \(response.status.code) for \(what): \(String(decoding: body.prefix(300), as: UTF8.self))")
+                var text: [UInt8] = []
+                try? await Self.collect(response, what: what, limit: 4096, truncate: true) { text += $0 }
+                throw SwiftletError(.systemCall, "the registry \(reference.registry) answered HTTP \(code) for \(what): \(String(decoding: text.prefix(300), as: UTF8.self))")
             }
         }
     }
