@@ -27,8 +27,9 @@ public struct CommandRun: Sendable {
         case image(String, policy: PullPolicy, insecureRegistry: Bool)
         /// A snapshot made by `ImageSnapshot` (`swiftlet snapshot`): its image and hardware.
         case snapshot(String)
-        /// A pack (`MachinePack`) of a snapshot, restored, or of an image, booted cold with the
-        /// pack's kernel and agent: unpacked into a private directory for the run, which leaves
+        /// A pack (`MachinePack`) of a snapshot, restored (its memory read lazily where it can
+        /// be), or of an image, booted with the pack's kernel and agent (through a boot template
+        /// keyed by their digests): unpacked into a private directory for the run, which leaves
         /// the file untouched.
         case pack(String)
     }

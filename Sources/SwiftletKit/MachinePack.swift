@@ -467,9 +467,8 @@ extension MachinePack {
                             progress: @escaping @Sendable (String) -> Void = { _ in }, interruptions: Int32? = nil) throws(SwiftletError) -> String {
         let parsed = try ImageReference(parsing: reference)
         _ = try PackReader(path: path)
-        let out = try RegistryPull.runHelper((insecureRegistry ? ["--insecure-registry"] : []) + ["--push-pack", FileTree.absolute(path), parsed.description],
-                                             what: "push \(path)", progress: progress, interruptions: interruptions)
-        return String(decoding: out, as: UTF8.self).filter { !$0.isWhitespace }
+        return try RegistryPull.runHelper((insecureRegistry ? ["--insecure-registry"] : []) + ["--push-pack", FileTree.absolute(path), parsed.description],
+                                          what: "push \(path)", progress: progress, interruptions: interruptions)
     }
 
     /// Pulls the pack `reference` names from its registry into `output` (replaced; written
@@ -479,15 +478,15 @@ extension MachinePack {
                             progress: @escaping @Sendable (String) -> Void = { _ in }, interruptions: Int32? = nil) throws(SwiftletError) -> String {
         let parsed = try ImageReference(parsing: reference)
         let path = FileTree.absolute(output)
-        let out = try RegistryPull.runHelper((insecureRegistry ? ["--insecure-registry"] : []) + ["--pull-pack", parsed.description, path],
-                                             what: "pull \(reference)", progress: progress, interruptions: interruptions)
+        let digest = try RegistryPull.runHelper((insecureRegistry ? ["--insecure-registry"] : []) + ["--pull-pack", parsed.description, path],
+                                                what: "pull \(reference)", progress: progress, interruptions: interruptions)
         do throws(SwiftletError) {
             _ = try PackReader(path: path)
         } catch {
             try? FileTree.remove(path)
             throw SwiftletError(error.code, "\(reference) holds no Swiftlet pack that this Swiftlet reads (removed \(output)): \(error.message)")
         }
-        return String(decoding: out, as: UTF8.self).filter { !$0.isWhitespace }
+        return digest
     }
 }
 

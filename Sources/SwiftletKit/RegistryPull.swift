@@ -19,9 +19,8 @@ struct RegistryPull {
     }
 
     func run(store: ImageStore) throws(SwiftletError) -> StoredImage {
-        let out = try Self.runHelper((insecure ? ["--insecure-registry"] : []) + [reference.description], what: "pull \(reference)",
-                                     progress: progress, interruptions: interruptions)
-        let digest = String(decoding: out, as: UTF8.self).filter { !$0.isWhitespace }
+        let digest = try Self.runHelper((insecure ? ["--insecure-registry"] : []) + [reference.description], what: "pull \(reference)",
+                                        progress: progress, interruptions: interruptions)
         guard let image = try store.find(digest) else {
             throw SwiftletError(.notFound, "\(Self.helperPath) reported \(digest), which is not in the image store")
         }
@@ -29,10 +28,11 @@ struct RegistryPull {
     }
 
     /// Runs `swiftlet-pull` with `arguments` (`what` names the job in errors: "pull REF"),
-    /// relaying its progress lines; returns its standard output. Its last stderr line is the
-    /// error when it fails; a forwarded signal on `interruptions` stops it.
+    /// relaying its progress lines; returns what it printed on standard output (a digest),
+    /// without whitespace. Its last stderr line is the error when it fails; a forwarded signal on
+    /// `interruptions` stops it.
     static func runHelper(_ arguments: [String], what: String, progress: @Sendable (String) -> Void,
-                          interruptions: Int32?) throws(SwiftletError) -> [UInt8] {
+                          interruptions: Int32?) throws(SwiftletError) -> String {
         let helper = Self.helperPath
         guard access(helper, X_OK) == 0 else {
             throw SwiftletError(.notFound, "cannot \(what): no \(helper) (build it with `make build`)")
@@ -83,7 +83,7 @@ struct RegistryPull {
             throw SwiftletError(.systemCall, message.isEmpty ? "\(helper) failed (status \(status))" : message)
         }
         if !lastLine.isEmpty { progress(withoutPrefix(lastLine)) }
-        return out
+        return String(decoding: out, as: UTF8.self).filter { !$0.isWhitespace }
     }
 
     /// A line of the helper's without the `swiftlet: ` it starts with (the caller's own
