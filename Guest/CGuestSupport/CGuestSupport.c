@@ -288,8 +288,14 @@ int guest_net_announce(const char *name, const unsigned char *mac, uint32_t addr
     memcpy(arp + 14, &network_address, 4);      // sender protocol address
     memset(arp + 18, 0, 6);                     // target hardware address: unknown
     memcpy(arp + 24, &network_address, 4);      // target protocol address: the same (gratuitous)
-    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_ARP));
-    if (fd < 0) return -errno;
+    // One packet socket for the agent's life, with no protocol: it receives nothing, and it is
+    // never closed, because closing a packet socket waits for an RCU grace period (tens of
+    // milliseconds in a busy or emulated guest), which every restored run would pay.
+    static int fd = -1;
+    if (fd < 0) {
+        fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+        if (fd < 0) return -errno;
+    }
     struct sockaddr_ll link;
     memset(&link, 0, sizeof link);
     link.sll_family = AF_PACKET;
@@ -298,7 +304,5 @@ int guest_net_announce(const char *name, const unsigned char *mac, uint32_t addr
     link.sll_halen = 6;
     memset(link.sll_addr, 0xFF, 6);
     ssize_t sent = sendto(fd, frame, sizeof frame, 0, (struct sockaddr *)&link, sizeof link);
-    int result = sent == (ssize_t)sizeof frame ? 0 : (sent < 0 ? -errno : -EIO);
-    close(fd);
-    return result;
+    return sent == (ssize_t)sizeof frame ? 0 : (sent < 0 ? -errno : -EIO);
 }

@@ -28,6 +28,12 @@ enum Network {
         func step(_ what: String, _ result: Int32) -> String? {
             result == 0 ? nil : "cannot \(what): \(String(cString: strerror(-result)))"
         }
+        // The guest is alone on its link with passt: duplicate address detection can find
+        // nothing, and would hold the link-local address back (and send frames) for a second
+        // after every boot, and after every restore of a template saved in that second.
+        // Best effort, as every IPv6 setting here: a kernel without IPv6 has no such file.
+        _ = writeSysctl("/proc/sys/net/ipv6/conf/\(interface)/accept_dad", "0")
+        _ = writeSysctl("/proc/sys/net/ipv6/conf/\(interface)/dad_transmits", "0")
         if let failure = step("bring up lo", guest_net_up("lo"))
             ?? step("set the MTU of \(interface) to \(setup.mtu)", guest_net_set_mtu(interface, setup.mtu))
             ?? step("give \(interface) the address \(setup.address)/\(setup.prefixLength)",
@@ -37,7 +43,6 @@ enum Network {
             ?? step("announce \(setup.address) on \(interface)", setup.mac.withUnsafeBufferPointer { guest_net_announce(interface, $0.baseAddress, address) }) {
             return failure
         }
-        // Best effort: a kernel without IPv6 has no such file.
         _ = writeSysctl("/proc/sys/net/ipv6/conf/\(interface)/accept_ra", "1")
         // Any user may use ICMP echo sockets (`ping` without privileges), as container runtimes allow.
         _ = writeSysctl("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")

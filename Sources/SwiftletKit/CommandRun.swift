@@ -295,25 +295,35 @@ public struct CommandRun: Sendable {
             }
         }
         marks.append(("ready", MonotonicClock.now))
+        func failure(_ error: SwiftletError) -> Failure {
+            Failure(reason: .guest, message: error.description, consoleTail: consoleLog?.tail())
+        }
         if let pendingRoot {
             if !pendingRoot.restored {
+                // The guest's interface comes up before the template is saved: the runs restored
+                // from it find it up (bringing it up is most of what setting it up costs) and are
+                // sent the setup again only for their root's files and their own passt.
+                if let network {
+                    do throws(SwiftletError) { try network.ready() } catch { throw Failure.setup(error) }
+                    do throws(SwiftletError) { try network.configureGuest(through: session) } catch { throw failure(error) }
+                }
                 // Saving is an optimisation for later runs: this one goes on without it.
                 do { try pendingRoot.template.save(vm) } catch { io.log("warning: cannot save the boot template (later runs boot too): \(error)") }
                 marks.append(("template", MonotonicClock.now))
             }
-            do {
+            if let network {
+                do throws(SwiftletError) { try network.ready() } catch { throw Failure.setup(error) }
+            }
+            do throws(SwiftletError) {
                 for (index, disk) in pendingRoot.disks.enumerated() { try vm.insertDisk(at: index, DiskConfig(path: disk, readOnly: true)) }
-                try session.mountRoot(devices: pendingRoot.disks.indices.map(RootFilesystem.deviceName))
+                try session.mountRoot(devices: pendingRoot.disks.indices.map(RootFilesystem.deviceName), network: network?.setup)
             } catch {
-                throw Failure(reason: .guest, message: error.description, consoleTail: consoleLog?.tail())
+                throw failure(error)
             }
-            marks.append(("root", MonotonicClock.now))
-        }
-        if let network {
+            marks.append((network == nil ? "root" : "root+network", MonotonicClock.now))
+        } else if let network {
             do throws(SwiftletError) { try network.ready() } catch { throw Failure.setup(error) }
-            do throws(SwiftletError) { try network.configureGuest(through: session) } catch {
-                throw Failure(reason: .guest, message: error.description, consoleTail: consoleLog?.tail())
-            }
+            do throws(SwiftletError) { try network.configureGuest(through: session) } catch { throw failure(error) }
             marks.append(("network", MonotonicClock.now))
         }
 

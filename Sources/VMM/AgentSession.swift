@@ -208,8 +208,14 @@ public final class AgentSession: @unchecked Sendable {
     /// Asks an agent that booted without a root filesystem to make `devices` (read-only layer
     /// disks, bottom first, under a writable tmpfs) its root; returns once it has. Sent after
     /// `ready`, before any command.
-    public func mountRoot(devices: [String]) throws(SwiftletError) {
-        try request(.mountRoot(devices: devices), answer: .rootMounted, task: "mount its root filesystem", doing: "mounting its root filesystem")
+    ///
+    /// With `network`, the agent is sent `configureNetwork(network)` too, right behind (it does the
+    /// two in order): the two answers come back without a round trip between.
+    public func mountRoot(devices: [String], network: NetworkSetup? = nil) throws(SwiftletError) {
+        let mount = Request(message: .mountRoot(devices: devices), answer: .rootMounted,
+                            task: "mount its root filesystem", doing: "mounting its root filesystem")
+        guard let network else { return try requests([mount]) }
+        try requests([mount, try Self.networkRequest(network)])
     }
 
     /// Asks the agent to set up the guest's network interface (the one whose MAC is `setup.mac`):
@@ -217,24 +223,36 @@ public final class AgentSession: @unchecked Sendable {
     /// agent waits briefly for the interface to appear. Idempotent: a restored machine that was
     /// set up before may be sent it again. Sent after `ready` (and `mountRoot`), before any command.
     public func configureNetwork(_ setup: NetworkSetup) throws(SwiftletError) {
+        try requests([try Self.networkRequest(setup)])
+    }
+
+    private static func networkRequest(_ setup: NetworkSetup) throws(SwiftletError) -> Request {
         do {
             try setup.validate()
         } catch {
             throw SwiftletError(.invalidArgument, "cannot set up the guest's network: \(error.description)")
         }
-        try request(.configureNetwork(setup), answer: .networkConfigured, task: "set up its network", doing: "setting up its network")
+        return Request(message: .configureNetwork(setup), answer: .networkConfigured, task: "set up its network", doing: "setting up its network")
     }
 
-    /// Sends `message` and waits for `answer` (other messages meanwhile are passed over); the
-    /// agent's `failed` and a hang-up are errors saying what it could not `task` / was `doing`.
-    private func request(_ message: AgentMessage, answer: AgentMessage, task: String, doing: String) throws(SwiftletError) {
-        try send(message)
-        while true {
-            switch try receive() {
-            case answer?: return
-            case .failed(_, let text)?: throw SwiftletError(.guestFailure, "the guest could not \(task): \(text)")
-            case nil: throw SwiftletError(.guestFailure, "the guest agent hung up while \(doing)")
-            default: continue
+    /// A message to the agent, the answer that says it was done, and what to call it in an error.
+    private struct Request {
+        var message: AgentMessage, answer: AgentMessage, task: String, doing: String
+    }
+
+    /// Sends every request's message, then waits for their answers in order (other messages
+    /// meanwhile are passed over); the agent's `failed` and a hang-up are errors saying what it
+    /// could not `task` / was `doing` (the first request not yet answered).
+    private func requests(_ list: [Request]) throws(SwiftletError) {
+        for request in list { try send(request.message) }
+        for request in list {
+            answered: while true {
+                switch try receive() {
+                case request.answer?: break answered
+                case .failed(_, let text)?: throw SwiftletError(.guestFailure, "the guest could not \(request.task): \(text)")
+                case nil: throw SwiftletError(.guestFailure, "the guest agent hung up while \(request.doing)")
+                default: continue
+                }
             }
         }
     }
