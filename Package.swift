@@ -27,7 +27,7 @@ let package = Package(
         // The KVM backend: the only target that issues KVM ioctls.
         .target(name: "KVM", dependencies: ["Hypervisor", "CLinux", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "GuestMemory", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
-        .target(name: "MachineState", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
+        .target(name: "MachineState", dependencies: ["GuestMemory", "SwiftletSystem", "SwiftletDigest"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "SwiftletSystem"], swiftSettings: strict),
         .target(name: "SwiftletDigest", dependencies: ["CDigest"], swiftSettings: strict),
         .target(name: "AgentProtocol", dependencies: ["SwiftletDigest"], swiftSettings: strict),
@@ -92,7 +92,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["GuestMemory", "Virtio", "SwiftletSystem", "CLinux"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "SwiftletSystemTests", dependencies: ["SwiftletSystem", "CLinux"], swiftSettings: strict),
         .testTarget(name: "PackTests", dependencies: ["Pack", "Hypervisor", "SwiftletDigest", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "MachineStateTests", dependencies: ["MachineState", "GuestMemory", "SwiftletSystem", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "MachineStateTests", dependencies: ["MachineState", "GuestMemory", "SwiftletSystem", "SwiftletDigest", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"], swiftSettings: strict),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "AgentTests", dependencies: ["VMM", "AgentProtocol", "CLinux", "SwiftletSystem", "TestSupport"], swiftSettings: strict),

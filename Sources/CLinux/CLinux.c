@@ -14,6 +14,11 @@
 #include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <string.h>
 #include <errno.h>
 
@@ -163,6 +168,92 @@ int swiftlet_unix_connect(const char *path) {
     }
     return fd;
 }
+
+// TCP: numeric or named hosts through getaddrinfo. A getaddrinfo failure returns -2 with
+// *resolve_error set to its code (gai_strerror explains it); a socket failure returns -1 with errno.
+static int tcp_resolve(const char *host, unsigned short port, int flags, struct addrinfo **found, int *resolve_error) {
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = flags | AI_NUMERICSERV;
+    char service[8];
+    snprintf(service, sizeof service, "%u", (unsigned)port);
+    int e = getaddrinfo(host, service, &hints, found);
+    if (e != 0) { *resolve_error = e; return -2; }
+    return 0;
+}
+
+int swiftlet_tcp_listen(const char *host, unsigned short port, int backlog, int *resolve_error) {
+    struct addrinfo *found = NULL;
+    if (tcp_resolve(host, port, AI_PASSIVE, &found, resolve_error) != 0) return -2;
+    int fd = -1, saved = EADDRNOTAVAIL;
+    for (struct addrinfo *a = found; a != NULL; a = a->ai_next) {
+        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) { saved = errno; continue; }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, a->ai_addr, a->ai_addrlen) == 0 && listen(fd, backlog) == 0) break;
+        saved = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(found);
+    if (fd < 0) errno = saved;
+    return fd;
+}
+
+int swiftlet_tcp_connect(const char *host, unsigned short port, int timeout_ms, int *resolve_error) {
+    struct addrinfo *found = NULL;
+    if (tcp_resolve(host, port, 0, &found, resolve_error) != 0) return -2;
+    int fd = -1, saved = ECONNREFUSED;
+    for (struct addrinfo *a = found; a != NULL; a = a->ai_next) {
+        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
+        if (fd < 0) { saved = errno; continue; }
+        int r = connect(fd, a->ai_addr, a->ai_addrlen);
+        if (r != 0 && errno == EINPROGRESS) {
+            struct pollfd p = { .fd = fd, .events = POLLOUT };
+            int ready;
+            do { ready = poll(&p, 1, timeout_ms); } while (ready < 0 && errno == EINTR);
+            if (ready == 0) { errno = ETIMEDOUT; r = -1; }
+            else if (ready > 0) {
+                int error = 0; socklen_t length = sizeof error;
+                getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length);
+                if (error != 0) { errno = error; r = -1; } else r = 0;
+            } else r = -1;
+        }
+        if (r == 0) {
+            int flags = fcntl(fd, F_GETFL);
+            fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            break;
+        }
+        saved = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(found);
+    if (fd < 0) errno = saved;
+    return fd;
+}
+
+int swiftlet_tcp_port(int fd) {
+    struct sockaddr_storage address;
+    socklen_t length = sizeof address;
+    if (getsockname(fd, (struct sockaddr *)&address, &length) != 0) return -1;
+    if (address.ss_family == AF_INET) return ntohs(((struct sockaddr_in *)&address)->sin_port);
+    if (address.ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)&address)->sin6_port);
+    errno = EAFNOSUPPORT;
+    return -1;
+}
+
+void swiftlet_tcp_nodelay(int fd) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+const char *swiftlet_resolve_error(int code) { return gai_strerror(code); }
 
 #define SWIFTLET_MAX_PASSED_FDS 8
 

@@ -46,7 +46,13 @@ public struct MemoryFile: Sendable {
         dataOffset = Self.pageSize + (bitmapBytes + Self.pageSize - 1) / Self.pageSize * Self.pageSize
     }
 
-    var header: [UInt8] {
+    /// A full memory file of `regions` for the snapshot `id` (its contents written by the caller).
+    public static func full(id: SnapshotID, regions: [(start: GuestAddress, size: UInt64)]) -> MemoryFile {
+        MemoryFile(kind: .full, id: id, parent: nil, regions: regions)
+    }
+
+    /// The file's first page.
+    public var header: [UInt8] {
         var h = Self.magic
         h += LittleEndian.bytes(UInt64(Self.version), 4) + LittleEndian.bytes(UInt64(kind.rawValue), 4) + id.bytes + (parent ?? .zero).bytes
         h += LittleEndian.bytes(Self.pageSize, 4) + LittleEndian.bytes(UInt64(regions.count), 4)

@@ -5,15 +5,33 @@ public enum HMACSHA256 {
 
     /// The 32-byte authentication code of `message` under `key`.
     public static func authenticationCode(of message: [UInt8], key: [UInt8]) -> [UInt8] {
-        var block = key.count > blockSize ? SHA256.hash(key) : key
-        block += [UInt8](repeating: 0, count: blockSize - block.count)
-        var inner = SHA256()
-        inner.update(block.map { $0 ^ 0x36 })
-        inner.update(message)
-        var outer = SHA256()
-        outer.update(block.map { $0 ^ 0x5c })
-        outer.update(inner.finalize())
-        return outer.finalize()
+        var code = Code(key: key)
+        code.update(message)
+        return code.finalize()
+    }
+
+    /// An authentication code computed piece by piece (for a message that is not in one array).
+    public struct Code: Sendable {
+        private var inner = SHA256()
+        private let outerBlock: [UInt8]
+
+        public init(key: [UInt8]) {
+            var block = key.count > HMACSHA256.blockSize ? SHA256.hash(key) : key
+            block += [UInt8](repeating: 0, count: HMACSHA256.blockSize - block.count)
+            inner.update(block.map { $0 ^ 0x36 })
+            outerBlock = block.map { $0 ^ 0x5c }
+        }
+
+        public mutating func update(_ bytes: [UInt8]) { inner.update(bytes) }
+        public mutating func update(_ buffer: UnsafeRawBufferPointer) { inner.update(buffer) }
+
+        /// The 32-byte code of everything given to `update`.
+        public mutating func finalize() -> [UInt8] {
+            var outer = SHA256()
+            outer.update(outerBlock)
+            outer.update(inner.finalize())
+            return outer.finalize()
+        }
     }
 
     /// Whether `a` and `b` are equal, in a time that does not depend on where they first differ

@@ -2,6 +2,7 @@ import FoundationEssentials
 import Glibc
 import Synchronization
 import SwiftletSystem
+import VMM
 
 // The control socket of a machine's VMM process: newline-delimited JSON over a Unix stream socket
 // in the machine's directory (so only its owner reaches it). A client sends one request; `exec`
@@ -11,7 +12,7 @@ import SwiftletSystem
 /// A request to a machine's VMM process.
 struct ControlRequest: Codable {
     enum Operation: String, Codable {
-        case status, stop, pause, resume, exec, snapshot
+        case status, stop, pause, resume, exec, snapshot, migrate
     }
     var operation: Operation
     // exec
@@ -31,6 +32,11 @@ struct ControlRequest: Codable {
     /// The directory to write the snapshot to (absolute; it must not exist), and whether it is a diff.
     var path: String?
     var diff: Bool?
+    // migrate (the connected stream to the destination is the passed descriptor)
+    var token: String?
+    var maximumDowntimeMilliseconds: Int?
+    var maximumRounds: Int?
+    var timeLimitMilliseconds: Int?
 
     init(_ operation: Operation) { self.operation = operation }
 }
@@ -59,6 +65,9 @@ struct ControlReply: Codable {
     var memoryPagesWritten: Int?
     var bytesWritten: UInt64?
     var pausedMilliseconds: Double?
+    // migrate: progress lines while it goes, then the report
+    var progress: MigrationProgress?
+    var migration: MigrationReport?
 
     static func failed(_ message: String) -> ControlReply { ControlReply(error: message) }
 }

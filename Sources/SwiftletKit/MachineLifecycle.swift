@@ -28,6 +28,22 @@ enum MachineLifecycle {
             self.answer = readEnd
         }
 
+        /// Starts the process for a machine arriving by migration: it listens on `listener` (its
+        /// standard input) for a source holding `token` (passed in its environment, which it
+        /// clears), at most `timeoutMilliseconds`.
+        init(_ directory: MachineDirectory, receiving listener: Int32, token: String, timeoutMilliseconds: Int) throws(SwiftletError) {
+            let ends = try OwnedFileDescriptor.pipe()
+            let arguments = ["swiftlet"] + MachineServer.invocation + [directory.name, "--receive", "\(timeoutMilliseconds)"]
+            let writeEnd = ends.writeEnd, readEnd = ends.readEnd
+            pid = try spawnChild(MachineServer.executable, arguments: arguments,
+                                 environment: currentEnvironment() + [MachineServer.Receiving.tokenVariable + "=" + token],
+                                 input: .descriptor(listener), output: .descriptor(writeEnd.rawValue), error: .file(directory.logPath),
+                                 newSession: true, what: "the machine's VMM process")
+            withExtendedLifetime(writeEnd) {}
+            self.directory = directory
+            self.answer = readEnd
+        }
+
         /// Waits for the process's answer; the process is killed if it gives none in time.
         func waitUntilReady(milliseconds: Int) throws(SwiftletError) {
             let text = Self.readAll(answer.rawValue, milliseconds: milliseconds).map(trimmed)

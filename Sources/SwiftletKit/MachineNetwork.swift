@@ -1,4 +1,6 @@
 import AgentProtocol
+import Glibc
+import Synchronization
 import SwiftletNet
 import SwiftletSystem
 import VMM
@@ -9,8 +11,11 @@ import VMM
 final class MachineNetwork: Sendable {
     let policy: NetworkConfiguration
     let guest: GuestNetwork
-    private let passt: PasstProcess
+    private let logFile: String?
+    private let passt: Mutex<PasstProcess?>
     private let socket: OwnedFileDescriptor
+    /// passt's end of the socket pair, until passt starts (a deferred network, `start`).
+    private let far: Mutex<OwnedFileDescriptor?>
 
     /// Starts passt for `policy` (which must ask for a network); `logFile`: passt's own log.
     /// Returns while passt still sets itself up: the machine is built meanwhile, and
@@ -19,11 +24,52 @@ final class MachineNetwork: Sendable {
         let started = try PasstProcess.launch(network: guest, configuration: policy, logFile: logFile)
         self.policy = policy
         self.guest = guest
-        self.passt = started.process
+        self.logFile = logFile
+        self.passt = Mutex(started.process)
         self.socket = started.socket
+        self.far = Mutex(nil)
+    }
+
+    /// A network whose passt starts later (`start`), for a machine that arrives by migration:
+    /// its NIC is joined to the socket now, its published ports are bound only once the source
+    /// let them go.
+    init(deferred policy: NetworkConfiguration, guest: GuestNetwork = .default, logFile: String?) throws(SwiftletError) {
+        let pair = try UnixSocket.pair()
+        self.policy = policy
+        self.guest = guest
+        self.logFile = logFile
+        self.passt = Mutex(nil)
+        self.socket = pair.first
+        self.far = Mutex(pair.second)
     }
 
     deinit { stop() }
+
+    /// Starts a deferred network's passt and waits until it is ready. A published port still in
+    /// use is tried again for up to `busyPortMilliseconds` (the source of a migration on this
+    /// host lets its ports go as it ends). Does nothing for a network that started at once.
+    func start(busyPortMilliseconds: Int) throws(SwiftletError) {
+        try far.withLock { (far: inout OwnedFileDescriptor?) throws(SwiftletError) in
+            guard let end = far.take() else { return }
+            let deadline = MonotonicClock.now + UInt64(max(0, busyPortMilliseconds)) * 1_000_000
+            while true {
+                let process = try PasstProcess.launch(network: guest, configuration: policy, logFile: logFile,
+                                                      on: end.rawValue, near: socket.rawValue)
+                do throws(SwiftletError) {
+                    try process.waitUntilReady()
+                    passt.withLock { $0 = process }
+                    return
+                } catch {
+                    process.stopLeavingSocket()
+                    guard error.code == .invalidArgument, error.message.contains("in use"), MonotonicClock.now < deadline else {
+                        far = consume end
+                        throw error
+                    }
+                    usleep(50_000)
+                }
+            }
+        }
+    }
 
     /// The NIC of a machine joined to this network; `log` takes the lines of blocked attempts.
     func device(log: (@Sendable (String) -> Void)?) -> NetworkDeviceConfig {
@@ -32,12 +78,15 @@ final class MachineNetwork: Sendable {
 
     /// Ends passt (`PasstProcess.stop`: the machine's NIC sees its backend close).
     func stop() {
-        passt.stop()
+        passt.withLock { $0 }?.stop()
     }
 
     /// Waits until passt is ready; throws why it is not (a port it could not bind, by name).
     func ready() throws(SwiftletError) {
-        try passt.waitUntilReady()
+        guard let process = passt.withLock({ $0 }) else {
+            throw SwiftletError(.invalidArgument, "the machine's network has not started")
+        }
+        try process.waitUntilReady()
     }
 
     /// Once passt is ready (`ready`), has the guest's agent configure its interface.

@@ -1,5 +1,6 @@
 import AgentProtocol
 import Glibc
+import MachineState
 import Synchronization
 import SwiftletSystem
 import VMM
@@ -25,23 +26,41 @@ public enum MachineServer {
         var rest = Array(arguments.dropFirst(invocation.count + 1))
         var from: String?
         var diffable = false
+        var receiving: Receiving?
         while let argument = rest.first {
             rest.removeFirst()
             switch argument {
             case "--from" where !rest.isEmpty: from = rest.removeFirst()
             case "--diffable": diffable = true
+            case "--receive" where !rest.isEmpty:
+                // The listening socket is standard input, the token in the environment (taken out at once).
+                guard let milliseconds = Int(rest.removeFirst()), let token = getenv(Receiving.tokenVariable).map({ String(cString: $0) }) else {
+                    return ExitStatus.setupFailed
+                }
+                unsetenv(Receiving.tokenVariable)
+                receiving = Receiving(listener: 0, token: token, timeoutMilliseconds: milliseconds)
             default: return ExitStatus.setupFailed
             }
         }
         guard let directory = try? MachineDirectory(name: arguments[invocation.count]) else { return ExitStatus.setupFailed }
-        return serve(directory, ready: 1, from: from, diffable: diffable)
+        return serve(directory, ready: 1, from: from, diffable: diffable, receiving: receiving)
+    }
+
+    /// A VMM process that takes its machine from a migration (`machine receive`): the socket it
+    /// listens on, the token the source must hold, and how long it waits for one.
+    public struct Receiving: Sendable {
+        static let tokenVariable = "SWIFTLET_MIGRATION_TOKEN"
+        public var listener: Int32
+        public var token: String
+        public var timeoutMilliseconds: Int
     }
 
     /// Runs the machine. `ready` (the `start` process's pipe) is told `ready` once the agent
     /// answers, or why the machine could not start. Returns the process's exit status.
     /// `from`: a snapshot to restore instead of booting (`machine restore`, `machine fork`): the
     /// guest continues from there and is told its new identity (hostname, random seed).
-    public static func serve(_ directory: MachineDirectory, ready: Int32, from snapshot: String? = nil, diffable: Bool = false) -> Int32 {
+    public static func serve(_ directory: MachineDirectory, ready: Int32, from snapshot: String? = nil, diffable: Bool = false,
+                             receiving: Receiving? = nil) -> Int32 {
         Glibc.signal(SIGPIPE, SIG_IGN)
         // SIGTERM and SIGINT ask for a clean stop, as `machine stop` does.
         let signals = try? SignalFD(blocking: [SIGTERM, SIGINT, SIGHUP])
@@ -52,11 +71,12 @@ public enum MachineServer {
             // Nobody waits for more: the descriptor becomes /dev/null so the `start` process sees its end.
             if let null = try? OwnedFileDescriptor.open("/dev/null", flags: O_WRONLY) { dup2(null.rawValue, ready) }
         }
-        let record: MachineRecord, lock: OwnedFileDescriptor
+        let record: MachineRecord?, lock: OwnedFileDescriptor
         do {
             // Before any other thread starts: no thread of a VMM process keeps a root's capabilities.
             try Confinement.dropCapabilities()
-            record = try directory.record()
+            // An arriving machine's record comes with it.
+            record = receiving == nil ? try directory.record() : nil
             lock = try OwnedFileDescriptor.open(directory.lockPath, flags: O_RDWR | O_CREAT, mode: 0o600, what: directory.lockPath)
         } catch {
             tell("error: " + error.description)
@@ -67,7 +87,8 @@ public enum MachineServer {
             return ExitStatus.setupFailed
         }
         do {
-            let outcome = try run(directory, record: record, signals: signals?.rawValue ?? -1, from: snapshot, diffable: diffable, ready: { tell("ready") })
+            let outcome = try run(directory, record: record, signals: signals?.rawValue ?? -1, from: snapshot, diffable: diffable,
+                                  receiving: receiving, ready: { tell("ready") })
             writeLastExit(directory, outcome.text)
             cleanUp(directory)
             _ = lock
@@ -88,6 +109,8 @@ public enum MachineServer {
     private static func cleanUp(_ directory: MachineDirectory) {
         unlink(directory.socketPath)
         unlink(directory.pidPath)
+        // A machine that arrived by migration ran from this snapshot; it starts from its disk next time.
+        if access(directory.migratedPath, F_OK) == 0 { SnapshotDirectory(directory.migratedPath).remove() }
     }
 
     /// The machine's config: its image's layers read-only, its own disk writable under them.
@@ -101,8 +124,8 @@ public enum MachineServer {
         return config
     }
 
-    private static func run(_ directory: MachineDirectory, record: MachineRecord, signals: Int32, from snapshot: String?,
-                            diffable: Bool, ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
+    private static func run(_ directory: MachineDirectory, record given: MachineRecord?, signals: Int32, from snapshot: String?,
+                            diffable: Bool, receiving: Receiving?, ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
         try OwnedFileDescriptor.writeSmallFileAtomically(directory.pidPath, Array("\(getpid())\n".utf8))
         unlink(directory.socketPath)
         let listener = try UnixSocket.listen(at: directory.socketPath)
@@ -111,25 +134,93 @@ public enum MachineServer {
         // A noncopyable value may end at its last use: the guest writes to the console until the run ends.
         defer { withExtendedLifetime(console) {} }
         let port = try InProcessPort(port: AgentPort.number)
-        // The machine's own passt (its log in the machine's directory), ended with this process.
-        let network = try record.network.flatMap { policy throws(SwiftletError) in
-            policy.hasNetwork ? try MachineNetwork(policy: policy, logFile: directory.passtLogPath) : nil
+        let record: MachineRecord, network: MachineNetwork?, vm: Machine
+        if let receiving {
+            (vm, record, network) = try receive(directory, receiving, console: console.rawValue, port: port)
+        } else if let given {
+            record = given
+            // The machine's own passt (its log in the machine's directory), ended with this process.
+            network = try record.network.flatMap { policy throws(SwiftletError) in
+                policy.hasNetwork ? try MachineNetwork(policy: policy, logFile: directory.passtLogPath) : nil
+            }
+            vm = try make(directory, record: record, from: snapshot, diffable: diffable, console: console.rawValue, port: port,
+                          nic: network?.device(log: log))
+        } else {
+            throw SwiftletError(.invalidArgument, "machine \(directory.name) has no record")
         }
         defer { network?.stop() }
-        let nic = network?.device(log: log)
-        let vm: Machine
+        return try serve(directory, vm: vm, record: record, network: network, port: port, signals: signals, listener: listener.rawValue,
+                         newIdentity: snapshot != nil, ready: ready)
+    }
+
+    /// The machine of `record`, booted, or restored from `snapshot`.
+    private static func make(_ directory: MachineDirectory, record: MachineRecord, from snapshot: String?, diffable: Bool,
+                             console: Int32, port: InProcessPort, nic: NetworkDeviceConfig?) throws(SwiftletError) -> Machine {
         if let snapshot {
             // The snapshot's writable disk is the machine's own disk, already copied (restore) or
             // shared copy-on-write (fork) by the command that made the machine.
-            vm = try Machine.restoring(from: snapshot, consoleOutput: console.rawValue, vsockPorts: port, diffable: diffable,
-                                       writableDisks: [DiskConfig(path: directory.diskPath, base: record.diskBase)],
-                                       readOnlyDisks: SnapshotPaths.resolver(trusting: record, pack: access(directory.packPath, F_OK) == 0 ? directory.packPath : nil),
-                                       network: nic)
-        } else {
-            var config = try config(record, directory: directory, console: console.rawValue)
-            config.network = nic
-            vm = Machine(config: config, vsockPorts: port)
+            return try Machine.restoring(from: snapshot, consoleOutput: console, vsockPorts: port, diffable: diffable,
+                                         writableDisks: [DiskConfig(path: directory.diskPath, base: record.diskBase)],
+                                         readOnlyDisks: SnapshotPaths.resolver(trusting: record, pack: access(directory.packPath, F_OK) == 0 ? directory.packPath : nil),
+                                         network: nic)
         }
+        var config = try config(record, directory: directory, console: console)
+        config.network = nic
+        return Machine(config: config, vsockPorts: port)
+    }
+
+    /// Waits for the source of a migration on `receiving`'s listener (connections that do not
+    /// hold the token are refused and logged, and the wait goes on), receives the machine into
+    /// `migratedPath`, restores it with its disk moved to the machine's own and its record
+    /// written, and starts its network once the source let go. The record is the source's,
+    /// checked as any snapshot's (layers and kernel found on this host by digest).
+    private static func receive(_ directory: MachineDirectory, _ receiving: Receiving, console: Int32,
+                                port: InProcessPort) throws(SwiftletError) -> (Machine, MachineRecord, MachineNetwork?) {
+        let token = try MigrationChannel.token(fromText: receiving.token)
+        let deadline = MonotonicClock.now + UInt64(max(0, receiving.timeoutMilliseconds)) * 1_000_000
+        var connection: OwnedFileDescriptor
+        var channel: MigrationChannel
+        while true {
+            guard let accepted = try TCPSocket.accept(receiving.listener, deadline: deadline) else {
+                throw SwiftletError(.guestFailure, "no migration source connected within \(formatDuration(receiving.timeoutMilliseconds))")
+            }
+            do throws(SwiftletError) {
+                channel = try MigrationChannel.accept(accepted.rawValue, token: token, timeoutMilliseconds: 10_000)
+                connection = accepted
+                break
+            } catch {
+                log("refused a migration connection: \(error.description)")
+            }
+        }
+        // One machine per receive: nobody else gets in.
+        if let null = try? OwnedFileDescriptor.open("/dev/null", flags: O_RDONLY) { dup2(null.rawValue, receiving.listener) }
+        if access(directory.migratedPath, F_OK) == 0 { SnapshotDirectory(directory.migratedPath).remove() }
+        var arrived: (record: MachineRecord, network: MachineNetwork?)?
+        let vm = try Machine.receiveMigration(over: channel, into: directory.migratedPath) { path throws(SwiftletError) in
+            var (record, disk) = try MachineSnapshotRecord.read(path)
+            // The machine's own disk is the arrived one (one file, two names until `migratedPath` goes).
+            try FileTree.link(disk, as: directory.diskPath)
+            record.name = directory.name
+            record.diskBase = nil
+            let network = try record.network.flatMap { policy throws(SwiftletError) in
+                policy.hasNetwork ? try MachineNetwork(deferred: policy, logFile: directory.passtLogPath) : nil
+            }
+            arrived = (record, network)
+            return try Machine.restoring(from: path, consoleOutput: console, vsockPorts: port, diffable: false,
+                                         writableDisks: [DiskConfig(path: directory.diskPath)],
+                                         readOnlyDisks: SnapshotPaths.resolver(trusting: record), network: network?.device(log: log))
+        }
+        withExtendedLifetime(connection) {}
+        let (record, network) = arrived!
+        try directory.writeRecord(record)
+        // The source's passt lets its published ports go as its process ends.
+        try network?.start(busyPortMilliseconds: 10_000)
+        return (vm, record, network)
+    }
+
+    /// Serves the built machine `vm` until its run ends.
+    private static func serve(_ directory: MachineDirectory, vm: Machine, record: MachineRecord, network: MachineNetwork?, port: InProcessPort,
+                              signals: Int32, listener: Int32, newIdentity: Bool, ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
         let machineThread = try MachineThread(vm, confined: true)
         defer { machineThread.stop() }
 
@@ -146,13 +237,13 @@ public enum MachineServer {
             let (_, text) = ending()
             throw SwiftletError(.guestFailure, "the guest stopped before its agent was ready (\(text)); its console is in \(directory.consolePath)")
         }
-        if snapshot != nil { try agent.announceNewIdentity(hostname: record.name) }
+        if newIdentity { try agent.announceNewIdentity(hostname: record.name) }
         if let network { try network.configureGuest(through: agent) }
         let server = ControlServer(vm: vm, agent: agent, port: port, ended: machineThread.ended, record: record)
         ready()
 
         while true {
-            let ready = try Poll.wait([listener.rawValue, machineThread.ended, signals])
+            let ready = try Poll.wait([listener, machineThread.ended, signals])
             if ready[1] { break }
             if ready[2] {
                 while SignalFD.next(from: signals) != nil {}
@@ -160,7 +251,7 @@ public enum MachineServer {
             }
             guard ready[0] else { continue }
             do throws(SwiftletError) {
-                guard let client = try UnixSocket.accept(listener.rawValue) else { continue }
+                guard let client = try UnixSocket.accept(listener) else { continue }
                 let channel = ControlChannel(client)
                 if (try? OSThread.start(name: "control", { server.handle(channel) }))?.detach() == nil {
                     try? channel.send(ControlReply.failed("the machine's VMM process cannot start a thread"))
@@ -172,6 +263,7 @@ public enum MachineServer {
             }
         }
         server.waitForStop()
+        server.waitForMigrationReply()
         return ending()
     }
 }
@@ -185,6 +277,9 @@ final class ControlServer: Sendable {
     let record: MachineRecord
     let started = MonotonicClock.now
     private let paused = Atomic<Bool>(false)
+    /// Set while a migration runs, until its reply went out; and once the machine has moved.
+    private let migrating = Atomic<Bool>(false)
+    let migrated = Atomic<Bool>(false)
     /// Set once a stop began; the thread that enforces its deadline.
     private let stopper = Mutex<OSThread?>(nil)
 
@@ -216,8 +311,48 @@ final class ControlServer: Sendable {
             reply = exec(request, fds: fds, channel: channel)
         case .snapshot:
             reply = snapshot(request)
+        case .migrate:
+            reply = migrate(request, fds: fds, channel: channel)
         }
         try? channel.send(reply)
+        if request.operation == .migrate { migrating.store(false, ordering: .releasing) }
+    }
+
+    /// Moves the machine to the destination on the passed stream (`Machine.migrate`), telling
+    /// the client each round as it starts. On success the machine's run ends (`.migrated`) and
+    /// this process with it, once the reply is out (`waitForMigrationReply`).
+    private func migrate(_ request: ControlRequest, fds: [Int32], channel: ControlChannel) -> ControlReply {
+        guard fds.count == 1, let text = request.token else { return .failed("malformed migrate request (\(fds.count) descriptors)") }
+        migrating.store(true, ordering: .releasing)
+        do {
+            let token = try MigrationChannel.token(fromText: text)
+            let annotations = [MachineSnapshotRecord.recordAnnotation: try MachineSnapshotRecord.encode(record),
+                               AgentSnapshot.annotation: try AgentSnapshot.encode(record.defaults)]
+            var options = MigrationOptions()
+            if let value = request.maximumDowntimeMilliseconds { options.maximumDowntimeMilliseconds = value }
+            if let value = request.maximumRounds { options.maximumRounds = value }
+            if let value = request.timeLimitMilliseconds { options.timeLimitMilliseconds = value }
+            if paused.load(ordering: .acquiring) {
+                return .failed("machine \(record.name) is paused: resume it before moving it (`swiftlet machine resume \(record.name)`)")
+            }
+            let report = try vm.migrate(over: fds[0], token: token, annotations: annotations, options: options) { progress in
+                var line = ControlReply()
+                line.progress = progress
+                try? channel.send(line)
+            }
+            migrated.store(true, ordering: .releasing)
+            var reply = ControlReply()
+            reply.migration = report
+            return reply
+        } catch {
+            return .failed(error.description)
+        }
+    }
+
+    /// Waits (at most 5 s) until a migration's reply went out: the process must not end first.
+    func waitForMigrationReply() {
+        let deadline = MonotonicClock.now + 5_000_000_000
+        while migrating.load(ordering: .acquiring) && MonotonicClock.now < deadline { usleep(5_000) }
     }
 
     /// Writes a snapshot of the machine (its disk included) with what a restore or a fork needs
@@ -311,7 +446,11 @@ final class ControlServer: Sendable {
         relay?.join()
         switch outcome {
         case .success(let result): return ControlReply(status: result.status, failure: result.failure)
-        case .failure(let error): return .failed(error.description)
+        case .failure(let error):
+            if migrated.load(ordering: .acquiring) || migrating.load(ordering: .acquiring) {
+                return .failed("machine \(record.name) moved to another host while the command ran: its session ended with the move (connections into the guest do not move); run it again with `swiftlet machine exec` there")
+            }
+            return .failed(error.description)
         }
     }
 }

@@ -82,6 +82,8 @@ public struct MachineDirectory: Sendable {
     public var passtLogPath: String { path + "/passt.log" }
     public var lastExitPath: String { path + "/last-exit" }
     public var packPath: String { path + "/pack" }
+    /// The snapshot a machine that arrived by migration runs from (its memory maps the file).
+    public var migratedPath: String { path + "/migrated" }
 
     public var exists: Bool { access(recordPath, F_OK) == 0 }
 
@@ -114,7 +116,14 @@ public struct MachineDirectory: Sendable {
     /// Makes the (empty) directory of a new machine; a name that is taken is refused. Under `withLock`.
     func makeNew() throws(SwiftletError) {
         if exists { throw SwiftletError(.invalidArgument, "a machine named \(name) already exists") }
-        if access(path, F_OK) == 0 { try Self.removeTree(path) }
+        if access(path, F_OK) == 0 {
+            // A directory without a record: a machine being received (its VMM process holds the
+            // lock), or what a failed command left.
+            if let lock = try? OwnedFileDescriptor.open(lockPath, flags: O_RDWR, what: lockPath), flock(lock.rawValue, LOCK_EX | LOCK_NB) != 0 {
+                throw SwiftletError(.invalidArgument, "a machine named \(name) is arriving (`swiftlet machine receive`)")
+            }
+            try Self.removeTree(path)
+        }
         guard mkdir(path, 0o700) == 0 else { throw SwiftletError.system("cannot create \(path)", errno: currentErrno) }
     }
 

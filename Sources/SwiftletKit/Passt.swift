@@ -37,6 +37,8 @@ public final class PasstProcess: Sendable {
     private let inheritedFilters: Int
     /// Set once `waitUntilReady` has seen passt ready.
     private let ready = Atomic<Bool>(false)
+    /// Set when `stop` must not shut the socket down (`stopLeavingSocket`).
+    private let leavesSocket = Atomic<Bool>(false)
 
     private init(helper: HelperProcess, inheritedFilters: Int, configuration: NetworkConfiguration, logFile: String?,
                  output: consuming OwnedFileDescriptor, socket: consuming OwnedFileDescriptor) {
@@ -82,6 +84,16 @@ public final class PasstProcess: Sendable {
     /// Throws `.notFound` when passt is not installed.
     public static func launch(network: GuestNetwork = .default, configuration: NetworkConfiguration,
                               logFile: String?, executable: String? = nil) throws(SwiftletError) -> StartedPasst {
+        let pair = try UnixSocket.pair()
+        let process = try launch(network: network, configuration: configuration, logFile: logFile, executable: executable,
+                                 on: pair.second.rawValue, near: pair.first.rawValue)
+        return StartedPasst(process: process, socket: pair.first)
+    }
+
+    /// `launch` on a socket pair the caller made before (its device joined to `near` already,
+    /// passt given `far`; the caller keeps both).
+    public static func launch(network: GuestNetwork = .default, configuration: NetworkConfiguration, logFile: String?,
+                              executable: String? = nil, on far: Int32, near: Int32) throws(SwiftletError) -> PasstProcess {
         let path = executable ?? defaultExecutable
         guard access(path, X_OK) == 0 else {
             if executable == nil {
@@ -89,21 +101,19 @@ public final class PasstProcess: Sendable {
             }
             throw SwiftletError(.notFound, "cannot start passt: \(path) does not exist or is not executable")
         }
-        let pair = try UnixSocket.pair()
         let input = try OwnedFileDescriptor.open("/dev/null", flags: O_RDONLY)
         // passt's standard output and error (a line or two before its log file is open), and its
         // log when there is no log file.
         let output = try OwnedFileDescriptor.memoryFile(name: "passt-output")
         let arguments = Self.arguments(network: network, configuration: configuration,
                                        logFile: logFile ?? "/proc/self/fd/2")
-        let socket = try OwnedFileDescriptor.duplicate(pair.first.rawValue, what: "passt's socket")
+        let socket = try OwnedFileDescriptor.duplicate(near, what: "passt's socket")
         let inheritedFilters = seccompFilters(of: "self") ?? 0
         let helper = try HelperProcess.start(path, arguments: arguments, environment: [],
-                                             descriptors: [input.rawValue, output.rawValue, output.rawValue, pair.second.rawValue],
+                                             descriptors: [input.rawValue, output.rawValue, output.rawValue, far],
                                              newSession: true, name: "passt")
-        let process = PasstProcess(helper: helper, inheritedFilters: inheritedFilters, configuration: configuration, logFile: logFile,
-                                   output: output, socket: socket)
-        return StartedPasst(process: process, socket: pair.first)
+        return PasstProcess(helper: helper, inheritedFilters: inheritedFilters, configuration: configuration, logFile: logFile,
+                            output: output, socket: socket)
     }
 
     /// Waits until passt is ready: it has installed its own seccomp filter (the last step of its
@@ -145,7 +155,14 @@ public final class PasstProcess: Sendable {
     /// (`Confinement`). The socket (and the device on it) sees end of file. Idempotent; also
     /// done when the object goes away.
     public func stop() {
-        UnixSocket.shutdown(socket.rawValue, .both)
+        if !leavesSocket.load(ordering: .acquiring) { UnixSocket.shutdown(socket.rawValue, .both) }
+        helper.stop()
+    }
+
+    /// Ends passt, leaving the socket as it is, for another passt to take it over (a passt that
+    /// could not bind a port yet).
+    func stopLeavingSocket() {
+        leavesSocket.store(true, ordering: .releasing)
         helper.stop()
     }
 

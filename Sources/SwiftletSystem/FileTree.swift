@@ -26,6 +26,12 @@ public enum FileTree {
     }
 
     /// Makes the directory `path` (not its parents), mode `mode`; one that exists is an error.
+    /// Gives the file at `existing` a second name, `new` (which must not exist; the same file
+    /// system): both name one file.
+    public static func link(_ existing: String, as new: String) throws(SwiftletError) {
+        guard Glibc.link(existing, new) == 0 else { throw SwiftletError.system("cannot link \(existing) as \(new)", errno: currentErrno) }
+    }
+
     public static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws(SwiftletError) {
         try systemCall("cannot create \(path)") { mkdir(path, mode) }
     }

@@ -67,12 +67,7 @@ extension Machine {
         var keep = false
         defer { if !keep { partial.remove() } }
 
-        var vcpus: [VCPUState] = []
-        for vcpu in machine.vcpus {
-            vcpus.append(try vcpu.saveState(msrIndices: machine.msrIndices, hasXSave: machine.hasXSave))
-        }
-        let vmState = try machine.vm.saveState(hasPIT: false)
-        let devices = try machine.devices.saveStates()
+        let captured = try pausedState(machine, id: id, annotations: annotations)
         // Writable disks are copied as they are now (their devices are quiet while paused).
         var hardware = machine.hardware
         var diskBytes: UInt64 = 0
@@ -94,10 +89,8 @@ extension Machine {
             }
         }
         let memoryStats: MemoryWriteStats
-        var snapshot = MachineSnapshot(id: id, kind: .full, parent: nil, parentDirectory: nil, createdAt: Self.realtimeNow(),
-                                       hardware: hardware, guestIsLinux: machine.guestIsLinux, cpuid: machine.cpuid, vcpus: vcpus, vm: vmState,
-                                       devices: devices, annotations: annotations, agentKey: heldAgentKey,
-                                       tscKHz: (try? machine.vcpus.first?.tscKHz()) ?? nil)
+        var snapshot = captured
+        snapshot.hardware = hardware
         if kind == .diff, let last = machine.lastSnapshot, let dirty {
             snapshot.kind = .diff
             snapshot.parent = last.id
@@ -116,6 +109,19 @@ extension Machine {
         return SnapshotReport(id: id.description, directory: target.path, kind: snapshot.kind == .diff ? .diff : .full,
                               memoryPagesWritten: memoryStats.pagesWritten,
                               bytesWritten: memoryStats.bytesWritten + UInt64(state.count) + diskBytes, pausedNanoseconds: MonotonicClock.now - start)
+    }
+
+    /// The state of the paused `machine` as a full snapshot `id` (its vCPUs, interrupt
+    /// controllers and devices; its disks as the machine has them, not yet copied anywhere).
+    func pausedState(_ machine: LiveMachine, id: SnapshotID, annotations: [String: String]) throws(SwiftletError) -> MachineSnapshot {
+        var vcpus: [VCPUState] = []
+        for vcpu in machine.vcpus {
+            vcpus.append(try vcpu.saveState(msrIndices: machine.msrIndices, hasXSave: machine.hasXSave))
+        }
+        return MachineSnapshot(id: id, kind: .full, parent: nil, parentDirectory: nil, createdAt: Self.realtimeNow(),
+                               hardware: machine.hardware, guestIsLinux: machine.guestIsLinux, cpuid: machine.cpuid, vcpus: vcpus,
+                               vm: try machine.vm.saveState(hasPIT: false), devices: try machine.devices.saveStates(),
+                               annotations: annotations, agentKey: heldAgentKey, tscKHz: (try? machine.vcpus.first?.tscKHz()) ?? nil)
     }
 
     /// The pages written since the last snapshot (nil if dirty logging was off), and dirty logging

@@ -17,11 +17,13 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
     case vmmError(String)
     /// The host stopped the machine (`Machine.stop()`): its work was done.
     case stopped
+    /// The machine moved to another host (`migrate`), which runs it now.
+    case migrated
 
     /// Whether this is an orderly end (power off or reboot) rather than a crash.
     public var isClean: Bool {
         switch self {
-        case .powerOff, .reset, .stopped: return true
+        case .powerOff, .reset, .stopped, .migrated: return true
         default: return false
         }
     }
@@ -31,6 +33,7 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
         case .powerOff: return "the guest powered off"
         case .reset: return "the guest rebooted"
         case .stopped: return "the host stopped the machine"
+        case .migrated: return "the machine moved to another host"
         case .guestPanic: return "the guest kernel panicked (see its console output above)"
         case .tripleFault(let cpu, let rip):
             let place = rip.map { " at rip 0x\(String($0, radix: 16))" } ?? ""

@@ -22,10 +22,11 @@ struct MachineCommand: ParsableCommand {
               swiftlet machine exec web -- cat /srv/greeting
               swiftlet machine snapshot web -o web.snap      # and: machine restore web.snap --name web2
               swiftlet machine fork --from web --name w --count 4   # w-1 ... w-4, from web as it is now
+              swiftlet machine migrate web --to HOST:7700 --token T  # after `machine receive web --listen 0.0.0.0:7700` there
               swiftlet machine rm -f web
             """,
         subcommands: [Create.self, Start.self, Stop.self, Status.self, List.self, Remove.self, Exec.self, Shell.self, Copy.self,
-                      Pause.self, Resume.self, SnapshotCommand.self, Restore.self, Fork.self, Serve.self])
+                      Pause.self, Resume.self, SnapshotCommand.self, Restore.self, Fork.self, Migrate.self, Receive.self, Serve.self])
 }
 
 /// How long `machine start` and `machine restore` wait for the machine's agent.
@@ -238,8 +239,12 @@ extension MachineCommand {
         @Flag(help: "Track the restored machine's writes, so that its next snapshot can be a diff.")
         var diffable = false
 
+        @Option(help: ArgumentHelp("Take the machine from a migration: listen on standard input for this long (ms); the token is in the environment.", valueName: "ms"))
+        var receive: Int?
+
         func run() throws {
             let arguments = MachineServer.invocation + [name] + (from.map { ["--from", $0] } ?? []) + (diffable ? ["--diffable"] : [])
+                + (receive.map { ["--receive", "\($0)"] } ?? [])
             throw ExitCode(MachineServer.serveIfAsked(arguments) ?? ExitStatus.setupFailed)
         }
     }

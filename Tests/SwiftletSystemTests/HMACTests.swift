@@ -26,4 +26,15 @@ import Testing
         #expect(!HMACSHA256.constantTimeEqual(code, Array(code.dropLast())))
         #expect(!HMACSHA256.constantTimeEqual([], code))
     }
+
+    /// A code computed piece by piece, arrays and buffers mixed, is the one-shot code.
+    @Test func aCodeInPiecesIsTheCodeOfTheWhole() {
+        let key = [UInt8](repeating: 0x0b, count: 100) // longer than a block: hashed first
+        let message = (0..<5000).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        var code = HMACSHA256.Code(key: key)
+        code.update(Array(message[0..<1]))
+        message[1..<4097].withUnsafeBytes { code.update($0) }
+        code.update(Array(message[4097...]))
+        #expect(code.finalize() == HMACSHA256.authenticationCode(of: message, key: key))
+    }
 }

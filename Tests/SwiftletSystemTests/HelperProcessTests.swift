@@ -49,6 +49,9 @@ import Testing
         defer { helper.stop() }
         // start returns once the child has executed sleep.
         #expect(Self.state(of: helper.pid)?.command == "sleep")
+        // (While sleep's dynamic loader runs, it has libraries open for a moment: wait that out.)
+        let deadline = MonotonicClock.now + 5_000_000_000
+        while Self.descriptors(of: helper.pid) != [0, 1, 2, 3] && MonotonicClock.now < deadline { usleep(10_000) }
         #expect(Self.descriptors(of: helper.pid) == [0, 1, 2, 3])
         var buffer = [CChar](repeating: 0, count: 256)
         let n = readlink("/proc/\(helper.pid)/fd/3", &buffer, buffer.count - 1)

@@ -14,6 +14,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case egressFilter = "egress-filter"
     case virtioNet = "virtio-net"
     case pack
+    case migrationStream = "migration-stream"
 
     /// Runs one input. Errors the code reports are expected outcomes; a violated invariant traps.
     public func run(_ input: [UInt8]) {
@@ -34,6 +35,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .egressFilter: EgressFilterFuzz.run(input)
         case .virtioNet: VirtioNetFuzz.run(input)
         case .pack: PackFuzz.run(input)
+        case .migrationStream: MigrationStreamFuzz.run(input)
         }
     }
 
@@ -57,6 +59,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .egressFilter: EgressFilterFuzz.seeds()
         case .virtioNet: try VirtioNetFuzz.seeds()
         case .pack: try PackFuzz.seeds()
+        case .migrationStream: MigrationStreamFuzz.seeds()
         }
     }
 
@@ -65,6 +68,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         switch self {
         case .tarEROFS: 64 << 10
         case .memoryFile: 20 << 10
+        case .migrationStream: 16 << 10
         case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .mmio, .virtioNet, .pack: 8 << 10
         default: 4 << 10
         }

@@ -113,6 +113,19 @@ int swiftlet_accept(int listener);
 int swiftlet_pipe(int fds[2]);
 /// A Unix stream socket connected to `path` (close-on-exec); -1 with errno on error.
 int swiftlet_unix_connect(const char *path);
+/// A TCP socket listening on `host` (numeric or a name; NULL: every address) and `port` (0: any
+/// free port), close-on-exec, SO_REUSEADDR; -1 with errno, or -2 with `*resolve_error` set
+/// (getaddrinfo's code) when the host cannot be resolved.
+int swiftlet_tcp_listen(const char *host, unsigned short port, int backlog, int *resolve_error);
+/// A blocking TCP socket connected to `host`:`port` within `timeout_ms` per address, with
+/// TCP_NODELAY, close-on-exec; -1 with errno, or -2 with `*resolve_error` set.
+int swiftlet_tcp_connect(const char *host, unsigned short port, int timeout_ms, int *resolve_error);
+/// The local port a TCP socket is bound to, or -1 with errno.
+int swiftlet_tcp_port(int fd);
+/// Sets TCP_NODELAY (best effort).
+void swiftlet_tcp_nodelay(int fd);
+/// getaddrinfo's text for an error code.
+const char *swiftlet_resolve_error(int code);
 /// Sends `length` bytes (at least one) with `count` descriptors attached (SCM_RIGHTS); the bytes
 /// sent, or -1 with errno.
 long swiftlet_send_with_fds(int socket, const void *bytes, unsigned long length, const int *fds, int count);

@@ -54,6 +54,10 @@ public final class VirtioBlock: SingleQueueDevice {
 
     public let requestQueue: DeviceQueue
     private let onError: @Sendable (SwiftletError) -> Void
+    /// The chunks the guest wrote since tracking started or was last taken (one bit per
+    /// `writeChunkSize` bytes), while a migration copies the disk; nil when not tracking.
+    private let writeLog = Mutex<[UInt64]?>(nil)
+    public static let writeChunkSize: UInt64 = 64 << 10
 
     public init(backend: any BlockBackend, readOnly: Bool, identifier: String,
                 onError: @escaping @Sendable (SwiftletError) -> Void = { _ in }) {
@@ -84,6 +88,38 @@ public final class VirtioBlock: SingleQueueDevice {
             return .success(())
         }
         try result.get()
+    }
+
+    /// Starts recording which `writeChunkSize` chunks the guest writes (a migration copying the
+    /// disk while the machine runs sends them again).
+    public func startTrackingWrites() {
+        let chunks = (backend.byteCount + Self.writeChunkSize - 1) / Self.writeChunkSize
+        writeLog.withLock { log in if log == nil { log = [UInt64](repeating: 0, count: Int((chunks + 63) / 64)) } }
+    }
+
+    /// The chunks written since tracking started or since the last call, and clears the record
+    /// (empty when not tracking).
+    public func takeWrittenChunks() -> [UInt64] {
+        writeLog.withLock { log in
+            guard let taken = log else { return [] }
+            log = [UInt64](repeating: 0, count: taken.count)
+            return taken
+        }
+    }
+
+    /// Stops recording writes.
+    public func stopTrackingWrites() {
+        writeLog.withLock { $0 = nil }
+    }
+
+    /// Records a completed write of `length` bytes at `offset`.
+    private func recordWrite(at offset: UInt64, length: UInt64) {
+        guard length > 0 else { return }
+        writeLog.withLock { log in
+            guard log != nil else { return }
+            let first = offset / Self.writeChunkSize, last = (offset + length - 1) / Self.writeChunkSize
+            for chunk in first...last where Int(chunk / 64) < log!.count { log![Int(chunk / 64)] |= 1 << (chunk % 64) }
+        }
     }
 
     /// The configuration space: capacity (sectors) at 0, size_max at 8 (not offered), seg_max at 12.
@@ -156,6 +192,8 @@ public final class VirtioBlock: SingleQueueDevice {
                 // SAFETY: hostPointer checked that the segment lies in guest memory.
                 if isWrite {
                     try backend.write(from: UnsafeRawBufferPointer(start: p, count: Int(segment.length)), at: offset)
+                    // After the write: a copy that takes the record before it sees the new bytes or sends the chunk again.
+                    recordWrite(at: offset, length: segment.length)
                 } else {
                     try backend.read(into: UnsafeMutableRawBufferPointer(start: p, count: Int(segment.length)), at: offset)
                 }

@@ -1,0 +1,308 @@
+import SwiftletDigest
+import SwiftletSystem
+
+/// The kinds of message a migration stream carries (docs/migration.md has the layout of each).
+public enum MigrationMessage: UInt8, Sendable, CaseIterable {
+    /// Destination → source, first: magic, protocol version, the destination's nonce.
+    case hello = 1
+    /// Source → destination: magic, version, the source's nonce and its proof of the token.
+    case authenticate = 2
+    /// Destination → source: the destination's proof of the token. Every later message carries
+    /// a code under a key both derived from the token and the two nonces.
+    case accepted = 3
+    /// Source: the snapshot id and the guest memory regions.
+    case layout = 4
+    /// Source: a run of pages (first page number, count, the pages' bytes).
+    case pages = 5
+    /// Source: a run of pages that are now all zeros (first page number, count).
+    case zeroPages = 6
+    /// Source: the machine's state (a snapshot state file's bytes), sent while it is paused.
+    case state = 7
+    /// Source: everything is sent.
+    case done = 8
+    /// Destination: the machine is restored and waits for `go`.
+    case ready = 9
+    /// Source: the destination takes over (the source stays paused from here on).
+    case go = 10
+    /// Destination: it runs the machine.
+    case resumed = 11
+    /// Either side: it gives up, with a reason.
+    case abort = 12
+    /// Source, after `layout`: the writable disks that go along (drive index, size in bytes).
+    case disks = 13
+    /// Source: bytes of a writable disk (drive index, offset, the bytes).
+    case diskData = 14
+}
+
+/// One end of an authenticated migration stream over a connected stream socket the caller owns
+/// (TCP or Unix; the caller closes it). The destination `accept`s, the source `connect`s; both
+/// prove they hold the same one-time token, and every message after that carries an
+/// HMAC-SHA256 under a key derived from the token and both sides' nonces, with a sequence number
+/// in it, so a message that was changed, dropped, repeated or reordered is refused. (The stream
+/// is authenticated, not encrypted: docs/migration.md.)
+///
+/// Everything received is untrusted: frames are bounded (`maximumPayload`), and the messages'
+/// contents are checked by their readers.
+public final class MigrationChannel {
+    public static let magic: [UInt8] = Array("SWLTMIG\0".utf8)
+    public static let version: UInt32 = 1
+    public static let tokenLength = 32
+    static let nonceLength = 32
+    static let codeLength = 32
+    /// The largest payload of one message: a run of 256 pages and its header, or a state file.
+    public static let maximumPayload = 32 << 20
+    /// How long a read waits for the peer before the migration is given up.
+    public static let defaultTimeoutMilliseconds = 30_000
+
+    private let socket: Int32
+    private let timeoutMilliseconds: Int
+    private var sendKey: [UInt8]?
+    private var receiveKey: [UInt8]?
+    private var sent: UInt64 = 0
+    private var received: UInt64 = 0
+    /// Bytes sent so far, frames included.
+    public private(set) var bytesSent: UInt64 = 0
+
+    private init(socket: Int32, timeoutMilliseconds: Int) {
+        self.socket = socket
+        self.timeoutMilliseconds = timeoutMilliseconds
+    }
+
+    /// A new one-time token (random).
+    public static func newToken() throws(SwiftletError) -> [UInt8] {
+        var token = [UInt8](repeating: 0, count: tokenLength)
+        try token.withMutableBytes { b throws(SwiftletError) in try SystemRandom.fill(b) }
+        return token
+    }
+
+    /// The token as it is shown and typed: 64 lowercase hex digits.
+    public static func tokenText(_ token: [UInt8]) -> String { Hex.encode(token) }
+
+    /// The token `text` names; throws `.invalidArgument` unless it is 64 hex digits.
+    public static func token(fromText text: String) throws(SwiftletError) -> [UInt8] {
+        guard text.utf8.count == tokenLength * 2 else {
+            throw SwiftletError(.invalidArgument, "a migration token is \(tokenLength * 2) hex digits, as `machine receive` printed it (this one has \(text.utf8.count) characters)")
+        }
+        guard let token = Hex.decode(text) else {
+            throw SwiftletError(.invalidArgument, "a migration token is hex digits only, as `machine receive` printed it")
+        }
+        return token
+    }
+
+    // MARK: The handshake
+
+    /// The destination's side: says hello, checks the source's proof of `token`, proves it holds
+    /// it too. A source with another protocol version is told so (an `abort`) and refused; a
+    /// source without the token is refused and sent nothing more.
+    public static func accept(_ socket: Int32, token: [UInt8],
+                              timeoutMilliseconds: Int = defaultTimeoutMilliseconds) throws(SwiftletError) -> MigrationChannel {
+        let channel = MigrationChannel(socket: socket, timeoutMilliseconds: timeoutMilliseconds)
+        let nonce = try random(nonceLength)
+        try channel.sendFrame(.hello, magic + LittleEndian.bytes(UInt64(version), 4) + nonce)
+        let (type, payload) = try channel.receiveFrame()
+        guard type == .authenticate, payload.count == magic.count + 4 + nonceLength + codeLength,
+              Array(payload[0..<magic.count]) == magic else {
+            throw SwiftletError(.invalidFormat, "the migration source did not authenticate (not a Swiftlet migration stream)")
+        }
+        let theirVersion = UInt32(LittleEndian.read(payload, at: magic.count, count: 4))
+        guard theirVersion == version else {
+            try? channel.sendFrame(.abort, Array("protocol version \(version) expected".utf8))
+            throw SwiftletError(.unsupported, "the migration source speaks protocol version \(theirVersion); this Swiftlet speaks \(version)")
+        }
+        let sourceNonce = Array(payload[(magic.count + 4)..<(magic.count + 4 + nonceLength)])
+        let proof = Array(payload[(magic.count + 4 + nonceLength)...])
+        guard HMACSHA256.constantTimeEqual(proof, Self.proof(token, "source", nonce, sourceNonce)) else {
+            throw SwiftletError(.permissionDenied, "the migration source does not hold the token: refused")
+        }
+        try channel.sendFrame(.accepted, Self.proof(token, "destination", nonce, sourceNonce))
+        channel.receiveKey = Self.proof(token, "source to destination", nonce, sourceNonce)
+        channel.sendKey = Self.proof(token, "destination to source", nonce, sourceNonce)
+        return channel
+    }
+
+    /// The source's side: answers the destination's hello with its proof of `token` and checks
+    /// the destination's.
+    public static func connect(_ socket: Int32, token: [UInt8],
+                               timeoutMilliseconds: Int = defaultTimeoutMilliseconds) throws(SwiftletError) -> MigrationChannel {
+        let channel = MigrationChannel(socket: socket, timeoutMilliseconds: timeoutMilliseconds)
+        let (type, payload) = try channel.receiveFrame()
+        guard type == .hello, payload.count == magic.count + 4 + nonceLength, Array(payload[0..<magic.count]) == magic else {
+            throw SwiftletError(.invalidFormat, "the migration destination did not say hello (not a Swiftlet migration stream)")
+        }
+        let theirVersion = UInt32(LittleEndian.read(payload, at: magic.count, count: 4))
+        guard theirVersion == version else {
+            throw SwiftletError(.unsupported, "the migration destination speaks protocol version \(theirVersion); this Swiftlet speaks \(version)")
+        }
+        let destinationNonce = Array(payload[(magic.count + 4)...])
+        let nonce = try random(nonceLength)
+        try channel.sendFrame(.authenticate, magic + LittleEndian.bytes(UInt64(version), 4) + nonce
+                              + Self.proof(token, "source", destinationNonce, nonce))
+        let answer: MigrationMessage, proof: [UInt8]
+        do throws(SwiftletError) {
+            (answer, proof) = try channel.receiveFrame()
+        } catch {
+            // A destination sends nothing to a source without the token.
+            throw SwiftletError(.permissionDenied, "the migration destination hung up on the handshake: the token is not the one it printed, "
+                                + "or it no longer waits (\(error.message))")
+        }
+        if answer == .abort {
+            throw SwiftletError(.unsupported, "the migration destination refused: \(Self.reason(proof))")
+        }
+        guard answer == .accepted, HMACSHA256.constantTimeEqual(proof, Self.proof(token, "destination", destinationNonce, nonce)) else {
+            throw SwiftletError(.permissionDenied, "the migration destination did not prove it holds the token: refused")
+        }
+        channel.sendKey = Self.proof(token, "source to destination", destinationNonce, nonce)
+        channel.receiveKey = Self.proof(token, "destination to source", destinationNonce, nonce)
+        return channel
+    }
+
+    private static func proof(_ token: [UInt8], _ label: String, _ destinationNonce: [UInt8], _ sourceNonce: [UInt8]) -> [UInt8] {
+        HMACSHA256.authenticationCode(of: Array("swiftlet migration \(label)".utf8) + destinationNonce + sourceNonce, key: token)
+    }
+
+    private static func random(_ count: Int) throws(SwiftletError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        try bytes.withMutableBytes { b throws(SwiftletError) in try SystemRandom.fill(b) }
+        return bytes
+    }
+
+    /// An abort's reason as text fit to show (printable ASCII, at most 500 characters).
+    static func reason(_ payload: [UInt8]) -> String {
+        String(decoding: payload.prefix(500).map { $0 >= 0x20 && $0 < 0x7F ? $0 : UInt8(ascii: "?") }, as: UTF8.self)
+    }
+
+    // MARK: Messages
+
+    /// Sends one message: `payload` is `head` followed by `body`. `body` must not change while
+    /// this runs (it is read twice, for the stream and for the code): guest memory that may change
+    /// goes through `sendCopy`.
+    public func send(_ type: MigrationMessage, _ head: [UInt8] = [], body: UnsafeRawBufferPointer? = nil) throws(SwiftletError) {
+        precondition(sendKey != nil, "send after the handshake")
+        try sendFrame(type, head, body: body)
+    }
+
+    /// `send` of bytes that may change meanwhile (a running guest's memory): they are copied
+    /// first, so the stream and the code see the same bytes.
+    public func sendCopy(_ type: MigrationMessage, _ head: [UInt8], of body: UnsafeRawBufferPointer) throws(SwiftletError) {
+        if copyBuffer.count < body.count {
+            copyBuffer.deallocate()
+            copyBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: body.count, alignment: 4096)
+        }
+        let copy = UnsafeMutableRawBufferPointer(rebasing: copyBuffer[0..<body.count])
+        copy.copyMemory(from: body)
+        try send(type, head, body: UnsafeRawBufferPointer(copy))
+    }
+
+    private var copyBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 0, alignment: 4096)
+
+    deinit { copyBuffer.deallocate() }
+
+    /// Sends an `abort` with `reason`, if the stream still takes it.
+    public func abort(_ reason: String) {
+        guard sendKey != nil else { return }
+        try? sendFrame(.abort, Array(reason.utf8.prefix(500)))
+    }
+
+    /// The next message. An `abort` from the peer is thrown as `.guestFailure`-free
+    /// `.systemCall` error with its reason; a message whose code does not check is an error.
+    public func receive() throws(SwiftletError) -> (MigrationMessage, [UInt8]) {
+        precondition(receiveKey != nil, "receive after the handshake")
+        let (type, payload) = try receiveFrame()
+        if type == .abort { throw SwiftletError(.systemCall, "the other side gave up the migration: \(Self.reason(payload))") }
+        return (type, payload)
+    }
+
+    /// The next message, which must be `expected`.
+    public func receive(_ expected: MigrationMessage) throws(SwiftletError) -> [UInt8] {
+        let (type, payload) = try receive()
+        guard type == expected else {
+            throw SwiftletError(.invalidFormat, "the migration stream sent \(type) where \(expected) was due")
+        }
+        return payload
+    }
+
+    // Frame: type (1 byte), 3 zero bytes, payload length (4 bytes LE), payload, then (after the
+    // handshake) the HMAC-SHA256 of the sequence number (8 bytes LE), the first 8 bytes and the
+    // payload.
+    private func sendFrame(_ type: MigrationMessage, _ head: [UInt8], body: UnsafeRawBufferPointer? = nil) throws(SwiftletError) {
+        let length = head.count + (body?.count ?? 0)
+        precondition(length <= Self.maximumPayload)
+        let header: [UInt8] = [type.rawValue, 0, 0, 0] + LittleEndian.bytes(UInt64(length), 4)
+        var frame = header + head
+        if let body, body.count > 0, sendKey == nil || body.count < 4096 {
+            frame += Array(body)
+            try write(frame)
+        } else {
+            try write(frame)
+            if let body, body.count > 0 { try write(body) }
+        }
+        if let key = sendKey {
+            var code = HMACSHA256.Code(key: key)
+            code.update(LittleEndian.bytes(sent, 8))
+            code.update(header + head)
+            if let body { code.update(body) }
+            try write(code.finalize())
+            sent += 1
+        }
+        bytesSent += UInt64(header.count + length + (sendKey == nil ? 0 : Self.codeLength))
+    }
+
+    private func receiveFrame() throws(SwiftletError) -> (MigrationMessage, [UInt8]) {
+        let header = try read(8)
+        let length = Int(LittleEndian.read(header, at: 4, count: 4))
+        guard header[1] == 0, header[2] == 0, header[3] == 0, let type = MigrationMessage(rawValue: header[0]) else {
+            throw SwiftletError(.invalidFormat, "the migration stream sent a corrupt frame header")
+        }
+        guard length <= Self.maximumPayload else {
+            throw SwiftletError(.invalidFormat, "the migration stream sent a \(length)-byte message (at most \(Self.maximumPayload))")
+        }
+        let payload = try read(length)
+        if let key = receiveKey {
+            let code = try read(Self.codeLength)
+            var expected = HMACSHA256.Code(key: key)
+            expected.update(LittleEndian.bytes(received, 8))
+            expected.update(header)
+            expected.update(payload)
+            guard HMACSHA256.constantTimeEqual(code, expected.finalize()) else {
+                throw SwiftletError(.invalidFormat, "a migration message failed its authentication check (changed, reordered or not from the token's holder)")
+            }
+            received += 1
+        }
+        return (type, payload)
+    }
+
+    private func write(_ bytes: [UInt8]) throws(SwiftletError) {
+        try bytes.withBytes { raw throws(SwiftletError) in try write(raw) }
+    }
+
+    private func write(_ raw: UnsafeRawBufferPointer) throws(SwiftletError) {
+        guard !raw.isEmpty else { return }
+        do throws(SwiftletError) {
+            try UnixSocket.sendAll(socket, raw, what: "migration stream")
+        } catch {
+            throw SwiftletError(.systemCall, "the migration stream broke: \(error.description)")
+        }
+    }
+
+    private func readSome(into bytes: inout [UInt8], from offset: Int) throws(SwiftletError) -> Int {
+        let socket = self.socket
+        return try bytes.withMutableBytes { raw throws(SwiftletError) -> Int in
+            try OwnedFileDescriptor.readSome(fd: socket, into: UnsafeMutableRawBufferPointer(rebasing: raw[offset...]), what: "migration stream")
+        }
+    }
+
+    private func read(_ count: Int) throws(SwiftletError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var done = 0
+        let deadline = MonotonicClock.now + UInt64(timeoutMilliseconds) * 1_000_000
+        while done < count {
+            guard try Poll.wait([socket], deadline: deadline)[0] else {
+                throw SwiftletError(.systemCall, "the other side of the migration sent nothing for \(timeoutMilliseconds / 1000) s: given up")
+            }
+            let n = try readSome(into: &bytes, from: done)
+            guard n > 0 else { throw SwiftletError(.systemCall, "the migration stream ended early (the other side went away)") }
+            done += n
+        }
+        return bytes
+    }
+}

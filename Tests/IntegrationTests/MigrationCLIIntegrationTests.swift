@@ -1,0 +1,125 @@
+import Glibc
+import SwiftletSystem
+import Testing
+import TestSupport
+
+/// `swiftlet machine receive` and `machine migrate` between two SWIFTLET_HOMEs on one host: a
+/// running machine moves with its memory (a counter in tmpfs), its disk (written while it
+/// moves) and its published port, and nothing of it stays behind; a wrong token, or a guest
+/// writing faster than the pause allows, moves nothing.
+@Suite(.serialized, .enabled(if: TestHost.integration, "Linux-guest integration tests run in the nested test host: make test-nested"))
+struct MigrationCLIIntegrationTests {
+    let swiftlet = TestHost.swiftletBinary
+    let source = TemporaryDirectory()
+    let destination = TemporaryDirectory()
+
+    func machine(_ home: TemporaryDirectory, _ arguments: [String]) -> Subprocess {
+        Subprocess.run([swiftlet, "machine"] + arguments, environment: ["SWIFTLET_HOME": home.path], timeout: 300)
+    }
+
+    /// Runs `machine receive box` in the destination in the background, `migrate` with the token
+    /// it printed (or `token` instead) from the source, and waits for both; prints `migrate N`,
+    /// `receive N` (their statuses) and their output files' paths hold the rest.
+    /// The nested test host emulates its CPU (tens of times slower than hardware): the pause aimed
+    /// for is longer than a real host's default 50 ms.
+    func move(token: String? = nil, receiveTimeout: String = "2m", port: Int, flags: String = "--max-downtime 5s") -> Subprocess {
+        let script = """
+            SWIFTLET_HOME=$B $S machine receive box --listen 127.0.0.1:\(port) --timeout \(receiveTimeout) > $B/receive.out 2> $B/receive.err &
+            pid=$!
+            for i in $(seq 1 300); do [ -s $B/receive.out ] && break; sleep 0.1; done
+            token=$(head -n 1 $B/receive.out)
+            \(token.map { "token=\($0)" } ?? "")
+            SWIFTLET_HOME=$A $S machine migrate box --to 127.0.0.1:\(port) --token "$token" \(flags) --json > $A/migrate.out 2> $A/migrate.err
+            echo "migrate $?"
+            wait $pid
+            echo "receive $?"
+            """
+        return Subprocess.run(["/bin/sh", "-c", script], environment: ["A": source.path, "B": destination.path, "S": swiftlet], timeout: 600)
+    }
+
+    func text(_ path: String) -> String { (try? OwnedFileDescriptor.readSmallTextFile(path, limit: 1 << 20)) ?? "" }
+
+    func exec(_ home: TemporaryDirectory, _ line: String) -> String {
+        machine(home, ["exec", "box", "--", "sh", "-c", line]).stdout
+    }
+
+    /// The numbers in `text`, one per line.
+    func numbers(_ text: String) -> [Int] { text.split(separator: "\n").compactMap { Int($0) } }
+
+    @Test func aRunningMachineMovesWithItsMemoryDiskAndPortAndLeavesNothingBehind() throws {
+        #expect(machine(source, ["create", "--name", "box", "--memory", "256", "-p", "127.0.0.1:18090:80"]).status == 0)
+        let started = machine(source, ["start", "box"])
+        try #require(started.status == 0, "\(started.stderr)")
+        // A counter in tmpfs (memory), another on the disk synced each step, a file on the disk,
+        // and a web server on the published port.
+        let setup = machine(source, ["exec", "box", "--", "sh", "-c", """
+            echo kept > /root/kept; sync
+            setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i >> /dev/shm/seq; sleep 0.1; done' </dev/null >/dev/null 2>&1 &
+            setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i >> /root/dseq; sync; sleep 0.2; done' </dev/null >/dev/null 2>&1 &
+            mkdir -p /tmp/www; echo moved-page > /tmp/www/index.html; setsid httpd -p 80 -h /tmp/www </dev/null >/dev/null 2>&1
+            """])
+        try #require(setup.status == 0, "\(setup.stderr)")
+        usleep(1_500_000)
+        let before = numbers(exec(source, "cat /dev/shm/seq")).last ?? 0
+        #expect(before > 3)
+
+        let moved = move(port: 17701)
+        #expect(moved.stdout.contains("migrate 0") && moved.stdout.contains("receive 0"),
+                "\(moved.stdout)\nmigrate: \(text(source.path + "/migrate.err"))\nreceive: \(text(destination.path + "/receive.err"))")
+        let report = text(source.path + "/migrate.out")
+        #expect(report.contains("\"downtimeMilliseconds\"") && report.contains("\"rounds\""), "\(report)")
+        #expect(text(destination.path + "/receive.out").split(separator: "\n").first?.count == 64, "the token alone on the first line")
+
+        // Nothing stays at the source; the destination runs it.
+        #expect(machine(source, ["status", "box"]).status != 0)
+        #expect(access(source.path + "/machines/box", F_OK) != 0)
+        #expect(machine(destination, ["status", "box"]).stdout.contains("state: running"))
+        usleep(1_000_000)
+        let memory = numbers(exec(destination, "cat /dev/shm/seq"))
+        #expect(memory == Array(1...(memory.last ?? 1)) && (memory.last ?? 0) > before,
+                "the count in memory goes on without a gap or a repeat: \(memory.suffix(20)), \(before) before")
+        let disk = numbers(exec(destination, "cat /root/dseq"))
+        #expect(disk == Array(1...(disk.last ?? 1)) && disk.count > 3, "the disk's count goes on: \(disk.suffix(20))")
+        #expect(exec(destination, "cat /root/kept") == "kept\n")
+        let page = Subprocess.run(["/bin/sh", "-c", "timeout 10 wget -q -O - http://127.0.0.1:18090/"], timeout: 30)
+        #expect(page.stdout == "moved-page\n", "the published port answers from the destination: \(page.stdout)|\(page.stderr)")
+
+        // It stops and starts again there, from its disk.
+        #expect(machine(destination, ["stop", "box"]).status == 0)
+        #expect(machine(destination, ["start", "box"]).status == 0)
+        #expect(exec(destination, "cat /root/kept") == "kept\n")
+        _ = machine(destination, ["rm", "-f", "box"])
+    }
+
+    @Test func aWrongTokenOrAGuestTooBusyToConvergeMovesNothingAndTheMachineRunsOn() throws {
+        #expect(machine(source, ["create", "--name", "box", "--memory", "128"]).status == 0)
+        try #require(machine(source, ["start", "box"]).status == 0)
+        let wrong = String(repeating: "ab", count: 32)
+        let moved = move(token: wrong, receiveTimeout: "8s", port: 17702)
+        #expect(moved.stdout.contains("migrate 1"), "\(moved.stdout)")
+        let refusal = text(source.path + "/migrate.err")
+        #expect(refusal.contains("token"), "\(refusal)")
+        #expect(moved.stdout.contains("receive 1"), "the receive gives up when no source with the token came: \(moved.stdout)")
+        #expect(text(destination.path + "/receive.err").contains("no migration source connected"), "\(text(destination.path + "/receive.err"))")
+        #expect(access(destination.path + "/machines/box", F_OK) != 0, "nothing arrived")
+        #expect(machine(source, ["status", "box"]).stdout.contains("state: running"))
+        #expect(exec(source, "echo still-here") == "still-here\n")
+
+        // A guest that writes memory faster than the pause allows: the migration says it does
+        // not converge, the destination takes nothing, and the machine runs on here.
+        #expect(machine(source, ["exec", "box", "--", "sh", "-c",
+                                 "setsid sh -c 'while true; do dd if=/dev/urandom of=/dev/shm/churn bs=64k count=32 2>/dev/null; done' </dev/null >/dev/null 2>&1 &"]).status == 0)
+        let busy = move(port: 17703, flags: "--max-downtime 1ms --max-rounds 3")
+        #expect(busy.stdout.contains("migrate 1") && busy.stdout.contains("receive 1"), "\(busy.stdout)")
+        #expect(text(source.path + "/migrate.err").contains("does not converge"), "\(text(source.path + "/migrate.err"))")
+        #expect(text(destination.path + "/receive.err").contains("does not converge"), "the destination hears why: \(text(destination.path + "/receive.err"))")
+        #expect(access(destination.path + "/machines/box", F_OK) != 0, "nothing arrived")
+        #expect(exec(source, "echo still-here") == "still-here\n")
+        // Bad flags say what is wrong.
+        let badToken = machine(source, ["migrate", "box", "--to", "127.0.0.1:17702", "--token", "xyz"])
+        #expect(badToken.status != 0 && badToken.stderr.contains("64 hex digits"), "\(badToken.stderr)")
+        let badAddress = machine(destination, ["receive", "box2", "--listen", "nowhere"])
+        #expect(badAddress.status != 0 && badAddress.stderr.contains("HOST:PORT"), "\(badAddress.stderr)")
+        _ = machine(source, ["rm", "-f", "box"])
+    }
+}
