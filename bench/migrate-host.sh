@@ -19,11 +19,11 @@ port=17800
 
 swiftlet_run() {
   port=$((port + 1))
-  SWIFTLET_HOME=$there "$SWIFTLET" machine receive m --listen 127.0.0.1:$port > "$work/receive.out" 2> "$work/receive.err" &
+  SWIFTLET_HOME=$there timeout 660 "$SWIFTLET" machine receive m --listen 127.0.0.1:$port > "$work/receive.out" 2> "$work/receive.err" &
   receiver=$!
   polls=0; while [ ! -s "$work/receive.out" ] && [ $polls -lt 300 ]; do sleep 0.1; polls=$((polls + 1)); done
   token=$(head -n 1 "$work/receive.out")
-  if SWIFTLET_HOME=$here "$SWIFTLET" machine migrate m --to 127.0.0.1:$port --token "$token" --max-downtime 50ms --json > "$work/migrate.out" 2> "$work/migrate.err"; then
+  if SWIFTLET_HOME=$here timeout 600 "$SWIFTLET" machine migrate m --to 127.0.0.1:$port --token "$token" --max-downtime 50ms --json > "$work/migrate.out" 2> "$work/migrate.err"; then
     wait $receiver
     python3 - "$work/migrate.out" <<'PY'
 import json, sys
@@ -50,7 +50,7 @@ qemu_run() {
   qemu_vm src; src=$!
   sleep 3 # the guest boots to its idle shell
   qemu_vm dst -incoming tcp:127.0.0.1:$port; dst=$!
-  python3 - "$work/qmp-src.sock" "$work/qmp-dst.sock" $port <<'PY'
+  timeout 600 python3 - "$work/qmp-src.sock" "$work/qmp-dst.sock" $port <<'PY'
 import json, socket, sys, time
 def connect(path):
     for _ in range(300):

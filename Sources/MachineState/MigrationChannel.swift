@@ -32,6 +32,13 @@ public enum MigrationMessage: UInt8, Sendable, CaseIterable {
     case disks = 13
     /// Source: bytes of a writable disk (drive index, offset, the bytes).
     case diskData = 14
+    /// Source, before `state` (post-copy): the pages that come only after `go` (a bitmap, one bit
+    /// per page, 64-bit little-endian words).
+    case postcopy = 15
+    /// Destination (post-copy, after `go`): pages its guest is waiting for (first page, count).
+    case request = 16
+    /// Destination (post-copy): every page has arrived; the source may go.
+    case complete = 17
 }
 
 /// One end of an authenticated migration stream over a connected stream socket the caller owns
@@ -62,6 +69,12 @@ public final class MigrationChannel {
     private var received: UInt64 = 0
     /// Bytes sent so far, frames included.
     public private(set) var bytesSent: UInt64 = 0
+    /// The most bytes per second to send (nil: as fast as the stream takes them): `send` sleeps
+    /// when it is ahead of this rate since the cap was set.
+    public var bandwidthBytesPerSecond: UInt64? {
+        didSet { capStart = (MonotonicClock.now, bytesSent) }
+    }
+    private var capStart: (time: UInt64, bytes: UInt64) = (0, 0)
 
     private init(socket: Int32, timeoutMilliseconds: Int) {
         self.socket = socket
@@ -221,6 +234,11 @@ public final class MigrationChannel {
         return payload
     }
 
+    /// Whether a message has started to arrive (poll without waiting).
+    public func hasInput() throws(SwiftletError) -> Bool {
+        try Poll.wait([socket], timeoutMilliseconds: 0)[0]
+    }
+
     // Frame: type (1 byte), 3 zero bytes, payload length (4 bytes LE), payload, then (after the
     // handshake) the HMAC-SHA256 of the sequence number (8 bytes LE), the first 8 bytes and the
     // payload.
@@ -245,6 +263,12 @@ public final class MigrationChannel {
             sent += 1
         }
         bytesSent += UInt64(header.count + length + (sendKey == nil ? 0 : Self.codeLength))
+        if let rate = bandwidthBytesPerSecond, rate > 0 {
+            // Where the cap says this many bytes may be sent: wait until then.
+            let due = capStart.time + UInt64(Double(bytesSent - capStart.bytes) / Double(rate) * 1e9)
+            let now = MonotonicClock.now
+            if due > now { MonotonicClock.sleep(nanoseconds: due - now) }
+        }
     }
 
     private func receiveFrame() throws(SwiftletError) -> (MigrationMessage, [UInt8]) {

@@ -37,6 +37,8 @@ struct ControlRequest: Codable {
     var maximumDowntimeMilliseconds: Int?
     var maximumRounds: Int?
     var timeLimitMilliseconds: Int?
+    var bandwidthBytesPerSecond: UInt64?
+    var postcopy: Bool?
 
     init(_ operation: Operation) { self.operation = operation }
 }

@@ -91,6 +91,12 @@ public enum MachineServer {
                                   receiving: receiving, ready: { tell("ready") })
             writeLastExit(directory, outcome.text)
             cleanUp(directory)
+            if outcome.text == movedAway {
+                // The machine runs elsewhere now: this copy must never start again, whether or not
+                // `machine migrate` lives to remove the directory (a directory without a record is
+                // a leftover that the next `create` of the name clears).
+                try? FileTree.rename(directory.recordPath, to: directory.recordPath + ".moved")
+            }
             _ = lock
             return outcome.status
         } catch {
@@ -101,6 +107,9 @@ public enum MachineServer {
             return ExitStatus.setupFailed
         }
     }
+
+    /// How a machine's run ends when it moved to another host (`migrate`).
+    static let movedAway = "moved to another host"
 
     private static func writeLastExit(_ directory: MachineDirectory, _ text: String) {
         try? OwnedFileDescriptor.writeSmallFileAtomically(directory.lastExitPath, Array((text + "\n").utf8))
@@ -135,8 +144,10 @@ public enum MachineServer {
         defer { withExtendedLifetime(console) {} }
         let port = try InProcessPort(port: AgentPort.number)
         let record: MachineRecord, network: MachineNetwork?, vm: Machine
+        var incoming: IncomingMigration?
         if let receiving {
-            (vm, record, network) = try receive(directory, receiving, console: console.rawValue, port: port)
+            let arrived = try receive(directory, receiving, console: console.rawValue, port: port)
+            (vm, record, network, incoming) = (arrived.migration.machine, arrived.record, arrived.network, arrived.migration)
         } else if let given {
             record = given
             // The machine's own passt (its log in the machine's directory), ended with this process.
@@ -150,7 +161,7 @@ public enum MachineServer {
         }
         defer { network?.stop() }
         return try serve(directory, vm: vm, record: record, network: network, port: port, signals: signals, listener: listener.rawValue,
-                         newIdentity: snapshot != nil, ready: ready)
+                         newIdentity: snapshot != nil, incoming: incoming, ready: ready)
     }
 
     /// The machine of `record`, booted, or restored from `snapshot`.
@@ -174,8 +185,8 @@ public enum MachineServer {
     /// `migratedPath`, restores it with its disk moved to the machine's own and its record
     /// written, and starts its network once the source let go. The record is the source's,
     /// checked as any snapshot's (layers and kernel found on this host by digest).
-    private static func receive(_ directory: MachineDirectory, _ receiving: Receiving, console: Int32,
-                                port: InProcessPort) throws(SwiftletError) -> (Machine, MachineRecord, MachineNetwork?) {
+    private static func receive(_ directory: MachineDirectory, _ receiving: Receiving, console: Int32, port: InProcessPort)
+        throws(SwiftletError) -> (migration: IncomingMigration, record: MachineRecord, network: MachineNetwork?) {
         let token = try MigrationChannel.token(fromText: receiving.token)
         let deadline = MonotonicClock.now + UInt64(max(0, receiving.timeoutMilliseconds)) * 1_000_000
         var connection: OwnedFileDescriptor
@@ -196,7 +207,8 @@ public enum MachineServer {
         if let null = try? OwnedFileDescriptor.open("/dev/null", flags: O_RDONLY) { dup2(null.rawValue, receiving.listener) }
         if access(directory.migratedPath, F_OK) == 0 { SnapshotDirectory(directory.migratedPath).remove() }
         var arrived: (record: MachineRecord, network: MachineNetwork?)?
-        let vm = try Machine.receiveMigration(over: channel, into: directory.migratedPath) { path throws(SwiftletError) in
+        let migration = try Machine.receiveMigration(over: channel, into: directory.migratedPath) { snapshot throws(SwiftletError) in
+            let path = snapshot.directory
             var (record, disk) = try MachineSnapshotRecord.read(path)
             // The machine's own disk is the arrived one (one file, two names until `migratedPath` goes).
             try FileTree.link(disk, as: directory.diskPath)
@@ -208,25 +220,46 @@ public enum MachineServer {
             arrived = (record, network)
             return try Machine.restoring(from: path, consoleOutput: console, vsockPorts: port, diffable: false,
                                          writableDisks: [DiskConfig(path: directory.diskPath)],
-                                         readOnlyDisks: SnapshotPaths.resolver(trusting: record), network: network?.device(log: log))
+                                         readOnlyDisks: SnapshotPaths.resolver(trusting: record), network: network?.device(log: log),
+                                         lazyMemory: snapshot.lazyMemory)
         }
-        withExtendedLifetime(connection) {}
+        // The stream stays open for this process's life: the source's `go`, and a post-copy's
+        // pages, come on it after the machine is built.
+        _ = connection.release()
         let (record, network) = arrived!
-        try directory.writeRecord(record)
+        return (migration, record, network)
+    }
+
+    /// What a machine arriving by migration does once it is built, before its guest runs: takes
+    /// it over from the source (`go`: from here it must run here, so nothing after fails the
+    /// run), writes its record, and starts its network once the source let its ports go.
+    private static func takeOver(_ migration: IncomingMigration, directory: MachineDirectory, record: MachineRecord,
+                                 network: MachineNetwork?) throws(SwiftletError) {
+        try migration.takeOver()
+        do { try directory.writeRecord(record) } catch { log("the machine runs, but its record could not be written: \(error.description)") }
         // The source's passt lets its published ports go as its process ends.
-        try network?.start(busyPortMilliseconds: 10_000)
-        return (vm, record, network)
+        do { try network?.start(busyPortMilliseconds: 10_000) } catch {
+            log("the machine runs without its network: \(error.description)")
+        }
     }
 
     /// Serves the built machine `vm` until its run ends.
     private static func serve(_ directory: MachineDirectory, vm: Machine, record: MachineRecord, network: MachineNetwork?, port: InProcessPort,
-                              signals: Int32, listener: Int32, newIdentity: Bool, ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
-        let machineThread = try MachineThread(vm, confined: true)
+                              signals: Int32, listener: Int32, newIdentity: Bool, incoming: IncomingMigration?,
+                              ready: () -> Void) throws(SwiftletError) -> (status: Int32, text: String) {
+        var built: (@Sendable () throws(SwiftletError) -> Void)?
+        var guestStarts: (@Sendable () -> Void)?
+        if let incoming {
+            built = { () throws(SwiftletError) in try takeOver(incoming, directory: directory, record: record, network: network) }
+            guestStarts = { incoming.confirmRunning() }
+        }
+        let machineThread = try MachineThread(vm, confined: true, built: built, guestStarts: guestStarts)
         defer { machineThread.stop() }
 
         func ending() -> (status: Int32, text: String) {
             switch machineThread.wait() {
             case .failure(let error): return (ExitStatus.setupFailed, "failed: " + error.description)
+            case .success(let report) where report.exit == .migrated: return (0, movedAway)
             case .success(let report):
                 return report.exit.isClean ? (0, "stopped: " + report.exit.description) : (ExitStatus.guestCrashed, "crashed: " + report.exit.description)
             }
@@ -239,7 +272,8 @@ public enum MachineServer {
         }
         if newIdentity { try agent.announceNewIdentity(hostname: record.name) }
         if let network { try network.configureGuest(through: agent) }
-        let server = ControlServer(vm: vm, agent: agent, port: port, ended: machineThread.ended, record: record)
+        let server = ControlServer(vm: vm, agent: agent, port: port, ended: machineThread.ended, record: record,
+                                   releaseNetwork: { network?.stop() })
         ready()
 
         while true {
@@ -263,7 +297,7 @@ public enum MachineServer {
             }
         }
         server.waitForStop()
-        server.waitForMigrationReply()
+        server.waitForReplies()
         return ending()
     }
 }
@@ -277,19 +311,28 @@ final class ControlServer: Sendable {
     let record: MachineRecord
     let started = MonotonicClock.now
     private let paused = Atomic<Bool>(false)
-    /// Set while a migration runs, until its reply went out; and once the machine has moved.
+    /// Set while a migration runs; and once the machine has moved.
     private let migrating = Atomic<Bool>(false)
     let migrated = Atomic<Bool>(false)
+    /// Requests read and not yet answered.
+    private let answering = Atomic<Int>(0)
     /// Set once a stop began; the thread that enforces its deadline.
     private let stopper = Mutex<OSThread?>(nil)
 
-    init(vm: Machine, agent: AgentSession, port: InProcessPort, ended: Int32, record: MachineRecord) {
+    /// Ends the machine's passt: once a migration committed, its published ports are the destination's.
+    let releaseNetwork: @Sendable () -> Void
+
+    init(vm: Machine, agent: AgentSession, port: InProcessPort, ended: Int32, record: MachineRecord,
+         releaseNetwork: @escaping @Sendable () -> Void = {}) {
         self.vm = vm; self.agent = agent; self.port = port; self.ended = ended; self.record = record
+        self.releaseNetwork = releaseNetwork
     }
 
     func handle(_ channel: ControlChannel) {
         guard let (request, fds) = try? channel.receive(ControlRequest.self) else { return }
         defer { _ = OwnedFileDescriptors(taking: fds) } // closed here, once the request is answered
+        answering.add(1, ordering: .acquiringAndReleasing)
+        defer { answering.subtract(1, ordering: .acquiringAndReleasing) }
         let reply: ControlReply
         switch request.operation {
         case .status:
@@ -315,15 +358,13 @@ final class ControlServer: Sendable {
             reply = migrate(request, fds: fds, channel: channel)
         }
         try? channel.send(reply)
-        if request.operation == .migrate { migrating.store(false, ordering: .releasing) }
     }
 
     /// Moves the machine to the destination on the passed stream (`Machine.migrate`), telling
     /// the client each round as it starts. On success the machine's run ends (`.migrated`) and
-    /// this process with it, once the reply is out (`waitForMigrationReply`).
+    /// this process with it, once the reply is out (`waitForReplies`).
     private func migrate(_ request: ControlRequest, fds: [Int32], channel: ControlChannel) -> ControlReply {
         guard fds.count == 1, let text = request.token else { return .failed("malformed migrate request (\(fds.count) descriptors)") }
-        migrating.store(true, ordering: .releasing)
         do {
             let token = try MigrationChannel.token(fromText: text)
             let annotations = [MachineSnapshotRecord.recordAnnotation: try MachineSnapshotRecord.encode(record),
@@ -332,14 +373,18 @@ final class ControlServer: Sendable {
             if let value = request.maximumDowntimeMilliseconds { options.maximumDowntimeMilliseconds = value }
             if let value = request.maximumRounds { options.maximumRounds = value }
             if let value = request.timeLimitMilliseconds { options.timeLimitMilliseconds = value }
+            options.bandwidthBytesPerSecond = request.bandwidthBytesPerSecond
+            options.postcopy = request.postcopy ?? false
             if paused.load(ordering: .acquiring) {
                 return .failed("machine \(record.name) is paused: resume it before moving it (`swiftlet machine resume \(record.name)`)")
             }
-            let report = try vm.migrate(over: fds[0], token: token, annotations: annotations, options: options) { progress in
+            migrating.store(true, ordering: .releasing)
+            defer { migrating.store(false, ordering: .releasing) }
+            let report = try vm.migrate(over: fds[0], token: token, annotations: annotations, options: options, progress: { progress in
                 var line = ControlReply()
                 line.progress = progress
                 try? channel.send(line)
-            }
+            }, committed: releaseNetwork)
             migrated.store(true, ordering: .releasing)
             var reply = ControlReply()
             reply.migration = report
@@ -349,10 +394,11 @@ final class ControlServer: Sendable {
         }
     }
 
-    /// Waits (at most 5 s) until a migration's reply went out: the process must not end first.
-    func waitForMigrationReply() {
+    /// Waits (at most 5 s) until the replies to requests being answered went out (a migration's
+    /// report, an exec that the move cut short): the process must not end first.
+    func waitForReplies() {
         let deadline = MonotonicClock.now + 5_000_000_000
-        while migrating.load(ordering: .acquiring) && MonotonicClock.now < deadline { usleep(5_000) }
+        while answering.load(ordering: .acquiring) > 0 && MonotonicClock.now < deadline { usleep(5_000) }
     }
 
     /// Writes a snapshot of the machine (its disk included) with what a restore or a fork needs

@@ -14,11 +14,19 @@ public final class MachineThread: Sendable {
     /// Starts `machine`. `confined`: this process is the machine's VMM process, and confines
     /// itself (`Confinement.confine(.vmm)`: seccomp, no new privileges, descriptor and file-size limits) once the
     /// machine is built and before its guest runs. Never in a process that goes on to do other work.
-    public init(_ machine: Machine, confined: Bool = false) throws(SwiftletError) {
+    ///
+    /// `built` is called on the machine's thread once it is built, before the confinement (an
+    /// error ends the run before the guest runs), and `guestStarts` after it, just before the
+    /// vCPUs start (a machine arriving by migration: the source's `go`, then `resumed`).
+    public init(_ machine: Machine, confined: Bool = false, built: (@Sendable () throws(SwiftletError) -> Void)? = nil,
+                guestStarts: (@Sendable () -> Void)? = nil) throws(SwiftletError) {
         self.machine = machine
+        let hooked = confined || built != nil || guestStarts != nil
         worker = try WorkerThread(name: "machine", stackSize: 1 << 20) { () throws(SwiftletError) in
-            try machine.runBlocking(beforeGuestRuns: confined ? { largestFile throws(SwiftletError) in
-                try Confinement.confine(.vmm, largestFile: largestFile)
+            try machine.runBlocking(beforeGuestRuns: hooked ? { largestFile throws(SwiftletError) in
+                try built?()
+                if confined { try Confinement.confine(.vmm, largestFile: largestFile) }
+                guestStarts?()
             } : nil)
         }
     }

@@ -27,6 +27,9 @@ public struct MigrateReport: Sendable, Codable {
     public var downtimeMilliseconds: Double
     public var totalMilliseconds: Double
     public var bytesSent: UInt64
+    /// Post-copy: pages sent after the destination took over, and how many its guest asked for.
+    public var postcopyPages: Int?
+    public var postcopyRequestedPages: Int?
 }
 
 extension Machines {
@@ -79,6 +82,8 @@ extension Machines {
         request.maximumDowntimeMilliseconds = options.maximumDowntimeMilliseconds
         request.maximumRounds = options.maximumRounds
         request.timeLimitMilliseconds = options.timeLimitMilliseconds
+        request.bandwidthBytesPerSecond = options.bandwidthBytesPerSecond
+        request.postcopy = options.postcopy
         let channel = try MachineLifecycle.connect(directory)
         try channel.send(request, passing: [connection.rawValue])
         withExtendedLifetime(connection) {} // the VMM process has its own copy
@@ -104,6 +109,7 @@ extension Machines {
         let done = report!
         return MigrateReport(name: name, destination: destination.description, rounds: done.rounds.count, roundPages: done.rounds.map(\.pages),
                              finalPages: done.finalPages, downtimeMilliseconds: Double(done.downtimeNanoseconds) / 1e6,
-                             totalMilliseconds: Double(done.totalNanoseconds) / 1e6, bytesSent: done.bytesSent)
+                             totalMilliseconds: Double(done.totalNanoseconds) / 1e6, bytesSent: done.bytesSent,
+                             postcopyPages: done.postcopyPages, postcopyRequestedPages: done.postcopyRequestedPages)
     }
 }

@@ -1,4 +1,5 @@
 import CLinux
+import Glibc
 
 /// Monotonic time in nanoseconds, and the moment the process's own code started.
 public enum MonotonicClock {
@@ -11,5 +12,12 @@ public enum MonotonicClock {
     /// Milliseconds between two readings, as a Double.
     public static func milliseconds(from start: UInt64, to end: UInt64) -> Double {
         Double(end &- start) / 1_000_000
+    }
+
+    /// Sleeps for `nanoseconds` (nanosleep, resumed after a signal).
+    public static func sleep(nanoseconds: UInt64) {
+        var request = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+        var remaining = timespec()
+        while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
     }
 }

@@ -32,6 +32,11 @@ public enum FileTree {
         guard Glibc.link(existing, new) == 0 else { throw SwiftletError.system("cannot link \(existing) as \(new)", errno: currentErrno) }
     }
 
+    /// Renames `path` to `new` (replacing a file there; the same file system).
+    public static func rename(_ path: String, to new: String) throws(SwiftletError) {
+        guard Glibc.rename(path, new) == 0 else { throw SwiftletError.system("cannot rename \(path) to \(new)", errno: currentErrno) }
+    }
+
     public static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws(SwiftletError) {
         try systemCall("cannot create \(path)") { mkdir(path, mode) }
     }

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import Devices
 import GuestMemory
 import MachineState
@@ -13,11 +14,20 @@ public struct MigrationOptions: Sendable {
     public var maximumRounds: Int = 30
     /// The longest the copying may take before the migration is given up.
     public var timeLimitMilliseconds: Int = 120_000
+    /// The most bytes per second to send (nil: as fast as the stream takes them).
+    public var bandwidthBytesPerSecond: UInt64?
+    /// When the copying does not converge within the limits: switch to post-copy (the
+    /// destination runs the machine at once and fetches the pages still here as its guest
+    /// touches them, while the rest are pushed) instead of giving up.
+    public var postcopy: Bool
 
-    public init(maximumDowntimeMilliseconds: Int = 50, maximumRounds: Int = 30, timeLimitMilliseconds: Int = 120_000) {
+    public init(maximumDowntimeMilliseconds: Int = 50, maximumRounds: Int = 30, timeLimitMilliseconds: Int = 120_000,
+                bandwidthBytesPerSecond: UInt64? = nil, postcopy: Bool = false) {
         self.maximumDowntimeMilliseconds = maximumDowntimeMilliseconds
         self.maximumRounds = maximumRounds
         self.timeLimitMilliseconds = timeLimitMilliseconds
+        self.bandwidthBytesPerSecond = bandwidthBytesPerSecond
+        self.postcopy = postcopy
     }
 }
 
@@ -38,6 +48,10 @@ public struct MigrationReport: Sendable, Codable, Equatable {
     /// From the handshake to the end.
     public var totalNanoseconds: UInt64
     public var bytesSent: UInt64
+    /// Post-copy: pages sent after the destination took over, and how many of them its guest
+    /// asked for (the rest were pushed); nil for a pre-copy migration.
+    public var postcopyPages: Int? = nil
+    public var postcopyRequestedPages: Int? = nil
 }
 
 /// What one round of a migration is about to do (for progress lines).
@@ -72,11 +86,16 @@ extension Machine {
     /// not running, and throws saying so: the destination may run it, and both must never run.
     ///
     /// Not yet: post-copy.
+    ///
+    /// `committed` is called once the destination was told to take over (the machine will not
+    /// run here again): the caller lets go of what the destination needs now, such as
+    /// published ports on the same host.
     public func migrate(over socket: Int32, token: [UInt8], annotations: [String: String] = [:],
                         options: MigrationOptions = MigrationOptions(),
-                        progress: (@Sendable (MigrationProgress) -> Void)? = nil) throws(SwiftletError) -> MigrationReport {
+                        progress: (@Sendable (MigrationProgress) -> Void)? = nil,
+                        committed: (@Sendable () -> Void)? = nil) throws(SwiftletError) -> MigrationReport {
         try operations.withLock { _ throws(SwiftletError) in
-            try migrateLocked(over: socket, token: token, annotations: annotations, options: options, progress: progress)
+            try migrateLocked(over: socket, token: token, annotations: annotations, options: options, progress: progress, onCommit: committed)
         }
     }
 
@@ -100,7 +119,7 @@ extension Machine {
     }
 
     private func migrateLocked(over socket: Int32, token: [UInt8], annotations: [String: String], options: MigrationOptions,
-                               progress: (@Sendable (MigrationProgress) -> Void)?) throws(SwiftletError) -> MigrationReport {
+                               progress: (@Sendable (MigrationProgress) -> Void)?, onCommit: (@Sendable () -> Void)?) throws(SwiftletError) -> MigrationReport {
         let machine = try liveMachine()
         guard machine.memory.regions.count <= 64 else {
             throw SwiftletError(.unsupported, "guest memory has \(machine.memory.regions.count) regions; a migration carries at most 64")
@@ -108,6 +127,7 @@ extension Machine {
         let writable = machine.devices.drives.indices.filter { !machine.hardware.disks[$0].readOnly }
         let start = MonotonicClock.now
         let channel = try MigrationChannel.connect(socket, token: token)
+        channel.bandwidthBytesPerSecond = options.bandwidthBytesPerSecond
         let wasPaused = machine.controller.isPaused
         var committed = false
         // Every page collected from the dirty logs: if the migration fails, the next diff
@@ -153,6 +173,7 @@ extension Machine {
                 let left = Double(written.bytes)
                 if let rate, left / rate <= budget { break }
                 if rounds.count >= options.maximumRounds || MonotonicClock.now - start > UInt64(options.timeLimitMilliseconds) * 1_000_000 {
+                    if options.postcopy { break }
                     let mib = { (bytes: Double) in (bytes / 1_048_576 * 10).rounded() / 10 }
                     throw SwiftletError(.unsupported, "the migration does not converge: after \(rounds.count) rounds the guest still writes "
                                         + "\(mib(left)) MiB per round, more than \(options.maximumDowntimeMilliseconds) ms of downtime allows at "
@@ -160,15 +181,18 @@ extension Machine {
                 }
             }
 
-            // The pause: the rest of memory and disks, then the state.
+            // The pause: the rest of memory and disks, then the state. Post-copy (when the copy
+            // did not converge): the disks now, the pages only after `go`.
             let pauseStart = MonotonicClock.now
             if !wasPaused { try pauseLocked(); paused = true }
             var final = pending!
             let (last, _) = try takeWritten(machine, writable: writable, into: &collected)
             final.add(last)
             for i in final.pages.indices { final.pages[i] |= deviceWritten[i] }
-            let finalSent = try sendPages(machine.memory, dirty: final.pages, over: channel)
+            let postcopy = options.postcopy && Double(final.bytes) / (rate ?? 1) > budget
+            let finalSent = postcopy ? (pages: 0, zeroPages: 0) : try sendPages(machine.memory, dirty: final.pages, over: channel)
             try sendDisks(machine, writable: writable, chunks: final.chunks, over: channel)
+            if postcopy { try channel.send(.postcopy, final.pages.flatMap { LittleEndian.bytes($0, 8) }) }
             var snapshot = try pausedState(machine, id: id, annotations: annotations)
             for index in writable { snapshot.hardware.disks[index].file = SnapshotDirectory.diskFileName(index) }
             let state = try StateFile.encode(snapshot)
@@ -177,9 +201,26 @@ extension Machine {
             }
             try channel.send(.state, state)
             try channel.send(.done)
+            if postcopy {
+                var goSent = false
+                let served: (resumed: UInt64, pages: Int, requested: Int)
+                do throws(SwiftletError) {
+                    served = try servePostcopy(machine.memory, pages: final.pages, over: channel, goSent: &goSent, onGo: onCommit)
+                } catch {
+                    committed = goSent
+                    throw error
+                }
+                machine.controller.stop(.migrated)
+                var report = MigrationReport(rounds: rounds, finalPages: 0, downtimeNanoseconds: served.resumed - pauseStart,
+                                             totalNanoseconds: MonotonicClock.now - start, bytesSent: channel.bytesSent)
+                report.postcopyPages = served.pages
+                report.postcopyRequestedPages = served.requested
+                return report
+            }
             _ = try channel.receive(.ready)
             try channel.send(.go)
             committed = true
+            onCommit?()
             _ = try channel.receive(.resumed)
             let end = MonotonicClock.now
             machine.controller.stop(.migrated)
@@ -204,6 +245,86 @@ extension Machine {
     }
 
     static func count(_ bitmap: [UInt64]) -> Int { bitmap.reduce(0) { $0 + $1.nonzeroBitCount } }
+
+    /// Post-copy, once the state is sent (the machine paused here): answers the destination's
+    /// requests for pages while it builds the machine, says `go` on its `ready` (`goSent`: from
+    /// then on the machine must not run here), then pushes the pages `pages` marks, in order,
+    /// answering requests for pages its guest waits for first, says `done` and waits for
+    /// `complete`. Returns when the destination said it runs the machine, and the pages sent
+    /// after the pause and how many of them were asked for.
+    private func servePostcopy(_ memory: GuestMemory, pages: [UInt64], over channel: MigrationChannel,
+                               goSent: inout Bool, onGo: (@Sendable () -> Void)?) throws(SwiftletError) -> (resumed: UInt64, pages: Int, requested: Int) {
+        var unsent = pages
+        var resumed: UInt64?
+        var sent = 0, requested = 0
+        let total = memory.pageCount
+        /// Sends the pages of [first, first + count) that are still unsent, in runs (each within
+        /// one region); returns how many.
+        func send(_ first: Int, _ count: Int) throws(SwiftletError) -> Int {
+            func isUnsent(_ page: Int) -> Bool { unsent[page / 64] >> UInt64(page % 64) & 1 != 0 }
+            var marked = 0
+            var page = first
+            while page < first + count {
+                guard isUnsent(page) else { page += 1; continue }
+                var regionFirst = 0
+                for region in memory.regions {
+                    let pages = Int(region.size / 4096)
+                    defer { regionFirst += pages }
+                    guard page < regionFirst + pages else { continue }
+                    var end = page + 1
+                    while end < first + count && end < regionFirst + pages && isUnsent(end) { end += 1 }
+                    for sentPage in page..<end { unsent[sentPage / 64] &= ~(1 << UInt64(sentPage % 64)) }
+                    // SAFETY: pages [page, end) lie inside this region's mapping.
+                    try channel.sendCopy(.pages, LittleEndian.bytes(UInt64(page), 8) + LittleEndian.bytes(UInt64(end - page), 4),
+                                         of: UnsafeRawBufferPointer(start: region.hostAddress + (page - regionFirst) * 4096, count: (end - page) * 4096))
+                    marked += end - page
+                    page = end
+                    break
+                }
+            }
+            return marked
+        }
+        func answer(_ type: MigrationMessage, _ payload: [UInt8], goSent: inout Bool) throws(SwiftletError) {
+            switch type {
+            case .ready where !goSent:
+                try channel.send(.go)
+                goSent = true
+                onGo?()
+            case .resumed where goSent && resumed == nil: resumed = MonotonicClock.now
+            case .request:
+                guard payload.count == 12 else { throw SwiftletError(.invalidFormat, "a post-copy request is malformed") }
+                let first = LittleEndian.read(payload, at: 0, count: 8), count = LittleEndian.read(payload, at: 8, count: 4)
+                guard count >= 1, count <= UInt64(Self.migrationRun), first < UInt64(total), count <= UInt64(total) - first else {
+                    throw SwiftletError(.invalidFormat, "a post-copy request (\(count) pages from \(first)) lies outside the machine's \(total) pages")
+                }
+                let n = try send(Int(first), Int(count))
+                sent += n
+                requested += n
+            default: throw SwiftletError(.invalidFormat, "the migration stream sent \(type) during post-copy")
+            }
+        }
+        while !goSent {
+            let (type, payload) = try channel.receive()
+            try answer(type, payload, goSent: &goSent)
+        }
+        var cursor = 0
+        while cursor < total {
+            while try channel.hasInput() {
+                let (type, payload) = try channel.receive()
+                try answer(type, payload, goSent: &goSent)
+            }
+            let count = min(Self.migrationRun, total - cursor)
+            sent += try send(cursor, count)
+            cursor += count
+        }
+        try channel.send(.done)
+        while true {
+            let (type, payload) = try channel.receive()
+            if type == .complete { break }
+            try answer(type, payload, goSent: &goSent)
+        }
+        return (resumed ?? MonotonicClock.now, sent, requested)
+    }
 
     /// Switches dirty logging on if it was off, and takes what was written since the last take:
     /// pages (the hypervisor's log and this process's writes, also added to `collected`) and the
@@ -324,7 +445,7 @@ extension Machine {
     /// with `token`.
     public static func receiveMigration(over socket: Int32, token: [UInt8], into directory: String,
                                         maximumMemoryBytes: UInt64 = 1 << 40,
-                                        restore: (String) throws(SwiftletError) -> Machine) throws(SwiftletError) -> Machine {
+                                        restore: (ArrivedSnapshot) throws(SwiftletError) -> Machine) throws(SwiftletError) -> IncomingMigration {
         let channel = try MigrationChannel.accept(socket, token: token)
         return try receiveMigration(over: channel, into: directory, maximumMemoryBytes: maximumMemoryBytes, restore: restore)
     }
@@ -332,9 +453,9 @@ extension Machine {
     /// The destination's side of `migrate`, once `channel` is authenticated
     /// (`MigrationChannel.accept`): takes the machine arriving into a new snapshot directory
     /// `directory` (a memory file filled as pages arrive, the writable disks' files, then the
-    /// state file), calls `restore` with it, tells the source it is ready, and on `go` returns
-    /// the restored machine for the caller to run at once (the source has stopped its copy). The
-    /// directory must stay while the machine runs (its memory maps the file).
+    /// state file), calls `restore` with it and returns the restored machine with the stream, for
+    /// the caller to build and take over (`IncomingMigration`: only then is the source told to
+    /// stop). The directory must stay while the machine runs (its memory maps the file).
     ///
     /// Everything that arrives is checked: the layout (at most 64 regions, page-aligned, at most
     /// `maximumMemoryBytes` in all), every page run and disk write against it, the state as any
@@ -342,7 +463,7 @@ extension Machine {
     /// the directory is removed and the error thrown.
     public static func receiveMigration(over channel: MigrationChannel, into directory: String,
                                         maximumMemoryBytes: UInt64 = 1 << 40,
-                                        restore: (String) throws(SwiftletError) -> Machine) throws(SwiftletError) -> Machine {
+                                        restore: (ArrivedSnapshot) throws(SwiftletError) -> Machine) throws(SwiftletError) -> IncomingMigration {
         let target = SnapshotDirectory(directory)
         if access(target.path, F_OK) == 0 {
             let error = SwiftletError(.invalidArgument, "\(directory) already exists: a received machine goes to a new directory")
@@ -350,10 +471,12 @@ extension Machine {
             throw error
         }
         var committed = false
+        let receiver: MigrationReceiver
+        var missing: [UInt64]?
         do throws(SwiftletError) {
             let partial = try target.makePartial()
             defer { if !committed { partial.remove() } }
-            let receiver = try MigrationReceiver(layout: try channel.receive(.layout), directory: partial, maximumBytes: maximumMemoryBytes)
+            receiver = try MigrationReceiver(layout: try channel.receive(.layout), directory: partial, maximumBytes: maximumMemoryBytes)
             try receiver.disks(try channel.receive(.disks))
             var state: [UInt8]?
             receiving: while true {
@@ -362,6 +485,7 @@ extension Machine {
                 case .pages where state == nil: try receiver.write(pages: payload)
                 case .zeroPages where state == nil: try receiver.zero(payload)
                 case .diskData where state == nil: try receiver.write(disk: payload)
+                case .postcopy where state == nil && missing == nil: missing = try receiver.pageBitmap(payload)
                 case .state where state == nil: state = payload
                 case .done where state != nil: break receiving
                 default: throw SwiftletError(.invalidFormat, "the migration stream sent \(type) out of turn")
@@ -378,25 +502,247 @@ extension Machine {
             throw error
         }
         let machine: Machine
+        var postcopy: PostcopyPages?
+        var postcopySender: MigrationSender?
+        var fetcher: OSThread?
         do throws(SwiftletError) {
-            machine = try restore(target.path)
+            if let missing {
+                // The pages still at the source arrive on a thread of their own from now on: the
+                // machine's build may touch some (it waits for them), and its guest the rest.
+                let sender = MigrationSender(channel)
+                let pages = try PostcopyPages(file: receiver.file, memoryPath: target.memoryPath, missing: missing) { first, count throws(SwiftletError) in
+                    try sender.send(.request, LittleEndian.bytes(UInt64(first), 8) + LittleEndian.bytes(UInt64(count), 4))
+                }
+                fetcher = try OSThread.start(name: "postcopy") { IncomingMigration.fetch(sender, receiver, pages) }
+                postcopy = pages
+                postcopySender = sender
+            }
+            machine = try restore(ArrivedSnapshot(directory: target.path, lazyMemory: postcopy))
         } catch {
             channel.abort("the destination cannot restore the machine: \(error.description)")
+            postcopy?.fail(error)
+            fetcher?.join()
             target.remove()
             throw error
         }
+        return IncomingMigration(machine: machine, sender: postcopySender ?? MigrationSender(channel), directory: target,
+                                 postcopy: postcopy, fetcher: fetcher)
+    }
+}
+
+/// A machine that arrived by migration (`Machine.receiveMigration`), restored but not yet built
+/// nor running, and the stream to its source, which waits paused. The machine must be built
+/// before the source is told to stop (a restore that fails while the machine is built, after
+/// the source stopped, would leave it running nowhere): `run` does that, or a caller of
+/// `runBlocking` calls `takeOver` then `confirmRunning` in `beforeGuestRuns`.
+public final class IncomingMigration: @unchecked Sendable {
+    // SAFETY (Sendable): until `go` the channel is used by one thread at a time: the one that
+    // received the machine, then the one that builds it (`beforeGuestRuns`), strictly after.
+    // After `go` (post-copy) one thread receives (the fetcher) and every send holds `sending`
+    // (PostcopyPages's requests hold it through their closure).
+    public let machine: Machine
+    /// The snapshot directory the machine runs from (its memory maps the file there).
+    public let directory: String
+    private let sender: MigrationSender
+    private var channel: MigrationChannel { sender.channel }
+    private let snapshot: SnapshotDirectory
+    private let postcopy: PostcopyPages?
+    private let fetcher: OSThread?
+
+    init(machine: Machine, sender: MigrationSender, directory: SnapshotDirectory, postcopy: PostcopyPages?, fetcher: OSThread?) {
+        self.machine = machine
+        self.sender = sender
+        self.snapshot = directory
+        self.directory = directory.path
+        self.postcopy = postcopy
+        self.fetcher = fetcher
+    }
+
+    /// Post-copy: the fetching thread ends with the stream (the source's `done`, or a failure);
+    /// it holds nothing of this object.
+    deinit {
+        postcopy?.fail(SwiftletError(.invalidArgument, "the arriving machine was let go"))
+        fetcher?.detach()
+    }
+
+    /// Whether the machine arrives by post-copy: it runs here while pages still come.
+    public var isPostcopy: Bool { postcopy != nil }
+
+    /// Tells the source that the machine is ready here and waits for its `go`. Throws when the
+    /// source gave up or the stream broke: then the machine must not run (the source runs on),
+    /// and the received snapshot is removed. After it returns the source has stopped for good.
+    /// Post-copy: starts the thread that takes the pages still to come into the memory file.
+    public func takeOver() throws(SwiftletError) {
         do throws(SwiftletError) {
-            try channel.send(.ready)
-            _ = try channel.receive(.go)
+            try sender.send(.ready)
+            if let postcopy {
+                // The fetching thread receives everything now; it tells of the `go`.
+                try postcopy.waitForGo()
+            } else {
+                _ = try channel.receive(.go)
+            }
         } catch {
             channel.abort(error.description)
-            target.remove()
+            postcopy?.fail(error)
+            snapshot.remove()
             throw error
         }
-        // From here the source has stopped for good: the machine runs here whatever happens to
-        // the stream, so a lost `resumed` is not an error.
-        try? channel.send(.resumed)
-        return machine
+    }
+
+    /// Post-copy, from the restore on: writes each page run that arrives into the memory file
+    /// and tells the waiting faults, notes the source's `go`, and on its `done` says `complete`.
+    /// A broken stream, or a `done` with pages still missing, fails every wait (before `go` the
+    /// machine does not run; after, it stops: its memory is gone).
+    static func fetch(_ sender: MigrationSender, _ receiver: MigrationReceiver, _ pages: PostcopyPages) {
+        do throws(SwiftletError) {
+            while true {
+                let (type, payload) = try sender.channel.receive()
+                switch type {
+                case .pages:
+                    let (first, count) = try receiver.write(pages: payload)
+                    pages.arrived(first: first, count: count)
+                case .go where !pages.wentAhead: pages.go()
+                case .done where pages.wentAhead:
+                    guard pages.allArrived else { throw SwiftletError(.invalidFormat, "the migration source said done with pages still missing") }
+                    try sender.send(.complete)
+                    return
+                default: throw SwiftletError(.invalidFormat, "the migration stream sent \(type) during post-copy")
+                }
+            }
+        } catch {
+            pages.fail(SwiftletError(error.code, "the machine's memory stopped arriving from the migration source: \(error.message)"))
+        }
+    }
+
+    /// Tells the source the machine runs here (once its vCPUs are about to start). Best effort:
+    /// after `go` the machine runs here whatever happens to the stream.
+    public func confirmRunning() {
+        try? sender.send(.resumed)
+    }
+
+    /// Tells the source that the machine will not run here (before `takeOver`): it runs on
+    /// there. Removes the received snapshot.
+    public func refuse(_ reason: String) {
+        channel.abort(reason)
+        snapshot.remove()
+    }
+
+    /// Builds the machine, takes it over from the source and runs it until it stops.
+    public func run() async throws(SwiftletError) -> MachineRunReport {
+        try await machine.offCooperativePool(thread: "swiftlet-main") { () throws(SwiftletError) in
+            try self.machine.runBlocking(beforeGuestRuns: { _ throws(SwiftletError) in
+                try self.takeOver()
+                self.confirmRunning()
+            })
+        }
+    }
+}
+
+/// The destination's sending side of a migration stream, one message at a time: after `go`,
+/// post-copy requests (the memory filler's thread), `resumed` (the machine's) and `complete` (the
+/// fetcher's) go out from different threads, while only the fetcher receives.
+final class MigrationSender: @unchecked Sendable {
+    // SAFETY (Sendable): every send holds `lock`; receiving (the channel's other state) is one
+    // thread's at a time (see IncomingMigration).
+    let channel: MigrationChannel
+    private let lock = Mutex<Void>(())
+
+    init(_ channel: MigrationChannel) { self.channel = channel }
+
+    func send(_ type: MigrationMessage, _ head: [UInt8] = []) throws(SwiftletError) {
+        try lock.withLock { _ throws(SwiftletError) in try channel.send(type, head) }
+    }
+}
+
+/// The snapshot a migration received, for the caller's restore: its directory and, for a
+/// post-copy migration, the memory to restore it with (`Machine.restoring(…lazyMemory:)`): the
+/// pages still at the source arrive as the guest touches them.
+public struct ArrivedSnapshot: Sendable {
+    public var directory: String
+    public var lazyMemory: (any MemoryImageSource)?
+}
+
+/// A post-copy migration's memory, for `LazyMemory`: the memory file the migration filled, in
+/// which the pages marked missing are written as they arrive after `go` (asked for here when the
+/// guest touches them, pushed by the source otherwise). A chunk with missing pages asks for them
+/// and waits (at most a minute); a stream that broke fails the wait, and the machine stops.
+final class PostcopyPages: MemoryImageSource, @unchecked Sendable {
+    // SAFETY (Sendable): the mutable state is in `state`; `reader` only reads.
+    let size: UInt64
+    let chunkSize = 64 << 10
+    let file: MemoryFile
+    private let reader: OwnedFileDescriptor
+    private let state: ConditionLock<State>
+    private let request: @Sendable (Int, Int) throws(SwiftletError) -> Void
+    static let waitNanoseconds: UInt64 = 60_000_000_000
+
+    struct State {
+        var missing: [UInt64]
+        var left: Int
+        var failure: SwiftletError?
+        /// The source said `go`.
+        var go = false
+    }
+
+    init(file: MemoryFile, memoryPath: String, missing: [UInt64],
+         request: @escaping @Sendable (Int, Int) throws(SwiftletError) -> Void) throws(SwiftletError) {
+        self.file = file
+        size = file.fileBytes
+        reader = try OwnedFileDescriptor.open(memoryPath, flags: O_RDONLY, what: "the arriving machine's memory")
+        state = ConditionLock(State(missing: missing, left: Machine.count(missing), failure: nil))
+        self.request = request
+    }
+
+    var allArrived: Bool { state.withLock { $0.left == 0 } }
+
+    func isZero(chunk index: Int) -> Bool { false }
+
+    func read(chunk index: Int, into buffer: UnsafeMutableRawBufferPointer) throws(SwiftletError) {
+        let start = UInt64(index) * UInt64(chunkSize), end = start + UInt64(buffer.count)
+        if end > file.dataOffset {
+            let firstPage = Int((max(start, file.dataOffset) - file.dataOffset) / 4096)
+            let lastPage = min(Int((end - file.dataOffset - 1) / 4096), file.pageCount - 1)
+            func isMissing(_ s: State, _ page: Int) -> Bool { s.missing[page / 64] >> UInt64(page % 64) & 1 != 0 }
+            let wanted = state.withLock { s -> ClosedRange<Int>? in
+                let missing = (firstPage...lastPage).filter { isMissing(s, $0) }
+                guard let first = missing.first, let last = missing.last else { return nil }
+                return first...last
+            }
+            if let wanted {
+                try request(wanted.lowerBound, wanted.count)
+                let outcome = state.wait(until: { s in s.failure != nil || !wanted.contains { isMissing(s, $0) } },
+                                         timeoutNanoseconds: Self.waitNanoseconds) { $0.failure }
+                guard let outcome else {
+                    throw SwiftletError(.systemCall, "pages \(wanted) of the arriving machine did not come within \(Self.waitNanoseconds / 1_000_000_000) s")
+                }
+                if let failure = outcome { throw failure }
+            }
+        }
+        try reader.read(into: buffer, at: start, what: "the arriving machine's memory")
+    }
+
+    func arrived(first: Int, count: Int) {
+        state.withLock { s in
+            for page in first..<(first + count) where s.missing[page / 64] >> UInt64(page % 64) & 1 != 0 {
+                s.missing[page / 64] &= ~(1 << UInt64(page % 64))
+                s.left -= 1
+            }
+        }
+    }
+
+    func fail(_ error: SwiftletError) {
+        state.withLock { s in if s.failure == nil { s.failure = error } }
+    }
+
+    /// The source's `go` came.
+    func go() { state.withLock { $0.go = true } }
+    var wentAhead: Bool { state.withLock { $0.go } }
+
+    /// Waits (at most a minute) for the source's `go`; throws the stream's failure, or on timeout.
+    func waitForGo() throws(SwiftletError) {
+        let outcome = state.wait(until: { $0.go || $0.failure != nil }, timeoutNanoseconds: Self.waitNanoseconds) { $0.go ? nil : $0.failure }
+        guard let outcome else { throw SwiftletError(.systemCall, "the migration source did not say go within \(Self.waitNanoseconds / 1_000_000_000) s") }
+        if let failure = outcome { throw failure }
     }
 }
 
@@ -406,8 +752,9 @@ enum VirtioBlockChunk {
 }
 
 /// The destination's memory file as pages arrive: a full memory file (sparse, zeros until
-/// written) laid out as the source's `layout` says, each run checked against it.
-final class MigrationReceiver {
+/// written) laid out as the source's `layout` says, each run checked against it. Used by one
+/// thread at a time (the receiving one, then, post-copy, the fetcher).
+final class MigrationReceiver: @unchecked Sendable {
     let file: MemoryFile
     let descriptor: OwnedFileDescriptor
     let directory: SnapshotDirectory
@@ -484,12 +831,25 @@ final class MigrationReceiver {
         return (Int(first), Int(count))
     }
 
-    func write(pages payload: [UInt8]) throws(SwiftletError) {
+    @discardableResult
+    func write(pages payload: [UInt8]) throws(SwiftletError) -> (first: Int, count: Int) {
         let (first, count) = try run(payload)
         guard payload.count == 12 + count * 4096 else { throw SwiftletError(.invalidFormat, "a migration page run's length does not match its page count") }
         try payload.withBytes { raw throws(SwiftletError) in
             try descriptor.write(from: UnsafeRawBufferPointer(rebasing: raw[12...]), at: file.dataOffset + UInt64(first) * 4096, what: directory.memoryPath)
         }
+        return (first, count)
+    }
+
+    /// The `postcopy` message: one bit per page of the layout, no more.
+    func pageBitmap(_ payload: [UInt8]) throws(SwiftletError) -> [UInt64] {
+        let words = (file.pageCount + 63) / 64
+        guard payload.count == words * 8 else {
+            throw SwiftletError(.invalidFormat, "the post-copy page list has \(payload.count) bytes; the machine's \(file.pageCount) pages take \(words * 8)")
+        }
+        var bitmap = (0..<words).map { LittleEndian.read(payload, at: $0 * 8, count: 8) }
+        if file.pageCount % 64 != 0 { bitmap[words - 1] &= (1 << UInt64(file.pageCount % 64)) - 1 }
+        return bitmap
     }
 
     func zero(_ payload: [UInt8]) throws(SwiftletError) {

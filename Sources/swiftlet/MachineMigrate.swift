@@ -86,6 +86,23 @@ extension MachineCommand {
         @Option(help: ArgumentHelp("Give up (the machine keeps running here) if the copying takes longer.", valueName: "duration"))
         var timeout: String = "2m"
 
+        @Option(help: ArgumentHelp("Send at most this many bytes per second (K, M, G: 1024-based), e.g. 100M.", valueName: "rate"))
+        var bandwidth: String?
+
+        /// `--bandwidth` in bytes per second.
+        static func rate(_ text: String) -> UInt64? {
+            let multipliers: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
+            var digits = Substring(text.uppercased())
+            var multiplier: UInt64 = 1
+            if let last = digits.last, let m = multipliers[last] { multiplier = m; digits = digits.dropLast() }
+            guard let value = UInt64(digits), value > 0 else { return nil }
+            let (bytes, overflow) = value.multipliedReportingOverflow(by: multiplier)
+            return overflow ? nil : bytes
+        }
+
+        @Flag(help: "If the copying does not converge, let the destination run the machine at once and fetch the rest as its guest needs it (post-copy) instead of giving up.")
+        var postcopy = false
+
         @Flag(help: "Print progress and the outcome as JSON lines.")
         var json = false
 
@@ -93,6 +110,7 @@ extension MachineCommand {
             if Run.milliseconds(maxDowntime) == nil { throw ValidationError("--max-downtime \(maxDowntime): expected a duration such as 50ms") }
             if Run.milliseconds(timeout) == nil { throw ValidationError("--timeout \(timeout): expected a duration such as 2m") }
             guard maxRounds >= 1, maxRounds <= 1000 else { throw ValidationError("--max-rounds must be from 1 to 1000") }
+            if let bandwidth, Self.rate(bandwidth) == nil { throw ValidationError("--bandwidth \(bandwidth): expected bytes per second such as 100M") }
             do { _ = try TCPEndpoint(parsing: to) } catch { throw ValidationError("--to \(error.message)") }
             do { try Machines.checkMigrationToken(token) } catch { throw ValidationError("--token: \(error.message)") }
         }
@@ -100,7 +118,8 @@ extension MachineCommand {
         func run() throws {
             let destination = try TCPEndpoint(parsing: to)
             let options = MigrationOptions(maximumDowntimeMilliseconds: Run.milliseconds(maxDowntime) ?? 50, maximumRounds: maxRounds,
-                                           timeLimitMilliseconds: Run.milliseconds(timeout) ?? 120_000)
+                                           timeLimitMilliseconds: Run.milliseconds(timeout) ?? 120_000,
+                                           bandwidthBytesPerSecond: bandwidth.flatMap(Self.rate), postcopy: postcopy)
             let json = self.json
             let terminal = isatty(2) == 1
             let report = try exitingOnSetupFailure { () throws(SwiftletError) in
@@ -119,7 +138,8 @@ extension MachineCommand {
             } else {
                 printError("machine \(report.name) moved to \(report.destination): \(report.rounds) rounds, "
                            + "\(format(Double(report.bytesSent) / 1_048_576, digits: 1)) MiB in \(format(report.totalMilliseconds, digits: 0)) ms, "
-                           + "paused \(format(report.downtimeMilliseconds, digits: 1)) ms")
+                           + "paused \(format(report.downtimeMilliseconds, digits: 1)) ms"
+                           + (report.postcopyPages.map { ", then \($0) pages after it resumed there (post-copy; \(report.postcopyRequestedPages ?? 0) asked for)" } ?? ""))
             }
         }
     }

@@ -24,6 +24,7 @@ struct MigrationCLIIntegrationTests {
     /// for is longer than a real host's default 50 ms.
     func move(token: String? = nil, receiveTimeout: String = "2m", port: Int, flags: String = "--max-downtime 5s") -> Subprocess {
         let script = """
+            rm -f $A/migrate.out $A/migrate.err $B/receive.out $B/receive.err
             SWIFTLET_HOME=$B $S machine receive box --listen 127.0.0.1:\(port) --timeout \(receiveTimeout) > $B/receive.out 2> $B/receive.err &
             pid=$!
             for i in $(seq 1 300); do [ -s $B/receive.out ] && break; sleep 0.1; done
@@ -59,11 +60,17 @@ struct MigrationCLIIntegrationTests {
             mkdir -p /tmp/www; echo moved-page > /tmp/www/index.html; setsid httpd -p 80 -h /tmp/www </dev/null >/dev/null 2>&1
             """])
         try #require(setup.status == 0, "\(setup.stderr)")
-        usleep(1_500_000)
-        let before = numbers(exec(source, "cat /dev/shm/seq")).last ?? 0
-        #expect(before > 3)
+        var before = 0
+        let counting = MonotonicClock.now + 30_000_000_000
+        while before <= 3 && MonotonicClock.now < counting {
+            usleep(500_000)
+            before = numbers(exec(source, "cat /dev/shm/seq")).last ?? 0
+        }
+        #expect(before > 3, "the guest counts before it moves")
+        // A command running in an exec session when the machine moves: it ends with a clear message.
+        _ = sh("(SWIFTLET_HOME=$A $S machine exec box -- sleep 600 > $A/exec.out 2> $A/exec.err; echo $? > $A/exec.status) < /dev/null > /dev/null 2>&1 &")
 
-        let moved = move(port: 17701)
+        let moved = move(port: 17701, flags: "--max-downtime 5s --bandwidth 512M")
         #expect(moved.stdout.contains("migrate 0") && moved.stdout.contains("receive 0"),
                 "\(moved.stdout)\nmigrate: \(text(source.path + "/migrate.err"))\nreceive: \(text(destination.path + "/receive.err"))")
         let report = text(source.path + "/migrate.out")
@@ -83,6 +90,11 @@ struct MigrationCLIIntegrationTests {
         #expect(exec(destination, "cat /root/kept") == "kept\n")
         let page = Subprocess.run(["/bin/sh", "-c", "timeout 10 wget -q -O - http://127.0.0.1:18090/"], timeout: 30)
         #expect(page.stdout == "moved-page\n", "the published port answers from the destination: \(page.stdout)|\(page.stderr)")
+
+        let execDeadline = MonotonicClock.now + 30_000_000_000
+        while text(source.path + "/exec.status").isEmpty && MonotonicClock.now < execDeadline { usleep(100_000) }
+        #expect(text(source.path + "/exec.status") != "0\n" && text(source.path + "/exec.err").contains("moved to another host"),
+                "the exec cut short by the move says so: \(text(source.path + "/exec.status"))|\(text(source.path + "/exec.err"))")
 
         // It stops and starts again there, from its disk.
         #expect(machine(destination, ["stop", "box"]).status == 0)
@@ -115,11 +127,101 @@ struct MigrationCLIIntegrationTests {
         #expect(text(destination.path + "/receive.err").contains("does not converge"), "the destination hears why: \(text(destination.path + "/receive.err"))")
         #expect(access(destination.path + "/machines/box", F_OK) != 0, "nothing arrived")
         #expect(exec(source, "echo still-here") == "still-here\n")
+
+        // The same guest with --postcopy: the destination runs it at once and takes the pages
+        // still at the source as its guest touches them, the rest pushed; memory is intact.
+        let sum = exec(source, "dd if=/dev/urandom of=/dev/shm/kept bs=1M count=8 2>/dev/null; md5sum /dev/shm/kept")
+        #expect(sum.count > 32)
+        let postcopy = move(port: 17704, flags: "--max-downtime 1ms --max-rounds 3 --postcopy")
+        #expect(postcopy.stdout.contains("migrate 0") && postcopy.stdout.contains("receive 0"),
+                "\(postcopy.stdout)|\(text(source.path + "/migrate.err"))|\(text(destination.path + "/receive.err"))")
+        #expect(text(source.path + "/migrate.out").contains("\"postcopyPages\""), "\(text(source.path + "/migrate.out"))")
+        #expect(exec(destination, "md5sum /dev/shm/kept") == sum, "memory arrived intact")
+        #expect(exec(destination, "echo arrived") == "arrived\n")
+        #expect(access(source.path + "/machines/box", F_OK) != 0)
+        _ = machine(destination, ["rm", "-f", "box"])
+        #expect(machine(source, ["create", "--name", "box", "--memory", "128"]).status == 0)
+        try #require(machine(source, ["start", "box"]).status == 0)
+
         // Bad flags say what is wrong.
         let badToken = machine(source, ["migrate", "box", "--to", "127.0.0.1:17702", "--token", "xyz"])
         #expect(badToken.status != 0 && badToken.stderr.contains("64 hex digits"), "\(badToken.stderr)")
+        let badRate = machine(source, ["migrate", "box", "--to", "127.0.0.1:17702", "--token", wrong, "--bandwidth", "0"])
+        #expect(badRate.status != 0 && badRate.stderr.contains("bytes per second"), "\(badRate.stderr)")
         let badAddress = machine(destination, ["receive", "box2", "--listen", "nowhere"])
         #expect(badAddress.status != 0 && badAddress.stderr.contains("HOST:PORT"), "\(badAddress.stderr)")
         _ = machine(source, ["rm", "-f", "box"])
+    }
+
+    /// Runs `script` with $A and $B the two homes and $S the swiftlet binary.
+    func sh(_ script: String) -> Subprocess {
+        Subprocess.run(["/bin/sh", "-c", script], environment: ["A": source.path, "B": destination.path, "S": swiftlet], timeout: 600)
+    }
+
+    /// The start of a migration in the background: `receive` ($rp) and `migrate FLAGS` ($mp),
+    /// their outputs in $B/receive.* and $A/migrate.*.
+    func startMove(port: Int, flags: String, receiveTimeout: String = "60s") -> String {
+        """
+        rm -f $A/migrate.out $A/migrate.err $B/receive.out $B/receive.err
+        SWIFTLET_HOME=$B $S machine receive box --listen 127.0.0.1:\(port) --timeout \(receiveTimeout) > $B/receive.out 2> $B/receive.err &
+        rp=$!
+        for i in $(seq 1 300); do [ -s $B/receive.out ] && break; sleep 0.1; done
+        SWIFTLET_HOME=$A $S machine migrate box --to 127.0.0.1:\(port) --token "$(head -n 1 $B/receive.out)" \(flags) > $A/migrate.out 2> $A/migrate.err &
+        mp=$!
+        """
+    }
+
+    @Test func killingEitherSideMidwayLeavesExactlyOneMachine() throws {
+        #expect(machine(source, ["create", "--name", "box", "--memory", "128"]).status == 0)
+        try #require(machine(source, ["start", "box"]).status == 0)
+        // A guest that keeps the copy going round after round (it never fits a 1 ms pause).
+        #expect(machine(source, ["exec", "box", "--", "sh", "-c",
+                                 "setsid sh -c 'echo $$ > /tmp/churn.pid; while true; do dd if=/dev/urandom of=/dev/shm/churn bs=64k count=32 2>/dev/null; done' </dev/null >/dev/null 2>&1 &"]).status == 0)
+        let busy = "--max-downtime 1ms --max-rounds 1000 --json"
+        // Waits until the copy is in its second round (the progress lines of --json).
+        let rounding = "\nfor i in $(seq 1 600); do grep -q '\"round\":1' $A/migrate.out 2>/dev/null && break; sleep 0.1; done"
+
+        // The destination's VMM process dies during the rounds: the source goes on, nothing stays there.
+        let destinationKilled = sh(startMove(port: 17711, flags: busy + " --timeout 60s") + rounding + """
+
+            kill -9 "$(cat $B/machines/box/vmm.pid)"
+            wait $mp; echo "migrate $?"
+            wait $rp; echo "receive $?"
+            """)
+        #expect(destinationKilled.stdout.contains("migrate 1") && destinationKilled.stdout.contains("receive 1"),
+                "\(destinationKilled.stdout)|\(text(source.path + "/migrate.err"))|\(text(destination.path + "/receive.err"))")
+        #expect(access(destination.path + "/machines/box", F_OK) != 0, "the destination keeps nothing")
+        #expect(exec(source, "echo still-here") == "still-here\n")
+
+        // The `migrate` command dies during the rounds: the source's VMM process carries on until
+        // the copy gives up (its time limit), and the machine runs on at the source.
+        let clientKilled = sh(startMove(port: 17712, flags: busy + " --timeout 8s") + rounding + """
+
+            kill -9 $mp
+            wait $rp; echo "receive $?"
+            """)
+        #expect(clientKilled.stdout.contains("receive 1"), "\(clientKilled.stdout)|\(text(destination.path + "/receive.err"))")
+        #expect(text(destination.path + "/receive.err").contains("does not converge"), "\(text(destination.path + "/receive.err"))")
+        #expect(access(destination.path + "/machines/box", F_OK) != 0)
+        #expect(exec(source, "echo still-here") == "still-here\n")
+
+        // A quiet guest, and the `migrate` command dies at once: the move completes without it,
+        // the destination runs the machine, and the source's copy is set aside for good (its name
+        // is free again), never left to be started a second time.
+        _ = exec(source, "kill $(cat /tmp/churn.pid)")
+        let quietKilled = sh(startMove(port: 17713, flags: "--max-downtime 5s --json") + "\n" + """
+            for i in $(seq 1 300); do [ -s $A/migrate.out ] && break; sleep 0.05; done
+            kill -9 $mp
+            wait $rp; echo "receive $?"
+            """)
+        #expect(quietKilled.stdout.contains("receive 0"), "\(quietKilled.stdout)|\(text(destination.path + "/receive.err"))")
+        #expect(exec(destination, "echo arrived") == "arrived\n")
+        let deadline = MonotonicClock.now + 30_000_000_000
+        while machine(source, ["status", "box"]).status == 0 && MonotonicClock.now < deadline { usleep(200_000) }
+        #expect(machine(source, ["status", "box"]).status != 0, "the source's copy is gone")
+        #expect(!machine(source, ["ls"]).stdout.contains("box"))
+        #expect(machine(source, ["create", "--name", "box", "--memory", "128"]).status == 0, "the name is free at the source")
+        _ = machine(source, ["rm", "-f", "box"])
+        _ = machine(destination, ["rm", "-f", "box"])
     }
 }

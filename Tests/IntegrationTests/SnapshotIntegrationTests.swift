@@ -16,7 +16,8 @@ struct SnapshotIntegrationTests {
 
     /// Runs `machine` on the test's thread while a helper thread waits until `ready` holds for its
     /// console file, calls `body`, then stops it.
-    func whileRunning(_ machine: Machine, console: String, until ready: @escaping @Sendable (String) -> Bool,
+    func whileRunning(_ machine: Machine, console: String, beforeGuestRuns: ((UInt64) throws(SwiftletError) -> Void)? = nil,
+                      until ready: @escaping @Sendable (String) -> Bool,
                       _ body: @escaping @Sendable (Machine) throws -> Void) throws -> MachineRunReport {
         let failure = Mutex<String?>(nil)
         let helper = try OSThread.start(name: "test-driver") {
@@ -40,7 +41,7 @@ struct SnapshotIntegrationTests {
             machine.stop()
         }
         defer { helper.join() }
-        let report = try machine.runBlocking()
+        let report = try machine.runBlocking(beforeGuestRuns: beforeGuestRuns)
         helper.join()
         if let failure = failure.withLock({ $0 }) { throw SwiftletError(.guestFailure, failure) }
         return report
