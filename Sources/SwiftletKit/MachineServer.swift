@@ -138,6 +138,8 @@ public enum MachineServer {
         try OwnedFileDescriptor.writeSmallFileAtomically(directory.pidPath, Array("\(getpid())\n".utf8))
         unlink(directory.socketPath)
         let listener = try UnixSocket.listen(at: directory.socketPath)
+        // Served until the run ends (`serve` gets its raw descriptor).
+        defer { withExtendedLifetime(listener) {} }
         let console = try OwnedFileDescriptor.open(directory.consolePath, flags: O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600,
                                                    what: directory.consolePath)
         // A noncopyable value may end at its last use: the guest writes to the console until the run ends.
@@ -271,7 +273,14 @@ public enum MachineServer {
             throw SwiftletError(.guestFailure, "the guest stopped before its agent was ready (\(text)); its console is in \(directory.consolePath)")
         }
         if newIdentity { try agent.announceNewIdentity(hostname: record.name) }
-        if let network { try network.configureGuest(through: agent) }
+        if let network {
+            if incoming == nil {
+                try network.configureGuest(through: agent)
+            } else {
+                // A machine that moved here runs here now, whatever: without a network if it could not start.
+                do { try network.configureGuest(through: agent) } catch { log("the machine runs without its network: \(error.description)") }
+            }
+        }
         let server = ControlServer(vm: vm, agent: agent, port: port, ended: machineThread.ended, record: record,
                                    releaseNetwork: { network?.stop() })
         ready()

@@ -97,10 +97,13 @@ extension Machines {
             if let line = reply.progress { progress(line) }
             report = reply.migration
         }
-        // The machine runs on the destination: its VMM process here ends; then nothing of it stays.
+        // The machine runs on the destination: its VMM process here ends (setting its record
+        // aside, so it never starts here again); then nothing of it stays. Best effort: a VMM
+        // process slow to end leaves a directory without a record, which the name's next
+        // `create` clears.
         let deadline = MonotonicClock.now + 30_000_000_000
         while case .running = directory.state, MonotonicClock.now < deadline { usleep(10_000) }
-        try MachineDirectory.withLock { () throws(SwiftletError) in
+        try? MachineDirectory.withLock { () throws(SwiftletError) in
             let held = try directory.lockStopped()
             try directory.remove()
             _ = held
