@@ -5,7 +5,7 @@
 # with the same kernel, memory and initramfs migrated over TCP on the same loopback (`-incoming`,
 # QMP `migrate` with downtime-limit 50 ms), BENCH_RUNS times each, alternating which goes first.
 # Prints RESULT lines: `RESULT swiftlet|qemu downtime_ms total_ms bytes`, or `FAILED vmm reason`.
-# Environment: SWIFTLET, QEMU, KERNEL, INITRD, BENCH_RUNS (default 5).
+# Environment: SWIFTLET, QEMU, KERNEL, INITRD, PYTHON, BENCH_RUNS (default 5).
 set -u
 runs=${BENCH_RUNS:-5}
 memory=512
@@ -14,18 +14,22 @@ fail() { echo "bench-migrate: $*" >&2; exit 1; }
 A=$work/a B=$work/b
 SWIFTLET_HOME=$A "$SWIFTLET" machine create --name m --memory $memory > /dev/null || fail "machine create failed"
 SWIFTLET_HOME=$A "$SWIFTLET" machine start m || fail "machine start failed"
+progress() { echo "bench-migrate: $(cut -d' ' -f1 /proc/uptime) s: $*"; }
+progress "machine started"
 here=$A there=$B
 port=17800
 
 swiftlet_run() {
   port=$((port + 1))
+  # Not the last run's token: the receiver truncates this file only once it has started.
+  rm -f "$work/receive.out" "$work/receive.err"
   SWIFTLET_HOME=$there timeout 660 "$SWIFTLET" machine receive m --listen 127.0.0.1:$port > "$work/receive.out" 2> "$work/receive.err" &
   receiver=$!
   polls=0; while [ ! -s "$work/receive.out" ] && [ $polls -lt 300 ]; do sleep 0.1; polls=$((polls + 1)); done
   token=$(head -n 1 "$work/receive.out")
   if SWIFTLET_HOME=$here timeout 600 "$SWIFTLET" machine migrate m --to 127.0.0.1:$port --token "$token" --max-downtime 50ms --json > "$work/migrate.out" 2> "$work/migrate.err"; then
     wait $receiver
-    python3 - "$work/migrate.out" <<'PY'
+    "$PYTHON" - "$work/migrate.out" <<'PY'
 import json, sys
 report = [json.loads(l) for l in open(sys.argv[1]) if l.strip()][-1]
 print("RESULT swiftlet %.3f %.3f %d %d" % (report["downtimeMilliseconds"], report["totalMilliseconds"], report["bytesSent"], report["rounds"]))
@@ -33,6 +37,7 @@ PY
     t=$here; here=$there; there=$t
   else
     echo "FAILED swiftlet $(tr '\n' ' ' < "$work/migrate.err")"
+    kill $receiver 2>/dev/null # it would wait for a source with its token until its timeout
     wait $receiver
   fi
 }
@@ -50,7 +55,7 @@ qemu_run() {
   qemu_vm src; src=$!
   sleep 3 # the guest boots to its idle shell
   qemu_vm dst -incoming tcp:127.0.0.1:$port; dst=$!
-  timeout 600 python3 - "$work/qmp-src.sock" "$work/qmp-dst.sock" $port <<'PY'
+  timeout 600 "$PYTHON" - "$work/qmp-src.sock" "$work/qmp-dst.sock" $port <<'PY'
 import json, socket, sys, time
 def connect(path):
     for _ in range(300):
@@ -80,11 +85,15 @@ else:
     print("FAILED qemu %s" % json.dumps(info))
 call(src, "quit"); call(dst, "quit")
 PY
+  [ $? = 0 ] || echo "FAILED qemu the QMP client failed"
+  # Whatever happened to the client, neither QEMU outlives its run.
+  kill $src $dst 2>/dev/null
   wait $src $dst 2>/dev/null
 }
 
 i=1
 while [ $i -le "$runs" ]; do
+  progress "run $i of $runs"
   if [ $((i % 2)) = 1 ]; then swiftlet_run; qemu_run; else qemu_run; swiftlet_run; fi
   i=$((i + 1))
 done

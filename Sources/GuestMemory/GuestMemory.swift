@@ -255,6 +255,20 @@ public final class GuestMemory: @unchecked Sendable {
         }
     }
 
+    /// Gives the host pages of `length` bytes at `address` back to the host (MADV_DONTNEED): the
+    /// guest has said it does not use them (a balloon's pages, free pages it reported). The range
+    /// stays mapped, so a guest or device that touches it anyway is not hurt: anonymous memory
+    /// reads zeros again, a copy-on-write view of a snapshot its saved bytes, lazily restored
+    /// memory faults in again. Page-aligned and inside one region, else nothing is done and
+    /// false returned.
+    @discardableResult
+    public func discard(_ address: GuestAddress, length: UInt64) -> Bool {
+        guard length > 0, address.rawValue & Self.pageMask == 0, length & Self.pageMask == 0,
+              let p = try? hostPointer(address, length: length) else { return false }
+        // SAFETY: [p, p + length) lies inside one of our mappings (checked by hostPointer).
+        return madvise(p, Int(length), MADV_DONTNEED) == 0
+    }
+
     static let hugePageSize = 2 << 20
     static let pageSize: UInt64 = 4096
     static let pageMask: UInt64 = pageSize - 1

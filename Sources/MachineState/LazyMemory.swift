@@ -115,8 +115,13 @@ private final class Filler: Sendable {
                 progress.withLock { $0.faults += 1 }
                 guard let chunk = chunk(holding: address) else { continue }
                 if progress.withLock({ $0.filled.contains(chunk) }) {
-                    // Filled after this fault was reported: its thread is woken already, or now.
-                    try? userFault.wake(pageStart(address), length: MemoryFile.pageSize)
+                    // Filled after this fault was reported (its thread is woken already, or
+                    // now), or the page was given back to the host since (`GuestMemory.discard`:
+                    // a page the guest freed, whose bytes do not matter) and is missing again:
+                    // the zero page, else a wake.
+                    if (try? userFault.zero(pageStart(address), length: MemoryFile.pageSize)) != .filled {
+                        try? userFault.wake(pageStart(address), length: MemoryFile.pageSize)
+                    }
                     continue
                 }
                 fill(chunk, buffer: &buffer, firstChunk: chunk == 0 ? firstChunk.take() : nil)

@@ -48,6 +48,7 @@ public struct BootTemplate: Sendable {
         // policy and backend are not: a restore joins it to the run's own.
         key += "network \(config.network.map { "\($0.guest.guestMAC) mtu \($0.guest.mtu)" } ?? "none")\n"
         if let template = config.cpuTemplate { key += "cpu-template \(template.rawValue)\n" }
+        if config.balloon { key += "balloon\n" }
         directory = SnapshotDirectory(Self.root + "/" + SnapshotID(bytes: Array(SHA256.hash(Array(key.utf8)).prefix(16))).description)
     }
 

@@ -12,7 +12,7 @@ import VMM
 /// A request to a machine's VMM process.
 struct ControlRequest: Codable {
     enum Operation: String, Codable {
-        case status, stop, pause, resume, exec, snapshot, migrate
+        case status, stop, pause, resume, exec, snapshot, migrate, memory
     }
     var operation: Operation
     // exec
@@ -39,6 +39,8 @@ struct ControlRequest: Codable {
     var timeLimitMilliseconds: Int?
     var bandwidthBytesPerSecond: UInt64?
     var postcopy: Bool?
+    // memory: what the guest is to keep
+    var memoryTargetMiB: Int?
 
     init(_ operation: Operation) { self.operation = operation }
 }
@@ -59,6 +61,9 @@ struct ControlReply: Codable {
     var cpus: Int?
     var memoryMiB: Int?
     var uptimeMilliseconds: Int?
+    /// The VMM process's resident memory (VmRSS), and the balloon's view of guest memory.
+    var residentKiB: Int?
+    var memory: MemoryStatus?
     // exec
     var status: Int32?
     var failure: String?

@@ -162,6 +162,12 @@ public struct MachineSummary: Codable, Sendable {
     public var network: String
     /// The published ports, as `-p` takes them.
     public var ports: [String]
+    /// While it runs: the host memory its VMM process holds now (resident, guest memory included).
+    public var hostMemoryMiB: Int?
+    /// While it runs with a balloon: the memory its guest is asked to keep (`machine memory`),
+    /// and what the guest has handed over to the balloon so far.
+    public var memoryTargetMiB: Int?
+    public var balloonMiB: Int?
 
     init(_ directory: MachineDirectory, record: MachineRecord) {
         name = record.name; image = record.source; cpus = record.cpus; memoryMiB = record.memoryMiB; diskMiB = record.diskMiB
@@ -183,6 +189,9 @@ public struct MachineSummary: Codable, Sendable {
             if let reply = try? MachineLifecycle.request(directory, ControlRequest(.status)) {
                 state = reply.state ?? "running"
                 uptimeMilliseconds = reply.uptimeMilliseconds
+                hostMemoryMiB = reply.residentKiB.map { $0 >> 10 }
+                memoryTargetMiB = reply.memory.map { Int($0.targetBytes >> 20) }
+                balloonMiB = reply.memory.map { Int($0.balloonBytes >> 20) }
             } else {
                 state = "starting"
             }

@@ -346,7 +346,8 @@ final class ControlServer: Sendable {
         switch request.operation {
         case .status:
             reply = ControlReply(state: paused.load(ordering: .acquiring) ? "paused" : "running", pid: getpid(), cpus: record.cpus,
-                                 memoryMiB: record.memoryMiB, uptimeMilliseconds: Int((MonotonicClock.now - started) / 1_000_000))
+                                 memoryMiB: record.memoryMiB, uptimeMilliseconds: Int((MonotonicClock.now - started) / 1_000_000),
+                                 residentKiB: ProcessMemory.residentKiB(), memory: try? vm.memoryStatus())
         case .pause, .resume:
             let pause = request.operation == .pause
             do {
@@ -365,6 +366,14 @@ final class ControlServer: Sendable {
             reply = snapshot(request)
         case .migrate:
             reply = migrate(request, fds: fds, channel: channel)
+        case .memory:
+            do throws(SwiftletError) {
+                guard let mib = request.memoryTargetMiB, mib > 0 else { throw SwiftletError(.invalidArgument, "malformed memory request") }
+                try vm.setMemoryTarget(bytes: UInt64(mib) << 20)
+                reply = ControlReply(memory: try vm.memoryStatus())
+            } catch {
+                reply = .failed(error.description)
+            }
         }
         try? channel.send(reply)
     }

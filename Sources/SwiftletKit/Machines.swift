@@ -170,6 +170,22 @@ public enum Machines {
         _ = try MachineLifecycle.request(try MachineDirectory(name: name), ControlRequest(.resume))
     }
 
+    /// Asks a running machine's guest to keep only `mebibytes` of its memory: its balloon takes
+    /// the rest and the host gets it back; its full memory (or more) gives everything back. The
+    /// guest follows within seconds (`status(_:).balloonMiB`), and may take pages back under
+    /// memory pressure. Not kept across a restart: a machine starts with all its memory.
+    @discardableResult
+    public static func setMemory(_ name: String, mebibytes: Int) throws(SwiftletError) -> MemoryStatus {
+        guard mebibytes >= MachineConfig.minimumMemoryMiB else {
+            throw SwiftletError(.invalidArgument, "a memory target of \(mebibytes) MiB is below the \(MachineConfig.minimumMemoryMiB) MiB a guest needs")
+        }
+        var request = ControlRequest(.memory)
+        request.memoryTargetMiB = mebibytes
+        let reply = try MachineLifecycle.request(try MachineDirectory(name: name), request)
+        guard let memory = reply.memory else { throw SwiftletError(.invalidFormat, "machine \(name) did not report its memory") }
+        return memory
+    }
+
     /// Whether the machine runs, how its last run ended, and its shape.
     public static func status(_ name: String) throws(SwiftletError) -> MachineSummary {
         let directory = try MachineDirectory(name: name)

@@ -106,6 +106,7 @@ public struct RootFilesystem: Sendable {
             consoleInput: nil, disks: disks.map { emptyDrives ? .empty : DiskConfig(path: $0, readOnly: true) }, entropyDevice: true,
             vsock: VsockConfig())
         config.kvmPath = AgentPort.kvmPath
+        config.balloon = true
         config.cpuTemplate = cpuTemplate
         return config
     }

@@ -210,7 +210,7 @@ extension Machine {
         let shape = MachineShape(cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, disks: disks,
                                  entropyDevice: hardware.entropyDevice,
                                  vsock: hardware.vsockGuestCID.map { VsockConfig(guestCID: $0, forwards: vsockForwards) },
-                                 network: nic, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
+                                 network: nic, balloon: hardware.balloon ?? false, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
         return Machine(restoring: plan, shape: shape, vsockPorts: vsockPorts, hypervisor: hypervisor)
     }
 

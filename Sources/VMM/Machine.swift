@@ -190,12 +190,5 @@ public final class Machine: Sendable {
     }
 
     /// VmHWM from /proc/self/status.
-    static func peakResidentBytes() -> Int {
-        guard let text = try? OwnedFileDescriptor.readSmallTextFile("/proc/self/status") else { return 0 }
-        for line in text.split(separator: "\n") where line.hasPrefix("VmHWM:") {
-            let kib = line.split(separator: " ").compactMap { Int($0) }.first ?? 0
-            return kib * 1024
-        }
-        return 0
-    }
+    static func peakResidentBytes() -> Int { (ProcessMemory.statusKiB("VmHWM") ?? 0) * 1024 }
 }

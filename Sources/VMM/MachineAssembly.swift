@@ -121,6 +121,10 @@ extension Machine {
                 throw error
             }
         }
+        if shape.balloon {
+            // After every other device: snapshots of machines without one keep their slots.
+            devices.attachBalloon(VirtioBalloon(onError: { controller.warn($0.description) }), makeTransport: makeTransport)
+        }
         return AssembledMachine(hypervisor: hypervisor, vm: vm, memory: memory, devices: devices, console: console, diskSizes: diskSizes,
                                 msrIndices: msrIndices, supportedCPUID: supportedCPUID)
     }

@@ -28,6 +28,9 @@ public struct MachineConfig: Sendable, Equatable {
     public var vsock: VsockConfig?
     /// A virtio network device, or nil for none (the guest has only `lo`).
     public var network: NetworkDeviceConfig?
+    /// A virtio balloon with free page reporting: the pages the guest frees go back to the host,
+    /// and `Machine.setMemoryTarget` can take memory from a running guest and give it back.
+    public var balloon: Bool = false
     /// The CPU baseline the guest is shown (nil: all the host's KVM offers).
     public var cpuTemplate: CPUTemplate? = nil
 
@@ -41,8 +44,10 @@ public struct MachineConfig: Sendable, Equatable {
     public static let minimumMemoryMiB = 32
     /// xAPIC IDs in the MADT are 8-bit and 0xFF is broadcast.
     public static let maximumCPUs = 254
-    /// virtio devices take IOAPIC pins 5 and up (of 24): 16 disks and the entropy device fit.
-    public static let maximumDisks = 16
+    /// virtio devices take IOAPIC pins 5 and up (of 24): 19 in all, so 15 disks beside the
+    /// entropy, vsock, network and balloon devices.
+    public static let maximumDisks = 15
+    public static let maximumVirtioDevices = 19
 
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = MachineConfig.defaultCommandLine,
                 cpuCount: Int = 1, memoryMiB: Int = 256, kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
@@ -76,16 +81,17 @@ public struct MachineShape: Sendable, Equatable {
     public var entropyDevice: Bool
     public var vsock: VsockConfig?
     public var network: NetworkDeviceConfig?
+    public var balloon: Bool
     public var kvmPath: String
     public var allowPVM: Bool
     public var consoleOutput: Int32?
     public var consoleInput: Int32?
 
     public init(cpuCount: Int, memoryMiB: Int, disks: [DiskConfig], entropyDevice: Bool, vsock: VsockConfig?,
-                network: NetworkDeviceConfig? = nil,
+                network: NetworkDeviceConfig? = nil, balloon: Bool = false,
                 kvmPath: String = "/dev/kvm", allowPVM: Bool = false, consoleOutput: Int32? = nil, consoleInput: Int32? = nil) {
         self.cpuCount = cpuCount; self.memoryMiB = memoryMiB; self.disks = disks; self.entropyDevice = entropyDevice
-        self.vsock = vsock; self.network = network; self.kvmPath = kvmPath; self.allowPVM = allowPVM
+        self.vsock = vsock; self.network = network; self.balloon = balloon; self.kvmPath = kvmPath; self.allowPVM = allowPVM
         self.consoleOutput = consoleOutput; self.consoleInput = consoleInput
     }
 
@@ -109,6 +115,9 @@ public struct MachineShape: Sendable, Equatable {
         guard disks.count <= MachineConfig.maximumDisks else {
             throw SwiftletError(.invalidArgument, "\(disks.count) disks are more than Swiftlet supports (\(MachineConfig.maximumDisks))")
         }
+        guard virtioDeviceCount <= MachineConfig.maximumVirtioDevices else {
+            throw SwiftletError(.invalidArgument, "\(disks.count) disks and \(virtioDeviceCount - disks.count) other virtio devices are more than the machine's \(MachineConfig.maximumVirtioDevices) interrupt lines")
+        }
         if let network {
             guard network.backend >= 0 else {
                 throw SwiftletError(.invalidArgument, "the network device has no backend socket")
@@ -117,6 +126,11 @@ public struct MachineShape: Sendable, Equatable {
                 throw SwiftletError(.invalidArgument, "a network MTU of \(network.guest.mtu) is outside \(VirtioNet.minimumMTU)...\(UInt16.max)")
             }
         }
+    }
+
+    /// The virtio devices the machine has (each takes an interrupt line).
+    public var virtioDeviceCount: Int {
+        disks.count + (entropyDevice ? 1 : 0) + (vsock == nil ? 0 : 1) + (network == nil ? 0 : 1) + (balloon ? 1 : 0)
     }
 
     /// Checks the values against what this host can give.
@@ -135,7 +149,7 @@ extension MachineConfig {
     /// The machine this configuration boots.
     public var shape: MachineShape {
         MachineShape(cpuCount: cpuCount, memoryMiB: memoryMiB, disks: disks, entropyDevice: entropyDevice, vsock: vsock,
-                     network: network, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
+                     network: network, balloon: balloon, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
     }
 }
 

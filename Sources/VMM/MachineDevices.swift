@@ -76,6 +76,7 @@ struct MachineDevices: Sendable {
     private(set) var transports: [VirtioMMIOTransport] = []
     private(set) var vsock: VirtioVsock?
     private(set) var network: VirtioNet?
+    private(set) var balloon: VirtioBalloon?
     /// Every device whose state a snapshot holds, in the order they were made.
     private(set) var snapshottable: [(id: DeviceID, device: any Snapshottable)] = []
     /// The virtio devices' windows and interrupts, for the firmware tables.
@@ -105,6 +106,11 @@ struct MachineDevices: Sendable {
     mutating func attachNetwork(_ device: VirtioNet, makeTransport: TransportMaker) {
         attach(device, kind: "virtio-net", makeTransport: makeTransport)
         network = device
+    }
+
+    mutating func attachBalloon(_ device: VirtioBalloon, makeTransport: TransportMaker) {
+        attach(device, kind: "virtio-balloon", makeTransport: makeTransport)
+        balloon = device
     }
 
     mutating func attachEntropy(_ device: VirtioRNG, makeTransport: TransportMaker) {

@@ -17,6 +17,8 @@ public struct SnapshotHardware: Codable, Sendable, Equatable {
     /// The network device, if the machine has one. Its backend (passt) and open flows are not
     /// kept: a restore joins the device to a new backend, and the guest's connections are reset.
     public var network: SnapshotNetwork? = nil
+    /// Whether the machine has a balloon device (absent in snapshots from before it had one).
+    public var balloon: Bool? = nil
 
     init(_ shape: MachineShape, diskSizes: [UInt64]) {
         cpuCount = shape.cpuCount
@@ -24,6 +26,7 @@ public struct SnapshotHardware: Codable, Sendable, Equatable {
         disks = zip(shape.disks, diskSizes).map { SnapshotDisk(path: $0.path, readOnly: $0.readOnly, size: $1, file: nil) }
         entropyDevice = shape.entropyDevice
         vsockGuestCID = shape.vsock?.guestCID
+        balloon = shape.balloon ? true : nil
         network = shape.network.map { SnapshotNetwork(mac: $0.guest.guestMAC, mtu: $0.guest.mtu, policy: $0.policy) }
     }
 }

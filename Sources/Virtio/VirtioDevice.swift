@@ -34,6 +34,12 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// The device was just restored from a snapshot and is serving its queues again: it tells the
     /// driver what did not survive (vsock: every connection).
     func didRestore()
+    /// For snapshots: configuration the device keeps beyond its queues (the balloon: its target
+    /// and the driver's count), as plain numbers; nil for none.
+    var savedConfiguration: [UInt32]? { get }
+    /// Puts back `savedConfiguration`'s values before the guest runs (a value the device cannot
+    /// take is an error).
+    func restoreConfiguration(_ values: [UInt32]) throws(SwiftletError)
     /// The machine is ending: stop serving, from any thread, without waiting. A loop in progress
     /// (a vCPU thread inside `queueNotified` while the guest keeps queueing buffers, or a device
     /// thread) ends at its next chain, and nothing is served afterwards.
@@ -45,6 +51,10 @@ extension VirtioDevice {
     public func setQuiesced(_ quiesced: Bool) {}
     public func didRestore() {}
     public func requestStop() {}
+    public var savedConfiguration: [UInt32]? { nil }
+    public func restoreConfiguration(_ values: [UInt32]) throws(SwiftletError) {
+        throw SwiftletError(.invalidFormat, "saved state holds configuration for a virtio \(deviceType) device, which keeps none")
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.

@@ -14,6 +14,8 @@ public struct VirtioTransportState: Codable, Sendable, Equatable {
     /// The queues, with the device's ring positions when it is active.
     public var queues: [Virtqueue]
     public var interruptStatus: UInt32
+    /// The device's own configuration values (`VirtioDevice.savedConfiguration`), if it keeps any.
+    public var configuration: [UInt32]? = nil
 }
 
 extension VirtioMMIOTransport {
@@ -37,7 +39,7 @@ extension VirtioMMIOTransport {
         return VirtioTransportState(deviceType: device.deviceType.rawValue, deviceFeaturesSelect: r.deviceFeaturesSelect,
                                     driverFeaturesSelect: r.driverFeaturesSelect, driverFeatures: r.driverFeatures,
                                     queueSelect: r.queueSelect, status: r.status, active: r.active, queues: queues,
-                                    interruptStatus: interrupt.status)
+                                    interruptStatus: interrupt.status, configuration: device.savedConfiguration)
     }
 
     /// Puts back a saved state before the guest runs; an active device starts serving its queues
@@ -47,6 +49,7 @@ extension VirtioMMIOTransport {
               zip(state.queues, device.queueMaximumSizes).allSatisfy({ $0.maximumSize == $1 }) else {
             throw SwiftletError(.invalidFormat, "saved virtio device state is for another kind of device than \(device.deviceType)")
         }
+        if let configuration = state.configuration { try device.restoreConfiguration(configuration) }
         restoreRegisters(state)
         interrupt.restore(state.interruptStatus)
         guard state.active else { return }

@@ -38,6 +38,9 @@ struct Boot: ParsableCommand {
     @Flag(help: "Give the guest a virtio entropy device (/dev/hwrng) fed from the host's getrandom.")
     var rng = false
 
+    @Flag(help: "Give the guest a virtio balloon with free page reporting: memory it frees goes back to the host.")
+    var balloon = false
+
     @Flag(help: "Print the time from process start to the guest's boot marker, and the VMM's costs.")
     var bootTiming = false
 
@@ -107,6 +110,7 @@ struct Boot: ParsableCommand {
             vsock: try Self.vsockConfig(vsockForwards))
         if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
         config.cpuTemplate = machine.cpuTemplate
+        config.balloon = balloon
 
         let machine = Machine(config: config)
         let showTiming = bootTiming

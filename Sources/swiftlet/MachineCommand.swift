@@ -22,11 +22,12 @@ struct MachineCommand: ParsableCommand {
               swiftlet machine exec web -- cat /srv/greeting
               swiftlet machine snapshot web -o web.snap      # and: machine restore web.snap --name web2
               swiftlet machine fork --from web --name w --count 4   # w-1 ... w-4, from web as it is now
+              swiftlet machine memory web 256M    # the guest gives all but 256 MiB back to the host
               swiftlet machine migrate web --to HOST:7700 --token T  # after `machine receive web --listen 0.0.0.0:7700` there
               swiftlet machine rm -f web
             """,
         subcommands: [Create.self, Start.self, Stop.self, Status.self, List.self, Remove.self, Exec.self, Shell.self, Copy.self,
-                      Pause.self, Resume.self, SnapshotCommand.self, Restore.self, Fork.self, Migrate.self, Receive.self, Serve.self])
+                      Pause.self, Resume.self, Memory.self, SnapshotCommand.self, Restore.self, Fork.self, Migrate.self, Receive.self, Serve.self])
 }
 
 /// How long `machine start` and `machine restore` wait for the machine's agent.
@@ -258,6 +259,10 @@ extension MachineSummary {
         if !ports.isEmpty { lines.append("ports: " + ports.joined(separator: ", ")) }
         if let pid { lines.append("pid: \(pid)") }
         if let uptimeMilliseconds { lines.append("uptime: \(format(Double(uptimeMilliseconds) / 1000, digits: 1)) s") }
+        if let hostMemoryMiB { lines.append("host memory: \(hostMemoryMiB) MiB resident") }
+        if let memoryTargetMiB, let balloonMiB {
+            lines.append(memoryTargetMiB < memoryMiB ? "memory target: \(memoryTargetMiB) MiB (balloon: \(balloonMiB) MiB)" : "balloon: \(balloonMiB) MiB")
+        }
         if let lastExit, state == "stopped" { lines.append("last run: \(lastExit)") }
         if let problem { lines.append(problem) }
         return lines.joined(separator: "\n")

@@ -90,15 +90,7 @@ extension MachineCommand {
         var bandwidth: String?
 
         /// `--bandwidth` in bytes per second.
-        static func rate(_ text: String) -> UInt64? {
-            let multipliers: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
-            var digits = Substring(text.uppercased())
-            var multiplier: UInt64 = 1
-            if let last = digits.last, let m = multipliers[last] { multiplier = m; digits = digits.dropLast() }
-            guard let value = UInt64(digits), value > 0 else { return nil }
-            let (bytes, overflow) = value.multipliedReportingOverflow(by: multiplier)
-            return overflow ? nil : bytes
-        }
+        static func rate(_ text: String) -> UInt64? { byteCount(text, unit: 1) }
 
         @Flag(help: "If the copying does not converge, let the destination run the machine at once and fetch the rest as its guest needs it (post-copy) instead of giving up.")
         var postcopy = false

@@ -29,7 +29,7 @@ struct ImageRunIntegrationTests {
         #expect(r.stdout == "layer two\ngone-is-gone\nnew\noverridden\n/tmp\n1000\n")
     }
 
-    /// 18 layers on 16 disks: the top three merged into one, whose whiteouts hide files on the
+    /// 18 layers on 14 disks: the top five merged into one, whose whiteouts hide files on the
     /// separate disks below and in the merged layers themselves.
     @Test func moreLayersThanDisks() {
         let r = run(["--image", TestImages.path("many"), "--", "sh", "-c", "ls /layers | wc -l; test -e /layers/1 || echo 1-gone; test -e /layers/17 || echo 17-gone; cat /layers/18"])

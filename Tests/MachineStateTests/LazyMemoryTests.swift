@@ -73,6 +73,21 @@ struct LazyMemoryTests {
         #expect(try lazy.memory.read(count: 3, at: GuestAddress(0x1000)) == [9, 9, 9])
     }
 
+    @Test func aPageGivenBackAfterItsChunkCameInReadsAsZerosWhenTouchedAgain() throws {
+        // A balloon gives a page the guest freed back to the host (MADV_DONTNEED): it is missing
+        // again in registered memory, and the next touch must be answered (the zero page), not
+        // woken without a page (which would leave the toucher faulting for ever).
+        let (bytes, id, original) = try savedMemory()
+        let lazy = try LazyMemory(source: ChunkedMemoryFile(bytes), id: id, what: "the test's memory", onFailure: { _ in })
+        defer { lazy.stop() }
+        #expect(try lazy.memory.read(count: 4096, at: GuestAddress(0x20_0000)) == original.read(count: 4096, at: GuestAddress(0x20_0000)))
+        #expect(lazy.memory.discard(GuestAddress(0x20_0000), length: 4096))
+        #expect(try lazy.memory.read(count: 4096, at: GuestAddress(0x20_0000)) == [UInt8](repeating: 0, count: 4096))
+        try lazy.memory.write([5], at: GuestAddress(0x20_0000))
+        #expect(try lazy.memory.read(count: 1, at: GuestAddress(0x20_0000)) == [5])
+        #expect(try lazy.memory.read(count: 16, at: GuestAddress(0x20_1000)) == original.read(count: 16, at: GuestAddress(0x20_1000)))
+    }
+
     @Test func manyThreadsFaultingOnOneChunkAllGetIt() throws {
         let (bytes, id, original) = try savedMemory()
         let source = ChunkedMemoryFile(bytes)

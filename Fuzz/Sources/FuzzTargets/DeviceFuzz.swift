@@ -116,3 +116,40 @@ enum RNGFuzz {
         return [DeviceScript.header(config: 4) + b.image, DeviceScript.header(config: 4 | 8, advances: [0, 2]) + b.image]
     }
 }
+
+/// virtio-balloon: page numbers on the inflate and deflate queues and free ranges on the
+/// reporting queue, all from the guest; every range actually given back must be whole pages
+/// inside guest memory, and the target and count stay what host and driver set.
+enum BalloonFuzz {
+    static func run(_ bytes: [UInt8]) {
+        let script = DeviceScript(bytes)
+        let device = VirtioBalloon(discard: { memory, address, length in
+            let done = memory.discard(address, length: length)
+            precondition(!done || (address.rawValue % 4096 == 0 && length % 4096 == 0 && memory.contains(address, length: length)),
+                         "virtio-balloon gave back a range that is not whole pages of guest memory")
+            return done
+        })
+        let queues = (0..<3).map { GuestImage.queue($0, config: script.config, maximumSize: VirtioBalloon.queueSizes[$0]) }
+        let features = script.config & 32 != 0 ? VirtioFeature.version1 : device.offeredFeatures
+        guard (try? device.activate(VirtioActivation(memory: GuestImage.memory, queues: queues, features: features,
+                                                     interrupt: VirtioInterrupt(line: NullLine())))) != nil else { return }
+        device.setTarget(pages: UInt32(script.config))
+        for (round, advance) in script.advances.enumerated() {
+            for queue in 0..<3 {
+                GuestImage.advanceAvailable(queue, by: round == 0 ? 0 : advance)
+                device.queueNotified(queue)
+            }
+        }
+        precondition(device.targetPages == UInt32(script.config), "the guest changed the host's target")
+        device.reset()
+    }
+
+    static func seeds() throws -> [[UInt8]] {
+        func pfns(_ numbers: [UInt32]) -> [UInt8] { numbers.flatMap { LittleEndian.bytes(UInt64($0), 4) } }
+        var b = GuestImageBuilder()
+        b.chain(0, [(b.buffer(pfns([12, 13, 15, 0xFFFF_FFFF])), 16, false)])
+        b.chain(1, [(b.buffer(pfns([12])), 4, false)])
+        b.chain(2, [(0x8000, 0x4000, true), (0x3001, 0x1000, true), (0xF000, 0x1000, true)])
+        return [DeviceScript.header(config: 4) + b.image, DeviceScript.header(config: 4 | 32) + b.image]
+    }
+}

@@ -15,6 +15,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case virtioNet = "virtio-net"
     case pack
     case migrationStream = "migration-stream"
+    case virtioBalloon = "virtio-balloon"
 
     /// Runs one input. Errors the code reports are expected outcomes; a violated invariant traps.
     public func run(_ input: [UInt8]) {
@@ -36,6 +37,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .virtioNet: VirtioNetFuzz.run(input)
         case .pack: PackFuzz.run(input)
         case .migrationStream: MigrationStreamFuzz.run(input)
+        case .virtioBalloon: BalloonFuzz.run(input)
         }
     }
 
@@ -60,6 +62,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .virtioNet: try VirtioNetFuzz.seeds()
         case .pack: try PackFuzz.seeds()
         case .migrationStream: MigrationStreamFuzz.seeds()
+        case .virtioBalloon: try BalloonFuzz.seeds()
         }
     }
 
@@ -69,7 +72,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .tarEROFS: 64 << 10
         case .memoryFile: 20 << 10
         case .migrationStream: 16 << 10
-        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .mmio, .virtioNet, .pack: 8 << 10
+        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .virtioBalloon, .mmio, .virtioNet, .pack: 8 << 10
         default: 4 << 10
         }
     }

@@ -3,8 +3,9 @@ import SwiftletSystem
 
 extension ImageStore {
     /// The most disks an image's layers take in a guest (virtio disks are finite): above it, the
-    /// topmost layers share the last disk.
-    public static let maximumLayerDisks = 16
+    /// topmost layers share the last disk. A machine has 19 virtio slots: 14 layer disks, its own
+    /// disk, and the entropy, vsock, network and balloon devices.
+    public static let maximumLayerDisks = 14
 
     /// The key of the disk holding `diffIDs` merged (bottom first): the OCI chain ID of the
     /// sequence, so a single layer's key is its diff ID.
