@@ -41,6 +41,13 @@ final class MachineController: Sendable {
         state.withLock { s in
             if let i = s.vcpus.firstIndex(where: { $0.0 === vcpu }) { s.vcpus[i].1 = thread }
         }
+        // A pause requested before the thread was recorded sent it no signal, and it may be in
+        // KVM_RUN already (a halted guest CPU would then never come out): `pause` sets `requested`
+        // before it reads the threads, so one of the two signals it.
+        if pauseState.withLock({ $0.requested }) {
+            vcpu.requestExit()
+            thread.interrupt()
+        }
     }
 
     /// Records the reason (if none yet) and stops every vCPU.
@@ -70,8 +77,8 @@ final class MachineController: Sendable {
     /// accesses are completed first (KVM finishes them on the KVM_RUN that sees the exit request),
     /// so the saved registers are between two instructions.
     func pause(timeoutNanoseconds: UInt64 = 10_000_000_000) -> PauseOutcome {
-        let targets = state.withLock { $0.vcpus }
         pauseState.withLock { $0.requested = true }
+        let targets = state.withLock { $0.vcpus }
         for (vcpu, thread) in targets {
             vcpu.requestExit()
             thread?.interrupt()
@@ -82,18 +89,19 @@ final class MachineController: Sendable {
         case false?: return .paused
         case true?: return .stopped
         case nil:
-            resume()
+            // Not every vCPU is out of KVM_RUN: calling into one that is would wait for it.
+            resume(notifyingClocks: false)
             return .timedOut
         }
     }
 
     /// Lets parked vCPUs run again, telling the guest's kvmclock that they were stopped.
-    func resume() {
+    func resume(notifyingClocks: Bool = true) {
         let targets = state.withLock { $0.vcpus }
         pauseState.withLock { p in
             for (vcpu, _) in targets {
                 vcpu.clearExitRequest()
-                vcpu.notifyClockPaused()
+                if notifyingClocks { vcpu.notifyClockPaused() }
             }
             p.requested = false
         }
