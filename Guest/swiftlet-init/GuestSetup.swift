@@ -12,6 +12,9 @@ struct BootOptions {
     var upper: String?
     var hostPort: UInt32 = 1024
     var hostname = "swiftlet"
+    /// Host directories to mount (`swiftlet.volumes=HEX[+ro],...`: each guest directory's bytes
+    /// in hex), volume N being `vN` in the virtio-fs file system tagged `swiftlet`.
+    var volumes: [(path: String, readOnly: Bool)] = []
 
     init(commandLine: String) {
         for word in commandLine.split(whereSeparator: { $0 == " " || $0 == "\n" }) {
@@ -23,9 +26,33 @@ struct BootOptions {
             case "swiftlet.upper": upper = value
             case "swiftlet.port": hostPort = UInt32(value) ?? hostPort
             case "swiftlet.hostname": hostname = value
+            case "swiftlet.volumes": volumes = value.split(separator: ",").map(Self.volume)
             default: break
             }
         }
+    }
+}
+
+extension BootOptions {
+    /// One `swiftlet.volumes` entry: hex of the guest path, then `+ro` for a read-only one (a
+    /// malformed entry gives an empty path, which is refused when mounting).
+    static func volume(_ entry: Substring) -> (path: String, readOnly: Bool) {
+        let readOnly = entry.hasSuffix("+ro")
+        let hex = Array((readOnly ? entry.dropLast(3) : entry).utf8)
+        var bytes: [UInt8] = []
+        func digit(_ c: UInt8) -> UInt8? {
+            switch c {
+            case 0x30...0x39: c - 0x30
+            case 0x61...0x66: c - 0x61 + 10
+            default: nil
+            }
+        }
+        guard hex.count % 2 == 0 else { return ("", readOnly) }
+        for i in stride(from: 0, to: hex.count, by: 2) {
+            guard let high = digit(hex[i]), let low = digit(hex[i + 1]) else { return ("", readOnly) }
+            bytes.append(high << 4 | low)
+        }
+        return (String(decoding: bytes, as: UTF8.self), readOnly)
     }
 }
 
@@ -34,7 +61,8 @@ enum GuestSetup {
         if access("/proc/self", F_OK) != 0 { mountOrDie("proc", "/proc", "proc") } // /init usually did
         mountOrDie("sysfs", "/sys", "sysfs")
         mountOrDie("devtmpfs", "/dev", "devtmpfs")
-        if !options.root.isEmpty, let failure = switchRoot(to: options.root, type: options.rootType, upper: options.upper) {
+        if !options.root.isEmpty, let failure = switchRoot(to: options.root, type: options.rootType, upper: options.upper,
+                                                            volumes: options.volumes) {
             Log.fatal(failure)
         }
         makeDirectory("/dev/pts")
@@ -67,7 +95,7 @@ enum GuestSetup {
     /// Stacks a writable layer (the `upper` disk, else a tmpfs) over the read-only layer disks and
     /// makes the result the root (the mounts under /proc, /sys and /dev move with it). Returns why
     /// it could not, or nil.
-    static func switchRoot(to layers: [String], type: String?, upper: String?) -> String? {
+    static func switchRoot(to layers: [String], type: String?, upper: String?, volumes: [(path: String, readOnly: Bool)] = []) -> String? {
         for directory in ["/mnt", "/mnt/layers", "/mnt/rw", "/mnt/root"] {
             if let failure = makeDirectoryOrFail(directory) { return failure }
         }
@@ -97,6 +125,7 @@ enum GuestSetup {
         guard mount("overlay", "/mnt/root", "overlay", 0, "lowerdir=\(lower),upperdir=/mnt/rw/upper,workdir=/mnt/rw/work") == 0 else {
             return "cannot stack the image's layers (overlayfs): \(String(cString: strerror(errno)))"
         }
+        if !volumes.isEmpty, let failure = mountVolumes(volumes, under: "/mnt/root") { return failure }
         for dir in ["/proc", "/sys", "/dev"] {
             _ = makeDirectoryOrFail("/mnt/root" + dir)
             guard mount(dir, "/mnt/root" + dir, nil, UInt(MS_MOVE), nil) == 0 else { return "cannot move \(dir) into the new root" }
@@ -105,6 +134,38 @@ enum GuestSetup {
         chmod("/mnt/root/tmp", 0o1777)
         guard chdir("/mnt/root") == 0, mount(".", "/", nil, UInt(MS_MOVE), nil) == 0, chroot(".") == 0, chdir("/") == 0 else {
             return "cannot switch to the image root: \(String(cString: strerror(errno)))"
+        }
+        return nil
+    }
+
+    /// Mounts the host's file system (virtio-fs, tag `swiftlet`) at /mnt/volumes, outside the new
+    /// root, and binds each volume `vN` to its directory under `root` (made if missing), read-only
+    /// where asked (the host refuses writes to those too). Returns why it could not, or nil.
+    static func mountVolumes(_ volumes: [(path: String, readOnly: Bool)], under root: String) -> String? {
+        if let failure = makeDirectoryOrFail("/mnt/volumes") { return failure }
+        // The device's driver may still be registering the tag when init starts: a few tries.
+        var tries = 0
+        while mount("swiftlet", "/mnt/volumes", "virtiofs", 0, nil) != 0 {
+            tries += 1
+            guard tries < 50 else { return "cannot mount the host's directories (virtiofs): \(String(cString: strerror(errno)))" }
+            usleep(20_000)
+        }
+        for (index, volume) in volumes.enumerated() {
+            let components = volume.path.split(separator: "/")
+            guard volume.path.hasPrefix("/"), !components.isEmpty, !components.contains(where: { $0 == "." || $0 == ".." }) else {
+                return "volume \(index): \"\(volume.path)\" is not a directory the guest can have"
+            }
+            var path = root
+            for component in components {
+                path += "/" + component
+                if access(path, F_OK) != 0, let failure = makeDirectoryOrFail(path) { return failure }
+            }
+            guard mount("/mnt/volumes/v\(index)", path, nil, UInt(MS_BIND), nil) == 0 else {
+                return "cannot mount the host directory at \(volume.path): \(String(cString: strerror(errno)))"
+            }
+            if volume.readOnly, mount("none", path, nil, UInt(MS_REMOUNT | MS_BIND | MS_RDONLY), nil) != 0 {
+                return "cannot make \(volume.path) read-only: \(String(cString: strerror(errno)))"
+            }
         }
         return nil
     }

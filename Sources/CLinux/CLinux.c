@@ -9,6 +9,7 @@
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <linux/userfaultfd.h>
+#include <linux/openat2.h>
 #include <sys/signalfd.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -387,4 +388,23 @@ int swiftlet_uffd_zero(int fd, uint64_t destination, uint64_t length) {
 int swiftlet_uffd_wake(int fd, uint64_t start, uint64_t length) {
     struct uffdio_range range = { .start = start, .len = length };
     return ioctl(fd, UFFDIO_WAKE, &range);
+}
+
+int swiftlet_openat2(int directory, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve) {
+    struct open_how how = { .flags = flags, .mode = mode, .resolve = resolve };
+    int result;
+    do { result = (int)syscall(SYS_openat2, directory, path, &how, sizeof how); } while (result < 0 && errno == EINTR);
+    return result;
+}
+
+long swiftlet_getdents64(int fd, void *buffer, unsigned long length) {
+    return syscall(SYS_getdents64, fd, buffer, length);
+}
+
+int swiftlet_renameat2(int from_directory, const char *from, int to_directory, const char *to, unsigned int flags) {
+    return (int)syscall(SYS_renameat2, from_directory, from, to_directory, to, flags);
+}
+
+int swiftlet_fallocate(int fd, int mode, int64_t offset, int64_t length) {
+    return (int)syscall(SYS_fallocate, fd, mode, (off_t)offset, (off_t)length);
 }

@@ -64,6 +64,9 @@ public struct CommandRun: Sendable {
     /// The CPU baseline a booted machine's guest is shown (nil: the host's CPU, or an image
     /// pack's template). A snapshot keeps the CPU it was taken with: a restore refuses one.
     public var cpuTemplate: CPUTemplate?
+    /// Host directories the guest sees (`--volume`). A run with volumes boots (no boot template:
+    /// a template's machine has no file system device), and a snapshot's machine cannot take any.
+    public var volumes: [VolumeMount] = []
 
     public init(root: Root) {
         self.root = root
@@ -196,7 +199,7 @@ public struct CommandRun: Sendable {
         }
         let isSnapshot = if case .snapshot = root { true } else { false }
         do {
-            return try runOnce(io: io, templates: cold || isSnapshot ? .none : .restoreOrSave)
+            return try runOnce(io: io, templates: cold || isSnapshot || !volumes.isEmpty ? .none : .restoreOrSave)
         } catch let failure as TemplateRestoreFailure {
             // Nothing of the command ran: boot instead, and save a template that works.
             failure.template.remove()
@@ -364,6 +367,9 @@ public struct CommandRun: Sendable {
             if cpuTemplate != nil {
                 throw SwiftletError(.invalidArgument, "--cpu-template shapes a machine that boots: the snapshot's machine keeps the CPU it was made with")
             }
+            if !volumes.isEmpty {
+                throw SwiftletError(.invalidArgument, "--volume gives a booting machine host directories: a snapshot's machine keeps the devices it was made with")
+            }
             var policy = network
             if !policy.hasNetwork, let saved = try Machine.network(ofSnapshot: directory) { policy = saved.policy }
             let attached = policy.hasNetwork ? try MachineNetwork(policy: policy, logFile: nil) : nil
@@ -394,6 +400,8 @@ public struct CommandRun: Sendable {
             var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB, allowPVM: allowPVM, consoleOutput: consoleOutput,
                                                      agentInitrd: packedImage?.agent, cpuTemplate: cpuTemplate ?? packedImage?.cpuTemplate)
             config.network = attached?.device(log: log)
+            try VolumeMount.validate(volumes)
+            config.share(volumes)
             return (Machine(config: config, vsockPorts: port), request, nil, attached)
         }
         var config = try root.agentMachineConfig(kernel: kernel, cpus: cpus, memoryMiB: memoryMiB,

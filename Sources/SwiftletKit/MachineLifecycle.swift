@@ -168,6 +168,8 @@ public struct MachineSummary: Codable, Sendable {
     /// and what the guest has handed over to the balloon so far.
     public var memoryTargetMiB: Int?
     public var balloonMiB: Int?
+    /// Host directories its guest sees, as `-v` takes them (HOST:GUEST[:ro]).
+    public var volumes: [String]
 
     init(_ directory: MachineDirectory, record: MachineRecord) {
         name = record.name; image = record.source; cpus = record.cpus; memoryMiB = record.memoryMiB; diskMiB = record.diskMiB
@@ -178,6 +180,7 @@ public struct MachineSummary: Codable, Sendable {
             return outbound.hasNetwork ? outbound.summary : "inbound only"
         }()
         ports = record.network?.published.map(\.description) ?? []
+        volumes = (record.volumes ?? []).map(\.description)
         lastExit = directory.lastExit
         switch directory.state {
         case .stopped: state = "stopped"

@@ -130,6 +130,10 @@ public enum MachineServer {
         let upper = RootFilesystem.deviceName(record.layers.count)
         config.commandLine += " swiftlet.upper=\(upper) swiftlet.hostname=\(record.name)"
         config.disks.append(DiskConfig(path: directory.diskPath, readOnly: false, base: record.diskBase))
+        if let volumes = record.volumes, !volumes.isEmpty {
+            try VolumeMount.validate(volumes) // a directory removed since: a clear error, not a guest without it
+            config.share(volumes)
+        }
         return config
     }
 

@@ -33,6 +33,8 @@ public struct MachineRecord: Codable, Equatable, Sendable {
     public var restoresPack: Bool? = nil
     /// The CPU baseline the machine's guest is shown (`--cpu-template`); nil: the host's CPU.
     public var cpuTemplate: CPUTemplate? = nil
+    /// Host directories the machine's guest sees (`--volume`); nil or empty: none.
+    public var volumes: [VolumeMount]? = nil
 }
 
 /// One machine's directory, `$SWIFTLET_HOME/machines/NAME`:

@@ -25,7 +25,7 @@ public final class MachineThread: Sendable {
         worker = try WorkerThread(name: "machine", stackSize: 1 << 20) { () throws(SwiftletError) in
             try machine.runBlocking(beforeGuestRuns: hooked ? { largestFile throws(SwiftletError) in
                 try built?()
-                if confined { try Confinement.confine(.vmm, largestFile: largestFile) }
+                if confined { try Confinement.confine(.vmm, largestFile: largestFile, descriptors: machine.descriptorLimit) }
                 guestStarts?()
             } : nil)
         }

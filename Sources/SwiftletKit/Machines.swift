@@ -38,6 +38,8 @@ public enum Machines {
         public var network = NetworkConfiguration()
         /// The CPU baseline its guest is shown (nil: the host's CPU as KVM offers it).
         public var cpuTemplate: CPUTemplate?
+        /// Host directories its guest sees (`--volume`), mounted at every start.
+        public var volumes: [VolumeMount] = []
 
         public init(name: String, root: CommandRun.Root = .defaultImage) {
             self.name = name; self.root = root
@@ -57,6 +59,7 @@ public enum Machines {
         guard creation.diskMiB >= 64, creation.diskMiB <= 16 << 20 else {
             throw SwiftletError(.invalidArgument, "--disk-size must be 64 MiB to 16 TiB")
         }
+        try VolumeMount.validate(creation.volumes)
         let image: String?, rootfs: String?, policy: PullPolicy, insecure: Bool
         switch creation.root {
         case .defaultImage: (image, rootfs, policy, insecure) = (nil, nil, .missing, false)
@@ -78,7 +81,8 @@ public enum Machines {
                 let record = MachineRecord(
                     name: creation.name, source: image ?? rootfs ?? "default", layers: root.disks, defaults: root.defaults, cpus: creation.cpus,
                     memoryMiB: creation.memoryMiB, kernel: creation.kernel.map(absolute), diskMiB: creation.diskMiB, created: Int(time(nil)),
-                    network: creation.network.hasNetwork ? creation.network : nil, cpuTemplate: creation.cpuTemplate)
+                    network: creation.network.hasNetwork ? creation.network : nil, cpuTemplate: creation.cpuTemplate,
+                    volumes: creation.volumes.isEmpty ? nil : creation.volumes)
                 try directory.writeRecord(record)
                 return record
             } catch {

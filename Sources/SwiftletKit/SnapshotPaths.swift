@@ -82,6 +82,9 @@ enum SnapshotPaths {
         var checked = record
         checked.layers = try record.layers.map { path throws(SwiftletError) in try layerDisk(path) }
         checked.kernel = try kernel(record.kernel)
+        // Host directories are the user's choice on this host, never a file's: a record from a
+        // snapshot, pack or another host shares none (its volumes are dropped).
+        checked.volumes = nil
         return checked
     }
 }

@@ -46,12 +46,12 @@ public enum Confinement {
     /// bytes when given, and the seccomp filter on every thread.
     /// Call it where setup (opening files and devices, mapping memory) is done and before
     /// untrusted input (the guest, a registry) gets a say.
-    public static func confine(_ role: Role, largestFile: UInt64? = nil) throws(SwiftletError) {
+    public static func confine(_ role: Role, largestFile: UInt64? = nil, descriptors: rlim_t = descriptorLimit) throws(SwiftletError) {
         guard !confined.exchange(true, ordering: .acquiringAndReleasing) else { return }
         let mode = try mode()
         try systemCall("prctl(PR_SET_NO_NEW_PRIVS)") { swiftlet_set_no_new_privileges() }
         try dropCapabilities()
-        try limitDescriptors()
+        try limitDescriptors(descriptors)
         if let largestFile { try limitFileSize(largestFile) }
         guard mode != .off else { return }
         try Seccomp.reportForbiddenCalls()
@@ -74,11 +74,11 @@ public enum Confinement {
         }
     }
 
-    /// Sets RLIMIT_NOFILE, soft and hard, to `descriptorLimit` (or to the hard limit if that is lower).
-    static func limitDescriptors() throws(SwiftletError) {
+    /// Sets RLIMIT_NOFILE, soft and hard, to `count` (or to the hard limit if that is lower).
+    static func limitDescriptors(_ count: rlim_t = descriptorLimit) throws(SwiftletError) {
         var limit = rlimit()
         try systemCall("getrlimit(RLIMIT_NOFILE)") { getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) }
-        let bound = min(limit.rlim_max, descriptorLimit)
+        let bound = min(limit.rlim_max, count)
         limit = rlimit(rlim_cur: bound, rlim_max: bound)
         try systemCall("setrlimit(RLIMIT_NOFILE)") { setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) }
     }
@@ -133,7 +133,7 @@ public enum Confinement {
     public static func filter(_ role: Role, defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
         switch role {
         case .vmm:
-            SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(common + vmmCalls) + prctlRules + threadRules + vmmSocketRules + seccompRules
+            SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(common + vmmCalls + fileServerCalls) + prctlRules + threadRules + vmmSocketRules + seccompRules
                             + helperRules,
                           defaultAction: defaultAction)
         case .pull:
@@ -152,6 +152,25 @@ public enum Confinement {
     public static func deviceFilter(defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
         SeccompFilter(rules: ioctlRules(deviceIoctls) + rules(vcpuCalls) + prctlRules + vmmSocketRules, defaultAction: defaultAction)
     }
+
+    /// A file server thread's filter (virtio-fs), on top of the VMM's: a device thread's calls
+    /// and the file operations it does for the guest beneath its shared directories.
+    public static func fileServerFilter(defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
+        SeccompFilter(rules: ioctlRules(deviceIoctls) + rules(fileServerCalls + vcpuCalls) + prctlRules, defaultAction: defaultAction)
+    }
+
+    /// Adds the file server threads' filter to the calling thread, as `confineDeviceThread`.
+    public static func confineFileServerThread() throws(SwiftletError) -> Bool {
+        try confineThread(fileServerFilter, "a file server thread")
+    }
+
+    /// What a file server does for its guest (`ConfinedFiles`): files by descriptor and by one
+    /// name beneath a directory it holds, reopened through /proc/self/fd, extended attributes.
+    static let fileServerCalls = [
+        "openat", "openat2", "newfstatat", "fstat", "fstatfs", "getdents64", "readlinkat", "mkdirat", "symlinkat",
+        "unlinkat", "renameat2", "linkat", "fchmodat", "fchownat", "utimensat",
+        "getxattr", "setxattr", "listxattr", "removexattr",
+    ]
 
     /// A device thread's ioctls: its interrupt, and non-blocking mode and queued bytes of its sockets.
     static let deviceIoctls: [UInt32] = [UInt32(truncatingIfNeeded: SWIFTLET_KVM_IRQ_LINE), UInt32(FIONBIO), UInt32(FIONREAD)]
@@ -272,6 +291,18 @@ public enum Confinement {
     static let seccompRules: [SeccompFilter.Rule] = [
         SeccompFilter.Rule("seccomp", conditions: [.equals(argument: 0, 1 /* SECCOMP_SET_MODE_FILTER */)])!,
     ]
+}
+
+/// A file server thread's side of `Confinement.confineFileServerThread`, as `DeviceThreadConfinement`.
+public struct FileServerThreadConfinement: ~Copyable {
+    private var installed = false
+
+    public init() {}
+
+    public mutating func apply() throws(SwiftletError) {
+        guard !installed else { return }
+        installed = try Confinement.confineFileServerThread()
+    }
 }
 
 /// A device thread's side of `Confinement.confineDeviceThread`: `apply()` before each batch of

@@ -120,6 +120,7 @@ extension Machine {
 
     private func migrateLocked(over socket: Int32, token: [UInt8], annotations: [String: String], options: MigrationOptions,
                                progress: (@Sendable (MigrationProgress) -> Void)?, onCommit: (@Sendable () -> Void)?) throws(SwiftletError) -> MigrationReport {
+        try refuseWithHostDirectories("moved to another host")
         let machine = try liveMachine()
         guard machine.memory.regions.count <= 64 else {
             throw SwiftletError(.unsupported, "guest memory has \(machine.memory.regions.count) regions; a migration carries at most 64")

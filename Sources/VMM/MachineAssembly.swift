@@ -125,6 +125,16 @@ extension Machine {
             // After every other device: snapshots of machines without one keep their slots.
             devices.attachBalloon(VirtioBalloon(onError: { controller.warn($0.description) }), makeTransport: makeTransport)
         }
+        if !shape.volumes.isEmpty {
+            // Last of all, like the balloon.
+            do throws(SwiftletError) {
+                devices.attachFileSystem(try VirtioFS(volumes: shape.volumes, onError: { controller.warn($0.description) }), makeTransport: makeTransport)
+            } catch {
+                devices.vsock?.stop()
+                devices.network?.stop()
+                throw error
+            }
+        }
         return AssembledMachine(hypervisor: hypervisor, vm: vm, memory: memory, devices: devices, console: console, diskSizes: diskSizes,
                                 msrIndices: msrIndices, supportedCPUID: supportedCPUID)
     }

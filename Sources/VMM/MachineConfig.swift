@@ -31,6 +31,9 @@ public struct MachineConfig: Sendable, Equatable {
     /// A virtio balloon with free page reporting: the pages the guest frees go back to the host,
     /// and `Machine.setMemoryTarget` can take memory from a running guest and give it back.
     public var balloon: Bool = false
+    /// Host directories shared with the guest through one virtio-fs device (tag
+    /// `VirtioFS.defaultTag`; volume N is `vN` in its root). Empty: no such device.
+    public var volumes: [SharedVolume] = []
     /// The CPU baseline the guest is shown (nil: all the host's KVM offers).
     public var cpuTemplate: CPUTemplate? = nil
 
@@ -45,8 +48,11 @@ public struct MachineConfig: Sendable, Equatable {
     /// xAPIC IDs in the MADT are 8-bit and 0xFF is broadcast.
     public static let maximumCPUs = 254
     /// virtio devices take IOAPIC pins 5 and up (of 24): 19 in all, so 15 disks beside the
-    /// entropy, vsock, network and balloon devices.
+    /// entropy, vsock, network and balloon devices (a machine that also shares host directories,
+    /// one more device, has room for one disk less: `virtioDeviceCount` is checked).
     public static let maximumDisks = 15
+    /// Host directories one machine may share.
+    public static let maximumVolumes = 16
     public static let maximumVirtioDevices = 19
 
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = MachineConfig.defaultCommandLine,
@@ -82,16 +88,17 @@ public struct MachineShape: Sendable, Equatable {
     public var vsock: VsockConfig?
     public var network: NetworkDeviceConfig?
     public var balloon: Bool
+    public var volumes: [SharedVolume]
     public var kvmPath: String
     public var allowPVM: Bool
     public var consoleOutput: Int32?
     public var consoleInput: Int32?
 
     public init(cpuCount: Int, memoryMiB: Int, disks: [DiskConfig], entropyDevice: Bool, vsock: VsockConfig?,
-                network: NetworkDeviceConfig? = nil, balloon: Bool = false,
+                network: NetworkDeviceConfig? = nil, balloon: Bool = false, volumes: [SharedVolume] = [],
                 kvmPath: String = "/dev/kvm", allowPVM: Bool = false, consoleOutput: Int32? = nil, consoleInput: Int32? = nil) {
         self.cpuCount = cpuCount; self.memoryMiB = memoryMiB; self.disks = disks; self.entropyDevice = entropyDevice
-        self.vsock = vsock; self.network = network; self.balloon = balloon; self.kvmPath = kvmPath; self.allowPVM = allowPVM
+        self.vsock = vsock; self.network = network; self.balloon = balloon; self.volumes = volumes; self.kvmPath = kvmPath; self.allowPVM = allowPVM
         self.consoleOutput = consoleOutput; self.consoleInput = consoleInput
     }
 
@@ -118,6 +125,9 @@ public struct MachineShape: Sendable, Equatable {
         guard virtioDeviceCount <= MachineConfig.maximumVirtioDevices else {
             throw SwiftletError(.invalidArgument, "\(disks.count) disks and \(virtioDeviceCount - disks.count) other virtio devices are more than the machine's \(MachineConfig.maximumVirtioDevices) interrupt lines")
         }
+        guard volumes.count <= MachineConfig.maximumVolumes else {
+            throw SwiftletError(.invalidArgument, "\(volumes.count) volumes are more than Swiftlet supports (\(MachineConfig.maximumVolumes))")
+        }
         if let network {
             guard network.backend >= 0 else {
                 throw SwiftletError(.invalidArgument, "the network device has no backend socket")
@@ -130,7 +140,7 @@ public struct MachineShape: Sendable, Equatable {
 
     /// The virtio devices the machine has (each takes an interrupt line).
     public var virtioDeviceCount: Int {
-        disks.count + (entropyDevice ? 1 : 0) + (vsock == nil ? 0 : 1) + (network == nil ? 0 : 1) + (balloon ? 1 : 0)
+        disks.count + (entropyDevice ? 1 : 0) + (vsock == nil ? 0 : 1) + (network == nil ? 0 : 1) + (balloon ? 1 : 0) + (volumes.isEmpty ? 0 : 1)
     }
 
     /// Checks the values against what this host can give.
@@ -149,7 +159,7 @@ extension MachineConfig {
     /// The machine this configuration boots.
     public var shape: MachineShape {
         MachineShape(cpuCount: cpuCount, memoryMiB: memoryMiB, disks: disks, entropyDevice: entropyDevice, vsock: vsock,
-                     network: network, balloon: balloon, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
+                     network: network, balloon: balloon, volumes: volumes, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
     }
 }
 

@@ -77,6 +77,7 @@ struct MachineDevices: Sendable {
     private(set) var vsock: VirtioVsock?
     private(set) var network: VirtioNet?
     private(set) var balloon: VirtioBalloon?
+    private(set) var fileSystem: VirtioFS?
     /// Every device whose state a snapshot holds, in the order they were made.
     private(set) var snapshottable: [(id: DeviceID, device: any Snapshottable)] = []
     /// The virtio devices' windows and interrupts, for the firmware tables.
@@ -111,6 +112,11 @@ struct MachineDevices: Sendable {
     mutating func attachBalloon(_ device: VirtioBalloon, makeTransport: TransportMaker) {
         attach(device, kind: "virtio-balloon", makeTransport: makeTransport)
         balloon = device
+    }
+
+    mutating func attachFileSystem(_ device: VirtioFS, makeTransport: TransportMaker) {
+        attach(device, kind: "virtio-fs", makeTransport: makeTransport)
+        fileSystem = device
     }
 
     mutating func attachEntropy(_ device: VirtioRNG, makeTransport: TransportMaker) {

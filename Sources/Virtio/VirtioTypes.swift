@@ -6,6 +6,7 @@ public enum VirtioDeviceType: UInt32, Sendable, Codable {
     case entropy = 4
     case balloon = 5
     case vsock = 19
+    case fileSystem = 26
 }
 
 /// Feature bits shared by every virtio device (virtio 1.2, section 6).

@@ -89,11 +89,16 @@ extension MachineCommand {
 
         @OptionGroup(title: "Network") var network: NetworkOptions
 
+        @OptionGroup(title: "Host directories") var volumes: VolumeOptions
+
         func validate() throws {
             if cpus < 1 || cpus > MachineConfig.maximumCPUs { throw ValidationError("--cpus must be 1 to \(MachineConfig.maximumCPUs)") }
             if memory < MachineConfig.minimumMemoryMiB { throw ValidationError("--memory must be at least \(MachineConfig.minimumMemoryMiB) MiB") }
             if diskSize < 64 || diskSize > 16 << 20 { throw ValidationError("--disk-size must be 64 MiB to 16 TiB") }
             let shaped = source.image != nil || source.rootfs != nil || kernel != nil || cpus != 1 || memory != 256 || diskSize != 2048 || cpuTemplate != nil
+            if from != nil && !volumes.volumes.isEmpty {
+                throw ValidationError("--from makes the machine a pack holds, which goes on with the devices it had: --volume needs a machine that boots")
+            }
             if from != nil && shaped {
                 throw ValidationError("--from makes the machine a pack holds: it cannot be combined with --image, --rootfs, --kernel, --cpus, --memory, --disk-size or --cpu-template")
             }
@@ -115,6 +120,7 @@ extension MachineCommand {
                 creation.diskMiB = diskSize
                 creation.cpuTemplate = cpuTemplate
                 creation.network = try network.configuration()
+                creation.volumes = try volumes.mounts()
                 try Machines.create(creation, progress: { printError($0) })
             }
             let net = (try? network.configuration())?.summary ?? "none"
@@ -257,6 +263,7 @@ extension MachineSummary {
         var lines = ["name: \(name)", "state: \(state)", "image: \(image)", "cpus: \(cpus)", "memory: \(memoryMiB) MiB", "disk: \(diskMiB) MiB",
                      "network: \(network)"]
         if !ports.isEmpty { lines.append("ports: " + ports.joined(separator: ", ")) }
+        if !volumes.isEmpty { lines.append("volumes: " + volumes.joined(separator: ", ")) }
         if let pid { lines.append("pid: \(pid)") }
         if let uptimeMilliseconds { lines.append("uptime: \(format(Double(uptimeMilliseconds) / 1000, digits: 1)) s") }
         if let hostMemoryMiB { lines.append("host memory: \(hostMemoryMiB) MiB resident") }

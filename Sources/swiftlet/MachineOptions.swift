@@ -1,5 +1,7 @@
 import ArgumentParser
 import Hypervisor
+import SwiftletKit
+import SwiftletSystem
 
 /// The machine flags `run` and `boot` share.
 struct MachineOptions: ParsableArguments {
@@ -27,4 +29,20 @@ struct MachineOptions: ParsableArguments {
 extension CPUTemplate: ExpressibleByArgument {
     public init?(argument: String) { self.init(named: argument) }
     public static var allValueStrings: [String] { allCases.map(\.rawValue) }
+}
+
+/// `-v HOST_DIR:GUEST_DIR[:ro]`, as `run` and `machine create` take it.
+struct VolumeOptions: ParsableArguments {
+    @Option(name: [.customShort("v"), .customLong("volume")],
+            help: ArgumentHelp("Share a host directory with the guest at GUEST_DIR (repeatable); :ro makes it read-only. Files the guest makes belong to you; your files are root's in the guest (docs/volumes.md).",
+                               valueName: "host-dir:guest-dir[:ro]"))
+    var volumes: [String] = []
+
+    /// The volumes, checked (each host directory must exist now).
+    func mounts() throws(SwiftletError) -> [VolumeMount] {
+        var mounts: [VolumeMount] = []
+        for text in volumes { mounts.append(try VolumeMount.parse(text)) }
+        try VolumeMount.validate(mounts)
+        return mounts
+    }
 }

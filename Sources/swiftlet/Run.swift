@@ -69,6 +69,8 @@ struct Run: ParsableCommand {
 
     @OptionGroup(title: "Network") var network: NetworkOptions
 
+    @OptionGroup(title: "Host directories") var volumes: VolumeOptions
+
     /// Parses 30s, 500ms, 2m, 1h or a plain number of seconds into milliseconds: nil when it is
     /// not a positive duration of at most a year ("inf", "1e300s" and "-1s" among them).
     static func milliseconds(_ text: String) -> Int? {
@@ -92,6 +94,9 @@ struct Run: ParsableCommand {
                 throw ValidationError(isImage ? "--image \(image) is a pack of an image, which boots the kernel it holds: --kernel cannot be combined with it"
                                               : "--image \(image) is a pack, which holds its machine: it cannot be combined with --kernel, --cpus, --memory, --cpu-template or --cold")
             }
+        }
+        if from != nil && !volumes.volumes.isEmpty {
+            throw ValidationError("--from starts the machine a snapshot holds, with the devices it had: --volume needs a machine that boots")
         }
         if detach && (exec.interactive || exec.tty) { throw ValidationError("-d cannot be combined with -i or -t: a background run has no terminal or input") }
     }
@@ -135,6 +140,7 @@ struct Run: ParsableCommand {
         run.terminal = exec.tty
         run.confined = true
         run.network = try network.configuration()
+        run.volumes = try volumes.mounts()
         run.unpacksOutsideHome = PackedProgram.path != nil
         let terminal = TerminalSession(enabled: exec.tty && isatty(0) == 1)
         defer { terminal.restore() }

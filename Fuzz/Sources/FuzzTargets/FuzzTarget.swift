@@ -16,6 +16,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case pack
     case migrationStream = "migration-stream"
     case virtioBalloon = "virtio-balloon"
+    case virtioFS = "virtio-fs"
 
     /// Runs one input. Errors the code reports are expected outcomes; a violated invariant traps.
     public func run(_ input: [UInt8]) {
@@ -38,6 +39,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .pack: PackFuzz.run(input)
         case .migrationStream: MigrationStreamFuzz.run(input)
         case .virtioBalloon: BalloonFuzz.run(input)
+        case .virtioFS: FuseFuzz.run(input)
         }
     }
 
@@ -63,6 +65,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .pack: try PackFuzz.seeds()
         case .migrationStream: MigrationStreamFuzz.seeds()
         case .virtioBalloon: try BalloonFuzz.seeds()
+        case .virtioFS: try FuseFuzz.seeds()
         }
     }
 
@@ -72,7 +75,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .tarEROFS: 64 << 10
         case .memoryFile: 20 << 10
         case .migrationStream: 16 << 10
-        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .virtioBalloon, .mmio, .virtioNet, .pack: 8 << 10
+        case .virtqueue, .virtioBlock, .virtioVsock, .virtioRNG, .virtioBalloon, .virtioFS, .mmio, .virtioNet, .pack: 8 << 10
         default: 4 << 10
         }
     }

@@ -15,6 +15,8 @@
 #include <pthread.h>
 #include <signal.h>
 #include <termios.h>
+#include <sys/vfs.h>
+#include <sys/xattr.h>
 #include "Spawn.h"
 
 // MARK: ioctl request numbers (the _IO* macros do not import into Swift)
@@ -78,6 +80,25 @@ int swiftlet_ioctl_ptr(int fd, unsigned long request, void *arg);
 int swiftlet_ioctl_int(int fd, unsigned long request, unsigned long arg);
 /// open(2) with O_CLOEXEC and the given flags and mode (open is variadic too).
 int swiftlet_open(const char *path, int flags, unsigned int mode);
+/// openat2(2) with an open_how of these values (RESOLVE_* from linux/openat2.h); EINTR retried.
+int swiftlet_openat2(int directory, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
+/// getdents64(2): linux_dirent64 records into `buffer`.
+long swiftlet_getdents64(int fd, void *buffer, unsigned long length);
+static const uint64_t SWIFTLET_RESOLVE_BENEATH = 0x08;
+static const uint64_t SWIFTLET_RESOLVE_NO_MAGICLINKS = 0x02;
+static const uint64_t SWIFTLET_RESOLVE_NO_SYMLINKS = 0x04;
+static const uint64_t SWIFTLET_RESOLVE_NO_XDEV = 0x01;
+/* GNU and Linux names the Glibc module hides (it is built without _GNU_SOURCE). */
+static const int SWIFTLET_O_PATH = 010000000;
+static const int SWIFTLET_AT_EMPTY_PATH = 0x1000;
+static const long SWIFTLET_UTIME_NOW = (1l << 30) - 1l;
+static const long SWIFTLET_UTIME_OMIT = (1l << 30) - 2l;
+static const int SWIFTLET_SEEK_DATA = 3;
+static const int SWIFTLET_SEEK_HOLE = 4;
+/// renameat2(2) (RENAME_NOREPLACE 1, RENAME_EXCHANGE 2).
+int swiftlet_renameat2(int from_directory, const char *from, int to_directory, const char *to, unsigned int flags);
+/// fallocate(2) with its mode bits.
+int swiftlet_fallocate(int fd, int mode, int64_t offset, int64_t length);
 /// mkostemp(3) (a GNU extension the Glibc module hides): a new file from `template`, with `flags`.
 int swiftlet_mkostemp(char *template_path, int flags);
 /* getrandom(2): glibc declares it in <sys/random.h>, which Swift's Glibc module does not export. */

@@ -1,0 +1,125 @@
+import GuestMemory
+import Synchronization
+import SwiftletSystem
+import Virtio
+
+/// A virtio file system device (virtio 1.2, section 5.11): FUSE requests over virtqueues,
+/// answered by a `FuseServer` inside the VMM process, so a guest mounts host directories
+/// (`mount -t virtiofs TAG DIR`) with no daemon beside the VMM.
+///
+/// Threads: requests are served on the device's own thread, started with the device (before the
+/// VMM process confines itself), which adds the file server's seccomp filter before its first
+/// request: the vCPU threads that notify it cannot open files, and must not wait for the host's
+/// disk. While the machine is paused the thread leaves the queues alone.
+///
+/// Snapshots: the server's open files are host state a snapshot cannot hold, so a machine with
+/// this device cannot be snapshotted (`servedQueues` is nil).
+public final class VirtioFS: VirtioDevice {
+    /// The high-priority queue (FORGET) and one request queue.
+    public static let queueSizes: [UInt16] = [128, 256]
+    static let hiprioQueue = 0, requestQueue = 1
+    /// The tag the guest mounts (config space: 36 bytes, NUL-padded).
+    public static let defaultTag = "swiftlet"
+    /// The most bytes of a request the device reads (a WRITE's data, its header, a name or two).
+    static let maximumRequest = FuseServer.maximumTransfer + 8192
+
+    public let server: FuseServer
+    private let tag: [UInt8]
+    private let queues: [DeviceQueue]
+    private let wake: EventFD
+    private let halted = Atomic<Bool>(false)
+    /// Held while the thread serves a batch; `quiesced` set under it stops the next one.
+    private let serving = Mutex<Bool>(false)
+    private let onError: @Sendable (SwiftletError) -> Void
+
+    /// Serves `volumes` (each opened now: an error names one that cannot be) to the guest under `tag`.
+    public init(volumes: [SharedVolume], tag: String = defaultTag, limits: FuseServer.Limits = .init(),
+                onError: @escaping @Sendable (SwiftletError) -> Void = { _ in }) throws(SwiftletError) {
+        guard !tag.isEmpty, tag.utf8.count <= 36 else { throw SwiftletError(.invalidArgument, "virtio-fs tag \"\(tag)\" is not 1 to 36 bytes") }
+        server = try FuseServer(volumes: volumes, limits: limits)
+        self.tag = Array(tag.utf8)
+        self.onError = onError
+        queues = ["hiprio", "request"].map { DeviceQueue(name: "virtio-fs \($0) queue", onError: onError) }
+        wake = try EventFD()
+        try OSThread.start(name: "virtio-fs") { [self] in runLoop() }.detach()
+    }
+
+    public var deviceType: VirtioDeviceType { .fileSystem }
+    public var offeredFeatures: UInt64 { VirtioFeature.version1 | VirtioFeature.indirectDescriptors }
+    public var queueMaximumSizes: [UInt16] { Self.queueSizes }
+
+    /// struct virtio_fs_config: tag[36], num_request_queues (1).
+    public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
+        let bytes = tag + [UInt8](repeating: 0, count: 36 - tag.count) + LittleEndian.bytes(1, 4)
+        for i in 0..<data.count { data[i] = offset >= 0 && offset + i < bytes.count ? bytes[offset + i] : 0 }
+    }
+
+    public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
+
+    public func activate(_ activation: VirtioActivation) throws(SwiftletError) {
+        for index in queues.indices { try queues[index].activate(activation, index: index) }
+        wake.signal()
+    }
+
+    /// The driver reset the device: its queues and every file the guest held are forgotten.
+    public func reset() {
+        serving.withLock { _ in
+            for queue in queues { queue.reset() }
+        }
+        server.reset()
+    }
+
+    public func queueNotified(_ index: Int) {
+        guard !halted.load(ordering: .acquiring) else { return }
+        wake.signal()
+    }
+
+    public func setQuiesced(_ quiesced: Bool) {
+        serving.withLock { $0 = quiesced } // waits for a batch in progress
+        if !quiesced { wake.signal() }
+    }
+
+    public func requestStop() {
+        halted.store(true, ordering: .releasing)
+        for queue in queues { queue.halt() }
+        wake.signal()
+    }
+
+    /// The server's open files cannot be saved: no snapshot of a machine with this device.
+    public var servedQueues: [Virtqueue?]? { nil }
+
+    // MARK: the device's thread
+
+    private func runLoop() {
+        var confinement = FileServerThreadConfinement()
+        while !halted.load(ordering: .acquiring) {
+            _ = try? Poll.waitReadable(wake.rawValue)
+            wake.drain()
+            guard !halted.load(ordering: .acquiring) else { break }
+            do throws(SwiftletError) { try confinement.apply() } catch {
+                onError(SwiftletError(error.code, "virtio-fs: \(error.message)"))
+                requestStop()
+                break
+            }
+            serving.withLock { quiesced in
+                guard !quiesced else { return }
+                queues[Self.hiprioQueue].serve { chain, memory in serve(chain, memory) }
+                queues[Self.requestQueue].serve { chain, memory in serve(chain, memory) }
+            }
+        }
+        server.reset() // the descriptors go with the machine's end
+    }
+
+    /// One request: its readable buffers are the request, its writable ones take the reply.
+    func serve(_ chain: DescriptorChain, _ memory: GuestMemory) -> UInt32 {
+        do throws(SwiftletError) {
+            let request = try chain.readPrefix(Int(min(chain.readableLength, UInt64(Self.maximumRequest))), memory: memory)
+            let limit = Int(min(chain.writableLength, UInt64(Self.maximumRequest)))
+            guard let reply = server.handle(request, replyLimit: limit) else { return 0 }
+            return UInt32(try chain.writePrefix(reply, memory: memory))
+        } catch {
+            onError(SwiftletError(error.code, "virtio-fs: \(error.message)"))
+            return 0
+        }
+    }
+}
