@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFTPM_STATIC := -c release --static-swift-stdlib -Xswiftc -static-executable
 DEMO_COMMAND ?= sh -c "echo Hello from a Swiftlet microVM; uname -sr; nproc"
 
-.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested test-two-hosts test-net fuzz fuzz-ci fuzz-long bench bench-boot bench-run bench-pull bench-snapshot bench-library bench-net bench-pack bench-migrate bench-memory clean
+.PHONY: all setup kernel initramfs guest build build-tests demo test unit-test test-nested test-two-hosts test-net fuzz fuzz-ci fuzz-long bench bench-boot bench-run bench-pull bench-snapshot bench-library bench-net bench-pack bench-migrate bench-memory bench-fs clean
 
 all: build
 
@@ -71,7 +71,7 @@ fuzz-ci: fuzz
 fuzz-long: setup
 	@FUZZ_RUNS=1000000 FUZZ_NICE=10 scripts/fuzz
 
-bench: bench-boot bench-run bench-pull bench-snapshot bench-library bench-net bench-pack bench-migrate bench-memory
+bench: bench-boot bench-run bench-pull bench-snapshot bench-library bench-net bench-pack bench-migrate bench-memory bench-fs
 
 bench-boot: guest
 	swift build $(SWIFTPM_STATIC) --product swiftlet-bench
@@ -111,6 +111,9 @@ bench-memory: guest
 # First pull of new images from a loopback registry (no KVM needed).
 bench-pull: build
 	@scripts/bench-pull
+
+bench-fs: guest
+	@scripts/bench-fs
 
 clean:
 	rm -rf .build .build-*

@@ -61,7 +61,7 @@ let package = Package(
         // Argument parsing and presentation only.
         .executableTarget(
             name: "swiftlet",
-            dependencies: ["SwiftletKit", "VMM", "Hypervisor", "Images", "Pack", "SwiftletNet", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SwiftletKit", "VMM", "Hypervisor", "Devices", "Images", "Pack", "SwiftletNet", "SwiftletSystem", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         .executableTarget(
             name: "swiftlet-example",

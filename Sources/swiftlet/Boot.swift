@@ -1,4 +1,5 @@
 import ArgumentParser
+import Devices
 import Glibc
 import SwiftletSystem
 import SwiftletKit
@@ -40,6 +41,11 @@ struct Boot: ParsableCommand {
 
     @Flag(help: "Give the guest a virtio balloon with free page reporting: memory it frees goes back to the host.")
     var balloon = false
+
+    @Option(name: .customLong("share"), help: ArgumentHelp(
+        "Share a host directory with the guest through a virtio-fs device (tag `swiftlet`; the Nth is vN in it: mount -t virtiofs swiftlet DIR). Repeatable.",
+        valueName: "dir[:ro]"))
+    var shares: [String] = []
 
     @Flag(help: "Print the time from process start to the guest's boot marker, and the VMM's costs.")
     var bootTiming = false
@@ -111,6 +117,9 @@ struct Boot: ParsableCommand {
         if let device = getenv("SWIFTLET_KVM_DEVICE") { config.kvmPath = String(cString: device) }
         config.cpuTemplate = machine.cpuTemplate
         config.balloon = balloon
+        config.volumes = shares.map { share in
+            share.hasSuffix(":ro") ? SharedVolume(path: String(share.dropLast(3)), readOnly: true) : SharedVolume(path: share, readOnly: false)
+        }
 
         let machine = Machine(config: config)
         let showTiming = bootTiming
@@ -120,7 +129,7 @@ struct Boot: ParsableCommand {
                     let ms = MonotonicClock.milliseconds(from: MonotonicClock.processStart, to: time)
                     printError("boot marker after \(format(ms)) ms (process start to marker)")
                 }
-            }, beforeGuestRuns: { largestFile throws(SwiftletError) in try Confinement.confine(.vmm, largestFile: largestFile) })
+            }, beforeGuestRuns: { largestFile throws(SwiftletError) in try Confinement.confine(.vmm, largestFile: largestFile, descriptors: machine.descriptorLimit) })
         }
         for warning in outcome.warnings { printError("warning: \(warning)") }
         if showTiming { printTiming(outcome) }

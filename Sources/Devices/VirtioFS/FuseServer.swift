@@ -216,7 +216,7 @@ public final class FuseServer: Sendable {
             return handle(fh).flatMap { ConfinedFiles.sync($0.file.rawValue, dataOnly: flags & 1 != 0) }.map { [] }
         case .readdir, .readdirplus:
             guard let fh = r.u64(), let offset = r.u64(), let size = r.u32() else { return .failure(.invalid) }
-            return readDirectory(fh, node: node, offset: offset, size: min(Int(size), max(replyLimit, 0)), plus: opcode == .readdirplus)
+            return readDirectory(fh, offset: offset, size: min(Int(size), max(replyLimit, 0)), plus: opcode == .readdirplus)
         case .statfs:
             return fileSystemStatus(node)
         case .getxattr:
@@ -594,9 +594,12 @@ public final class FuseServer: Sendable {
 
     // MARK: directories
 
-    private func readDirectory(_ fh: UInt64, node id: UInt64, offset: UInt64, size: Int, plus: Bool) -> Result<[UInt8], FileErrno> {
+    /// READDIR(PLUS) of an open directory; READDIRPLUS looks each entry up in the directory the
+    /// handle is of (whatever node the request names).
+    private func readDirectory(_ fh: UInt64, offset: UInt64, size: Int, plus: Bool) -> Result<[UInt8], FileErrno> {
         handle(fh).flatMap { h -> Result<[UInt8], FileErrno> in
             guard h.directory else { return .failure(.notDirectory) }
+            let id = h.node
             let entries: [ConfinedFiles.DirectoryEntry]
             if h.file.rawValue < 0 {
                 // The server's root: ".", "..", then the volumes; offsets count entries.
