@@ -65,7 +65,12 @@ extension MemoryFile {
     private static func wanted(page: Int, region: GuestMemory.Region, index: Int, dirty: [UInt64]?) -> Bool {
         if let dirty { return dirty[page / 64] >> UInt64(page % 64) & 1 != 0 }
         // SAFETY: the page lies inside the region's mapping; the zero page is a page long.
-        return memcmp(region.hostAddress + index * Int(pageSize), zeroPage, Int(pageSize)) != 0
+        return !isZeroPage(region.hostAddress + index * Int(pageSize))
+    }
+
+    /// Whether the page of memory at `page` (a whole page the caller may read) holds only zeros.
+    public static func isZeroPage(_ page: UnsafeRawPointer) -> Bool {
+        memcmp(page, zeroPage, Int(pageSize)) == 0
     }
 
     /// A page of zeros to compare pages with (glibc's memcmp is vectorised, whatever the build).

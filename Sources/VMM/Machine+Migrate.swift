@@ -437,9 +437,7 @@ extension Machine {
 
     private static func isZero(_ page: UnsafeMutableRawPointer) -> Bool {
         // SAFETY: `page` is a whole page of guest memory.
-        let words = page.assumingMemoryBound(to: UInt64.self)
-        for i in 0..<512 where words[i] != 0 { return false }
-        return true
+        MemoryFile.isZeroPage(page)
     }
 
     /// `receiveMigration(over:into:maximumMemoryBytes:restore:)` after the handshake on `socket`
