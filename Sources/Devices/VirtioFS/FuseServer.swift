@@ -161,7 +161,18 @@ public final class FuseServer: Sendable {
             return .success([])
         case .lookup:
             guard let name = r.cString() else { return .failure(.invalid) }
-            return lookup(node, name).map(entryBytes)
+            switch lookup(node, name) {
+            case .success(let entry): return .success(entryBytes(entry))
+            case .failure(let e) where e == .noEntry:
+                // A name that is not there: the guest may remember that as long as it remembers
+                // names (node 0 with a timeout), sparing a request per miss (compilers probing
+                // include paths, shells searching PATH).
+                var w = FuseWriter()
+                w.u64(0); w.u64(0); w.u64(Self.cacheSeconds); w.u64(0); w.u32(0); w.u32(0)
+                w.zeros(88)
+                return .success(w.bytes)
+            case .failure(let e): return .failure(e)
+            }
         case .getattr:
             return attributes(of: node).map(attributeBytes)
         case .setattr:

@@ -45,7 +45,7 @@ public final class VirtioFS: VirtioDevice {
     }
 
     public var deviceType: VirtioDeviceType { .fileSystem }
-    public var offeredFeatures: UInt64 { VirtioFeature.version1 | VirtioFeature.indirectDescriptors }
+    public var offeredFeatures: UInt64 { VirtioFeature.version1 | VirtioFeature.eventIndex | VirtioFeature.indirectDescriptors }
     public var queueMaximumSizes: [UInt16] { Self.queueSizes }
 
     /// struct virtio_fs_config: tag[36], num_request_queues (1).
