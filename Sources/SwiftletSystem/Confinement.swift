@@ -156,13 +156,24 @@ public enum Confinement {
     /// A file server thread's filter (virtio-fs), on top of the VMM's: a device thread's calls
     /// and the file operations it does for the guest beneath its shared directories.
     public static func fileServerFilter(defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
-        SeccompFilter(rules: ioctlRules(deviceIoctls) + rules(fileServerCalls + vcpuCalls) + prctlRules, defaultAction: defaultAction)
+        SeccompFilter(rules: ioctlRules(deviceIoctls) + rules(fileServerCalls + threadCalls) + prctlRules, defaultAction: defaultAction)
     }
 
     /// Adds the file server threads' filter to the calling thread, as `confineDeviceThread`.
     public static func confineFileServerThread() throws(SwiftletError) -> Bool {
         try confineThread(fileServerFilter, "a file server thread")
     }
+
+    /// What a thread that serves from its own descriptors needs besides: I/O on them, memory,
+    /// waiting, its own end (no sockets, no KVM but its interrupt, no threads).
+    static let threadCalls = [
+        "read", "write", "pread64", "pwrite64", "futex", "poll", "ppoll", "readv", "writev", "preadv", "pwritev", "lseek", "close", "fcntl",
+        "fsync", "fdatasync", "fallocate", "ftruncate", "fstat", "newfstatat",
+        "mmap", "munmap", "mprotect", "madvise", "mremap", "brk", "mincore",
+        "set_robust_list", "rseq", "sched_yield", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "tgkill", "tkill",
+        "getpid", "gettid", "getrandom", "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",
+        "restart_syscall", "exit", "exit_group",
+    ]
 
     /// What a file server does for its guest (`ConfinedFiles`): files by descriptor and by one
     /// name beneath a directory it holds, reopened through /proc/self/fd, extended attributes.
@@ -293,29 +304,22 @@ public enum Confinement {
     ]
 }
 
-/// A file server thread's side of `Confinement.confineFileServerThread`, as `DeviceThreadConfinement`.
-public struct FileServerThreadConfinement: ~Copyable {
-    private var installed = false
-
-    public init() {}
-
-    public mutating func apply() throws(SwiftletError) {
-        guard !installed else { return }
-        installed = try Confinement.confineFileServerThread()
-    }
-}
-
 /// A device thread's side of `Confinement.confineDeviceThread`: `apply()` before each batch of
 /// guest work adds the device filter as soon as the process has confined itself. A thread that
 /// starts before then (a device restored from a snapshot starts its loop while the machine is
 /// built) has no guest work until the guest runs, and the process confines itself before that.
 public struct DeviceThreadConfinement: ~Copyable {
+    /// Which filter the thread gets: a device thread's, or a file server thread's (virtio-fs,
+    /// `Confinement.confineFileServerThread`).
+    public enum Kind: Sendable { case device, fileServer }
+
+    private let kind: Kind
     private var installed = false
 
-    public init() {}
+    public init(_ kind: Kind = .device) { self.kind = kind }
 
     public mutating func apply() throws(SwiftletError) {
         guard !installed else { return }
-        installed = try Confinement.confineDeviceThread()
+        installed = try kind == .device ? Confinement.confineDeviceThread() : Confinement.confineFileServerThread()
     }
 }

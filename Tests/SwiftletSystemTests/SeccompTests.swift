@@ -187,6 +187,22 @@ import Testing
         #expect(evaluate(Confinement.vcpuFilter().program(), number: number("seccomp"), arguments: [1]) == SECCOMP_RET_ALLOW)
     }
 
+    @Test func aFileServerThreadsFilterAllowsFilesBeneathHeldDirectoriesAndNoKVMSocketsOrProcesses() {
+        let program = Confinement.fileServerFilter().program()
+        let vmm = Confinement.filter(.vmm).program()
+        for name in ["openat2", "openat", "newfstatat", "getdents64", "readlinkat", "mkdirat", "symlinkat", "unlinkat", "renameat2",
+                     "linkat", "fchmodat", "fchownat", "utimensat", "getxattr", "setxattr", "listxattr", "removexattr", "pread64",
+                     "pwrite64", "fsync", "fallocate", "ftruncate", "fstatfs", "lseek", "close", "futex", "poll", "read", "write"] {
+            #expect(evaluate(program, number: number(name)) == SECCOMP_RET_ALLOW, "\(name)")
+            #expect(evaluate(vmm, number: number(name)) == SECCOMP_RET_ALLOW, "the process's filter lets \(name) through too")
+        }
+        #expect(evaluate(program, number: number("ioctl"), arguments: [3, UInt64(SWIFTLET_KVM_IRQ_LINE)]) == SECCOMP_RET_ALLOW)
+        #expect(evaluate(program, number: number("ioctl"), arguments: [3, UInt64(SWIFTLET_KVM_RUN)]) == SECCOMP_RET_TRAP)
+        for name in ["socket", "connect", "bind", "clone", "execve", "kill", "ptrace", "mount", "chroot", "open_by_handle_at", "seccomp"] {
+            #expect(evaluate(program, number: number(name), arguments: [0x0001_0000]) == SECCOMP_RET_TRAP, "\(name)")
+        }
+    }
+
     @Test func theModeComesFromTheEnvironmentAndABadValueIsAnError() throws {
         #expect(try Confinement.mode(nil) == .on)
         #expect(try Confinement.mode("") == .on)

@@ -91,7 +91,7 @@ public final class VirtioFS: VirtioDevice {
     // MARK: the device's thread
 
     private func runLoop() {
-        var confinement = FileServerThreadConfinement()
+        var confinement = DeviceThreadConfinement(.fileServer)
         while !halted.load(ordering: .acquiring) {
             _ = try? Poll.waitReadable(wake.rawValue)
             wake.drain()
