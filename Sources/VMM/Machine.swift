@@ -113,7 +113,9 @@ public final class Machine: Sendable {
             built = try buildFromSnapshot(plan, controller: controller, phases: &phases, onBootMarker: onBootMarker)
         }
         defer { built.parts.tearDown() }
-        try beforeGuestRuns?(Self.largestFileBytes(memoryMiB: shape.memoryMiB, diskSizes: built.parts.diskSizes))
+        // A machine that shares host directories writes the files its guest writes there: those
+        // are as large as the guest makes them (a host directory's own disk bounds them).
+        try beforeGuestRuns?(shape.volumes.isEmpty ? Self.largestFileBytes(memoryMiB: shape.memoryMiB, diskSizes: built.parts.diskSizes) : UInt64.max)
         return try run(built, controller: controller, phases: phases)
     }
 

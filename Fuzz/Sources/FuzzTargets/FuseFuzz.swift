@@ -13,7 +13,7 @@ import SwiftletSystem
 /// little-endian length and that many bytes (header and body as the guest sends them). INIT is
 /// sent first, so the rest reaches every opcode.
 enum FuseFuzz {
-    /// The scratch tree, made once per process; the writable volume is emptied now and then.
+    /// The scratch tree, made once per process; the writable volume is emptied every 100 runs.
     struct Scratch {
         let root: String
         var writable: String { root + "/rw" }
@@ -106,12 +106,17 @@ enum FuseFuzz {
 
     static func run(_ bytes: [UInt8]) {
         if scratch == nil {
+            // Files the requests make stay small (a write or fallocate past 1 MiB fails with
+            // EFBIG), so no input fills the disk.
+            var limit = rlimit(rlim_cur: 1 << 20, rlim_max: 1 << 20)
+            _ = setrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit)
+            signal(SIGXFSZ, SIG_IGN)
             scratch = Scratch()
             atexit { FuseFuzz.scratch?.removeTree(FuseFuzz.scratch!.root) }
         }
         let tree = scratch!
         runs += 1
-        if runs % 500 == 0 { tree.refill() }
+        if runs % 100 == 0 { tree.refill() }
         var limits = FuseServer.Limits()
         limits.nodes = 64
         limits.handles = 16
