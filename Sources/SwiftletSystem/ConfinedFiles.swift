@@ -200,13 +200,19 @@ public enum ConfinedFiles {
         return fstatfs(fd, &st) == 0 ? .success(st) : .failure(.current)
     }
 
-    public static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Result<Int, FileErrno> {
-        let n = pread(fd, buffer.baseAddress, buffer.count, off_t(Int64(bitPattern: offset)))
+    /// preadv into `buffers` (a file server reads straight into guest memory), at most 1024 of them.
+    public static func read(_ fd: Int32, into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) -> Result<Int, FileErrno> {
+        guard buffers.count <= 1024 else { return .failure(.invalid) }
+        let vectors = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
+        let n = vectors.withUnsafeBufferPointer { preadv(fd, $0.baseAddress, Int32($0.count), off_t(Int64(bitPattern: offset))) }
         return n >= 0 ? .success(n) : .failure(.current)
     }
 
-    public static func write(_ fd: Int32, from buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Result<Int, FileErrno> {
-        let n = pwrite(fd, buffer.baseAddress, buffer.count, off_t(Int64(bitPattern: offset)))
+    /// pwritev from `buffers`, at most 1024 of them.
+    public static func write(_ fd: Int32, from buffers: [UnsafeRawBufferPointer], at offset: UInt64) -> Result<Int, FileErrno> {
+        guard buffers.count <= 1024 else { return .failure(.invalid) }
+        let vectors = buffers.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        let n = vectors.withUnsafeBufferPointer { pwritev(fd, $0.baseAddress, Int32($0.count), off_t(Int64(bitPattern: offset))) }
         return n >= 0 ? .success(n) : .failure(.current)
     }
 

@@ -137,17 +137,14 @@ public final class FuseServer: Sendable {
     }
 
     private func reply(_ header: Fuse.InHeader, _ result: Result<[UInt8], FileErrno>, _ limit: Int) -> [UInt8] {
-        var w = FuseWriter()
         switch result {
         case .success(let body) where Fuse.outHeaderSize + body.count <= limit:
-            w.u32(UInt32(Fuse.outHeaderSize + body.count)); w.u32(0); w.u64(header.unique)
-            w.bytes += body
+            return Self.replyHeader(unique: header.unique, result: .success(Fuse.outHeaderSize + body.count)) + body
         case .success:
-            w.u32(UInt32(Fuse.outHeaderSize)); w.u32(UInt32(bitPattern: -ERANGE)); w.u64(header.unique)
+            return Self.replyHeader(unique: header.unique, result: .failure(FileErrno(ERANGE)))
         case .failure(let e):
-            w.u32(UInt32(Fuse.outHeaderSize)); w.u32(UInt32(bitPattern: -e.rawValue)); w.u64(header.unique)
+            return Self.replyHeader(unique: header.unique, result: .failure(e))
         }
-        return w.bytes
     }
 
     private func serve(_ opcode: Fuse.Opcode, _ header: Fuse.InHeader, _ body: FuseReader, replyLimit: Int) -> Result<[UInt8], FileErrno> {
@@ -583,24 +580,54 @@ public final class FuseServer: Sendable {
     }
 
     private func read(_ fh: UInt64, offset: UInt64, size: Int) -> Result<[UInt8], FileErrno> {
-        handle(fh).flatMap { h in
-            guard !h.directory else { return .failure(FileErrno(EISDIR)) }
-            guard offset <= UInt64(Int64.max) else { return .failure(.invalid) }
-            var data = [UInt8](repeating: 0, count: size)
-            let result = data.withUnsafeMutableBytes { ConfinedFiles.read(h.file.rawValue, into: $0, at: offset) }
-            return result.map { Array(data.prefix($0)) }
-        }
+        var data = [UInt8](repeating: 0, count: size)
+        let result = data.withUnsafeMutableBytes { read(fh, offset: offset, into: [$0]) }
+        return result.map { Array(data.prefix($0)) }
     }
 
     private func write(_ fh: UInt64, offset: UInt64, data: ArraySlice<UInt8>) -> Result<[UInt8], FileErrno> {
-        writableHandle(fh).flatMap { h -> Result<Int, FileErrno> in
-            guard offset <= UInt64(Int64.max), offset &+ UInt64(data.count) >= offset else { return .failure(FileErrno(EFBIG)) }
-            return data.withUnsafeBytes { ConfinedFiles.write(h.file.rawValue, from: $0, at: offset) }
-        }.map { (n: Int) -> [UInt8] in
-            var w = FuseWriter()
-            w.u32(UInt32(n)); w.u32(0)
-            return w.bytes
+        data.withUnsafeBytes { write(fh, offset: offset, from: [$0]) }.map(Self.writeBytes)
+    }
+
+    /// struct fuse_write_out.
+    static func writeBytes(_ count: Int) -> [UInt8] {
+        var w = FuseWriter()
+        w.u32(UInt32(count)); w.u32(0)
+        return w.bytes
+    }
+
+    /// READ's data straight into `buffers` (the reply's data part, in guest memory): how many
+    /// bytes were read.
+    public func read(_ fh: UInt64, offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer]) -> Result<Int, FileErrno> {
+        guard state.withLock({ $0.initialized }) else { return .failure(FileErrno(EIO)) }
+        return handle(fh).flatMap { h in
+            guard !h.directory else { return .failure(FileErrno(EISDIR)) }
+            guard offset <= UInt64(Int64.max) else { return .failure(.invalid) }
+            return ConfinedFiles.read(h.file.rawValue, into: buffers, at: offset)
         }
+    }
+
+    /// WRITE's data straight from `buffers` (the request's data part, in guest memory).
+    public func write(_ fh: UInt64, offset: UInt64, from buffers: [UnsafeRawBufferPointer]) -> Result<Int, FileErrno> {
+        guard state.withLock({ $0.initialized }) else { return .failure(FileErrno(EIO)) }
+        let count = buffers.reduce(0) { $0 + $1.count }
+        return writableHandle(fh).flatMap { h in
+            guard offset <= UInt64(Int64.max), offset &+ UInt64(count) >= offset, count <= Self.maximumTransfer else {
+                return .failure(FileErrno(EFBIG))
+            }
+            return ConfinedFiles.write(h.file.rawValue, from: buffers, at: offset)
+        }
+    }
+
+    /// A reply's header (struct fuse_out_header): `length` bytes in all, or an error.
+    static func replyHeader(unique: UInt64, result: Result<Int, FileErrno>) -> [UInt8] {
+        var w = FuseWriter()
+        switch result {
+        case .success(let length): w.u32(UInt32(length)); w.u32(0)
+        case .failure(let e): w.u32(UInt32(Fuse.outHeaderSize)); w.u32(UInt32(bitPattern: -e.rawValue))
+        }
+        w.u64(unique)
+        return w.bytes
     }
 
     // MARK: directories

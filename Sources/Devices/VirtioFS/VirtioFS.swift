@@ -113,6 +113,7 @@ public final class VirtioFS: VirtioDevice {
     /// One request: its readable buffers are the request, its writable ones take the reply.
     func serve(_ chain: DescriptorChain, _ memory: GuestMemory) -> UInt32 {
         do throws(SwiftletError) {
+            if let served = try serveTransfer(chain, memory) { return served }
             let request = try chain.readPrefix(Int(min(chain.readableLength, UInt64(Self.maximumRequest))), memory: memory)
             let limit = Int(min(chain.writableLength, UInt64(Self.maximumRequest)))
             guard let reply = server.handle(request, replyLimit: limit) else { return 0 }
@@ -121,5 +122,51 @@ public final class VirtioFS: VirtioDevice {
             onError(SwiftletError(error.code, "virtio-fs: \(error.message)"))
             return 0
         }
+    }
+
+    /// READ and WRITE without copies: the file's bytes go between the host file and the guest's
+    /// buffers (preadv/pwritev on guest memory). Returns nil for any other request, or one whose
+    /// shape is not the usual (the general path answers those).
+    private func serveTransfer(_ chain: DescriptorChain, _ memory: GuestMemory) throws(SwiftletError) -> UInt32? {
+        let fixed = Fuse.inHeaderSize + 40 // fuse_read_in and fuse_write_in are both 40 bytes
+        guard chain.readableLength >= UInt64(fixed), chain.writableLength >= UInt64(Fuse.outHeaderSize) else { return nil }
+        let prefix = try chain.readPrefix(fixed, memory: memory)
+        guard let header = FuseReader.header(prefix),
+              header.opcode == Fuse.Opcode.read.rawValue || header.opcode == Fuse.Opcode.write.rawValue else { return nil }
+        var r = FuseReader(prefix, at: Fuse.inHeaderSize)
+        guard let fh = r.u64(), let offset = r.u64(), let size = r.u32().map(Int.init) else { return nil }
+        let result: Result<Int, FileErrno>
+        if header.opcode == Fuse.Opcode.read.rawValue {
+            guard header.length == UInt32(fixed) else { return nil }
+            let count = min(size, FuseServer.maximumTransfer, Int(chain.writableLength) - Fuse.outHeaderSize)
+            var buffers: [UnsafeMutableRawBufferPointer] = []
+            for segment in DescriptorChain.segments(chain.writable, skipping: UInt64(Fuse.outHeaderSize), keeping: UInt64(count)) {
+                // SAFETY: the chain's buffers were checked to lie in guest memory; hostPointer checks again.
+                let pointer = try memory.hostPointer(forWriting: segment.address, length: segment.length)
+                buffers.append(UnsafeMutableRawBufferPointer(start: pointer, count: Int(segment.length)))
+            }
+            result = server.read(fh, offset: offset, into: buffers).map { Fuse.outHeaderSize + $0 }
+        } else {
+            // The reply's room is checked first: a write done here is never done again by the general path.
+            guard Int(header.length) == fixed + size, chain.readableLength >= UInt64(header.length), size <= FuseServer.maximumTransfer,
+                  chain.writableLength >= UInt64(Fuse.outHeaderSize + 8) else { return nil }
+            var buffers: [UnsafeRawBufferPointer] = []
+            for segment in DescriptorChain.segments(chain.readable, skipping: UInt64(fixed), keeping: UInt64(size)) {
+                // SAFETY: as above.
+                let pointer = try memory.hostPointer(segment.address, length: segment.length)
+                buffers.append(UnsafeRawBufferPointer(start: pointer, count: Int(segment.length)))
+            }
+            switch server.write(fh, offset: offset, from: buffers) {
+            case .success(let written):
+                let reply = FuseServer.replyHeader(unique: header.unique, result: .success(Fuse.outHeaderSize + 8)) + FuseServer.writeBytes(written)
+                return UInt32(try chain.writePrefix(reply, memory: memory))
+            case .failure(let e):
+                result = .failure(e)
+            }
+        }
+        let replyHeader = FuseServer.replyHeader(unique: header.unique, result: result)
+        try chain.writePrefix(replyHeader, memory: memory)
+        if case .success(let length) = result { return UInt32(length) }
+        return UInt32(Fuse.outHeaderSize)
     }
 }
