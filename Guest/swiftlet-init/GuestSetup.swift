@@ -150,6 +150,7 @@ enum GuestSetup {
             guard tries < 50 else { return "cannot mount the host's directories (virtiofs): \(String(cString: strerror(errno)))" }
             usleep(20_000)
         }
+        raiseReadahead(of: "/mnt/volumes")
         for (index, volume) in volumes.enumerated() {
             let components = volume.path.split(separator: "/")
             guard volume.path.hasPrefix("/"), !components.isEmpty, !components.contains(where: { $0 == "." || $0 == ".." }) else {
@@ -168,6 +169,21 @@ enum GuestSetup {
             }
         }
         return nil
+    }
+
+    /// Reads ahead 1 MiB on the file system mounted at `path` (best effort): FUSE starts at
+    /// 128 KiB, and each read request crosses to the host, so sequential reads take a quarter of
+    /// the requests.
+    static func raiseReadahead(of path: String) {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return }
+        let device = UInt64(st.st_dev)
+        let major = (device >> 8) & 0xfff | (device >> 32) & ~UInt64(0xfff)
+        let minor = device & 0xff | (device >> 12) & ~UInt64(0xff)
+        let fd = open("/sys/class/bdi/\(major):\(minor)/read_ahead_kb", O_WRONLY)
+        guard fd >= 0 else { return }
+        _ = "1024".withCString { write(fd, $0, 4) }
+        close(fd)
     }
 
     /// Waits until the kernel sees each of `devices` with a non-zero size (a disk that just went
