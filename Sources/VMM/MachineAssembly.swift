@@ -22,11 +22,13 @@ struct AssembledMachine: Sendable {
     let msrIndices: [UInt32]
     let supportedCPUID: [CPUIDEntry]
 
-    /// Ends what runs beside the guest (the vsock and network devices' host sides): the machine
+    /// Ends what runs beside the guest (the vsock and network devices' host sides, the file
+    /// server's thread): the machine
     /// is done, or its build failed after this step.
     func tearDown() {
         devices.vsock?.stop()
         devices.network?.stop()
+        devices.fileSystem?.requestStop()
     }
 }
 
