@@ -79,11 +79,7 @@ public struct VolumeMount: Codable, Sendable, Equatable {
     /// `swiftlet.volumes=` for the agent: each guest path as hex (any byte survives the command
     /// line), `+ro` for a read-only one, in volume order (volume N is `vN` in the file system's root).
     public static func commandLineOption(_ mounts: [VolumeMount]) -> String {
-        let hexDigits = Array("0123456789abcdef".utf8)
-        let entries = mounts.map { mount in
-            String(decoding: mount.guestPath.utf8.flatMap { [hexDigits[Int($0 >> 4)], hexDigits[Int($0 & 15)]] }, as: UTF8.self)
-                + (mount.readOnly ? "+ro" : "")
-        }
+        let entries = mounts.map { Hex.encode(Array($0.guestPath.utf8)) + ($0.readOnly ? "+ro" : "") }
         return "swiftlet.volumes=" + entries.joined(separator: ",")
     }
 }

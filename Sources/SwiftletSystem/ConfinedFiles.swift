@@ -68,22 +68,22 @@ public enum ConfinedFiles {
 
     static func procPath(_ fd: Int32) -> String { "/proc/self/fd/\(fd)" }
 
-    /// Whether a held file is one `/proc/self/fd` may reach (a regular file or a directory).
-    static func reachable(_ fd: Int32) -> Result<Void, FileErrno> {
-        switch status(fd) {
-        case .success(let st):
+    /// `body` with the `/proc/self/fd` path of a held file, only when that path may be followed
+    /// (the file is a regular file or a directory, never a symlink).
+    static func throughProc<T>(_ fd: Int32, _ body: (String) -> Result<T, FileErrno>) -> Result<T, FileErrno> {
+        status(fd).flatMap { st in
             let type = st.st_mode & S_IFMT
-            return type == S_IFREG || type == S_IFDIR ? .success(()) : .failure(.invalid)
-        case .failure(let e): return .failure(e)
+            return type == S_IFREG || type == S_IFDIR ? body(procPath(fd)) : .failure(.invalid)
         }
     }
 
     /// A held regular file or directory opened for I/O with `flags` (O_CREAT, O_NOFOLLOW-free
     /// reopening through /proc/self/fd; O_CREAT and O_EXCL are dropped).
     public static func reopen(_ fd: Int32, flags: Int32) -> Result<SharedDescriptor, FileErrno> {
-        if case .failure(let e) = reachable(fd) { return .failure(e) }
-        let opened = swiftlet_open(procPath(fd), (flags & ~(O_CREAT | O_EXCL | O_NOCTTY)) | O_CLOEXEC, 0)
-        return opened >= 0 ? .success(SharedDescriptor(taking: opened)) : .failure(.current)
+        throughProc(fd) { path in
+            let opened = swiftlet_open(path, (flags & ~(O_CREAT | O_EXCL | O_NOCTTY)) | O_CLOEXEC, 0)
+            return opened >= 0 ? .success(SharedDescriptor(taking: opened)) : .failure(.current)
+        }
     }
 
     /// Creates the regular file `name` in `directory` (O_EXCL unless `exclusive` is false) and
@@ -132,8 +132,7 @@ public enum ConfinedFiles {
     }
 
     public static func changeMode(_ fd: Int32, _ mode: UInt32) -> Result<Void, FileErrno> {
-        if case .failure(let e) = reachable(fd) { return .failure(e) }
-        return check(fchmodat(AT_FDCWD, procPath(fd), mode_t(mode & 0o7777), 0))
+        throughProc(fd) { check(fchmodat(AT_FDCWD, $0, mode_t(mode & 0o7777), 0)) }
     }
 
     public static func changeOwner(_ fd: Int32, uid: UInt32?, gid: UInt32?) -> Result<Void, FileErrno> {
@@ -158,9 +157,8 @@ public enum ConfinedFiles {
             case .at(let s, let ns): return timespec(tv_sec: Int(s), tv_nsec: Int(min(ns, 999_999_999)))
             }
         }
-        if case .failure(let e) = reachable(fd) { return .failure(e) }
         var times = [spec(access), spec(modification)]
-        return check(utimensat(AT_FDCWD, procPath(fd), &times, 0))
+        return throughProc(fd) { check(utimensat(AT_FDCWD, $0, &times, 0)) }
     }
 
     /// One directory entry as getdents64 gives it.
@@ -234,26 +232,27 @@ public enum ConfinedFiles {
     // Extended attributes: of regular files and directories only (through /proc/self/fd).
 
     public static func getAttribute(_ fd: Int32, _ name: String, size: Int) -> Result<[UInt8], FileErrno> {
-        if case .failure(let e) = reachable(fd) { return .failure(e) }
-        var buffer = [UInt8](repeating: 0, count: max(size, 0))
-        let n = buffer.withUnsafeMutableBytes { getxattr(procPath(fd), name, $0.baseAddress, $0.count) }
-        return n >= 0 ? .success(size == 0 ? [UInt8](repeating: 0, count: n) : Array(buffer.prefix(n))) : .failure(.current)
+        throughProc(fd) { path in sized(size) { getxattr(path, name, $0.baseAddress, $0.count) } }
     }
 
     public static func listAttributes(_ fd: Int32, size: Int) -> Result<[UInt8], FileErrno> {
-        if case .failure(let e) = reachable(fd) { return .failure(e) }
+        throughProc(fd) { path in sized(size) { listxattr(path, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) } }
+    }
+
+    /// A get or list call into a buffer of `size` bytes; with size 0 it only tells the length,
+    /// given back as that many zeros.
+    static func sized(_ size: Int, _ call: (UnsafeMutableRawBufferPointer) -> Int) -> Result<[UInt8], FileErrno> {
         var buffer = [UInt8](repeating: 0, count: max(size, 0))
-        let n = buffer.withUnsafeMutableBytes { listxattr(procPath(fd), $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
-        return n >= 0 ? .success(size == 0 ? [UInt8](repeating: 0, count: n) : Array(buffer.prefix(n))) : .failure(.current)
+        let n = buffer.withUnsafeMutableBytes(call)
+        guard n >= 0 else { return .failure(.current) }
+        return .success(size == 0 ? [UInt8](repeating: 0, count: n) : Array(buffer.prefix(n)))
     }
 
     public static func setAttribute(_ fd: Int32, _ name: String, value: [UInt8], flags: Int32) -> Result<Void, FileErrno> {
-        if case .failure(let e) = reachable(fd) { return .failure(e) }
-        return check(value.withUnsafeBytes { setxattr(procPath(fd), name, $0.baseAddress, $0.count, flags) })
+        throughProc(fd) { path in check(value.withUnsafeBytes { setxattr(path, name, $0.baseAddress, $0.count, flags) }) }
     }
 
     public static func removeAttribute(_ fd: Int32, _ name: String) -> Result<Void, FileErrno> {
-        if case .failure(let e) = reachable(fd) { return .failure(e) }
-        return check(removexattr(procPath(fd), name))
+        throughProc(fd) { check(removexattr($0, name)) }
     }
 }

@@ -1,5 +1,4 @@
 import Devices
-import Glibc
 import SwiftletSystem
 
 /// A machine's memory as its balloon sees it (`Machine.memoryStatus`).
@@ -53,16 +52,5 @@ extension Machine {
             let pages = (total - min(total, bytes)) / VirtioBalloon.pageSize
             balloon.setTarget(pages: UInt32(clamping: pages))
         }
-    }
-}
-
-extension Machine {
-    /// The descriptors this machine's VMM process may hold: `Confinement.descriptorLimit`, and
-    /// room for the files a guest holds open in its shared directories (each looked-up file and
-    /// open handle is a descriptor).
-    public var descriptorLimit: rlim_t {
-        guard !shape.volumes.isEmpty else { return Confinement.descriptorLimit }
-        let limits = FuseServer.Limits()
-        return Confinement.descriptorLimit + rlim_t(limits.nodes + limits.handles)
     }
 }

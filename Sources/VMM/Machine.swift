@@ -127,6 +127,15 @@ public final class Machine: Sendable {
         max(UInt64(memoryMiB) << 20, diskSizes.max() ?? 0) + (64 << 20)
     }
 
+    /// The descriptors this machine's VMM process may hold: `Confinement.descriptorLimit`, and
+    /// room for the files a guest holds open in its shared directories (each looked-up file and
+    /// open handle is a descriptor).
+    public var descriptorLimit: rlim_t {
+        guard !shape.volumes.isEmpty else { return Confinement.descriptorLimit }
+        let limits = FuseServer.Limits()
+        return Confinement.descriptorLimit + rlim_t(limits.nodes + limits.handles)
+    }
+
     /// Runs a built machine: its vCPU threads, the working-set copy beside them, and the console
     /// loop on this thread, until the machine stops.
     private func run(_ built: BuiltMachine, controller: MachineController,

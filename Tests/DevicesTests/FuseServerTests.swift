@@ -252,6 +252,20 @@ import Virtio
         let hello = UInt64(c.lookup(volume, "hello.txt"))
         #expect(c.call(.setxattr, hello, Client.u32(1) + Client.u32(0) + Client.name("security.capability") + [1]).error == -EPERM)
         #expect(c.call(.setxattr, hello, Client.u32(1) + Client.u32(0) + Client.name("trusted.x") + [1]).error == -EPERM)
+        // A user.* attribute goes to the host file and back (where the host file system keeps them).
+        let set = c.call(.setxattr, hello, Client.u32(3) + Client.u32(0) + Client.name("user.swiftlet") + [7, 8, 9])
+        if set.error != -EOPNOTSUPP {
+            #expect(set.error == 0)
+            let length = c.call(.getxattr, hello, Client.u32(0) + Client.u32(0) + Client.name("user.swiftlet"))
+            #expect(length.error == 0 && LittleEndian.read(length.body, at: 0, count: 4) == 3)
+            #expect(c.call(.getxattr, hello, Client.u32(64) + Client.u32(0) + Client.name("user.swiftlet")).body == [7, 8, 9])
+            #expect(c.call(.getxattr, hello, Client.u32(1) + Client.u32(0) + Client.name("user.swiftlet")).error == -ERANGE)
+            #expect(String(decoding: c.call(.listxattr, hello, Client.u32(256) + Client.u32(0)).body, as: UTF8.self).contains("user.swiftlet"))
+            #expect(c.call(.removexattr, hello, Client.name("user.swiftlet")).error == 0)
+            #expect(c.call(.getxattr, hello, Client.u32(64) + Client.u32(0) + Client.name("user.swiftlet")).error == -ENODATA)
+        }
+        // Not through a symlink: its target's attributes stay the host's.
+        #expect(c.call(.getxattr, escapeFile, Client.u32(64) + Client.u32(0) + Client.name("user.x")).error == -EINVAL)
     }
 
     @Test func aReadOnlyVolumeRefusesEveryChangeOnTheHost() throws {

@@ -376,9 +376,9 @@ public final class FuseServer: Sendable {
     }
 
     /// A file's inode number in the guest: its host number, with its device mixed in when it is
-    /// not the first volume's (two file systems may use the same numbers).
+    /// not the first volume's (two file systems may use the same numbers). The server's root
+    /// (device 0, inode 1) mixes in nothing and stays 1.
     private func guestInode(_ st: stat) -> UInt64 {
-        if st.st_ino == 1 && st.st_mode & S_IFMT == S_IFDIR && st.st_dev == 0 { return 1 }
         let device = UInt64(st.st_dev)
         guard let first = volumes.first?.device, device != first else { return UInt64(st.st_ino) }
         return UInt64(st.st_ino) ^ (device &* 0x9E37_79B9_7F4A_7C15 & 0xFFFF_0000_0000_0000)
