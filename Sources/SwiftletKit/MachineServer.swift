@@ -247,6 +247,7 @@ public enum MachineServer {
         do { try network?.start(busyPortMilliseconds: 10_000) } catch {
             log("the machine runs without its network: \(error.description)")
         }
+        migration.mark("recorded")
     }
 
     /// Serves the built machine `vm` until its run ends.
@@ -257,7 +258,10 @@ public enum MachineServer {
         var guestStarts: (@Sendable () -> Void)?
         if let incoming {
             built = { () throws(SwiftletError) in try takeOver(incoming, directory: directory, record: record, network: network) }
-            guestStarts = { incoming.confirmRunning() }
+            guestStarts = {
+                incoming.confirmRunning()
+                log("arrived by migration; its pause here: state arrived, \(incoming.timeline)")
+            }
         }
         let machineThread = try MachineThread(vm, confined: true, built: built, guestStarts: guestStarts)
         defer { machineThread.stop() }

@@ -30,6 +30,8 @@ public struct MigrateReport: Sendable, Codable {
     /// Post-copy: pages sent after the destination took over, and how many its guest asked for.
     public var postcopyPages: Int?
     public var postcopyRequestedPages: Int?
+    /// The steps of the pause at the source, in milliseconds since it began.
+    public var pauseSteps: [MigrationTimeline.Step]
 }
 
 extension Machines {
@@ -113,6 +115,7 @@ extension Machines {
         return MigrateReport(name: name, destination: destination.description, rounds: done.rounds.count, roundPages: done.rounds.map(\.pages),
                              finalPages: done.finalPages, downtimeMilliseconds: Double(done.downtimeNanoseconds) / 1e6,
                              totalMilliseconds: Double(done.totalNanoseconds) / 1e6, bytesSent: done.bytesSent,
-                             postcopyPages: done.postcopyPages, postcopyRequestedPages: done.postcopyRequestedPages)
+                             postcopyPages: done.postcopyPages, postcopyRequestedPages: done.postcopyRequestedPages,
+                             pauseSteps: done.pause.steps)
     }
 }

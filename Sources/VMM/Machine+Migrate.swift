@@ -52,6 +52,8 @@ public struct MigrationReport: Sendable, Codable, Equatable {
     /// asked for (the rest were pushed); nil for a pre-copy migration.
     public var postcopyPages: Int? = nil
     public var postcopyRequestedPages: Int? = nil
+    /// The steps of the pause here.
+    public var pause = MigrationTimeline(start: 0)
 }
 
 /// What one round of a migration is about to do (for progress lines).
@@ -185,7 +187,9 @@ extension Machine {
             // The pause: the rest of memory and disks, then the state. Post-copy (when the copy
             // did not converge): the disks now, the pages only after `go`.
             let pauseStart = MonotonicClock.now
+            var pause = MigrationTimeline(start: pauseStart)
             if !wasPaused { try pauseLocked(); paused = true }
+            pause.mark("paused")
             var final = pending!
             let (last, _) = try takeWritten(machine, writable: writable, into: &collected)
             final.add(last)
@@ -194,14 +198,17 @@ extension Machine {
             let finalSent = postcopy ? (pages: 0, zeroPages: 0) : try sendPages(machine.memory, dirty: final.pages, over: channel)
             try sendDisks(machine, writable: writable, chunks: final.chunks, over: channel)
             if postcopy { try channel.send(.postcopy, final.pages.flatMap { LittleEndian.bytes($0, 8) }) }
+            pause.mark("memory and disks sent")
             var snapshot = try pausedState(machine, id: id, annotations: annotations)
             for index in writable { snapshot.hardware.disks[index].file = SnapshotDirectory.diskFileName(index) }
             let state = try StateFile.encode(snapshot)
+            pause.mark("state saved")
             guard state.count <= MigrationChannel.maximumPayload else {
                 throw SwiftletError(.unsupported, "the machine's state is \(state.count) bytes; a migration carries at most \(MigrationChannel.maximumPayload)")
             }
             try channel.send(.state, state)
             try channel.send(.done)
+            pause.mark("state sent")
             if postcopy {
                 var goSent = false
                 let served: (resumed: UInt64, pages: Int, requested: Int)
@@ -216,17 +223,21 @@ extension Machine {
                                              totalNanoseconds: MonotonicClock.now - start, bytesSent: channel.bytesSent)
                 report.postcopyPages = served.pages
                 report.postcopyRequestedPages = served.requested
+                report.pause = pause
                 return report
             }
             _ = try channel.receive(.ready)
+            pause.mark("destination ready")
             try channel.send(.go)
             committed = true
             onCommit?()
             _ = try channel.receive(.resumed)
             let end = MonotonicClock.now
+            pause.mark("destination running")
             machine.controller.stop(.migrated)
             return MigrationReport(rounds: rounds, finalPages: finalSent.pages + finalSent.zeroPages,
-                                   downtimeNanoseconds: end - pauseStart, totalNanoseconds: end - start, bytesSent: channel.bytesSent)
+                                   downtimeNanoseconds: end - pauseStart, totalNanoseconds: end - start, bytesSent: channel.bytesSent,
+                                   pause: pause)
         } catch {
             if committed {
                 throw SwiftletError(.systemCall, "the migration's last step failed (\(error.description)): the destination may be running the machine, "
@@ -472,6 +483,7 @@ extension Machine {
         var committed = false
         let receiver: MigrationReceiver
         var missing: [UInt64]?
+        var stateArrived: UInt64 = 0
         do throws(SwiftletError) {
             let partial = try target.makePartial()
             defer { if !committed { partial.remove() } }
@@ -481,11 +493,17 @@ extension Machine {
             receiving: while true {
                 let (type, payload) = try channel.receive()
                 switch type {
-                case .pages where state == nil: try receiver.write(pages: payload)
-                case .zeroPages where state == nil: try receiver.zero(payload)
+                case .pages where state == nil:
+                    try receiver.syncDisks()
+                    try receiver.write(pages: payload)
+                case .zeroPages where state == nil:
+                    try receiver.syncDisks()
+                    try receiver.zero(payload)
                 case .diskData where state == nil: try receiver.write(disk: payload)
                 case .postcopy where state == nil && missing == nil: missing = try receiver.pageBitmap(payload)
-                case .state where state == nil: state = payload
+                case .state where state == nil:
+                    state = payload
+                    stateArrived = MonotonicClock.now
                 case .done where state != nil: break receiving
                 default: throw SwiftletError(.invalidFormat, "the migration stream sent \(type) out of turn")
                 }
@@ -500,6 +518,8 @@ extension Machine {
             channel.abort(error.description)
             throw error
         }
+        var timeline = MigrationTimeline(start: stateArrived)
+        timeline.mark("saved")
         let machine: Machine
         var postcopy: PostcopyPages?
         var postcopySender: MigrationSender?
@@ -517,6 +537,7 @@ extension Machine {
                 postcopySender = sender
             }
             machine = try restore(ArrivedSnapshot(directory: target.path, lazyMemory: postcopy))
+            timeline.mark("restored")
         } catch {
             channel.abort("the destination cannot restore the machine: \(error.description)")
             postcopy?.fail(error)
@@ -525,7 +546,7 @@ extension Machine {
             throw error
         }
         return IncomingMigration(machine: machine, sender: postcopySender ?? MigrationSender(channel), directory: target,
-                                 postcopy: postcopy, fetcher: fetcher)
+                                 postcopy: postcopy, fetcher: fetcher, timeline: timeline)
     }
 }
 
@@ -547,8 +568,13 @@ public final class IncomingMigration: @unchecked Sendable {
     private let snapshot: SnapshotDirectory
     private let postcopy: PostcopyPages?
     private let fetcher: OSThread?
+    private let timelineLock: Mutex<MigrationTimeline>
+    /// What the destination's part of the pause took, step by step (for its log).
+    public var timeline: MigrationTimeline { timelineLock.withLock { $0 } }
 
-    init(machine: Machine, sender: MigrationSender, directory: SnapshotDirectory, postcopy: PostcopyPages?, fetcher: OSThread?) {
+    init(machine: Machine, sender: MigrationSender, directory: SnapshotDirectory, postcopy: PostcopyPages?, fetcher: OSThread?,
+         timeline: MigrationTimeline) {
+        self.timelineLock = Mutex(timeline)
         self.machine = machine
         self.sender = sender
         self.snapshot = directory
@@ -573,6 +599,7 @@ public final class IncomingMigration: @unchecked Sendable {
     /// Post-copy: starts the thread that takes the pages still to come into the memory file.
     public func takeOver() throws(SwiftletError) {
         do throws(SwiftletError) {
+            timelineLock.withLock { $0.mark("built") }
             try sender.send(.ready)
             if let postcopy {
                 // The fetching thread receives everything now; it tells of the `go`.
@@ -580,6 +607,7 @@ public final class IncomingMigration: @unchecked Sendable {
             } else {
                 _ = try channel.receive(.go)
             }
+            timelineLock.withLock { $0.mark("go") }
         } catch {
             channel.abort(error.description)
             postcopy?.fail(error)
@@ -617,6 +645,12 @@ public final class IncomingMigration: @unchecked Sendable {
     /// after `go` the machine runs here whatever happens to the stream.
     public func confirmRunning() {
         try? sender.send(.resumed)
+        mark("running")
+    }
+
+    /// Adds a step of the caller's to `timeline`.
+    public func mark(_ step: String) {
+        timelineLock.withLock { $0.mark(step) }
     }
 
     /// Tells the source that the machine will not run here (before `takeOver`): it runs on
@@ -634,6 +668,31 @@ public final class IncomingMigration: @unchecked Sendable {
                 self.confirmRunning()
             })
         }
+    }
+}
+
+/// The steps of a migration's pause, on either side: each step's name and its milliseconds
+/// since the pause began there (the source: its vCPUs asked to stop; the destination: the
+/// state's arrival, the last message the source sends while paused).
+public struct MigrationTimeline: Sendable, Codable, Equatable, CustomStringConvertible {
+    public struct Step: Sendable, Codable, Equatable {
+        public var name: String
+        public var milliseconds: Double
+    }
+    private var start: UInt64 = 0
+    public private(set) var steps: [Step] = []
+    private enum CodingKeys: String, CodingKey { case steps }
+
+    init(start: UInt64) { self.start = start }
+
+    mutating func mark(_ name: String) {
+        steps.append(Step(name: name, milliseconds: Double(MonotonicClock.now &- start) / 1e6))
+    }
+
+    public static func == (a: Self, b: Self) -> Bool { a.steps == b.steps }
+
+    public var description: String {
+        steps.map { "\($0.name) +\(($0.milliseconds * 10).rounded() / 10) ms" }.joined(separator: ", ")
     }
 }
 
@@ -764,6 +823,8 @@ final class MigrationReceiver: @unchecked Sendable {
         let size: UInt64
         init(_ file: consuming OwnedFileDescriptor, size: UInt64) { self.file = file; self.size = size }
     }
+    /// Disk writes arrived since the disks were last synced.
+    private var disksUnsynced = false
     /// The most bytes all disks together may have.
     static let maximumDiskBytes: UInt64 = 1 << 44
     static let maximumDisks = 64
@@ -867,17 +928,28 @@ final class MigrationReceiver: @unchecked Sendable {
         guard offset <= disk.size, length <= disk.size - offset else {
             throw SwiftletError(.invalidFormat, "a migration disk write (\(length) bytes at \(offset)) lies outside drive \(index)'s \(disk.size) bytes")
         }
+        disksUnsynced = true
         try payload.withBytes { raw throws(SwiftletError) in
             try disk.file.write(from: UnsafeRawBufferPointer(rebasing: raw[12...]), at: offset, what: "migrated disk \(index)")
         }
     }
 
-    func finish() throws(SwiftletError) {
-        let fd = descriptor.rawValue
-        try systemCall("cannot sync \(directory.memoryPath)") { fsync(fd) }
+    /// Makes the disk writes that arrived since the last call durable. Called as each round's
+    /// pages begin (the source sends a round's pages, then its disk writes), so that only the
+    /// last round's writes are synced while the machine is paused.
+    func syncDisks() throws(SwiftletError) {
+        guard disksUnsynced else { return }
         for (index, disk) in diskFiles {
             let fd = disk.file.rawValue
-            try systemCall("cannot sync migrated disk \(index)") { fsync(fd) }
+            try systemCall("cannot sync migrated disk \(index)") { fdatasync(fd) }
         }
+        disksUnsynced = false
+    }
+
+    /// The end of the stream: the disks are made durable (the source deletes its copy once the
+    /// machine runs here). The memory file is not synced: it only feeds this restore, and a
+    /// host that crashes takes the running machine with it whatever the file holds.
+    func finish() throws(SwiftletError) {
+        try syncDisks()
     }
 }

@@ -110,7 +110,7 @@ struct PackCommand: ParsableCommand {
         }
 
         func run() throws {
-            var run = try Run.parse(["--image", file] + arguments)
+            let run = try Run.parse(["--image", file] + arguments)
             try run.run()
         }
     }
