@@ -66,8 +66,12 @@ print("RESULT swiftlet %s %.3f %.3f %d %d %s" % (sys.argv[2], report["downtimeMi
 PY
   else
     echo "FAILED swiftlet $1 $(tr '\n' ' ' < "$work/migrate.err")"
-    kill $receiver 2>/dev/null # it would wait for a source with its token until its timeout
+    # The source told the receiver it gave up: it cleans up and ends by itself. Only a receiver
+    # no source reached waits on (until its timeout): stopped after 30 s.
+    polls=0; while kill -0 $receiver 2>/dev/null && [ $polls -lt 300 ]; do sleep 0.1; polls=$((polls + 1)); done
+    kill $receiver 2>/dev/null
     wait $receiver
+    echo "bench-migrate: the receiver said: $(tr '\n' ' ' < "$work/receive.err" | cut -c1-300)"
   fi
 }
 

@@ -43,19 +43,23 @@ public enum MigrationMessage: UInt8, Sendable, CaseIterable {
 
 /// One end of an authenticated migration stream over a connected stream socket the caller owns
 /// (TCP or Unix; the caller closes it). The destination `accept`s, the source `connect`s; both
-/// prove they hold the same one-time token, and every message after that carries an
-/// HMAC-SHA256 under a key derived from the token and both sides' nonces, with a sequence number
-/// in it, so a message that was changed, dropped, repeated or reordered is refused. (The stream
-/// is authenticated, not encrypted: docs/migration.md.)
+/// prove they hold the same one-time token, and every message after that carries a Poly1305 tag
+/// under a key of its own: HMAC-SHA256, keyed with the direction's key (derived from the token
+/// and both sides' nonces), of the message's sequence number. A message that was changed,
+/// dropped, repeated or reordered is refused. (Poly1305 rather than an HMAC over the whole
+/// message: it costs a few multiplications per 16 bytes on any CPU, where SHA-256 without the
+/// CPU's SHA extensions held the stream to ~170 MiB/s. The stream is authenticated, not
+/// encrypted: docs/migration.md.)
 ///
 /// Everything received is untrusted: frames are bounded (`maximumPayload`), and the messages'
 /// contents are checked by their readers.
 public final class MigrationChannel {
     public static let magic: [UInt8] = Array("SWLTMIG\0".utf8)
-    public static let version: UInt32 = 1
+    public static let version: UInt32 = 2
     public static let tokenLength = 32
     static let nonceLength = 32
-    static let codeLength = 32
+    static let proofLength = 32
+    static let codeLength = Poly1305.tagLength
     /// The largest payload of one message: a run of 256 pages and its header, or a state file.
     public static let maximumPayload = 32 << 20
     /// How long a read waits for the peer before the migration is given up.
@@ -63,8 +67,9 @@ public final class MigrationChannel {
 
     private let socket: Int32
     private let timeoutMilliseconds: Int
-    private var sendKey: [UInt8]?
-    private var receiveKey: [UInt8]?
+    /// Each direction's key, as an HMAC already keyed with it (copied for each message's key).
+    private var sendKey: HMACSHA256.Code?
+    private var receiveKey: HMACSHA256.Code?
     private var sent: UInt64 = 0
     private var received: UInt64 = 0
     /// Bytes sent so far, frames included.
@@ -113,7 +118,7 @@ public final class MigrationChannel {
         let nonce = try random(nonceLength)
         try channel.sendFrame(.hello, magic + LittleEndian.bytes(UInt64(version), 4) + nonce)
         let (type, payload) = try channel.receiveFrame()
-        guard type == .authenticate, payload.count == magic.count + 4 + nonceLength + codeLength,
+        guard type == .authenticate, payload.count == magic.count + 4 + nonceLength + proofLength,
               Array(payload[0..<magic.count]) == magic else {
             throw SwiftletError(.invalidFormat, "the migration source did not authenticate (not a Swiftlet migration stream)")
         }
@@ -128,8 +133,8 @@ public final class MigrationChannel {
             throw SwiftletError(.permissionDenied, "the migration source does not hold the token: refused")
         }
         try channel.sendFrame(.accepted, Self.proof(token, "destination", nonce, sourceNonce))
-        channel.receiveKey = Self.proof(token, "source to destination", nonce, sourceNonce)
-        channel.sendKey = Self.proof(token, "destination to source", nonce, sourceNonce)
+        channel.receiveKey = HMACSHA256.Code(key: Self.proof(token, "source to destination", nonce, sourceNonce))
+        channel.sendKey = HMACSHA256.Code(key: Self.proof(token, "destination to source", nonce, sourceNonce))
         return channel
     }
 
@@ -164,8 +169,8 @@ public final class MigrationChannel {
         guard answer == .accepted, HMACSHA256.constantTimeEqual(proof, Self.proof(token, "destination", destinationNonce, nonce)) else {
             throw SwiftletError(.permissionDenied, "the migration destination did not prove it holds the token: refused")
         }
-        channel.sendKey = Self.proof(token, "source to destination", destinationNonce, nonce)
-        channel.receiveKey = Self.proof(token, "destination to source", destinationNonce, nonce)
+        channel.sendKey = HMACSHA256.Code(key: Self.proof(token, "source to destination", destinationNonce, nonce))
+        channel.receiveKey = HMACSHA256.Code(key: Self.proof(token, "destination to source", destinationNonce, nonce))
         return channel
     }
 
@@ -255,9 +260,9 @@ public final class MigrationChannel {
             if let body, body.count > 0 { try write(body) }
         }
         if let key = sendKey {
-            var code = HMACSHA256.Code(key: key)
-            code.update(LittleEndian.bytes(sent, 8))
-            code.update(header + head)
+            var code = Self.code(key, sequence: sent)
+            code.update(header)
+            code.update(head)
             if let body { code.update(body) }
             try write(code.finalize())
             sent += 1
@@ -283,8 +288,7 @@ public final class MigrationChannel {
         let payload = try read(length)
         if let key = receiveKey {
             let code = try read(Self.codeLength)
-            var expected = HMACSHA256.Code(key: key)
-            expected.update(LittleEndian.bytes(received, 8))
+            var expected = Self.code(key, sequence: received)
             expected.update(header)
             expected.update(payload)
             guard HMACSHA256.constantTimeEqual(code, expected.finalize()) else {
@@ -293,6 +297,14 @@ public final class MigrationChannel {
             received += 1
         }
         return (type, payload)
+    }
+
+    /// The authenticator of message number `sequence` in a direction: Poly1305 under that
+    /// message's own key, HMAC-SHA256 of the sequence number under the direction's key.
+    private static func code(_ key: HMACSHA256.Code, sequence: UInt64) -> Poly1305 {
+        var oneTime = key
+        oneTime.update(LittleEndian.bytes(sequence, 8))
+        return Poly1305(key: oneTime.finalize())
     }
 
     private func write(_ bytes: [UInt8]) throws(SwiftletError) {

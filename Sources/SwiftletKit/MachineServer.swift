@@ -224,8 +224,9 @@ public enum MachineServer {
                 policy.hasNetwork ? try MachineNetwork(deferred: policy, logFile: directory.passtLogPath) : nil
             }
             arrived = (record, network)
+            // The pages the guest kept writing during the copy are copied in as it starts.
             return try Machine.restoring(from: path, consoleOutput: console, vsockPorts: port, diffable: false,
-                                         writableDisks: [DiskConfig(path: directory.diskPath)],
+                                         writableDisks: [DiskConfig(path: directory.diskPath)], prefetchWorkingSet: true,
                                          readOnlyDisks: SnapshotPaths.resolver(trusting: record), network: network?.device(log: log),
                                          lazyMemory: snapshot.lazyMemory)
         }

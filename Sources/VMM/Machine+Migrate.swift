@@ -509,6 +509,11 @@ extension Machine {
                 }
             }
             try receiver.finish()
+            // Post-copy's memory is filled as the guest faults: no pages to copy in ahead.
+            if missing == nil, let hot = try receiver.hotPages() {
+                let set = try OwnedFileDescriptor.open(partial.workingSetPath, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: "working-set file")
+                try set.write(hot.encode(), at: 0, what: partial.workingSetPath)
+            }
             let stateFile = try OwnedFileDescriptor.open(partial.statePath, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: "snapshot state file")
             try stateFile.write(state!, at: 0, what: partial.statePath)
             try systemCall("cannot sync \(partial.statePath)") { fsync(stateFile.rawValue) }
@@ -825,6 +830,10 @@ final class MigrationReceiver: @unchecked Sendable {
     }
     /// Disk writes arrived since the disks were last synced.
     private var disksUnsynced = false
+    /// Pages that arrived, and pages that arrived again: written while the copy went on, the
+    /// guest's busy pages (`hotPages`).
+    private var arrived: [UInt64] = []
+    private var arrivedAgain: [UInt64] = []
     /// The most bytes all disks together may have.
     static let maximumDiskBytes: UInt64 = 1 << 44
     static let maximumDisks = 64
@@ -851,6 +860,8 @@ final class MigrationReceiver: @unchecked Sendable {
             regions.append((GuestAddress(start), size))
         }
         file = MemoryFile.full(id: SnapshotID(bytes: Array(layout[0..<16])), regions: regions)
+        arrived = [UInt64](repeating: 0, count: (file.pageCount + 63) / 64)
+        arrivedAgain = arrived
         self.directory = directory
         descriptor = try OwnedFileDescriptor.open(directory.memoryPath, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: "snapshot memory file")
         let fd = descriptor.rawValue, bytes = file.fileBytes
@@ -898,7 +909,30 @@ final class MigrationReceiver: @unchecked Sendable {
         try payload.withBytes { raw throws(SwiftletError) in
             try descriptor.write(from: UnsafeRawBufferPointer(rebasing: raw[12...]), at: file.dataOffset + UInt64(first) * 4096, what: directory.memoryPath)
         }
+        for page in first..<(first + count) {
+            let word = page / 64, bit = UInt64(1) << UInt64(page % 64)
+            if arrived[word] & bit != 0 { arrivedAgain[word] |= bit } else { arrived[word] |= bit }
+        }
         return (first, count)
+    }
+
+    /// The pages that arrived more than once (the guest wrote them during the copy), as the
+    /// restored machine's working set: it copies them in as the guest starts, so the guest's
+    /// first writes to its busy pages do not each wait for a copy-on-write of the memory file's
+    /// page. Nil when there are none.
+    func hotPages() throws(SwiftletError) -> WorkingSet? {
+        var runs: [Range<Int>] = []
+        var start: Int?
+        for (index, word) in arrivedAgain.enumerated() where word != 0 || start != nil {
+            for bit in 0..<64 {
+                let page = index * 64 + bit
+                let set = word >> UInt64(bit) & 1 != 0 && page < file.pageCount
+                if set, start == nil { start = page }
+                if !set, let first = start { runs.append(first..<page); start = nil }
+            }
+        }
+        if let first = start { runs.append(first..<file.pageCount) }
+        return runs.isEmpty ? nil : try WorkingSet(snapshot: file.id, pageCount: file.pageCount, runs: runs)
     }
 
     /// The `postcopy` message: one bit per page of the layout, no more.

@@ -62,8 +62,9 @@ import Testing
     @Test func anotherProtocolVersionIsRefusedWithBothVersions() throws {
         let token = try MigrationChannel.newToken()
         let result = try pair(destination: { fd throws(SwiftletError) in
-            // A destination from a future Swiftlet: version 2 in its hello.
-            let hello: [UInt8] = [MigrationMessage.hello.rawValue, 0, 0, 0, 44, 0, 0, 0] + MigrationChannel.magic + [2, 0, 0, 0]
+            // A destination from a future Swiftlet: the next version in its hello.
+            let hello: [UInt8] = [MigrationMessage.hello.rawValue, 0, 0, 0, 44, 0, 0, 0] + MigrationChannel.magic
+                + LittleEndian.bytes(UInt64(MigrationChannel.version + 1), 4)
                 + [UInt8](repeating: 9, count: 32)
             try OwnedFileDescriptor.writeAll(fd: fd, hello)
             var rest = [UInt8](repeating: 0, count: 256)
@@ -72,7 +73,8 @@ import Testing
             _ = try MigrationChannel.connect(fd, token: token, timeoutMilliseconds: 5000)
         })
         #expect(result.source?.code == .unsupported)
-        #expect(result.source?.description.contains("protocol version 2; this Swiftlet speaks 1") == true, "\(String(describing: result.source))")
+        #expect(result.source?.description.contains("protocol version \(MigrationChannel.version + 1); this Swiftlet speaks \(MigrationChannel.version)") == true,
+                "\(String(describing: result.source))")
     }
 
     @Test func somethingElseThanAMigrationStreamIsRefused() throws {

@@ -56,6 +56,25 @@ import TestSupport
         #expect(try r.descriptor.size() == r.file.fileBytes, "nothing refused grew the file")
     }
 
+    /// Pages sent again (the guest wrote them during the copy) become the working set the
+    /// restored machine copies in; pages sent once do not.
+    @Test func pagesThatArriveAgainAreTheWorkingSet() throws {
+        let r = try receiver([(0, 0x4000), (0x10_0000, 0x4000)], name: "hot") // pages 0-3, then 4-7
+        func run(_ first: UInt64, _ count: UInt64) -> [UInt8] {
+            LittleEndian.bytes(first, 8) + LittleEndian.bytes(count, 4) + [UInt8](repeating: 7, count: Int(count) * 4096)
+        }
+        try r.write(pages: run(0, 8))
+        #expect(try r.hotPages() == nil, "every page arrived once")
+        try r.write(pages: run(1, 2))
+        try r.write(pages: run(3, 1))
+        try r.write(pages: run(7, 1))
+        let set = try #require(try r.hotPages())
+        #expect(set.runs == [1..<4, 7..<8], "adjacent pages make one run; the last page closes its own")
+        #expect(set.snapshot == r.file.id && set.pageCount == 8)
+        // What the restore reads back.
+        #expect(try WorkingSet.decode(set.encode(), path: "set", snapshot: r.file.id, pageCount: 8) == set)
+    }
+
     @Test func diskWritesStayInsideTheirDisk() throws {
         let r = try receiver([(0, 0x1000)], name: "disks")
         try r.disks(LittleEndian.bytes(1, 4) + LittleEndian.bytes(2, 4) + LittleEndian.bytes(0x10000, 8))
