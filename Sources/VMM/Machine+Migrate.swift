@@ -200,9 +200,10 @@ extension Machine {
             if postcopy { try channel.send(.postcopy, final.pages.flatMap { LittleEndian.bytes($0, 8) }) }
             pause.mark("memory and disks sent")
             var snapshot = try pausedState(machine, id: id, annotations: annotations)
+            pause.mark("state taken")
             for index in writable { snapshot.hardware.disks[index].file = SnapshotDirectory.diskFileName(index) }
             let state = try StateFile.encode(snapshot)
-            pause.mark("state saved")
+            pause.mark("state encoded")
             guard state.count <= MigrationChannel.maximumPayload else {
                 throw SwiftletError(.unsupported, "the machine's state is \(state.count) bytes; a migration carries at most \(MigrationChannel.maximumPayload)")
             }
@@ -514,9 +515,10 @@ extension Machine {
                 let set = try OwnedFileDescriptor.open(partial.workingSetPath, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: "working-set file")
                 try set.write(hot.encode(), at: 0, what: partial.workingSetPath)
             }
+            // Not synced: the state only feeds this restore (a machine that arrived by migration
+            // starts from its disk next time).
             let stateFile = try OwnedFileDescriptor.open(partial.statePath, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600, what: "snapshot state file")
             try stateFile.write(state!, at: 0, what: partial.statePath)
-            try systemCall("cannot sync \(partial.statePath)") { fsync(stateFile.rawValue) }
             try partial.commit(as: target)
             committed = true
         } catch {
