@@ -39,6 +39,11 @@ public enum MigrationMessage: UInt8, Sendable, CaseIterable {
     case request = 16
     /// Destination (post-copy): every page has arrived; the source may go.
     case complete = 17
+    /// Source, after each round while the machine runs: that round is all sent.
+    case roundEnd = 18
+    /// Destination, on each `roundEnd`: it has taken that round in (its disk writes synced).
+    /// The source waits for them all before it pauses, so the pause starts with nothing in flight.
+    case roundDone = 19
 }
 
 /// One end of an authenticated migration stream over a connected stream socket the caller owns

@@ -160,6 +160,7 @@ extension Machine {
             // Pages devices wrote while the machine ran: a device may write a page after it was
             // recorded and taken, so they all go again while it is paused.
             var deviceWritten = [UInt64](repeating: 0, count: collected.count)
+            var unconfirmedRounds = 0
             while true {
                 let roundStart = MonotonicClock.now
                 progress?(MigrationProgress(round: rounds.count, pages: pending.map { Self.count($0.pages) } ?? machine.memory.pageCount,
@@ -167,6 +168,8 @@ extension Machine {
                 let before = channel.bytesSent
                 let sent = try sendPages(machine.memory, dirty: pending?.pages, over: channel)
                 try sendDisks(machine, writable: writable, chunks: pending?.chunks, over: channel)
+                try channel.send(.roundEnd)
+                unconfirmedRounds += 1
                 let seconds = Double(MonotonicClock.now - roundStart) / 1e9
                 rounds.append(.init(pages: sent.pages, zeroPages: sent.zeroPages, nanoseconds: MonotonicClock.now - roundStart))
                 if seconds > 0.001 { rate = Double(channel.bytesSent - before) / seconds }
@@ -182,6 +185,13 @@ extension Machine {
                                         + "\(mib(left)) MiB per round, more than \(options.maximumDowntimeMilliseconds) ms of downtime allows at "
                                         + "\(mib(rate ?? 0)) MiB/s; the machine keeps running here (allow more downtime or time)")
                 }
+            }
+
+            // Before the pause, the destination takes in what is still in flight (socket buffers
+            // hold megabytes, which it would otherwise still be writing while the machine waits).
+            while unconfirmedRounds > 0 {
+                _ = try channel.receive(.roundDone)
+                unconfirmedRounds -= 1
             }
 
             // The pause: the rest of memory and disks, then the state. Post-copy (when the copy
@@ -494,12 +504,11 @@ extension Machine {
             receiving: while true {
                 let (type, payload) = try channel.receive()
                 switch type {
-                case .pages where state == nil:
+                case .pages where state == nil: try receiver.write(pages: payload)
+                case .zeroPages where state == nil: try receiver.zero(payload)
+                case .roundEnd where state == nil:
                     try receiver.syncDisks()
-                    try receiver.write(pages: payload)
-                case .zeroPages where state == nil:
-                    try receiver.syncDisks()
-                    try receiver.zero(payload)
+                    try channel.send(.roundDone)
                 case .diskData where state == nil: try receiver.write(disk: payload)
                 case .postcopy where state == nil && missing == nil: missing = try receiver.pageBitmap(payload)
                 case .state where state == nil:
@@ -970,9 +979,8 @@ final class MigrationReceiver: @unchecked Sendable {
         }
     }
 
-    /// Makes the disk writes that arrived since the last call durable. Called as each round's
-    /// pages begin (the source sends a round's pages, then its disk writes), so that only the
-    /// last round's writes are synced while the machine is paused.
+    /// Makes the disk writes that arrived since the last call durable. Called at the end of each
+    /// round, so that only the writes sent while the machine is paused are synced in the pause.
     func syncDisks() throws(SwiftletError) {
         guard disksUnsynced else { return }
         for (index, disk) in diskFiles {
