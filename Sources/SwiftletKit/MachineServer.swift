@@ -215,7 +215,9 @@ public enum MachineServer {
         var arrived: (record: MachineRecord, network: MachineNetwork?)?
         let migration = try Machine.receiveMigration(over: channel, into: directory.migratedPath) { snapshot throws(SwiftletError) in
             let path = snapshot.directory
-            var (record, disk) = try MachineSnapshotRecord.read(path)
+            // The state is read once, for the record and the restore.
+            let read = try Machine.readSnapshot(path)
+            var (record, disk) = try MachineSnapshotRecord.read(read, directory: path)
             // The machine's own disk is the arrived one (one file, two names until `migratedPath` goes).
             try FileTree.link(disk, as: directory.diskPath)
             record.name = directory.name
@@ -225,7 +227,7 @@ public enum MachineServer {
             }
             arrived = (record, network)
             // The pages the guest kept writing during the copy are copied in as it starts.
-            return try Machine.restoring(from: path, consoleOutput: console, vsockPorts: port, diffable: false,
+            return try Machine.restoring(read, consoleOutput: console, vsockPorts: port, diffable: false,
                                          writableDisks: [DiskConfig(path: directory.diskPath)], prefetchWorkingSet: true,
                                          readOnlyDisks: SnapshotPaths.resolver(trusting: record), network: network?.device(log: log),
                                          lazyMemory: snapshot.lazyMemory)

@@ -22,7 +22,12 @@ enum MachineSnapshotRecord {
     /// directory is untrusted input. Without `checkingPaths` (a fork's own snapshot of a running
     /// machine, whose record comes from the machine store), the record is as the snapshot has it.
     static func read(_ directory: String, checkingPaths: Bool = true) throws(SwiftletError) -> (record: MachineRecord, disk: String) {
-        let annotations = try Machine.annotations(ofSnapshot: directory)
+        try read(try Machine.readSnapshot(directory), directory: directory, checkingPaths: checkingPaths)
+    }
+
+    /// `read(_:checkingPaths:)` of a snapshot already read (its state is not read again).
+    static func read(_ snapshot: Machine.ReadSnapshot, directory: String, checkingPaths: Bool = true) throws(SwiftletError) -> (record: MachineRecord, disk: String) {
+        let annotations = snapshot.annotations
         guard let text = annotations[recordAnnotation] else {
             throw SwiftletError(.invalidArgument, "the snapshot in \(directory) is not of a machine: `swiftlet machine snapshot` makes those (`swiftlet run --from` starts the others)")
         }
@@ -30,7 +35,7 @@ enum MachineSnapshotRecord {
         do { record = try JSONDecoder().decode(MachineRecord.self, from: Data(text.utf8)) } catch {
             throw SwiftletError(.invalidFormat, "the snapshot in \(directory) holds an unreadable machine record: \(error)")
         }
-        let disks = try Machine.writableDiskFiles(inSnapshot: directory)
+        let disks = try snapshot.writableDiskFiles()
         guard disks.count == 1 else {
             throw SwiftletError(.invalidFormat, "the snapshot in \(directory) holds \(disks.count) writable disks; a machine has one")
         }

@@ -508,7 +508,9 @@ extension Machine {
                 case .zeroPages where state == nil: try receiver.zero(payload)
                 case .roundEnd where state == nil:
                     try receiver.syncDisks()
-                    try channel.send(.roundDone)
+                    // A source that gave up meanwhile has closed its end: the next receive
+                    // reads its abort (and why), or finds the stream broken.
+                    try? channel.send(.roundDone)
                 case .diskData where state == nil: try receiver.write(disk: payload)
                 case .postcopy where state == nil && missing == nil: missing = try receiver.pageBitmap(payload)
                 case .state where state == nil:

@@ -177,7 +177,37 @@ extension Machine {
                                  prefetchWorkingSet: Bool = false, readOnlyDisks: SnapshotDiskResolver = .none,
                                  network: NetworkDeviceConfig? = nil, lazyMemory: (any MemoryImageSource)? = nil,
                                  hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) throws(SwiftletError) -> Machine {
-        var plan = try RestorePlan.load(SnapshotDirectory(directory))
+        try restoring(try readSnapshot(directory), consoleOutput: consoleOutput, consoleInput: consoleInput, kvmPath: kvmPath, allowPVM: allowPVM,
+                      vsockPorts: vsockPorts, vsockForwards: vsockForwards, diffable: diffable, writableDisks: writableDisks,
+                      prefetchWorkingSet: prefetchWorkingSet, readOnlyDisks: readOnlyDisks, network: network, lazyMemory: lazyMemory,
+                      hypervisor: hypervisor)
+    }
+
+    /// A snapshot read and checked once (`readSnapshot`): what it holds, and a restore of it
+    /// (`restoring(_:…)`) that does not read its state again.
+    public struct ReadSnapshot: Sendable {
+        let plan: RestorePlan
+        /// What the snapshot recorded (`snapshot(to:annotations:)`).
+        public var annotations: [String: String] { plan.snapshot.annotations }
+        /// Its writable disks' files (`disk-N` in its directory), checked.
+        public func writableDiskFiles() throws(SwiftletError) -> [String] { try Machine.writableDiskFiles(plan) }
+    }
+
+    /// Reads and checks the snapshot in `directory` (its state file, once).
+    public static func readSnapshot(_ directory: String) throws(SwiftletError) -> ReadSnapshot {
+        ReadSnapshot(plan: try RestorePlan.load(SnapshotDirectory(directory)))
+    }
+
+    /// `restoring(from:…)` of a snapshot already read.
+    public static func restoring(_ read: ReadSnapshot, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
+                                 kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
+                                 vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
+                                 diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
+                                 prefetchWorkingSet: Bool = false, readOnlyDisks: SnapshotDiskResolver = .none,
+                                 network: NetworkDeviceConfig? = nil, lazyMemory: (any MemoryImageSource)? = nil,
+                                 hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) throws(SwiftletError) -> Machine {
+        var plan = read.plan
+        let directory = plan.directory.path
         let nic = try plan.checkedNetwork(network)
         plan.diffable = diffable
         plan.prefetchesWorkingSet = prefetchWorkingSet
