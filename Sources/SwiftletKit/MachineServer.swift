@@ -227,10 +227,10 @@ public enum MachineServer {
             }
             arrived = (record, network)
             // The pages the guest kept writing during the copy are copied in as it starts.
-            return try Machine.restoring(read, consoleOutput: console, vsockPorts: port, diffable: false,
+            return try Machine.restoring(from: path, consoleOutput: console, vsockPorts: port, diffable: false,
                                          writableDisks: [DiskConfig(path: directory.diskPath)], prefetchWorkingSet: true,
                                          readOnlyDisks: SnapshotPaths.resolver(trusting: record), network: network?.device(log: log),
-                                         lazyMemory: snapshot.lazyMemory)
+                                         lazyMemory: snapshot.lazyMemory, alreadyRead: read)
         }
         // The stream stays open for this process's life: the source's `go`, and a post-copy's
         // pages, come on it after the machine is built.

@@ -170,44 +170,24 @@ extension Machine {
     /// `saveWorkingSet()`) are copied out of the snapshot by a thread beside the starting guest,
     /// so that its writes there do not each fault in the host; for short runs that repeat the same
     /// work (`swiftlet run --from`), not for machines that live long.
+    /// `alreadyRead`: the snapshot as `readSnapshot(directory)` read it (its state is not read again).
     public static func restoring(from directory: String, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
                                  kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
                                  vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
                                  diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
                                  prefetchWorkingSet: Bool = false, readOnlyDisks: SnapshotDiskResolver = .none,
                                  network: NetworkDeviceConfig? = nil, lazyMemory: (any MemoryImageSource)? = nil,
-                                 hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) throws(SwiftletError) -> Machine {
-        try restoring(try readSnapshot(directory), consoleOutput: consoleOutput, consoleInput: consoleInput, kvmPath: kvmPath, allowPVM: allowPVM,
-                      vsockPorts: vsockPorts, vsockForwards: vsockForwards, diffable: diffable, writableDisks: writableDisks,
-                      prefetchWorkingSet: prefetchWorkingSet, readOnlyDisks: readOnlyDisks, network: network, lazyMemory: lazyMemory,
-                      hypervisor: hypervisor)
-    }
-
-    /// A snapshot read and checked once (`readSnapshot`): what it holds, and a restore of it
-    /// (`restoring(_:…)`) that does not read its state again.
-    public struct ReadSnapshot: Sendable {
-        let plan: RestorePlan
-        /// What the snapshot recorded (`snapshot(to:annotations:)`).
-        public var annotations: [String: String] { plan.snapshot.annotations }
-        /// Its writable disks' files (`disk-N` in its directory), checked.
-        public func writableDiskFiles() throws(SwiftletError) -> [String] { try Machine.writableDiskFiles(plan) }
-    }
-
-    /// Reads and checks the snapshot in `directory` (its state file, once).
-    public static func readSnapshot(_ directory: String) throws(SwiftletError) -> ReadSnapshot {
-        ReadSnapshot(plan: try RestorePlan.load(SnapshotDirectory(directory)))
-    }
-
-    /// `restoring(from:…)` of a snapshot already read.
-    public static func restoring(_ read: ReadSnapshot, consoleOutput: Int32? = 1, consoleInput: Int32? = nil,
-                                 kvmPath: String = "/dev/kvm", allowPVM: Bool = false,
-                                 vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
-                                 diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
-                                 prefetchWorkingSet: Bool = false, readOnlyDisks: SnapshotDiskResolver = .none,
-                                 network: NetworkDeviceConfig? = nil, lazyMemory: (any MemoryImageSource)? = nil,
-                                 hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor) throws(SwiftletError) -> Machine {
-        var plan = read.plan
-        let directory = plan.directory.path
+                                 hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor,
+                                 alreadyRead: ReadSnapshot? = nil) throws(SwiftletError) -> Machine {
+        var plan: RestorePlan
+        if let alreadyRead {
+            guard alreadyRead.plan.directory.path == SnapshotDirectory(directory).path else {
+                throw SwiftletError(.invalidArgument, "the snapshot read in \(alreadyRead.plan.directory) is not the one in \(directory)")
+            }
+            plan = alreadyRead.plan
+        } else {
+            plan = try RestorePlan.load(SnapshotDirectory(directory))
+        }
         let nic = try plan.checkedNetwork(network)
         plan.diffable = diffable
         plan.prefetchesWorkingSet = prefetchWorkingSet
@@ -244,6 +224,21 @@ extension Machine {
         return Machine(restoring: plan, shape: shape, vsockPorts: vsockPorts, hypervisor: hypervisor)
     }
 
+
+    /// A snapshot read and checked once (`readSnapshot`): what it holds, and what a restore of it
+    /// is given (`restoring(from:…alreadyRead:)`) not to read its state again.
+    public struct ReadSnapshot: Sendable {
+        let plan: RestorePlan
+        /// What the snapshot recorded (`snapshot(to:annotations:)`).
+        public var annotations: [String: String] { plan.snapshot.annotations }
+        /// Its writable disks' files (`disk-N` in its directory), checked.
+        public func writableDiskFiles() throws(SwiftletError) -> [String] { try Machine.writableDiskFiles(plan) }
+    }
+
+    /// Reads and checks the snapshot in `directory` (its state file, once).
+    public static func readSnapshot(_ directory: String) throws(SwiftletError) -> ReadSnapshot {
+        ReadSnapshot(plan: try RestorePlan.load(SnapshotDirectory(directory)))
+    }
 
     /// The restore builder: assembles a machine of the snapshot's shape over its memory (mapped
     /// copy-on-write), then puts back the vCPUs, the interrupt controllers and clock, and every
