@@ -65,6 +65,9 @@ public struct MigrationProgress: Sendable, Codable, Equatable {
     public var bytesSent: UInt64
     /// The rate of the rounds so far, bytes per second (nil before the first round ends).
     public var bytesPerSecond: Double?
+    /// True on the last line: the machine pauses now, and `pages` (those written in the last
+    /// round; a few more come while it stops) go with its state while it is paused.
+    public var pausing: Bool? = nil
 }
 
 extension Machine {
@@ -194,6 +197,8 @@ extension Machine {
                 unconfirmedRounds -= 1
             }
 
+            progress?(MigrationProgress(round: rounds.count, pages: Self.count(pending!.pages), bytesSent: channel.bytesSent,
+                                        bytesPerSecond: rate, pausing: true))
             // The pause: the rest of memory and disks, then the state. Post-copy (when the copy
             // did not converge): the disks now, the pages only after `go`.
             let pauseStart = MonotonicClock.now

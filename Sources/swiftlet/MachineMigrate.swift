@@ -121,7 +121,11 @@ extension MachineCommand {
                         fflush(nil)
                     } else if terminal {
                         let rate = progress.bytesPerSecond.map { ", \(format($0 / 1_048_576, digits: 1)) MiB/s" } ?? ""
-                        printError("round \(progress.round): \(progress.pages) pages, \(format(Double(progress.bytesSent) / 1_048_576, digits: 1)) MiB sent\(rate)")
+                        if progress.pausing == true {
+                            printError("pausing the machine: \(progress.pages) pages go while it is paused")
+                        } else {
+                            printError("round \(progress.round): \(progress.pages) pages, \(format(Double(progress.bytesSent) / 1_048_576, digits: 1)) MiB sent\(rate)")
+                        }
                     }
                 }
             }

@@ -224,4 +224,52 @@ struct MigrationCLIIntegrationTests {
         _ = machine(source, ["rm", "-f", "box"])
         _ = machine(destination, ["rm", "-f", "box"])
     }
+
+    /// The destination's VMM process dies while the source is paused for the last pages, before
+    /// `go`: the source resumes and runs on, the destination keeps nothing. It dies during a
+    /// post-copy's fetch, after `go`: the machine's newest state died with it, so the source
+    /// stays paused (it cannot know what the destination did meanwhile), says so, and runs again
+    /// once resumed.
+    @Test func killingTheDestinationInThePauseOrDuringAPostcopyFetch() throws {
+        #expect(machine(source, ["create", "--name", "box", "--memory", "128"]).status == 0)
+        try #require(machine(source, ["start", "box"]).status == 0)
+        #expect(machine(source, ["exec", "box", "--", "sh", "-c",
+                                 "setsid sh -c 'while true; do dd if=/dev/urandom of=/dev/shm/churn bs=64k count=32 2>/dev/null; done' </dev/null >/dev/null 2>&1 &"]).status == 0)
+        let pausing = "\nfor i in $(seq 1 2400); do grep -q '\"pausing\":true' $A/migrate.out 2>/dev/null && break; sleep 0.05; done"
+
+        // At 2 MiB/s what the guest wrote during the first round takes seconds to send while the
+        // machine is paused (a 20 s budget lets it pause right after that round).
+        let inPause = sh(startMove(port: 17714, flags: "--max-downtime 20s --bandwidth 2M --timeout 120s --json") + pausing + """
+
+            sleep 0.2
+            kill -9 "$(cat $B/machines/box/vmm.pid)"
+            wait $mp; echo "migrate $?"
+            wait $rp; echo "receive $?"
+            """)
+        #expect(text(source.path + "/migrate.out").contains("\"pausing\":true"), "\(text(source.path + "/migrate.out"))")
+        #expect(inPause.stdout.contains("migrate 1") && inPause.stdout.contains("receive 1"),
+                "\(inPause.stdout)|\(text(source.path + "/migrate.err"))|\(text(destination.path + "/receive.err"))")
+        #expect(access(destination.path + "/machines/box", F_OK) != 0, "the destination keeps nothing")
+        #expect(machine(source, ["status", "box"]).stdout.contains("state: running"), "the source resumed")
+        #expect(exec(source, "echo still-here") == "still-here\n")
+
+        // Post-copy after one round: the machine runs at the destination at once, the pages
+        // still here follow at 2 MiB/s, and the destination dies among them.
+        let inPostcopy = sh(startMove(port: 17715, flags: "--max-downtime 1ms --max-rounds 1 --postcopy --bandwidth 2M --timeout 120s --json")
+                            + pausing + """
+
+            for i in $(seq 1 400); do grep -q "arrived by migration" $B/machines/box/vmm.log 2>/dev/null && break; sleep 0.05; done
+            sleep 0.3
+            kill -9 "$(cat $B/machines/box/vmm.pid)"
+            wait $mp; echo "migrate $?"
+            wait $rp
+            """)
+        #expect(inPostcopy.stdout.contains("migrate 1"), "\(inPostcopy.stdout)|\(text(source.path + "/migrate.err"))")
+        #expect(text(source.path + "/migrate.err").contains("stays paused here"), "\(text(source.path + "/migrate.err"))")
+        #expect(!machine(destination, ["status", "box"]).stdout.contains("state: running"), "the destination's machine died")
+        _ = machine(destination, ["rm", "-f", "box"])
+        #expect(machine(source, ["resume", "box"]).status == 0, "the source's machine is paused and resumes when told")
+        #expect(exec(source, "echo resumed") == "resumed\n")
+        _ = machine(source, ["rm", "-f", "box"])
+    }
 }
