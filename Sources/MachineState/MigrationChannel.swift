@@ -86,9 +86,11 @@ public final class MigrationChannel {
     }
     private var capStart: (time: UInt64, bytes: UInt64) = (0, 0)
 
-    private init(socket: Int32, timeoutMilliseconds: Int) {
+    /// Reads wait at most `timeoutMilliseconds` for the peer, and so do sends it takes nothing of.
+    private init(socket: Int32, timeoutMilliseconds: Int) throws(SwiftletError) {
         self.socket = socket
         self.timeoutMilliseconds = timeoutMilliseconds
+        try UnixSocket.setSendTimeLimit(socket, milliseconds: timeoutMilliseconds)
     }
 
     /// A new one-time token (random).
@@ -119,7 +121,7 @@ public final class MigrationChannel {
     /// source without the token is refused and sent nothing more.
     public static func accept(_ socket: Int32, token: [UInt8],
                               timeoutMilliseconds: Int = defaultTimeoutMilliseconds) throws(SwiftletError) -> MigrationChannel {
-        let channel = MigrationChannel(socket: socket, timeoutMilliseconds: timeoutMilliseconds)
+        let channel = try MigrationChannel(socket: socket, timeoutMilliseconds: timeoutMilliseconds)
         let nonce = try random(nonceLength)
         try channel.sendFrame(.hello, magic + LittleEndian.bytes(UInt64(version), 4) + nonce)
         let (type, payload) = try channel.receiveFrame()
@@ -147,7 +149,7 @@ public final class MigrationChannel {
     /// the destination's.
     public static func connect(_ socket: Int32, token: [UInt8],
                                timeoutMilliseconds: Int = defaultTimeoutMilliseconds) throws(SwiftletError) -> MigrationChannel {
-        let channel = MigrationChannel(socket: socket, timeoutMilliseconds: timeoutMilliseconds)
+        let channel = try MigrationChannel(socket: socket, timeoutMilliseconds: timeoutMilliseconds)
         let (type, payload) = try channel.receiveFrame()
         guard type == .hello, payload.count == magic.count + 4 + nonceLength, Array(payload[0..<magic.count]) == magic else {
             throw SwiftletError(.invalidFormat, "the migration destination did not say hello (not a Swiftlet migration stream)")
@@ -312,6 +314,11 @@ public final class MigrationChannel {
         return Poly1305(key: oneTime.finalize())
     }
 
+    /// The time limit, for messages.
+    private var limitText: String {
+        timeoutMilliseconds % 1000 == 0 ? "\(timeoutMilliseconds / 1000) s" : "\(timeoutMilliseconds) ms"
+    }
+
     private func write(_ bytes: [UInt8]) throws(SwiftletError) {
         try bytes.withBytes { raw throws(SwiftletError) in try write(raw) }
     }
@@ -320,6 +327,8 @@ public final class MigrationChannel {
         guard !raw.isEmpty else { return }
         do throws(SwiftletError) {
             try UnixSocket.sendAll(socket, raw, what: "migration stream")
+        } catch where error.cause == .resourceTemporarilyUnavailable {
+            throw SwiftletError(.systemCall, "the other side of the migration took nothing for \(limitText): given up")
         } catch {
             throw SwiftletError(.systemCall, "the migration stream broke: \(error.description)")
         }
@@ -338,7 +347,7 @@ public final class MigrationChannel {
         let deadline = MonotonicClock.now + UInt64(timeoutMilliseconds) * 1_000_000
         while done < count {
             guard try Poll.wait([socket], deadline: deadline)[0] else {
-                throw SwiftletError(.systemCall, "the other side of the migration sent nothing for \(timeoutMilliseconds / 1000) s: given up")
+                throw SwiftletError(.systemCall, "the other side of the migration sent nothing for \(limitText): given up")
             }
             let n = try readSome(into: &bytes, from: done)
             guard n > 0 else { throw SwiftletError(.systemCall, "the migration stream ended early (the other side went away)") }

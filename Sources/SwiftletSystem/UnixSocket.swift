@@ -63,6 +63,16 @@ public enum UnixSocket {
         return n
     }
 
+    /// Makes a send on the blocking stream socket `socket` (Unix or TCP) fail with EAGAIN when
+    /// it could put nothing into the socket for `milliseconds` (a peer that stopped reading),
+    /// instead of waiting for ever. A send that makes progress is not cut short.
+    public static func setSendTimeLimit(_ socket: Int32, milliseconds: Int) throws(SwiftletError) {
+        var limit = timeval(tv_sec: milliseconds / 1000, tv_usec: (milliseconds % 1000) * 1000)
+        guard setsockopt(socket, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size)) == 0 else {
+            throw SwiftletError.system("cannot set a socket's send time limit", errno: currentErrno)
+        }
+    }
+
     /// Sends all of `bytes` on a blocking socket, `descriptors` attached to the first part.
     public static func sendAll(_ socket: Int32, _ bytes: UnsafeRawBufferPointer, passing descriptors: [Int32] = [],
                                what: String = "socket") throws(SwiftletError) {

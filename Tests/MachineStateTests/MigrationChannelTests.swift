@@ -150,6 +150,24 @@ import Testing
         #expect(huge.source?.description.contains("byte message (at most") == true, "\(String(describing: huge.source))")
     }
 
+    /// A peer that stops reading: the sender gives up once the socket took nothing for the
+    /// channel's time limit, instead of waiting for ever.
+    @Test func aPeerThatStopsReadingIsGivenUpOn() throws {
+        let token = try MigrationChannel.newToken()
+        let result = try pair(destination: { fd throws(SwiftletError) in
+            _ = try MigrationChannel.accept(fd, token: token, timeoutMilliseconds: 5000)
+            usleep(3_000_000) // reads nothing more
+        }, source: { fd throws(SwiftletError) in
+            let channel = try MigrationChannel.connect(fd, token: token, timeoutMilliseconds: 300)
+            let run = [UInt8](repeating: 1, count: 1 << 20)
+            let start = MonotonicClock.now
+            while MonotonicClock.now - start < 10_000_000_000 {
+                try run.withBytes { raw throws(SwiftletError) in try channel.send(.pages, [], body: raw) }
+            }
+        })
+        #expect(result.source?.description.contains("took nothing for 300 ms") == true, "\(String(describing: result.source))")
+    }
+
     @Test func tokensReadBackFromTheirTextAndBadTextIsRefused() throws {
         let token = try MigrationChannel.newToken()
         let text = MigrationChannel.tokenText(token)
