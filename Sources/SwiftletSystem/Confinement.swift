@@ -144,13 +144,15 @@ public enum Confinement {
 
     /// The vCPU threads' filter, on top of the VMM's.
     public static func vcpuFilter(defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
-        SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(vcpuCalls) + prctlRules + threadRules + vmmSocketRules + seccompRules,
+        SeccompFilter(rules: ioctlRules(vmmIoctls) + rules(vcpuCalls) + prctlRules + threadRules + vmmSocketRules + seccompRules
+                        + refusedOpens,
                       defaultAction: defaultAction)
     }
 
     /// The device threads' filter, on top of the VMM's.
     public static func deviceFilter(defaultAction: SeccompFilter.Action = .trap) -> SeccompFilter {
-        SeccompFilter(rules: ioctlRules(deviceIoctls) + rules(vcpuCalls) + prctlRules + vmmSocketRules, defaultAction: defaultAction)
+        SeccompFilter(rules: ioctlRules(deviceIoctls) + rules(vcpuCalls) + prctlRules + vmmSocketRules + refusedOpens,
+                      defaultAction: defaultAction)
     }
 
     /// A file server thread's filter (virtio-fs), on top of the VMM's: a device thread's calls
@@ -182,6 +184,16 @@ public enum Confinement {
         "unlinkat", "renameat2", "linkat", "fchmodat", "fchownat", "utimensat",
         "getxattr", "setxattr", "listxattr", "removexattr",
     ]
+
+    /// A vCPU or device thread opens no file, but glibc's malloc may, on any thread, once per
+    /// process: the first time a thread's own arena gives memory back, it reads
+    /// /proc/sys/vm/overcommit_memory (to choose between madvise and a PROT_NONE mapping), and a
+    /// thread that freed a lot (a guest that wrote 100 MiB to its console) gets there. An open on
+    /// these threads fails with EACCES instead of ending the process: no file is opened either
+    /// way, and malloc takes the failure as "overcommit is not strict" and keeps it.
+    static let refusedOpens: [SeccompFilter.Rule] = ["openat", "open"].map {
+        SeccompFilter.Rule($0, action: .errno(EACCES))!
+    }
 
     /// A device thread's ioctls: its interrupt, and non-blocking mode and queued bytes of its sockets.
     static let deviceIoctls: [UInt32] = [UInt32(truncatingIfNeeded: SWIFTLET_KVM_IRQ_LINE), UInt32(FIONBIO), UInt32(FIONREAD)]
