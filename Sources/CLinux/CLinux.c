@@ -83,6 +83,19 @@ long swiftlet_getrandom(void *buffer, unsigned long length, unsigned int flags) 
 void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]) {
     __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
 }
+
+int swiftlet_host_has_avx2(void) {
+    unsigned int a, b, c, d;
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid(1, a, b, c, d);
+    // AVX and OSXSAVE: the CPU has AVX and the kernel saves its registers (XCR0 has SSE and YMM).
+    if ((c & (1u << 28)) == 0 || (c & (1u << 27)) == 0) return 0;
+    unsigned int xcr0_low, xcr0_high;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    if ((xcr0_low & 0x6) != 0x6) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b & (1u << 5)) != 0;
+}
 int swiftlet_unblock_signal(int signo) {
     sigset_t set;
     sigemptyset(&set);

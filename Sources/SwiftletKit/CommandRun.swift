@@ -316,6 +316,7 @@ public struct CommandRun: Sendable {
             }
             if let network {
                 do throws(SwiftletError) { try network.ready() } catch { throw Failure.setup(error) }
+                marks.append(("passt", MonotonicClock.now))
             }
             do throws(SwiftletError) {
                 for (index, disk) in pendingRoot.disks.enumerated() { try vm.insertDisk(at: index, DiskConfig(path: disk, readOnly: true)) }

@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 @testable import SwiftletKit
 import SwiftletNet
@@ -138,6 +139,22 @@ import Testing
             "--no-dhcp", "--no-dhcp-dns", "--no-dhcp-search",
             "--tcp-ports", "127.0.0.1/8080:80", "--udp-ports", "::1/5353:53",
         ])
+    }
+
+    /// Debian's /usr/bin/passt only executes passt.avx2 on a CPU with AVX2: Swiftlet executes it
+    /// itself then, and the CPU check agrees with the kernel's (which lists avx2 only when usable).
+    @Test func passtsAVX2BuildRunsWhereTheCPUHasAVX2() throws {
+        let cpuinfo = try OwnedFileDescriptor.readSmallTextFile("/proc/cpuinfo", limit: 1 << 22)
+        let flags = try #require(cpuinfo.split(separator: "\n").first { $0.hasPrefix("flags") })
+        let avx2 = flags.split(separator: " ").contains("avx2")
+        #expect((swiftlet_host_has_avx2() == 1) == avx2)
+        let program = avx2 && access("/usr/bin/passt.avx2", X_OK) == 0 ? "/usr/bin/passt.avx2" : "/usr/bin/passt"
+        #expect(PasstProcess.defaultProgram == program)
+        let started = try PasstProcess.start(configuration: NetworkConfiguration(allowAll: true), logFile: nil)
+        defer { started.process.stop() }
+        var buffer = [CChar](repeating: 0, count: 256)
+        let count = readlink("/proc/\(started.process.pid)/exe", &buffer, buffer.count - 1)
+        #expect(count > 0 && String(cString: buffer) == program)
     }
 
     @Test func passtAnswersARPForTheGatewayWithItsMAC() throws {

@@ -105,6 +105,9 @@ int swiftlet_mkostemp(char *template_path, int flags);
 long swiftlet_getrandom(void *buffer, unsigned long length, unsigned int flags);
 /// Executes CPUID on the host CPU.
 void swiftlet_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+/// Whether the host CPU has AVX2 and the kernel enabled its registers (what a program built for
+/// AVX2, such as Debian's passt.avx2, needs).
+int swiftlet_host_has_avx2(void);
 /// Unblocks `signo` for the calling thread (threads inherit their creator's mask, and Swift
 /// concurrency's worker threads block most signals).
 int swiftlet_unblock_signal(int signo);
