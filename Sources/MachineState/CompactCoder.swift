@@ -178,28 +178,17 @@ struct NodeReader {
 // MARK: - Encoding
 
 /// Builds a `Node` tree; containers are boxes so that nested containers fill in later.
+/// Primitives become nodes at once, through the containers' concrete overloads (no dynamic cast,
+/// no closure, no coding path unless a nested value needs one): a snapshot's state is mostly
+/// integers, and a restore or a migration's pause waits for its encoding and decoding.
 final class NodeEncoder: Encoder {
     let codingPath: [any CodingKey]
     var userInfo: [CodingUserInfoKey: Any] { [:] }
-    var storage: Storage = .unset
-
-    enum Storage {
-        case unset
-        case value(Node)
-        case keyed(KeyedBox)
-        case array(ArrayBox)
-    }
+    var storage: Slot?
 
     init(path: [any CodingKey]) { codingPath = path }
 
-    var node: Node {
-        switch storage {
-        case .unset: return .keyed([])
-        case .value(let node): return node
-        case .keyed(let box): return box.node
-        case .array(let box): return box.node
-        }
-    }
+    var node: Node { storage?.node ?? .keyed([]) }
 
     func container<Key: CodingKey>(keyedBy type: Key.Type) -> KeyedEncodingContainer<Key> {
         let box: KeyedBox
@@ -216,42 +205,59 @@ final class NodeEncoder: Encoder {
     func singleValueContainer() -> any SingleValueEncodingContainer { SingleWriter(encoder: self) }
 }
 
-/// Entries whose values may still be filled in (nested containers, super encoders).
+/// A value in a container: a finished node, or a container (or encoder) still being filled.
+enum Slot {
+    case value(Node)
+    case keyed(KeyedBox)
+    case array(ArrayBox)
+    case encoder(NodeEncoder)
+
+    var node: Node {
+        switch self {
+        case .value(let node): node
+        case .keyed(let box): box.node
+        case .array(let box): box.node
+        case .encoder(let encoder): encoder.node
+        }
+    }
+}
+
+/// Entries whose values may still be filled in (nested containers, super encoders). A key set
+/// twice keeps its first place and takes its last value.
 final class KeyedBox {
-    var entries: [(key: String, value: () -> Node)] = []
-    var node: Node { .keyed(entries.map { ($0.key, $0.value()) }) }
-    func set(_ key: String, _ value: @escaping () -> Node) {
+    var entries: [(key: String, value: Slot)] = []
+    var node: Node { .keyed(entries.map { ($0.key, $0.value.node) }) }
+    func set(_ key: String, _ value: Slot) {
         if let i = entries.firstIndex(where: { $0.key == key }) { entries[i].value = value } else { entries.append((key, value)) }
     }
 }
 
 final class ArrayBox {
-    var elements: [() -> Node] = []
-    var node: Node { .array(elements.map { $0() }) }
+    var elements: [Slot] = []
+    var node: Node { .array(elements.map(\.node)) }
 }
 
 enum Primitive {
-    static func node<T: Encodable>(_ value: T, path: [any CodingKey]) throws -> Node {
-        switch value {
-        case let v as Bool: return .bool(v)
-        case let v as String: return .string(v)
-        case let v as Double: return .double(v)
-        case let v as Float: return .double(Double(v))
-        case let v as Int: return .signed(Int64(v))
-        case let v as Int8: return .signed(Int64(v))
-        case let v as Int16: return .signed(Int64(v))
-        case let v as Int32: return .signed(Int64(v))
-        case let v as Int64: return .signed(v)
-        case let v as UInt: return .unsigned(UInt64(v))
-        case let v as UInt8: return .unsigned(UInt64(v))
-        case let v as UInt16: return .unsigned(UInt64(v))
-        case let v as UInt32: return .unsigned(UInt64(v))
-        case let v as UInt64: return .unsigned(v)
-        default:
-            let encoder = NodeEncoder(path: path)
-            try value.encode(to: encoder)
-            return encoder.node
-        }
+    /// `value` as a node: a primitive by its type's identity (a pointer comparison, no dynamic
+    /// cast), anything else through its own `encode(to:)` at `path` (made only then).
+    static func node<T: Encodable>(_ value: T, path: @autoclosure () -> [any CodingKey]) throws -> Node {
+        if T.self == UInt64.self { return .unsigned(unsafeBitCast(value, to: UInt64.self)) }
+        if T.self == UInt32.self { return .unsigned(UInt64(unsafeBitCast(value, to: UInt32.self))) }
+        if T.self == String.self { return .string(unsafeBitCast(value, to: String.self)) }
+        if T.self == Bool.self { return .bool(unsafeBitCast(value, to: Bool.self)) }
+        if T.self == Int.self { return .signed(Int64(unsafeBitCast(value, to: Int.self))) }
+        if T.self == UInt8.self { return .unsigned(UInt64(unsafeBitCast(value, to: UInt8.self))) }
+        if T.self == UInt16.self { return .unsigned(UInt64(unsafeBitCast(value, to: UInt16.self))) }
+        if T.self == UInt.self { return .unsigned(UInt64(unsafeBitCast(value, to: UInt.self))) }
+        if T.self == Int64.self { return .signed(unsafeBitCast(value, to: Int64.self)) }
+        if T.self == Int32.self { return .signed(Int64(unsafeBitCast(value, to: Int32.self))) }
+        if T.self == Int16.self { return .signed(Int64(unsafeBitCast(value, to: Int16.self))) }
+        if T.self == Int8.self { return .signed(Int64(unsafeBitCast(value, to: Int8.self))) }
+        if T.self == Double.self { return .double(unsafeBitCast(value, to: Double.self)) }
+        if T.self == Float.self { return .double(Double(unsafeBitCast(value, to: Float.self))) }
+        let encoder = NodeEncoder(path: path())
+        try value.encode(to: encoder)
+        return encoder.node
     }
 }
 
@@ -259,26 +265,39 @@ struct KeyedWriter<Key: CodingKey>: KeyedEncodingContainerProtocol {
     let box: KeyedBox
     let codingPath: [any CodingKey]
 
-    mutating func encodeNil(forKey key: Key) throws { box.set(key.stringValue) { .null } }
+    mutating func encodeNil(forKey key: Key) throws { box.set(key.stringValue, .value(.null)) }
+    mutating func encode(_ value: Bool, forKey key: Key) throws { box.set(key.stringValue, .value(.bool(value))) }
+    mutating func encode(_ value: String, forKey key: Key) throws { box.set(key.stringValue, .value(.string(value))) }
+    mutating func encode(_ value: Double, forKey key: Key) throws { box.set(key.stringValue, .value(.double(value))) }
+    mutating func encode(_ value: Float, forKey key: Key) throws { box.set(key.stringValue, .value(.double(Double(value)))) }
+    mutating func encode(_ value: Int, forKey key: Key) throws { box.set(key.stringValue, .value(.signed(Int64(value)))) }
+    mutating func encode(_ value: Int8, forKey key: Key) throws { box.set(key.stringValue, .value(.signed(Int64(value)))) }
+    mutating func encode(_ value: Int16, forKey key: Key) throws { box.set(key.stringValue, .value(.signed(Int64(value)))) }
+    mutating func encode(_ value: Int32, forKey key: Key) throws { box.set(key.stringValue, .value(.signed(Int64(value)))) }
+    mutating func encode(_ value: Int64, forKey key: Key) throws { box.set(key.stringValue, .value(.signed(value))) }
+    mutating func encode(_ value: UInt, forKey key: Key) throws { box.set(key.stringValue, .value(.unsigned(UInt64(value)))) }
+    mutating func encode(_ value: UInt8, forKey key: Key) throws { box.set(key.stringValue, .value(.unsigned(UInt64(value)))) }
+    mutating func encode(_ value: UInt16, forKey key: Key) throws { box.set(key.stringValue, .value(.unsigned(UInt64(value)))) }
+    mutating func encode(_ value: UInt32, forKey key: Key) throws { box.set(key.stringValue, .value(.unsigned(UInt64(value)))) }
+    mutating func encode(_ value: UInt64, forKey key: Key) throws { box.set(key.stringValue, .value(.unsigned(value))) }
     mutating func encode<T: Encodable>(_ value: T, forKey key: Key) throws {
-        let node = try Primitive.node(value, path: codingPath + [key])
-        box.set(key.stringValue) { node }
+        box.set(key.stringValue, .value(try Primitive.node(value, path: codingPath + [key])))
     }
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy keyType: NestedKey.Type, forKey key: Key) -> KeyedEncodingContainer<NestedKey> {
         let nested = KeyedBox()
-        box.set(key.stringValue) { nested.node }
+        box.set(key.stringValue, .keyed(nested))
         return KeyedEncodingContainer(KeyedWriter<NestedKey>(box: nested, codingPath: codingPath + [key]))
     }
     mutating func nestedUnkeyedContainer(forKey key: Key) -> any UnkeyedEncodingContainer {
         let nested = ArrayBox()
-        box.set(key.stringValue) { nested.node }
+        box.set(key.stringValue, .array(nested))
         return ArrayWriter(box: nested, codingPath: codingPath + [key])
     }
     mutating func superEncoder() -> any Encoder { superEncoder(named: "super") }
     mutating func superEncoder(forKey key: Key) -> any Encoder { superEncoder(named: key.stringValue) }
     private func superEncoder(named name: String) -> any Encoder {
         let encoder = NodeEncoder(path: codingPath)
-        box.set(name) { encoder.node }
+        box.set(name, .encoder(encoder))
         return encoder
     }
 }
@@ -288,24 +307,37 @@ struct ArrayWriter: UnkeyedEncodingContainer {
     let codingPath: [any CodingKey]
     var count: Int { box.elements.count }
 
-    mutating func encodeNil() throws { box.elements.append { .null } }
+    mutating func encodeNil() throws { box.elements.append(.value(.null)) }
+    mutating func encode(_ value: Bool) throws { box.elements.append(.value(.bool(value))) }
+    mutating func encode(_ value: String) throws { box.elements.append(.value(.string(value))) }
+    mutating func encode(_ value: Double) throws { box.elements.append(.value(.double(value))) }
+    mutating func encode(_ value: Float) throws { box.elements.append(.value(.double(Double(value)))) }
+    mutating func encode(_ value: Int) throws { box.elements.append(.value(.signed(Int64(value)))) }
+    mutating func encode(_ value: Int8) throws { box.elements.append(.value(.signed(Int64(value)))) }
+    mutating func encode(_ value: Int16) throws { box.elements.append(.value(.signed(Int64(value)))) }
+    mutating func encode(_ value: Int32) throws { box.elements.append(.value(.signed(Int64(value)))) }
+    mutating func encode(_ value: Int64) throws { box.elements.append(.value(.signed(value))) }
+    mutating func encode(_ value: UInt) throws { box.elements.append(.value(.unsigned(UInt64(value)))) }
+    mutating func encode(_ value: UInt8) throws { box.elements.append(.value(.unsigned(UInt64(value)))) }
+    mutating func encode(_ value: UInt16) throws { box.elements.append(.value(.unsigned(UInt64(value)))) }
+    mutating func encode(_ value: UInt32) throws { box.elements.append(.value(.unsigned(UInt64(value)))) }
+    mutating func encode(_ value: UInt64) throws { box.elements.append(.value(.unsigned(value))) }
     mutating func encode<T: Encodable>(_ value: T) throws {
-        let node = try Primitive.node(value, path: codingPath)
-        box.elements.append { node }
+        box.elements.append(.value(try Primitive.node(value, path: codingPath)))
     }
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy keyType: NestedKey.Type) -> KeyedEncodingContainer<NestedKey> {
         let nested = KeyedBox()
-        box.elements.append { nested.node }
+        box.elements.append(.keyed(nested))
         return KeyedEncodingContainer(KeyedWriter<NestedKey>(box: nested, codingPath: codingPath))
     }
     mutating func nestedUnkeyedContainer() -> any UnkeyedEncodingContainer {
         let nested = ArrayBox()
-        box.elements.append { nested.node }
+        box.elements.append(.array(nested))
         return ArrayWriter(box: nested, codingPath: codingPath)
     }
     mutating func superEncoder() -> any Encoder {
         let encoder = NodeEncoder(path: codingPath)
-        box.elements.append { encoder.node }
+        box.elements.append(.encoder(encoder))
         return encoder
     }
 }
@@ -319,74 +351,67 @@ struct SingleWriter: SingleValueEncodingContainer {
 
 // MARK: - Decoding
 
-struct NodeDecoder: Decoder {
-    let node: Node
-    let codingPath: [any CodingKey]
-    var userInfo: [CodingUserInfoKey: Any] { [:] }
-
-    init(node: Node, path: [any CodingKey]) {
-        self.node = node
-        codingPath = path
-    }
-
-    func mismatch(_ expected: String) -> DecodingError {
-        .typeMismatch(Any.self, .init(codingPath: codingPath, debugDescription: "expected \(expected), found \(node.kind)"))
-    }
-
-    func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
-        guard case .keyed(let entries) = node else { throw mismatch("a keyed container") }
-        return KeyedDecodingContainer(KeyedReader<Key>(entries: entries, codingPath: codingPath))
-    }
-
-    func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
-        guard case .array(let elements) = node else { throw mismatch("an array") }
-        return ArrayReader(elements: elements, codingPath: codingPath)
-    }
-
-    func singleValueContainer() throws -> any SingleValueDecodingContainer { SingleReader(decoder: self) }
-
-    func decodePrimitive<T: Decodable>(_ type: T.Type) throws -> T {
-        func integer<I: FixedWidthInteger>(_: I.Type) throws -> I {
-            let value: I?
-            switch node {
-            case .signed(let v): value = I(exactly: v)
-            case .unsigned(let v): value = I(exactly: v)
-            default: throw mismatch("an integer")
-            }
-            guard let value else {
-                throw DecodingError.dataCorrupted(.init(codingPath: codingPath, debugDescription: "\(node.kind) does not fit \(I.self)"))
-            }
-            return value
-        }
-        switch type {
-        case is Bool.Type:
-            guard case .bool(let v) = node else { throw mismatch("a boolean") }
-            return v as! T
-        case is String.Type:
-            guard case .string(let v) = node else { throw mismatch("a string") }
-            return v as! T
-        case is Double.Type:
-            guard case .double(let v) = node else { throw mismatch("a number") }
-            return v as! T
-        case is Float.Type:
-            guard case .double(let v) = node else { throw mismatch("a number") }
-            return Float(v) as! T
-        case is Int.Type: return try integer(Int.self) as! T
-        case is Int8.Type: return try integer(Int8.self) as! T
-        case is Int16.Type: return try integer(Int16.self) as! T
-        case is Int32.Type: return try integer(Int32.self) as! T
-        case is Int64.Type: return try integer(Int64.self) as! T
-        case is UInt.Type: return try integer(UInt.self) as! T
-        case is UInt8.Type: return try integer(UInt8.self) as! T
-        case is UInt16.Type: return try integer(UInt16.self) as! T
-        case is UInt32.Type: return try integer(UInt32.self) as! T
-        case is UInt64.Type: return try integer(UInt64.self) as! T
-        default: return try T(from: self)
-        }
-    }
-}
-
+/// Primitives read straight off their node (the containers' concrete overloads, and the generic
+/// path by type identity); the coding path is built only for an error or a nested value.
 extension Node {
+    func mismatch(_ expected: String, at path: [any CodingKey]) -> DecodingError {
+        .typeMismatch(Any.self, .init(codingPath: path, debugDescription: "expected \(expected), found \(kind)"))
+    }
+
+    func bool(at path: @autoclosure () -> [any CodingKey]) throws -> Bool {
+        guard case .bool(let v) = self else { throw mismatch("a boolean", at: path()) }
+        return v
+    }
+
+    func string(at path: @autoclosure () -> [any CodingKey]) throws -> String {
+        guard case .string(let v) = self else { throw mismatch("a string", at: path()) }
+        return v
+    }
+
+    func double(at path: @autoclosure () -> [any CodingKey]) throws -> Double {
+        guard case .double(let v) = self else { throw mismatch("a number", at: path()) }
+        return v
+    }
+
+    func integer<I: FixedWidthInteger>(_: I.Type, at path: @autoclosure () -> [any CodingKey]) throws -> I {
+        let value: I?
+        switch self {
+        case .signed(let v): value = I(exactly: v)
+        case .unsigned(let v): value = I(exactly: v)
+        default: throw mismatch("an integer", at: path())
+        }
+        guard let value else {
+            throw DecodingError.dataCorrupted(.init(codingPath: path(), debugDescription: "\(kind) does not fit \(I.self)"))
+        }
+        return value
+    }
+
+    /// A primitive `T` by its type's identity (a pointer comparison, no dynamic cast), or nil
+    /// when `T` is not one.
+    func primitive<T>(_ type: T.Type, at path: @autoclosure () -> [any CodingKey]) throws -> T? {
+        if T.self == UInt64.self { return unsafeBitCast(try integer(UInt64.self, at: path()), to: T.self) }
+        if T.self == UInt32.self { return unsafeBitCast(try integer(UInt32.self, at: path()), to: T.self) }
+        if T.self == String.self { return unsafeBitCast(try string(at: path()), to: T.self) }
+        if T.self == Bool.self { return unsafeBitCast(try bool(at: path()), to: T.self) }
+        if T.self == Int.self { return unsafeBitCast(try integer(Int.self, at: path()), to: T.self) }
+        if T.self == UInt8.self { return unsafeBitCast(try integer(UInt8.self, at: path()), to: T.self) }
+        if T.self == UInt16.self { return unsafeBitCast(try integer(UInt16.self, at: path()), to: T.self) }
+        if T.self == UInt.self { return unsafeBitCast(try integer(UInt.self, at: path()), to: T.self) }
+        if T.self == Int64.self { return unsafeBitCast(try integer(Int64.self, at: path()), to: T.self) }
+        if T.self == Int32.self { return unsafeBitCast(try integer(Int32.self, at: path()), to: T.self) }
+        if T.self == Int16.self { return unsafeBitCast(try integer(Int16.self, at: path()), to: T.self) }
+        if T.self == Int8.self { return unsafeBitCast(try integer(Int8.self, at: path()), to: T.self) }
+        if T.self == Double.self { return unsafeBitCast(try double(at: path()), to: T.self) }
+        if T.self == Float.self { return unsafeBitCast(Float(try double(at: path())), to: T.self) }
+        return nil
+    }
+
+    /// `T` from this node at `path`: a primitive directly, anything else by its own `init(from:)`.
+    func decode<T: Decodable>(_ type: T.Type, at path: @autoclosure () -> [any CodingKey]) throws -> T {
+        if let value = try primitive(type, at: path()) { return value }
+        return try T(from: NodeDecoder(node: self, path: path()))
+    }
+
     var kind: String {
         switch self {
         case .null: "nil"
@@ -398,6 +423,35 @@ extension Node {
         case .array: "an array"
         case .keyed: "a keyed container"
         }
+    }
+}
+
+struct NodeDecoder: Decoder {
+    let node: Node
+    let codingPath: [any CodingKey]
+    var userInfo: [CodingUserInfoKey: Any] { [:] }
+
+    init(node: Node, path: [any CodingKey]) {
+        self.node = node
+        codingPath = path
+    }
+
+    func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
+        guard case .keyed(let entries) = node else { throw node.mismatch("a keyed container", at: codingPath) }
+        return KeyedDecodingContainer(KeyedReader<Key>(entries: entries, codingPath: codingPath))
+    }
+
+    func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
+        guard case .array(let elements) = node else { throw node.mismatch("an array", at: codingPath) }
+        return ArrayReader(elements: elements, codingPath: codingPath)
+    }
+
+    func singleValueContainer() throws -> any SingleValueDecodingContainer { SingleReader(decoder: self) }
+
+    /// A single value: a primitive off the node, anything else decodes itself from this decoder.
+    func decodeValue<T: Decodable>(_ type: T.Type) throws -> T {
+        if let value = try node.primitive(type, at: codingPath) { return value }
+        return try T(from: self)
     }
 }
 
@@ -422,8 +476,22 @@ struct KeyedReader<Key: CodingKey>: KeyedDecodingContainerProtocol {
         if case .null = try value(key) { return true }
         return false
     }
+    func decode(_ type: Bool.Type, forKey key: Key) throws -> Bool { try value(key).bool(at: codingPath + [key]) }
+    func decode(_ type: String.Type, forKey key: Key) throws -> String { try value(key).string(at: codingPath + [key]) }
+    func decode(_ type: Double.Type, forKey key: Key) throws -> Double { try value(key).double(at: codingPath + [key]) }
+    func decode(_ type: Float.Type, forKey key: Key) throws -> Float { Float(try value(key).double(at: codingPath + [key])) }
+    func decode(_ type: Int.Type, forKey key: Key) throws -> Int { try value(key).integer(type, at: codingPath + [key]) }
+    func decode(_ type: Int8.Type, forKey key: Key) throws -> Int8 { try value(key).integer(type, at: codingPath + [key]) }
+    func decode(_ type: Int16.Type, forKey key: Key) throws -> Int16 { try value(key).integer(type, at: codingPath + [key]) }
+    func decode(_ type: Int32.Type, forKey key: Key) throws -> Int32 { try value(key).integer(type, at: codingPath + [key]) }
+    func decode(_ type: Int64.Type, forKey key: Key) throws -> Int64 { try value(key).integer(type, at: codingPath + [key]) }
+    func decode(_ type: UInt.Type, forKey key: Key) throws -> UInt { try value(key).integer(type, at: codingPath + [key]) }
+    func decode(_ type: UInt8.Type, forKey key: Key) throws -> UInt8 { try value(key).integer(type, at: codingPath + [key]) }
+    func decode(_ type: UInt16.Type, forKey key: Key) throws -> UInt16 { try value(key).integer(type, at: codingPath + [key]) }
+    func decode(_ type: UInt32.Type, forKey key: Key) throws -> UInt32 { try value(key).integer(type, at: codingPath + [key]) }
+    func decode(_ type: UInt64.Type, forKey key: Key) throws -> UInt64 { try value(key).integer(type, at: codingPath + [key]) }
     func decode<T: Decodable>(_ type: T.Type, forKey key: Key) throws -> T {
-        try NodeDecoder(node: try value(key), path: codingPath + [key]).decodePrimitive(type)
+        try value(key).decode(type, at: codingPath + [key])
     }
     func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type, forKey key: Key) throws -> KeyedDecodingContainer<NestedKey> {
         try NodeDecoder(node: try value(key), path: codingPath + [key]).container(keyedBy: type)
@@ -455,25 +523,52 @@ struct ArrayReader: UnkeyedDecodingContainer {
         self.codingPath = codingPath
     }
 
-    mutating func next() throws -> NodeDecoder {
+    /// The next element, and its path (built only when asked for).
+    mutating func next() throws -> (node: Node, index: Int) {
         guard !isAtEnd else {
             throw DecodingError.valueNotFound(Any.self, .init(codingPath: codingPath + [IndexKey(currentIndex)], debugDescription: "the array has only \(elements.count) elements"))
         }
         defer { currentIndex += 1 }
-        return NodeDecoder(node: elements[currentIndex], path: codingPath + [IndexKey(currentIndex)])
+        return (elements[currentIndex], currentIndex)
     }
+
+    func path(_ index: Int) -> [any CodingKey] { codingPath + [IndexKey(index)] }
 
     mutating func decodeNil() throws -> Bool {
         guard !isAtEnd, case .null = elements[currentIndex] else { return false }
         currentIndex += 1
         return true
     }
-    mutating func decode<T: Decodable>(_ type: T.Type) throws -> T { try next().decodePrimitive(type) }
-    mutating func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type) throws -> KeyedDecodingContainer<NestedKey> {
-        try next().container(keyedBy: type)
+    mutating func decode(_ type: Bool.Type) throws -> Bool { let (node, i) = try next(); return try node.bool(at: path(i)) }
+    mutating func decode(_ type: String.Type) throws -> String { let (node, i) = try next(); return try node.string(at: path(i)) }
+    mutating func decode(_ type: Double.Type) throws -> Double { let (node, i) = try next(); return try node.double(at: path(i)) }
+    mutating func decode(_ type: Float.Type) throws -> Float { let (node, i) = try next(); return Float(try node.double(at: path(i))) }
+    mutating func decode(_ type: Int.Type) throws -> Int { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode(_ type: Int8.Type) throws -> Int8 { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode(_ type: Int16.Type) throws -> Int16 { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode(_ type: Int32.Type) throws -> Int32 { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode(_ type: Int64.Type) throws -> Int64 { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode(_ type: UInt.Type) throws -> UInt { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode(_ type: UInt8.Type) throws -> UInt8 { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode(_ type: UInt16.Type) throws -> UInt16 { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode(_ type: UInt32.Type) throws -> UInt32 { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode(_ type: UInt64.Type) throws -> UInt64 { let (node, i) = try next(); return try node.integer(type, at: path(i)) }
+    mutating func decode<T: Decodable>(_ type: T.Type) throws -> T {
+        let (node, i) = try next()
+        return try node.decode(type, at: path(i))
     }
-    mutating func nestedUnkeyedContainer() throws -> any UnkeyedDecodingContainer { try next().unkeyedContainer() }
-    mutating func superDecoder() throws -> any Decoder { try next() }
+    mutating func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type) throws -> KeyedDecodingContainer<NestedKey> {
+        let (node, i) = try next()
+        return try NodeDecoder(node: node, path: path(i)).container(keyedBy: type)
+    }
+    mutating func nestedUnkeyedContainer() throws -> any UnkeyedDecodingContainer {
+        let (node, i) = try next()
+        return try NodeDecoder(node: node, path: path(i)).unkeyedContainer()
+    }
+    mutating func superDecoder() throws -> any Decoder {
+        let (node, i) = try next()
+        return NodeDecoder(node: node, path: path(i))
+    }
 }
 
 struct SingleReader: SingleValueDecodingContainer {
@@ -483,5 +578,5 @@ struct SingleReader: SingleValueDecodingContainer {
         if case .null = decoder.node { return true }
         return false
     }
-    func decode<T: Decodable>(_ type: T.Type) throws -> T { try decoder.decodePrimitive(type) }
+    func decode<T: Decodable>(_ type: T.Type) throws -> T { try decoder.decodeValue(type) }
 }

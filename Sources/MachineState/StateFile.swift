@@ -12,7 +12,11 @@ public enum StateFile {
 
     /// The header and payload for `value`.
     public static func encode<T: Encodable>(_ value: T) throws(SwiftletError) -> [UInt8] {
-        let payload = try CompactCoder.encode(value)
+        file(payload: try CompactCoder.encode(value))
+    }
+
+    /// The header and `payload` (a value's `CompactCoder` encoding).
+    public static func file(payload: [UInt8]) -> [UInt8] {
         var header = magic
         header += LittleEndian.bytes(UInt64(version), 4) + LittleEndian.bytes(UInt64(headerSize), 4) + LittleEndian.bytes(UInt64(payload.count), 8)
         header += SHA256.hash(payload)

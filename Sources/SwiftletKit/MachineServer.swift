@@ -217,6 +217,7 @@ public enum MachineServer {
             let path = snapshot.directory
             // The state is read once, for the record and the restore.
             let read = try Machine.readSnapshot(path)
+            snapshot.mark("state read")
             var (record, disk) = try MachineSnapshotRecord.read(read, directory: path)
             // The machine's own disk is the arrived one (one file, two names until `migratedPath` goes).
             try FileTree.link(disk, as: directory.diskPath)
@@ -226,6 +227,7 @@ public enum MachineServer {
                 policy.hasNetwork ? try MachineNetwork(deferred: policy, logFile: directory.passtLogPath) : nil
             }
             arrived = (record, network)
+            snapshot.mark("record")
             // The pages the guest kept writing during the copy are copied in as it starts.
             return try Machine.restoring(from: path, consoleOutput: console, vsockPorts: port, diffable: false,
                                          writableDisks: [DiskConfig(path: directory.diskPath)], prefetchWorkingSet: true,

@@ -217,8 +217,10 @@ extension Machine {
             var snapshot = try pausedState(machine, id: id, annotations: annotations)
             pause.mark("state taken")
             for index in writable { snapshot.hardware.disks[index].file = SnapshotDirectory.diskFileName(index) }
-            let state = try StateFile.encode(snapshot)
+            let payload = try CompactCoder.encode(snapshot)
             pause.mark("state encoded")
+            let state = StateFile.file(payload: payload)
+            pause.mark("state checksummed")
             guard state.count <= MigrationChannel.maximumPayload else {
                 throw SwiftletError(.unsupported, "the machine's state is \(state.count) bytes; a migration carries at most \(MigrationChannel.maximumPayload)")
             }
@@ -559,7 +561,9 @@ extension Machine {
                 postcopy = pages
                 postcopySender = sender
             }
-            machine = try restore(ArrivedSnapshot(directory: target.path, lazyMemory: postcopy))
+            let arrived = ArrivedSnapshot(directory: target.path, lazyMemory: postcopy)
+            machine = try restore(arrived)
+            for step in arrived.steps.withLock({ $0 }) { timeline.mark(step.name, at: step.time) }
             timeline.mark("restored")
         } catch {
             channel.abort("the destination cannot restore the machine: \(error.description)")
@@ -622,7 +626,12 @@ public final class IncomingMigration: @unchecked Sendable {
     /// Post-copy: starts the thread that takes the pages still to come into the memory file.
     public func takeOver() throws(SwiftletError) {
         do throws(SwiftletError) {
-            timelineLock.withLock { $0.mark("built") }
+            // The build's own steps (`Machine.buildSteps`), then its end.
+            let steps = machine.buildSteps
+            timelineLock.withLock { timeline in
+                for step in steps where step.name != "start" { timeline.mark(step.name, at: step.end) }
+                timeline.mark("built")
+            }
             try sender.send(.ready)
             if let postcopy {
                 // The fetching thread receives everything now; it tells of the `go`.
@@ -708,8 +717,8 @@ public struct MigrationTimeline: Sendable, Codable, Equatable, CustomStringConve
 
     init(start: UInt64) { self.start = start }
 
-    mutating func mark(_ name: String) {
-        steps.append(Step(name: name, milliseconds: Double(MonotonicClock.now &- start) / 1e6))
+    mutating func mark(_ name: String, at time: UInt64 = MonotonicClock.now) {
+        steps.append(Step(name: name, milliseconds: Double(Int64(bitPattern: time &- start)) / 1e6))
     }
 
     public static func == (a: Self, b: Self) -> Bool { a.steps == b.steps }
@@ -738,9 +747,19 @@ final class MigrationSender: @unchecked Sendable {
 /// The snapshot a migration received, for the caller's restore: its directory and, for a
 /// post-copy migration, the memory to restore it with (`Machine.restoring(…lazyMemory:)`): the
 /// pages still at the source arrive as the guest touches them.
-public struct ArrivedSnapshot: Sendable {
-    public var directory: String
-    public var lazyMemory: (any MemoryImageSource)?
+public final class ArrivedSnapshot: Sendable {
+    public let directory: String
+    public let lazyMemory: (any MemoryImageSource)?
+    /// Steps of the caller's restore, for the destination's timeline (`mark`).
+    let steps = Mutex<[(name: String, time: UInt64)]>([])
+
+    /// Notes that a step of the restore ended now (the destination's log shows it in its pause).
+    public func mark(_ name: String) { steps.withLock { $0.append((name, MonotonicClock.now)) } }
+
+    init(directory: String, lazyMemory: (any MemoryImageSource)?) {
+        self.directory = directory
+        self.lazyMemory = lazyMemory
+    }
 }
 
 /// A post-copy migration's memory, for `LazyMemory`: the memory file the migration filled, in

@@ -45,6 +45,10 @@ public final class Machine: Sendable {
     /// A machine restored with lazy memory: what fills it (kept as long as the machine, whose
     /// memory it holds).
     let lazyMemory = Mutex<LazyMemory?>(nil)
+    /// When each step of the latest build ended (CLOCK_MONOTONIC ns), set before
+    /// `runBlocking`'s `beforeGuestRuns`: "start", "kvm", "vm", "memory", "load".
+    private let buildStepsLock = Mutex<[(name: String, end: UInt64)]>([])
+    package var buildSteps: [(name: String, end: UInt64)] { buildStepsLock.withLock { $0 } }
     /// The key its guest agent proves it holds on every session (`AgentKey`, `AgentSession.open`).
     let agentKey: Mutex<AgentKeyState>
 
@@ -113,6 +117,7 @@ public final class Machine: Sendable {
             built = try buildFromSnapshot(plan, controller: controller, phases: &phases, onBootMarker: onBootMarker)
         }
         defer { built.parts.tearDown() }
+        buildStepsLock.withLock { $0 = phases }
         // A machine that shares host directories writes the files its guest writes there: those
         // are as large as the guest makes them (a host directory's own disk bounds them).
         try beforeGuestRuns?(shape.volumes.isEmpty ? Self.largestFileBytes(memoryMiB: shape.memoryMiB, diskSizes: built.parts.diskSizes) : UInt64.max)

@@ -43,6 +43,28 @@ import Testing
         #expect(try CompactCoder.decode(String.self, from: CompactCoder.encode("top")) == "top")
     }
 
+    /// The bytes themselves (docs/snapshot-format.md): a keyed container of a true, a UInt32, an
+    /// Int8, a string and an array of one UInt8; an absent optional is left out.
+    @Test func theEncodingIsTheDocumentedBytes() throws {
+        struct Small: Codable, Equatable {
+            var b = true
+            var u: UInt32 = 1
+            var i: Int8 = -1
+            var s = "h"
+            var l: [UInt8] = [2]
+            var n: Int?
+        }
+        func key(_ name: String) -> [UInt8] { [1, 0, 0, 0] + Array(name.utf8) }
+        let entries: [UInt8] = key("b") + [2]
+            + key("u") + [4, 1, 0, 0, 0, 0, 0, 0, 0]
+            + key("i") + [3] + [UInt8](repeating: 0xFF, count: 8)
+            + key("s") + [6, 1, 0, 0, 0, 0x68]
+            + key("l") + [7, 13, 0, 0, 0, 1, 0, 0, 0, 4, 2, 0, 0, 0, 0, 0, 0, 0]
+        let expected: [UInt8] = [8, UInt8(entries.count + 4), 0, 0, 0, 5, 0, 0, 0] + entries
+        #expect(try CompactCoder.encode(Small()) == expected)
+        #expect(try CompactCoder.decode(Small.self, from: expected) == Small())
+    }
+
     @Test func missingKeysReadAsAbsentAndExtraKeysAreIgnored() throws {
         struct Old: Codable { var a = 1; var gone = "x" }
         struct New: Codable, Equatable { var a: Int; var added: String? }
