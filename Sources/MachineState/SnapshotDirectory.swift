@@ -58,13 +58,14 @@ public struct SnapshotDirectory: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// Moves this (complete) partial directory to `target`, which must not exist, and makes the
-    /// move durable. Throws `EEXIST`/`ENOTEMPTY` as a system-call error when another writer got
+    /// move durable unless `durably` is false (a directory that only feeds what this process
+    /// does next, which a crash ends anyway). Throws `EEXIST`/`ENOTEMPTY` as a system-call error when another writer got
     /// there first (the caller decides whether that one serves as well).
-    public func commit(as target: SnapshotDirectory) throws(SwiftletError) {
+    public func commit(as target: SnapshotDirectory, durably: Bool = true) throws(SwiftletError) {
         guard rename(path, target.path) == 0 else {
             throw SwiftletError.system("cannot move the snapshot into \(target.path)", errno: currentErrno)
         }
-        FileTree.syncParent(of: target.path)
+        if durably { FileTree.syncParent(of: target.path) }
     }
 
     /// Deletes the directory and its files (an abandoned partial snapshot, a removed template).

@@ -213,6 +213,8 @@ public enum MachineServer {
         if let null = try? OwnedFileDescriptor.open("/dev/null", flags: O_RDONLY) { dup2(null.rawValue, receiving.listener) }
         if access(directory.migratedPath, F_OK) == 0 { SnapshotDirectory(directory.migratedPath).remove() }
         var arrived: (record: MachineRecord, network: MachineNetwork?)?
+        // The filters this process installs before its guest runs, compiled while memory arrives.
+        Confinement.prepare(.vmm)
         let migration = try Machine.receiveMigration(over: channel, into: directory.migratedPath) { snapshot throws(SwiftletError) in
             let path = snapshot.directory
             // The state is read once, for the record and the restore.
@@ -248,11 +250,12 @@ public enum MachineServer {
                                  network: MachineNetwork?) throws(SwiftletError) {
         try migration.takeOver()
         do { try directory.writeRecord(record) } catch { log("the machine runs, but its record could not be written: \(error.description)") }
+        migration.mark("recorded")
         // The source's passt lets its published ports go as its process ends.
         do { try network?.start(busyPortMilliseconds: 10_000) } catch {
             log("the machine runs without its network: \(error.description)")
         }
-        migration.mark("recorded")
+        migration.mark("taken over")
     }
 
     /// Serves the built machine `vm` until its run ends.
@@ -262,8 +265,11 @@ public enum MachineServer {
         var built: (@Sendable () throws(SwiftletError) -> Void)?
         var guestStarts: (@Sendable () -> Void)?
         if let incoming {
-            built = { () throws(SwiftletError) in try takeOver(incoming, directory: directory, record: record, network: network) }
+            built = { () throws(SwiftletError) in
+                try takeOver(incoming, directory: directory, record: record, network: network)
+            }
             guestStarts = {
+                incoming.mark("confined")
                 incoming.confirmRunning()
                 log("arrived by migration; its pause here: state arrived, \(incoming.timeline)")
             }

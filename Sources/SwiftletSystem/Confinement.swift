@@ -55,7 +55,7 @@ public enum Confinement {
         if let largestFile { try limitFileSize(largestFile) }
         guard mode != .off else { return }
         try Seccomp.reportForbiddenCalls()
-        try Seccomp.install(filter(role, defaultAction: mode == .log ? .log : .trap))
+        try Seccomp.install(program: compiled(role.rawValue, mode) { filter(role, defaultAction: $0) })
         filterMode.withLock { $0 = mode }
         // A test hook: a call the filter refuses, made once it is in place (the process ends
         // with the message above). Harmless without the filter: personality(0xffffffff) only asks.
@@ -106,7 +106,7 @@ public enum Confinement {
     /// socket for vsock forwarding (and threads: a device's event loop may start on the vCPU
     /// thread that activates the device, and then adds its own filter).
     public static func confineVCPUThread() throws(SwiftletError) {
-        _ = try confineThread(vcpuFilter, "a vCPU thread")
+        _ = try confineThread("vcpu", vcpuFilter, "a vCPU thread")
     }
 
     /// Adds the device threads' filter to the calling thread (a virtio device's event loop,
@@ -116,16 +116,41 @@ public enum Confinement {
     /// Returns false, doing nothing, while this process has not confined itself: a device's thread
     /// may start before that (at a restore), and calls again (`DeviceThreadConfinement`).
     public static func confineDeviceThread() throws(SwiftletError) -> Bool {
-        try confineThread(deviceFilter, "a device thread")
+        try confineThread("device", deviceFilter, "a device thread")
     }
 
     /// Whether it installed the filter (false: this process has no filter, yet or at all).
-    private static func confineThread(_ filter: (SeccompFilter.Action) -> SeccompFilter, _ what: String) throws(SwiftletError) -> Bool {
+    private static func confineThread(_ name: String, _ filter: (SeccompFilter.Action) -> SeccompFilter, _ what: String) throws(SwiftletError) -> Bool {
         guard let mode = filterMode.withLock({ $0 }) else { return false }
-        let program = filter(mode == .log ? .log : .trap).program().map { sock_filter(code: $0.code, jt: $0.jt, jf: $0.jf, k: $0.k) }
+        let program = compiled(name, mode, filter).map { sock_filter(code: $0.code, jt: $0.jt, jf: $0.jf, k: $0.k) }
         let result = program.withUnsafeBufferPointer { swiftlet_seccomp_install($0.baseAddress, UInt16($0.count), 0) }
         if result != 0 { throw SwiftletError.system("seccomp(SECCOMP_SET_MODE_FILTER) on \(what)", errno: currentErrno) }
         return true
+    }
+
+    /// Compiled filters by name and mode: each is compiled once per process, and `prepare`
+    /// compiles them ahead (some milliseconds under emulation, which a migration's pause
+    /// would otherwise wait for).
+    private static let programs = Mutex<[String: [BPFInstruction]]>([:])
+
+    private static func compiled(_ name: String, _ mode: Mode, _ filter: (SeccompFilter.Action) -> SeccompFilter) -> [BPFInstruction] {
+        let key = name + " " + mode.rawValue
+        if let program = programs.withLock({ $0[key] }) { return program }
+        let program = filter(mode == .log ? .log : .trap).program()
+        programs.withLock { $0[key] = program }
+        return program
+    }
+
+    /// Compiles the filters a process of `role` and its threads will install, for the mode
+    /// `SWIFTLET_SECCOMP` asks for, so that `confine` and the threads' filters only install them.
+    /// Call it where the process waits anyway (a machine arriving by migration, during its rounds).
+    public static func prepare(_ role: Role) {
+        guard let mode = try? mode(), mode != .off else { return }
+        _ = compiled(role.rawValue, mode) { filter(role, defaultAction: $0) }
+        guard role == .vmm else { return }
+        _ = compiled("vcpu", mode, vcpuFilter)
+        _ = compiled("device", mode, deviceFilter)
+        _ = compiled("file server", mode, fileServerFilter)
     }
 
     /// The filter a process of `role` gets. The hot calls come first (a rule that does not
@@ -163,7 +188,7 @@ public enum Confinement {
 
     /// Adds the file server threads' filter to the calling thread, as `confineDeviceThread`.
     public static func confineFileServerThread() throws(SwiftletError) -> Bool {
-        try confineThread(fileServerFilter, "a file server thread")
+        try confineThread("file server", fileServerFilter, "a file server thread")
     }
 
     /// What a thread that serves from its own descriptors needs besides: I/O on them, memory,

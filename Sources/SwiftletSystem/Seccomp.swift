@@ -187,7 +187,11 @@ public enum Seccomp {
     /// every thread of the process (SECCOMP_FILTER_FLAG_TSYNC) and on every thread started later.
     /// A filter cannot be removed; a second one stacks (both apply).
     public static func install(_ filter: SeccompFilter) throws(SwiftletError) {
-        let program = filter.program()
+        try install(program: filter.program())
+    }
+
+    /// `install` of a filter compiled before (`SeccompFilter.program`).
+    public static func install(program: [BPFInstruction]) throws(SwiftletError) {
         guard program.count <= 4096 else {
             throw SwiftletError(.invalidArgument, "the seccomp filter has \(program.count) instructions; the kernel takes at most 4096")
         }
