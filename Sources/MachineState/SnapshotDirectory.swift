@@ -59,8 +59,8 @@ public struct SnapshotDirectory: Sendable, Equatable, CustomStringConvertible {
 
     /// Moves this (complete) partial directory to `target`, which must not exist, and makes the
     /// move durable unless `durably` is false (a directory that only feeds what this process
-    /// does next, which a crash ends anyway). Throws `EEXIST`/`ENOTEMPTY` as a system-call error when another writer got
-    /// there first (the caller decides whether that one serves as well).
+    /// does next, which a crash ends anyway). Throws `EEXIST`/`ENOTEMPTY` as a system-call error
+    /// when another writer got there first (the caller decides whether that one serves as well).
     public func commit(as target: SnapshotDirectory, durably: Bool = true) throws(SwiftletError) {
         guard rename(path, target.path) == 0 else {
             throw SwiftletError.system("cannot move the snapshot into \(target.path)", errno: currentErrno)

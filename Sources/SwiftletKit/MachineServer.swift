@@ -265,9 +265,7 @@ public enum MachineServer {
         var built: (@Sendable () throws(SwiftletError) -> Void)?
         var guestStarts: (@Sendable () -> Void)?
         if let incoming {
-            built = { () throws(SwiftletError) in
-                try takeOver(incoming, directory: directory, record: record, network: network)
-            }
+            built = { () throws(SwiftletError) in try takeOver(incoming, directory: directory, record: record, network: network) }
             guestStarts = {
                 incoming.mark("confined")
                 incoming.confirmRunning()
