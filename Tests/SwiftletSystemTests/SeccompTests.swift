@@ -5,8 +5,8 @@ import Synchronization
 import Testing
 
 /// The seccomp filter builder: the program's shape and jumps, and what it decides for given calls,
-/// found by running it on a small classic-BPF interpreter (no filter is ever installed on this
-/// process: it would stay on the test runner).
+/// found by running it on a small classic-BPF interpreter (no filter is installed on this
+/// process, where it would stay on the test runner, but one, on a thread of its own that ends).
 @Suite struct SeccompTests {
     /// Runs `program` the way the kernel runs a seccomp filter over `struct seccomp_data`, and
     /// returns what it returns. Fails the test on a jump out of the program or an unknown opcode.
