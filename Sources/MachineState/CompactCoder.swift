@@ -447,12 +447,6 @@ struct NodeDecoder: Decoder {
     }
 
     func singleValueContainer() throws -> any SingleValueDecodingContainer { SingleReader(decoder: self) }
-
-    /// A single value: a primitive off the node, anything else decodes itself from this decoder.
-    func decodeValue<T: Decodable>(_ type: T.Type) throws -> T {
-        if let value = try node.primitive(type, at: codingPath) { return value }
-        return try T(from: self)
-    }
 }
 
 struct KeyedReader<Key: CodingKey>: KeyedDecodingContainerProtocol {
@@ -578,5 +572,5 @@ struct SingleReader: SingleValueDecodingContainer {
         if case .null = decoder.node { return true }
         return false
     }
-    func decode<T: Decodable>(_ type: T.Type) throws -> T { try decoder.decodeValue(type) }
+    func decode<T: Decodable>(_ type: T.Type) throws -> T { try decoder.node.decode(type, at: decoder.codingPath) }
 }
