@@ -176,10 +176,13 @@ public enum MachineServer {
         if let snapshot {
             // The snapshot's writable disk is the machine's own disk, already copied (restore) or
             // shared copy-on-write (fork) by the command that made the machine.
+            // Its volumes are the record's (this host's user chose them for it, or for the machine it was forked from).
+            let volumes = record.volumes ?? []
+            try VolumeMount.validate(volumes)
             return try Machine.restoring(from: snapshot, consoleOutput: console, vsockPorts: port, diffable: diffable,
                                          writableDisks: [DiskConfig(path: directory.diskPath, base: record.diskBase)],
                                          readOnlyDisks: SnapshotPaths.resolver(trusting: record, pack: access(directory.packPath, F_OK) == 0 ? directory.packPath : nil),
-                                         network: nic)
+                                         network: nic, volumes: VolumeMount.shared(volumes))
         }
         var config = try config(record, directory: directory, console: console)
         config.network = nic

@@ -11,7 +11,11 @@ import VMM
 enum MachineSnapshotRecord {
     static let recordAnnotation = "swiftlet.machine.record"
 
+    /// The record as a snapshot carries it: its volumes without their host directories (where
+    /// the user's files are is not the snapshot's to tell; a restore is given them again).
     static func encode(_ record: MachineRecord) throws(SwiftletError) -> String {
+        var record = record
+        record.volumes = record.volumes?.map { VolumeMount(hostPath: "", guestPath: $0.guestPath, readOnly: $0.readOnly) }
         do { return String(decoding: try JSONEncoder().encode(record), as: UTF8.self) } catch {
             throw SwiftletError(.invalidFormat, "cannot encode the machine record: \(error)")
         }
@@ -43,6 +47,17 @@ enum MachineSnapshotRecord {
         do { return (try SnapshotPaths.checked(record), disks[0]) } catch {
             throw SwiftletError(error.code, "cannot use the snapshot in \(directory): \(error.message)")
         }
+    }
+}
+
+extension MachineSnapshotRecord {
+    /// The guest directories (and read-only flags) of the volumes the snapshot's machine shared,
+    /// for matching the ones a restore is given; their host paths are never used.
+    static func savedVolumes(_ directory: String) throws(SwiftletError) -> [VolumeMount] {
+        let annotations = try Machine.readSnapshot(directory).annotations
+        guard let text = annotations[recordAnnotation],
+              let record = try? JSONDecoder().decode(MachineRecord.self, from: Data(text.utf8)) else { return [] }
+        return record.volumes ?? []
     }
 }
 
@@ -93,10 +108,16 @@ extension Machines {
     /// Makes a new machine `name` from a machine's snapshot and starts it where the snapshot left
     /// off: it gets a copy of the snapshot's disk and maps its memory copy-on-write; it takes its
     /// own name as hostname and reseeds its kernel's random generator. The snapshot is not modified.
-    public static func restore(snapshot: String, as name: String, timeoutMilliseconds: Int = 120_000) throws(SwiftletError) {
+    /// A machine that shared host directories is given `volumes` for them (a snapshot does not
+    /// hold them): the same guest directories, read-only where they were.
+    public static func restore(snapshot: String, as name: String, volumes: [VolumeMount] = [],
+                               timeoutMilliseconds: Int = 120_000) throws(SwiftletError) {
         let source = absolute(snapshot)
         let directory = try MachineDirectory(name: name)
         var (record, disk) = try MachineSnapshotRecord.read(source)
+        try VolumeMount.validate(volumes)
+        let shared = try VolumeMount.matching(volumes, saved: try MachineSnapshotRecord.savedVolumes(source), what: "the snapshot in \(snapshot)")
+        record.volumes = shared.isEmpty ? nil : shared
         // The name is taken once the record exists: the machine starts outside the lock.
         let launch = try MachineDirectory.withLock { () throws(SwiftletError) -> MachineLifecycle.Launch in
             try directory.makeNew()
@@ -228,6 +249,9 @@ struct Fork {
     /// of the copies' overlays (the directory is the user's and may go, the copies' disks stay).
     func fork(snapshot directory: String, into clones: [MachineDirectory], started: UInt64) throws(SwiftletError) -> ForkReport {
         let (record, disk) = try MachineSnapshotRecord.read(directory)
+        guard try MachineSnapshotRecord.savedVolumes(directory).isEmpty else {
+            throw SwiftletError(.invalidArgument, "the machine in the snapshot in \(from) shared host directories, which a snapshot does not hold: fork the running machine, or restore the snapshot with its volumes given again (`machine restore -v`)")
+        }
         let (launches, copied) = try MachineDirectory.withLock { () throws(SwiftletError) in
             try Self.refuseTaken(clones)
             let base = try Self.newForkDirectory(creating: true)

@@ -69,11 +69,36 @@ public struct VolumeMount: Codable, Sendable, Equatable {
         var seen = Set<String>()
         for mount in mounts {
             try mount.validate()
-            let normalized = "/" + mount.guestPath.split(separator: "/").joined(separator: "/")
+            let normalized = mount.normalizedGuestPath
             guard seen.insert(normalized).inserted else {
                 throw SwiftletError(.invalidArgument, "--volume: two volumes at \(normalized) in the guest")
             }
         }
+    }
+
+    /// The guest path as the agent mounts it (no repeated or trailing slashes).
+    var normalizedGuestPath: String { "/" + guestPath.split(separator: "/").joined(separator: "/") }
+
+    /// `given` in the order of `saved` (the volumes a snapshot's machine had, by guest path):
+    /// the same guest directories, each read-only where it was. `what` names the snapshot.
+    static func matching(_ given: [VolumeMount], saved: [VolumeMount], what: String) throws(SwiftletError) -> [VolumeMount] {
+        let wanted = saved.map { "-v HOST_DIR:\($0.normalizedGuestPath)\($0.readOnly ? ":ro" : "")" }.joined(separator: " ")
+        guard given.count == saved.count else {
+            throw SwiftletError(.invalidArgument, saved.isEmpty
+                ? "the machine in \(what) shared no host directories: it cannot be given volumes"
+                : "the machine in \(what) shared host directories, which a snapshot does not hold: give them again (\(wanted))")
+        }
+        var ordered: [VolumeMount] = []
+        for volume in saved {
+            guard let mount = given.first(where: { $0.normalizedGuestPath == volume.normalizedGuestPath }) else {
+                throw SwiftletError(.invalidArgument, "the machine in \(what) shared host directories at other guest paths: give \(wanted)")
+            }
+            guard mount.readOnly == volume.readOnly else {
+                throw SwiftletError(.invalidArgument, "the machine in \(what) had \(volume.normalizedGuestPath) \(volume.readOnly ? "read-only" : "writable"), and its guest mounted it so: give \(mount.hostPath):\(volume.normalizedGuestPath)\(volume.readOnly ? ":ro" : "")")
+            }
+            ordered.append(mount)
+        }
+        return ordered
     }
 
     /// `swiftlet.volumes=` for the agent: each guest path as hex (any byte survives the command
@@ -81,6 +106,13 @@ public struct VolumeMount: Codable, Sendable, Equatable {
     public static func commandLineOption(_ mounts: [VolumeMount]) -> String {
         let entries = mounts.map { Hex.encode(Array($0.guestPath.utf8)) + ($0.readOnly ? "+ro" : "") }
         return "swiftlet.volumes=" + entries.joined(separator: ",")
+    }
+}
+
+extension VolumeMount {
+    /// The virtio-fs device's volumes for `mounts`, in order.
+    static func shared(_ mounts: [VolumeMount]) -> [SharedVolume] {
+        mounts.map { SharedVolume(path: $0.hostPath, readOnly: $0.readOnly) }
     }
 }
 
@@ -93,7 +125,7 @@ extension MachineConfig {
     /// Shares `mounts` with the guest: the virtio-fs device's volumes and the agent's option.
     public mutating func share(_ mounts: [VolumeMount]) {
         guard !mounts.isEmpty else { return }
-        volumes = mounts.map { SharedVolume(path: $0.hostPath, readOnly: $0.readOnly) }
+        volumes = VolumeMount.shared(mounts)
         commandLine += " " + VolumeMount.commandLineOption(mounts)
     }
 }

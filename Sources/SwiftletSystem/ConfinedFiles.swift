@@ -60,6 +60,38 @@ public enum ConfinedFiles {
         return fd >= 0 ? .success(SharedDescriptor(taking: fd)) : .failure(.current)
     }
 
+    /// The file at `names` (single components, each checked by `checkName`) beneath
+    /// `directory`, as an SWIFTLET_O_PATH descriptor: one openat2 that stays beneath the directory and
+    /// follows no symlink on the way (a symlink as the last name is the symlink itself). No names:
+    /// the directory again.
+    public static func lookup(_ directory: Int32, path names: [[UInt8]]) -> Result<SharedDescriptor, FileErrno> {
+        var path: [UInt8] = names.isEmpty ? [0x2E] : []
+        for name in names {
+            if case .failure(let e) = checkName(name) { return .failure(e) }
+            if !path.isEmpty { path.append(0x2F) }
+            path += name
+        }
+        guard path.count < 4096 else { return .failure(.nameTooLong) }
+        path.append(0)
+        let fd = path.withUnsafeBufferPointer { bytes in
+            bytes.withMemoryRebound(to: CChar.self) {
+                swiftlet_openat2(directory, $0.baseAddress, UInt64(SWIFTLET_O_PATH | O_NOFOLLOW | O_CLOEXEC), 0, resolve)
+            }
+        }
+        return fd >= 0 ? .success(SharedDescriptor(taking: fd)) : .failure(.current)
+    }
+
+    /// Where a held file is now, as the host's kernel names it (`/proc/self/fd`): its path from
+    /// the root, or nil when it has no name any more (removed) or the kernel cannot say.
+    /// For saving which file a descriptor is, never for opening it by that path.
+    public static func currentPath(_ fd: Int32) -> [UInt8]? {
+        guard case .success(let st) = status(fd), st.st_nlink > 0 else { return nil }
+        var buffer = [UInt8](repeating: 0, count: 4097)
+        let n = buffer.withUnsafeMutableBytes { readlink(procPath(fd), $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count) }
+        guard n > 0, n < buffer.count, buffer[0] == 0x2F else { return nil }
+        return Array(buffer.prefix(n))
+    }
+
     /// lstat of a held file.
     public static func status(_ fd: Int32) -> Result<stat, FileErrno> {
         var st = stat()

@@ -107,7 +107,7 @@ extension Machine {
             copies.append(try Self.restoring(from: directory, consoleOutput: o.consoleOutput, kvmPath: shape.kvmPath,
                                              allowPVM: shape.allowPVM, vsockPorts: o.vsockPorts,
                                              vsockForwards: shape.vsock?.forwards ?? [:], diffable: false, writableDisks: o.writableDisks,
-                                             readOnlyDisks: ownDisks, network: o.network, hypervisor: openHypervisor))
+                                             readOnlyDisks: ownDisks, network: o.network, volumes: shape.volumes, hypervisor: openHypervisor))
         }
         return copies
     }

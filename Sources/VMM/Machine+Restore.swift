@@ -67,6 +67,21 @@ struct RestorePlan: Sendable {
         }
     }
 
+    /// Checks that `given` are directories for the volumes the snapshot's machine shared: as
+    /// many, each read-only where that one was (the guest mounted it so). A snapshot never says
+    /// where they were: the caller gives them.
+    func checkVolumes(_ given: [SharedVolume]) throws(SwiftletError) {
+        let saved = snapshot.hardware.volumes ?? []
+        guard given.count == saved.count else {
+            throw SwiftletError(.invalidArgument, saved.isEmpty
+                ? "the machine in the snapshot in \(directory.path) shared no host directories: it cannot be given \(given.count) when restored"
+                : "the machine in the snapshot in \(directory.path) shared \(saved.count) host \(saved.count == 1 ? "directory" : "directories") (--volume), but \(given.count) \(given.count == 1 ? "was" : "were") given: a snapshot does not hold them, so a restore must be given the same ones again")
+        }
+        for (index, (volume, directoryGiven)) in zip(saved, given).enumerated() where volume.readOnly != directoryGiven.readOnly {
+            throw SwiftletError(.invalidArgument, "volume \(index + 1) of the machine in the snapshot in \(directory.path) was \(volume.readOnly ? "read-only" : "writable"), but \(directoryGiven.path) was given \(directoryGiven.readOnly ? "read-only" : "writable"): its guest mounted it as it was")
+        }
+    }
+
     /// The file in the snapshot's directory that holds writable disk `disk`, checked: a `disk-N`
     /// name, a regular file (not a symbolic link or a device) of the size the state records.
     func checkedWritableDisk(_ disk: SnapshotDisk) throws(SwiftletError) -> String {
@@ -166,6 +181,9 @@ extension Machine {
     /// A machine that had a network device gets one again, joined to `network`'s backend under
     /// `network`'s policy (its MAC and MTU stay the snapshot's: the guest's driver knows them);
     /// its open flows are gone. One without gets none (`network` must be nil).
+    /// A machine that shared host directories is given them again as `volumes` (as many, read-only
+    /// where they were): the files its guest held there are looked up again by name beneath them;
+    /// those that are gone give the guest ESTALE (or EBADF for an open one).
     /// With `prefetchWorkingSet`, the pages a restore of this snapshot wrote before (recorded by
     /// `saveWorkingSet()`) are copied out of the snapshot by a thread beside the starting guest,
     /// so that its writes there do not each fault in the host; for short runs that repeat the same
@@ -176,7 +194,8 @@ extension Machine {
                                  vsockPorts: (any VsockHostPorts)? = nil, vsockForwards: [UInt32: String] = [:],
                                  diffable: Bool = true, writableDisks: [DiskConfig]? = nil,
                                  prefetchWorkingSet: Bool = false, readOnlyDisks: SnapshotDiskResolver = .none,
-                                 network: NetworkDeviceConfig? = nil, lazyMemory: (any MemoryImageSource)? = nil,
+                                 network: NetworkDeviceConfig? = nil, volumes: [SharedVolume] = [],
+                                 lazyMemory: (any MemoryImageSource)? = nil,
                                  hypervisor: @escaping HypervisorProvider = Machine.defaultHypervisor,
                                  alreadyRead: ReadSnapshot? = nil) throws(SwiftletError) -> Machine {
         var plan: RestorePlan
@@ -189,6 +208,7 @@ extension Machine {
             plan = try RestorePlan.load(SnapshotDirectory(directory))
         }
         let nic = try plan.checkedNetwork(network)
+        try plan.checkVolumes(volumes)
         plan.diffable = diffable
         plan.prefetchesWorkingSet = prefetchWorkingSet
         if let lazyMemory {
@@ -220,7 +240,7 @@ extension Machine {
         let shape = MachineShape(cpuCount: hardware.cpuCount, memoryMiB: hardware.memoryMiB, disks: disks,
                                  entropyDevice: hardware.entropyDevice,
                                  vsock: hardware.vsockGuestCID.map { VsockConfig(guestCID: $0, forwards: vsockForwards) },
-                                 network: nic, balloon: hardware.balloon ?? false, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
+                                 network: nic, balloon: hardware.balloon ?? false, volumes: volumes, kvmPath: kvmPath, allowPVM: allowPVM, consoleOutput: consoleOutput, consoleInput: consoleInput)
         return Machine(restoring: plan, shape: shape, vsockPorts: vsockPorts, hypervisor: hypervisor)
     }
 

@@ -49,7 +49,6 @@ extension Machine {
     }
 
     private func snapshotLocked(to directory: String, kind: SnapshotKind, annotations: [String: String]) throws(SwiftletError) -> SnapshotReport {
-        try refuseWithHostDirectories("snapshotted or forked")
         let target = SnapshotDirectory(directory)
         let machine = try liveMachine()
         if kind == .diff && machine.lastSnapshot == nil {
@@ -163,15 +162,5 @@ extension Machine {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
-    }
-}
-
-extension Machine {
-    /// A machine that shares host directories cannot be saved or moved: the files its guest
-    /// holds open there are host state (checked before anything pauses).
-    func refuseWithHostDirectories(_ what: String) throws(SwiftletError) {
-        guard shape.volumes.isEmpty else {
-            throw SwiftletError(.unsupported, "a machine that shares host directories (--volume) cannot be \(what): the files its guest holds open there are the host's, not the machine's")
-        }
     }
 }

@@ -130,7 +130,8 @@ extension Machine {
         if !shape.volumes.isEmpty {
             // Last of all, like the balloon.
             do throws(SwiftletError) {
-                devices.attachFileSystem(try VirtioFS(volumes: shape.volumes, onError: { controller.warn($0.description) }), makeTransport: makeTransport)
+                devices.attachFileSystem(try VirtioFS(volumes: shape.volumes, onError: { controller.warn($0.description) }), makeTransport: makeTransport,
+                                         warn: { controller.warn($0) })
             } catch {
                 devices.vsock?.stop()
                 devices.network?.stop()

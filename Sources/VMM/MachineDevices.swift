@@ -21,9 +21,11 @@ public struct DeviceID: Hashable, Sendable, CustomStringConvertible {
 public struct DeviceState: Codable, Sendable, Equatable {
     public var serial: SerialState?
     public var virtio: VirtioTransportState?
+    /// A virtio-fs device's file server (with `virtio`, its transport and queues).
+    public var fileServer: FileServerState? = nil
 
-    public init(serial: SerialState? = nil, virtio: VirtioTransportState? = nil) {
-        self.serial = serial; self.virtio = virtio
+    public init(serial: SerialState? = nil, virtio: VirtioTransportState? = nil, fileServer: FileServerState? = nil) {
+        self.serial = serial; self.virtio = virtio; self.fileServer = fileServer
     }
 }
 
@@ -50,10 +52,41 @@ extension VirtioMMIOTransport: Snapshottable {
     func saveDeviceState() throws(SwiftletError) -> DeviceState { DeviceState(virtio: try saveState()) }
 
     func restoreDeviceState(_ saved: DeviceState, id: DeviceID) throws(SwiftletError) {
-        guard let virtio = saved.virtio, saved.serial == nil else {
+        guard let virtio = saved.virtio, saved.serial == nil, saved.fileServer == nil else {
             throw SwiftletError(.invalidFormat, "the saved state of \(id) is not a virtio device's")
         }
         do { try restoreState(virtio) } catch {
+            throw SwiftletError(error.code, "\(id): \(error.message)")
+        }
+    }
+}
+
+/// A virtio-fs device and its transport: the file server's tables are saved beside the
+/// transport's state, and put back before the device serves again.
+final class FileSystemSlot: Snapshottable {
+    let device: VirtioFS
+    let transport: VirtioMMIOTransport
+    let warn: @Sendable (String) -> Void
+
+    init(device: VirtioFS, transport: VirtioMMIOTransport, warn: @escaping @Sendable (String) -> Void) {
+        self.device = device; self.transport = transport; self.warn = warn
+    }
+
+    func saveDeviceState() throws(SwiftletError) -> DeviceState {
+        DeviceState(virtio: try transport.saveState(), fileServer: device.server.saveState())
+    }
+
+    func restoreDeviceState(_ saved: DeviceState, id: DeviceID) throws(SwiftletError) {
+        guard let virtio = saved.virtio, let fileServer = saved.fileServer, saved.serial == nil else {
+            throw SwiftletError(.invalidFormat, "the saved state of \(id) is not a virtio-fs device's")
+        }
+        do throws(SwiftletError) {
+            let losses = try device.server.restore(fileServer)
+            if losses.nodes + losses.handles > 0 {
+                warn("virtio-fs: \(losses.nodes) files and \(losses.handles) open files the guest held are gone from the shared directories (or no longer open as they were): the guest gets ESTALE and EBADF for them")
+            }
+            try transport.restoreState(virtio)
+        } catch {
             throw SwiftletError(error.code, "\(id): \(error.message)")
         }
     }
@@ -114,8 +147,10 @@ struct MachineDevices: Sendable {
         balloon = device
     }
 
-    mutating func attachFileSystem(_ device: VirtioFS, makeTransport: TransportMaker) {
-        attach(device, kind: "virtio-fs", makeTransport: makeTransport)
+    mutating func attachFileSystem(_ device: VirtioFS, makeTransport: TransportMaker, warn: @escaping @Sendable (String) -> Void) {
+        let (id, transport) = attach(device, kind: "virtio-fs", makeTransport: makeTransport)
+        // Saved with its file server's tables.
+        snapshottable[snapshottable.count - 1] = (id, FileSystemSlot(device: device, transport: transport, warn: warn))
         fileSystem = device
     }
 

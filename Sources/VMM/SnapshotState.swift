@@ -19,6 +19,9 @@ public struct SnapshotHardware: Codable, Sendable, Equatable {
     public var network: SnapshotNetwork? = nil
     /// Whether the machine has a balloon device (absent in snapshots from before it had one).
     public var balloon: Bool? = nil
+    /// The directories the machine shared with its guest (virtio-fs), in order: whether each
+    /// was read-only, never where it was (a restore is given the directories; absent: none).
+    public var volumes: [SnapshotVolume]? = nil
 
     init(_ shape: MachineShape, diskSizes: [UInt64]) {
         cpuCount = shape.cpuCount
@@ -28,7 +31,13 @@ public struct SnapshotHardware: Codable, Sendable, Equatable {
         vsockGuestCID = shape.vsock?.guestCID
         balloon = shape.balloon ? true : nil
         network = shape.network.map { SnapshotNetwork(mac: $0.guest.guestMAC, mtu: $0.guest.mtu, policy: $0.policy) }
+        volumes = shape.volumes.isEmpty ? nil : shape.volumes.map { SnapshotVolume(readOnly: $0.readOnly) }
     }
+}
+
+/// A directory a snapshotted machine shared with its guest: only whether it was read-only.
+public struct SnapshotVolume: Codable, Sendable, Equatable {
+    public var readOnly: Bool
 }
 
 /// The network device of a snapshotted machine: what its guest driver knows (MAC, MTU), and the

@@ -52,7 +52,9 @@ extension MachineCommand {
                 The new machine gets a copy of the snapshot's disk and maps the snapshot's memory \
                 copy-on-write (pages load on first touch); its processes continue, it takes its own \
                 name as hostname, and its kernel's random generator is reseeded. The snapshot is \
-                not modified and may be removed once the machine runs.
+                not modified and may be removed once the machine runs. A machine that shared \
+                host directories gets them only when given again (-v, at the same guest \
+                directories): a snapshot holds no host directory.
                 """)
 
         @Argument(help: ArgumentHelp("The snapshot (`machine snapshot`).", valueName: "dir"))
@@ -61,11 +63,14 @@ extension MachineCommand {
         @Option(help: "The new machine's name.")
         var name: String
 
+        @OptionGroup(title: "Host directories")
+        var volumes: VolumeOptions
+
         @OptionGroup var ready: ReadyTimeoutOptions
 
         func run() throws {
             try exitingOnSetupFailure { () throws(SwiftletError) in
-                try Machines.restore(snapshot: snapshot, as: name, timeoutMilliseconds: ready.milliseconds)
+                try Machines.restore(snapshot: snapshot, as: name, volumes: try volumes.mounts(), timeoutMilliseconds: ready.milliseconds)
             }
             printError("restored machine \(name) from \(GuestAssets.resolve(snapshot) ?? snapshot)")
         }

@@ -6,8 +6,8 @@ import TestSupport
 
 /// Host directories in machines (`-v`, virtio-fs served inside the VMM), through the CLI with
 /// real guests: reads, writes the host sees at once, renames and deletes, `:ro` refused with
-/// EROFS, a build-like workload, symlinks that point out of the directory, and what machines
-/// with volumes do and refuse.
+/// EROFS, a build-like workload, symlinks that point out of the directory, and machines with
+/// volumes through snapshots, forks and restarts.
 @Suite(.serialized, .enabled(if: TestHost.integration, "Linux-guest integration tests run in the nested test host: make test-nested"))
 struct VolumeIntegrationTests {
     let swiftlet = TestHost.swiftletBinary
@@ -132,7 +132,7 @@ struct VolumeIntegrationTests {
         return header
     }
 
-    @Test func aMachineKeepsItsVolumesAndRefusesSnapshotsForksAndAMissingDirectory() throws {
+    @Test func aMachineKeepsItsVolumesThroughSnapshotsForksAndRestarts() throws {
         let shared = home.path + "/work"
         mkdir(shared, 0o755)
         try write(shared + "/note", "one\n")
@@ -143,7 +143,7 @@ struct VolumeIntegrationTests {
 
         let created = swiftletRun(["machine", "create", "--name", "dev", "-v", shared + ":/work"])
         try #require(created.status == 0, "\(created.stderr)")
-        defer { _ = swiftletRun(["machine", "rm", "-f", "dev"]) }
+        defer { for name in ["dev", "copy", "back"] { _ = swiftletRun(["machine", "rm", "-f", name]) } }
         let started = swiftletRun(["machine", "start", "dev"])
         try #require(started.status == 0, "\(started.stderr)")
         let exec = swiftletRun(["machine", "exec", "dev", "--", "sh", "-c", "cat /work/note; echo two >> /work/note"])
@@ -151,13 +151,41 @@ struct VolumeIntegrationTests {
         #expect(read(shared + "/note") == "one\ntwo\n")
         let status = swiftletRun(["machine", "status", "dev"])
         #expect(status.stdout.contains("volumes: \(shared):/work"), "\(status.stdout)")
+        // A process that holds a file in the volume open (and its directory as its own).
+        let holder = "setsid sh -c 'cd /work; exec 3>>/work/log; while true; do hostname >&3; sleep 0.3; done' </dev/null >/dev/null 2>&1 &"
+        #expect(swiftletRun(["machine", "exec", "dev", "--", "sh", "-c", holder]).status == 0)
 
-        let snapshot = swiftletRun(["machine", "snapshot", "dev", "-o", home.path + "/snap"])
-        #expect(snapshot.status != 0 && snapshot.stderr.contains("shares host directories"), "\(snapshot.stderr)")
-        #expect(access(home.path + "/snap", F_OK) != 0)
+        // A fork of the running machine: its copy has the volume, and the files its processes held.
         let fork = swiftletRun(["machine", "fork", "--from", "dev", "--name", "copy"])
-        #expect(fork.status != 0 && fork.stderr.contains("shares host directories"), "\(fork.stderr)")
-        // It still runs after the refusals.
+        try #require(fork.status == 0, "\(fork.stderr)")
+        let inCopy = swiftletRun(["machine", "exec", "copy", "--", "sh", "-c", "cat /work/note; echo from-copy > /work/copied"])
+        #expect(inCopy.status == 0 && inCopy.stdout == "one\ntwo\n", "\(inCopy.stdout)\(inCopy.stderr)")
+        #expect(read(shared + "/copied") == "from-copy\n")
+        let copyStatus = swiftletRun(["machine", "status", "copy"])
+        #expect(copyStatus.stdout.contains("volumes: \(shared):/work"), "\(copyStatus.stdout)")
+        usleep(1_500_000)
+        let lines = (read(shared + "/log") ?? "").split(separator: "\n")
+        #expect(lines.contains("dev") && lines.contains("copy"), "the copy's process writes through the file it held open: \(lines.suffix(8))")
+
+        // A snapshot: restored only with the volume given again, then it reads and writes it.
+        let snapshot = swiftletRun(["machine", "snapshot", "dev", "-o", home.path + "/snap"])
+        try #require(snapshot.status == 0, "\(snapshot.stderr)")
+        let withoutVolume = swiftletRun(["machine", "restore", home.path + "/snap", "--name", "back"])
+        #expect(withoutVolume.status != 0 && withoutVolume.stderr.contains("-v HOST_DIR:/work"), "\(withoutVolume.stderr)")
+        let elsewhere = swiftletRun(["machine", "restore", home.path + "/snap", "--name", "back", "-v", shared + ":/other"])
+        #expect(elsewhere.status != 0 && elsewhere.stderr.contains("/work"), "\(elsewhere.stderr)")
+        let readOnly = swiftletRun(["machine", "restore", home.path + "/snap", "--name", "back", "-v", shared + ":/work:ro"])
+        #expect(readOnly.status != 0 && readOnly.stderr.contains("writable"), "\(readOnly.stderr)")
+        #expect(access(home.path + "/machines/back", F_OK) != 0, "a refused restore leaves nothing")
+        let forkSnapshot = swiftletRun(["machine", "fork", "--from", home.path + "/snap", "--name", "back"])
+        #expect(forkSnapshot.status != 0 && forkSnapshot.stderr.contains("machine restore -v"), "\(forkSnapshot.stderr)")
+        let restored = swiftletRun(["machine", "restore", home.path + "/snap", "--name", "back", "-v", shared + ":/work"])
+        try #require(restored.status == 0, "\(restored.stderr)")
+        let inBack = swiftletRun(["machine", "exec", "back", "--", "sh", "-c", "cat /work/note /work/copied; echo from-back > /work/back"])
+        #expect(inBack.status == 0 && inBack.stdout == "one\ntwo\nfrom-copy\n", "\(inBack.stdout)\(inBack.stderr)")
+        #expect(read(shared + "/back") == "from-back\n")
+        for name in ["copy", "back"] { #expect(swiftletRun(["machine", "rm", "-f", name]).status == 0) }
+        // It still runs after all that.
         #expect(swiftletRun(["machine", "exec", "dev", "--", "cat", "/work/note"]).stdout == "one\ntwo\n")
 
         // Stopped, restarted: the volume again; with its directory gone, a clear refusal.
@@ -168,5 +196,7 @@ struct VolumeIntegrationTests {
         rename(shared, shared + ".gone")
         let again = swiftletRun(["machine", "start", "dev"])
         #expect(again.status != 0 && again.stderr.contains(shared), "\(again.stderr)")
+        let restoreGone = swiftletRun(["machine", "restore", home.path + "/snap", "--name", "back", "-v", shared + ":/work"])
+        #expect(restoreGone.status != 0 && restoreGone.stderr.contains(shared), "\(restoreGone.stderr)")
     }
 }

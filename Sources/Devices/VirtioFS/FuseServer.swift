@@ -66,8 +66,12 @@ public final class FuseServer: Sendable {
     struct Handle {
         let file: SharedDescriptor
         let node: UInt64
+        /// The volume's index (nil for the server's root).
+        let volume: Int?
         let directory: Bool
-        let writable: Bool
+        /// The host flags it was opened with, as a restore opens it again (no O_TRUNC or O_EXCL).
+        let flags: Int32
+        var writable: Bool { flags & O_ACCMODE != O_RDONLY }
     }
 
     struct State {
@@ -79,9 +83,9 @@ public final class FuseServer: Sendable {
         var initialized = false
     }
 
-    private let volumes: [(root: SharedDescriptor, readOnly: Bool, device: UInt64)]
-    private let limits: Limits
-    private let state = Mutex(State())
+    let volumes: [(root: SharedDescriptor, readOnly: Bool, device: UInt64)]
+    let limits: Limits
+    let state = Mutex(State())
     private let hostUID: UInt32
     private let hostGID: UInt32
 
@@ -544,13 +548,14 @@ public final class FuseServer: Sendable {
             guard let file = n.file else {
                 // The server's root: only listed.
                 guard directory, !writes else { return .failure(.readOnly) }
-                return addHandle(Handle(file: SharedDescriptor(taking: -1), node: id, directory: true, writable: false)).map(Self.openBytes)
+                return addHandle(Handle(file: SharedDescriptor(taking: -1), node: id, volume: nil, directory: true, flags: O_RDONLY)).map(Self.openBytes)
             }
             if writes && isReadOnly(n) { return .failure(.readOnly) }
             let opened = directory ? ConfinedFiles.reopen(file.rawValue, flags: O_RDONLY | O_DIRECTORY)
                 : ConfinedFiles.reopen(file.rawValue, flags: hostFlags)
             return opened.flatMap { fd in
-                addHandle(Handle(file: fd, node: id, directory: directory, writable: hostFlags & O_ACCMODE != O_RDONLY))
+                addHandle(Handle(file: fd, node: id, volume: n.volume, directory: directory,
+                                 flags: directory ? O_RDONLY | O_DIRECTORY : hostFlags & ~O_TRUNC))
             }.map(Self.openBytes)
         }
     }
@@ -561,7 +566,7 @@ public final class FuseServer: Sendable {
                 let hostFlags = Self.hostOpenFlags(flags) | (flags & O_EXCL)
                 return ConfinedFiles.create(dir.file!.rawValue, checkedName, flags: hostFlags, mode: mode).flatMap { opened in
                     lookup(parent, name).flatMap { entry in
-                        addHandle(Handle(file: opened, node: entry.0, directory: false, writable: hostFlags & O_ACCMODE != O_RDONLY))
+                        addHandle(Handle(file: opened, node: entry.0, volume: dir.volume, directory: false, flags: hostFlags & ~(O_TRUNC | O_EXCL)))
                             .map { entryBytes(entry) + Self.openBytes($0) }
                             .mapError { e in forget(entry.0, 1); return e }
                     }

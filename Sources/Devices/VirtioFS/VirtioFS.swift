@@ -12,8 +12,9 @@ import Virtio
 /// request: the vCPU threads that notify it cannot open files, and must not wait for the host's
 /// disk. While the machine is paused the thread leaves the queues alone.
 ///
-/// Snapshots: the server's open files are host state a snapshot cannot hold, so a machine with
-/// this device cannot be snapshotted (`servedQueues` is nil).
+/// Snapshots: the queues are saved as any device's, and the server's tables as names beneath
+/// the volumes (`FuseServer.saveState`); the host directories themselves are not in a snapshot,
+/// and a restore is given them again.
 public final class VirtioFS: VirtioDevice {
     /// The high-priority queue (FORGET) and one request queue.
     public static let queueSizes: [UInt16] = [128, 256]
@@ -85,8 +86,7 @@ public final class VirtioFS: VirtioDevice {
         wake.signal()
     }
 
-    /// The server's open files cannot be saved: no snapshot of a machine with this device.
-    public var servedQueues: [Virtqueue?]? { nil }
+    public var servedQueues: [Virtqueue?]? { queues.map(\.current) }
 
     // MARK: the device's thread
 
