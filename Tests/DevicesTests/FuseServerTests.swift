@@ -166,6 +166,24 @@ import Virtio
         #expect(Self.names(listing.body, plus: false) == [".", "..", "v0", "v1"])
     }
 
+    @Test func writeOnlyFilesAreOpenedForDirectIOAndOthersCached() throws {
+        let tree = try Tree()
+        var c = try client([SharedVolume(path: tree.shared, readOnly: false)])
+        let volume = UInt64(c.lookup(1, "v0"))
+        let hello = UInt64(c.lookup(volume, "hello.txt"))
+        func openFlags(_ flags: Int32) -> UInt32 {
+            let r = c.call(.open, hello, Client.u32(UInt32(bitPattern: flags)) + Client.u32(0))
+            return r.error == 0 ? UInt32(LittleEndian.read(r.body, at: 8, count: 4)) : UInt32.max
+        }
+        #expect(openFlags(O_WRONLY) == Fuse.OpenFlag.directIO)
+        #expect(openFlags(O_WRONLY | O_APPEND) == Fuse.OpenFlag.directIO)
+        #expect(openFlags(O_RDONLY) == 0 && openFlags(O_RDWR) == 0, "readable files keep the page cache (and mmap)")
+        let made = c.call(.create, volume, Client.u32(UInt32(O_WRONLY | O_TRUNC)) + Client.u32(S_IFREG | 0o644) + Client.u32(0o022) + Client.u32(0) + Client.name("out"))
+        #expect(made.error == 0 && LittleEndian.read(made.body, at: 128 + 8, count: 4) == UInt64(Fuse.OpenFlag.directIO))
+        let dir = c.call(.opendir, volume, Client.u32(UInt32(O_WRONLY)) + Client.u32(0))
+        #expect(dir.error == 0 && LittleEndian.read(dir.body, at: 8, count: 4) == 0)
+    }
+
     static func names(_ body: [UInt8], plus: Bool) -> [String] {
         var names: [String] = []
         var at = 0

@@ -33,6 +33,12 @@ public enum Fuse {
         public static let cacheSymlinks: UInt32 = 1 << 23
     }
 
+    /// fuse_open_out's `open_flags`.
+    public enum OpenFlag {
+        /// Reads and writes of this open file bypass the guest's page cache.
+        public static let directIO: UInt32 = 1 << 0
+    }
+
     /// SETATTR's `valid` bits.
     public enum SetattrValid {
         public static let mode: UInt32 = 1 << 0

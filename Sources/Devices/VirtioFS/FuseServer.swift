@@ -529,10 +529,12 @@ public final class FuseServer: Sendable {
         handle(fh).flatMap { $0.writable ? .success($0) : .failure(.badHandle) }
     }
 
-    /// struct fuse_open_out: the handle, no open flags.
-    private static func openBytes(_ fh: UInt64) -> [UInt8] {
+    /// struct fuse_open_out: the handle, and for a file opened write-only, direct I/O: its
+    /// writes go to the server from the writer's own pages, without a copy into the guest's page
+    /// cache first (which a write-only descriptor can neither read back nor map).
+    private static func openBytes(_ fh: UInt64, flags: Int32) -> [UInt8] {
         var w = FuseWriter()
-        w.u64(fh); w.u32(0); w.u32(0)
+        w.u64(fh); w.u32(flags & O_ACCMODE == O_WRONLY ? Fuse.OpenFlag.directIO : 0); w.u32(0)
         return w.bytes
     }
 
@@ -548,7 +550,8 @@ public final class FuseServer: Sendable {
             guard let file = n.file else {
                 // The server's root: only listed.
                 guard directory, !writes else { return .failure(.readOnly) }
-                return addHandle(Handle(file: SharedDescriptor(taking: -1), node: id, volume: nil, directory: true, flags: O_RDONLY)).map(Self.openBytes)
+                return addHandle(Handle(file: SharedDescriptor(taking: -1), node: id, volume: nil, directory: true, flags: O_RDONLY))
+                    .map { Self.openBytes($0, flags: O_RDONLY) }
             }
             if writes && isReadOnly(n) { return .failure(.readOnly) }
             let opened = directory ? ConfinedFiles.reopen(file.rawValue, flags: O_RDONLY | O_DIRECTORY)
@@ -556,7 +559,7 @@ public final class FuseServer: Sendable {
             return opened.flatMap { fd in
                 addHandle(Handle(file: fd, node: id, volume: n.volume, directory: directory,
                                  flags: directory ? O_RDONLY | O_DIRECTORY : hostFlags & ~O_TRUNC))
-            }.map(Self.openBytes)
+            }.map { Self.openBytes($0, flags: directory ? O_RDONLY : hostFlags) }
         }
     }
 
@@ -567,7 +570,7 @@ public final class FuseServer: Sendable {
                 return ConfinedFiles.create(dir.file!.rawValue, checkedName, flags: hostFlags, mode: mode).flatMap { opened in
                     lookup(parent, name).flatMap { entry in
                         addHandle(Handle(file: opened, node: entry.0, volume: dir.volume, directory: false, flags: hostFlags & ~(O_TRUNC | O_EXCL)))
-                            .map { entryBytes(entry) + Self.openBytes($0) }
+                            .map { entryBytes(entry) + Self.openBytes($0, flags: hostFlags) }
                             .mapError { e in forget(entry.0, 1); return e }
                     }
                 }
