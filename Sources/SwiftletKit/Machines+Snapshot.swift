@@ -53,9 +53,8 @@ enum MachineSnapshotRecord {
 extension MachineSnapshotRecord {
     /// The guest directories (and read-only flags) of the volumes the snapshot's machine shared,
     /// for matching the ones a restore is given; their host paths are never used.
-    static func savedVolumes(_ directory: String) throws(SwiftletError) -> [VolumeMount] {
-        let annotations = try Machine.readSnapshot(directory).annotations
-        guard let text = annotations[recordAnnotation],
+    static func savedVolumes(_ snapshot: Machine.ReadSnapshot) -> [VolumeMount] {
+        guard let text = snapshot.annotations[recordAnnotation],
               let record = try? JSONDecoder().decode(MachineRecord.self, from: Data(text.utf8)) else { return [] }
         return record.volumes ?? []
     }
@@ -114,9 +113,10 @@ extension Machines {
                                timeoutMilliseconds: Int = 120_000) throws(SwiftletError) {
         let source = absolute(snapshot)
         let directory = try MachineDirectory(name: name)
-        var (record, disk) = try MachineSnapshotRecord.read(source)
+        let read = try Machine.readSnapshot(source)
+        var (record, disk) = try MachineSnapshotRecord.read(read, directory: source)
         try VolumeMount.validate(volumes)
-        let shared = try VolumeMount.matching(volumes, saved: try MachineSnapshotRecord.savedVolumes(source), what: "the snapshot in \(snapshot)")
+        let shared = try VolumeMount.matching(volumes, saved: MachineSnapshotRecord.savedVolumes(read), what: "the snapshot in \(snapshot)")
         record.volumes = shared.isEmpty ? nil : shared
         // The name is taken once the record exists: the machine starts outside the lock.
         let launch = try MachineDirectory.withLock { () throws(SwiftletError) -> MachineLifecycle.Launch in
@@ -248,8 +248,9 @@ struct Fork {
     /// memory copy-on-write; its disk is copied once, sparsely, into machines/.forks as the base
     /// of the copies' overlays (the directory is the user's and may go, the copies' disks stay).
     func fork(snapshot directory: String, into clones: [MachineDirectory], started: UInt64) throws(SwiftletError) -> ForkReport {
-        let (record, disk) = try MachineSnapshotRecord.read(directory)
-        guard try MachineSnapshotRecord.savedVolumes(directory).isEmpty else {
+        let read = try Machine.readSnapshot(directory)
+        let (record, disk) = try MachineSnapshotRecord.read(read, directory: directory)
+        guard MachineSnapshotRecord.savedVolumes(read).isEmpty else {
             throw SwiftletError(.invalidArgument, "the machine in the snapshot in \(from) shared host directories, which a snapshot does not hold: fork the running machine, or restore the snapshot with its volumes given again (`machine restore -v`)")
         }
         let (launches, copied) = try MachineDirectory.withLock { () throws(SwiftletError) in
