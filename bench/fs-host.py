@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The host side of `make bench-fs` (scripts/bench-fs), inside the nested test host or on a hardware
 host: the same guest (kernel, the demo initramfs, 512 MiB, one vCPU) sharing one host directory,
-under `swiftlet boot --share DIR` (virtio-fs served inside the VMM; 1 MiB readahead, as the agent
+under `swiftlet boot --share DIR` (virtio-fs served inside the VMM; 4 MiB readahead, as the agent
 sets it) and under QEMU microvm with
 `-fsdev local,security_model=none -device virtio-9p-device` (9p2000.L, msize 512 KiB, the kernel's
 default cache mode, none), running one workload from its kernel command line:
@@ -44,8 +44,8 @@ def workload(mount):
 
 def command(vmm, directory, log):
     if vmm == "swiftlet":
-        # As the guest agent does: 1 MiB of readahead (FUSE starts at 128 KiB).
-        mount = "mount -t virtiofs swiftlet /mnt/fs && echo 1024 > /sys/class/bdi/$(grep \' /mnt/fs \' /proc/self/mountinfo | cut -d\' \' -f3)/read_ahead_kb && D=/mnt/fs/v0"
+        # As the guest agent does: 4 MiB of readahead (FUSE starts at 128 KiB).
+        mount = "mount -t virtiofs swiftlet /mnt/fs && echo 4096 > /sys/class/bdi/$(grep \' /mnt/fs \' /proc/self/mountinfo | cut -d\' \' -f3)/read_ahead_kb && D=/mnt/fs/v0"
         return [os.environ["SWIFTLET"], "boot", "--kernel", os.environ["KERNEL"], "--initrd", os.environ["INITRD"],
                 "--memory", "512", "--share", directory, "--", "sh", "-c", workload(mount)]
     mount = "mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 share /mnt/fs && D=/mnt/fs"
