@@ -157,7 +157,11 @@ extension Machines {
                 var record: MachineRecord
                 if access(unpacked.snapshotDirectory + "/" + SnapshotDirectory.stateFileName, F_OK) == 0 {
                     let disk: String
-                    (record, disk) = try MachineSnapshotRecord.read(unpacked.snapshotDirectory, checkingPaths: false)
+                    let read = try Machine.readSnapshot(unpacked.snapshotDirectory)
+                    (record, disk) = try MachineSnapshotRecord.read(read, directory: unpacked.snapshotDirectory, checkingPaths: false)
+                    guard MachineSnapshotRecord.savedVolumes(read).isEmpty else {
+                        throw SwiftletError(.invalidArgument, "the machine in \(pack) shared host directories (--volume), which a pack does not hold and cannot be given: restore its snapshot with `machine restore -v` instead")
+                    }
                     record.layers = try record.layers.map { path throws(SwiftletError) in try unpacked.readOnlyDisks.resolve(path) }
                     record.kernel = try SnapshotPaths.kernel(record.kernel)
                     try MachinePack.checkShape(record, what: pack)
@@ -179,6 +183,8 @@ extension Machines {
                 record.created = Int(time(nil))
                 record.diskBase = nil
                 record.network = network.hasNetwork ? network : nil
+                // Host directories are this user's choice, never a pack's.
+                record.volumes = nil
                 try directory.writeRecord(record)
             } catch {
                 try? directory.remove()

@@ -17,7 +17,8 @@ public struct DeviceID: Hashable, Sendable, CustomStringConvertible {
     public var description: String { kind + String(index) }
 }
 
-/// One device's saved state: exactly one of the fields is set, for the device's kind.
+/// One device's saved state: exactly one of the fields is set, for the device's kind (a virtio-fs
+/// device: `virtio` and `fileServer`).
 public struct DeviceState: Codable, Sendable, Equatable {
     public var serial: SerialState?
     public var virtio: VirtioTransportState?

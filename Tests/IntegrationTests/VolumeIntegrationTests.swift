@@ -177,6 +177,11 @@ struct VolumeIntegrationTests {
         let readOnly = swiftletRun(["machine", "restore", home.path + "/snap", "--name", "back", "-v", shared + ":/work:ro"])
         #expect(readOnly.status != 0 && readOnly.stderr.contains("writable"), "\(readOnly.stderr)")
         #expect(access(home.path + "/machines/back", F_OK) != 0, "a refused restore leaves nothing")
+        // A pack of it cannot bring the volumes (nor name host directories of its own).
+        let packed = swiftletRun(["pack", "create", "--from", home.path + "/snap", "-o", home.path + "/dev.swiftlet"])
+        #expect(packed.status == 0, "\(packed.stderr)")
+        let fromPack = swiftletRun(["machine", "create", "--name", "back", "--from", home.path + "/dev.swiftlet"])
+        #expect(fromPack.status != 0 && fromPack.stderr.contains("shared host directories"), "\(fromPack.stderr)")
         let forkSnapshot = swiftletRun(["machine", "fork", "--from", home.path + "/snap", "--name", "back"])
         #expect(forkSnapshot.status != 0 && forkSnapshot.stderr.contains("machine restore -v"), "\(forkSnapshot.stderr)")
         let restored = swiftletRun(["machine", "restore", home.path + "/snap", "--name", "back", "-v", shared + ":/work"])
