@@ -149,9 +149,8 @@ struct MachineDevices: Sendable {
     }
 
     mutating func attachFileSystem(_ device: VirtioFS, makeTransport: TransportMaker, warn: @escaping @Sendable (String) -> Void) {
-        let (id, transport) = attach(device, kind: "virtio-fs", makeTransport: makeTransport)
         // Saved with its file server's tables.
-        snapshottable[snapshottable.count - 1] = (id, FileSystemSlot(device: device, transport: transport, warn: warn))
+        attach(device, kind: "virtio-fs", makeTransport: makeTransport) { FileSystemSlot(device: device, transport: $0, warn: warn) }
         fileSystem = device
     }
 
@@ -162,16 +161,18 @@ struct MachineDevices: Sendable {
     /// Makes the transport of a virtio device on a slot (its register window and GSI).
     typealias TransportMaker = (any VirtioDevice, VirtioMMIODescription) -> VirtioMMIOTransport
 
-    /// Puts `device` behind a transport on the next free slot.
+    /// Puts `device` behind a transport on the next free slot; its snapshot state is the
+    /// transport's, or what `saved` makes of the transport.
     @discardableResult
-    private mutating func attach(_ device: any VirtioDevice, kind: String, makeTransport: TransportMaker) -> (DeviceID, VirtioMMIOTransport) {
+    private mutating func attach(_ device: any VirtioDevice, kind: String, makeTransport: TransportMaker,
+                                 saved: (VirtioMMIOTransport) -> any Snapshottable = { $0 }) -> (DeviceID, VirtioMMIOTransport) {
         let id = nextID(kind)
         let slot = Machine.virtioSlot(transports.count)
         let transport = makeTransport(device, slot)
         mmio.register(transport, base: slot.base, length: slot.size)
         transports.append(transport)
         virtioSlots.append(slot)
-        snapshottable.append((id, transport))
+        snapshottable.append((id, saved(transport)))
         return (id, transport)
     }
 

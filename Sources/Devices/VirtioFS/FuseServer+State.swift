@@ -111,11 +111,7 @@ extension FuseServer {
             }
             restored.handles[handle.id] = Handle(file: file, node: handle.node, volume: volume, directory: handle.directory, flags: flags)
         }
-        let old = state.withLock { s -> State in
-            defer { s = restored }
-            return s
-        }
-        _ = old // descriptors close outside the lock
+        replaceTables(with: restored)
         return losses
     }
 

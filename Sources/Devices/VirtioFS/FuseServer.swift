@@ -281,12 +281,16 @@ public final class FuseServer: Sendable {
     }
 
     /// Forgets every node and handle (INIT again, DESTROY, a device reset).
-    public func reset() {
+    public func reset() { replaceTables(with: State()) }
+
+    /// Puts `tables` in place of the server's; the old tables' descriptors close as they go,
+    /// outside the lock.
+    func replaceTables(with tables: State) {
         let old = state.withLock { s -> State in
-            defer { s = State() }
+            defer { s = tables }
             return s
         }
-        _ = old // descriptors close as the old tables go, outside the lock
+        _ = old
     }
 
     // MARK: nodes
